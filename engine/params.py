@@ -1,0 +1,70 @@
+"""Plain request types handed to the engine (validated here, at the engine's edge)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. Greedy unless `do_sample`."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # the sampler's seed; set by the caller for sampled requests
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError("temperature must be strictly positive")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be strictly positive")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError("frequency_penalty must be in [-2, 2]")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError("top_k must be strictly positive")
+        for name in ("top_p", "typical_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1)")
+        if self.do_sample and self.seed is None:
+            raise ValueError("a sampled request needs a seed")
+
+    @property
+    def is_greedy(self) -> bool:
+        return not self.do_sample
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError("max_new_tokens must be strictly positive")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    input_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=lambda: StoppingParams(max_new_tokens=20))
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False  # TGI's decoder_input_details
+
+    def __post_init__(self):
+        if not self.input_ids:
+            raise ValueError("input_ids cannot be empty")
+        if self.top_n_tokens < 0:
+            raise ValueError("top_n_tokens must be >= 0")
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most KV-cache positions this request can ever hold."""
+        return len(self.input_ids) + self.stopping.max_new_tokens

@@ -1,0 +1,35 @@
+"""The Celery app, built from settings in one place. `celery -A tasks.celery_app ...` works
+(inspect, control, events, Flower)."""
+from __future__ import annotations
+
+from celery import Celery
+
+from blitzscale.settings import Settings
+from tasks.keys import GENERATION_QUEUE
+
+GENERATE_TASK = "blitzscale.generate"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("blitzscale", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
+    app.conf.update(
+        task_default_queue=GENERATION_QUEUE,
+        task_ignore_result=True,  # results travel on the stream channel, not a result backend
+        task_acks_late=True,  # a job whose replica dies is redelivered, not lost
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a replica holds at most its batch slots of jobs
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Longer than the longest generation, so a slow job is not redelivered while running.
+            "visibility_timeout": int(settings.request_timeout * 2),
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+app = make_celery(Settings.from_env())

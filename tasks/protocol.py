@@ -1,0 +1,66 @@
+"""Every message that crosses a process boundary: the job on the queue and the events on a
+request's stream channel. Both the publisher (replica) and the subscriber (web) use this
+module; new fields are optional so that old and new processes can talk.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+EVENT_TOKEN = "token"
+EVENT_FINAL = "final"
+EVENT_ERROR = "error"
+EVENT_STARTED = "started"
+
+
+@dataclass
+class Job:
+    """A validated generation request, as enqueued by the web."""
+
+    request_id: str
+    input_ids: list[int]
+    parameters: dict  # validated TGI parameters (see web.validation.ValidParameters.to_job)
+    stream: bool = False
+    enqueued_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        known = {k: data[k] for k in ("request_id", "input_ids", "parameters", "stream", "enqueued_at") if k in data}
+        return cls(**known)
+
+
+@dataclass
+class StreamEvent:
+    """One message on a stream channel.
+
+    kind=started: a replica took the job (`replica`, `queue_time`).
+    kind=token:   `index` (1-based), `token`, `top_tokens`.
+    kind=final:   `index` of the last token, `generated_text` (without the prompt), `details`
+                  (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
+                  top_tokens, best_of_sequences), `timings` (queue/inference seconds).
+    kind=error:   `error`, `error_type` (TGI's ErrorResponse fields).
+    """
+
+    kind: str
+    index: int = 0
+    token: dict | None = None
+    top_tokens: list[dict] | None = None
+    generated_text: str | None = None
+    details: dict | None = None
+    timings: dict | None = None
+    replica: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+    def encode(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> "StreamEvent":
+        data = json.loads(raw)
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        return cls(**known)
