@@ -11,7 +11,8 @@ GENERATE_TASK = "blitzscale.generate"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("blitzscale", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
+    # The task module is imported by workers only: the web enqueues by task name.
+    app = Celery("blitzscale", broker=settings.redis_url or "redis://127.0.0.1:6379/0", include=["tasks.generate"])
     app.conf.update(
         task_default_queue=GENERATION_QUEUE,
         task_ignore_result=True,  # results travel on the stream channel, not a result backend

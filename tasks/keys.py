@@ -9,18 +9,19 @@ def stream_channel(request_id: str) -> str:
     return f"{KEY_PREFIX}stream:{request_id}"
 
 
-def replica_key(slot: int) -> str:
-    """Hash-free JSON record of one replica, refreshed by its heartbeat (expires if it dies)."""
-    return f"{KEY_PREFIX}replica:{slot}"
+def replica_key(name: str) -> str:
+    """JSON record of one replica (by its worker name, `replica<slot>@<host>`), refreshed by
+    its heartbeat; it expires when the replica dies."""
+    return f"{KEY_PREFIX}replica:{name}"
 
 
 def replica_key_pattern() -> str:
     return f"{KEY_PREFIX}replica:*"
 
 
-def replica_metrics_key(slot: int) -> str:
+def replica_metrics_key(name: str) -> str:
     """A replica's Prometheus metrics, in text exposition format, refreshed by its heartbeat."""
-    return f"{KEY_PREFIX}replica-metrics:{slot}"
+    return f"{KEY_PREFIX}replica-metrics:{name}"
 
 
 def replica_metrics_pattern() -> str:

@@ -64,9 +64,32 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    _make_eos_reachable(model, directory)
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(bos_token_id=0, eos_token_id=0).save_pretrained(directory)
     return directory
+
+
+EOS_PROMPT = "Hello, world!"
+EOS_AFTER = 4  # greedy decoding of EOS_PROMPT emits EOS as its 4th token
+
+
+def _make_eos_reachable(model, directory: Path) -> None:
+    """Random weights almost never pick EOS; point the EOS row of the output layer at the
+    hidden state that follows EOS_PROMPT + 3 greedy tokens, so EOS tests have a sure case."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ids = torch.tensor([tokenizer(EOS_PROMPT).input_ids])
+    with torch.no_grad():
+        for _ in range(EOS_AFTER - 1):
+            next_id = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        hidden = model.model(ids).last_hidden_state[0, -1]
+        # Just above the best logit there: EOS wins at that step and rarely elsewhere.
+        target_logit = model.lm_head(hidden).max() + 0.5
+        model.lm_head.weight[tokenizer.eos_token_id] = hidden * (target_logit / hidden.norm() ** 2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""Continuous batching, measured side by side in one run on the default model (greedy).
+
+    .venv/bin/python -m bench.batching            # the full run (a few minutes on 2 CPU cores)
+    .venv/bin/python -m bench.batching --quick    # 8 requests x 16 tokens, to try it out
+
+Modes: ceiling (one static batch through model.generate), naive (one request at a time through
+model.generate), engine (requests submitted to our engine, arriving staggered over the first
+second), service (concurrent streaming HTTP clients through web + Celery + Redis + one
+replica), and a mixed-length run through the service. Prints a table and the target ratios;
+writes bench/results/batching.json and batching.png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import threading
+import time
+
+import torch
+
+from bench.common import Stopwatch, default_model_dir, latency_summary, print_table, save
+from bench.http_load import ServeProcess, stream_requests
+
+
+def run_ceiling(model, prompts, new_tokens) -> dict:
+    ids = torch.tensor(prompts)
+    with torch.inference_mode(), Stopwatch() as watch:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    tokens = (out.shape[1] - ids.shape[1]) * len(prompts)
+    return {"mode": "ceiling", "requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
+            "tokens_per_s": tokens / watch.seconds}
+
+
+def run_naive(model, prompts, new_tokens) -> dict:
+    tokens = 0
+    with torch.inference_mode(), Stopwatch() as watch:
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            tokens += out.shape[1] - ids.shape[1]
+    return {"mode": "naive", "requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
+            "tokens_per_s": tokens / watch.seconds}
+
+
+def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
+    from engine.engine import Engine
+    from engine.params import GenerationRequest, StoppingParams
+    from engine.scheduler import SchedulerConfig
+
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=max(32, len(prompts)))).start()
+    ttfts, itls, counts = [], [], []
+    lock = threading.Lock()
+
+    def client(n, prompt):
+        time.sleep(spread_s * n / len(prompts))
+        request = GenerationRequest(f"b{n}", tuple(prompt), stopping=StoppingParams(new_tokens, ignore_eos=True))
+        sent = last = time.perf_counter()
+        first, gaps, count = None, [], 0
+        for _ in engine.submit(request):
+            now = time.perf_counter()
+            if first is None:
+                first = now - sent
+            else:
+                gaps.append(now - last)
+            last, count = now, count + 1
+        with lock:
+            ttfts.append(first)
+            itls.extend(gaps)
+            counts.append(count)
+
+    threads = [threading.Thread(target=client, args=(n, p)) for n, p in enumerate(prompts)]
+    with Stopwatch() as watch:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    engine.stop()
+    tokens = sum(counts)
+    return {"mode": "engine", "requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
+            "tokens_per_s": tokens / watch.seconds, **latency_summary(ttfts, itls)}
+
+
+def mixed_workload(tokenizer, count, seed=0) -> list[tuple[str, int]]:
+    """Prompts of 8-512 tokens and budgets of 16-256 new tokens, reproducibly drawn."""
+    rng = random.Random(seed)
+    words = "the a river city model token queue replica stream batch cache engine worker of and in".split()
+    jobs = []
+    for _ in range(count):
+        target = rng.randint(8, 512)
+        text = " ".join(rng.choice(words) for _ in range(target))
+        ids = tokenizer(text).input_ids[:target]
+        jobs.append((tokenizer.decode(ids), rng.randint(16, 256)))
+    return jobs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--naive-requests", type=int, default=8,
+                        help="naive mode runs this many (its tokens/s is a rate; 32 would take minutes)")
+    parser.add_argument("--mixed-requests", type=int, default=32)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.new_tokens, args.naive_requests, args.mixed_requests = 8, 16, 2, 4
+
+    from transformers import AutoTokenizer
+
+    from engine.weights import load_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_dir = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, device, None)
+    prompts = equal_length_prompts(tokenizer, args.requests, args.prompt_tokens)
+    print(f"model {model_dir.name} on {device} ({next(model.parameters()).dtype}), torch threads {torch.get_num_threads()}")
+
+    run_ceiling(model, prompts[:2], 4)  # warm-up (allocator, kernels)
+    rows = [run_ceiling(model, prompts, args.new_tokens)]
+    rows.append(run_naive(model, prompts[: args.naive_requests], args.new_tokens))
+    rows.append(run_engine(model, tokenizer, prompts, args.new_tokens))
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    texts = [tokenizer.decode(p) for p in prompts]
+    with ServeProcess(max_batch_size=max(32, args.requests), device=str(device)) as server:
+        stream_requests(server.base_url, texts[:2], 4)  # warm-up
+        rows.append({"mode": "service", **stream_requests(server.base_url, texts, args.new_tokens)})
+        mixed = mixed_workload(tokenizer, args.mixed_requests)
+        rows.append({"mode": "service-mixed", **stream_requests(server.base_url, [t for t, _ in mixed], [n for _, n in mixed])})
+
+    by_mode = {r["mode"]: r for r in rows}
+    ceiling = by_mode["ceiling"]["tokens_per_s"]
+    ratios = {
+        "engine/ceiling": by_mode["engine"]["tokens_per_s"] / ceiling,
+        "service/ceiling": by_mode["service"]["tokens_per_s"] / ceiling,
+        "service/naive": by_mode["service"]["tokens_per_s"] / by_mode["naive"]["tokens_per_s"],
+    }
+    print_table(rows, ["mode", "requests", "tokens", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"])
+    targets = {"engine/ceiling": 0.95, "service/ceiling": 0.9, "service/naive": 8.0}
+    for name, value in ratios.items():
+        verdict = "meets" if value >= targets[name] else "MISSES"
+        print(f"{name:16s} {value:6.2f}  (target >= {targets[name]}: {verdict})")
+    results = {"device": str(device), "model": str(model_dir), "cpu_count": os.cpu_count(), "args": vars(args),
+               "rows": rows, "ratios": ratios, "targets": targets}
+    path = save("batching", results)
+    plot(rows, path.with_suffix(".png"))
+    print(f"results: {path} and {path.with_suffix('.png')}")
+
+
+def plot(rows: list[dict], path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (bash scripts/install.sh --bench): no plot")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar([r["mode"] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
+    left.set_ylabel("generated tokens / s")
+    left.set_title("Throughput")
+    latency_rows = [r for r in rows if "ttft_p50_s" in r]
+    labels = [r["mode"] for r in latency_rows]
+    x = range(len(labels))
+    for offset, key in [(-0.3, "ttft_p50_s"), (-0.1, "ttft_p99_s"), (0.1, "itl_p50_s"), (0.3, "itl_p99_s")]:
+        right.bar([i + offset for i in x], [r[key] for r in latency_rows], width=0.2, label=key)
+    right.set_xticks(list(x), labels)
+    right.set_ylabel("seconds")
+    right.set_yscale("log")
+    right.set_title("Latency")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Drive the real service over HTTP: start `blitzscale serve`, send concurrent streams."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+from bench.common import Stopwatch, latency_summary
+from blitzscale.redis_server import free_port
+
+
+class ServeProcess:
+    """`blitzscale serve` in its own process (private Redis, replicas, gunicorn)."""
+
+    def __init__(self, **settings):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.args = ["--port", str(self.port)]
+        for name, value in settings.items():
+            self.args += [f"--{name.replace('_', '-')}", str(value)]
+
+    def __enter__(self) -> "ServeProcess":
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        self.process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "serve", *self.args], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"blitzscale serve exited with {self.process.returncode}")
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the service did not become healthy")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def stream_requests(base_url: str, prompts: list[str], new_tokens: int | list[int]) -> dict:
+    """All prompts at once, each a streaming client; TTFT and inter-token latency per token."""
+    budgets = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+    ttfts, itls, counts, errors = [], [], [], []
+    lock = threading.Lock()
+
+    def client(prompt: str, budget: int) -> None:
+        sent = last = time.perf_counter()
+        first, gaps, count = None, [], 0
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": budget}}
+        with requests.post(f"{base_url}/generate_stream", json=body, stream=True, timeout=600) as response:
+            for line in response.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue
+                if b'"error"' in line[:20]:
+                    errors.append(line.decode())
+                    break
+                now = time.perf_counter()
+                if first is None:
+                    first = now - sent
+                else:
+                    gaps.append(now - last)
+                last, count = now, count + 1
+        with lock:
+            if first is not None:
+                ttfts.append(first)
+            itls.extend(gaps)
+            counts.append(count)
+
+    threads = [threading.Thread(target=client, args=pb) for pb in zip(prompts, budgets)]
+    with Stopwatch() as watch:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    tokens = sum(counts)
+    return {"requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
+            "tokens_per_s": tokens / watch.seconds, "errors": len(errors), **latency_summary(ttfts, itls)}

@@ -1,0 +1,143 @@
+"""The `blitzscale` command: serve | web | worker | prepare.
+
+Flags are the Settings fields with TGI launcher names (`--model-id`, `--port`,
+`--max-input-tokens`, ...); each also reads its environment variable (MODEL_ID, PORT, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+
+from blitzscale.settings import Settings, flag_name
+
+log = logging.getLogger("blitzscale")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Settings):
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        if kind.startswith("bool"):
+            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            continue
+        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
+        parser.add_argument(flag_name(f.name), dest=f.name, type=parse, default=None, metavar=f.name.upper())
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**overrides)
+
+
+def prepare(settings: Settings, tokenizer_only: bool = False):
+    """Make the model loadable on this host: convert a GGUF file into the host weight cache
+    (with a progress bar) once; a model directory needs nothing."""
+    from blitzscale import model_files
+
+    source = model_files.resolve(settings)
+    target = model_files.prepared_dir(settings, source)
+    if not source.is_gguf:
+        return target
+    from engine.weights import prepare_gguf
+
+    prepared = prepare_gguf(source.path, target, tokenizer_only=tokenizer_only)
+    log.info("model %s ready at %s (%s, %.1f s)", settings.model_id, target, prepared.source, prepared.seconds)
+    return target
+
+
+def gunicorn_argv(settings: Settings) -> list[str]:
+    threads = settings.web_threads or settings.max_concurrent_requests + 16
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{settings.hostname}:{settings.port}",
+        "--workers", str(settings.web_workers),
+        "--worker-class", "gthread",
+        "--threads", str(threads),  # one per concurrent (streaming) request
+        "--timeout", "120",
+        "--graceful-timeout", "10",
+        "--access-logfile", "-",
+        "web.wsgi:app",
+    ]
+
+
+def cmd_serve(settings: Settings) -> int:
+    from blitzscale.redis_server import EmbeddedRedis
+    from blitzscale.supervisor import Supervisor, python_module
+
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis().start()
+        settings = settings.replace(redis_url=embedded.url)
+        log.info("private Redis at %s", embedded.url)
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
+    try:
+        prepare(settings)
+        env = {**os.environ, **settings.to_env()}
+        env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="blitzscale-metrics-"))
+        supervisor.spawn("web", gunicorn_argv(settings), env)
+        for slot in range(settings.num_replicas):
+            supervisor.spawn(f"replica{slot}", python_module("blitzscale.cli", "worker", "--slot", str(slot)), env)
+        log.info("serving %s on http://%s:%d", settings.model_id, settings.hostname, settings.port)
+        return supervisor.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        supervisor.stop_all()
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_web(settings: Settings) -> int:
+    if not settings.redis_url:
+        raise SystemExit("blitzscale web needs REDIS_URL (or --redis-url): the queue the replicas consume")
+    prepare(settings, tokenizer_only=True)
+    os.environ.update(settings.to_env())
+    argv = gunicorn_argv(settings)
+    os.execv(argv[0], argv)
+
+
+def cmd_worker(settings: Settings, slot: int) -> int:
+    if not settings.redis_url:
+        raise SystemExit("blitzscale worker needs REDIS_URL (or --redis-url)")
+    from tasks.worker import run_worker
+
+    run_worker(settings, slot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blitzscale", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("serve", "everything in one foreground command: Redis (unless REDIS_URL), replicas, web"),
+        ("web", "the HTTP server alone (gunicorn)"),
+        ("worker", "one replica: a Celery worker with one engine"),
+        ("prepare", "convert the model into the host weight cache"),
+    ]:
+        sub = commands.add_parser(name, help=help_text)
+        _add_settings_flags(sub)
+        if name == "worker":
+            sub.add_argument("--slot", type=int, default=int(os.environ.get("SLOT", "0")), help="replica slot (stub index)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    if args.command == "serve":
+        return cmd_serve(settings)
+    if args.command == "web":
+        return cmd_web(settings)
+    if args.command == "worker":
+        return cmd_worker(settings, args.slot)
+    prepare(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Where a model's files are, without loading torch (the web uses this for the tokenizer).
+
+A model id is one of: a local directory (config.json + safetensors + tokenizer.json), a local
+`.gguf` file, or a model id already in the local Hugging Face cache (no network at run time).
+A GGUF model is converted once per host into the weight cache (`engine.weights` does that);
+its prepared directory is keyed by the GGUF file's content hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from blitzscale.settings import Settings
+
+_HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str  # as the user gave it (shown in /info)
+    kind: str  # "directory" | "gguf"
+    path: Path  # the directory, or the .gguf file
+    sha: str  # content hash of a gguf file; a snapshot/file-set hash for a directory
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def resolve(settings: Settings) -> ModelSource:
+    model_id = settings.model_id
+    path = Path(model_id).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(model_id, "gguf", path.resolve(), file_sha256(path))
+    if path.is_dir():
+        return ModelSource(model_id, "directory", path.resolve(), _directory_sha(path))
+    snapshot = _hub_cache_snapshot(model_id, settings.revision)
+    if snapshot is not None:
+        return ModelSource(model_id, "directory", snapshot, snapshot.name)
+    raise FileNotFoundError(
+        f"model {model_id!r} is neither a local directory, a .gguf file, nor in the local "
+        "Hugging Face cache (model hubs are not reached at run time)"
+    )
+
+
+def prepared_dir(settings: Settings, source: ModelSource | None = None) -> Path:
+    """The directory a replica loads with transformers: the model's own directory, or the
+    host-cache entry of a converted GGUF file (which may not exist yet)."""
+    source = source or resolve(settings)
+    if not source.is_gguf:
+        return source.path
+    return Path(settings.weight_cache_dir) / "models" / source.sha[:24]
+
+
+def tokenizer_path(settings: Settings) -> Path:
+    path = prepared_dir(settings) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json for {settings.model_id!r} at {path}: "
+            "run `blitzscale prepare` (or `blitzscale serve`, which prepares it) first"
+        )
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file; remembered beside the weight cache by (path, size, mtime)."""
+    stat = path.stat()
+    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blitzscale" / "hashes.json"
+    memo = _read_json(memo_file)
+    if memo_key in memo:
+        return memo[memo_key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    memo[memo_key] = digest.hexdigest()
+    _write_json_atomic(memo_file, memo)
+    return memo[memo_key]
+
+
+def _directory_sha(path: Path) -> str:
+    """A cheap identity for a model directory: its config and the names and sizes of its files."""
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for child in sorted(path.iterdir()):
+        if child.is_file():
+            digest.update(f"{child.name}:{child.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def _hub_cache_snapshot(model_id: str, revision: str | None) -> Path | None:
+    if model_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or huggingface_hub missing: not a hub model here
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the memo is an optimisation only

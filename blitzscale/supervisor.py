@@ -1,0 +1,67 @@
+"""Start and stop the child processes of `blitzscale serve`, in order, cleanly."""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """Children run in their own sessions, so a terminal's Ctrl-C reaches only us and we stop
+    them in order: the web first (no new requests), then the replicas, then Redis."""
+
+    def __init__(self):
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self._stopping = False
+
+    def spawn(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
+        process = subprocess.Popen(argv, env=env, start_new_session=True)
+        self.children.append((name, process))
+        log.info("started %s (pid %d)", name, process.pid)
+        return process
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def wait(self) -> int:
+        """Block until a child exits by itself (then stop the others) or we are told to stop."""
+        try:
+            while True:
+                for name, process in self.children:
+                    if process.poll() is not None:
+                        log.error("%s exited with %s; stopping the service", name, process.returncode)
+                        return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self.stop_all()
+
+    def stop_all(self, grace: float = 20.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for name, process in self.children:  # in start order: web, replicas
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, process in self.children:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, grace)
+                process.kill()
+                process.wait()
+        self.children.clear()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

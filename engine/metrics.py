@@ -1,0 +1,43 @@
+"""The engine's batch metrics, under TGI's names, in a registry the caller owns (a replica
+publishes its registry; tests read it directly)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, replica: str = "0"):
+        self.registry = registry or CollectorRegistry()
+        labels = ["replica"]
+        self._replica = replica
+        self.batch_size = Gauge("tgi_batch_current_size", "Current batch size", labels, registry=self.registry)
+        self.batch_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "KV positions held by the current batch", labels, registry=self.registry
+        )
+        self.inference_count = Counter(
+            "tgi_batch_inference_count", "Inference calls", labels + ["method"], registry=self.registry
+        )
+        self.inference_success = Counter(
+            "tgi_batch_inference_success", "Successful inference calls", labels + ["method"], registry=self.registry
+        )
+        self.inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Batch step duration (forward + sampling + detokenization), seconds",
+            labels + ["method"], buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+        self.forward_duration = Histogram(
+            "tgi_batch_forward_duration", "Model forward duration, seconds",
+            labels + ["method"], buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+
+    def observe_batch(self, method: str, size: int, forward_seconds: float, total_seconds: float) -> None:
+        self.inference_count.labels(self._replica, method).inc()
+        self.inference_success.labels(self._replica, method).inc()
+        self.forward_duration.labels(self._replica, method).observe(forward_seconds)
+        self.inference_duration.labels(self._replica, method).observe(total_seconds)
+        self.batch_size.labels(self._replica).set(size)
+
+    def set_batch(self, size: int, tokens: int) -> None:
+        self.batch_size.labels(self._replica).set(size)
+        self.batch_max_tokens.labels(self._replica).set(tokens)

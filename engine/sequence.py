@@ -1,0 +1,104 @@
+"""One request's state inside the engine: one object holds it all (no parallel lists)."""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import replace
+from enum import IntEnum
+
+from engine.detokenize import IncrementalDetokenizer
+from engine.outputs import EngineError, Finish, Token, TokenEvent
+from engine.params import GenerationRequest
+from engine.sampling import RequestSampler
+from engine.stopping import StopChecker
+
+
+class SequenceStatus(IntEnum):
+    """Ordered: every status after RUNNING is final."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+    CANCELLED = 3
+    FAILED = 4
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED
+
+
+_END = object()  # sentinel closing a sequence's event queue
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, tokenizer, eos_token_ids: frozenset[int], device):
+        self.request = request
+        self.status = SequenceStatus.WAITING
+        self.arrived_at = time.monotonic()
+        self.sampler = RequestSampler(request.sampling, device)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
+        self.stop_checker = StopChecker(request.stopping, eos_token_ids)
+        self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)
+        self.text_parts: list[str] = []
+        self.cancel_requested = False
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.input_ids)
+
+    @property
+    def generated_count(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.request.stopping.max_new_tokens - self.generated_count
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    def append(self, token: Token, text: str, top_tokens, prefill) -> None:
+        """Record a generated token, decide whether to stop, emit its event."""
+        self.token_ids.append(token.id)
+        self.text_parts.append(text)
+        reason = self.stop_checker.check(token.id, text)
+        finish = None
+        if reason is not None:
+            held_back = self.detokenizer.flush()  # half a character at the very end
+            if held_back:
+                self.text_parts.append(held_back)
+                if not token.special:  # keep "token texts join to generated_text" true
+                    token = replace(token, text=token.text + held_back)
+            finish = Finish(reason, "".join(self.text_parts), self.generated_count)
+            self.status = SequenceStatus.FINISHED
+        self._events.put(
+            TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
+        )
+        if finish is not None:
+            self._events.put(_END)
+
+    def fail(self, error: EngineError) -> None:
+        self.status = SequenceStatus.CANCELLED if self.cancel_requested else SequenceStatus.FAILED
+        self._events.put(error)
+        self._events.put(_END)
+
+    def events(self, timeout: float | None = None):
+        """Blocking iterator over this sequence's events (the submitter's side)."""
+        while True:
+            try:
+                item = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise EngineError(f"no token within {timeout} s") from None
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+

@@ -1,0 +1,41 @@
+"""Turn a job's validated TGI parameters into engine requests (the replica side only)."""
+from __future__ import annotations
+
+import random
+
+from engine.params import GenerationRequest, SamplingParams, StoppingParams
+from tasks.protocol import Job
+
+_SEED_RANGE = 2**63 - 1
+
+
+def engine_requests(job: Job) -> list[GenerationRequest]:
+    """One request, or `best_of` of them (each with its own seed) for TGI's best_of."""
+    p = job.parameters
+    best_of = p.get("best_of") or 1
+    seeds = [p.get("seed")] if best_of == 1 else [random.randint(0, _SEED_RANGE) for _ in range(best_of)]
+    return [_request(job, f"{job.request_id}/{n}" if best_of > 1 else job.request_id, seed) for n, seed in enumerate(seeds)]
+
+
+def _request(job: Job, request_id: str, seed: int | None) -> GenerationRequest:
+    p = job.parameters
+    do_sample = bool(p.get("do_sample"))
+    sampling = SamplingParams(
+        do_sample=do_sample,
+        temperature=p.get("temperature") or 1.0,
+        top_k=p.get("top_k"),
+        top_p=p.get("top_p"),
+        typical_p=p.get("typical_p"),
+        repetition_penalty=p.get("repetition_penalty") or 1.0,
+        frequency_penalty=p.get("frequency_penalty") or 0.0,
+        seed=(seed if seed is not None else random.randint(0, _SEED_RANGE)) if do_sample else None,
+    )
+    stopping = StoppingParams(max_new_tokens=p["max_new_tokens"], stop_sequences=tuple(p.get("stop") or ()))
+    return GenerationRequest(
+        request_id=request_id,
+        input_ids=tuple(job.input_ids),
+        sampling=sampling,
+        stopping=stopping,
+        top_n_tokens=p.get("top_n_tokens") or 0,
+        prefill_logprobs=bool(p.get("decoder_input_details")),
+    )

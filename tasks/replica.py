@@ -1,0 +1,150 @@
+"""One replica = one Celery worker process = one engine.
+
+The worker loads its model in `worker_init` (before it consumes anything), then a heartbeat
+thread keeps the replica's record (state, device, load facts, batch occupancy) and its engine
+metrics in Redis with a short expiry: a replica that dies disappears from the cluster view
+within `heartbeat_ttl` seconds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+from celery import signals
+from prometheus_client import generate_latest
+
+from blitzscale import model_files
+from blitzscale.settings import Settings
+from tasks.keys import replica_key, replica_metrics_key
+
+log = logging.getLogger(__name__)
+
+SLOT_ENV = "BLITZ_REPLICA_SLOT"
+
+
+class Replica:
+    def __init__(self, settings: Settings, slot: int, name: str):
+        self.settings = settings
+        self.slot = slot
+        self.name = name
+        self.state = "loading"
+        self.engine = None
+        self.facts: dict = {}
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="replica-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._heartbeat.start()
+        self.load()
+        self.state = "active"
+        self.publish_record()
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from engine.engine import Engine
+        from engine.metrics import EngineMetrics
+        from engine.scheduler import SchedulerConfig
+        from engine.weights import PreparedWeights, load_model, prepare_gguf
+
+        s = self.settings
+        started = time.perf_counter()
+        source = model_files.resolve(s)
+        target = model_files.prepared_dir(s, source)
+        prepared = prepare_gguf(source.path, target) if source.is_gguf else PreparedWeights(target, "directory", 0.0)
+        device = torch.device(s.device or (f"cuda:{self.slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
+        model = load_model(prepared.directory, device, s.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
+        config = SchedulerConfig(
+            max_batch_size=s.max_batch_size,
+            max_batch_total_tokens=s.max_batch_total_tokens,
+            max_batch_prefill_tokens=s.max_batch_prefill_tokens,
+            max_waiting_tokens=s.max_waiting_tokens,
+            waiting_served_ratio=s.waiting_served_ratio,
+        )
+        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name)).start()
+        self.facts = {
+            "model_id": s.model_id,
+            "model_sha": source.sha,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(device),
+            "device_type": device.type,
+            "weight_source": prepared.source,
+            "weight_seconds": round(prepared.seconds, 3),
+            "load_seconds": round(time.perf_counter() - started, 3),
+        }
+        log.info("replica %s loaded %s on %s in %.1f s (%s)", self.name, s.model_id, device,
+                 self.facts["load_seconds"], prepared.source)
+
+    def record(self) -> dict:
+        stats = self.engine.stats() if self.engine else None
+        return {
+            "slot": self.slot,
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "state": self.state,
+            "running": stats.running if stats else 0,
+            "waiting": stats.waiting if stats else 0,
+            "batch_tokens": stats.batch_tokens if stats else 0,
+            "max_batch_size": self.settings.max_batch_size,
+            "max_batch_total_tokens": self.settings.max_batch_total_tokens,
+            "updated_at": time.time(),
+            **self.facts,
+        }
+
+    def publish_record(self) -> None:
+        ttl = max(1, int(self.settings.heartbeat_ttl))
+        pipe = self.redis.pipeline()
+        pipe.set(replica_key(self.name), json.dumps(self.record()), ex=ttl)
+        if self.engine is not None:
+            pipe.set(replica_metrics_key(self.name), generate_latest(self.engine.metrics.registry), ex=ttl)
+        pipe.execute()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.state = "stopped"
+        if self.engine is not None:
+            self.engine.stop()
+        try:
+            self.redis.delete(replica_key(self.name), replica_metrics_key(self.name))
+        except redis.RedisError:
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval):
+            try:
+                self.publish_record()
+            except redis.RedisError as error:
+                log.warning("heartbeat failed: %s", error)
+
+
+_replica: Replica | None = None
+
+
+def current_replica() -> Replica:
+    if _replica is None or _replica.engine is None:
+        raise RuntimeError("this worker has no loaded replica")
+    return _replica
+
+
+@signals.worker_init.connect
+def _load_replica(sender=None, **_):
+    global _replica
+    slot = int(os.environ.get(SLOT_ENV, "0"))
+    name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
+    _replica = Replica(Settings.from_env(), slot, name)
+    _replica.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_replica(**_):
+    if _replica is not None:
+        _replica.stop()

@@ -1,0 +1,246 @@
+"""BatchSampler against transformers' own scalar processors, row by row."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from engine.params import SamplingParams
+from engine.sampling import BatchSampler, RequestSampler
+
+VOCAB = 64
+
+
+def make_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, VOCAB, generator=generator) * 3  # [B, V]
+
+
+def sampled(seed: int = 1, **kwargs) -> SamplingParams:
+    return SamplingParams(do_sample=True, seed=seed, **kwargs)
+
+
+def batch(params: list[SamplingParams]) -> BatchSampler:
+    return BatchSampler([RequestSampler(p) for p in params], "cpu")
+
+
+def assert_same_filtering(actual: torch.Tensor, expected: torch.Tensor):
+    """Equal masks of filtered tokens and equal values everywhere else."""
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    finite = ~torch.isinf(expected)
+    assert torch.allclose(actual[finite], expected[finite])
+
+
+def reference(processor, logits: torch.Tensor, history=None) -> torch.Tensor:
+    """One row through a transformers processor; `history` is that row's input ids."""
+    input_ids = torch.tensor([list(history)]) if history is not None else None
+    return processor(input_ids, logits.unsqueeze(0).clone())[0]
+
+
+def test_greedy_only_batch_builds_no_settings_and_takes_argmax():
+    sampler = batch([SamplingParams(), SamplingParams(top_k=3, temperature=0.5)])
+    assert sampler.sampled_rows == []
+    assert not sampler.needs_history
+    for name in ("repetition", "frequency", "temperature", "top_k", "top_p", "typical_p"):
+        assert getattr(sampler, name) is None, name
+    logits = make_logits(2)
+    out = sampler(logits, top_n=0)
+    assert torch.equal(out.next_ids, logits.argmax(dim=-1))
+    expected = torch.log_softmax(logits, dim=-1).gather(1, out.next_ids[:, None])[:, 0]
+    assert torch.allclose(out.logprobs, expected)
+    assert out.top_ids is None and out.top_logprobs is None
+
+
+def test_temperature_per_row():
+    temperatures = [0.5, 1.0, 2.0, 0.7]
+    params = [sampled(temperature=t) for t in temperatures] + [SamplingParams(temperature=0.3)]
+    logits = make_logits(len(params))
+    processed = batch(params).process(logits)
+    for i, t in enumerate(temperatures):
+        assert torch.allclose(processed[i], reference(TemperatureLogitsWarper(t), logits[i]))
+    assert torch.equal(processed[-1], logits[-1])  # greedy rows ignore temperature
+
+
+def test_top_k_per_row():
+    ks = [1, 5, None, 20, VOCAB + 10]
+    params = [sampled(top_k=k) for k in ks] + [SamplingParams(top_k=3)]
+    logits = make_logits(len(params))
+    processed = batch(params).process(logits)
+    for i, k in enumerate(ks):
+        expected = logits[i] if k is None else reference(TopKLogitsWarper(k), logits[i])
+        assert_same_filtering(processed[i], expected)
+    assert torch.isinf(processed[0]).sum() == VOCAB - 1
+    assert torch.equal(processed[2], logits[2])  # rows without top_k are untouched
+    assert torch.equal(processed[-1], logits[-1])
+
+
+def test_top_p_per_row():
+    ps = [0.1, 0.5, None, 0.9, 0.99]
+    params = [sampled(top_p=p) for p in ps] + [SamplingParams(top_p=0.2)]
+    logits = make_logits(len(params), seed=1)
+    processed = batch(params).process(logits)
+    for i, p in enumerate(ps):
+        expected = logits[i] if p is None else reference(TopPLogitsWarper(p), logits[i])
+        assert_same_filtering(processed[i], expected)
+    assert torch.isinf(processed[0]).any() and not torch.isinf(processed[0]).all()
+    assert torch.equal(processed[2], logits[2])
+    assert torch.equal(processed[-1], logits[-1])
+
+
+def test_top_p_keeps_the_best_token_when_it_alone_exceeds_p():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, 7] = 10.0
+    processed = batch([sampled(top_p=0.01)]).process(logits)
+    assert torch.isfinite(processed[0]).nonzero().flatten().tolist() == [7]
+
+
+def test_top_p_boundary_matches_transformers():
+    """Four equally likely tokens, p=0.5: cumulative 0.5 exactly, so two tokens are removed."""
+    logits = torch.full((1, VOCAB), -float("inf"))
+    logits[0, :4] = 0.0
+    processed = batch([sampled(top_p=0.5)]).process(logits)
+    assert_same_filtering(processed[0], reference(TopPLogitsWarper(0.5), logits[0]))
+    assert torch.isfinite(processed[0]).sum() == 2
+
+
+def test_rows_without_a_filter_are_untouched_even_where_probabilities_underflow():
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 0] = -200.0  # exp underflows to 0 in float32
+    params = [sampled(top_p=0.9, typical_p=0.9), sampled()]
+    processed = batch(params).process(logits)
+    assert torch.isinf(processed[0, 0])
+    assert torch.equal(processed[1], logits[1])
+
+
+def test_typical_p_per_row():
+    masses = [0.2, 0.5, None, 0.95]
+    params = [sampled(typical_p=m) for m in masses] + [SamplingParams(typical_p=0.3)]
+    logits = make_logits(len(params), seed=2)
+    processed = batch(params).process(logits)
+    for i, m in enumerate(masses):
+        expected = logits[i] if m is None else reference(TypicalLogitsWarper(m), logits[i])
+        assert_same_filtering(processed[i], expected)
+    assert torch.equal(processed[2], logits[2])
+    assert torch.equal(processed[-1], logits[-1])
+
+
+def test_repetition_penalty_per_row_applies_to_greedy_rows_too():
+    penalties = [1.3, 0.8, 1.0, 2.0]
+    histories = [[1, 2, 2, 5], [3, 60, 3], [1, 2, 3], [7]]
+    params = [sampled(repetition_penalty=penalties[0]), SamplingParams(repetition_penalty=0.8)]
+    params += [sampled(), SamplingParams(repetition_penalty=2.0)]
+    logits = make_logits(len(params), seed=3)
+    processed = batch(params).process(logits, histories)
+    for i, (penalty, history) in enumerate(zip(penalties, histories)):
+        processor = RepetitionPenaltyLogitsProcessor(penalty)
+        assert torch.allclose(processed[i], reference(processor, logits[i], history))
+    assert torch.equal(processed[2], logits[2])
+
+
+def test_frequency_penalty_subtracts_penalty_times_count():
+    histories = [[4, 4, 4, 9], [4, 9, 9], [4]]
+    params = [sampled(frequency_penalty=0.5), SamplingParams(frequency_penalty=-1.5), sampled()]
+    logits = make_logits(3, seed=4)
+    processed = batch(params).process(logits, histories)
+    expected = logits.clone()
+    expected[0, 4] -= 0.5 * 3
+    expected[0, 9] -= 0.5 * 1
+    expected[1, 4] -= -1.5 * 1
+    expected[1, 9] -= -1.5 * 2
+    assert torch.allclose(processed, expected)
+
+
+def test_all_processors_chained_match_transformers_order():
+    kwargs = dict(
+        repetition_penalty=1.2, temperature=0.8, top_k=20, top_p=0.9, typical_p=0.95
+    )
+    history = [1, 2, 3, 3, 10]
+    params = [sampled(**kwargs), sampled(temperature=1.5, top_k=4), SamplingParams()]
+    logits = make_logits(3, seed=5)
+    processed = batch(params).process(logits, [history, [], []])
+    chain = [
+        RepetitionPenaltyLogitsProcessor(1.2),
+        TemperatureLogitsWarper(0.8),
+        TopKLogitsWarper(20),
+        TopPLogitsWarper(0.9),
+        TypicalLogitsWarper(0.95),
+    ]
+    expected = logits[0]
+    for processor in chain:
+        expected = reference(processor, expected, history)
+    assert_same_filtering(processed[0], expected)
+    second = reference(TopKLogitsWarper(4), reference(TemperatureLogitsWarper(1.5), logits[1]))
+    assert_same_filtering(processed[1], second)
+
+
+def test_greedy_rows_take_argmax_of_penalized_logits():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3], logits[0, 5] = 2.0, 1.5
+    out = batch([SamplingParams(repetition_penalty=2.0)])(logits, [[3]])
+    assert out.next_ids.tolist() == [5]
+
+
+def draw_sequence(params: SamplingParams, others: list[SamplingParams], steps: int = 30) -> list:
+    """The row's tokens over `steps` steps, placed after `others` in the batch."""
+    sampler = batch(others + [params])
+    tokens = []
+    for step in range(steps):
+        logits = make_logits(len(others) + 1, seed=100 + step)
+        logits[-1] = make_logits(1, seed=step)[0]  # the row sees the same logits every run
+        tokens.append(sampler(logits).next_ids[-1].item())
+    return tokens
+
+
+def test_same_seed_same_tokens_alone_or_in_any_batch():
+    params = sampled(seed=1234, temperature=1.3, top_k=30)
+    alone = draw_sequence(params, [])
+    others = [sampled(seed=7), SamplingParams(), sampled(seed=8, top_p=0.5)]
+    assert draw_sequence(params, others) == alone
+    assert draw_sequence(params, others[::-1]) == alone
+
+
+def test_different_seeds_give_different_tokens():
+    first = draw_sequence(sampled(seed=1, temperature=2.0), [])
+    second = draw_sequence(sampled(seed=2, temperature=2.0), [])
+    assert first != second
+
+
+def test_sampled_tokens_are_never_filtered_ones():
+    params = [sampled(seed=s, top_k=3) for s in range(4)]
+    sampler = batch(params)
+    for step in range(20):
+        logits = make_logits(4, seed=step)
+        out = sampler(logits)
+        allowed = logits.topk(3, dim=-1).indices
+        assert (allowed == out.next_ids[:, None]).any(dim=1).all()
+        assert torch.isfinite(out.logprobs).all()
+
+
+def test_top_k_of_one_samples_the_argmax():
+    logits = make_logits(2, seed=9)
+    out = batch([sampled(seed=3, top_k=1), sampled(seed=4, top_k=1)])(logits)
+    assert torch.equal(out.next_ids, logits.argmax(dim=-1))
+    assert torch.allclose(out.logprobs, torch.zeros(2))
+
+
+@pytest.mark.parametrize("top_n", [1, 5])
+def test_logprobs_and_top_n_come_from_the_processed_log_softmax(top_n):
+    params = [sampled(seed=5, temperature=0.7, top_p=0.8), SamplingParams(), sampled(seed=6)]
+    history = [[1, 2], [3], [4]]
+    logits = make_logits(3, seed=10)
+    sampler = batch(params)
+    out = sampler(logits, history, top_n=top_n)
+    logprobs = torch.log_softmax(sampler.process(logits, history), dim=-1)
+    assert out.next_ids.shape == (3,) and out.next_ids.dtype == torch.long
+    assert torch.allclose(out.logprobs, logprobs.gather(1, out.next_ids[:, None])[:, 0])
+    assert out.top_ids.shape == out.top_logprobs.shape == (3, top_n)
+    values, ids = logprobs.topk(top_n, dim=-1)
+    assert torch.equal(out.top_ids, ids)
+    assert torch.allclose(out.top_logprobs, values)
+    assert torch.allclose(out.logprobs[1], torch.log_softmax(logits[1], dim=-1).max())

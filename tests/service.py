@@ -1,0 +1,101 @@
+"""Run the real service for tests: Redis, replica worker processes and gunicorn, each its own
+process, on loopback ports; every process is stopped by its id at the end."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from blitzscale.redis_server import EmbeddedRedis, free_port
+
+
+class Service:
+    def __init__(self, model_id: str, workdir: Path, env: dict | None = None, replicas: int = 1):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.redis = EmbeddedRedis()
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "MODEL_ID": model_id,
+            "PORT": str(self.port),
+            "HOSTNAME": "127.0.0.1",
+            "LOG_LEVEL": "INFO",
+            "HF_HUB_OFFLINE": "1",  # the service must never need a model hub
+            **(env or {}),
+        }
+        self.initial_replicas = replicas
+        self.web: subprocess.Popen | None = None
+        self.replicas: dict[int, subprocess.Popen] = {}
+
+    def start(self, timeout: float = 120) -> "Service":
+        self.redis.start()
+        self.env["REDIS_URL"] = self.redis.url
+        for slot in range(self.initial_replicas):
+            self.start_replica(slot)
+        self.web = self._spawn("web", ["web"])
+        self.wait_healthy(timeout)
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "blitzscale.cli", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def start_replica(self, slot: int) -> subprocess.Popen:
+        process = self._spawn(f"replica{slot}", ["worker", "--slot", str(slot)])
+        self.replicas[slot] = process
+        return process
+
+    def kill_replica(self, slot: int, sig: int = signal.SIGKILL) -> None:
+        process = self.replicas.pop(slot)
+        process.send_signal(sig)
+        process.wait(30)
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"service not healthy in {timeout} s; logs:\n{self.logs()}")
+
+    def _check_alive(self) -> None:
+        for name, process in [("web", self.web)] + [(f"replica{s}", p) for s, p in self.replicas.items()]:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}; logs:\n{self.logs()}")
+
+    def logs(self, tail: int = 40) -> str:
+        out = []
+        for path in sorted(self.workdir.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-tail:]
+            out.append(f"--- {path.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        processes = [self.web] + list(self.replicas.values())
+        for process in processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in processes:
+            if process is None:
+                continue
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.replicas.clear()
+        self.redis.stop()

@@ -1,0 +1,78 @@
+"""/metrics: TGI's request metrics, Flask's HTTP metrics and the replicas' own metrics."""
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tasks.keys import replica_metrics_key
+from tests.web.fake_replica import FakeReplica, reply
+
+
+def scrape(client) -> dict:
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_tgi_metrics(client, redis_url, redis_client):
+    with FakeReplica(redis_url, reply([" a", " b"])):
+        assert client.post("/generate", json={"inputs": "hello world"}).status_code == 200
+        response = client.post("/generate_stream", json={"inputs": "hello"})
+        response.get_data()
+    client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}})
+    redis_client.lpush("generation", b"x", b"y")
+    samples = scrape(client)
+    assert value(samples, "tgi_request_count_total") == 3
+    assert value(samples, "tgi_request_success_total") == 2
+    assert value(samples, "tgi_request_failure_total", err="validation") == 1
+    assert value(samples, "tgi_queue_size") == 2
+    assert value(samples, "tgi_request_duration_count") == 2
+    assert value(samples, "tgi_request_queue_duration_sum") == 0.5
+    assert value(samples, "tgi_request_inference_duration_sum") == 1.0
+    assert value(samples, "tgi_request_generated_tokens_sum") == 4
+    assert value(samples, "tgi_request_input_length_sum") == 3
+    for name in ("tgi_request_validation_duration_count", "tgi_request_mean_time_per_token_duration_count"):
+        assert value(samples, name) == 2
+    assert any(name == "flask_http_request_total" for name, _ in samples)
+
+
+def test_replica_metrics_are_merged_with_a_replica_label(client, redis_client):
+    text = "# HELP tgi_batch_current_size Batch size\n# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 3\n"
+    redis_client.set(replica_metrics_key("replica0@a"), text)
+    redis_client.set(replica_metrics_key("replica1@a"), text.replace(" 3\n", " 5\n"))
+    redis_client.set(replica_metrics_key("replica2@a"), "not { prometheus")
+    samples = scrape(client)
+    assert value(samples, "tgi_batch_current_size", replica="replica0@a") == 3
+    assert value(samples, "tgi_batch_current_size", replica="replica1@a") == 5
+
+
+def test_multiprocess_mode(model_dir, redis_url, tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR (gunicorn with several workers) the page reads the shared files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from blitzscale.settings import Settings\n"
+        "from web.app import create_app\n"
+        f"app = create_app(Settings(model_id={str(model_dir)!r}, redis_url={redis_url!r}))\n"
+        "client = app.test_client()\n"
+        "client.post('/generate', json={'inputs': ''})\n"
+        "print(client.get('/metrics').get_data(as_text=True))\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert 'tgi_request_failure_total{err="validation"} 1.0' in result.stdout
+    assert "tgi_request_count_total 1.0" in result.stdout
+    assert "flask_http_request_total" in result.stdout

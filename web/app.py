@@ -1,0 +1,48 @@
+"""The Flask application factory."""
+from __future__ import annotations
+
+from flask import Flask
+
+from blitzscale.settings import Settings
+from web.admission import Admission
+from web.cluster import ClusterView
+from web.errors import register_error_handlers
+from web.metrics import Metrics
+from web.openapi import CONFIG as OPENAPI_CONFIG
+from web.openapi import make_api, swagger_ui_assets
+from web.service import EXTENSION, Service
+from web.tokenizer import TokenCounter
+from web.views import BLUEPRINTS
+
+MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
+
+
+def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
+    """`client`: a `tasks.client.GenerationClient` (made from settings when None).
+    `tokenizer`: a `tokenizers.Tokenizer`; loaded from the model files on first use when None."""
+    settings = settings or Settings.from_env()
+    if client is None:
+        from tasks.client import GenerationClient
+
+        client = GenerationClient(settings)
+
+    app = Flask(__name__)
+    app.config.update(OPENAPI_CONFIG, MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH)
+    app.json.sort_keys = False  # TGI's field order
+    app.json.ensure_ascii = False
+
+    app.extensions[EXTENSION] = Service(
+        settings=settings,
+        client=client,
+        tokens=TokenCounter(settings, tokenizer),
+        admission=Admission(settings.max_concurrent_requests),
+        cluster=ClusterView(client),
+        metrics=Metrics(app, settings, client),
+    )
+    api = make_api()
+    api.init_app(app)
+    for blueprint in BLUEPRINTS:
+        api.register_blueprint(blueprint)
+    app.register_blueprint(swagger_ui_assets())
+    register_error_handlers(app)  # after init_app: replaces flask-smorest's error handler
+    return app

@@ -1,0 +1,108 @@
+"""TGI's ErrorResponse `{error, error_type}`: one exception class per error_type, and the
+handlers that turn every HTTP error (ours, Flask's, webargs') into that JSON shape."""
+from __future__ import annotations
+
+import re
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    status = 500
+    error_type = "internal"
+    prefix = ""
+    default = "Internal server error"
+
+    def __init__(self, detail: str | None = None, *, status: int | None = None):
+        detail = detail or self.default
+        self.message = detail if detail.startswith(self.prefix) else self.prefix + detail
+        if status is not None:
+            self.status = status
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict:
+        return {"error": self.message, "error_type": self.error_type}
+
+
+class ValidationError(ApiError):
+    status, error_type, prefix = 422, "validation", "Input validation error: "
+
+
+class GenerationError(ApiError):
+    status, error_type, prefix = 424, "generation", "Request failed during generation: "
+
+
+class Overloaded(ApiError):
+    status, error_type, default = 429, "overloaded", "Model is overloaded"
+
+
+class IncompleteGeneration(ApiError):
+    status, error_type, default = 500, "incomplete_generation", "Incomplete generation"
+
+
+class Unhealthy(ApiError):
+    status, error_type, default = 503, "healthcheck", "unhealthy"
+
+
+_BY_TYPE = {
+    cls.error_type: cls for cls in (ValidationError, GenerationError, Overloaded, IncompleteGeneration, Unhealthy)
+}
+
+# The statuses the OpenAPI document lists for the generation routes.
+GENERATION_ERRORS = {
+    ValidationError.status: "Input validation error",
+    GenerationError.status: "Request failed during generation",
+    Overloaded.status: "Model is overloaded",
+    IncompleteGeneration.status: "Incomplete generation",
+}
+
+
+def from_event(error_type: str | None, error: str | None) -> ApiError:
+    """The exception for an error event received from a replica (unknown types: generation)."""
+    return _BY_TYPE.get(error_type or "", GenerationError)(error)
+
+
+def error_response(error: ApiError, headers: dict | None = None):
+    return jsonify(error.to_dict()), error.status, headers or {}
+
+
+def _http_error(error: HTTPException):
+    """Any werkzeug HTTP error, webargs' 400/422 included, as an ErrorResponse."""
+    data = getattr(error, "data", None) or {}
+    headers = {k: v for k, v in error.get_headers() if k.lower() in ("allow", "retry-after")}
+    if "messages" in data:  # webargs: malformed JSON (400) or wrong JSON types (422)
+        detail = _body_error(data, getattr(error, "exc", None))
+        return error_response(ValidationError(detail, status=error.code), headers)
+    if error.code == 415:
+        return error_response(ValidationError("Expected request with `Content-Type: application/json`", status=415))
+    if error.code == 413:
+        return error_response(ValidationError("the request body is too large", status=413))
+    generic = ApiError(error.description or error.name, status=error.code or 500)
+    generic.error_type = re.sub(r"\W+", "_", (error.name or "error").lower()).strip("_")
+    return error_response(generic, headers)
+
+
+def _body_error(data: dict, exc: Exception | None) -> str:
+    messages = data.get("messages") or {}
+    if isinstance(exc, ValueError):  # json.JSONDecodeError, UnicodeDecodeError
+        return f"Failed to parse the request body as JSON: {exc}"
+    parts = [f"`{path}`: {text}" if path else text for path, text in _flatten(messages.get("json", messages))]
+    return "; ".join(parts) or "invalid request body"
+
+
+def _flatten(messages, path: tuple = ()):
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            yield from _flatten(value, path if key in ("_schema", "json") else path + (str(key),))
+    elif isinstance(messages, (list, tuple)):
+        for item in messages:
+            yield from _flatten(item, path)
+    else:
+        yield ".".join(path), str(messages)
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(ApiError, error_response)
+    # Replaces flask-smorest's handler; unhandled exceptions reach it as InternalServerError.
+    app.register_error_handler(HTTPException, _http_error)

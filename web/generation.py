@@ -1,0 +1,160 @@
+"""One generation request, end to end on the web side: admit (concurrency limit), validate,
+enqueue, then wait for the final event (JSON) or relay the events (server-sent events)."""
+from __future__ import annotations
+
+import logging
+
+from flask import Response, jsonify
+
+from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from web import sse
+from web.admission import Slot
+from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.responses import (
+    Outcome,
+    RequestClock,
+    generate_response,
+    last_token_of,
+    stream_last,
+    stream_token,
+    timing_headers,
+)
+from web.service import Service, current_service
+from web.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+
+def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False) -> Response:
+    """TGI's /generate (and `/` with stream=false, whose body is a one-element list)."""
+    service, clock = current_service(), RequestClock()
+    slot, valid = _admit(service, body, clock, stream=False, full_text_default=full_text_default)
+    try:
+        with slot:
+            outcome = _wait_for_final(service, valid, clock)
+    except ApiError as error:
+        service.metrics.tgi.request_failed(error.error_type)
+        raise
+    service.metrics.tgi.request_succeeded(outcome)
+    payload = generate_response(valid, outcome.final)
+    response = jsonify([payload] if as_list else payload)
+    response.headers.update(timing_headers(valid, outcome, service.cluster.compute_type()))
+    return response
+
+
+def generate_stream(body: dict, *, full_text_default: bool) -> Response:
+    """TGI's /generate_stream. Errors before the stream starts are plain JSON responses."""
+    service, clock = current_service(), RequestClock()
+    slot, valid = _admit(service, body, clock, stream=True, full_text_default=full_text_default)
+    try:
+        events = service.submit(valid.job)
+    except BaseException as error:
+        slot.release()
+        if isinstance(error, ApiError):
+            service.metrics.tgi.request_failed(error.error_type)
+        raise
+    session = StreamSession(service, valid, events, slot, clock)
+    response = Response(session.frames(), content_type=sse.MIMETYPE, headers=sse.HEADERS)
+    response.headers.update({
+        "x-compute-type": service.cluster.compute_type(),
+        "x-compute-characters": str(len(valid.inputs)),
+        "x-prompt-tokens": str(valid.input_length),
+    })
+    response.call_on_close(session.close)  # also when the body was never iterated
+    return response
+
+
+def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Slot, ValidRequest]:
+    tgi = service.metrics.tgi
+    tgi.request_received()
+    try:
+        slot = service.admission.acquire()
+    except ApiError as error:
+        tgi.request_failed(error.error_type)
+        raise
+    try:
+        valid = service.validate(body, **how)
+    except BaseException as error:
+        slot.release()
+        if isinstance(error, ApiError):
+            tgi.request_failed(error.error_type)
+        raise
+    clock.mark("validated")
+    tgi.request_validated(valid.input_length)
+    return slot, valid
+
+
+def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) -> Outcome:
+    events = service.submit(valid.job)
+    try:
+        for event in events.events():
+            if event is None:
+                continue
+            if event.kind in (EVENT_STARTED, EVENT_TOKEN):
+                clock.mark("picked_up")
+            elif event.kind == EVENT_FINAL:
+                return Outcome.of(event, clock)
+            elif event.kind == EVENT_ERROR:
+                raise from_event(event.error_type, event.error)
+        raise IncompleteGeneration()
+    finally:
+        events.close()
+
+
+class StreamSession:
+    """Relays one request's events as SSE. Each token is held back until the next token or
+    the final event arrives, so that the last one carries `generated_text` and `details`."""
+
+    def __init__(self, service: Service, valid: ValidRequest, events, slot: Slot, clock: RequestClock):
+        self._service, self._valid, self._events, self._slot, self._clock = service, valid, events, slot, clock
+        self._closed = False
+
+    def frames(self):
+        pending: StreamEvent | None = None
+        last_index = 0
+        try:
+            for event in self._events.events():
+                if event is None:
+                    yield sse.KEEP_ALIVE
+                elif event.kind == EVENT_STARTED:
+                    self._clock.mark("picked_up")
+                elif event.kind == EVENT_TOKEN and event.index > last_index:  # else a duplicate
+                    self._clock.mark("picked_up")
+                    if pending is not None:
+                        yield sse.frame(stream_token(self._valid, pending))
+                    pending, last_index = event, event.index
+                elif event.kind == EVENT_FINAL:
+                    yield self._finish(pending or last_token_of(event), event)
+                    return
+                elif event.kind == EVENT_ERROR:
+                    yield from self._fail(pending, from_event(event.error_type, event.error))
+                    return
+            yield from self._fail(pending, IncompleteGeneration())
+        except Exception as error:  # e.g. an unreadable message: end the stream the TGI way
+            log.exception("stream %s failed", self._valid.job.request_id)
+            yield from self._fail(pending, GenerationError(str(error)))
+        finally:
+            self.close()
+
+    def _finish(self, last: StreamEvent | None, final: StreamEvent) -> str:
+        if last is None:
+            return "".join(self._fail(None, IncompleteGeneration()))
+        outcome = Outcome.of(final, self._clock)
+        self._service.metrics.tgi.request_succeeded(outcome)
+        return sse.frame(stream_last(self._valid, last, final))
+
+    def _fail(self, pending: StreamEvent | None, error: ApiError):
+        if pending is not None:
+            yield sse.frame(stream_token(self._valid, pending))
+        self._service.metrics.tgi.request_failed(error.error_type)
+        yield sse.frame(error.to_dict())
+
+    def close(self) -> None:
+        """Unsubscribe (the replica then cancels the request) and free the admission slot."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._events.close()
+        finally:
+            self._slot.release()

@@ -1,0 +1,158 @@
+"""Prometheus metrics on one `/metrics`: Flask's HTTP metrics (prometheus-flask-exporter), the
+request metrics under TGI's names (Grafana dashboards built for TGI read them), and the metrics
+each replica publishes in Redis (`tasks.keys.replica_metrics_key`), labelled by replica.
+
+Under gunicorn with several workers set PROMETHEUS_MULTIPROC_DIR: values then live in files
+shared by the workers (see web/gunicorn_conf.py for the dead-worker hook).
+"""
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_flask_exporter import PrometheusMetrics
+from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+
+from blitzscale.settings import Settings
+from tasks.keys import replica_metrics_pattern
+
+DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))  # TGI's: 0.15 ms .. ~220 s
+# Families the web itself exports; a replica's family of the same name is not re-exported.
+OWN_PREFIXES = ("tgi_request", "tgi_queue_size", "flask_", "process_", "python_")
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
+def _linear_buckets(top: int, count: int = 20) -> tuple[float, ...]:
+    return tuple(top * (i + 1) / count for i in range(count))
+
+
+class TgiMetrics:
+    """The request metrics TGI's router exports, under its names."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None):
+        def histogram(name, doc, buckets=DURATION_BUCKETS):
+            return Histogram(name, doc, buckets=buckets, registry=registry)
+
+        self.count = Counter("tgi_request_count", "Generation requests received", registry=registry)
+        self.success = Counter("tgi_request_success", "Generation requests that succeeded", registry=registry)
+        self.failure = Counter("tgi_request_failure", "Generation requests that failed", ["err"], registry=registry)
+        self.queue_size = Gauge(
+            "tgi_queue_size", "Jobs waiting in the queue", registry=registry, multiprocess_mode="livemostrecent"
+        )
+        self.duration = histogram("tgi_request_duration", "Request duration (seconds)")
+        self.validation = histogram("tgi_request_validation_duration", "Validation duration (seconds)")
+        self.queue = histogram("tgi_request_queue_duration", "Time in the queue (seconds)")
+        self.inference = histogram("tgi_request_inference_duration", "Inference duration (seconds)")
+        self.time_per_token = histogram(
+            "tgi_request_mean_time_per_token_duration", "Mean time per generated token (seconds)"
+        )
+        self.input_length = histogram(
+            "tgi_request_input_length", "Prompt tokens", _linear_buckets(settings.max_input_tokens)
+        )
+        self.generated_tokens = histogram(
+            "tgi_request_generated_tokens", "Generated tokens", _linear_buckets(settings.max_total_tokens)
+        )
+
+    def request_received(self) -> None:
+        self.count.inc()
+
+    def request_validated(self, input_length: int) -> None:
+        self.input_length.observe(input_length)
+
+    def request_failed(self, error_type: str) -> None:
+        self.failure.labels(err=error_type).inc()
+
+    def request_succeeded(self, outcome) -> None:
+        """`outcome`: a `web.responses.Outcome`."""
+        self.success.inc()
+        self.duration.observe(outcome.total_time)
+        self.validation.observe(outcome.validation_time)
+        self.queue.observe(outcome.queue_time)
+        self.inference.observe(outcome.inference_time)
+        self.time_per_token.observe(outcome.time_per_token)
+        self.generated_tokens.observe(outcome.generated_tokens)
+
+
+class ReplicaMetricsCollector:
+    """Merges the replicas' published metrics (text format), adding a `replica` label."""
+
+    def __init__(self, client):
+        self._redis = getattr(client, "redis", None)
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for replica, text in self._texts():
+            try:
+                parsed = list(text_string_to_metric_families(text))
+            except ValueError:
+                continue  # one unreadable record must not break /metrics
+            for family in parsed:
+                if family.name.startswith(OWN_PREFIXES):
+                    continue
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                )
+                for s in family.samples:
+                    labels = s.labels if "replica" in s.labels else {**s.labels, "replica": replica}
+                    merged.add_sample(s.name, labels, s.value, s.timestamp, s.exemplar)
+        yield from families.values()
+
+    def _texts(self):
+        if self._redis is None:
+            return []
+        try:
+            keys = sorted(self._redis.scan_iter(match=replica_metrics_pattern(), count=100))
+            values = self._redis.mget(keys) if keys else []
+        except Exception:  # Redis down: /metrics still answers with the web's own metrics
+            return []
+        return [
+            (_text(key).rsplit(":", 1)[-1], _text(value)) for key, value in zip(keys, values) if value
+        ]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Metrics:
+    """One app's metrics: binds the Flask exporter and renders the /metrics page."""
+
+    def __init__(self, app: Flask, settings: Settings, client):
+        self._client = client
+        self._multiprocess = multiprocess_mode()
+        if self._multiprocess:
+            exporter = GunicornInternalPrometheusMetrics.for_app_factory(path=None, group_by="endpoint")
+            self.registry = None  # values are written to files; the page reads them back
+        else:
+            self.registry = CollectorRegistry()
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=self.registry)
+            self.registry.register(ReplicaMetricsCollector(client))
+            exporter = PrometheusMetrics.for_app_factory(path=None, group_by="endpoint", registry=self.registry)
+        exporter.init_app(app)
+        self.exporter = exporter
+        self.tgi = TgiMetrics(settings, self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        self.tgi.queue_size.set(self._client.queue_size())
+        registry = self.registry
+        if self._multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(ReplicaMetricsCollector(self._client))
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,47 @@
+"""The per-app objects the views work with, kept in `app.extensions` (no module globals)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+
+from blitzscale.settings import Settings
+from tasks.client import EventStream, QueueUnavailable
+from tasks.protocol import Job
+from web.admission import Admission
+from web.cluster import ClusterView
+from web.errors import GenerationError
+from web.metrics import Metrics
+from web.tokenizer import TokenCounter, TokenizerUnavailable
+from web.validation import ValidRequest, validate_request
+
+EXTENSION = "blitzscale"
+
+
+@dataclass
+class Service:
+    settings: Settings
+    client: object  # tasks.client.GenerationClient, or a test double with the same methods
+    tokens: TokenCounter
+    admission: Admission
+    cluster: ClusterView
+    metrics: Metrics
+
+    def validate(self, body: dict, *, stream: bool, full_text_default: bool) -> ValidRequest:
+        try:
+            return validate_request(
+                body, settings=self.settings, encode=self.tokens.encode, stream=stream,
+                full_text_default=full_text_default,
+            )
+        except TokenizerUnavailable as error:
+            raise GenerationError(f"the tokenizer is not available yet: {error}") from error
+
+    def submit(self, job: Job) -> EventStream:
+        try:
+            return self.client.submit(job)
+        except QueueUnavailable as error:
+            raise GenerationError(f"the queue is unavailable: {error}") from error
+
+
+def current_service() -> Service:
+    return current_app.extensions[EXTENSION]

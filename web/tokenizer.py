@@ -1,0 +1,78 @@
+"""The model's tokenizer, for counting and truncating input tokens (the `tokenizers` library
+only: the web never loads torch or the model).
+
+`model_id` is either a model directory holding `tokenizer.json`, or something the model
+files module prepares (a GGUF file, a model id in the Hugging Face cache): it writes a
+`tokenizer.json` that we read from `blitzscale.model_files.tokenizer_path(settings)`.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from blitzscale.settings import Settings
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The tokenizer file is not there (yet): a replica may still be preparing the model."""
+
+
+def tokenizer_file(settings: Settings) -> Path:
+    model = Path(settings.model_id).expanduser()
+    candidate = model / "tokenizer.json"
+    if model.is_dir() and candidate.is_file():
+        return candidate
+    return _prepared_tokenizer_file(settings)
+
+
+def _prepared_tokenizer_file(settings: Settings) -> Path:
+    try:
+        from blitzscale import model_files
+    except ImportError as error:
+        raise FileNotFoundError(f"no tokenizer.json for {settings.model_id!r} ({error})") from error
+    if hasattr(model_files, "tokenizer_path"):
+        return Path(model_files.tokenizer_path(settings))
+    return Path(model_files.prepared_dir(settings)) / "tokenizer.json"
+
+
+def load_tokenizer(settings: Settings) -> Tokenizer:
+    path = tokenizer_file(settings)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return Tokenizer.from_file(str(path))
+
+
+class TokenCounter:
+    """Encodes prompts as the model's tokenizer does by default (special tokens added).
+
+    Loaded on first use and retried after a failure, so that the web can start before a
+    replica has prepared the model files."""
+
+    def __init__(self, settings: Settings, tokenizer: Tokenizer | None = None):
+        self._settings = settings
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    try:
+                        self._tokenizer = load_tokenizer(self._settings)
+                    except Exception as error:  # missing file, or a file `tokenizers` cannot read
+                        raise TokenizerUnavailable(str(error)) from error
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def warm(self) -> str | None:
+        """Load now; returns the reason when the tokenizer is not available yet."""
+        try:
+            self.tokenizer
+        except TokenizerUnavailable as error:
+            return str(error)
+        return None

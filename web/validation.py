@@ -1,0 +1,170 @@
+"""TGI's request validation, in TGI's order and with its messages (TGI-CONTRACT.md), ending in
+the Job that goes on the queue.
+
+The request body has already been type-checked by `web.schemas`; here are the value rules,
+then tokenization (empty inputs, truncation, lengths), then grammar.
+"""
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from blitzscale.settings import Settings
+from tasks.protocol import Job
+from web.errors import ValidationError
+
+DEFAULT_MAX_NEW_TOKENS = 100  # ours: TGI-CONTRACT.md, max_new_tokens
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    job: Job
+    inputs: str  # the prompt as sent (prepended to the output when return_full_text)
+    input_length: int  # prompt tokens after truncation (x-prompt-tokens, StreamDetails.input_length)
+
+    @property
+    def parameters(self) -> dict:
+        return self.job.parameters
+
+    @property
+    def wants_details(self) -> bool:
+        return self.parameters["details"] or self.parameters["decoder_input_details"]
+
+    def full_text(self, generated: str) -> str:
+        return self.inputs + generated if self.parameters["return_full_text"] else generated
+
+
+def validate_request(
+    body: dict,
+    *,
+    settings: Settings,
+    encode: Callable[[str], list[int]],
+    stream: bool,
+    full_text_default: bool,
+) -> ValidRequest:
+    """Raise `ValidationError` at the first broken rule, else return the job to enqueue."""
+    p = body.get("parameters") or {}
+    if stream:
+        _check_streaming(p)
+    parameters = _check_parameters(p, settings)
+    inputs = body["inputs"]
+    if not inputs:
+        _fail("`inputs` cannot be empty")
+    truncate = _check_truncate(p.get("truncate"), settings)
+    input_ids = encode(inputs)
+    if truncate is not None:
+        input_ids = input_ids[-truncate:]
+    if not input_ids:
+        _fail("`inputs` cannot be empty")
+    parameters["max_new_tokens"] = _check_lengths(len(input_ids), p.get("max_new_tokens"), settings)
+    if p.get("grammar") is not None:
+        _fail("grammar is not supported")
+    full_text = p.get("return_full_text")
+    parameters["return_full_text"] = full_text_default if full_text is None else full_text
+    job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, parameters=parameters, stream=stream)
+    return ValidRequest(job=job, inputs=inputs, input_length=len(input_ids))
+
+
+def _fail(message: str):
+    raise ValidationError(message)
+
+
+def _check_streaming(p: dict) -> None:
+    best_of = p.get("best_of")
+    if best_of is not None and best_of != 1:
+        _fail("`best_of` != 1 is not supported when streaming tokens")
+    if p.get("decoder_input_details"):
+        _fail("`decoder_input_details` == true is not supported when streaming tokens")
+
+
+def _check_parameters(p: dict, settings: Settings) -> dict:
+    """Every rule that needs no tokenizer, in TGI's order; returns the resolved values."""
+    best_of = _default(p, "best_of", 1)
+    if not 0 < best_of <= settings.max_best_of:
+        _fail(f"`best_of` must be > 0 and <= {settings.max_best_of}. Given: {best_of}")
+    sampling = bool(p.get("do_sample")) or any(p.get(key) is not None for key in SAMPLING_KEYS)
+    if best_of > 1 and not sampling:
+        _fail("you must use sampling when `best_of` is > 1")
+    temperature = _default(p, "temperature", 1.0)
+    if temperature <= 0:
+        _fail("`temperature` must be strictly positive")
+    repetition_penalty = _default(p, "repetition_penalty", 1.0)
+    if repetition_penalty <= 0:
+        _fail("`repetition_penalty` must be strictly positive")
+    frequency_penalty = _default(p, "frequency_penalty", 0.0)
+    if not -2.0 <= frequency_penalty <= 2.0:
+        _fail("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    for name in ("top_p", "typical_p"):
+        value = p.get(name)
+        if value is not None and not 0.0 < value < 1.0:
+            _fail(f"`{name}` must be > 0.0 and < 1.0")
+    top_k = p.get("top_k")
+    if top_k is not None and top_k <= 0:
+        _fail("`top_k` must be strictly positive")
+    max_new_tokens = p.get("max_new_tokens")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        _fail("`max_new_tokens` must be strictly positive")
+    stop = list(p.get("stop") or [])
+    if len(stop) > settings.max_stop_sequences:
+        _fail(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    seed = p.get("seed")
+    if seed is not None and best_of > 1:
+        _fail("`seed` must not be set when `best_of` > 1")
+    if seed is None and sampling:
+        seed = secrets.randbits(64)  # returned in details, so a sampled answer can be replayed
+    top_n_tokens = _default(p, "top_n_tokens", 0)
+    if not 0 <= top_n_tokens <= settings.max_top_n_tokens:
+        _fail(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {top_n_tokens}")
+    return {
+        "do_sample": sampling,
+        "temperature": float(temperature),
+        "top_k": top_k,
+        "top_p": p.get("top_p"),
+        "typical_p": p.get("typical_p"),
+        "repetition_penalty": float(repetition_penalty),
+        "frequency_penalty": float(frequency_penalty),
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "stop": stop,
+        "best_of": best_of,
+        "details": bool(p.get("details")),
+        "decoder_input_details": bool(p.get("decoder_input_details")),
+        "top_n_tokens": top_n_tokens,
+        "return_full_text": None,  # resolved by the caller, which knows the route's default
+        "watermark": bool(p.get("watermark")),
+    }
+
+
+def _check_truncate(truncate: int | None, settings: Settings) -> int | None:
+    if truncate is not None and not 0 < truncate <= settings.max_input_tokens:
+        _fail(
+            f"`truncate` must be strictly positive and less than {settings.max_input_tokens}. "
+            f"Given: {truncate}"
+        )
+    return truncate
+
+
+def _check_lengths(input_length: int, max_new_tokens: int | None, settings: Settings) -> int:
+    """TGI's order: total tokens, then input tokens. Returns max_new_tokens, its default
+    (100, or what is left of max_total_tokens) resolved."""
+    if max_new_tokens is None:
+        remaining = max(settings.max_total_tokens - input_length, 0)
+        max_new_tokens, total = min(DEFAULT_MAX_NEW_TOKENS, remaining), input_length + remaining
+    else:
+        total = input_length + max_new_tokens
+    if total > settings.max_total_tokens:
+        _fail(
+            f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+        )
+    if input_length > settings.max_input_tokens:
+        _fail(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_length}")
+    return max_new_tokens
+
+
+def _default(p: dict, name: str, default):
+    value = p.get(name)
+    return default if value is None else value
