@@ -59,6 +59,7 @@ def gunicorn_argv(settings: Settings) -> list[str]:
         "--timeout", "120",
         "--graceful-timeout", "10",
         "--access-logfile", "-",
+        "--config", "python:web.gunicorn_conf",  # multiprocess metrics cleanup hook
         "web.wsgi:app",
     ]
 
@@ -96,6 +97,8 @@ def cmd_web(settings: Settings) -> int:
         raise SystemExit("blitzscale web needs REDIS_URL (or --redis-url): the queue the replicas consume")
     prepare(settings, tokenizer_only=True)
     os.environ.update(settings.to_env())
+    if settings.web_workers > 1:  # request metrics of every gunicorn worker in one /metrics
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="blitzscale-metrics-"))
     argv = gunicorn_argv(settings)
     os.execv(argv[0], argv)
 

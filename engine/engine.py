@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import BatchSampler, SampleOutput
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import RequestStream, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,17 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None):
+    def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
+                 step_listener: Callable[[list[TokenEvent]], None] | None = None):
+        """`step_listener`, when given, is called on the loop thread with every event of a step
+        (keep it quick: hand the events to another thread). It sees a request's last event
+        before that request's stream ends."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, self.device)
         self.scheduler = Scheduler(scheduler_config)
         self.metrics = metrics or EngineMetrics()
+        self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
         self._kv: KVBatch | None = None
@@ -64,11 +69,10 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout)
 
-    def submit(self, request: GenerationRequest, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """Queue a request; iterate its token events (the last one carries `finish`).
-        Raises EngineError (RequestCancelled after `cancel`). Closing the iterator early
-        cancels the request."""
-        sequence = Sequence(request, self.tokenizer, self.eos_token_ids, self.device)
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; its stream yields token events (the last one carries `finish`) and
+        raises EngineError (RequestCancelled after `cancel`). Closing it early cancels."""
+        sequence = Sequence(request, self.tokenizer, self.eos_token_ids, self.device, on_abandon=self.cancel)
         if not self.scheduler.fits_ever(sequence):
             raise EngineError(
                 f"request needs {request.max_total_tokens} tokens, more than the batch budget "
@@ -76,14 +80,7 @@ class Engine:
             )
         self._inbox.put(sequence)
         self._wake.set()
-        return self._follow(sequence, timeout)
-
-    def _follow(self, sequence: Sequence, timeout: float | None) -> Iterator[TokenEvent]:
-        try:
-            yield from sequence.events(timeout)
-        finally:
-            if not sequence.status.is_finished:
-                self.cancel(sequence.request_id)
+        return sequence.stream
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step boundary; its KV rows are freed then."""
@@ -120,10 +117,14 @@ class Engine:
         self._apply_cancellations()
         new = self.scheduler.schedule_prefill(self._kv.length if self._kv else 0)
         if new:
-            self._prefill(new)
+            events = self._prefill(new)
         elif self.scheduler.running:
-            self._decode()
+            events = self._decode()
+        else:
+            events = []
         self.scheduler.last_step_was_prefill = bool(new)
+        if events and self.step_listener is not None:
+            self.step_listener(events)
         self._collect_finished()
         kv = self._kv
         self.metrics.set_batch(len(self.scheduler.running), kv.size * kv.length if kv else 0)
@@ -144,8 +145,9 @@ class Engine:
             s.status = SequenceStatus.RUNNING
         self.scheduler.allocate(sequences)
         self._sampler = None
-        self._emit(sequences, sampled, prefills)
+        events = self._emit(sequences, sampled, prefills)
         self.metrics.observe_batch("prefill", len(sequences), forward_done - started, time.perf_counter() - started)
+        return events
 
     def _decode(self) -> None:
         started = time.perf_counter()
@@ -156,14 +158,16 @@ class Engine:
         if self._sampler is None:
             self._sampler = BatchSampler([s.sampler for s in running], self.device)
         sampled = self._sampler(logits, self._history(running), _top_n(running))
-        self._emit(running, sampled, None)
+        events = self._emit(running, sampled, None)
         self.metrics.observe_batch("decode", len(running), forward_done - started, time.perf_counter() - started)
+        return events
 
-    def _emit(self, sequences: list[Sequence], sampled: SampleOutput, prefills) -> None:
+    def _emit(self, sequences: list[Sequence], sampled: SampleOutput, prefills) -> list[TokenEvent]:
         ids = sampled.next_ids.tolist()
         logprobs = sampled.logprobs.tolist()
         top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
         top_logprobs = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        events = []
         for row, sequence in enumerate(sequences):
             token_id = ids[row]
             special = token_id in self.special_ids
@@ -174,7 +178,8 @@ class Engine:
                 n = sequence.request.top_n_tokens
                 top = [self._token(i, lp) for i, lp in zip(top_ids[row][:n], top_logprobs[row][:n])]
             prefill = prefills[row] if prefills else None
-            sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top, prefill)
+            events.append(sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top, prefill))
+        return events
 
     def _prefill_tokens(self, sequence: Sequence, logits: torch.Tensor) -> tuple[Token, ...]:
         """decoder_input_details: each prompt token with the logprob the model gave it."""
@@ -191,6 +196,9 @@ class Engine:
         return [s.token_ids for s in sequences]
 
     def _collect_finished(self) -> None:
+        for sequence in self.scheduler.running:
+            if sequence.status is SequenceStatus.FINISHED:
+                sequence.stream.end()
         keep = self.scheduler.deallocate_finished()
         if keep is None:
             return

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+
+from engine.kv_cache import GrowableCache
 
 
 @dataclass
 class KVBatch:
-    cache: DynamicCache
+    cache: GrowableCache
     attention_mask: torch.Tensor  # [B, L] long, 0 = padding
     positions: torch.Tensor  # [B] long, position id of each row's next input token
 
@@ -27,9 +28,6 @@ class KVBatch:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
-    def layers(self) -> list:
-        return list(self.cache.layers)
-
     def filter(self, keep: list[int]) -> None:
         """Keep only rows `keep` (in that order), then trim all-padding columns on the left."""
         index = torch.tensor(keep, dtype=torch.long, device=self.attention_mask.device)
@@ -38,8 +36,7 @@ class KVBatch:
         self.attention_mask = mask[:, start:]
         self.positions = self.positions.index_select(0, index)
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+            layer.assign(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
 
     @classmethod
     def concat(cls, first: "KVBatch", second: "KVBatch") -> "KVBatch":
@@ -47,8 +44,10 @@ class KVBatch:
         mask = torch.cat([_pad_left(first.attention_mask, length, dim=1), _pad_left(second.attention_mask, length, dim=1)])
         cache = first.cache  # reused: its layers get the concatenated tensors
         for mine, theirs in zip(cache.layers, second.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, length, dim=2), _pad_left(theirs.keys, length, dim=2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, dim=2), _pad_left(theirs.values, length, dim=2)])
+            mine.assign(
+                torch.cat([_pad_left(mine.keys, length, dim=2), _pad_left(theirs.keys, length, dim=2)]),
+                torch.cat([_pad_left(mine.values, length, dim=2), _pad_left(theirs.values, length, dim=2)]),
+            )
         return cls(cache, mask, torch.cat([first.positions, second.positions]))
 
     def extend_mask(self) -> torch.Tensor:

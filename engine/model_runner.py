@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from engine.kv_batch import KVBatch
+from engine.kv_cache import GrowableCache
 
 
 class ModelRunner:
@@ -24,7 +24,7 @@ class ModelRunner:
             mask[row, length - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [b, P]
-        cache = DynamicCache(config=self.model.config)
+        cache = GrowableCache(self.model.config.get_text_config().num_hidden_layers)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

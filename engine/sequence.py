@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import replace
 from enum import IntEnum
@@ -27,11 +28,56 @@ class SequenceStatus(IntEnum):
         return self >= SequenceStatus.FINISHED
 
 
-_END = object()  # sentinel closing a sequence's event queue
+_END = object()  # sentinel closing a request's event queue
+
+
+class RequestStream:
+    """The submitter's handle on one request: iterate its events as they come, or `wait()`
+    for the end and then read them all (one wake-up instead of one per token).
+    Closing it early cancels the request."""
+
+    def __init__(self, request_id: str, on_abandon):
+        self.request_id = request_id
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()
+        self._done = False
+        self._on_abandon = on_abandon
+
+    # engine side
+    def put(self, item) -> None:
+        self._queue.put(item)
+
+    def end(self) -> None:
+        self._queue.put(_END)
+        self._ended.set()
+
+    # submitter side
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ended.wait(timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, Exception):
+            self._done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self._ended.is_set():
+            self._on_abandon(self.request_id)
+        self._done = True
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, tokenizer, eos_token_ids: frozenset[int], device):
+    def __init__(self, request: GenerationRequest, tokenizer, eos_token_ids: frozenset[int], device, on_abandon=None):
         self.request = request
         self.status = SequenceStatus.WAITING
         self.arrived_at = time.monotonic()
@@ -41,7 +87,7 @@ class Sequence:
         self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)
         self.text_parts: list[str] = []
         self.cancel_requested = False
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.stream = RequestStream(request.request_id, on_abandon or (lambda _request_id: None))
 
     @property
     def request_id(self) -> str:
@@ -63,8 +109,9 @@ class Sequence:
     def last_token_id(self) -> int:
         return self.token_ids[-1]
 
-    def append(self, token: Token, text: str, top_tokens, prefill) -> None:
-        """Record a generated token, decide whether to stop, emit its event."""
+    def append(self, token: Token, text: str, top_tokens, prefill) -> TokenEvent:
+        """Record a generated token, decide whether to stop, emit its event (the stream is
+        ended by the engine once the step's listeners have seen the event)."""
         self.token_ids.append(token.id)
         self.text_parts.append(text)
         reason = self.stop_checker.check(token.id, text)
@@ -77,28 +124,11 @@ class Sequence:
                     token = replace(token, text=token.text + held_back)
             finish = Finish(reason, "".join(self.text_parts), self.generated_count)
             self.status = SequenceStatus.FINISHED
-        self._events.put(
-            TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
-        )
-        if finish is not None:
-            self._events.put(_END)
+        event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
+        self.stream.put(event)
+        return event
 
     def fail(self, error: EngineError) -> None:
         self.status = SequenceStatus.CANCELLED if self.cancel_requested else SequenceStatus.FAILED
-        self._events.put(error)
-        self._events.put(_END)
-
-    def events(self, timeout: float | None = None):
-        """Blocking iterator over this sequence's events (the submitter's side)."""
-        while True:
-            try:
-                item = self._events.get(timeout=timeout)
-            except queue.Empty:
-                raise EngineError(f"no token within {timeout} s") from None
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-
+        self.stream.put(error)
+        self.stream.end()

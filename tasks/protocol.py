@@ -37,7 +37,7 @@ class Job:
 class StreamEvent:
     """One message on a stream channel.
 
-    kind=started: a replica took the job (`replica`, `queue_time`).
+    kind=started: a replica took the job (`replica`, `timings` = {queue: seconds}).
     kind=token:   `index` (1-based), `token`, `top_tokens`.
     kind=final:   `index` of the last token, `generated_text` (without the prompt), `details`
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,

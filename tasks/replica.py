@@ -34,6 +34,7 @@ class Replica:
         self.name = name
         self.state = "loading"
         self.engine = None
+        self.relay = None
         self.facts: dict = {}
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self._stop = threading.Event()
@@ -53,6 +54,7 @@ class Replica:
         from engine.metrics import EngineMetrics
         from engine.scheduler import SchedulerConfig
         from engine.weights import PreparedWeights, load_model, prepare_gguf
+        from tasks.stream_relay import StreamRelay
 
         s = self.settings
         started = time.perf_counter()
@@ -69,7 +71,8 @@ class Replica:
             max_waiting_tokens=s.max_waiting_tokens,
             waiting_served_ratio=s.waiting_served_ratio,
         )
-        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name)).start()
+        self.relay = StreamRelay(self.redis, cancel=lambda request_id: self.engine.cancel(request_id))
+        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step).start()
         self.facts = {
             "model_id": s.model_id,
             "model_sha": source.sha,
