@@ -1,4 +1,4 @@
-"""The `blitzscale` command: serve | web | worker | prepare.
+"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler.
 
 Flags are the Settings fields with TGI launcher names (`--model-id`, `--port`,
 `--max-input-tokens`, ...); each also reads its environment variable (MODEL_ID, PORT, ...).
@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 
+from blitzscale import logs
 from blitzscale.settings import Settings, flag_name
 
 log = logging.getLogger("blitzscale")
@@ -66,28 +67,36 @@ def gunicorn_argv(settings: Settings) -> list[str]:
 
 def cmd_serve(settings: Settings) -> int:
     from blitzscale.redis_server import EmbeddedRedis
-    from blitzscale.supervisor import Supervisor, python_module
+    from blitzscale.supervisor import Supervisor
 
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
         settings = settings.replace(redis_url=embedded.url)
         log.info("private Redis at %s", embedded.url)
+    from blitzscale.scaling import Scaling
+
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
+    scaling = None
     try:
         prepare(settings)
         env = {**os.environ, **settings.to_env()}
         env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="blitzscale-metrics-"))
         supervisor.spawn("web", gunicorn_argv(settings), env)
-        for slot in range(settings.num_replicas):
-            supervisor.spawn(f"replica{slot}", python_module("blitzscale.cli", "worker", "--slot", str(slot)), env)
+        # Replicas belong to the host agent (they come and go with scaling); the autoscaler runs
+        # unless --manually-scale.
+        scaling = Scaling(settings, env=env).start(settings.num_replicas)
         log.info("serving %s on http://%s:%d", settings.model_id, settings.hostname, settings.port)
         return supervisor.wait()
     except KeyboardInterrupt:
         return 0
     finally:
+        if scaling is not None:
+            scaling.stop_autoscaler()  # no scaling decisions while the service stops
         supervisor.stop_all()
+        if scaling is not None:
+            scaling.stop()
         if embedded is not None:
             embedded.stop()
 
@@ -103,12 +112,12 @@ def cmd_web(settings: Settings) -> int:
     os.execv(argv[0], argv)
 
 
-def cmd_worker(settings: Settings, slot: int) -> int:
+def cmd_worker(settings: Settings, slot: str, standby: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("blitzscale worker needs REDIS_URL (or --redis-url)")
     from tasks.worker import run_worker
 
-    run_worker(settings, slot)
+    run_worker(settings, None if slot == "auto" else int(slot), standby=standby)
     return 0
 
 
@@ -120,24 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
         ("web", "the HTTP server alone (gunicorn)"),
         ("worker", "one replica: a Celery worker with one engine"),
         ("prepare", "convert the model into the host weight cache"),
+        ("agent", "this host's agent: starts replica processes when the control plane asks"),
+        ("autoscaler", "the autoscaler alone: moves the active replicas between --min- and --max-replicas"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _add_settings_flags(sub)
         if name == "worker":
-            sub.add_argument("--slot", type=int, default=int(os.environ.get("SLOT", "0")), help="replica slot (stub index)")
+            sub.add_argument("--slot", default=os.environ.get("SLOT", "0"),
+                             help="replica slot (stub index), or `auto`: the lowest free one")
+            sub.add_argument("--standby", action="store_true", help="load the model, consume nothing until add_consumer")
+        if name == "agent":
+            sub.add_argument("--replicas", type=int, default=0, help="replicas to start at once")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()  # from LOG_LEVEL / LOG_FORMAT until the flags are read
     args = build_parser().parse_args(argv)
     settings = _settings(args)
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         return cmd_serve(settings)
     if args.command == "web":
         return cmd_web(settings)
     if args.command == "worker":
-        return cmd_worker(settings, args.slot)
+        return cmd_worker(settings, args.slot, args.standby)
+    if args.command in ("agent", "autoscaler"):
+        from blitzscale import scaling
+
+        return scaling.cmd_agent(settings, args.replicas) if args.command == "agent" else scaling.cmd_autoscaler(settings)
     prepare(settings)
     return 0
 

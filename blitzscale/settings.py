@@ -59,7 +59,16 @@ class Settings:
     # Cluster
     redis_url: str | None = None  # None: `serve` starts a private Redis server
     num_replicas: int = 1
-    manually_scale: bool = False
+    manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
+    # Scaling (tasks/cluster.py, tasks/autoscaler.py): slots are 0..slot_count-1
+    min_replicas: int = 1
+    max_replicas: int = 0  # 0: max(num_replicas, min_replicas)
+    standby_replicas: int = 0  # serve/agent: started in standby (weights loaded, not consuming)
+    down_target: str = "standby"  # what a scaled-down replica becomes: standby | stop
+    scale_up_threshold: float = 0.8  # load (queued + running per batch slot of the active replicas)
+    scale_down_threshold: float = 0.3
+    scale_down_hold: float = 30.0  # seconds under the lower bound before a replica goes
+    scale_interval: float = 0.5  # the autoscaler's period (seconds)
     # Deadlines (seconds)
     request_timeout: float = 600.0  # the whole request
     replica_silence_timeout: float = 30.0  # no event from the replica for this long: give up
@@ -67,12 +76,28 @@ class Settings:
     keep_alive_interval: float = 5.0  # SSE keep-alive comment when idle
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0
+    # Reliability (tasks/event_stream.py, web/admission.py)
+    replica_check_interval: float = 1.0  # how often a waiting request checks its replica's heartbeat
+    max_redeliveries: int = 2  # re-enqueues of a request whose replica died (0: fail instead)
+    admission_lease_ttl: float = 15.0  # an admitted request's lease, renewed while it runs
+    # Security (web/auth.py): never logged; `--api-key` as TGI's launcher has it
+    api_key: str | None = field(default=None, repr=False)  # generation routes need `Authorization: Bearer <key>`
+    admin_api_key: str | None = field(default=None, repr=False)  # /modify_cluster_state needs this one
+    # Operations
+    log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line)
 
     def __post_init__(self):
+        if self.log_format.strip().lower() not in ("text", "json"):
+            raise ValueError("`log_format` must be `text` or `json`")
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError("`max_input_tokens` must be < `max_total_tokens`")
         if self.max_total_tokens > self.max_batch_total_tokens:
             raise ValueError("`max_total_tokens` must be <= `max_batch_total_tokens`")
+        if self.down_target not in ("standby", "stop"):
+            raise ValueError("`down_target` must be `standby` or `stop`")
+        if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
+            raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
@@ -93,6 +118,15 @@ class Settings:
             if value is not None:
                 env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(min, max) active replicas for the autoscaler."""
+        return self.min_replicas, max(self.max_replicas or self.num_replicas, self.min_replicas)
+
+    @property
+    def slot_count(self) -> int:
+        return max(self.replica_range[1], self.num_replicas + self.standby_replicas)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

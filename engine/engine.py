@@ -130,6 +130,9 @@ class Engine:
         self.metrics.set_batch(len(self.scheduler.running), kv.size * kv.length if kv else 0)
 
     def _prefill(self, sequences: list[Sequence]) -> None:
+        now = time.time()
+        for s in sequences:  # the end of their queue time, the start of their inference time
+            s.stream.started_at = s.stream.started_at or now
         started = time.perf_counter()
         want_prefill = any(s.request.prefill_logprobs for s in sequences)
         kv, logits = self.runner.prefill([list(s.request.input_ids) for s in sequences], want_prefill)

@@ -30,6 +30,11 @@ class EngineMetrics:
             "tgi_batch_forward_duration", "Model forward duration, seconds",
             labels + ["method"], buckets=_DURATION_BUCKETS, registry=self.registry,
         )
+        self.set_batch(0, 0)  # every series exists from the start: an idle replica shows zeros
+        for method in ("prefill", "decode"):
+            for family in (self.inference_count, self.inference_success, self.inference_duration,
+                           self.forward_duration):
+                family.labels(replica, method)
 
     def observe_batch(self, method: str, size: int, forward_seconds: float, total_seconds: float) -> None:
         self.inference_count.labels(self._replica, method).inc()

@@ -42,6 +42,7 @@ class RequestStream:
         self._ended = threading.Event()
         self._done = False
         self._on_abandon = on_abandon
+        self.started_at: float | None = None  # wall clock (time.time) when its prefill began
 
     # engine side
     def put(self, item) -> None:

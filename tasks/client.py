@@ -3,75 +3,28 @@
 One Redis pub/sub connection per in-flight request; the subscription is confirmed before the
 job is sent, so no event can be published before anyone listens. Closing the stream
 unsubscribes, which is how a replica learns that the client went away (its next PUBLISH reaches
-no one, and it cancels the request).
+no one, and it cancels the request). Deadlines and failover: tasks.event_stream.
 """
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
 
 import redis
 
 from blitzscale.settings import Settings
 from tasks.celery_app import GENERATE_TASK, make_celery
-from tasks.keys import GENERATION_QUEUE, replica_key_pattern, stream_channel
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
-
+from tasks.event_stream import NO_REPLICA, EventStream, serving
+from tasks.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, stream_channel
+from tasks.protocol import Job
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""
 
 
-class EventStream:
-    """Iterates one request's events; yields None on idle ticks (time for an SSE keep-alive)."""
-
-    def __init__(self, pubsub: redis.client.PubSub, channel: str, settings: Settings):
-        self._pubsub = pubsub
-        self._channel = channel
-        self._settings = settings
-        self.closed = False
-
-    def events(self, tick: float | None = None) -> Iterator[StreamEvent | None]:
-        """Yield events until final or error. Deadlines: `queue_timeout` until a replica takes
-        the job, then `replica_silence_timeout` between events, `request_timeout` overall."""
-        s = self._settings
-        tick = tick or s.keep_alive_interval
-        started_at = time.monotonic()
-        last_event = started_at
-        picked_up = False
-        while True:
-            now = time.monotonic()
-            silence = s.replica_silence_timeout if picked_up else s.queue_timeout
-            if now - last_event > silence or now - started_at > s.request_timeout:
-                reason = "replica stopped responding" if picked_up else "no replica took the request in time"
-                yield StreamEvent(kind=EVENT_ERROR, error=reason, error_type="generation")
-                return
-            try:
-                message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=tick)
-            except (redis.ConnectionError, redis.TimeoutError):
-                yield StreamEvent(kind=EVENT_ERROR, error="lost the connection to the queue", error_type="generation")
-                return
-            if message is None:
-                yield None
-                continue
-            event = StreamEvent.decode(message["data"])
-            last_event = time.monotonic()
-            picked_up = True
-            yield event
-            if event.kind in (EVENT_FINAL, EVENT_ERROR):
-                return
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self._pubsub.unsubscribe(self._channel)
-        except redis.RedisError:
-            pass
-        finally:
-            self._pubsub.close()
+class NoReplica(RuntimeError):
+    """No replica is active or loading: a job would wait for nothing."""
 
 
 class GenerationClient:
@@ -81,26 +34,57 @@ class GenerationClient:
             settings.redis_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
         )
         self.celery = make_celery(settings)
+        self._states: tuple[float, dict[str, str]] = (0.0, {})  # (when read, name -> state)
+        self._states_lock = threading.Lock()
 
     def submit(self, job: Job) -> EventStream:
-        """Subscribe to the job's channel, wait for the subscription, then enqueue."""
+        """Subscribe to the job's channel, wait for the subscription, then enqueue. Raises
+        NoReplica at once when no replica could take the job."""
         channel = stream_channel(job.request_id)
         pubsub = self.redis.pubsub()
         try:
+            states = self.replica_states(self.settings.replica_check_interval)
+            if not serving(states):
+                raise NoReplica(NO_REPLICA)
             pubsub.subscribe(channel)
             confirmation = pubsub.get_message(timeout=5)
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
-            self.celery.send_task(
-                GENERATE_TASK, args=[job.to_dict()], queue=GENERATION_QUEUE, task_id=job.request_id
-            )
+            self._send(job)
         except (redis.RedisError, OSError) as error:
             pubsub.close()
             raise QueueUnavailable(str(error)) from error
         except Exception:
             pubsub.close()
             raise
-        return EventStream(pubsub, channel, self.settings)
+        return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states)
+
+    def _send(self, job: Job) -> None:
+        task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
+        self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=GENERATION_QUEUE, task_id=task_id)
+
+    # ReplicaWatch (tasks.event_stream): what a waiting request asks about the replicas.
+    def resubmit(self, job: Job) -> None:
+        """Enqueue a newer attempt; replicas skip the older ones from now on."""
+        ttl = max(1, int(self.settings.request_timeout * 2))
+        self.redis.set(attempt_key(job.request_id), job.attempt, ex=ttl)
+        job.enqueued_at = time.time()
+        self._send(job)
+
+    def alive(self, name: str) -> bool:
+        return bool(self.redis.exists(replica_key(name)))
+
+    def replica_states(self, max_age: float) -> dict[str, str]:
+        """name -> state of every live replica, read at most every `max_age` seconds for all
+        the requests of this process."""
+        with self._states_lock:
+            read_at, states = self._states
+            if time.monotonic() - read_at < max_age:
+                return states
+            states = {r["name"]: r.get("state") for r in self._replica_records() if r.get("name")}
+            # No serving replica is not kept: a replica scaled up a moment later is seen at once.
+            self._states = (time.monotonic() if serving(states) else 0.0, states)
+            return states
 
     def redis_alive(self) -> bool:
         try:
@@ -111,10 +95,13 @@ class GenerationClient:
     def replicas(self) -> list[dict]:
         """The records of every replica whose heartbeat has not expired."""
         try:
-            keys = list(self.redis.scan_iter(match=replica_key_pattern(), count=100))
-            raw = self.redis.mget(keys) if keys else []
+            return self._replica_records()
         except (redis.RedisError, OSError):
             return []
+
+    def _replica_records(self) -> list[dict]:
+        keys = list(self.redis.scan_iter(match=replica_key_pattern(), count=100))
+        raw = self.redis.mget(keys) if keys else []
         return [json.loads(r) for r in raw if r]
 
     def queue_size(self) -> int:

@@ -3,16 +3,20 @@
 Runs on a task thread of a replica (Celery `--pool threads`); the engine batches every task
 thread's request. Tokens of streaming jobs are published by the replica's stream relay, step by
 step; the task thread sleeps until its request ends, then publishes the final event. The task is
-safe to run twice (a redelivered job regenerates with the same seed on the same channel).
+safe to run twice: a re-enqueued job (`attempt` > 0, see tasks.event_stream) regenerates with the
+same seed on the same channel, its events marked with its attempt, and a job whose request was
+re-enqueued since (an older attempt, e.g. redelivered by Celery later) is skipped.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from blitzscale.logs import request_id_bound
 from engine.outputs import EngineError, RequestCancelled
 from tasks.celery_app import GENERATE_TASK, app
-from tasks.job_params import engine_requests
+from tasks.job_params import engine_request_id, engine_requests
+from tasks.keys import attempt_key
 from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from tasks.replica import current_replica
 from tasks.results import Generation, best_of, final_details
@@ -23,20 +27,30 @@ log = logging.getLogger(__name__)
 @app.task(name=GENERATE_TASK, ignore_result=True)
 def generate(job_dict: dict) -> None:
     job = Job.from_dict(job_dict)
+    with request_id_bound(job.trace_id or job.request_id):  # this thread's log lines name the request
+        _generate(job)
+
+
+def _generate(job: Job) -> None:
     replica = current_replica()
+    if _superseded(replica, job):
+        log.info("request %s: attempt %d was superseded by a newer one, skipped", job.request_id, job.attempt)
+        return
     started = time.time()
     queue_time = max(0.0, started - job.enqueued_at)
-    started_event = StreamEvent(kind=EVENT_STARTED, replica=replica.name, timings={"queue": queue_time})
+    started_event = StreamEvent(kind=EVENT_STARTED, replica=replica.name, timings={"queue": queue_time},
+                                attempt=job.attempt or None)
     if not replica.relay.publish_now(job.request_id, started_event):
         log.info("request %s: client already gone, skipped", job.request_id)
         return
+    log.info("job %s taken by %s after %.3f s in the queue", job.request_id, replica.name, queue_time)
     try:
         requests = engine_requests(job)
     except ValueError as error:
-        replica.relay.send(job.request_id, _error(f"Request failed during generation: {error}"))
+        replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}"))
         return
     if job.stream:
-        replica.relay.register(job.request_id)
+        replica.relay.register(engine_request_id(job), job.request_id, job.attempt)
     streams = []
     try:
         streams = [replica.engine.submit(r) for r in requests]
@@ -45,20 +59,39 @@ def generate(job_dict: dict) -> None:
     except RequestCancelled:
         return  # the client went away; nobody is listening for an error
     except EngineError as error:
-        replica.relay.send(job.request_id, _error(f"Request failed during generation: {error}"))
+        replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}"),
+                           engine_request_id(job))
         return
     finally:
         for stream in streams:
             stream.close()
     winner, losers = best_of(generations)
-    timings = {"queue": queue_time, "inference": time.time() - started}
+    timings = _timings(job, streams, started)
+    log.info("job %s done: %d tokens (%s), queue %.3f s, inference %.3f s", job.request_id,
+             winner.finish.generated_tokens, winner.finish.reason.value, timings["queue"], timings["inference"])
     replica.relay.send(job.request_id, StreamEvent(
         kind=EVENT_FINAL,
         index=winner.finish.generated_tokens,
         generated_text=winner.finish.generated_text,
         details=final_details(winner, losers, with_tokens=not job.stream),
         timings=timings,
-    ))
+        attempt=job.attempt or None,
+    ), engine_request_id(job))
+
+
+def _superseded(replica, job: Job) -> bool:
+    """Whether the web re-enqueued this request as a newer attempt than this job."""
+    try:
+        current = replica.redis.get(attempt_key(job.request_id))
+    except Exception:  # Redis unreachable: run it; the web drops events of stale attempts anyway
+        return False
+    return current is not None and int(current) > job.attempt
+
+
+def _timings(job: Job, streams, picked_up: float) -> dict:
+    """TGI's split: queue time until the engine began the request's prefill, inference after."""
+    began = min((s.started_at for s in streams if s.started_at), default=picked_up)
+    return {"queue": max(0.0, began - job.enqueued_at), "inference": max(0.0, time.time() - began)}
 
 
 def _collect(stream, generation: Generation, timeout: float) -> Generation:
@@ -70,5 +103,5 @@ def _collect(stream, generation: Generation, timeout: float) -> Generation:
     return generation
 
 
-def _error(message: str) -> StreamEvent:
-    return StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation")
+def _error(job: Job, message: str) -> StreamEvent:
+    return StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation", attempt=job.attempt or None)

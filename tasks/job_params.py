@@ -14,7 +14,14 @@ def engine_requests(job: Job) -> list[GenerationRequest]:
     p = job.parameters
     best_of = p.get("best_of") or 1
     seeds = [p.get("seed")] if best_of == 1 else [random.randint(0, _SEED_RANGE) for _ in range(best_of)]
-    return [_request(job, f"{job.request_id}/{n}" if best_of > 1 else job.request_id, seed) for n, seed in enumerate(seeds)]
+    base = engine_request_id(job)
+    return [_request(job, f"{base}/{n}" if best_of > 1 else base, seed) for n, seed in enumerate(seeds)]
+
+
+def engine_request_id(job: Job) -> str:
+    """The job's id in the engine: a re-run (attempt > 0) gets its own, so that an earlier run
+    still going on the same replica is never confused with it."""
+    return f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
 
 
 def _request(job: Job, request_id: str, seed: int | None) -> GenerationRequest:

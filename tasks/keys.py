@@ -26,3 +26,56 @@ def replica_metrics_key(name: str) -> str:
 
 def replica_metrics_pattern() -> str:
     return f"{KEY_PREFIX}replica-metrics:*"
+
+
+# -- Cluster control (tasks/cluster.py, tasks/agent.py, tasks/autoscaler.py)
+
+SLOTS_KEY = f"{KEY_PREFIX}slots"
+"""Hash: slot -> JSON of the last replica seen in it and the state it was meant to reach, so a
+slot whose replica vanished (heartbeat expired without a clean stop) is shown as `dead`."""
+
+SCALE_COUNTERS_KEY = f"{KEY_PREFIX}scale-counters"
+"""Hash: counter name -> count (scale-ups, scale-downs, autoscaler decisions)."""
+
+AUTOSCALER_KEY = f"{KEY_PREFIX}autoscaler"
+"""JSON of the autoscaler's last decision (expires when the autoscaler stops)."""
+
+
+def slot_target_key(slot: int) -> str:
+    """What a slot's replica is told to become: `active`, `standby` or `stopped`. A replica that
+    is drained and told `stopped` sends Celery's shutdown to itself."""
+    return f"{KEY_PREFIX}slot-target:{slot}"
+
+
+def slot_lease_key(slot: int) -> str:
+    """Which replica holds a slot (refreshed by its heartbeat); `--slot auto` claims a free one."""
+    return f"{KEY_PREFIX}slot-lease:{slot}"
+
+
+def agent_key(host: str) -> str:
+    """A host agent's presence (refreshed while it runs): it can start replica processes there."""
+    return f"{KEY_PREFIX}agent:{host}"
+
+
+def agent_key_pattern() -> str:
+    return f"{KEY_PREFIX}agent:*"
+
+
+def agent_commands_key(host: str) -> str:
+    """List of JSON commands for one host's agent (`{"op": "start", "slot": N}`)."""
+    return f"{KEY_PREFIX}agent-commands:{host}"
+
+CLUSTER_LOCK_KEY = f"{KEY_PREFIX}cluster-lock"
+"""Held while a scaling command plans and applies its steps (one command at a time)."""
+
+
+def attempt_key(request_id: str) -> str:
+    """The current attempt number of a request that the web re-enqueued after its replica
+    died; a replica that takes an older attempt's job skips it (see tasks.event_stream)."""
+    return f"{KEY_PREFIX}attempt:{request_id}"
+
+
+def admission_key() -> str:
+    """Sorted set of the admitted requests of every web process: member = lease id, score =
+    the lease's expiry (Redis server time); see web.admission."""
+    return f"{KEY_PREFIX}admission"

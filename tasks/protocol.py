@@ -12,6 +12,7 @@ EVENT_TOKEN = "token"
 EVENT_FINAL = "final"
 EVENT_ERROR = "error"
 EVENT_STARTED = "started"
+EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
 
 
 @dataclass
@@ -23,13 +24,15 @@ class Job:
     parameters: dict  # validated TGI parameters (see web.validation.ValidParameters.to_job)
     stream: bool = False
     enqueued_at: float = field(default_factory=time.time)
+    attempt: int = 0  # 1, 2, ...: re-enqueued by the web after the replica running it died
+    trace_id: str | None = None  # the request's x-request-id: named in every log line about it
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
-        known = {k: data[k] for k in ("request_id", "input_ids", "parameters", "stream", "enqueued_at") if k in data}
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
 
@@ -43,6 +46,8 @@ class StreamEvent:
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
                   top_tokens, best_of_sequences), `timings` (queue/inference seconds).
     kind=error:   `error`, `error_type` (TGI's ErrorResponse fields).
+    Every event a replica publishes carries the job's `attempt` (absent for the first), so that
+    the web can drop what a replica it gave up on still sends.
     """
 
     kind: str
@@ -55,6 +60,7 @@ class StreamEvent:
     replica: str | None = None
     error: str | None = None
     error_type: str | None = None
+    attempt: int | None = None
 
     def encode(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, separators=(",", ":"))

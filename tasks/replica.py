@@ -2,8 +2,9 @@
 
 The worker loads its model in `worker_init` (before it consumes anything), then a heartbeat
 thread keeps the replica's record (state, device, load facts, batch occupancy) and its engine
-metrics in Redis with a short expiry: a replica that dies disappears from the cluster view
-within `heartbeat_ttl` seconds.
+metrics in Redis with a short expiry: a replica that dies is shown `dead` in the cluster view
+within `heartbeat_ttl` seconds. Its state (active, draining, standby) follows its Celery consumer:
+see tasks/lifecycle.py.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from prometheus_client import generate_latest
 from blitzscale import model_files
 from blitzscale.settings import Settings
 from tasks.keys import replica_key, replica_metrics_key
+from tasks.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,13 @@ SLOT_ENV = "BLITZ_REPLICA_SLOT"
 
 
 class Replica:
-    def __init__(self, settings: Settings, slot: int, name: str):
+    def __init__(self, settings: Settings, slot: int, name: str, worker=None):
         self.settings = settings
         self.slot = slot
         self.name = name
-        self.state = "loading"
+        self.worker = worker  # the Celery WorkController: its consumer tells active from standby
+        self.loaded = False
+        self.lifecycle = Lifecycle(self, shutdown=_celery_shutdown)
         self.engine = None
         self.relay = None
         self.facts: dict = {}
@@ -40,11 +44,14 @@ class Replica:
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="replica-heartbeat", daemon=True)
 
+    @property
+    def state(self) -> str:
+        return self.lifecycle.state
+
     def start(self) -> None:
         self._heartbeat.start()
         self.load()
-        self.state = "active"
-        self.publish_record()
+        self.loaded = True  # the lifecycle thread publishes the next state (active or standby)
 
     def load(self) -> None:
         import torch
@@ -113,7 +120,7 @@ class Replica:
 
     def stop(self) -> None:
         self._stop.set()
-        self.state = "stopped"
+        self.lifecycle.stopped()
         if self.engine is not None:
             self.engine.stop()
         try:
@@ -122,11 +129,7 @@ class Replica:
             pass
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval):
-            try:
-                self.publish_record()
-            except redis.RedisError as error:
-                log.warning("heartbeat failed: %s", error)
+        self.lifecycle.run(self._stop, self.settings.heartbeat_interval)
 
 
 _replica: Replica | None = None
@@ -143,7 +146,7 @@ def _load_replica(sender=None, **_):
     global _replica
     slot = int(os.environ.get(SLOT_ENV, "0"))
     name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
-    _replica = Replica(Settings.from_env(), slot, name)
+    _replica = Replica(Settings.from_env(), slot, name, worker=sender)
     _replica.start()
 
 
@@ -151,3 +154,10 @@ def _load_replica(sender=None, **_):
 def _stop_replica(**_):
     if _replica is not None:
         _replica.stop()
+
+
+def _celery_shutdown(name: str) -> None:
+    """Celery's own `shutdown`, sent to one named worker (a warm shutdown: running tasks finish)."""
+    from tasks.celery_app import app
+
+    app.control.shutdown(destination=[name])

@@ -4,12 +4,13 @@ from __future__ import annotations
 from flask import Flask
 
 from blitzscale.settings import Settings
-from web.admission import Admission
+from web.admission import make_admission
 from web.cluster import ClusterView
 from web.errors import register_error_handlers
 from web.metrics import Metrics
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
+from web import request_id
 from web.service import EXTENSION, Service
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
@@ -30,12 +31,13 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     app.config.update(OPENAPI_CONFIG, MAX_CONTENT_LENGTH=MAX_CONTENT_LENGTH)
     app.json.sort_keys = False  # TGI's field order
     app.json.ensure_ascii = False
+    request_id.init_app(app)  # first: every other hook and view logs with the request id
 
     app.extensions[EXTENSION] = Service(
         settings=settings,
         client=client,
         tokens=TokenCounter(settings, tokenizer),
-        admission=Admission(settings.max_concurrent_requests),
+        admission=make_admission(settings, client),
         cluster=ClusterView(client),
         metrics=Metrics(app, settings, client),
     )

@@ -51,6 +51,8 @@ _BY_TYPE = {
 
 # The statuses the OpenAPI document lists for the generation routes.
 GENERATION_ERRORS = {
+    401: "Missing or wrong API key (when the service has one: `--api-key`)",
+    413: "Request body over 2 MB",
     ValidationError.status: "Input validation error",
     GenerationError.status: "Request failed during generation",
     Overloaded.status: "Model is overloaded",

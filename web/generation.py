@@ -6,10 +6,12 @@ import logging
 
 from flask import Response, jsonify
 
+from blitzscale.logs import request_id_bound
 from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, StreamEvent
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.request_id import request_id
 from web.responses import (
     Outcome,
     RequestClock,
@@ -36,6 +38,7 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
         service.metrics.tgi.request_failed(error.error_type)
         raise
     service.metrics.tgi.request_succeeded(outcome)
+    _log_outcome(outcome)
     payload = generate_response(valid, outcome.final)
     response = jsonify([payload] if as_list else payload)
     response.headers.update(timing_headers(valid, outcome, service.cluster.compute_type()))
@@ -81,7 +84,16 @@ def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Sl
         raise
     clock.mark("validated")
     tgi.request_validated(valid.input_length)
+    valid.job.trace_id = request_id()
+    log.info("enqueuing job %s: %d prompt tokens, max_new_tokens %s, stream %s", valid.job.request_id,
+             valid.input_length, valid.parameters.get("max_new_tokens"), valid.job.stream)
     return slot, valid
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    log.info("generated %d tokens in %.3f s (validation %.3f s, queue %.3f s, inference %.3f s)",
+             outcome.generated_tokens, outcome.total_time, outcome.validation_time, outcome.queue_time,
+             outcome.inference_time)
 
 
 def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) -> Outcome:
@@ -101,6 +113,9 @@ def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) 
         events.close()
 
 
+RERUN_DIVERGED = "the replica serving this stream stopped, and the replica that took over generated other tokens"
+
+
 class StreamSession:
     """Relays one request's events as SSE. Each token is held back until the next token or
     the final event arrives, so that the last one carries `generated_text` and `details`."""
@@ -110,19 +125,30 @@ class StreamSession:
         self._closed = False
 
     def frames(self):
+        """Runs after the view returned (the WSGI server iterates it): binds the request id again."""
+        with request_id_bound(self._valid.job.trace_id):
+            yield from self._frames()
+
+    def _frames(self):
         pending: StreamEvent | None = None
         last_index = 0
+        token_ids: dict[int, int] = {}  # index -> id of every token taken (a re-run must repeat them)
         try:
             for event in self._events.events():
                 if event is None:
                     yield sse.KEEP_ALIVE
                 elif event.kind == EVENT_STARTED:
                     self._clock.mark("picked_up")
-                elif event.kind == EVENT_TOKEN and event.index > last_index:  # else a duplicate
+                elif event.kind == EVENT_TOKEN and event.index <= last_index:  # a duplicate, or a re-run's replay
+                    if token_ids.get(event.index) != (event.token or {}).get("id"):
+                        yield from self._fail(pending, GenerationError(RERUN_DIVERGED))
+                        return
+                elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
                     if pending is not None:
                         yield sse.frame(stream_token(self._valid, pending))
                     pending, last_index = event, event.index
+                    token_ids[event.index] = (event.token or {}).get("id")
                 elif event.kind == EVENT_FINAL:
                     yield self._finish(pending or last_token_of(event), event)
                     return
@@ -140,7 +166,8 @@ class StreamSession:
         if last is None:
             return "".join(self._fail(None, IncompleteGeneration()))
         outcome = Outcome.of(final, self._clock)
-        self._service.metrics.tgi.request_succeeded(outcome)
+        self._service.metrics.tgi.request_succeeded(outcome)  # the duration ends with the stream
+        _log_outcome(outcome)
         return sse.frame(stream_last(self._valid, last, final))
 
     def _fail(self, pending: StreamEvent | None, error: ApiError):

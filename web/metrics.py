@@ -1,6 +1,8 @@
 """Prometheus metrics on one `/metrics`: Flask's HTTP metrics (prometheus-flask-exporter), the
 request metrics under TGI's names (Grafana dashboards built for TGI read them), and the metrics
-each replica publishes in Redis (`tasks.keys.replica_metrics_key`), labelled by replica.
+each replica publishes in Redis (`tasks.keys.replica_metrics_key`), labelled by replica, and the
+cluster gauges read from Redis at scrape time (`tgi_queue_size`, replicas by state:
+web/cluster_metrics.py). One scrape target for the whole cluster.
 
 Under gunicorn with several workers set PROMETHEUS_MULTIPROC_DIR: values then live in files
 shared by the workers (see web/gunicorn_conf.py for the dead-worker hook).
@@ -10,14 +12,7 @@ from __future__ import annotations
 import os
 
 from flask import Flask
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -27,10 +22,14 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 
 from blitzscale.settings import Settings
 from tasks.keys import replica_metrics_pattern
+from web.cluster_metrics import NAMES as CLUSTER_NAMES
+from web.cluster_metrics import ClusterCollector
+from web.scaling_metrics import NAMES as SCALING_NAMES
+from web.scaling_metrics import ScalingCollector
 
 DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))  # TGI's: 0.15 ms .. ~220 s
 # Families the web itself exports; a replica's family of the same name is not re-exported.
-OWN_PREFIXES = ("tgi_request", "tgi_queue_size", "flask_", "process_", "python_")
+OWN_PREFIXES = ("tgi_request", "flask_", "process_", "python_", *CLUSTER_NAMES, *SCALING_NAMES)
 
 
 def multiprocess_mode() -> bool:
@@ -51,9 +50,6 @@ class TgiMetrics:
         self.count = Counter("tgi_request_count", "Generation requests received", registry=registry)
         self.success = Counter("tgi_request_success", "Generation requests that succeeded", registry=registry)
         self.failure = Counter("tgi_request_failure", "Generation requests that failed", ["err"], registry=registry)
-        self.queue_size = Gauge(
-            "tgi_queue_size", "Jobs waiting in the queue", registry=registry, multiprocess_mode="livemostrecent"
-        )
         self.duration = histogram("tgi_request_duration", "Request duration (seconds)")
         self.validation = histogram("tgi_request_validation_duration", "Validation duration (seconds)")
         self.queue = histogram("tgi_request_queue_duration", "Time in the queue (seconds)")
@@ -143,16 +139,19 @@ class Metrics:
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
             self.registry.register(ReplicaMetricsCollector(client))
+            self.registry.register(ClusterCollector(client))
+            self.registry.register(ScalingCollector(client))
             exporter = PrometheusMetrics.for_app_factory(path=None, group_by="endpoint", registry=self.registry)
         exporter.init_app(app)
         self.exporter = exporter
         self.tgi = TgiMetrics(settings, self.registry)
 
     def render(self) -> tuple[bytes, str]:
-        self.tgi.queue_size.set(self._client.queue_size())
         registry = self.registry
-        if self._multiprocess:
+        if self._multiprocess:  # every gunicorn worker's files, then what Redis holds
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             registry.register(ReplicaMetricsCollector(self._client))
+            registry.register(ClusterCollector(self._client))
+            registry.register(ScalingCollector(self._client))
         return generate_latest(registry), CONTENT_TYPE_LATEST

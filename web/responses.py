@@ -136,19 +136,20 @@ def last_token_of(final: StreamEvent) -> StreamEvent | None:
 
 
 def timing_headers(valid: ValidRequest, outcome: Outcome, compute_type: str) -> dict:
+    """TGI's units: `x-compute-time` in seconds (float), the other times in whole milliseconds."""
     return {
         "x-compute-type": compute_type,
-        "x-compute-time": _seconds(outcome.total_time),
+        "x-compute-time": f"{outcome.total_time:.6f}",
         "x-compute-characters": str(len(valid.inputs)),
-        "x-total-time": _seconds(outcome.total_time),
-        "x-validation-time": _seconds(outcome.validation_time),
-        "x-queue-time": _seconds(outcome.queue_time),
-        "x-inference-time": _seconds(outcome.inference_time),
-        "x-time-per-token": str(int(outcome.time_per_token * 1000)),
+        "x-total-time": _millis(outcome.total_time),
+        "x-validation-time": _millis(outcome.validation_time),
+        "x-queue-time": _millis(outcome.queue_time),
+        "x-inference-time": _millis(outcome.inference_time),
+        "x-time-per-token": _millis(outcome.time_per_token),
         "x-prompt-tokens": str(valid.input_length),
         "x-generated-tokens": str(outcome.generated_tokens),
     }
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.6f}"
+def _millis(seconds: float) -> str:
+    return str(int(max(seconds, 0.0) * 1000))

@@ -12,6 +12,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 UINT64_MAX = 2**64 - 1
+INT32_MAX = 2**31 - 1  # TGI's type for top_k
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 
 
@@ -59,7 +60,7 @@ class GenerateParametersSchema(Schema):
     temperature = optional(StrictFloat, "Sampling temperature (> 0).")
     repetition_penalty = optional(StrictFloat, "Repetition penalty (> 0; 1.0 means none).")
     frequency_penalty = optional(StrictFloat, "Frequency penalty in [-2.0, 2.0].")
-    top_k = optional(StrictInteger, "Keep the k most likely tokens.")
+    top_k = optional(StrictInteger, "Keep the k most likely tokens.", validate=validate.Range(max=INT32_MAX))
     top_p = optional(StrictFloat, "Nucleus sampling, in (0, 1).")
     typical_p = optional(StrictFloat, "Typical decoding mass, in (0, 1).")
     do_sample = StrictBoolean(metadata={"description": "Sample instead of greedy decoding."})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from flask import current_app
 
 from blitzscale.settings import Settings
-from tasks.client import EventStream, QueueUnavailable
+from tasks.client import EventStream, NoReplica, QueueUnavailable
 from tasks.protocol import Job
 from web.admission import Admission
 from web.cluster import ClusterView
@@ -41,6 +41,8 @@ class Service:
             return self.client.submit(job)
         except QueueUnavailable as error:
             raise GenerationError(f"the queue is unavailable: {error}") from error
+        except NoReplica as error:
+            raise GenerationError(str(error)) from error
 
 
 def current_service() -> Service:

@@ -73,7 +73,12 @@ def fail_after(words: list[str], error: str = "boom") -> Script:
 
 
 class FakeReplica:
-    def __init__(self, redis_url: str, script: Script):
+    """Registers an active replica record (`replica0@test`, as its `started` events name it)
+    while it runs, as a real replica's heartbeat does."""
+
+    def __init__(self, redis_url: str, script: Script, name: str = "replica0@test"):
+        self.redis_url = redis_url
+        self.name = name
         self.redis = redis.Redis.from_url(redis_url)
         self.script = script
         self.jobs: list[Job] = []
@@ -81,12 +86,15 @@ class FakeReplica:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "FakeReplica":
+        if not self.redis.exists(replica_key(self.name)):
+            register_replica(self.redis_url, slot=int(self.name[len("replica"):].split("@")[0]))
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.redis.delete(replica_key(self.name))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_generate_returns_text_and_tgi_headers(client, redis_url):
     assert h["x-compute-type"] == "cuda"
     assert h["x-compute-characters"] == str(len("the capital of france is"))
     assert h["x-prompt-tokens"] == "5" and h["x-generated-tokens"] == "2"
-    assert float(h["x-queue-time"]) == 0.25 and float(h["x-inference-time"]) == 0.5
+    assert h["x-queue-time"] == "250" and h["x-inference-time"] == "500"  # TGI: milliseconds
     assert h["x-time-per-token"] == "250"
     assert float(h["x-total-time"]) >= float(h["x-validation-time"]) >= 0
     job = replica.jobs[0]
@@ -79,11 +80,22 @@ def test_error_event_is_424(client, redis_url):
                                    "error_type": "generation"}
 
 
-def test_no_replica_gives_up_after_the_queue_timeout(settings):
+def test_no_replica_gives_up_after_the_queue_timeout(settings, redis_url):
+    register_replica(redis_url)  # registered, but consuming nothing
     client = create_app(settings.replace(queue_timeout=0.3)).test_client()
     response = client.post("/generate", json={"inputs": "hello"})
     assert response.status_code == 424
     assert response.get_json()["error"] == "Request failed during generation: no replica took the request in time"
+
+
+def test_no_replica_at_all_fails_at_once(settings):
+    client = create_app(settings.replace(queue_timeout=30)).test_client()
+    started = time.monotonic()
+    response = client.post("/generate", json={"inputs": "hello"})
+    assert time.monotonic() - started < 2
+    assert response.status_code == 424
+    assert response.get_json() == {"error": "Request failed during generation: no replica is available to serve "
+                                   "the request", "error_type": "generation"}
 
 
 def test_overloaded_when_the_concurrency_limit_is_reached(settings, redis_url):

@@ -76,3 +76,13 @@ def test_multiprocess_mode(model_dir, redis_url, tmp_path):
     assert 'tgi_request_failure_total{err="validation"} 1.0' in result.stdout
     assert "tgi_request_count_total 1.0" in result.stdout
     assert "flask_http_request_total" in result.stdout
+
+
+def test_a_stream_is_timed_to_its_end_not_to_the_view_return(client, redis_url):
+    with FakeReplica(redis_url, reply([" a", " b", " c"], delay=0.2)):
+        response = client.post("/generate_stream", json={"inputs": "hello"})
+        assert scrape(client).get(("tgi_request_duration_count", ())) == 0  # the view has returned
+        response.get_data()  # the client reads the stream to its end
+    samples = scrape(client)
+    assert value(samples, "tgi_request_duration_count") == 1
+    assert value(samples, "tgi_request_duration_sum") >= 0.6

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tasks.keys import stream_channel
-from tests.web.fake_replica import FakeReplica, fail_after, reply
+from tests.web.fake_replica import FakeReplica, fail_after, register_replica, reply
 from web.app import create_app
 
 
@@ -87,6 +87,7 @@ def test_error_during_stream(client, redis_url):
 
 
 def test_silent_replica_ends_the_stream_with_an_error(settings, redis_url):
+    register_replica(redis_url)  # registered, but consuming nothing
     client = create_app(settings.replace(queue_timeout=0.3)).test_client()
     response = client.post("/generate_stream", json={"inputs": "hello"})
     events = [e for e in events_of(response) if e != ":"]

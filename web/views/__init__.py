@@ -1,4 +1,4 @@
 """The HTTP routes, one flask-smorest blueprint per resource."""
-from web.views import generate, health, info, metrics
+from web.views import cluster, generate, health, info, metrics
 
-BLUEPRINTS = (generate.blp, info.blp, health.blp, metrics.blp)
+BLUEPRINTS = (generate.blp, info.blp, health.blp, metrics.blp, cluster.blp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import abort, request
 from flask_smorest import Blueprint
 
+from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, ValidationError
 from web.generation import generate_json, generate_stream
 from web.schemas import (
@@ -23,15 +24,18 @@ TIMING_HEADERS = {
         "x-compute-type": "Device type of the replica that served the request",
         "x-compute-time": "Total time (seconds)",
         "x-compute-characters": "Characters in `inputs`",
-        "x-total-time": "Total time (seconds)",
-        "x-validation-time": "Validation time (seconds)",
-        "x-queue-time": "Time in the queue (seconds)",
-        "x-inference-time": "Inference time (seconds)",
+        "x-total-time": "Total time (milliseconds)",
+        "x-validation-time": "Validation time (milliseconds)",
+        "x-queue-time": "Time in the queue (milliseconds)",
+        "x-inference-time": "Inference time (milliseconds)",
         "x-time-per-token": "Mean time per generated token (milliseconds)",
         "x-prompt-tokens": "Prompt tokens",
         "x-generated-tokens": "Generated tokens",
     }.items()
 }
+
+
+blp.before_request(require_api_key)  # first: 401 before anything about the body
 
 
 @blp.before_request

@@ -1,0 +1,82 @@
+"""The scaling side of the CLI: `blitzscale agent`, `blitzscale autoscaler`, and what `serve`
+runs in-process (a host agent that owns the replica processes, and the autoscaler unless
+`--manually-scale`)."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from blitzscale.settings import Settings
+
+log = logging.getLogger("blitzscale")
+
+
+class Scaling:
+    """A host agent (starting `num_replicas` replicas, then `standby_replicas` in standby) and,
+    unless manual scaling is on, the autoscaler; both threads of the calling process."""
+
+    def __init__(self, settings: Settings, env: dict | None = None, autoscale: bool | None = None):
+        from tasks.agent import HostAgent
+
+        self.settings = settings
+        self.agent = HostAgent(settings, env=env)
+        self.autoscale = (not settings.manually_scale) if autoscale is None else autoscale
+        self.autoscaler = None
+
+    def start(self, replicas: int) -> "Scaling":
+        from tasks.autoscaler import Autoscaler
+
+        for slot in range(replicas):
+            self.agent.start_replica(slot)
+        for slot in range(replicas, replicas + self.settings.standby_replicas):
+            self.agent.start_replica(slot, standby=True)
+        self.agent.start()
+        if self.autoscale:
+            self.autoscaler = Autoscaler(self.settings).start()
+        return self
+
+    def stop_autoscaler(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+
+    def stop(self) -> None:
+        self.stop_autoscaler()
+        self.agent.stop()
+
+
+def _wait_for_signal() -> None:
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    while not stopped.wait(1):
+        pass
+
+
+def cmd_agent(settings: Settings, replicas: int = 0) -> int:
+    """This host's agent alone (one per host of a cluster), starting `replicas` at once."""
+    if not settings.redis_url:
+        raise SystemExit("blitzscale agent needs REDIS_URL (or --redis-url)")
+    scaling = Scaling(settings, autoscale=False).start(replicas)
+    log.info("host agent %s ready", scaling.agent.host)
+    try:
+        _wait_for_signal()
+    finally:
+        scaling.stop()
+    return 0
+
+
+def cmd_autoscaler(settings: Settings) -> int:
+    """The autoscaler alone (one per cluster)."""
+    if not settings.redis_url:
+        raise SystemExit("blitzscale autoscaler needs REDIS_URL (or --redis-url)")
+    if settings.manually_scale:
+        raise SystemExit("manual scaling is on (--manually-scale): the autoscaler does not run")
+    from tasks.autoscaler import Autoscaler
+
+    autoscaler = Autoscaler(settings).start()
+    try:
+        _wait_for_signal()
+    finally:
+        autoscaler.stop()
+    return 0

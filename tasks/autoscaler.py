@@ -1,0 +1,162 @@
+"""The autoscaler: moves the active replica count between --min-replicas and --max-replicas.
+
+Load = (jobs queued in the broker + requests running or waiting in the replicas) / the batch
+slots of the replicas that serve or are coming (active + loading). Over `scale_up_threshold`:
+up at once, by as many replicas as the load needs (standby replicas first, then new processes);
+under `scale_down_threshold` for `scale_down_hold` seconds: down by one (drain, then standby or
+stop). `decide` is a pure function of what was observed; `Autoscaler.tick` observes and acts.
+Every decision that acts is logged, counted in Redis and shown in metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+
+from blitzscale.settings import Settings
+from tasks.cluster import ClusterControl, ClusterError
+from tasks.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
+from tasks.lifecycle import ACTIVE, DRAINING, LOADING, STANDBY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    min_replicas: int
+    max_replicas: int
+    up_threshold: float = 0.8
+    down_threshold: float = 0.3
+    hold_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Policy":
+        low, high = s.replica_range
+        return cls(low, high, s.scale_up_threshold, s.scale_down_threshold, s.scale_down_hold)
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    queued: int  # jobs in the broker's queue
+    in_flight: int  # running + waiting in the replicas
+    serving: int  # active + loading replicas
+    capacity_per_replica: int  # batch slots of one replica
+
+    @property
+    def load(self) -> float:
+        demand = self.queued + self.in_flight
+        capacity = self.serving * self.capacity_per_replica
+        return demand / capacity if capacity else (math.inf if demand else 0.0)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the autoscaler remembers between ticks."""
+    low_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # up | down | hold
+    count: int
+    reason: str
+    load: float
+
+
+def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, Memory]:
+    n, load = obs.serving, obs.load
+    if n < policy.min_replicas:
+        return Decision("up", policy.min_replicas - n, f"{n} serving < min {policy.min_replicas}", load), Memory()
+    if n > policy.max_replicas:
+        return Decision("down", n - policy.max_replicas, f"{n} serving > max {policy.max_replicas}", load), Memory()
+    if load > policy.up_threshold and n < policy.max_replicas:
+        needed = math.ceil((obs.queued + obs.in_flight) / (policy.up_threshold * obs.capacity_per_replica))
+        count = max(1, min(needed, policy.max_replicas) - n)
+        return Decision("up", count, f"load {load:.2f} > {policy.up_threshold}", load), Memory()
+    if load < policy.down_threshold and n > policy.min_replicas:
+        low_since = memory.low_since if memory.low_since is not None else obs.now
+        if obs.now - low_since >= policy.hold_s:
+            reason = f"load {load:.2f} < {policy.down_threshold} for {obs.now - low_since:.0f} s"
+            return Decision("down", 1, reason, load), Memory()
+        return Decision("hold", 0, f"load {load:.2f} low for {obs.now - low_since:.1f} s", load), replace(memory, low_since=low_since)
+    return Decision("hold", 0, f"load {load:.2f}", load), Memory()
+
+
+def pick_up(slots: dict[int, dict], count: int, slot_count: int, can_start: bool = True) -> list[int]:
+    """Standby (or draining) replicas first, then free slots (no process, stopped or dead) when
+    a host agent can start processes."""
+    warm = [s for s, v in sorted(slots.items()) if v["state"] in (STANDBY, DRAINING)]
+    free = [s for s in range(slot_count) if slots.get(s, {}).get("state") not in (ACTIVE, LOADING, STANDBY, DRAINING)]
+    return (warm + (free if can_start else []))[:count]
+
+
+def pick_down(slots: dict[int, dict], count: int) -> list[int]:
+    """The least busy active replicas, the highest slot first among equals."""
+    active = [(v.get("running", 0) + v.get("waiting", 0), -s, s) for s, v in slots.items() if v["state"] == ACTIVE]
+    return [s for _, _, s in sorted(active)[:count]]
+
+
+def observe(slots: dict[int, dict], queued: int, settings: Settings, now: float) -> Observation:
+    """Serving: active replicas, and loading ones that load to serve (not those loading for standby)."""
+    serving = [v for v in slots.values()
+               if v["state"] == ACTIVE or (v["state"] == LOADING and v.get("target") != STANDBY)]
+    in_flight = sum(v.get("running", 0) + v.get("waiting", 0) for v in slots.values() if v["state"] == ACTIVE)
+    return Observation(now, queued, in_flight, len(serving), settings.max_batch_size)
+
+
+class Autoscaler:
+    def __init__(self, settings: Settings, control: ClusterControl | None = None):
+        self.settings = settings
+        self.control = control or ClusterControl(settings)
+        self.policy = Policy.from_settings(settings)
+        self.memory = Memory()
+        self._stop = threading.Event()
+
+    def tick(self) -> Decision:
+        slots = self.control.slots()
+        obs = observe(slots, self.control.queue_size(), self.settings, time.time())
+        decision, self.memory = decide(obs, self.policy, self.memory)
+        self.control.redis.set(AUTOSCALER_KEY, json.dumps({**asdict(decision), "at": obs.now, "serving": obs.serving}),
+                               ex=max(5, int(self.settings.scale_interval * 10)))
+        if decision.action != "hold":
+            self.act(decision, slots)
+        return decision
+
+    def act(self, decision: Decision, slots: dict[int, dict]) -> None:
+        if decision.action == "up":
+            chosen = pick_up(slots, decision.count, self.settings.slot_count, can_start=bool(self.control.agents()))
+        else:
+            chosen = pick_down(slots, decision.count)
+        if not chosen:
+            log.info("autoscaler: %s %d wanted (%s) but no slot can", decision.action, decision.count, decision.reason)
+            return
+        log.info("autoscaler: scale %s stubs %s (%s)", decision.action, chosen, decision.reason)
+        self.control.redis.hincrby(SCALE_COUNTERS_KEY, f"decision:{decision.action}", 1)
+        try:
+            if decision.action == "up":
+                self.control.scale_up(chosen, trigger="autoscaler")
+            else:
+                self.control.scale_down(chosen, trigger="autoscaler")
+        except ClusterError as error:
+            log.warning("autoscaler: %s", error)
+
+    def run(self) -> None:
+        log.info("autoscaler: replicas %d..%d, up over %.2f, down under %.2f after %.0f s",
+                 self.policy.min_replicas, self.policy.max_replicas, self.policy.up_threshold,
+                 self.policy.down_threshold, self.policy.hold_s)
+        while not self._stop.wait(self.settings.scale_interval):
+            try:
+                self.tick()
+            except Exception as error:  # Redis away for a moment: try again next tick
+                log.warning("autoscaler: tick failed: %s", error)
+
+    def start(self) -> "Autoscaler":
+        threading.Thread(target=self.run, name="autoscaler", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,171 @@
+"""One request's events, as the web reads them, with its deadlines and its failover.
+
+Why the web re-enqueues (and not Celery): a replica that is SIGKILLed leaves its jobs in
+kombu's `unacked` hash, and the Redis transport hands them out again only after the visibility
+timeout (longer than the longest generation, so minutes) or on a warm shutdown, which a dead
+process never does. The web, which waits on the request's channel anyway, notices much sooner:
+
+- once a replica took the job (its `started` event names it), the web checks every
+  `replica_check_interval` that the replica's heartbeat record still exists (it expires
+  `heartbeat_ttl` after the process dies);
+- before any replica took it, the web watches the replicas that could hold it: one that was
+  active and whose record vanished may have died holding the job (fetched, not yet started).
+
+Then it sends the job again with `attempt + 1` (same request id, channel, seed and input), after
+writing the attempt number to Redis (`tasks.keys.attempt_key`): a replica that later takes an
+older attempt (Celery's own redelivery, or a copy still queued) skips it, and events that a
+stale attempt still publishes are dropped here (each carries its attempt). So each request is
+answered once: only the current attempt's final event ends it. A stream gets an EVENT_RETRY
+marker; the new run replays tokens from index 1, which the web checks against those it sent.
+With no replica left that could serve, the request fails at once with a clear error.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+
+from blitzscale.settings import Settings
+from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
+
+log = logging.getLogger(__name__)
+
+NO_REPLICA = "no replica is available to serve the request"
+SERVING_STATES = ("active", "loading")  # replicas that take jobs now or soon
+
+
+class ReplicaWatch:
+    """What the stream asks about the replicas (GenerationClient implements it)."""
+
+    def alive(self, name: str) -> bool: ...
+    def replica_states(self, max_age: float) -> dict[str, str]: ...  # name -> state of every live replica
+    def resubmit(self, job: Job) -> None: ...
+
+
+def serving(states: dict[str, str]) -> bool:
+    return any(state in SERVING_STATES for state in states.values())
+
+
+def error(message: str, error_type: str = "generation") -> StreamEvent:
+    return StreamEvent(kind=EVENT_ERROR, error=message, error_type=error_type)
+
+
+class EventStream:
+    """Iterates one request's events; yields None on idle ticks (time for an SSE keep-alive)."""
+
+    def __init__(self, pubsub: redis.client.PubSub, channel: str, settings: Settings,
+                 job: Job | None = None, watch: ReplicaWatch | None = None, states: dict | None = None):
+        self._pubsub = pubsub
+        self._channel = channel
+        self._settings = settings
+        self._job = job
+        self._watch = watch
+        self._candidates = dict(states or {})  # replicas that may hold the job before it starts
+        self.attempt = job.attempt if job else 0
+        self.replica: str | None = None
+        self.closed = False
+
+    def events(self, tick: float | None = None) -> Iterator[StreamEvent | None]:
+        """Yield events until final or error. Deadlines: `queue_timeout` until a replica takes
+        the job, `request_timeout` overall; a replica whose heartbeat stopped is replaced (see
+        the module doc); `replica_silence_timeout` between tokens of a stream, and between
+        events when no heartbeat can be checked."""
+        s = self._settings
+        tick = tick or s.keep_alive_interval
+        check_every = s.replica_check_interval
+        started_at = last_event = last_idle = time.monotonic()
+        next_check = started_at + check_every if self._watch is not None else float("inf")
+        tokens_seen = False
+        while True:
+            now = time.monotonic()
+            deadline = self._deadline(now, started_at, last_event, tokens_seen)
+            if deadline is not None:
+                yield error(deadline)
+                return
+            if self._watch is not None and now >= next_check:
+                next_check = now + check_every
+                outcome = self._check()
+                if isinstance(outcome, StreamEvent):
+                    yield outcome
+                    if outcome.kind == EVENT_ERROR:
+                        return
+                    last_event, tokens_seen = time.monotonic(), False
+            try:
+                wait = max(0.0, min(tick - (now - last_idle), next_check - now))
+                message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            except (redis.ConnectionError, redis.TimeoutError):
+                yield error("lost the connection to the queue")
+                return
+            if message is None:
+                if time.monotonic() - last_idle >= tick:
+                    last_idle = time.monotonic()
+                    yield None
+                continue
+            event = StreamEvent.decode(message["data"])
+            if (event.attempt or 0) != self.attempt:
+                continue  # from a run this request gave up on
+            last_event = last_idle = time.monotonic()
+            if event.kind == EVENT_STARTED:
+                self.replica = event.replica
+            tokens_seen = tokens_seen or event.kind == EVENT_TOKEN
+            yield event
+            if event.kind in (EVENT_FINAL, EVENT_ERROR):
+                return
+
+    def _deadline(self, now: float, started_at: float, last_event: float, tokens_seen: bool) -> str | None:
+        s = self._settings
+        if now - started_at > s.request_timeout:
+            return f"the request did not finish within {s.request_timeout:g} s"
+        picked_up = self.replica is not None or tokens_seen
+        if not picked_up and now - last_event > s.queue_timeout:
+            return "no replica took the request in time"
+        unwatched = self._watch is None or self.replica is None
+        if picked_up and (tokens_seen or unwatched) and now - last_event > s.replica_silence_timeout:
+            return "replica stopped responding"
+        return None
+
+    def _check(self) -> StreamEvent | None:
+        """Fail over when the replica holding the job died; None when all is well."""
+        watch = self._watch
+        try:
+            if self.replica is not None:
+                if watch.alive(self.replica):
+                    return None
+                return self._fail_over(f"replica {self.replica} stopped")
+            states = watch.replica_states(self._settings.replica_check_interval)
+            # Vanished while active (a clean stop drains first, and holds no job when it goes).
+            lost = [n for n, state in self._candidates.items() if n not in states and state == "active"]
+            self._candidates = states
+            if lost:
+                return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
+            if not serving(states):
+                return error(NO_REPLICA)
+        except (redis.RedisError, OSError):
+            return error("lost the connection to the queue")
+        return None
+
+    def _fail_over(self, why: str) -> StreamEvent:
+        states = self._watch.replica_states(0)
+        if not serving(states):
+            return error(f"{why} and {NO_REPLICA}")
+        if self._job is None or self.attempt >= self._settings.max_redeliveries:
+            return error(f"{why} and the request was retried {self.attempt} time(s) already")
+        self.attempt += 1
+        self._job.attempt = self.attempt
+        log.warning("request %s: %s; re-enqueued as attempt %d", self._job.request_id, why, self.attempt)
+        self._watch.resubmit(self._job)
+        self.replica, self._candidates = None, states
+        return StreamEvent(kind=EVENT_RETRY, error=why, attempt=self.attempt)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._pubsub.unsubscribe(self._channel)
+        except redis.RedisError:
+            pass
+        finally:
+            self._pubsub.close()

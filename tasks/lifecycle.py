@@ -1,0 +1,146 @@
+"""A replica's lifecycle, as the replica itself observes it.
+
+    loading ──► active ──► draining ──► standby ──► (active again | stopped)
+
+The transitions are made with Celery's own remote control (`add_consumer` / `cancel_consumer`
+on the generation queue, `shutdown` to one named worker), by our control plane or by an operator
+with the `celery control` command; the replica only *observes* its consumer and its in-flight
+requests, so its published state agrees with `celery inspect active_queues` whoever acted:
+
+- active: consuming the generation queue;
+- draining: not consuming, still running (or holding) requests; they all finish;
+- standby: not consuming, nothing in flight, weights in memory;
+- a standby replica whose slot target is `stopped` sends Celery's `shutdown` to itself.
+
+A slot registry in Redis (`tasks.keys.SLOTS_KEY`) remembers every slot's last replica so that one
+whose heartbeat expired without a clean stop is reported `dead`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+from celery import signals
+
+from tasks.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+
+log = logging.getLogger(__name__)
+
+LOADING, ACTIVE, DRAINING, STANDBY, STOPPED, DEAD = "loading", "active", "draining", "standby", "stopped", "dead"
+STATES = (LOADING, ACTIVE, DRAINING, STANDBY, STOPPED, DEAD)
+POLL_INTERVAL = 0.02  # how often a replica looks at its consumer (a state change is published at once)
+_worker_ready = threading.Event()  # this process's Celery worker has started its consumer
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_):
+    _worker_ready.set()
+
+
+def observed_state(loaded: bool, consuming: bool, in_flight: int) -> str:
+    if not loaded:
+        return LOADING
+    if consuming:
+        return ACTIVE
+    return DRAINING if in_flight else STANDBY
+
+
+def consuming_generation(worker) -> bool:
+    """Whether a Celery WorkController's consumer takes jobs from the generation queue now."""
+    consumer = getattr(worker, "consumer", None)
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is None:
+        return False
+    try:
+        return bool(task_consumer.consuming_from(GENERATION_QUEUE))
+    except Exception:  # the consumer is being rebuilt (reconnect): not consuming this instant
+        return False
+
+
+def reserved_jobs() -> int:
+    """Jobs this worker has taken off the queue and not finished (running or about to)."""
+    from celery.worker import state as worker_state
+
+    return len(worker_state.reserved_requests)
+
+
+def claim_slot(connection: redis.Redis, owner: str, lease_s: float = 60.0, limit: int = 1024) -> int:
+    """The lowest slot that no replica holds (`--slot auto`, e.g. `docker compose --scale`)."""
+    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in (STOPPED, DEAD)}
+    for slot in range(limit):
+        if slot in held:
+            continue
+        if connection.set(slot_lease_key(slot), owner, nx=True, ex=int(lease_s)):
+            return slot
+    raise RuntimeError(f"no free replica slot below {limit}")
+
+
+class Lifecycle:
+    """Watches one replica (its Celery worker and engine) and publishes every state change."""
+
+    def __init__(self, replica, shutdown):
+        """`shutdown(name)`: sends Celery's shutdown to the named worker."""
+        self.replica = replica
+        self._shutdown = shutdown
+        self._shutdown_sent = False
+        self.state = LOADING
+
+    def observe(self) -> str:
+        r = self.replica
+        stats = r.engine.stats() if r.engine is not None else None
+        in_flight = reserved_jobs() + (stats.running + stats.waiting if stats else 0)
+        loaded = r.engine is not None and r.loaded and (_worker_ready.is_set() or r.worker is None)
+        return observed_state(loaded, consuming_generation(r.worker), in_flight)
+
+    def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
+        last_beat = 0.0
+        while not stop.wait(POLL_INTERVAL):
+            try:
+                state = self.observe()
+                if stop.is_set():  # stopping: `stopped()` has the last word
+                    return
+                changed = state != self.state
+                if changed:
+                    log.info("replica %s: %s -> %s", self.replica.name, self.state, state)
+                    self.state = state
+                now = time.monotonic()
+                if changed or now - last_beat >= heartbeat_interval:
+                    last_beat = now
+                    self.replica.publish_record()
+                    self.register(state)
+                    self.stop_when_told(state)
+            except redis.RedisError as error:
+                log.warning("heartbeat failed: %s", error)
+
+    def register(self, state: str) -> None:
+        r = self.replica
+        entry = {"slot": r.slot, "name": r.name, "host": socket.gethostname(), "pid": os.getpid(), "state": state,
+                 "by": "replica", "updated_at": time.time()}
+        pipe = r.redis.pipeline()
+        pipe.hset(SLOTS_KEY, str(r.slot), json.dumps(entry))
+        pipe.set(slot_lease_key(r.slot), r.name, ex=max(5, int(r.settings.heartbeat_ttl) * 3))
+        pipe.execute()
+
+    def stop_when_told(self, state: str) -> None:
+        if state != STANDBY or self._shutdown_sent:
+            return
+        target = self.replica.redis.get(slot_target_key(self.replica.slot))
+        if target is not None and target.decode() == STOPPED:
+            log.info("replica %s drained; shutting down (slot target: stopped)", self.replica.name)
+            self._shutdown_sent = True
+            self._shutdown(self.replica.name)
+
+    def stopped(self) -> None:
+        """A clean exit: the slot is `stopped`, not `dead`."""
+        r = self.replica
+        self.state = STOPPED
+        try:
+            self.register(STOPPED)
+            r.redis.delete(slot_lease_key(r.slot))
+        except redis.RedisError:
+            pass

@@ -1,0 +1,67 @@
+"""Cluster-wide gauges read at scrape time from Redis (the same in one web process or many):
+TGI's `tgi_queue_size`, and the replicas by state."""
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily
+
+# SCALING.md's states of a live replica (slots, `dead` included, are `blitz_replica_slots`).
+STATES = ("loading", "active", "draining", "standby", "stopped")
+NAMES = ("tgi_queue_size", "blitz_queue_broker", "blitz_replicas", "blitz_replica_state",
+         "blitz_replica_running", "blitz_replica_waiting")
+
+
+class ClusterCollector:
+    """`client`: a `tasks.client.GenerationClient` (its `queue_size()` and `replicas()`)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def collect(self):
+        records = _call(self._client, "replicas", [])
+        broker = int(_call(self._client, "queue_size", 0))
+        waiting = sum(int(r.get("waiting") or 0) for r in records)
+        yield _gauge("tgi_queue_size", "Requests waiting: jobs in the broker's queue plus requests waiting "
+                     "in the replicas' engines for their prefill", broker + waiting)
+        yield _gauge("blitz_queue_broker", "Jobs in the broker's generation queue (not yet taken by a "
+                     "replica)", broker)
+        yield _by_state(records)
+        yield from _per_replica(records)
+
+
+def _by_state(records: list[dict]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily("blitz_replicas", "Replicas by state", labels=["state"])
+    counts = dict.fromkeys(STATES, 0)
+    for record in records:
+        state = str(record.get("state") or "unknown")
+        counts[state] = counts.get(state, 0) + 1
+    for state, count in counts.items():
+        family.add_metric([state], count)
+    return family
+
+
+def _per_replica(records: list[dict]) -> tuple[GaugeMetricFamily, ...]:
+    state = GaugeMetricFamily("blitz_replica_state", "1 for each replica, labelled with its state",
+                              labels=["replica", "slot", "state", "device_type"])
+    running = GaugeMetricFamily("blitz_replica_running", "Requests in the replica's batch", labels=["replica"])
+    waiting = GaugeMetricFamily("blitz_replica_waiting", "Requests waiting in the replica's engine",
+                                labels=["replica"])
+    for record in records:
+        name = str(record.get("name") or "?")
+        state.add_metric([name, str(record.get("slot", "")), str(record.get("state") or "unknown"),
+                          str(record.get("device_type") or "")], 1)
+        running.add_metric([name], int(record.get("running") or 0))
+        waiting.add_metric([name], int(record.get("waiting") or 0))
+    return state, running, waiting
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def _call(client, method: str, default):
+    try:
+        return getattr(client, method)()
+    except Exception:  # Redis down: /metrics still answers with what the web knows
+        return default

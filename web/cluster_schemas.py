@@ -1,0 +1,95 @@
+"""Schemas of the cluster routes: BlitzScale's adjacently tagged scaling command, and the
+cluster state we report."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+UP = ("TriggerNormalUp", "TriggerPrefillUp", "TriggerDecodeUp")
+DOWN = ("TriggerNormalDown", "TriggerNoramalDown", "TriggerScaleDown")  # BlitzScale's own spelling too
+MUTATION = ("TriggerMutation",)
+STUB = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+
+class UpDataSchema(Schema):
+    old_stub_indices = fields.List(STUB, required=True, metadata={"description": "live replicas a new one may copy from"})
+    new_stub_indices = fields.List(STUB, required=True, validate=validate.Length(min=1),
+                                   metadata={"description": "slots to bring up"})
+
+
+class StubsDataSchema(Schema):
+    stub_indices = fields.List(STUB, required=True, validate=validate.Length(min=1))
+
+
+@dataclass(frozen=True)
+class ScaleCommand:
+    kind: str  # up | down | mutation
+    trigger: str  # the `type` as sent
+    slots: list[int]
+    sources: list[int]
+
+
+class ModifyClusterStateSchema(Schema):
+    """`{"type": "TriggerNormalUp", "data": {"old_stub_indices": [0], "new_stub_indices": [1]}}`,
+    `{"type": "TriggerNormalDown", "data": {"stub_indices": [1]}}` (also `TriggerNoramalDown`,
+    `TriggerScaleDown`; `TriggerPrefillUp`/`TriggerDecodeUp` as NormalUp; `TriggerMutation`)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    type = fields.String(required=True, validate=validate.OneOf(UP + DOWN + MUTATION))
+    data = fields.Dict(required=True, metadata={"description": "UpData for *Up triggers, StubsData otherwise"})
+
+    @validates_schema
+    def _check_data(self, body, **_):
+        errors = self._data_schema(body["type"]).validate(body["data"])
+        if errors:
+            raise ValidationError({"data": errors})
+
+    @post_load
+    def _command(self, body, **_) -> ScaleCommand:
+        data = self._data_schema(body["type"]).load(body["data"])
+        kind = "up" if body["type"] in UP else "down" if body["type"] in DOWN else "mutation"
+        slots = data["new_stub_indices"] if kind == "up" else data["stub_indices"]
+        return ScaleCommand(kind, body["type"], slots, data.get("old_stub_indices", []))
+
+    @staticmethod
+    def _data_schema(kind: str) -> Schema:
+        return UpDataSchema(unknown=EXCLUDE) if kind in UP else StubsDataSchema(unknown=EXCLUDE)
+
+
+class CeleryViewSchema(Schema):
+    responding = fields.Boolean(metadata={"description": "answered `celery inspect`"})
+    queues = fields.List(fields.String(), metadata={"description": "`inspect active_queues`"})
+    pid = fields.Integer(allow_none=True, metadata={"description": "`inspect stats`"})
+
+
+class ReplicaStateSchema(Schema):
+    slot = fields.Integer(required=True)
+    state = fields.String(required=True, metadata={"description": "loading | active | draining | standby | stopped | dead"})
+    target = fields.String(allow_none=True, metadata={"description": "what the slot was last told to become"})
+    name = fields.String(allow_none=True, metadata={"description": "Celery worker name, replica<slot>@<host>"})
+    host = fields.String(allow_none=True)
+    pid = fields.Integer(allow_none=True)
+    device = fields.String(allow_none=True)
+    running = fields.Integer()
+    waiting = fields.Integer(metadata={"description": "requests queued inside the replica's engine"})
+    batch_occupancy = fields.Float(metadata={"description": "running / max_batch_size"})
+    weight_source = fields.String(allow_none=True, metadata={"description": "directory | host-cache | gguf-conversion"})
+    weight_seconds = fields.Float(allow_none=True)
+    load_seconds = fields.Float(allow_none=True)
+    updated_at = fields.Float(allow_none=True)
+    celery = fields.Nested(CeleryViewSchema, allow_none=True)
+
+
+class ClusterStateSchema(Schema):
+    manually_scale = fields.Boolean()
+    min_replicas = fields.Integer()
+    max_replicas = fields.Integer()
+    down_target = fields.String()
+    queue_size = fields.Integer(metadata={"description": "jobs waiting in the broker's generation queue"})
+    counts = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "slots by state"})
+    agents = fields.List(fields.String(), metadata={"description": "hosts whose agent can start replicas"})
+    autoscaler = fields.Dict(allow_none=True, metadata={"description": "the autoscaler's last decision"})
+    replicas = fields.List(fields.Nested(ReplicaStateSchema))
