@@ -12,6 +12,7 @@ import requests
 from celery import Celery
 
 from blitzscale.redis_server import EmbeddedRedis, free_port
+from blitzscale.supervisor import stop_process
 
 
 class Cluster:
@@ -73,12 +74,7 @@ class Cluster:
             raise RuntimeError(f"{kind} {data}: {response.status_code} {response.text}")
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, grace=60)
         self.redis.stop()
         self.log.close()
 

