@@ -9,6 +9,12 @@ Two queues (`waiting`, `running`) and a check/act pair on the token budget. Poli
 - a request joins only while the padded KV cache stays within `max_batch_total_tokens` at its
   worst (every row alive until its token budget is spent), so the batch never runs out of
   memory: what does not fit waits in the replica, in arrival order.
+
+TGI's `max_waiting_tokens` and `waiting_served_ratio` hold newcomers back until enough of them
+have gathered (or enough decode steps passed) before interrupting decoding. We keep both in the
+config (and in /info) but admit at every step boundary instead: the one-step admission bound is
+the latency target, and the padded prefill budget plus prefill/decode alternation already keep
+running streams from starving.
 """
 from __future__ import annotations
 
