@@ -1,7 +1,7 @@
 """What the engine emits for a request, one event per generated token."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 

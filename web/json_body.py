@@ -8,7 +8,7 @@ body that is not JSON:
 
 NaN and Infinity (not JSON, accepted by Python) parse, and every float field of the schemas
 refuses them with a 422, as it does 1e400; in a field that is ignored they do no harm.
-Every flask-smorest blueprint parses its `arguments` with BodyParser (see `install`).
+Our views' blueprints (`StrictBlueprint`) parse their `arguments` with BodyParser.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _check_chunked_size(req, raw: bytes) -> None:
             raise RequestEntityTooLarge()
 
 
-def install() -> None:
-    """Make every flask-smorest blueprint parse bodies with BodyParser (idempotent)."""
-    if not isinstance(flask_smorest.Blueprint.ARGUMENTS_PARSER, BodyParser):
-        flask_smorest.Blueprint.ARGUMENTS_PARSER = BodyParser()
+class StrictBlueprint(flask_smorest.Blueprint):
+    """A flask-smorest blueprint whose `arguments` parse bodies with BodyParser."""
+
+    ARGUMENTS_PARSER = BodyParser()

@@ -3,16 +3,20 @@ cluster's state (GET /cluster_state), both over the control plane in `tasks.clus
 from __future__ import annotations
 
 from flask import Response, current_app, request
-from flask_smorest import Blueprint
 
 from tasks.cluster import ClusterControl, ClusterError
-from web.cluster_schemas import ClusterStateSchema, ModifyClusterStateSchema, ScaleCommand
 from web.auth import require_admin
+from web.cluster_schemas import (
+    ClusterStateSchema,
+    ModifyClusterStateSchema,
+    ScaleCommand,
+)
 from web.errors import ApiError
+from web.json_body import StrictBlueprint
 from web.schemas import ErrorResponseSchema
 from web.service import current_service
 
-blp = Blueprint("cluster", __name__, description="Replica scaling (BlitzScale)")
+blp = StrictBlueprint("cluster", __name__, description="Replica scaling (BlitzScale)")
 CONTROL = "blitzscale.cluster_control"
 
 

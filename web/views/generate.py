@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from flask import abort, request
-from flask_smorest import Blueprint
 
 from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, ValidationError
 from web.generation import generate_json, generate_stream
+from web.json_body import StrictBlueprint
 from web.schemas import (
     CompatGenerateRequestSchema,
     ErrorResponseSchema,
@@ -16,7 +16,7 @@ from web.schemas import (
 )
 from web.sse import MIMETYPE as EVENT_STREAM
 
-blp = Blueprint("generation", __name__, description="Text generation (TGI-compatible)")
+blp = StrictBlueprint("generation", __name__, description="Text generation (TGI-compatible)")
 
 TIMING_HEADERS = {
     name: {"description": description, "schema": {"type": "string"}}

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from flask import Response
-from flask_smorest import Blueprint
 
 from web.errors import Unhealthy
+from web.json_body import StrictBlueprint
 from web.schemas import ErrorResponseSchema
 from web.service import current_service
 
-blp = Blueprint("health", __name__, description="Health checks")
+blp = StrictBlueprint("health", __name__, description="Health checks")
 
 
 def check() -> Response:

@@ -1,13 +1,12 @@
 """GET /info: the model and the router's limits, in TGI's Info shape."""
 from __future__ import annotations
 
-from flask_smorest import Blueprint
-
 import blitzscale
+from web.json_body import StrictBlueprint
 from web.schemas import InfoSchema
 from web.service import current_service
 
-blp = Blueprint("info", __name__, description="Model information")
+blp = StrictBlueprint("info", __name__, description="Model information")
 
 
 @blp.route("/info", methods=["GET"])

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from flask import Response
-from flask_smorest import Blueprint
 
+from web.json_body import StrictBlueprint
 from web.service import current_service
 
-blp = Blueprint("metrics", __name__, description="Prometheus metrics")
+blp = StrictBlueprint("metrics", __name__, description="Prometheus metrics")
 
 
 @blp.route("/metrics", methods=["GET"])
