@@ -7,7 +7,7 @@ import logging
 from flask import Response, jsonify
 
 from blitzscale.logs import request_id_bound
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
@@ -108,6 +108,8 @@ def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) 
                 return Outcome.of(event, clock)
             elif event.kind == EVENT_ERROR:
                 raise from_event(event.error_type, event.error)
+            elif event.kind == EVENT_RETRY:
+                service.metrics.tgi.request_redelivered()
         raise IncompleteGeneration()
     finally:
         events.close()
@@ -137,6 +139,8 @@ class StreamSession:
             for event in self._events.events():
                 if event is None:
                     yield sse.KEEP_ALIVE
+                elif event.kind == EVENT_RETRY:
+                    self._service.metrics.tgi.request_redelivered()
                 elif event.kind == EVENT_STARTED:
                     self._clock.mark("picked_up")
                 elif event.kind == EVENT_TOKEN and event.index <= last_index:  # a duplicate, or a re-run's replay

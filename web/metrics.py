@@ -50,6 +50,9 @@ class TgiMetrics:
         self.count = Counter("tgi_request_count", "Generation requests received", registry=registry)
         self.success = Counter("tgi_request_success", "Generation requests that succeeded", registry=registry)
         self.failure = Counter("tgi_request_failure", "Generation requests that failed", ["err"], registry=registry)
+        self.redeliveries = Counter(
+            "blitz_request_redeliveries", "Requests re-enqueued because their replica died", registry=registry
+        )
         self.duration = histogram("tgi_request_duration", "Request duration (seconds)")
         self.validation = histogram("tgi_request_validation_duration", "Validation duration (seconds)")
         self.queue = histogram("tgi_request_queue_duration", "Time in the queue (seconds)")
@@ -69,6 +72,9 @@ class TgiMetrics:
 
     def request_validated(self, input_length: int) -> None:
         self.input_length.observe(input_length)
+
+    def request_redelivered(self) -> None:
+        self.redeliveries.inc()
 
     def request_failed(self, error_type: str) -> None:
         self.failure.labels(err=error_type).inc()

@@ -3,6 +3,7 @@ Each test drives its own service (Redis, replica workers, gunicorn) with short d
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -79,6 +80,8 @@ def test_non_streaming_requests_survive_a_replica_sigkill(two_replicas):
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * len(prompts), [r.text for r in responses]
     assert "re-enqueued as attempt 1" in web_log(svc)  # it was mid-generation
+    metrics = requests.get(f"{svc.base_url}/metrics", timeout=10).text
+    assert re.search(r"^blitz_request_redeliveries_total [1-9]", metrics, re.M), "failover not counted"
     # Greedy: the re-run regenerated exactly what an undisturbed run gives.
     for prompt, response in zip(prompts[:1], responses):
         again = generate(svc, prompt, details=True, **LONG).json()
