@@ -22,7 +22,14 @@ import time
 
 import torch
 
-from bench.common import Stopwatch, default_model_dir, equal_length_prompts, latency_summary, print_table, save
+from bench.common import (
+    Stopwatch,
+    default_model_dir,
+    equal_length_prompts,
+    latency_summary,
+    print_table,
+    save,
+)
 from bench.http_load import ServeProcess, stream_requests
 
 

@@ -11,6 +11,7 @@ import time
 import requests
 from celery import Celery
 
+from bench.http_load import stream_once
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from blitzscale.supervisor import stop_process
 
@@ -116,19 +117,11 @@ class FirstToken:
 
 def timed_stream(base_url: str, prompt: str, new_tokens: int, sent_at: float, out: list, lock: threading.Lock):
     """One client of a burst: appends {sent, ttft, tokens, ok}."""
-    first, tokens, ok = None, 0, False
+    times, ok = [], False
     try:
-        body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens}}
-        with requests.post(f"{base_url}/generate_stream", json=body, stream=True, timeout=600) as response:
-            for line in response.iter_lines():
-                if not line.startswith(b"data:"):
-                    continue
-                if b'"error"' in line[:20]:
-                    break
-                first = first if first is not None else time.perf_counter() - sent_at
-                tokens += 1
-                ok = ok or b'"generated_text":"' in line or b'"generated_text": "' in line
+        times, _, ok = stream_once(base_url, prompt, new_tokens)
     except requests.RequestException:
         pass
+    first, tokens = (times[0] - sent_at if times else None), len(times)
     with lock:
         out.append({"sent": sent_at, "ttft": first, "tokens": tokens, "ok": ok})

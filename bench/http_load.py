@@ -44,6 +44,23 @@ class ServeProcess:
         stop_process(self.process, grace=60)
 
 
+def stream_once(base_url: str, prompt: str, new_tokens: int, timeout: float = 600) -> tuple[list[float], str | None, bool]:
+    """One streaming request: the arrival time (perf_counter) of each token event, the error
+    event if one came, and whether the final event (with `generated_text`) came."""
+    times, error, finished = [], None, False
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens}}
+    with requests.post(f"{base_url}/generate_stream", json=body, stream=True, timeout=timeout) as response:
+        for line in response.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            if b'"error"' in line[:20]:
+                error = line.decode()
+                break
+            times.append(time.perf_counter())
+            finished = finished or b'"generated_text":"' in line
+    return times, error, finished
+
+
 def stream_requests(base_url: str, prompts: list[str], new_tokens: int | list[int]) -> dict:
     """All prompts at once, each a streaming client; TTFT and inter-token latency per token."""
     budgets = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
@@ -51,27 +68,15 @@ def stream_requests(base_url: str, prompts: list[str], new_tokens: int | list[in
     lock = threading.Lock()
 
     def client(prompt: str, budget: int) -> None:
-        sent = last = time.perf_counter()
-        first, gaps, count = None, [], 0
-        body = {"inputs": prompt, "parameters": {"max_new_tokens": budget}}
-        with requests.post(f"{base_url}/generate_stream", json=body, stream=True, timeout=600) as response:
-            for line in response.iter_lines():
-                if not line.startswith(b"data:"):
-                    continue
-                if b'"error"' in line[:20]:
-                    errors.append(line.decode())
-                    break
-                now = time.perf_counter()
-                if first is None:
-                    first = now - sent
-                else:
-                    gaps.append(now - last)
-                last, count = now, count + 1
+        sent = time.perf_counter()
+        times, error, _ = stream_once(base_url, prompt, budget)
         with lock:
-            if first is not None:
-                ttfts.append(first)
-            itls.extend(gaps)
-            counts.append(count)
+            if times:
+                ttfts.append(times[0] - sent)
+            itls.extend(b - a for a, b in zip(times, times[1:]))
+            counts.append(len(times))
+            if error:
+                errors.append(error)
 
     threads = [threading.Thread(target=client, args=pb) for pb in zip(prompts, budgets)]
     with Stopwatch() as watch:
