@@ -27,6 +27,7 @@ from pathlib import Path
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis, free_port
+from blitzscale.supervisor import stop_processes
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Write a haiku about the sea.",
            "List three prime numbers:", "Explain continuous batching in one sentence.", "Hello, my name is"]
@@ -103,16 +104,7 @@ class Cluster:
         return found
 
     def stop(self) -> None:
-        processes = [p for p in [self.web, *self.replicas.values()] if p is not None]
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([p for p in [self.web, *self.replicas.values()] if p is not None], grace=30)
         self.redis.stop()
 
 

@@ -49,29 +49,34 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
-        for name, process in self.children:  # in start order: web, replicas
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for name, process in self.children:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", name, grace)
-                process.kill()
-                process.wait()
+        names = {process.pid: name for name, process in self.children}
+        # In start order: web, replicas.
+        for process in stop_processes([process for _, process in self.children], grace):
+            log.warning("%s did not stop in %.0f s; killed it", names[process.pid], grace)
         self.children.clear()
 
 
 def stop_process(process: subprocess.Popen, grace: float) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_processes([process], grace)
+
+
+def stop_processes(processes: list[subprocess.Popen], grace: float) -> list[subprocess.Popen]:
+    """SIGTERM to all at once (in order), then SIGKILL whatever has not exited within `grace`
+    seconds in all; returns the ones that had to be killed."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace
+    killed = []
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            killed.append(process)
+    return killed
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis, free_port
+from blitzscale.supervisor import stop_processes
 
 
 class Service:
@@ -85,17 +86,6 @@ class Service:
         return "\n".join(out)
 
     def stop(self) -> None:
-        processes = [self.web] + list(self.replicas.values())
-        for process in processes:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        for process in processes:
-            if process is None:
-                continue
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([p for p in [self.web, *self.replicas.values()] if p is not None], grace=20)
         self.replicas.clear()
         self.redis.stop()
