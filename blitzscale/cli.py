@@ -21,11 +21,20 @@ log = logging.getLogger("blitzscale")
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         kind = f.type if isinstance(f.type, str) else str(f.type)
-        if kind.startswith("bool"):
-            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        if kind.startswith("bool"):  # `--flag`, `--flag false` (TGI's style) or `--no-flag`
+            parser.add_argument(flag_name(f.name), dest=f.name, nargs="?", const=True, default=None,
+                                type=_boolean, metavar="true|false")
+            parser.add_argument("--no-" + flag_name(f.name)[2:], dest=f.name, action="store_false")
             continue
         parse = int if kind.startswith("int") else float if kind.startswith("float") else str
         parser.add_argument(flag_name(f.name), dest=f.name, type=parse, default=None, metavar=f.name.upper())
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
+    return value in ("1", "true", "yes", "on")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

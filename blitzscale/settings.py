@@ -52,8 +52,9 @@ class Settings:
     validation_workers: int = 1
     # Batching (per replica)
     max_batch_size: int = 32
-    max_batch_total_tokens: int = 32768
-    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 65536  # KV slots = this // max_total_tokens (at most max_batch_size)
+    max_batch_prefill_tokens: int = 4096  # prompt tokens per step; longer prompts are prefilled in chunks
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs captured at start
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     # Cluster

@@ -1,8 +1,10 @@
 """The continuous-batching engine: one loop thread owns the model and the KV cache.
 
-Each step: schedule → run the model (prefill of new requests, or one decode step for all
-running ones) → post-process (sample, detokenize, stop, emit) → collect finished rows.
-Requests join between steps and leave the step they finish.
+Each step reads schedule → run the model → post-process: the scheduler picks the batch (every
+decoding request, plus prompt chunks within the prefill budget), the runner runs the decode
+step and the prefill chunk, then every request that got logits samples, detokenizes, checks
+its stop conditions and emits one event; finished requests give their KV slot back.
+See docs/engine.md.
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_batch import KVBatch
+from engine.generic_runner import GenericRunner
+from engine.host_transfer import to_host
 from engine.metrics import EngineMetrics
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PrefillOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import BatchSampler, SampleOutput
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import PrefillChunk, ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import RequestStream, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -31,27 +34,37 @@ log = logging.getLogger(__name__)
 class EngineStats:
     running: int
     waiting: int
-    batch_tokens: int  # padded KV positions held now (rows × columns)
+    batch_tokens: int  # KV positions the running requests hold now
     max_batch_size: int
     max_batch_total_tokens: int
+    kv_slots: int = 0
+    cuda_graphs: int = 0  # decode graphs captured
+    graph_capture_seconds: float = 0.0
 
 
 class Engine:
     def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
-                 step_listener: Callable[[list[TokenEvent]], None] | None = None):
+                 step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
-        before that request's stream ends."""
+        before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU)."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, self.device)
-        self.scheduler = Scheduler(scheduler_config)
+        slots = _affordable_slots(model, self.device, scheduler_config)
+        self.scheduler = Scheduler(scheduler_config, slots)
+        if supports_slots(model, scheduler_config.slot_length):
+            use_graphs = self.device.type == "cuda" and cuda_graphs is not False
+            self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs)
+        else:
+            log.warning("%s is not among the slot-cache families: it runs on the generic (slower) path",
+                        model.config.get_text_config().model_type)
+            self.runner = GenericRunner(model, self.device)
         self.metrics = metrics or EngineMetrics()
         self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
-        self._kv: KVBatch | None = None
-        self._sampler: BatchSampler | None = None  # rebuilt whenever the batch's rows change
+        self._sampler: BatchSampler | None = None
+        self._sampler_rows: tuple[str, ...] = ()  # the request ids `_sampler` was built for
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -61,6 +74,8 @@ class Engine:
 
     # ---- the submitter's side (any thread) -------------------------------------------------
     def start(self) -> "Engine":
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture()
         self._thread.start()
         return self
 
@@ -75,30 +90,34 @@ class Engine:
         sequence = Sequence(request, self.tokenizer, self.eos_token_ids, self.device, on_abandon=self.cancel)
         if not self.scheduler.fits_ever(sequence):
             raise EngineError(
-                f"request needs {request.max_total_tokens} tokens, more than the batch budget "
-                f"({self.scheduler.config.max_batch_total_tokens})"
+                f"request needs {request.max_total_tokens} tokens, more than a KV slot of the batch budget "
+                f"holds ({self.scheduler.config.slot_length})"
             )
         self._inbox.put(sequence)
         self._wake.set()
         return sequence.stream
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request at the next step boundary; its KV rows are freed then."""
+        """Stop a request at the next step boundary; its KV slot is freed then."""
         with self._lock:
             self._cancelled.add(request_id)
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        kv = self._kv
+        graphs = self.runner.graphs
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + self._inbox.qsize(),
-            batch_tokens=kv.size * kv.length if kv is not None else 0,
+            batch_tokens=self.scheduler.kv_tokens,
             max_batch_size=self.scheduler.config.max_batch_size,
-            max_batch_total_tokens=self.scheduler.config.max_batch_total_tokens,
+            max_batch_total_tokens=self.scheduler.slots * self.scheduler.config.slot_length,
+            kv_slots=self.scheduler.slots,
+            cuda_graphs=len(graphs.graphs) if graphs is not None else 0,
+            graph_capture_seconds=graphs.capture_seconds if graphs is not None else 0.0,
         )
 
     # ---- the loop thread --------------------------------------------------------------------
+    @torch.inference_mode()
     def _loop(self) -> None:
         while not self._stopping.is_set():
             self._take_inbox()
@@ -115,61 +134,72 @@ class Engine:
 
     def step(self) -> None:
         self._apply_cancellations()
-        new = self.scheduler.schedule_prefill(self._kv.length if self._kv else 0)
-        if new:
-            events = self._prefill(new)
-        elif self.scheduler.running:
-            events = self._decode()
-        else:
-            events = []
-        self.scheduler.last_step_was_prefill = bool(new)
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return
+        started = time.perf_counter()
+        decode_logits, prefill = self._run(batch)
+        self.scheduler.postprocess(batch)
+        events = self._postprocess(batch, decode_logits, prefill)
+        methods = (["decode"] if batch.decoding else []) + (["prefill"] if batch.prefill else [])
+        self.metrics.observe_step(methods, len(batch.decoding) + len(batch.prefill), time.perf_counter() - started)
         if events and self.step_listener is not None:
             self.step_listener(events)
-        self._collect_finished()
-        kv = self._kv
-        self.metrics.set_batch(len(self.scheduler.running), kv.size * kv.length if kv else 0)
+        self._release_finished()
+        self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)
 
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        now = time.time()
-        for s in sequences:  # the end of their queue time, the start of their inference time
-            s.stream.started_at = s.stream.started_at or now
-        started = time.perf_counter()
-        want_prefill = any(s.request.prefill_logprobs for s in sequences)
-        kv, logits = self.runner.prefill([list(s.request.input_ids) for s in sequences], want_prefill)
-        forward_done = time.perf_counter()
-        prefills = [self._prefill_tokens(s, logits[row]) if s.request.prefill_logprobs else None
-                    for row, s in enumerate(sequences)]
-        last_logits = logits[:, -1] if want_prefill else logits  # [b, V]
-        sampled = BatchSampler([s.sampler for s in sequences], self.device)(
-            last_logits, self._history(sequences), _top_n(sequences)
+    def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, PrefillOutput | None]:
+        """The forwards: one decode step for the running rows, then the prompt chunks."""
+        self.runner.apply_moves(batch.moves)
+        decode_logits = prefill = None
+        if batch.decoding:
+            started = time.perf_counter()
+            decode_logits = self.runner.decode(batch)
+            self.metrics.observe_forward("decode", len(batch.decoding), time.perf_counter() - started)
+        if batch.prefill:
+            now = time.time()
+            for chunk in batch.prefill:  # the end of their queue time, the start of their inference time
+                chunk.sequence.stream.started_at = chunk.sequence.stream.started_at or now
+            started = time.perf_counter()
+            want_all = any(c.sequence.request.prefill_logprobs for c in batch.prefill)
+            prefill = self.runner.prefill(batch.prefill, want_all)
+            self.metrics.observe_forward("prefill", len(batch.prefill), time.perf_counter() - started)
+        return decode_logits, prefill
+
+    def _postprocess(self, batch: ScheduledBatch, decode_logits, prefill: PrefillOutput | None) -> list[TokenEvent]:
+        """Sample one token for every decode row and every prompt that was completed."""
+        decoding = batch.decoding
+        completed = [(row, c) for row, c in enumerate(batch.prefill) if c.completes_prompt]
+        if prefill is not None:
+            for row, chunk in enumerate(batch.prefill):
+                if chunk.sequence.request.prefill_logprobs:
+                    self._gather_prefill_tokens(chunk, prefill.all_logits[row])
+        parts = []
+        if decoding:
+            live = [s.slot for s in decoding]
+            parts.append(decode_logits if len(live) == decode_logits.shape[0] else decode_logits[live])
+        if completed:
+            parts.append(prefill.last_logits[[row for row, _ in completed]])
+        sequences = decoding + [c.sequence for _, c in completed]
+        if not sequences:
+            return []
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [n, V]
+        sampled = self._sampler_for(sequences)(logits, [s.token_ids for s in sequences], _top_n(sequences))
+        return self._emit(sequences, sampled)
+
+    def _sampler_for(self, sequences: list[Sequence]) -> BatchSampler:
+        """The batch's sampling tensors, rebuilt only when its rows change."""
+        rows = tuple(s.request_id for s in sequences)
+        if self._sampler is None or rows != self._sampler_rows:
+            self._sampler = BatchSampler([s.sampler for s in sequences], self.device)
+            self._sampler_rows = rows
+        return self._sampler
+
+    def _emit(self, sequences: list[Sequence], sampled: SampleOutput) -> list[TokenEvent]:
+        ids, logprobs, top_ids, top_logprobs = (
+            t.tolist() if t is not None else None
+            for t in to_host(sampled.next_ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
         )
-        self._kv = kv if self._kv is None else KVBatch.concat(self._kv, kv)
-        for s in sequences:
-            s.status = SequenceStatus.RUNNING
-        self.scheduler.allocate(sequences)
-        self._sampler = None
-        events = self._emit(sequences, sampled, prefills)
-        self.metrics.observe_batch("prefill", len(sequences), forward_done - started, time.perf_counter() - started)
-        return events
-
-    def _decode(self) -> None:
-        started = time.perf_counter()
-        running = self.scheduler.running
-        input_ids = torch.tensor([s.last_token_id for s in running], dtype=torch.long, device=self.device)
-        logits = self.runner.decode(self._kv, input_ids)  # [B, V]
-        forward_done = time.perf_counter()
-        if self._sampler is None:
-            self._sampler = BatchSampler([s.sampler for s in running], self.device)
-        sampled = self._sampler(logits, self._history(running), _top_n(running))
-        events = self._emit(running, sampled, None)
-        self.metrics.observe_batch("decode", len(running), forward_done - started, time.perf_counter() - started)
-        return events
-
-    def _emit(self, sequences: list[Sequence], sampled: SampleOutput, prefills) -> list[TokenEvent]:
-        ids = sampled.next_ids.tolist()
-        logprobs = sampled.logprobs.tolist()
-        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
-        top_logprobs = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         events = []
         for row, sequence in enumerate(sequences):
             token_id = ids[row]
@@ -180,36 +210,29 @@ class Engine:
             if top_ids is not None and sequence.request.top_n_tokens:
                 n = sequence.request.top_n_tokens
                 top = [self._token(i, lp) for i, lp in zip(top_ids[row][:n], top_logprobs[row][:n])]
-            prefill = prefills[row] if prefills else None
+            prefill = tuple(sequence.prefill_tokens) if sequence.request.prefill_logprobs and sequence.generated_count == 0 else None
             events.append(sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top, prefill))
         return events
 
-    def _prefill_tokens(self, sequence: Sequence, logits: torch.Tensor) -> tuple[Token, ...]:
-        """decoder_input_details: each prompt token with the logprob the model gave it."""
-        ids = list(sequence.request.input_ids)
-        own = logits[-len(ids):]  # [n, V], the row's real (non-padding) positions
-        logprobs = torch.log_softmax(own[:-1], dim=-1).gather(1, torch.tensor(ids[1:], device=own.device).view(-1, 1))
-        values = [None] + logprobs.view(-1).tolist()
-        return tuple(Token(i, self.tokenizer.decode([i]), lp, i in self.special_ids) for i, lp in zip(ids, values))
+    def _gather_prefill_tokens(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
+        """decoder_input_details: each prompt token with the logprob the model gave it. A chunk's
+        logits at positions start..end-1 score the prompt tokens start+1..end."""
+        ids = chunk.sequence.request.input_ids
+        own = logits[logits.shape[0] - (chunk.end - chunk.start):]  # [C, V] the chunk's real positions
+        targets = ids[chunk.start + 1 : chunk.end + 1]
+        scored = torch.log_softmax(own[: len(targets)], dim=-1).gather(1, torch.tensor(targets, device=own.device).view(-1, 1))
+        tokens = chunk.sequence.prefill_tokens
+        if chunk.start == 0:
+            tokens.append(self._token(ids[0], None))
+        tokens.extend(self._token(i, lp) for i, lp in zip(targets, scored.view(-1).tolist()))
 
-    def _token(self, token_id: int, logprob: float) -> Token:
+    def _token(self, token_id: int, logprob: float | None) -> Token:
         return Token(token_id, self.tokenizer.decode([token_id]), logprob, token_id in self.special_ids)
 
-    def _history(self, sequences: list[Sequence]) -> list[list[int]]:
-        return [s.token_ids for s in sequences]
-
-    def _collect_finished(self) -> None:
-        for sequence in self.scheduler.running:
+    def _release_finished(self) -> None:
+        for sequence in self.scheduler.release_finished():
             if sequence.status is SequenceStatus.FINISHED:
-                sequence.stream.end()
-        keep = self.scheduler.deallocate_finished()
-        if keep is None:
-            return
-        self._sampler = None
-        if keep:
-            self._kv.filter(keep)
-        else:
-            self._kv = None
+                sequence.stream.end()  # cancelled and failed ones ended when they failed
 
     # ---- cancellation and failure -----------------------------------------------------------
     def _take_inbox(self) -> None:
@@ -224,27 +247,18 @@ class Engine:
             cancelled, self._cancelled = self._cancelled, set()
         if not cancelled:
             return
-        for sequence in list(self.scheduler.waiting):
-            if sequence.request_id in cancelled:
-                self.scheduler.waiting.remove(sequence)
-                self._cancel(sequence)
-        for sequence in self.scheduler.running:
-            if sequence.request_id in cancelled and not sequence.status.is_finished:
-                self._cancel(sequence)
-        self._collect_finished()
-
-    def _cancel(self, sequence: Sequence) -> None:
-        sequence.cancel_requested = True
-        sequence.fail(RequestCancelled(f"request {sequence.request_id} was cancelled"))
+        for sequence in self.scheduler.cancel(cancelled):
+            sequence.cancel_requested = True
+            sequence.fail(RequestCancelled(f"request {sequence.request_id} was cancelled"))
+        self._release_finished()
 
     def _fail_all(self, error: EngineError) -> None:
         self._take_inbox()
-        for sequence in list(self.scheduler.waiting) + self.scheduler.running:
+        for sequence in self.scheduler.drain():
             if not sequence.status.is_finished:
                 sequence.fail(error)
-        self.scheduler.waiting.clear()
-        self.scheduler.running.clear()
-        self._kv, self._sampler = None, None
+        self.runner.reset()
+        self._sampler, self._sampler_rows = None, ()
         self.metrics.set_batch(0, 0)
 
 
@@ -263,3 +277,20 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
+
+
+def _affordable_slots(model, device: torch.device, config: SchedulerConfig) -> int:
+    """On a GPU the slots are allocated at once: no more than 90% of the free memory holds."""
+    if device.type != "cuda":
+        return config.slots
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    per_position = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) \
+        * (getattr(text, "head_dim", None) or text.hidden_size // heads) * next(model.parameters()).element_size()
+    free, _total = torch.cuda.mem_get_info(device)
+    affordable = int(0.9 * free) // (per_position * config.slot_length)
+    if affordable < 1:
+        raise EngineError("not enough GPU memory for one KV slot")
+    if affordable < config.slots:
+        log.warning("GPU memory holds %d KV slots of %d positions, not %d", affordable, config.slot_length, config.slots)
+    return min(config.slots, affordable)

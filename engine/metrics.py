@@ -36,11 +36,17 @@ class EngineMetrics:
                            self.forward_duration):
                 family.labels(replica, method)
 
-    def observe_batch(self, method: str, size: int, forward_seconds: float, total_seconds: float) -> None:
+    def observe_forward(self, method: str, size: int, seconds: float) -> None:
+        """One forward pass: a decode step over `size` rows, or `size` prompt chunks."""
         self.inference_count.labels(self._replica, method).inc()
-        self.inference_success.labels(self._replica, method).inc()
-        self.forward_duration.labels(self._replica, method).observe(forward_seconds)
-        self.inference_duration.labels(self._replica, method).observe(total_seconds)
+        self.forward_duration.labels(self._replica, method).observe(seconds)
+
+    def observe_step(self, methods: list[str], size: int, seconds: float) -> None:
+        """A whole step (forwards, sampling, detokenization, stop checks) for `size` requests
+        went through: each of its forwards succeeded. A failed step counts without success."""
+        for method in methods:
+            self.inference_success.labels(self._replica, method).inc()
+        self.inference_duration.labels(self._replica, methods[0]).observe(seconds)
         self.batch_size.labels(self._replica).set(size)
 
     def set_batch(self, size: int, tokens: int) -> None:

@@ -1,93 +1,193 @@
-"""Which waiting requests join the running batch, and when.
+"""Which requests run in the next step, in which KV slot; the scheduler owns the batch.
 
-Two queues (`waiting`, `running`) and a check/act pair on the token budget. Policy:
-- a waiting request is prefilled at the next step boundary (it waits at most one decode step);
-- one prefill takes at most `max_batch_prefill_tokens` tokens counted with their left padding
-  (what the forward pass really computes; the first request always fits), and two prefills
-  always have a decode step between them, so running streams keep at least every other step
-  however many requests arrive;
-- a request joins only while the padded KV cache stays within `max_batch_total_tokens` at its
-  worst (every row alive until its token budget is spent), so the batch never runs out of
-  memory: what does not fit waits in the replica, in arrival order.
-
-TGI's `max_waiting_tokens` and `waiting_served_ratio` hold newcomers back until enough of them
-have gathered (or enough decode steps passed) before interrupting decoding. We keep both in the
-config (and in /info) but admit at every step boundary instead: the one-step admission bound is
-the latency target, and the padded prefill budget plus prefill/decode alternation already keep
-running streams from starving.
+State: `waiting` (a queue) and `running` (a list whose index *is* the KV slot: `running[i].slot
+== i`). Each step (`schedule`) runs every decoding request for one token, plus at most
+`max_batch_prefill_tokens` prompt tokens:
+- a prompt longer than that budget is prefilled alone, one chunk per step (chunked prefill), so
+  a running stream never waits more than one step for a newcomer, however long its prompt;
+- shorter prompts are prefilled together while their padded size fits the budget;
+- a request takes a slot only when one is free: `slots = max_batch_total_tokens // max_total_tokens`
+  (at most `max_batch_size`), each slot holding one request of up to `max_total_tokens`
+  positions, so the batch can never run out of KV memory; what does not fit waits, in order.
+When requests leave, the highest occupied slots move into the holes (`SlotMove`: one copy of one
+request's KV), so the occupied slots stay `0..n-1` and the decode step needs no gather.
+See docs/engine.md.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int = 32
-    max_batch_total_tokens: int = 32768
+    max_batch_total_tokens: int = 65536
     max_batch_prefill_tokens: int = 4096
-    max_waiting_tokens: int = 20
-    waiting_served_ratio: float = 0.3
+    max_total_tokens: int | None = None  # one slot's length; None: min(2048, max_batch_total_tokens)
 
     def __post_init__(self):
         if self.max_batch_size <= 0 or self.max_batch_total_tokens <= 0 or self.max_batch_prefill_tokens <= 0:
             raise ValueError("batch limits must be strictly positive")
+        if self.max_total_tokens is not None and not 0 < self.max_total_tokens <= self.max_batch_total_tokens:
+            raise ValueError("max_total_tokens must be in (0, max_batch_total_tokens]")
+
+    @property
+    def slot_length(self) -> int:
+        return self.max_total_tokens or min(2048, self.max_batch_total_tokens)
+
+    @property
+    def slots(self) -> int:
+        return max(1, min(self.max_batch_size, self.max_batch_total_tokens // self.slot_length))
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    sequence: Sequence
+    start: int  # first prompt position of the chunk
+    end: int  # one past its last
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.sequence.request.input_ids[self.start : self.end]
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end == self.sequence.prompt_len
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    source: int
+    target: int
+    length: int  # KV positions to copy
+
+
+@dataclass
+class ScheduledBatch:
+    moves: list[SlotMove] = field(default_factory=list)  # apply before the forward
+    decode: list[Sequence | None] = field(default_factory=list)  # row i = slot i; None: a padding row
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode_ids: list[int] = field(default_factory=list)  # row i's input token
+    decode_positions: list[int] = field(default_factory=list)  # the column row i writes
+    # Slots past the decode rows that hold a prompt being prefilled: a padded (CUDA graph) batch
+    # that covers them must write only at these columns, which their next chunk overwrites.
+    idle_positions: list[int] = field(default_factory=list)
+
+    @property
+    def decoding(self) -> list[Sequence]:
+        return [s for s in self.decode if s is not None]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decode and not self.prefill
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, slots: int | None = None):
         self.config = config
+        self.slots = slots or config.slots
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # row i of the KV batch is running[i]
-        self.last_step_was_prefill = False
+        self.running: list[Sequence] = []  # running[i] holds KV slot i
+        self._moves: list[SlotMove] = []
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
 
     def fits_ever(self, sequence: Sequence) -> bool:
         """A request that could not run even alone must be refused, not queued forever."""
-        return sequence.request.max_total_tokens <= self.config.max_batch_total_tokens
-
-    def can_allocate(self, candidates: list[Sequence], cache_length: int) -> bool:
-        rows = self.running + candidates
-        if len(rows) > self.config.max_batch_size:
-            return False
-        length = max([cache_length] + [c.prompt_len for c in candidates])
-        peak = len(rows) * (length + max(r.remaining_tokens for r in rows))
-        return peak <= self.config.max_batch_total_tokens
-
-    def schedule_prefill(self, cache_length: int) -> list[Sequence]:
-        """Pop the requests to prefill now (possibly none: then the step decodes)."""
-        if not self.waiting or (self.running and self.last_step_was_prefill):
-            return []
-        chosen: list[Sequence] = []
-        longest = 0
-        while self.waiting:
-            candidate = self.waiting[0]
-            padded = (len(chosen) + 1) * max(longest, candidate.prompt_len)  # [b, P] of the forward
-            if chosen and padded > self.config.max_batch_prefill_tokens:
-                break
-            if not self.can_allocate(chosen + [candidate], cache_length):
-                break
-            chosen.append(self.waiting.popleft())
-            longest = max(longest, candidate.prompt_len)
-        return chosen
-
-    def allocate(self, sequences: list[Sequence]) -> None:
-        """The prefilled sequences join the batch (their rows are appended after the running ones)."""
-        self.running.extend(sequences)
-
-    def deallocate_finished(self) -> list[int] | None:
-        """Drop finished rows; the row indices to keep, or None when nothing changed."""
-        if not any(s.status.is_finished for s in self.running):
-            return None
-        keep = [i for i, s in enumerate(self.running) if not s.status.is_finished]
-        self.running = [self.running[i] for i in keep]
-        return keep
+        return sequence.request.max_total_tokens <= self.config.slot_length
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV positions the running requests hold now."""
+        return sum(s.kv_len for s in self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        moves, self._moves = self._moves, []
+        batch = ScheduledBatch(moves)
+        self._schedule_decode(batch)
+        batch.prefill = self._schedule_prefill()
+        return batch
+
+    def _schedule_decode(self, batch: ScheduledBatch) -> None:
+        """Rows 0..B-1 are slots 0..B-1, up to the last decoding one. A slot in between whose
+        prompt is still being prefilled is a padding row: it writes at its next prompt column,
+        which its next chunk overwrites."""
+        rows = [s if s.is_decoding else None for s in self.running]
+        while rows and rows[-1] is None:
+            rows.pop()
+        batch.decode = rows
+        batch.decode_ids = [s.last_token_id if s is not None else 0 for s in rows]
+        batch.decode_positions = [self.running[i].kv_len for i in range(len(rows))]
+        batch.idle_positions = [s.kv_len for s in self.running[len(rows):]]
+
+    def _schedule_prefill(self) -> list[PrefillChunk]:
+        budget = self.config.max_batch_prefill_tokens
+        for sequence in self.running:  # a long prompt being prefilled goes on alone
+            if sequence.is_prefilling:
+                return [PrefillChunk(sequence, sequence.kv_len, min(sequence.prompt_len, sequence.kv_len + budget))]
+        chunks: list[PrefillChunk] = []
+        longest = 0
+        while self.waiting and len(self.running) < self.slots:
+            candidate = self.waiting[0]
+            longest = max(longest, candidate.prompt_len)
+            if chunks and (len(chunks) + 1) * longest > budget:  # [b, P] padded, as the forward computes it
+                break
+            sequence = self.waiting.popleft()
+            self._take_slot(sequence)
+            chunks.append(PrefillChunk(sequence, 0, min(sequence.prompt_len, budget)))
+            if not chunks[-1].completes_prompt:
+                break
+        return chunks
+
+    def _take_slot(self, sequence: Sequence) -> None:
+        sequence.slot = len(self.running)
+        sequence.status = SequenceStatus.RUNNING
+        self.running.append(sequence)
+
+    def postprocess(self, batch: ScheduledBatch) -> None:
+        """Account for what the forward wrote: one position per decode row, each chunk's prompt part."""
+        for sequence in batch.decoding:
+            sequence.kv_len += 1
+        for chunk in batch.prefill:
+            chunk.sequence.kv_len = chunk.end
+
+    def cancel(self, request_ids: set[str]) -> list[Sequence]:
+        """Take the named requests out of the queue; return them and the named running ones."""
+        hit = [s for s in self.waiting if s.request_id in request_ids]
+        for sequence in hit:
+            self.waiting.remove(sequence)
+        return hit + [s for s in self.running if s.request_id in request_ids and not s.status.is_finished]
+
+    def release_finished(self) -> list[Sequence]:
+        """Free the slots of finished requests; move the highest survivors into the holes."""
+        finished = [s for s in self.running if s.status.is_finished]
+        if not finished:
+            return []
+        survivors = len(self.running) - len(finished)
+        holes = [s.slot for s in self.running[:survivors] if s.status.is_finished]
+        movers = [s for s in self.running[survivors:] if not s.status.is_finished]
+        for hole, sequence in zip(holes, movers):
+            if sequence.kv_len:
+                self._moves.append(SlotMove(sequence.slot, hole, sequence.kv_len))
+            sequence.slot = hole
+        kept = [s for s in self.running if not s.status.is_finished]
+        self.running = sorted(kept, key=lambda s: s.slot)
+        for sequence in finished:
+            sequence.slot = None
+        return finished
+
+    def drain(self) -> list[Sequence]:
+        """Every request still queued or running (the engine is failing them all)."""
+        everything = list(self.waiting) + self.running
+        self.waiting.clear()
+        self.running = []
+        self._moves = []
+        return everything

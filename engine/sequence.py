@@ -89,6 +89,9 @@ class Sequence:
         self.text_parts: list[str] = []
         self.cancel_requested = False
         self.stream = RequestStream(request.request_id, on_abandon or (lambda _request_id: None))
+        self.slot: int | None = None  # its KV slot while running (the scheduler assigns it)
+        self.kv_len = 0  # positions of its slot written so far (prompt chunks, then one per decode)
+        self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
 
     @property
     def request_id(self) -> str:
@@ -109,6 +112,14 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.status is SequenceStatus.RUNNING and self.kv_len < self.prompt_len
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.status is SequenceStatus.RUNNING and self.kv_len >= self.prompt_len
 
     def append(self, token: Token, text: str, top_tokens, prefill) -> TokenEvent:
         """Record a generated token, decide whether to stop, emit its event (the stream is

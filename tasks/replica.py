@@ -75,11 +75,12 @@ class Replica:
             max_batch_size=s.max_batch_size,
             max_batch_total_tokens=s.max_batch_total_tokens,
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,
-            max_waiting_tokens=s.max_waiting_tokens,
-            waiting_served_ratio=s.waiting_served_ratio,
+            max_total_tokens=s.max_total_tokens,
         )
         self.relay = StreamRelay(self.redis, cancel=lambda request_id: self.engine.cancel(request_id))
-        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step).start()
+        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
+                             cuda_graphs=s.cuda_graphs).start()
+        stats = self.engine.stats()
         self.facts = {
             "model_id": s.model_id,
             "model_sha": source.sha,
@@ -89,6 +90,9 @@ class Replica:
             "weight_source": prepared.source,
             "weight_seconds": round(prepared.seconds, 3),
             "load_seconds": round(time.perf_counter() - started, 3),
+            "kv_slots": stats.kv_slots,
+            "cuda_graphs": stats.cuda_graphs,
+            "graph_capture_seconds": round(stats.graph_capture_seconds, 3),
         }
         log.info("replica %s loaded %s on %s in %.1f s (%s)", self.name, s.model_id, device,
                  self.facts["load_seconds"], prepared.source)
@@ -105,7 +109,7 @@ class Replica:
             "waiting": stats.waiting if stats else 0,
             "batch_tokens": stats.batch_tokens if stats else 0,
             "max_batch_size": self.settings.max_batch_size,
-            "max_batch_total_tokens": self.settings.max_batch_total_tokens,
+            "max_batch_total_tokens": stats.max_batch_total_tokens if stats else self.settings.max_batch_total_tokens,
             "updated_at": time.time(),
             **self.facts,
         }

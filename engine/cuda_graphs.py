@@ -1,0 +1,93 @@
+"""The decode step replayed as CUDA graphs (CUDA only).
+
+An eager decode step of a 30-layer model launches ~1,300 small kernels, ~7 µs of host time
+each; replayed from a graph each costs ~1 µs, so the step stops being bound by the host.
+
+One graph per (batch bucket, KV-length bucket), captured at start, largest first, sharing one
+memory pool (as nano-vllm does). Every number a captured kernel sees is either part of that key
+(the batch size, the attended length) or read from a static device buffer (token ids,
+positions): a replay with new values computes with them, never with values from the capture.
+Rows past the live batch are padding: they write at column 0 of a free slot and are dropped.
+Shapes without a graph (a length over the largest bucket) run eagerly.
+Sampling runs after the replay, eagerly, on the graph's logits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(slots: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < slots]
+    return small + list(range(16, slots, 16)) + [slots]
+
+
+def length_buckets(slot_length: int) -> list[int]:
+    lengths, length = [], 256
+    while length < slot_length:
+        lengths.append(length)
+        length *= 2
+    return lengths + [slot_length]
+
+
+class DecodeGraphs:
+    def __init__(self, runner):
+        self.runner = runner
+        cache = runner.cache
+        self.batches = batch_buckets(cache.slots)
+        self.lengths = length_buckets(cache.slot_length)
+        self.ids = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # [S] static inputs
+        self.positions = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)
+        self._staging = torch.zeros((2, cache.slots), dtype=torch.long, pin_memory=True)  # host side of both
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
+        self.capture_seconds = 0.0
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.perf_counter()
+        pool = None
+        for batch in reversed(self.batches):
+            for length in reversed(self.lengths):
+                graph = torch.cuda.CUDAGraph()
+                self._warm_up(batch, length)
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[(batch, length)] = self._step(batch, length)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[(batch, length)] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - started
+        log.info("captured %d decode CUDA graphs (batch %s × KV length %s) in %.1f s",
+                 len(self.graphs), self.batches, self.lengths, self.capture_seconds)
+
+    def _warm_up(self, batch: int, length: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(batch, length)
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def _step(self, batch: int, length: int) -> torch.Tensor:
+        return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length)
+
+    def replay(self, ids: list[int], positions: list[int], length: int) -> torch.Tensor | None:
+        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits.
+        `positions` may go on past B: the columns the padding rows over occupied slots write."""
+        rows = len(ids)
+        batch = next((b for b in self.batches if b >= rows), None)
+        bucket = next((n for n in self.lengths if n >= length), None)
+        if batch is None or bucket is None:
+            return None
+        staging = self._staging
+        staging.zero_()  # padding rows over free slots: token 0 written at column 0
+        staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
+        staging[1, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+        self.ids.copy_(staging[0], non_blocking=True)
+        self.positions.copy_(staging[1], non_blocking=True)
+        self.graphs[(batch, bucket)].replay()
+        return self.outputs[(batch, bucket)][:rows].float()

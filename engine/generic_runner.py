@@ -1,0 +1,68 @@
+"""The generic path: any causal LM transformers can run with its own cache, one request at a time.
+
+Architectures the slotted KV cache does not cover (see `model_runner.SLOT_FAMILIES`) still run:
+each slot keeps a transformers `DynamicCache`, prompts and decode rows go through the model one
+by one. Correct and slow; the engine logs when a model takes this path.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from engine.model_runner import PrefillOutput
+from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
+
+
+class GenericRunner:
+    graphs = None
+
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        self._caches: dict[int, DynamicCache] = {}  # slot -> that request's cache
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def apply_moves(self, moves: list[SlotMove]) -> None:
+        for move in moves:
+            self._caches[move.target] = self._caches.pop(move.source)
+
+    def reset(self) -> None:
+        self._caches.clear()
+
+    @torch.inference_mode()
+    def decode(self, batch: ScheduledBatch) -> torch.Tensor:
+        rows = []
+        for slot, sequence in enumerate(batch.decode):
+            if sequence is None:
+                rows.append(None)
+                continue
+            rows.append(self._forward(slot, [batch.decode_ids[slot]], batch.decode_positions[slot], False)[0, -1])
+        width = next(r for r in rows if r is not None).shape[-1]
+        return torch.stack([r if r is not None else torch.zeros(width, device=self.device) for r in rows])
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk], all_logits: bool) -> PrefillOutput:
+        outputs = []
+        for chunk in chunks:
+            if chunk.start == 0:
+                self._caches[chunk.sequence.slot] = DynamicCache()
+            outputs.append(self._forward(chunk.sequence.slot, list(chunk.token_ids), chunk.start, all_logits)[0])
+        last = torch.stack([o[-1] for o in outputs])
+        if not all_logits:
+            return PrefillOutput(last, None)
+        width = max(o.shape[0] for o in outputs)  # left-pad to one width, as the slot runner does
+        padded = torch.stack([torch.cat([o.new_zeros((width - o.shape[0], o.shape[1])), o]) for o in outputs])
+        return PrefillOutput(last, padded)
+
+    def _forward(self, slot: int, ids: list[int], start: int, all_logits: bool) -> torch.Tensor:
+        positions = torch.arange(start, start + len(ids), device=self.device).view(1, -1)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=positions,
+            **{self._cache_kwarg: self._caches[slot]},
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        return out.logits.float()

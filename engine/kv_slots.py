@@ -1,0 +1,108 @@
+"""The KV cache as slots: one row per request, allocated once, written in place.
+
+Every layer holds keys and values as `[slots, kv_heads, capacity, head_dim]`. A request owns a
+slot from its first prefill chunk to its end; its token at position p lives at column p of its
+row. Requests joining or leaving copy nothing, except that a leaving request's row is refilled
+with the highest occupied row (`move`), so the occupied slots are always `0..n-1` and a decode
+step attends over the view `[:n, :, :length]` without gathering anything.
+
+The transformers model calls `update(key, value, layer_idx)` in every attention layer; what it
+writes where is set for the whole forward by `decode_plan` / `prefill_plan` (device tensors,
+so a captured CUDA graph replays with new positions). Unused columns stay finite (zeros or an
+earlier request's values): masked positions still enter SDPA's weighted sum as 0 × value, and a
+NaN there would poison the row.
+
+Capacity (columns) grows geometrically up to `slot_length` when `growable` (CPU: memory is
+taken as requests need it); a captured graph needs fixed addresses, so CUDA allocates it all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+@dataclass
+class DecodePlan:
+    rows: torch.Tensor  # [B] long: 0..B-1, the batch is slots 0..B-1
+    length: int  # columns attended (> every row's position)
+    positions: torch.Tensor  # [B] long: the column each row's new token is written to
+
+
+@dataclass
+class PrefillPlan:
+    slots: torch.Tensor  # [b, 1] long
+    columns: torch.Tensor  # [b, P] long: the column each input position is written to
+    continuing: tuple[int, int] | None = None  # (slot, columns): one row continuing its prompt
+
+
+class SlotLayer(DynamicLayer):
+    def __init__(self, cache: "SlotKVCache", index: int):
+        super().__init__()
+        self._cache = cache
+        self._index = index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self._cache.write(self._index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return 0  # positions come from position_ids and the 4D mask, never from the cache
+
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        return query_length, 0
+
+
+class SlotKVCache(Cache):
+    def __init__(self, num_layers: int, slots: int, slot_length: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, growable: bool):
+        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
+        self.slots = slots
+        self.slot_length = slot_length
+        self.growable = growable
+        shape = (slots, kv_heads, 0 if growable else slot_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.plan: DecodePlan | PrefillPlan | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def ensure_capacity(self, columns: int) -> None:
+        """Make room for `columns` positions per slot (a copy, a few times per slot length)."""
+        if columns <= self.capacity:
+            return
+        if not self.growable or columns > self.slot_length:
+            raise ValueError(f"{columns} positions do not fit a slot of {self.slot_length}")
+        grown = min(self.slot_length, max(columns, 2 * self.capacity, 64))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros((old.shape[0], old.shape[1], grown, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's new keys/values [b, H, q, D]; return what attention reads."""
+        keys, values, plan = self.keys[layer], self.values[layer], self.plan
+        if isinstance(plan, DecodePlan):
+            batch = plan.rows.shape[0]
+            keys[plan.rows, :, plan.positions] = key[:, :, 0]
+            values[plan.rows, :, plan.positions] = value[:, :, 0]
+            return keys[:batch, :, : plan.length], values[:batch, :, : plan.length]
+        keys[plan.slots, :, plan.columns] = key.transpose(1, 2)  # [b, P, H, D] at (slot, column)
+        values[plan.slots, :, plan.columns] = value.transpose(1, 2)
+        if plan.continuing is not None:  # it attends to its earlier chunks too
+            slot, columns = plan.continuing
+            return keys[slot : slot + 1, :, :columns], values[slot : slot + 1, :, :columns]
+        return key, value  # prompts from column 0 attend to themselves only
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` columns into slot `target` (compaction)."""
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
