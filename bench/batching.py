@@ -2,12 +2,16 @@
 
     .venv/bin/python -m bench.batching            # the full run (a few minutes on 2 CPU cores)
     .venv/bin/python -m bench.batching --quick    # 8 requests x 16 tokens, to try it out
+    .venv/bin/python -m bench.batching --device cuda --random-weights           # a GPU without model files
+    .venv/bin/python -m bench.batching --device cuda --random-weights --architecture llama-3.2-1b \
+        --requests 64 --skip service naive                                       # the 1B-class comparison
 
 Modes: ceiling (one static batch through model.generate), naive (one request at a time through
-model.generate), engine (requests submitted to our engine, arriving staggered over the first
-second), service (concurrent streaming HTTP clients through web + Celery + Redis + one
-replica), and a mixed-length run through the service. Prints a table and the target ratios;
-writes bench/results/batching.json and batching.png.
+model.generate), anchor (transformers' forward over a StaticCache, one CUDA graph replayed per
+step: the speed of this model code with the host out of the way), engine (requests submitted to
+our engine, arriving staggered over the first second), service (concurrent streaming HTTP
+clients through web + Celery + Redis + one replica), and a mixed-length run through the service.
+Prints a table and the target ratios; writes bench/results/batching[-NAME].json and .png.
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from bench.common import (
     print_table,
     save,
 )
+from bench.graph_anchor import anchor_generate
 from bench.http_load import ServeProcess, stream_requests
+from bench.random_model import ARCHITECTURES, random_model, word_tokenizer, write_random_model
 
 
 def run_ceiling(model, prompts, new_tokens) -> dict:
@@ -54,6 +60,13 @@ def run_naive(model, prompts, new_tokens) -> dict:
             "tokens_per_s": tokens / watch.seconds}
 
 
+def run_anchor(model, prompts, new_tokens) -> dict:
+    _tokens, seconds = anchor_generate(model, prompts, new_tokens)
+    tokens = new_tokens * len(prompts)
+    return {"mode": "anchor", "requests": len(prompts), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds}
+
+
 def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
     """Requests arrive staggered over `spread_s`; token times are taken by a step listener (as
     a replica's stream relay does), so client threads wake once per request, not per token."""
@@ -68,7 +81,10 @@ def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
         for event in events:
             token_times.setdefault(event.request_id, []).append(now)
 
-    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=max(32, len(prompts))), step_listener=on_step).start()
+    slots = max(32, len(prompts))
+    slot_length = 1024 if len(prompts[0]) + new_tokens <= 1024 else 4096
+    config = SchedulerConfig(max_batch_size=slots, max_total_tokens=slot_length, max_batch_total_tokens=slots * slot_length)
+    engine = Engine(model, tokenizer, config, step_listener=on_step).start()
     sent_at: dict[str, float] = {}
 
     def client(n, prompt):
@@ -110,21 +126,15 @@ def mixed_workload(tokenizer, count, seed=0) -> list[tuple[str, int]]:
     return jobs
 
 
-IN_PROCESS_MODES = ("ceiling", "naive", "engine")
+IN_PROCESS_MODES = ("ceiling", "naive", "anchor", "engine")
 
 
 def run_mode(args) -> dict:
     """One in-process mode, in a process of its own (`--only MODE`): a fresh process keeps one
     mode's state from slowing the next (two threads that each ran torch ops get two OpenMP thread
     teams, which on 2 cores makes every op's barriers slower)."""
-    from transformers import AutoTokenizer
-
-    from engine.weights import load_model
-
     device = torch.device(args.device)
-    model_dir = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, device, None)
+    model, tokenizer = load(args, device)
     prompts = equal_length_prompts(tokenizer, args.requests, args.prompt_tokens)
     # Each mode warms up on its own full batch shape first (allocator, kernels; on a GPU the
     # first pass at a new shape costs several times a steady one).
@@ -134,12 +144,40 @@ def run_mode(args) -> dict:
     if args.only == "naive":
         run_naive(model, prompts[:1], 8)
         return run_naive(model, prompts[: args.naive_requests], args.new_tokens)
+    if args.only == "anchor":
+        run_anchor(model, prompts, 8)
+        return run_anchor(model, prompts, args.new_tokens)
     run_engine(model, tokenizer, prompts, 8, spread_s=0)
     return run_engine(model, tokenizer, prompts, args.new_tokens)
 
 
+def load(args, device: torch.device):
+    """The model and its tokenizer: the default model's files, or random weights."""
+    if args.random_weights:
+        model = random_model(args.architecture, device)
+        return model, word_tokenizer(model.config.vocab_size)
+    from transformers import AutoTokenizer
+
+    from engine.weights import load_model
+
+    model_dir = default_model_dir()
+    return load_model(model_dir, device, None), AutoTokenizer.from_pretrained(model_dir)
+
+
+def model_dir(args):
+    """What `blitzscale serve` loads: the default model, or the random one written once."""
+    if not args.random_weights:
+        return default_model_dir()
+    import tempfile
+    from pathlib import Path
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return write_random_model(args.architecture, Path(tempfile.gettempdir()) / f"blitzscale-random-{args.architecture}", dtype)
+
+
 def in_subprocess(args, mode: str) -> dict:
-    argv = [sys.executable, "-m", "bench.batching", "--only", mode, "--device", args.device]
+    argv = [sys.executable, "-m", "bench.batching", "--only", mode, "--device", args.device,
+            "--architecture", args.architecture] + (["--random-weights"] if args.random_weights else [])
     for name in ("requests", "new_tokens", "prompt_tokens", "naive_requests"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -157,6 +195,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ceiling/engine/service; best kept")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--random-weights", action="store_true", help="build the architecture with random weights")
+    parser.add_argument("--architecture", default="smollm2-135m", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "anchor", "service", "mixed"])
+    parser.add_argument("--prefill-tokens", type=int, default=None,
+                        help="the service's --max-batch-prefill-tokens (the prefill chunk per step)")
+    parser.add_argument("--name", default="", help="suffix of the results file")
     parser.add_argument("--only", choices=IN_PROCESS_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -165,43 +209,81 @@ def main() -> None:
     if args.only:
         print(json.dumps(run_mode(args)))
         return
+    rows, rounds = run_all(args)
+    report(args, rows, rounds)
 
-    from transformers import AutoTokenizer
 
-    model_dir = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def run_all(args) -> tuple[list[dict], dict]:
+    """Every mode; the ones that vary most alternate over rounds and keep their best."""
+    if args.random_weights:
+        tokenizer = word_tokenizer(ARCHITECTURES[args.architecture]["vocab_size"])
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     prompts = equal_length_prompts(tokenizer, args.requests, args.prompt_tokens)
-    print(f"model {model_dir} on {args.device}, {args.requests} requests x {args.new_tokens} tokens, {args.rounds} rounds")
-    # This machine's speed drifts between runs: alternate the modes and keep each one's best.
-    rounds = {"ceiling": [], "engine": [], "service": []}
-    texts = [tokenizer.decode(p) for p in prompts]
-    with ServeProcess(max_batch_size=max(32, args.requests), device=args.device) as server:
-        stream_requests(server.base_url, texts[:2], 4)  # warm-up
-        for _ in range(args.rounds):
-            rounds["ceiling"].append(in_subprocess(args, "ceiling"))
-            rounds["engine"].append(in_subprocess(args, "engine"))
-            rounds["service"].append({"mode": "service", **stream_requests(server.base_url, texts, args.new_tokens)})
-        mixed = mixed_workload(tokenizer, args.mixed_requests)
-        mixed_row = {"mode": "service-mixed", **stream_requests(server.base_url, [t for t, _ in mixed], [n for _, n in mixed])}
-    rows = [best(rounds["ceiling"]), in_subprocess(args, "naive"), best(rounds["engine"]), best(rounds["service"]), mixed_row]
+    print(f"{args.architecture}{' (random weights)' if args.random_weights else ''} on {args.device}, "
+          f"{args.requests} requests x {args.new_tokens} tokens, {args.rounds} rounds")
+    rounds = {"ceiling": [], "engine": []}
+    for _ in range(args.rounds):
+        rounds["ceiling"].append(in_subprocess(args, "ceiling"))
+        rounds["engine"].append(in_subprocess(args, "engine"))
+    rows = [best(rounds["ceiling"]), best(rounds["engine"])]
+    if "anchor" not in args.skip:
+        rows.append(in_subprocess(args, "anchor"))
+    if "naive" not in args.skip:
+        rows.append(in_subprocess(args, "naive"))
+    if "service" not in args.skip:
+        rows += run_service(args, tokenizer, prompts, rounds)
+    return rows, rounds
 
+
+def run_service(args, tokenizer, prompts, rounds) -> list[dict]:
+    texts = [tokenizer.decode(p) for p in prompts]
+    settings = {"model_id": model_dir(args), "max_batch_size": max(32, args.requests), "device": args.device}
+    if args.prefill_tokens:
+        settings["max_batch_prefill_tokens"] = args.prefill_tokens
+    rows = []
+    with ServeProcess(**settings) as server:
+        stream_requests(server.base_url, texts, 8)  # warm-up at the measured batch shape
+        rounds["service"] = [{"mode": "service", **stream_requests(server.base_url, texts, args.new_tokens)}
+                             for _ in range(args.rounds)]
+        rows.append(best(rounds["service"]))
+        if "mixed" not in args.skip:
+            mixed = mixed_workload(tokenizer, args.mixed_requests)
+            rows.append({"mode": "service-mixed",
+                         **stream_requests(server.base_url, [t for t, _ in mixed], [n for _, n in mixed])})
+    return rows
+
+
+def report(args, rows: list[dict], rounds: dict) -> None:
     by_mode = {r["mode"]: r for r in rows}
-    ceiling = by_mode["ceiling"]["tokens_per_s"]
-    ratios = {
-        "engine/ceiling": by_mode["engine"]["tokens_per_s"] / ceiling,
-        "service/ceiling": by_mode["service"]["tokens_per_s"] / ceiling,
-        "service/naive": by_mode["service"]["tokens_per_s"] / by_mode["naive"]["tokens_per_s"],
-    }
-    print_table(rows, ["mode", "requests", "tokens", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"])
-    targets = {"engine/ceiling": 0.95, "service/ceiling": 0.9, "service/naive": 8.0}
+    for row in rows:
+        if row["mode"] in ("ceiling", "engine", "anchor"):
+            row["ms_per_step"] = 1000 * row["seconds"] / args.new_tokens
+    rate = {mode: row["tokens_per_s"] for mode, row in by_mode.items()}
+    ratios, targets = {}, {}
+    for name, (top, bottom, target) in {
+        "engine/ceiling": ("engine", "ceiling", 0.95 if args.device == "cpu" else 3.0),
+        "engine/anchor": ("engine", "anchor", 1.0),
+        "service/engine": ("service", "engine", 0.8),
+        "service/ceiling": ("service", "ceiling", 0.9),
+        "service/naive": ("service", "naive", 8.0),
+    }.items():
+        if top in rate and bottom in rate:
+            ratios[name], targets[name] = rate[top] / rate[bottom], target
+    print_table(rows, ["mode", "requests", "tokens", "seconds", "tokens_per_s", "ms_per_step",
+                       "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"])
     for name, value in ratios.items():
         verdict = "meets" if value >= targets[name] else "MISSES"
         print(f"{name:16s} {value:6.2f}  (target >= {targets[name]}: {verdict})")
     for mode, runs in rounds.items():
         print(f"{mode:8s} tokens/s per round: " + ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs))
-    results = {"device": args.device, "model": str(model_dir), "cpu_count": os.cpu_count(), "args": vars(args),
-               "rows": rows, "rounds": rounds, "ratios": ratios, "targets": targets}
-    path = save("batching", results)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()}-core CPU"
+    results = {"device": args.device, "device_name": device_name, "architecture": args.architecture,
+               "random_weights": args.random_weights, "args": vars(args), "rows": rows, "rounds": rounds,
+               "ratios": ratios, "targets": targets}
+    path = save("batching" + (f"-{args.name}" if args.name else ""), results)
     plot(rows, path.with_suffix(".png"))
     print(f"results: {path} and {path.with_suffix('.png')}")
 
