@@ -79,6 +79,9 @@ class ReplicaStateSchema(Schema):
     weight_source = fields.String(allow_none=True, metadata={"description": "directory | host-cache | gguf-conversion"})
     weight_seconds = fields.Float(allow_none=True)
     load_seconds = fields.Float(allow_none=True)
+    kv_slots = fields.Integer(allow_none=True, metadata={"description": "requests its KV cache holds at once"})
+    cuda_graphs = fields.Integer(allow_none=True, metadata={"description": "decode CUDA graphs captured at start (0 on CPU)"})
+    graph_capture_seconds = fields.Float(allow_none=True)
     updated_at = fields.Float(allow_none=True)
     celery = fields.Nested(CeleryViewSchema, allow_none=True)
 

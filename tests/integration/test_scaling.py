@@ -58,6 +58,7 @@ def test_up_down_and_up_again(cluster):
     assert response.status_code == 200 and response.content == b""
     replica = cluster.wait_state(1, "active", timeout=60)
     assert replica["weight_source"] == "directory" and replica["load_seconds"] > 0 and replica["device"] == "cpu"
+    assert replica["kv_slots"] >= 1 and replica["cuda_graphs"] == 0  # no graphs on CPU
     assert celery_queues(cluster)[replica["name"]] == ["generation"]
     assert_agrees_with_celery(cluster)
 
