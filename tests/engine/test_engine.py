@@ -30,9 +30,9 @@ def model_and_tokenizer(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def make_engine(model_and_tokenizer, **config) -> Engine:
+def make_engine(model_and_tokenizer, step_listener=None, **config) -> Engine:
     model, tokenizer = model_and_tokenizer
-    return Engine(model, tokenizer, SchedulerConfig(**config)).start()
+    return Engine(model, tokenizer, SchedulerConfig(**config), step_listener=step_listener).start()
 
 
 @pytest.fixture
@@ -53,6 +53,16 @@ def request(tokenizer, rid, text, max_new_tokens=12, stop=(), ignore_eos=True, *
 
 def token_ids(events) -> list[int]:
     return [e.token.id for e in events]
+
+
+def eventually(condition, timeout: float = 5.0) -> bool:
+    """Poll until `condition()` holds (the engine acts at its next step boundary)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def test_lone_greedy_request_equals_transformers_generate(engine, tiny_reference):
@@ -109,10 +119,7 @@ def test_cancel_frees_the_slot_within_a_step(engine, tiny_reference):
     engine.cancel("long")
     with pytest.raises(RequestCancelled):
         list(stream)
-    deadline = time.monotonic() + 2
-    while engine.stats().running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats().running == 0
+    assert eventually(lambda: engine.stats().running == 0)
     assert engine.stats().batch_tokens == 0
 
 
@@ -120,10 +127,7 @@ def test_closing_the_event_iterator_cancels(engine, tiny_reference):
     stream = engine.submit(request(tiny_reference.tokenizer, "closed", "Hello", max_new_tokens=2000))
     next(stream)
     stream.close()
-    deadline = time.monotonic() + 2
-    while engine.stats().running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats().running == 0
+    assert eventually(lambda: engine.stats().running == 0)
 
 
 def test_a_finished_request_frees_its_kv_memory_at_once(engine, tiny_reference):
@@ -131,12 +135,11 @@ def test_a_finished_request_frees_its_kv_memory_at_once(engine, tiny_reference):
     long_prompt = " ".join(PROMPTS * 3)
     short = engine.submit(request(tokenizer, "short", long_prompt, max_new_tokens=3))
     running = engine.submit(request(tokenizer, "running", "Hello", max_new_tokens=400))
-    list(short)
+    list(short)  # its stream ends once its slot is given back
     next(running)
-    time.sleep(0.05)
     stats = engine.stats()
     assert stats.running == 1
-    # One row left, and its padding up to the long prompt's length trimmed away.
+    # One request left, holding only its own positions.
     assert stats.batch_tokens < len(tokenizer(long_prompt).input_ids)
     running.close()
 
@@ -148,8 +151,9 @@ def test_requests_over_the_token_budget_wait_in_the_replica(model_and_tokenizer,
         first = engine.submit(request(tokenizer, "a", "Hello", max_new_tokens=2000))
         next(first)
         second = engine.submit(request(tokenizer, "b", "Hello", max_new_tokens=2000))
-        time.sleep(0.05)
-        assert engine.stats().running == 1 and engine.stats().waiting == 1
+        for _ in range(20):  # the first keeps generating; the second keeps waiting
+            next(first)
+            assert engine.stats().running == 1 and engine.stats().waiting == 1
         first.close()  # the first leaves: the second now fits and runs to the end
         assert len(list(second)) == 2000
         with pytest.raises(EngineError, match="batch budget"):
@@ -160,13 +164,13 @@ def test_requests_over_the_token_budget_wait_in_the_replica(model_and_tokenizer,
 
 def test_batch_size_limit(model_and_tokenizer, tiny_reference):
     tokenizer = tiny_reference.tokenizer
-    engine = make_engine(model_and_tokenizer, max_batch_size=2)
+    rows_per_step = []
+    engine = make_engine(model_and_tokenizer, step_listener=lambda events: rows_per_step.append(len(events)),
+                         max_batch_size=2)
     try:
         streams = [engine.submit(request(tokenizer, f"b{n}", "Hello", max_new_tokens=50)) for n in range(3)]
-        next(streams[0])
-        time.sleep(0.1)
-        assert engine.stats().running <= 2
-        assert [len(list(s)) for s in streams] == [49, 50, 50]
+        assert [len(list(s)) for s in streams] == [50, 50, 50]
+        assert max(rows_per_step) == 2  # the third waited for a free slot
     finally:
         engine.stop()
 
