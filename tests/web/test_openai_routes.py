@@ -1,0 +1,210 @@
+"""The OpenAI-compatible routes through the real web app, real Redis and a scripted replica:
+body shapes, streams, choices, and every error path as JSON (the real model: tests/integration)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from blitzscale.settings import Settings
+from tests.web.fake_replica import FakeReplica, reply
+from web.app import create_app
+
+TEMPLATE = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}a{% endif %}"
+RAISING_TEMPLATE = "{{ raise_exception('no system messages here') }}"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The word-level tokenizer of the web tests, with a chat template."""
+    directory = tmp_path_factory.mktemp("chat-model")
+    shutil.copy(model_dir / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "chat_template.jinja").write_text(TEMPLATE)
+    return directory
+
+
+def make_client(model_dir, redis_url, **overrides):
+    settings = Settings(model_id=str(model_dir), redis_url=redis_url, max_input_tokens=10, max_total_tokens=20,
+                        queue_timeout=3.0, replica_silence_timeout=3.0, keep_alive_interval=0.1, **overrides)
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def client(chat_model_dir, redis_url, redis_client):
+    return make_client(chat_model_dir, redis_url)
+
+
+def chat(client, **body):
+    body.setdefault("messages", [{"role": "user", "content": "hello world"}])
+    return client.post("/v1/chat/completions", json={"model": "tiny", **body})
+
+
+def sse_payloads(response) -> list:
+    lines = [line for line in response.get_data(as_text=True).split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: "):] for line in lines]
+
+
+def test_chat_answer_shape_and_usage(client):
+    with FakeReplica(client.application.extensions["blitzscale"].settings.redis_url, reply([" a", " b"])) as replica:
+        response = chat(client, temperature=0, max_tokens=2)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " a b"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    job = replica.jobs[0]
+    assert body["usage"] == {"prompt_tokens": len(job.input_ids), "completion_tokens": 2,
+                             "total_tokens": len(job.input_ids) + 2}
+    assert job.parameters["do_sample"] is False and job.parameters["max_new_tokens"] == 2
+
+
+def test_chat_stream_ends_with_done_and_usage(client, redis_url):
+    with FakeReplica(redis_url, reply([" a", " b"], finish_reason="eos_token")):
+        response = chat(client, stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+        payloads = sse_payloads(response)  # read while the replica runs
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert len({c["id"] for c in chunks}) == 1
+    content = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["delta"].get("content", "") for c in content) == " a b"
+    assert [c["finish_reason"] for c in content] == [None, None, "stop"]
+    assert [len(c["logprobs"]["content"][0]["top_logprobs"]) for c in content[:2]] == [2, 2]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_n_choices_are_independent_jobs_with_derived_seeds(client, redis_url):
+    with FakeReplica(redis_url, reply([" a"])) as replica:
+        body = chat(client, n=2, seed=7).get_json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    seeds = sorted(job.parameters["seed"] for job in replica.jobs)
+    assert len(replica.jobs) == 2 and 7 in seeds and len(set(seeds)) == 2
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_completions_several_prompts_times_n_and_echo(client, redis_url):
+    with FakeReplica(redis_url, reply([" c"])) as replica:
+        response = client.post("/v1/completions", json={"prompt": ["hello", "world"], "n": 2, "echo": True,
+                                                       "logprobs": 1})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert [c["text"] for c in body["choices"]] == ["hello c", "hello c", "world c", "world c"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["logprobs"]["text_offset"] == [5]
+    assert len(replica.jobs) == 4 and all(j.parameters["max_new_tokens"] == 16 for j in replica.jobs)  # OpenAI default
+    assert body["usage"]["prompt_tokens"] == 2  # each prompt once, not once per choice
+
+
+def test_completions_stream_with_several_choices(client, redis_url):
+    with FakeReplica(redis_url, reply([" a", " b"])):
+        response = client.post("/v1/completions", json={"prompt": "hello", "n": 2, "stream": True})
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == " a b"
+        assert [c["finish_reason"] for c in mine] == [None, None, "length"]
+
+
+def test_models_and_tokenize(client):
+    models = client.get("/v1/models").get_json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert models["data"][0]["max_model_len"] == 20
+    tokens = client.post("/tokenize", json={"inputs": "hello paris"}).get_json()
+    assert [(t["text"], t["start"], t["stop"]) for t in tokens] == [("hello", 0, 5), ("paris", 6, 11)]
+    assert client.post("/tokenize", json={"inputs": "hello paris", "parameters": {"truncate": 1}}).get_json() == \
+        tokens[-1:]
+    templated = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hello"}]}).get_json()
+    assert templated["templated_text"] == "user hello a"
+    assert [t["text"] for t in templated["tokenize_response"]] == ["user", "hello", "a"]
+
+
+def test_content_parts_are_joined_without_separator(client):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    templated = client.post("/chat_tokenize", json={"messages": messages}).get_json()
+    assert templated["templated_text"] == "user hello a"
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"messages": []}, 422, "`messages` cannot be empty"),
+    ({"n": 3}, 422, "`n` must be > 0 and <= 2. Given: 3"),
+    ({"temperature": -1}, 422, "`temperature` must be strictly positive"),
+    ({"top_p": 1.5}, 422, "`top_p` must be > 0.0 and < 1.0"),
+    ({"presence_penalty": 3}, 422, "`presence_penalty` must be >= -2.0 and <= 2.0"),
+    ({"frequency_penalty": -3}, 422, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"logit_bias": {"x": 1}}, 422, "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"99999": 1}}, 422, "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"1": 101}}, 422, "`logit_bias` values must be >= -100 and <= 100"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 422, "`stop` supports up to 4 stop sequences. Given: 5"),
+    ({"logprobs": True, "top_logprobs": 9}, 422, "`top_logprobs` must be >= 0 and <= 5. Given: 9"),
+    ({"messages": [{"role": "user", "content": "hello " * 12}]}, 422, "`inputs` must have less than 10 tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "text content"),
+    ({"tools": [{"type": "function"}]}, 422, "`tools` is not supported"),
+    ({"messages": "hello"}, 422, "`messages`"),
+    ({"stop": 3}, 422, "`stop`"),
+])
+def test_chat_errors_are_json(client, body, status, fragment):
+    response = chat(client, **body)
+    assert response.status_code == status
+    assert fragment in response.get_json()["error"] and response.get_json()["error_type"] == "validation"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": []}, "Empty array detected. Do not use an empty array for the prompt."),
+    ({"prompt": ["a"] * 5}, "Number of prompts exceeds the maximum allowed batch size of 4"),
+    ({"prompt": "a", "suffix": "b"}, "Suffix is not supported and can be achieved by preprocessing the prompt."),
+    ({"prompt": "a", "logprobs": 6}, "`logprobs` must be >= 0 and <= 5"),
+    ({"prompt": "a", "max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+])
+def test_completion_errors_are_json(client, body, fragment):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 422 and fragment in response.get_json()["error"]
+
+
+def test_no_template_is_a_template_error(model_dir, redis_url, redis_client):
+    client = make_client(model_dir, redis_url)
+    response = chat(client)
+    assert response.status_code == 422
+    assert response.get_json() == {"error": "Template error: template not found", "error_type": "template_error"}
+    assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 422
+
+
+def test_template_raise_exception_is_a_template_error(chat_model_dir, redis_url, redis_client, tmp_path):
+    shutil.copy(chat_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(RAISING_TEMPLATE)
+    response = chat(make_client(tmp_path, redis_url))
+    assert response.status_code == 422
+    assert response.get_json() == {"error": "Template error: no system messages here", "error_type": "template_error"}
+
+
+def test_api_key_guards_generation_and_tokenize_not_models(chat_model_dir, redis_url, redis_client):
+    client = make_client(chat_model_dir, redis_url, api_key="sesame")
+    assert chat(client).status_code == 401
+    assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 401
+    assert client.post("/tokenize", json={"inputs": "a"}).status_code == 401
+    assert client.get("/v1/models").status_code == 200
+    assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 200
+    authorized = client.post("/tokenize", json={"inputs": "hello"}, headers={"Authorization": "Bearer sesame"})
+    assert authorized.status_code == 200
+
+
+def test_overloaded_is_429_and_counted(chat_model_dir, redis_url, redis_client):
+    client = make_client(chat_model_dir, redis_url, max_concurrent_requests=0)
+    response = chat(client)
+    assert response.status_code == 429 and response.get_json()["error_type"] == "overloaded"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'tgi_request_failure_total{err="overloaded"} 1.0' in metrics
+
+
+def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
+    from tests.web.fake_replica import fail_after
+
+    with FakeReplica(redis_url, fail_after([" a"], "boom")):
+        response = chat(client, stream=True)
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert "boom" in error["message"] and error["type"] == "generation" and error["code"] == 424
