@@ -208,3 +208,19 @@ def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
     assert "boom" in error["message"] and error["type"] == "generation" and error["code"] == 424
+
+
+def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis_url):
+    with FakeReplica(redis_url, reply([" a"])):
+        response = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}], "n": 2},
+            headers={"x-request-id": "my-chat-1"})
+        streamed = client.post("/v1/completions", json={"prompt": "hello", "stream": True})
+        sse_payloads(streamed)
+    assert response.status_code == 200 and response.headers["x-request-id"] == "my-chat-1"
+    assert streamed.headers["x-request-id"]
+    chat(client, messages=[])  # a validation failure
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_count_total 3.0" in metrics  # one per HTTP request, whatever its choices
+    assert "tgi_request_success_total 2.0" in metrics
+    assert 'tgi_request_failure_total{err="validation"} 1.0' in metrics
