@@ -22,7 +22,7 @@ from web.openai_schemas import (
     TokenizeRequestSchema,
 )
 from web.schemas import ErrorResponseSchema
-from web.service import Service, current_service
+from web.service import current_service
 from web.sse import MIMETYPE as EVENT_STREAM
 from web.tokenize import tokenize
 from web.tokenizer import TokenizerUnavailable
@@ -81,7 +81,7 @@ def tokenize_(body):
     """Tokenize inputs"""
     service = current_service()
     truncate = check_truncate((body.get("parameters") or {}).get("truncate"), service.settings)
-    return jsonify(_tokens(service, lambda: tokenize(service.tokens, body["inputs"], truncate=truncate)))
+    return jsonify(_tokens(lambda: tokenize(service.tokens, body["inputs"], truncate=truncate)))
 
 
 @public.route("/chat_tokenize", methods=["POST"])
@@ -96,7 +96,7 @@ def chat_tokenize(body):
         text = chat_plan(body, service.settings, service.chat_template, service.tokens.vocab_size).prompts[0]
         return {"tokenize_response": tokenize(service.tokens, text, add_special_tokens=False), "templated_text": text}
 
-    return jsonify(_tokens(service, templated))
+    return jsonify(_tokens(templated))
 
 
 @public.route("/v1/models", methods=["GET"])
@@ -109,7 +109,7 @@ def models():
                       "max_model_len": s.max_total_tokens}]}
 
 
-def _tokens(service: Service, work):
+def _tokens(work):
     try:
         return work()
     except TokenizerUnavailable as error:
