@@ -115,15 +115,17 @@ def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock,
         with slot:
             streams = _submit_all(service, admitted.choices)
             try:
-                outcomes = [wait_for_final(service, stream, clock) for stream in streams]
+                # Each choice on its own copy of the clock: its queue and inference times are its own.
+                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock)) for stream in streams]
             finally:
                 for stream in streams:
                     stream.close()
     except ApiError as error:
         tgi.request_failed(error.error_type)
         raise
-    tgi.request_succeeded(outcomes[-1])
-    log_outcome(outcomes[-1])
+    slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
+    tgi.request_succeeded(slowest)
+    log_outcome(slowest)
     results = [_result(c.index, o.final) for c, o in zip(admitted.choices, outcomes)]
     plan = admitted.plan
     if envelope.kind == "chat":
@@ -190,7 +192,6 @@ class OpenAIStreamSession:
 
     def _frames(self) -> Iterator[str]:
         progress = [ChoiceProgress() for _ in self._streams]
-        last_outcome = None
         try:
             for number, event in self._events():
                 if event is None:
@@ -211,12 +212,12 @@ class OpenAIStreamSession:
                     choice.token_ids[event.index] = (event.token or {}).get("id")
                     yield sse.frame(self._chunker.token(number, event.token or {}, event.top_tokens))
                 elif event.kind == EVENT_FINAL:
-                    last_outcome = Outcome.of(event, self._clock)
-                    choice.finished, choice.generated_tokens = True, last_outcome.generated_tokens
+                    outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
+                    choice.finished, choice.generated_tokens = True, outcome.generated_tokens
                     reason = finish_reason((event.details or {}).get("finish_reason"))
                     yield sse.frame(self._chunker.finish(number, reason))
                     if all(p.finished for p in progress):
-                        yield from self._succeed(progress, last_outcome)
+                        yield from self._succeed(progress, outcome)
                         return
                 elif event.kind == EVENT_ERROR:
                     yield from self._fail(from_event(event.error_type, event.error))

@@ -224,3 +224,26 @@ def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis
     assert "tgi_request_count_total 3.0" in metrics  # one per HTTP request, whatever its choices
     assert "tgi_request_success_total 2.0" in metrics
     assert 'tgi_request_failure_total{err="validation"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({}, {"do_sample": True, "temperature": 1.0, "top_p": None, "max_new_tokens": 20 - 4}),  # up to max_total_tokens
+    ({"temperature": 0, "top_p": 0.5}, {"do_sample": False, "top_p": None}),  # greedy: no sampling filter either
+    ({"temperature": 0.7, "top_p": 1.0}, {"do_sample": True, "temperature": 0.7, "top_p": None}),
+    ({"max_tokens": 500}, {"max_new_tokens": 16}),  # capped at what max_total_tokens leaves, not refused
+    ({"max_completion_tokens": 3, "max_tokens": 9}, {"max_new_tokens": 3}),
+    ({"stop": "paris"}, {"stop": ["paris"]}),
+    ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
+    ({"presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"3": -100, "5": 2.5}},
+     {"presence_penalty": 0.5, "generated_frequency_penalty": -1.0, "frequency_penalty": 0.0,
+      "logit_bias": [[3, -100.0], [5, 2.5]]}),
+    ({"logprobs": True, "top_logprobs": 4}, {"top_n_tokens": 4}),
+    ({"top_logprobs": 4}, {"top_n_tokens": 0}),  # alternatives only with logprobs
+    ({"seed": 42}, {"seed": 42, "do_sample": True}),
+])
+def test_openai_fields_become_job_parameters(client, redis_url, body, expected):
+    with FakeReplica(redis_url, reply([" a"])) as replica:
+        response = chat(client, **body)  # templated: "user hello world a", 4 tokens
+    assert response.status_code == 200, response.get_json()
+    parameters = replica.jobs[0].parameters
+    assert {key: parameters[key] for key in expected} == expected
