@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from blitzscale.settings import Settings
-from tests.web.fake_replica import FakeReplica, reply
+from tests.web.fake_replica import FakeReplica, fail_after, reply
+from tests.web.test_failover import fast, dying_replica, post_after_the_dying_replica_took_it, rerun  # noqa: F401
 from web.app import create_app
 
 TEMPLATE = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}a{% endif %}"
@@ -200,8 +201,6 @@ def test_overloaded_is_429_and_counted(chat_model_dir, redis_url, redis_client):
 
 
 def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
-    from tests.web.fake_replica import fail_after
-
     with FakeReplica(redis_url, fail_after([" a"], "boom")):
         response = chat(client, stream=True)
         payloads = sse_payloads(response)
@@ -247,3 +246,15 @@ def test_openai_fields_become_job_parameters(client, redis_url, body, expected):
     assert response.status_code == 200, response.get_json()
     parameters = replica.jobs[0].parameters
     assert {key: parameters[key] for key in expected} == expected
+
+
+def test_an_openai_stream_fails_over_without_repeating_tokens(fast, redis_url):
+    dying = dying_replica(redis_url, tokens=2)
+    survivor = FakeReplica(redis_url, rerun([" t1", " t2", " t3"]), name="replica1@test")
+    response = post_after_the_dying_replica_took_it(
+        fast, dying, "/v1/completions", {"prompt": "hello", "stream": True, "max_tokens": 3}, survivor)
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    choices = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    assert "".join(c["text"] for c in choices) == " t1 t2 t3" and choices[-1]["finish_reason"] == "length"
+    assert [job.attempt for job in survivor.jobs] == [1]
