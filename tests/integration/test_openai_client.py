@@ -204,3 +204,15 @@ def test_presence_penalty_changes_a_repetitive_greedy_answer(client):
     plain = chat(client, temperature=0, max_tokens=24).choices[0].message.content
     penalized = chat(client, temperature=0, max_tokens=24, presence_penalty=2.0, frequency_penalty=2.0)
     assert penalized.choices[0].message.content != plain
+
+
+def test_a_stream_of_several_choices_equals_their_answers(client):
+    answer = chat(client, n=2, seed=99, max_tokens=10)
+    texts = {0: "", 1: ""}
+    reasons = {}
+    for chunk in chat(client, n=2, seed=99, max_tokens=10, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert [texts[0], texts[1]] == [c.message.content for c in answer.choices]
+    assert [reasons[0], reasons[1]] == [c.finish_reason for c in answer.choices]
