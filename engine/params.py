@@ -14,7 +14,12 @@ class SamplingParams:
     top_p: float | None = None
     typical_p: float | None = None
     repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
+    frequency_penalty: float = 0.0  # TGI's: times each token occurs in the prompt and the output
+    # OpenAI's penalties count the generated tokens only: presence once per token, frequency
+    # once per occurrence (https://platform.openai.com/docs/advanced-usage, "frequency and presence").
+    presence_penalty: float = 0.0
+    generated_frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's logit_bias: (token id, added logit)
     seed: int | None = None  # the sampler's seed; set by the caller for sampled requests
 
     def __post_init__(self):
@@ -22,8 +27,12 @@ class SamplingParams:
             raise ValueError("temperature must be strictly positive")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be strictly positive")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError("frequency_penalty must be in [-2, 2]")
+        for name in ("frequency_penalty", "presence_penalty", "generated_frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError("top_k must be strictly positive")
         for name in ("top_p", "typical_p"):

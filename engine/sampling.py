@@ -6,8 +6,9 @@ one argmax and one log-softmax. A `BatchSampler` is rebuilt whenever the batch c
 changes; the per-request state (the seeded generator) lives in `RequestSampler`, so a request
 draws the same tokens whichever batch it shares.
 
-Order, as transformers and TGI apply them: repetition penalty, frequency penalty, then (sampled
-rows only) temperature, top-k, top-p, typical-p.
+Order: OpenAI's logit bias (added to the model's logits), then as transformers and TGI apply
+them: repetition penalty, frequency penalty, OpenAI's presence and frequency penalties (over the
+generated tokens only), then (sampled rows only) temperature, top-k, top-p, typical-p.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ FILTERED = -float("inf")
 class RequestSampler:
     """One request's sampling state: its settings and, when sampling, a generator seeded once."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", prompt_len: int = 0):
         self.params = params
+        self.prompt_len = prompt_len  # where its history's generated tokens begin
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
             self.generator = torch.Generator(device=device)
@@ -57,6 +59,9 @@ class BatchSampler:
         # [B, 1] each, or None when no row needs it.
         self.repetition = self._column([p.repetition_penalty for p in params], neutral=1.0)
         self.frequency = self._column([p.frequency_penalty for p in params], neutral=0.0)
+        self.presence = self._column([p.presence_penalty for p in params], neutral=0.0)
+        self.generated_frequency = self._column([p.generated_frequency_penalty for p in params], neutral=0.0)
+        self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
         self.temperature = self._column(sampled(lambda p: p.temperature), neutral=1.0)
         # Filters: a [B, 1] setting plus a [B, 1] mask of the rows that use it; the other rows
         # hold a placeholder and come out of the filter untouched.
@@ -83,12 +88,23 @@ class BatchSampler:
         enabled = torch.tensor([v is not None for v in values], device=self.device).unsqueeze(1)
         return setting, enabled
 
+    def _sparse_bias(self, biases: list[tuple]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(rows [N], token ids [N], biases [N]) of every row's logit_bias, or None if none has one."""
+        entries = [(row, token_id, bias) for row, pairs in enumerate(biases) for token_id, bias in pairs]
+        if not entries:
+            return None
+        rows, ids, values = zip(*entries)
+        return (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device),
+                torch.tensor(values, dtype=torch.float32, device=self.device))
+
     @property
     def needs_history(self) -> bool:
-        return self.repetition is not None or self.frequency is not None
+        return any(x is not None for x in (self.repetition, self.frequency, self.presence, self.generated_frequency))
 
     def process(self, logits: Tensor, history: Sequence[Sequence[int]] = ()) -> Tensor:
-        """The logits [B, V] after every row's penalties and (sampled rows only) warpers."""
+        """The logits [B, V] after every row's bias, penalties and (sampled rows only) warpers."""
+        if self.logit_bias is not None:
+            logits = add_logit_bias(logits, *self.logit_bias)
         if self.needs_history:
             logits = self._penalize(logits, history)
         if self.sampled_rows:
@@ -114,12 +130,20 @@ class BatchSampler:
         return SampleOutput(next_ids, chosen, top_ids, top_logprobs)
 
     def _penalize(self, logits: Tensor, history: Sequence[Sequence[int]]) -> Tensor:
-        counts = token_counts(history, logits.shape[1], self.device)  # [B, V]
-        if self.repetition is not None:
-            penalized = torch.where(logits < 0, logits * self.repetition, logits / self.repetition)
-            logits = torch.where(counts > 0, penalized, logits)
-        if self.frequency is not None:
-            logits = logits - self.frequency * counts
+        if self.repetition is not None or self.frequency is not None:
+            counts = token_counts(history, logits.shape[1], self.device)  # [B, V], prompt included
+            if self.repetition is not None:
+                penalized = torch.where(logits < 0, logits * self.repetition, logits / self.repetition)
+                logits = torch.where(counts > 0, penalized, logits)
+            if self.frequency is not None:
+                logits = logits - self.frequency * counts
+        if self.presence is not None or self.generated_frequency is not None:
+            generated = [ids[row.prompt_len:] for ids, row in zip(history, self.rows)]
+            counts = token_counts(generated, logits.shape[1], self.device)  # [B, V], output only
+            if self.generated_frequency is not None:
+                logits = logits - self.generated_frequency * counts
+            if self.presence is not None:
+                logits = logits - self.presence * (counts > 0)
         return logits
 
     def _warp(self, logits: Tensor) -> Tensor:
@@ -145,6 +169,12 @@ def token_counts(history: Sequence[Sequence[int]], vocab_size: int, device: torc
     counts = torch.zeros(len(history), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]
+
+
+def add_logit_bias(logits: Tensor, rows: Tensor, ids: Tensor, biases: Tensor) -> Tensor:
+    """logits[rows[i], ids[i]] += biases[i]; ids past the model's vocabulary are skipped."""
+    inside = ids < logits.shape[1]
+    return logits.index_put((rows[inside], ids[inside]), biases[inside], accumulate=True)
 
 
 def top_k_filter(logits: Tensor, k: Tensor, enabled: Tensor, largest: int) -> Tensor:

@@ -82,7 +82,7 @@ class Sequence:
         self.request = request
         self.status = SequenceStatus.WAITING
         self.arrived_at = time.monotonic()
-        self.sampler = RequestSampler(request.sampling, device)
+        self.sampler = RequestSampler(request.sampling, device, prompt_len=len(request.input_ids))
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
         self.stop_checker = StopChecker(request.stopping, eos_token_ids)
         self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)

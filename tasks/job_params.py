@@ -35,6 +35,9 @@ def _request(job: Job, request_id: str, seed: int | None) -> GenerationRequest:
         typical_p=p.get("typical_p"),
         repetition_penalty=p.get("repetition_penalty") or 1.0,
         frequency_penalty=p.get("frequency_penalty") or 0.0,
+        presence_penalty=p.get("presence_penalty") or 0.0,
+        generated_frequency_penalty=p.get("generated_frequency_penalty") or 0.0,
+        logit_bias=tuple((int(token_id), float(bias)) for token_id, bias in p.get("logit_bias") or ()),
         seed=(seed if seed is not None else random.randint(0, _SEED_RANGE)) if do_sample else None,
     )
     stopping = StoppingParams(max_new_tokens=p["max_new_tokens"], stop_sequences=tuple(p.get("stop") or ()))

@@ -16,6 +16,11 @@ CORPUS = [
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|endoftext|>"
+# ChatML, as SmolLM2's own template writes it (without its default system message).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def build_tokenizer(directory: Path) -> int:
@@ -35,6 +40,7 @@ def build_tokenizer(directory: Path) -> int:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN
     )
+    fast.chat_template = CHAT_TEMPLATE  # saved beside the tokenizer, for /v1/chat/completions
     fast.save_pretrained(directory)
     return len(fast)
 

@@ -5,6 +5,7 @@ from flask import Flask
 
 from blitzscale.settings import Settings
 from web.admission import make_admission
+from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import register_error_handlers
 from web.metrics import Metrics
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         admission=make_admission(settings, client),
         cluster=ClusterView(client),
         metrics=Metrics(app, settings, client),
+        chat_template=ChatTemplate(settings),
     )
     api = make_api()
     api.init_app(app)

@@ -3,6 +3,8 @@ enqueue, then wait for the final event (JSON) or relay the events (server-sent e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from flask import Response, jsonify
 
@@ -25,6 +27,7 @@ from web.service import Service, current_service
 from web.validation import ValidRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False) -> Response:
@@ -38,7 +41,7 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
         service.metrics.tgi.request_failed(error.error_type)
         raise
     service.metrics.tgi.request_succeeded(outcome)
-    _log_outcome(outcome)
+    log_outcome(outcome)
     payload = generate_response(valid, outcome.final)
     response = jsonify([payload] if as_list else payload)
     response.headers.update(timing_headers(valid, outcome, service.cluster.compute_type()))
@@ -67,7 +70,9 @@ def generate_stream(body: dict, *, full_text_default: bool) -> Response:
     return response
 
 
-def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Slot, ValidRequest]:
+def admit(service: Service, clock: RequestClock, validate: Callable[[], T]) -> tuple[Slot, T]:
+    """Count the request, take an admission slot (429 when none is left), then validate;
+    every failure is counted under its error type."""
     tgi = service.metrics.tgi
     tgi.request_received()
     try:
@@ -76,28 +81,37 @@ def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Sl
         tgi.request_failed(error.error_type)
         raise
     try:
-        valid = service.validate(body, **how)
+        valid = validate()
     except BaseException as error:
         slot.release()
         if isinstance(error, ApiError):
             tgi.request_failed(error.error_type)
         raise
     clock.mark("validated")
-    tgi.request_validated(valid.input_length)
+    return slot, valid
+
+
+def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Slot, ValidRequest]:
+    slot, valid = admit(service, clock, lambda: service.validate(body, **how))
+    service.metrics.tgi.request_validated(valid.input_length)
     valid.job.trace_id = request_id()
     log.info("enqueuing job %s: %d prompt tokens, max_new_tokens %s, stream %s", valid.job.request_id,
              valid.input_length, valid.parameters.get("max_new_tokens"), valid.job.stream)
     return slot, valid
 
 
-def _log_outcome(outcome: Outcome) -> None:
+def log_outcome(outcome: Outcome) -> None:
     log.info("generated %d tokens in %.3f s (validation %.3f s, queue %.3f s, inference %.3f s)",
              outcome.generated_tokens, outcome.total_time, outcome.validation_time, outcome.queue_time,
              outcome.inference_time)
 
 
 def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) -> Outcome:
-    events = service.submit(valid.job)
+    return wait_for_final(service, service.submit(valid.job), clock)
+
+
+def wait_for_final(service: Service, events, clock: RequestClock) -> Outcome:
+    """The outcome of a submitted job (its `EventStream`, closed on return)."""
     try:
         for event in events.events():
             if event is None:
@@ -171,7 +185,7 @@ class StreamSession:
             return "".join(self._fail(None, IncompleteGeneration()))
         outcome = Outcome.of(final, self._clock)
         self._service.metrics.tgi.request_succeeded(outcome)  # the duration ends with the stream
-        _log_outcome(outcome)
+        log_outcome(outcome)
         return sse.frame(stream_last(self._valid, last, final))
 
     def _fail(self, pending: StreamEvent | None, error: ApiError):

@@ -1,6 +1,7 @@
 """The per-app objects the views work with, kept in `app.extensions` (no module globals)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from flask import current_app
@@ -9,6 +10,7 @@ from blitzscale.settings import Settings
 from tasks.client import EventStream, NoReplica, QueueUnavailable
 from tasks.protocol import Job
 from web.admission import Admission
+from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import GenerationError
 from web.metrics import Metrics
@@ -26,12 +28,16 @@ class Service:
     admission: Admission
     cluster: ClusterView
     metrics: Metrics
+    chat_template: ChatTemplate
 
-    def validate(self, body: dict, *, stream: bool, full_text_default: bool) -> ValidRequest:
+    def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
+                 cap_new_tokens: bool = False) -> ValidRequest:
+        """`add_special_tokens=False` for a chat template's text (it holds them already)."""
         try:
             return validate_request(
-                body, settings=self.settings, encode=self.tokens.encode, stream=stream,
-                full_text_default=full_text_default,
+                body, settings=self.settings, stream=stream, full_text_default=full_text_default,
+                encode=functools.partial(self.tokens.encode, add_special_tokens=add_special_tokens),
+                cap_new_tokens=cap_new_tokens,
             )
         except TokenizerUnavailable as error:
             raise GenerationError(f"the tokenizer is not available yet: {error}") from error

@@ -66,8 +66,16 @@ class TokenCounter:
                         raise TokenizerUnavailable(str(error)) from error
         return self._tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encoding(self, text: str, add_special_tokens: bool = True):
+        """The `tokenizers.Encoding` (ids, offsets, special-token mask) of `text`."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def warm(self) -> str | None:
         """Load now; returns the reason when the tokenizer is not available yet."""

@@ -44,8 +44,11 @@ def validate_request(
     encode: Callable[[str], list[int]],
     stream: bool,
     full_text_default: bool,
+    cap_new_tokens: bool = False,
 ) -> ValidRequest:
-    """Raise `ValidationError` at the first broken rule, else return the job to enqueue."""
+    """Raise `ValidationError` at the first broken rule, else return the job to enqueue.
+    `cap_new_tokens` (OpenAI's routes): max_new_tokens absent or past `max_total_tokens` means
+    what is left of it, instead of TGI's default and error."""
     p = body.get("parameters") or {}
     if stream:
         _check_streaming(p)
@@ -53,13 +56,16 @@ def validate_request(
     inputs = body["inputs"]
     if not inputs:
         _fail("`inputs` cannot be empty")
-    truncate = _check_truncate(p.get("truncate"), settings)
+    truncate = check_truncate(p.get("truncate"), settings)
     input_ids = encode(inputs)
     if truncate is not None:
         input_ids = input_ids[-truncate:]
     if not input_ids:
         _fail("`inputs` cannot be empty")
-    parameters["max_new_tokens"] = _check_lengths(len(input_ids), p.get("max_new_tokens"), settings)
+    max_new_tokens = p.get("max_new_tokens")
+    if cap_new_tokens:
+        max_new_tokens = _capped(len(input_ids), max_new_tokens, settings)
+    parameters["max_new_tokens"] = _check_lengths(len(input_ids), max_new_tokens, settings)
     if p.get("grammar") is not None:
         _fail("grammar is not supported")
     full_text = p.get("return_full_text")
@@ -138,7 +144,7 @@ def _check_parameters(p: dict, settings: Settings) -> dict:
     }
 
 
-def _check_truncate(truncate: int | None, settings: Settings) -> int | None:
+def check_truncate(truncate: int | None, settings: Settings) -> int | None:
     if truncate is not None and not 0 < truncate <= settings.max_input_tokens:
         _fail(
             f"`truncate` must be strictly positive and less than {settings.max_input_tokens}. "
@@ -163,6 +169,13 @@ def _check_lengths(input_length: int, max_new_tokens: int | None, settings: Sett
     if input_length > settings.max_input_tokens:
         _fail(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_length}")
     return max_new_tokens
+
+
+def _capped(input_length: int, max_new_tokens: int | None, settings: Settings) -> int | None:
+    remaining = settings.max_total_tokens - input_length
+    if remaining <= 0:  # the prompt alone is too long: the length checks say so
+        return max_new_tokens
+    return remaining if max_new_tokens is None else min(max_new_tokens, remaining)
 
 
 def _default(p: dict, name: str, default):

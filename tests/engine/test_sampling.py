@@ -244,3 +244,80 @@ def test_logprobs_and_top_n_come_from_the_processed_log_softmax(top_n):
     assert torch.equal(out.top_ids, ids)
     assert torch.allclose(out.top_logprobs, values)
     assert torch.allclose(out.logprobs[1], torch.log_softmax(logits[1], dim=-1).max())
+
+
+def openai_penalized(logits: torch.Tensor, generated: list[int], presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's definition, token by token: mu[j] - c[j] * frequency - (c[j] > 0) * presence,
+    c[j] = how often token j was generated so far (the prompt does not count)."""
+    out = logits.clone()
+    for token_id in set(generated):
+        count = generated.count(token_id)
+        out[token_id] -= count * frequency + (1.0 if count else 0.0) * presence
+    return out
+
+
+def test_presence_penalty_subtracts_once_per_generated_token_not_prompt_tokens():
+    prompt, generated = [1, 2, 3, 3], [3, 5, 5, 5, 7]
+    presences = [0.5, -1.5, 0.0, 2.0]
+    rows = [RequestSampler(SamplingParams(presence_penalty=p), prompt_len=len(prompt)) for p in presences]
+    rows.append(RequestSampler(sampled(presence_penalty=1.0), prompt_len=len(prompt)))
+    logits = make_logits(len(rows))
+    processed = BatchSampler(rows, "cpu").process(logits, [prompt + generated] * len(rows))
+    for i, presence in enumerate(presences + [1.0]):  # the sampled row's temperature is 1.0
+        expected = openai_penalized(logits[i], generated, presence, 0.0)
+        assert torch.allclose(processed[i], expected), i
+    assert torch.allclose(processed[0, 1], logits[0, 1])  # a prompt-only token is not penalized
+    assert torch.allclose(processed[0, 5], logits[0, 5] - 0.5)  # generated three times: once
+
+
+def test_generated_frequency_penalty_counts_only_generated_tokens():
+    prompt, generated = [5, 5, 9], [5, 7, 7, 7]
+    params = [(0.0, 0.7), (0.4, -0.3), (1.0, 2.0)]
+    rows = [RequestSampler(SamplingParams(presence_penalty=p, generated_frequency_penalty=f), prompt_len=len(prompt))
+            for p, f in params]
+    logits = make_logits(len(rows))
+    sampler = BatchSampler(rows, "cpu")
+    assert sampler.frequency is None  # TGI's frequency penalty (prompt included) stays off
+    processed = sampler.process(logits, [prompt + generated] * len(rows))
+    for i, (presence, frequency) in enumerate(params):
+        assert torch.allclose(processed[i], openai_penalized(logits[i], generated, presence, frequency))
+    assert torch.allclose(processed[0, 9], logits[0, 9])
+
+
+def test_openai_penalties_are_off_unless_a_row_asks():
+    sampler = batch([SamplingParams(), sampled()])
+    assert sampler.presence is None and sampler.generated_frequency is None and sampler.logit_bias is None
+    assert not sampler.needs_history
+
+
+def test_logit_bias_adds_each_rows_own_biases_and_steers_greedy_rows():
+    logits = make_logits(3)
+    worst = int(logits[0].argmin())
+    params = [
+        SamplingParams(logit_bias=((worst, 100.0),)),
+        SamplingParams(logit_bias=((1, -2.5), (4, 3.0), (VOCAB + 7, 50.0))),  # an id past the vocabulary: skipped
+        SamplingParams(),
+    ]
+    sampler = batch(params)
+    processed = sampler.process(logits)
+    expected = logits.clone()
+    expected[0, worst] += 100.0
+    expected[1, 1] -= 2.5
+    expected[1, 4] += 3.0
+    assert torch.allclose(processed, expected)
+    assert int(sampler(logits).next_ids[0]) == worst  # OpenAI: +100 makes the token the only choice
+
+
+def test_logit_bias_of_minus_100_bans_a_token_from_sampling():
+    logits = torch.zeros(1, VOCAB)
+    banned = tuple((i, -100.0) for i in range(VOCAB) if i != 3)
+    sampler = batch([sampled(seed=5, logit_bias=banned)])
+    draws = {int(sampler(logits).next_ids[0]) for _ in range(20)}
+    assert draws == {3}
+
+
+@pytest.mark.parametrize("kwargs", [{"presence_penalty": 2.5}, {"generated_frequency_penalty": -2.1},
+                                    {"logit_bias": ((1, 101.0),)}, {"logit_bias": ((-1, 1.0),)}])
+def test_openai_settings_out_of_range_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)

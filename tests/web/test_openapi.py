@@ -17,7 +17,8 @@ def test_every_route_is_documented(spec):
     paths = spec["paths"]
     expected = {"/generate": {"post"}, "/generate_stream": {"post"}, "/": {"get", "post"},
                 "/invocations": {"post"}, "/info": {"get"}, "/health": {"get"}, "/ping": {"get"},
-                "/metrics": {"get"}}
+                "/metrics": {"get"}, "/v1/chat/completions": {"post"}, "/v1/completions": {"post"},
+                "/v1/models": {"get"}, "/tokenize": {"post"}, "/chat_tokenize": {"post"}}
     for path, methods in expected.items():
         assert methods <= set(paths[path]), path
 
@@ -31,6 +32,11 @@ def test_schemas(spec):
     assert set(schemas["ErrorResponse"]["properties"]) == {"error", "error_type"}
     assert "stream" in schemas["CompatGenerateRequest"]["properties"]
     assert "top_n_tokens" in schemas["GenerateParameters"]["properties"]
+    for name in ["ChatRequest", "CompletionRequest", "ChatCompletion", "ChatCompletionChunk", "Completion",
+                 "ModelList", "TokenizeRequest", "ChatTokenizeResponse", "Message"]:
+        assert name in schemas, name
+    stop = schemas["ChatRequest"]["properties"]["stop"]
+    assert [option["type"] for option in stop["oneOf"]] == ["string", "array"]
 
 
 def _content(spec, response):

@@ -61,6 +61,7 @@ def test_special_tokens_are_added_as_the_tokenizer_does(tmp_path):
 
 
 def test_the_web_never_imports_torch_transformers_or_the_engine(model_dir):
+    """transformers comes in with the first chat request (its chat template), torch never."""
     code = (
         "import sys\n"
         "from blitzscale.settings import Settings\n"
@@ -69,6 +70,13 @@ def test_the_web_never_imports_torch_transformers_or_the_engine(model_dir):
         "app.extensions['blitzscale'].tokens.encode('hello')\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'engine'))\n"
         "print(bad)\n"
+        "assert not bad, bad\n"
+        "try:\n"
+        "    app.extensions['blitzscale'].chat_template.render([{'role': 'user', 'content': 'hello'}])\n"
+        "except Exception as error:\n"
+        "    assert 'template not found' in str(error), error\n"
+        "assert 'transformers' in sys.modules\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'engine'))\n"
         "assert not bad, bad\n"
     )
     root = Path(__file__).resolve().parents[2]

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible routes through the real web app, real Redis and a scripted replica:
+body shapes, streams, choices, and every error path as JSON (the real model: tests/integration)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from blitzscale.settings import Settings
+from tests.web.fake_replica import FakeReplica, fail_after, reply
+from tests.web.test_failover import fast, dying_replica, post_after_the_dying_replica_took_it, rerun  # noqa: F401
+from web.app import create_app
+
+TEMPLATE = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}{% if add_generation_prompt %}a{% endif %}"
+RAISING_TEMPLATE = "{{ raise_exception('no system messages here') }}"
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(model_dir, tmp_path_factory):
+    """The word-level tokenizer of the web tests, with a chat template."""
+    directory = tmp_path_factory.mktemp("chat-model")
+    shutil.copy(model_dir / "tokenizer.json", directory / "tokenizer.json")
+    (directory / "chat_template.jinja").write_text(TEMPLATE)
+    return directory
+
+
+def make_client(model_dir, redis_url, **overrides):
+    settings = Settings(model_id=str(model_dir), redis_url=redis_url, max_input_tokens=10, max_total_tokens=20,
+                        queue_timeout=3.0, replica_silence_timeout=3.0, keep_alive_interval=0.1, **overrides)
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def client(chat_model_dir, redis_url, redis_client):
+    return make_client(chat_model_dir, redis_url)
+
+
+def chat(client, **body):
+    body.setdefault("messages", [{"role": "user", "content": "hello world"}])
+    return client.post("/v1/chat/completions", json={"model": "tiny", **body})
+
+
+def sse_payloads(response) -> list:
+    lines = [line for line in response.get_data(as_text=True).split("\n\n") if line.startswith("data: ")]
+    return [line[len("data: "):] for line in lines]
+
+
+def test_chat_answer_shape_and_usage(client):
+    with FakeReplica(client.application.extensions["blitzscale"].settings.redis_url, reply([" a", " b"])) as replica:
+        response = chat(client, temperature=0, max_tokens=2)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": " a b"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    job = replica.jobs[0]
+    assert body["usage"] == {"prompt_tokens": len(job.input_ids), "completion_tokens": 2,
+                             "total_tokens": len(job.input_ids) + 2}
+    assert job.parameters["do_sample"] is False and job.parameters["max_new_tokens"] == 2
+
+
+def test_chat_stream_ends_with_done_and_usage(client, redis_url):
+    with FakeReplica(redis_url, reply([" a", " b"], finish_reason="eos_token")):
+        response = chat(client, stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=2)
+        payloads = sse_payloads(response)  # read while the replica runs
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert len({c["id"] for c in chunks}) == 1
+    content = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["delta"].get("content", "") for c in content) == " a b"
+    assert [c["finish_reason"] for c in content] == [None, None, "stop"]
+    assert [len(c["logprobs"]["content"][0]["top_logprobs"]) for c in content[:2]] == [2, 2]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_n_choices_are_independent_jobs_with_derived_seeds(client, redis_url):
+    with FakeReplica(redis_url, reply([" a"])) as replica:
+        body = chat(client, n=2, seed=7).get_json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    seeds = sorted(job.parameters["seed"] for job in replica.jobs)
+    assert len(replica.jobs) == 2 and 7 in seeds and len(set(seeds)) == 2
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_completions_several_prompts_times_n_and_echo(client, redis_url):
+    with FakeReplica(redis_url, reply([" c"])) as replica:
+        response = client.post("/v1/completions", json={"prompt": ["hello", "world"], "n": 2, "echo": True,
+                                                       "logprobs": 1})
+    body = response.get_json()
+    assert response.status_code == 200, body
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+    assert [c["text"] for c in body["choices"]] == ["hello c", "hello c", "world c", "world c"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["logprobs"]["text_offset"] == [5]
+    assert len(replica.jobs) == 4 and all(j.parameters["max_new_tokens"] == 16 for j in replica.jobs)  # OpenAI default
+    assert body["usage"]["prompt_tokens"] == 2  # each prompt once, not once per choice
+
+
+def test_completions_stream_with_several_choices(client, redis_url):
+    with FakeReplica(redis_url, reply([" a", " b"])):
+        response = client.post("/v1/completions", json={"prompt": "hello", "n": 2, "stream": True})
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == " a b"
+        assert [c["finish_reason"] for c in mine] == [None, None, "length"]
+
+
+def test_models_and_tokenize(client):
+    models = client.get("/v1/models").get_json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert models["data"][0]["max_model_len"] == 20
+    tokens = client.post("/tokenize", json={"inputs": "hello paris"}).get_json()
+    assert [(t["text"], t["start"], t["stop"]) for t in tokens] == [("hello", 0, 5), ("paris", 6, 11)]
+    assert client.post("/tokenize", json={"inputs": "hello paris", "parameters": {"truncate": 1}}).get_json() == \
+        tokens[-1:]
+    templated = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "hello"}]}).get_json()
+    assert templated["templated_text"] == "user hello a"
+    assert [t["text"] for t in templated["tokenize_response"]] == ["user", "hello", "a"]
+
+
+def test_content_parts_are_joined_without_separator(client):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    templated = client.post("/chat_tokenize", json={"messages": messages}).get_json()
+    assert templated["templated_text"] == "user hello a"
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"messages": []}, 422, "`messages` cannot be empty"),
+    ({"n": 3}, 422, "`n` must be > 0 and <= 2. Given: 3"),
+    ({"temperature": -1}, 422, "`temperature` must be strictly positive"),
+    ({"top_p": 1.5}, 422, "`top_p` must be > 0.0 and < 1.0"),
+    ({"presence_penalty": 3}, 422, "`presence_penalty` must be >= -2.0 and <= 2.0"),
+    ({"frequency_penalty": -3}, 422, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"logit_bias": {"x": 1}}, 422, "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"99999": 1}}, 422, "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"1": 101}}, 422, "`logit_bias` values must be >= -100 and <= 100"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 422, "`stop` supports up to 4 stop sequences. Given: 5"),
+    ({"logprobs": True, "top_logprobs": 9}, 422, "`top_logprobs` must be >= 0 and <= 5. Given: 9"),
+    ({"messages": [{"role": "user", "content": "hello " * 12}]}, 422, "`inputs` must have less than 10 tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "text content"),
+    ({"tools": [{"type": "function"}]}, 422, "`tools` is not supported"),
+    ({"messages": "hello"}, 422, "`messages`"),
+    ({"stop": 3}, 422, "`stop`"),
+])
+def test_chat_errors_are_json(client, body, status, fragment):
+    response = chat(client, **body)
+    assert response.status_code == status
+    assert fragment in response.get_json()["error"] and response.get_json()["error_type"] == "validation"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": []}, "Empty array detected. Do not use an empty array for the prompt."),
+    ({"prompt": ["a"] * 5}, "Number of prompts exceeds the maximum allowed batch size of 4"),
+    ({"prompt": "a", "suffix": "b"}, "Suffix is not supported and can be achieved by preprocessing the prompt."),
+    ({"prompt": "a", "logprobs": 6}, "`logprobs` must be >= 0 and <= 5"),
+    ({"prompt": "a", "max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+])
+def test_completion_errors_are_json(client, body, fragment):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 422 and fragment in response.get_json()["error"]
+
+
+def test_no_template_is_a_template_error(model_dir, redis_url, redis_client):
+    client = make_client(model_dir, redis_url)
+    response = chat(client)
+    assert response.status_code == 422
+    assert response.get_json() == {"error": "Template error: template not found", "error_type": "template_error"}
+    assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 422
+
+
+def test_template_raise_exception_is_a_template_error(chat_model_dir, redis_url, redis_client, tmp_path):
+    shutil.copy(chat_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text(RAISING_TEMPLATE)
+    response = chat(make_client(tmp_path, redis_url))
+    assert response.status_code == 422
+    assert response.get_json() == {"error": "Template error: no system messages here", "error_type": "template_error"}
+
+
+def test_api_key_guards_generation_and_tokenize_not_models(chat_model_dir, redis_url, redis_client):
+    client = make_client(chat_model_dir, redis_url, api_key="sesame")
+    assert chat(client).status_code == 401
+    assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 401
+    assert client.post("/tokenize", json={"inputs": "a"}).status_code == 401
+    assert client.get("/v1/models").status_code == 200
+    assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 200
+    authorized = client.post("/tokenize", json={"inputs": "hello"}, headers={"Authorization": "Bearer sesame"})
+    assert authorized.status_code == 200
+
+
+def test_overloaded_is_429_and_counted(chat_model_dir, redis_url, redis_client):
+    client = make_client(chat_model_dir, redis_url, max_concurrent_requests=0)
+    response = chat(client)
+    assert response.status_code == 429 and response.get_json()["error_type"] == "overloaded"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'tgi_request_failure_total{err="overloaded"} 1.0' in metrics
+
+
+def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
+    with FakeReplica(redis_url, fail_after([" a"], "boom")):
+        response = chat(client, stream=True)
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert "boom" in error["message"] and error["type"] == "generation" and error["code"] == 424
+
+
+def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis_url):
+    with FakeReplica(redis_url, reply([" a"])):
+        response = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}], "n": 2},
+            headers={"x-request-id": "my-chat-1"})
+        streamed = client.post("/v1/completions", json={"prompt": "hello", "stream": True})
+        sse_payloads(streamed)
+    assert response.status_code == 200 and response.headers["x-request-id"] == "my-chat-1"
+    assert streamed.headers["x-request-id"]
+    chat(client, messages=[])  # a validation failure
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_count_total 3.0" in metrics  # one per HTTP request, whatever its choices
+    assert "tgi_request_success_total 2.0" in metrics
+    assert 'tgi_request_failure_total{err="validation"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({}, {"do_sample": True, "temperature": 1.0, "top_p": None, "max_new_tokens": 20 - 4}),  # up to max_total_tokens
+    ({"temperature": 0, "top_p": 0.5}, {"do_sample": False, "top_p": None}),  # greedy: no sampling filter either
+    ({"temperature": 0.7, "top_p": 1.0}, {"do_sample": True, "temperature": 0.7, "top_p": None}),
+    ({"max_tokens": 500}, {"max_new_tokens": 16}),  # capped at what max_total_tokens leaves, not refused
+    ({"max_completion_tokens": 3, "max_tokens": 9}, {"max_new_tokens": 3}),
+    ({"stop": "paris"}, {"stop": ["paris"]}),
+    ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
+    ({"presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"3": -100, "5": 2.5}},
+     {"presence_penalty": 0.5, "generated_frequency_penalty": -1.0, "frequency_penalty": 0.0,
+      "logit_bias": [[3, -100.0], [5, 2.5]]}),
+    ({"logprobs": True, "top_logprobs": 4}, {"top_n_tokens": 4}),
+    ({"top_logprobs": 4}, {"top_n_tokens": 0}),  # alternatives only with logprobs
+    ({"seed": 42}, {"seed": 42, "do_sample": True}),
+])
+def test_openai_fields_become_job_parameters(client, redis_url, body, expected):
+    with FakeReplica(redis_url, reply([" a"])) as replica:
+        response = chat(client, **body)  # templated: "user hello world a", 4 tokens
+    assert response.status_code == 200, response.get_json()
+    parameters = replica.jobs[0].parameters
+    assert {key: parameters[key] for key in expected} == expected
+
+
+def test_an_openai_stream_fails_over_without_repeating_tokens(fast, redis_url):
+    dying = dying_replica(redis_url, tokens=2)
+    survivor = FakeReplica(redis_url, rerun([" t1", " t2", " t3"]), name="replica1@test")
+    response = post_after_the_dying_replica_took_it(
+        fast, dying, "/v1/completions", {"prompt": "hello", "stream": True, "max_tokens": 3}, survivor)
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    choices = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    assert "".join(c["text"] for c in choices) == " t1 t2 t3" and choices[-1]["finish_reason"] == "length"
+    assert [job.attempt for job in survivor.jobs] == [1]

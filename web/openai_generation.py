@@ -1,0 +1,299 @@
+"""One OpenAI request end to end on the web side, on the same path as TGI's routes: admission,
+validation (TGI's rules and messages), one job per choice on the queue (each with its own
+failover), then one JSON body or a stream of chunks ending in `data: [DONE]`.
+
+A request with several choices (`n`, or several completions prompts) enqueues them all at once,
+so replicas batch them; it holds one admission slot, and counts once in `tgi_request_*`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from flask import Response, jsonify
+
+from blitzscale.logs import request_id_bound
+from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from web import sse
+from web.admission import Slot
+from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
+from web.openai_params import GenerationPlan
+from web.openai_responses import ChoiceResult, Chunker, Envelope, chat_completion, completion, finish_reason
+from web.request_id import request_id
+from web.responses import Outcome, RequestClock
+from web.service import Service, current_service
+from web.tokenizer import TokenizerUnavailable
+from web.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads choice i's seed away from seed + 1, seed + 2, ...
+_PUMP_TICK = 0.5  # seconds: how soon a choice's reader thread notices the stream was closed
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int  # OpenAI's choice index: prompt * n + sample
+    valid: ValidRequest
+
+
+@dataclass(frozen=True)
+class Admitted:
+    plan: GenerationPlan
+    choices: list[Choice]
+
+    @property
+    def prompt_tokens(self) -> int:
+        n = self.plan.options.n
+        return sum(c.valid.input_length for c in self.choices if c.index % n == 0)
+
+
+def respond(kind: str, make_plan: Callable[[Service], GenerationPlan]) -> Response:
+    """`kind`: "chat" or "completion"; `make_plan` turns the body into a plan (may raise 422)."""
+    service, clock = current_service(), RequestClock()
+    slot, admitted = admit(service, clock, lambda: _validate(service, make_plan))
+    service.metrics.tgi.request_validated(admitted.prompt_tokens)
+    envelope = Envelope.new(kind, admitted.plan.options.model)
+    first = admitted.choices[0].valid.job
+    log.info("enqueuing %s %s: %d choice(s), %d prompt tokens, max_new_tokens %s, stream %s", kind, envelope.id,
+             len(admitted.choices), admitted.prompt_tokens, first.parameters["max_new_tokens"], first.stream)
+    if admitted.plan.options.stream:
+        return _stream(service, admitted, slot, clock, envelope)
+    return _json(service, admitted, slot, clock, envelope)
+
+
+def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) -> Admitted:
+    try:
+        plan = make_plan(service)
+    except TokenizerUnavailable as error:
+        raise GenerationError(f"the tokenizer is not available yet: {error}") from error
+    choices = []
+    for prompt in plan.prompts:
+        valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
+                                 full_text_default=False, add_special_tokens=plan.add_special_tokens,
+                                 cap_new_tokens=True)
+        valid.job.parameters.update(plan.openai)
+        valid.job.trace_id = request_id()
+        for sample in range(plan.options.n):
+            choices.append(Choice(len(choices), _sample(valid, sample)))
+    return Admitted(plan, choices)
+
+
+def _sample(valid: ValidRequest, sample: int) -> ValidRequest:
+    """Choice `sample` of a prompt: its own job; sampled with a seed derived from the request's."""
+    if sample == 0:
+        return valid
+    parameters = dict(valid.parameters)
+    if parameters.get("seed") is not None:
+        parameters["seed"] = (parameters["seed"] + sample * _SEED_MIX) % 2**64
+    job = dataclasses.replace(valid.job, request_id=uuid.uuid4().hex, parameters=parameters)
+    return dataclasses.replace(valid, job=job)
+
+
+def _submit_all(service: Service, choices: list[Choice]) -> list:
+    streams = []
+    try:
+        for choice in choices:
+            streams.append(service.submit(choice.valid.job))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock, envelope: Envelope) -> Response:
+    tgi = service.metrics.tgi
+    try:
+        with slot:
+            streams = _submit_all(service, admitted.choices)
+            try:
+                # Each choice on its own copy of the clock: its queue and inference times are its own.
+                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock)) for stream in streams]
+            finally:
+                for stream in streams:
+                    stream.close()
+    except ApiError as error:
+        tgi.request_failed(error.error_type)
+        raise
+    slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
+    tgi.request_succeeded(slowest)
+    log_outcome(slowest)
+    results = [_result(c.index, o.final) for c, o in zip(admitted.choices, outcomes)]
+    plan = admitted.plan
+    if envelope.kind == "chat":
+        body = chat_completion(envelope, plan.options, results, admitted.prompt_tokens)
+    else:
+        body = completion(envelope, plan.options, results, plan.prompts, admitted.prompt_tokens)
+    return jsonify(body)
+
+
+def _result(index: int, final: StreamEvent) -> ChoiceResult:
+    details = final.details or {}
+    tokens = details.get("tokens") or []
+    return ChoiceResult(
+        index=index,
+        text=final.generated_text or "",
+        finish_reason=finish_reason(details.get("finish_reason")),
+        generated_tokens=int(details.get("generated_tokens") or final.index or len(tokens)),
+        tokens=tokens,
+        top_tokens=details.get("top_tokens") or [],
+    )
+
+
+def _stream(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock, envelope: Envelope) -> Response:
+    try:
+        streams = _submit_all(service, admitted.choices)
+    except BaseException as error:
+        slot.release()
+        if isinstance(error, ApiError):
+            service.metrics.tgi.request_failed(error.error_type)
+        raise
+    chunker = Chunker(envelope, admitted.plan.options, admitted.plan.prompts)
+    session = OpenAIStreamSession(service, admitted, streams, slot, clock, chunker)
+    response = Response(session.frames(), content_type=sse.MIMETYPE, headers=sse.HEADERS)
+    response.headers["x-prompt-tokens"] = str(admitted.prompt_tokens)
+    response.call_on_close(session.close)  # also when the body was never iterated
+    return response
+
+
+class ChoiceProgress:
+    """One choice of a stream: the tokens sent (a re-run after failover must repeat them)."""
+
+    def __init__(self):
+        self.token_ids: dict[int, int] = {}
+        self.last_index = 0
+        self.generated_tokens = 0
+        self.finished = False
+
+
+class OpenAIStreamSession:
+    """Relays the events of every choice's job as chunks, as they come."""
+
+    def __init__(self, service: Service, admitted: Admitted, streams: list, slot: Slot, clock: RequestClock,
+                 chunker: Chunker):
+        self._service, self._admitted, self._streams = service, admitted, streams
+        self._slot, self._clock, self._chunker = slot, clock, chunker
+        self._trace_id = admitted.choices[0].valid.job.trace_id
+        self._stop = threading.Event()
+        self._pumping = False  # reader threads own (and close) the streams once started
+        self._closed = False
+
+    def frames(self) -> Iterator[str]:
+        with request_id_bound(self._trace_id):
+            yield from self._frames()
+
+    def _frames(self) -> Iterator[str]:
+        progress = [ChoiceProgress() for _ in self._streams]
+        try:
+            for number, event in self._events():
+                if event is None:
+                    yield sse.KEEP_ALIVE
+                    continue
+                choice = progress[number]
+                if event.kind == EVENT_RETRY:
+                    self._service.metrics.tgi.request_redelivered()
+                elif event.kind == EVENT_STARTED:
+                    self._clock.mark("picked_up")
+                elif event.kind == EVENT_TOKEN and event.index <= choice.last_index:  # a re-run's replay
+                    if choice.token_ids.get(event.index) != (event.token or {}).get("id"):
+                        yield from self._fail(GenerationError(RERUN_DIVERGED))
+                        return
+                elif event.kind == EVENT_TOKEN:
+                    self._clock.mark("picked_up")
+                    choice.last_index = event.index
+                    choice.token_ids[event.index] = (event.token or {}).get("id")
+                    yield sse.frame(self._chunker.token(number, event.token or {}, event.top_tokens))
+                elif event.kind == EVENT_FINAL:
+                    outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
+                    choice.finished, choice.generated_tokens = True, outcome.generated_tokens
+                    reason = finish_reason((event.details or {}).get("finish_reason"))
+                    yield sse.frame(self._chunker.finish(number, reason))
+                    if all(p.finished for p in progress):
+                        yield from self._succeed(progress, outcome)
+                        return
+                elif event.kind == EVENT_ERROR:
+                    yield from self._fail(from_event(event.error_type, event.error))
+                    return
+            yield from self._fail(IncompleteGeneration())
+        except Exception as error:  # e.g. an unreadable message: end the stream with an error chunk
+            log.exception("stream of %s failed", self._chunker.envelope.id)
+            yield from self._fail(GenerationError(str(error)))
+        finally:
+            self.close()
+
+    def _succeed(self, progress: list[ChoiceProgress], outcome: Outcome) -> Iterator[str]:
+        self._service.metrics.tgi.request_succeeded(outcome)  # the duration ends with the stream
+        log_outcome(outcome)
+        if self._chunker.options.include_usage:
+            generated = sum(p.generated_tokens for p in progress)
+            yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated))
+        yield DONE
+
+    def _fail(self, error: ApiError) -> Iterator[str]:
+        """OpenAI's error chunk (the `openai` client raises APIError on it), then [DONE]."""
+        self._service.metrics.tgi.request_failed(error.error_type)
+        yield sse.frame({"error": {"message": error.message, "type": error.error_type, "code": error.status}})
+        yield DONE
+
+    def _events(self) -> Iterator[tuple[int, StreamEvent | None]]:
+        """(choice, event) from every choice's job as they come; (0, None) when idle."""
+        if len(self._streams) == 1:
+            for event in self._streams[0].events():
+                yield 0, event
+            return
+        merged: queue.SimpleQueue = queue.SimpleQueue()
+        self._pumping = True
+        for number, stream in enumerate(self._streams):
+            threading.Thread(target=self._pump, args=(number, stream, merged), daemon=True,
+                             name=f"openai-stream-{number}").start()
+        running = len(self._streams)
+        keep_alive = self._service.settings.keep_alive_interval
+        while running:
+            try:
+                number, event = merged.get(timeout=keep_alive)
+            except queue.Empty:
+                yield 0, None
+                continue
+            if event is _PUMP_DONE:
+                running -= 1
+            else:
+                yield number, event
+
+    def _pump(self, number: int, stream, merged: queue.SimpleQueue) -> None:
+        """A choice's reader thread: forwards its events; closes its stream when done or stopped."""
+        with request_id_bound(self._trace_id):
+            try:
+                for event in stream.events(tick=_PUMP_TICK):
+                    if self._stop.is_set():
+                        return
+                    if event is not None:
+                        merged.put((number, event))
+            except Exception as error:
+                merged.put((number, StreamEvent(kind=EVENT_ERROR, error=str(error), error_type="generation")))
+            finally:
+                stream.close()
+                merged.put((number, _PUMP_DONE))
+
+    def close(self) -> None:
+        """Stop reading (the replicas then cancel the choices) and free the admission slot."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        try:
+            if not self._pumping:
+                for stream in self._streams:
+                    stream.close()
+        finally:
+            self._slot.release()
+
+
+_PUMP_DONE = object()

@@ -1,0 +1,193 @@
+"""OpenAI requests (already type-checked by `web.openai_schemas`) turned into our generation
+parameters: the prompt texts, TGI's `GenerateParameters` (validated next by `web.validation`,
+with TGI's messages) and the OpenAI-only settings the engine honours (presence and frequency
+penalties over the generated tokens, logit bias).
+
+Where OpenAI and TGI differ we follow OpenAI: `stop` as a string, `top_p` = 1.0 as "none",
+`n` independent choices, `presence_penalty`/`frequency_penalty` as OpenAI defines them,
+`logit_bias` as its map. `chat_plan` is the one place a chat request becomes parameters: a
+structured-output feature adds its fields there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blitzscale.settings import Settings
+from web.chat_template import ChatTemplate
+from web.errors import ApiError, ValidationError
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+EMPTY_PROMPT_ARRAY = "Empty array detected. Do not use an empty array for the prompt."
+SUFFIX_UNSUPPORTED = "Suffix is not supported and can be achieved by preprocessing the prompt."
+
+
+class OpenAIValidationError(ApiError):
+    """A 422 whose message is given whole (TGI words these without the validation prefix)."""
+
+    status, error_type = 422, "validation"
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    """How the answer is shaped (what the engine does not need to know)."""
+
+    model: str
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False  # completions: the prompt before the text
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    prompts: list[str]  # one text per prompt (chat: the templated conversation)
+    parameters: dict  # TGI GenerateParameters, for web.validation
+    openai: dict  # OpenAI-only job parameters (tasks.job_params reads them)
+    options: ResponseOptions
+    add_special_tokens: bool  # False for templated text, which holds its special tokens
+
+
+def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size: int) -> GenerationPlan:
+    options = ResponseOptions(
+        model=body.get("model") or settings.model_id,
+        n=_choices(body, settings),
+        stream=bool(body.get("stream")),
+        include_usage=_include_usage(body),
+        logprobs=bool(body.get("logprobs")),
+        top_logprobs=_top_logprobs(body.get("top_logprobs") if body.get("logprobs") else None, "top_logprobs", settings),
+    )
+    messages = body["messages"]
+    if not messages:
+        raise ValidationError("`messages` cannot be empty")
+    _refuse_unsupported(body)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    parameters, openai = _sampling(body, settings, vocab_size, max_tokens)
+    parameters["top_n_tokens"] = options.top_logprobs
+    text = template.render([_template_message(m) for m in messages])
+    return GenerationPlan([text], parameters, openai, options, add_special_tokens=False)
+
+
+def completion_plan(body: dict, settings: Settings, vocab_size: int) -> GenerationPlan:
+    prompts = body["prompt"]
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not prompts:
+        raise OpenAIValidationError(EMPTY_PROMPT_ARRAY)
+    if len(prompts) > settings.max_client_batch_size:
+        raise ValidationError(
+            f"Number of prompts exceeds the maximum allowed batch size of {settings.max_client_batch_size}. "
+            f"Given: {len(prompts)}"
+        )
+    if body.get("suffix") is not None:
+        raise OpenAIValidationError(SUFFIX_UNSUPPORTED)
+    logprobs = body.get("logprobs")
+    options = ResponseOptions(
+        model=body.get("model") or settings.model_id,
+        n=_choices(body, settings),
+        stream=bool(body.get("stream")),
+        include_usage=_include_usage(body),
+        logprobs=logprobs is not None,
+        top_logprobs=_top_logprobs(logprobs, "logprobs", settings),
+        echo=bool(body.get("echo")),
+    )
+    max_tokens = body.get("max_tokens")
+    parameters, openai = _sampling(body, settings, vocab_size,
+                                   COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+    parameters["top_n_tokens"] = options.top_logprobs
+    if body.get("repetition_penalty") is not None:
+        parameters["repetition_penalty"] = body["repetition_penalty"]
+    return GenerationPlan(prompts, parameters, openai, options, add_special_tokens=True)
+
+
+def _sampling(body: dict, settings: Settings, vocab_size: int, max_tokens: int | None) -> tuple[dict, dict]:
+    """(TGI parameters, OpenAI-only parameters) shared by chat and completions."""
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    greedy = temperature == 0
+    parameters = {
+        "do_sample": not greedy,  # OpenAI samples unless temperature is 0
+        "temperature": None if greedy else temperature,
+        "top_p": None if greedy or top_p == 1.0 else top_p,
+        "max_new_tokens": max_tokens,
+        "stop": _stop_list(body.get("stop")),
+        "seed": body.get("seed"),
+    }
+    openai = {
+        "presence_penalty": _penalty(body, "presence_penalty"),
+        "generated_frequency_penalty": _penalty(body, "frequency_penalty"),
+        "logit_bias": _logit_bias(body.get("logit_bias") or {}, vocab_size),
+    }
+    return parameters, openai
+
+
+def _choices(body: dict, settings: Settings) -> int:
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not 0 < n <= settings.max_best_of:
+        raise ValidationError(f"`n` must be > 0 and <= {settings.max_best_of}. Given: {n}")
+    return n
+
+
+def _include_usage(body: dict) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def _top_logprobs(value: int | None, name: str, settings: Settings) -> int:
+    if value is None:
+        return 0
+    if not 0 <= value <= settings.max_top_n_tokens:
+        raise ValidationError(f"`{name}` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {value}")
+    return value
+
+
+def _stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _penalty(body: dict, name: str) -> float:
+    value = body.get(name)
+    if value is None:
+        return 0.0
+    if not -2.0 <= value <= 2.0:
+        raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
+    return float(value)
+
+
+def _logit_bias(bias: dict, vocab_size: int) -> list[list]:
+    """OpenAI's map {"token id": bias} as [[id, bias], ...]."""
+    pairs = []
+    for key, value in bias.items():
+        token_id = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token_id < vocab_size:
+            raise ValidationError(
+                f"`logit_bias` keys must be token ids from 0 to {vocab_size - 1}. Given: {key[:32]!r}"
+            )
+        if not -100.0 <= value <= 100.0:
+            raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}")
+        pairs.append([token_id, float(value)])
+    return pairs
+
+
+def _refuse_unsupported(body: dict) -> None:
+    response_format = body.get("response_format")
+    if response_format and response_format.get("type") != "text":
+        raise ValidationError("`response_format` is not supported")
+    if body.get("tools"):
+        raise ValidationError("`tools` is not supported")
+
+
+def _template_message(message: dict) -> dict:
+    """The message as the template sees it: content parts joined with no separator."""
+    content = message.get("content")
+    if isinstance(content, list):
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValidationError(f"only text content parts are supported. Given: {str(part.get('type'))[:32]!r}")
+        content = "".join(part["text"] for part in content)
+    out = {key: value for key, value in message.items() if value is not None}
+    out["content"] = content if content is not None else ""
+    return out

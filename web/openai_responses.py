@@ -1,0 +1,159 @@
+"""OpenAI response bodies and stream chunks (chat and completions), built from our generation
+results: pure functions and small value types, no Flask.
+
+A choice's text is the concatenation of its tokens' texts, special tokens shown as nothing (as
+the final `generated_text` is), so a streamed answer joins to the non-streamed one.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import blitzscale
+from web.openai_params import ResponseOptions
+
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
+SYSTEM_FINGERPRINT = f"{blitzscale.__version__}-native"
+
+
+def finish_reason(tgi_reason: str | None) -> str:
+    return FINISH_REASONS.get(tgi_reason or "length", "stop")
+
+
+def token_text(token: dict) -> str:
+    """What a token adds to the answer's text."""
+    return "" if token.get("special") else token.get("text") or ""
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One finished choice."""
+
+    index: int
+    text: str
+    finish_reason: str  # OpenAI's
+    generated_tokens: int
+    tokens: list[dict] = field(default_factory=list)  # TGI Token dicts
+    top_tokens: list[list[dict]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What every body and chunk of one response shares."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    id: str
+    created: int
+
+    @classmethod
+    def new(cls, kind: str, model: str) -> "Envelope":
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        return cls(kind, model, prefix + uuid.uuid4().hex, int(time.time()))
+
+    def body(self, obj: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
+
+
+# Chat.
+def chat_logprob(token: dict, top: list[dict] | None) -> dict:
+    entry = _chat_alternative(token)
+    entry["top_logprobs"] = [_chat_alternative(t) for t in top or []]
+    return entry
+
+
+def _chat_alternative(token: dict) -> dict:
+    text = token.get("text") or ""
+    return {"token": text, "logprob": token.get("logprob"), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
+                    prompt_tokens: int) -> dict:
+    choices = []
+    for result in results:
+        logprobs = None
+        if options.logprobs:
+            tops = result.top_tokens or [[] for _ in result.tokens]
+            logprobs = {"content": [chat_logprob(t, top) for t, top in zip(result.tokens, tops)]}
+        choices.append({"index": result.index, "message": {"role": "assistant", "content": result.text},
+                        "logprobs": logprobs, "finish_reason": result.finish_reason})
+    completion_tokens = sum(r.generated_tokens for r in results)
+    return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens))
+
+
+# Completions (OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset).
+def completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offset: int) -> dict:
+    tops = tops or [[] for _ in tokens]
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, top in zip(tokens, tops):
+        out["tokens"].append(token.get("text") or "")
+        out["token_logprobs"].append(token.get("logprob"))
+        out["top_logprobs"].append({t.get("text") or "": t.get("logprob") for t in top})
+        out["text_offset"].append(offset)
+        offset += len(token_text(token))
+    return out
+
+
+def completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
+               prompts: list[str], prompt_tokens: int) -> dict:
+    choices = []
+    for result in results:
+        prefix = prompts[result.index // options.n] if options.echo else ""
+        logprobs = None
+        if options.logprobs:
+            logprobs = completion_logprobs(result.tokens, result.top_tokens, len(prefix))
+        choices.append({"index": result.index, "text": prefix + result.text, "logprobs": logprobs,
+                        "finish_reason": result.finish_reason})
+    completion_tokens = sum(r.generated_tokens for r in results)
+    return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))
+
+
+class Chunker:
+    """The chunks of one stream: one per token, one closing each choice, then the usage."""
+
+    def __init__(self, envelope: Envelope, options: ResponseOptions, prompts: list[str]):
+        self.envelope, self.options, self.prompts = envelope, options, prompts
+        self._offsets: dict[int, int] = {}  # choice -> characters sent (completions' text_offset)
+
+    @property
+    def _object(self) -> str:
+        return "chat.completion.chunk" if self.envelope.kind == "chat" else "text_completion"
+
+    def _chunk(self, choice: dict) -> dict:
+        extra = {"usage": None} if self.options.include_usage else {}
+        return self.envelope.body(self._object, [choice], **extra)
+
+    def token(self, index: int, token: dict, top: list[dict] | None) -> dict:
+        text = token_text(token)
+        if self.envelope.kind == "chat":
+            logprobs = {"content": [chat_logprob(token, top)]} if self.options.logprobs else None
+            return self._chunk({"index": index, "delta": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": None})
+        prefix = self._echo(index)
+        offset = self._offsets.get(index, 0) + len(prefix)
+        logprobs = completion_logprobs([token], [top or []], offset) if self.options.logprobs else None
+        self._offsets[index] = offset + len(text)
+        return self._chunk({"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": None})
+
+    def finish(self, index: int, reason: str) -> dict:
+        if self.envelope.kind == "chat":
+            return self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+        prefix = self._echo(index)
+        self._offsets[index] = self._offsets.get(index, 0) + len(prefix)
+        return self._chunk({"index": index, "text": prefix, "logprobs": None, "finish_reason": reason})
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens))
+
+    def _echo(self, index: int) -> str:
+        """The prompt, before a completions choice's first text (with `echo`)."""
+        if not self.options.echo or index in self._offsets:
+            return ""
+        return self.prompts[index // self.options.n]
