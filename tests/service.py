@@ -66,9 +66,9 @@ class Service:
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.base_url}/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow under load
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"service not healthy in {timeout} s; logs:\n{self.logs()}")
