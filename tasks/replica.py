@@ -18,6 +18,8 @@ import time
 import redis
 from celery import signals
 from prometheus_client import generate_latest
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from blitzscale import model_files
 from blitzscale.settings import Settings
@@ -78,7 +80,11 @@ class Replica:
             max_waiting_tokens=s.max_waiting_tokens,
             waiting_served_ratio=s.waiting_served_ratio,
         )
-        self.relay = StreamRelay(self.redis, cancel=lambda request_id: self.engine.cancel(request_id))
+        self.relay = StreamRelay(
+            _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
+            alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),
+            stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout * 2,
+        )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step).start()
         self.facts = {
             "model_id": s.model_id,
@@ -130,6 +136,13 @@ class Replica:
 
     def _beat(self) -> None:
         self.lifecycle.run(self._stop, self.settings.heartbeat_interval)
+
+
+def _relay_connection(settings: Settings) -> redis.Redis:
+    """The relay's own client: it retries with its own bounded policy (tasks.stream_relay), so
+    redis-py's retries with their seconds of backoff are off."""
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3,
+                                retry=Retry(NoBackoff(), 0))
 
 
 _replica: Replica | None = None
