@@ -43,6 +43,10 @@ class EngineMetrics:
         self.inference_duration.labels(self._replica, method).observe(total_seconds)
         self.batch_size.labels(self._replica).set(size)
 
+    def observe_failure(self, method: str) -> None:
+        """A step that raised: counted, not successful (so `_success` < `_count`)."""
+        self.inference_count.labels(self._replica, method).inc()
+
     def set_batch(self, size: int, tokens: int) -> None:
         self.batch_size.labels(self._replica).set(size)
         self.batch_max_tokens.labels(self._replica).set(tokens)
