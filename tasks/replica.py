@@ -129,6 +129,8 @@ class Replica:
         self.lifecycle.stopped()
         if self.engine is not None:
             self.engine.stop()
+        if self.relay is not None:
+            self.relay.stop()  # what the engine's stop failed goes out first
         try:
             self.redis.delete(replica_key(self.name), replica_metrics_key(self.name))
         except redis.RedisError:

@@ -76,8 +76,15 @@ class StreamRelay:
         self._pending: dict[str, _PendingError] = {}  # channel -> error event not yet out (relay thread)
         self._last_step = time.monotonic()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-relay", daemon=True)
         self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is queued, then end the thread."""
+        self._stopped.set()
+        self._outbox.put([])  # wakes the thread
+        self._thread.join(timeout)
 
     # ---- called by the task threads and the engine loop --------------------------------------
     def register(self, request_id: str, channel_id: str | None = None, attempt: int = 0,
@@ -115,7 +122,7 @@ class StreamRelay:
 
     # ---- the relay thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set() or not self._outbox.empty():
             batch = self._take()
             try:
                 self._relay(batch)
@@ -160,6 +167,8 @@ class StreamRelay:
                 if isinstance(item, tuple):  # a final or error event: the request's last message
                     request_id, event, engine_id = item
                     self._held.pop(engine_id, None)
+                    if stream_channel(request_id) in self._pending:
+                        continue  # already failed (it lost events): its error event stands
                     messages.append(_Message(stream_channel(request_id), event, engine_id))
                     continue
                 for event in item:
