@@ -26,7 +26,7 @@ class Supervisor:
         self._stopping = False
         self._next_restart = 0.0
 
-    def keep_running(self, name: str, service: "Restartable") -> None:
+    def keep_running(self, name: str, service: Restartable) -> None:
         """Restart `service` whenever it is found dead (the private Redis: its clients reconnect)."""
         self.restartable.append((name, service))
 

@@ -21,8 +21,8 @@ from tasks.job_params import engine_request_id, engine_requests
 from tasks.keys import attempt_key
 from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from tasks.replica import current_replica
-from tasks.stream_relay import PUBLISH_FAILED
 from tasks.results import Generation, best_of, final_details
+from tasks.stream_relay import PUBLISH_FAILED
 
 log = logging.getLogger(__name__)
 
