@@ -68,7 +68,7 @@ class Service:
             try:
                 if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a loaded machine
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"service not healthy in {timeout} s; logs:\n{self.logs()}")
