@@ -11,6 +11,9 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 
 from blitzscale import logs
 from blitzscale.settings import Settings, flag_name
@@ -87,6 +90,8 @@ def cmd_serve(settings: Settings) -> int:
 
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
+    if embedded is not None:
+        supervisor.keep_running(f"private Redis at {embedded.url}", embedded)
     scaling = None
     try:
         prepare(settings)
@@ -96,7 +101,9 @@ def cmd_serve(settings: Settings) -> int:
         # Replicas belong to the host agent (they come and go with scaling); the autoscaler runs
         # unless --manually-scale.
         scaling = Scaling(settings, env=env).start(settings.num_replicas)
-        log.info("serving %s on http://%s:%d", settings.model_id, settings.hostname, settings.port)
+        log.info("serving %s on http://%s:%d (starting: loading the replicas)", settings.model_id,
+                 settings.hostname, settings.port)
+        _announce_when_ready(settings)
         return supervisor.wait()
     except KeyboardInterrupt:
         return 0
@@ -108,6 +115,25 @@ def cmd_serve(settings: Settings) -> int:
             scaling.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def _announce_when_ready(settings: Settings) -> None:
+    """One line when /health first answers 200 (a replica is active): what an operator waits for."""
+    host = "127.0.0.1" if settings.hostname in ("0.0.0.0", "::") else settings.hostname
+    url = f"http://{host}:{settings.port}"
+
+    def wait() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        log.info("ready: %s (API docs at %s/docs)", url, url)
+                        return
+            except OSError:  # not listening yet, or 503 (HTTPError) while the replicas load
+                pass
+            time.sleep(0.5)
+
+    threading.Thread(target=wait, name="announce-ready", daemon=True).start()
 
 
 def cmd_web(settings: Settings) -> int:

@@ -66,6 +66,16 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def restart(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        """A new redis-server on the same port (empty: nothing is persisted); the clients
+        reconnect to it by themselves."""
+        if self.process is not None:
+            stop_process(self.process, grace=5)
+        return self.start(timeout)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, grace=5)

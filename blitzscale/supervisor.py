@@ -6,8 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Restartable(Protocol):
+    def running(self) -> bool: ...
+    def restart(self) -> object: ...
 
 
 class Supervisor:
@@ -16,7 +22,13 @@ class Supervisor:
 
     def __init__(self):
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.restartable: list[tuple[str, Restartable]] = []
         self._stopping = False
+        self._next_restart = 0.0
+
+    def keep_running(self, name: str, service: Restartable) -> None:
+        """Restart `service` whenever it is found dead (the private Redis: its clients reconnect)."""
+        self.restartable.append((name, service))
 
     def spawn(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
         process = subprocess.Popen(argv, env=env, start_new_session=True)
@@ -39,11 +51,28 @@ class Supervisor:
                     if process.poll() is not None:
                         log.error("%s exited with %s; stopping the service", name, process.returncode)
                         return 1
+                self._restart_dead()
                 time.sleep(0.5)
         except KeyboardInterrupt:
             return 0
         finally:
             self.stop_all()
+
+    def _restart_dead(self) -> None:
+        if time.monotonic() < self._next_restart:
+            return
+        for name, service in self.restartable:
+            if service.running():
+                continue
+            log.error("%s exited; restarting it", name)
+            try:
+                service.restart()
+            except (RuntimeError, OSError) as error:
+                log.error("could not restart %s (%s); trying again in 2 s", name, error)
+                self._next_restart = time.monotonic() + 2
+                return
+            log.warning("%s restarted: the web and the replicas reconnect to it; requests in flight "
+                        "failed with an error", name)
 
     def stop_all(self, grace: float = 20.0) -> None:
         if self._stopping:

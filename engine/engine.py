@@ -153,17 +153,19 @@ class Engine:
         self.runner.apply_moves(batch.moves)
         decode_logits = prefill = None
         if batch.decoding:
+            self.metrics.count_forward("decode")
             started = time.perf_counter()
             decode_logits = self.runner.decode(batch)
-            self.metrics.observe_forward("decode", len(batch.decoding), time.perf_counter() - started)
+            self.metrics.observe_forward("decode", time.perf_counter() - started)
         if batch.prefill:
             now = time.time()
             for chunk in batch.prefill:  # the end of their queue time, the start of their inference time
                 chunk.sequence.stream.started_at = chunk.sequence.stream.started_at or now
+            self.metrics.count_forward("prefill")
             started = time.perf_counter()
             want_all = any(c.sequence.request.prefill_logprobs for c in batch.prefill)
             prefill = self.runner.prefill(batch.prefill, want_all)
-            self.metrics.observe_forward("prefill", len(batch.prefill), time.perf_counter() - started)
+            self.metrics.observe_forward("prefill", time.perf_counter() - started)
         return decode_logits, prefill
 
     def _postprocess(self, batch: ScheduledBatch, decode_logits, prefill: PrefillOutput | None) -> list[TokenEvent]:

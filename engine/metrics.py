@@ -36,9 +36,11 @@ class EngineMetrics:
                            self.forward_duration):
                 family.labels(replica, method)
 
-    def observe_forward(self, method: str, size: int, seconds: float) -> None:
-        """One forward pass: a decode step over `size` rows, or `size` prompt chunks."""
+    def count_forward(self, method: str) -> None:
+        """A forward pass starts; it counts as a success only once its whole step went through."""
         self.inference_count.labels(self._replica, method).inc()
+
+    def observe_forward(self, method: str, seconds: float) -> None:
         self.forward_duration.labels(self._replica, method).observe(seconds)
 
     def observe_step(self, methods: list[str], size: int, seconds: float) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 import redis
 
 from blitzscale.settings import Settings
+from blitzscale.supervisor import stop_processes
 from tasks.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,5 @@ class HostAgent:
         with self._lock:
             processes = list(self.children.values())
             self.children.clear()
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        for process in stop_processes(processes, grace):
+            log.warning("agent: replica pid %d did not stop in %.0f s; killed it", process.pid, grace)

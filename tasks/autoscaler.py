@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
+import redis
+
 from blitzscale.settings import Settings
 from tasks.cluster import ClusterControl, ClusterError
 from tasks.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
@@ -151,8 +153,10 @@ class Autoscaler:
         while not self._stop.wait(self.settings.scale_interval):
             try:
                 self.tick()
-            except Exception as error:  # Redis away for a moment: try again next tick
+            except (redis.RedisError, OSError) as error:  # Redis away for a moment: try again next tick
                 log.warning("autoscaler: tick failed: %s", error)
+            except Exception:  # a bug must not end the autoscaler: log it whole, try again next tick
+                log.exception("autoscaler: tick failed")
 
     def start(self) -> "Autoscaler":
         threading.Thread(target=self.run, name="autoscaler", daemon=True).start()

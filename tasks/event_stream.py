@@ -28,7 +28,16 @@ from collections.abc import Iterator
 import redis
 
 from blitzscale.settings import Settings
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
+from tasks.protocol import (
+    EVENT_ALIVE,
+    EVENT_ERROR,
+    EVENT_FINAL,
+    EVENT_RETRY,
+    EVENT_STARTED,
+    EVENT_TOKEN,
+    Job,
+    StreamEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +79,8 @@ class EventStream:
     def events(self, tick: float | None = None) -> Iterator[StreamEvent | None]:
         """Yield events until final or error. Deadlines: `queue_timeout` until a replica takes
         the job, `request_timeout` overall; a replica whose heartbeat stopped is replaced (see
-        the module doc); `replica_silence_timeout` between tokens of a stream, and between
-        events when no heartbeat can be checked."""
+        the module doc); `replica_silence_timeout` between any two events of a started request,
+        streaming or not (a replica sends `alive` events while it works on it)."""
         s = self._settings
         tick = tick or s.keep_alive_interval
         check_every = s.replica_check_interval
@@ -106,7 +115,10 @@ class EventStream:
             event = StreamEvent.decode(message["data"])
             if (event.attempt or 0) != self.attempt:
                 continue  # from a run this request gave up on
-            last_event = last_idle = time.monotonic()
+            last_event = time.monotonic()
+            if event.kind == EVENT_ALIVE:
+                continue  # only resets the silence deadline
+            last_idle = last_event
             if event.kind == EVENT_STARTED:
                 self.replica = event.replica
             tokens_seen = tokens_seen or event.kind == EVENT_TOKEN
@@ -121,8 +133,7 @@ class EventStream:
         picked_up = self.replica is not None or tokens_seen
         if not picked_up and now - last_event > s.queue_timeout:
             return "no replica took the request in time"
-        unwatched = self._watch is None or self.replica is None
-        if picked_up and (tokens_seen or unwatched) and now - last_event > s.replica_silence_timeout:
+        if picked_up and now - last_event > s.replica_silence_timeout:
             return "replica stopped responding"
         return None
 

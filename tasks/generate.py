@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from blitzscale.logs import request_id_bound
 from engine.outputs import EngineError, RequestCancelled
 from tasks.celery_app import GENERATE_TASK, app
@@ -20,6 +22,7 @@ from tasks.keys import attempt_key
 from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from tasks.replica import current_replica
 from tasks.results import Generation, best_of, final_details
+from tasks.stream_relay import PUBLISH_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,18 @@ def _generate(job: Job) -> None:
         return
     started = time.time()
     queue_time = max(0.0, started - job.enqueued_at)
-    started_event = StreamEvent(kind=EVENT_STARTED, replica=replica.name, timings={"queue": queue_time},
-                                attempt=job.attempt or None)
-    if not replica.relay.publish_now(job.request_id, started_event):
+    device_type = replica.facts.get("device_type")
+    started_event = StreamEvent(kind=EVENT_STARTED, replica=replica.name, device_type=device_type,
+                                timings={"queue": queue_time}, attempt=job.attempt or None)
+    try:
+        listening = replica.relay.publish_now(job.request_id, started_event)
+    except redis.RedisError as error:  # the relay retries the error event until the web can hear it
+        log.error("request %s: could not announce the job (%s); failing it", job.request_id, error)
+        replica.relay.send(job.request_id, StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED,
+                                                       error_type="incomplete_generation",
+                                                       attempt=job.attempt or None))
+        return
+    if not listening:
         log.info("request %s: client already gone, skipped", job.request_id)
         return
     log.info("job %s taken by %s after %.3f s in the queue", job.request_id, replica.name, queue_time)
@@ -49,15 +61,15 @@ def _generate(job: Job) -> None:
     except ValueError as error:
         replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}"))
         return
-    if job.stream:
-        replica.relay.register(engine_request_id(job), job.request_id, job.attempt)
+    replica.relay.register(engine_request_id(job), job.request_id, job.attempt, stream=job.stream)
     streams = []
     try:
         streams = [replica.engine.submit(r) for r in requests]
         generations = [_collect(stream, Generation(seed=r.sampling.seed), replica.settings.request_timeout)
                        for stream, r in zip(streams, requests)]
-    except RequestCancelled:
-        return  # the client went away; nobody is listening for an error
+    except RequestCancelled:  # the client went away, or the relay failed the request
+        replica.relay.forget(engine_request_id(job))
+        return
     except EngineError as error:
         replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}"),
                            engine_request_id(job))
@@ -75,6 +87,7 @@ def _generate(job: Job) -> None:
         generated_text=winner.finish.generated_text,
         details=final_details(winner, losers, with_tokens=not job.stream),
         timings=timings,
+        device_type=device_type,
         attempt=job.attempt or None,
     ), engine_request_id(job))
 
@@ -83,7 +96,8 @@ def _superseded(replica, job: Job) -> bool:
     """Whether the web re-enqueued this request as a newer attempt than this job."""
     try:
         current = replica.redis.get(attempt_key(job.request_id))
-    except Exception:  # Redis unreachable: run it; the web drops events of stale attempts anyway
+    except redis.RedisError as error:  # run it: the web drops events of stale attempts anyway
+        log.warning("request %s: could not read its current attempt (%s); running it", job.request_id, error)
         return False
     return current is not None and int(current) > job.attempt
 

@@ -12,6 +12,7 @@ EVENT_TOKEN = "token"
 EVENT_FINAL = "final"
 EVENT_ERROR = "error"
 EVENT_STARTED = "started"
+EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or not)
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
 
 
@@ -40,11 +41,14 @@ class Job:
 class StreamEvent:
     """One message on a stream channel.
 
-    kind=started: a replica took the job (`replica`, `timings` = {queue: seconds}).
+    kind=started: a replica took the job (`replica`, `device_type`, `timings` = {queue: seconds}).
+    kind=alive:   sent by the replica when it published nothing else for a while: it still works on
+                  the request (the web's silence deadline counts from the last event of any kind).
     kind=token:   `index` (1-based), `token`, `top_tokens`.
     kind=final:   `index` of the last token, `generated_text` (without the prompt), `details`
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
-                  top_tokens, best_of_sequences), `timings` (queue/inference seconds).
+                  top_tokens, best_of_sequences), `timings` (queue/inference seconds),
+                  `device_type` of the replica that served it (`x-compute-type`).
     kind=error:   `error`, `error_type` (TGI's ErrorResponse fields).
     Every event a replica publishes carries the job's `attempt` (absent for the first), so that
     the web can drop what a replica it gave up on still sends.
@@ -58,6 +62,7 @@ class StreamEvent:
     details: dict | None = None
     timings: dict | None = None
     replica: str | None = None
+    device_type: str | None = None
     error: str | None = None
     error_type: str | None = None
     attempt: int | None = None

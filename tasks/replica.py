@@ -18,6 +18,8 @@ import time
 import redis
 from celery import signals
 from prometheus_client import generate_latest
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from blitzscale import model_files
 from blitzscale.settings import Settings
@@ -77,7 +79,11 @@ class Replica:
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,
             max_total_tokens=s.max_total_tokens,
         )
-        self.relay = StreamRelay(self.redis, cancel=lambda request_id: self.engine.cancel(request_id))
+        self.relay = StreamRelay(
+            _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
+            alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),
+            stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout * 2,
+        )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
                              cuda_graphs=s.cuda_graphs).start()
         stats = self.engine.stats()
@@ -127,6 +133,8 @@ class Replica:
         self.lifecycle.stopped()
         if self.engine is not None:
             self.engine.stop()
+        if self.relay is not None:
+            self.relay.stop()  # what the engine's stop failed goes out first
         try:
             self.redis.delete(replica_key(self.name), replica_metrics_key(self.name))
         except redis.RedisError:
@@ -134,6 +142,13 @@ class Replica:
 
     def _beat(self) -> None:
         self.lifecycle.run(self._stop, self.settings.heartbeat_interval)
+
+
+def _relay_connection(settings: Settings) -> redis.Redis:
+    """The relay's own client: it retries with its own bounded policy (tasks.stream_relay), so
+    redis-py's retries with their seconds of backoff are off."""
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3,
+                                retry=Retry(NoBackoff(), 0))
 
 
 _replica: Replica | None = None

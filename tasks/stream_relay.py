@@ -4,92 +4,274 @@ does one round trip per step instead of one per token).
 
 A PUBLISH that reaches nobody means the client went away: the request is cancelled in the
 engine, which frees its batch slot within a step.
+
+Failure policy (docs/failure-policy.md):
+- a Redis error is retried `retries` times with exponential backoff, for the messages that
+  failed only (a duplicate token, after a connection lost mid-pipeline, is dropped by the web);
+- what still cannot go out fails its request: it is cancelled in the engine, and one error event
+  (`incomplete_generation`) is retried on every later pass until `give_up_after`, by which time
+  the web's silence deadline has ended the request anyway; a final event is never just dropped;
+- while a request is held, an `alive` event goes out whenever nothing else did for
+  `alive_interval`, so that the web can fail a silent replica within its silence deadline,
+  streaming or not; ticks stop when the engine has not stepped for `stall_after` seconds;
+- any other exception is logged with its traceback, fails the requests of that pass, and the
+  relay goes on.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
 from engine.outputs import TokenEvent
 from tasks.keys import stream_channel
-from tasks.protocol import EVENT_TOKEN, StreamEvent
+from tasks.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_TOKEN, StreamEvent
 
 log = logging.getLogger(__name__)
 
+PUBLISH_FAILED = "the replica could not publish the request's events"
+
+
+@dataclass
+class _Held:
+    """A request the relay speaks for: its channel, attempt, and when it last sent anything."""
+
+    channel: str
+    attempt: int
+    stream: bool  # tokens go out; else only `alive` ticks until the final event
+    registered: float
+    last_sent: float
+
+
+@dataclass
+class _Message:
+    channel: str
+    event: StreamEvent
+    engine_id: str | None  # the held request it belongs to (None: an error event being retried)
+
+
+@dataclass
+class _PendingError:
+    message: _Message
+    until: float  # monotonic time after which nobody waits for it
+
 
 class StreamRelay:
-    def __init__(self, connection: redis.Redis, cancel: Callable[[str], None]):
+    def __init__(self, connection: redis.Redis, cancel: Callable[[str], None], *, alive_interval: float = 5.0,
+                 stall_after: float = 30.0, retries: int = 4, backoff: float = 0.1, give_up_after: float = 60.0):
         self._redis = connection
         self._cancel = cancel
-        self._streaming: dict[str, tuple[str, int]] = {}  # engine request id -> (channel id, attempt)
+        self._alive_interval = alive_interval
+        self._stall_after = stall_after
+        self._retries = retries
+        self._backoff = backoff
+        self._give_up_after = give_up_after
+        self._held: dict[str, _Held] = {}  # engine request id -> what the relay sends for it
         self._lock = threading.Lock()
+        self._pending: dict[str, _PendingError] = {}  # channel -> error event not yet out (relay thread)
+        self._last_step = time.monotonic()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-relay", daemon=True)
         self._thread.start()
 
-    def register(self, request_id: str, channel_id: str | None = None, attempt: int = 0) -> None:
-        """Stream the tokens of engine request `request_id` on `channel_id`'s channel (the
-        same id unless the job is a re-run: see tasks.generate), marked with its attempt."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is queued, then end the thread."""
+        self._stopped.set()
+        self._outbox.put([])  # wakes the thread
+        self._thread.join(timeout)
+
+    # ---- called by the task threads and the engine loop --------------------------------------
+    def register(self, request_id: str, channel_id: str | None = None, attempt: int = 0,
+                 stream: bool = True) -> None:
+        """Speak for engine request `request_id` on `channel_id`'s channel (the same id unless
+        the job is a re-run: see tasks.generate), marked with its attempt: its tokens when it
+        streams, `alive` ticks in any case, until its final event is sent."""
+        now = time.monotonic()
         with self._lock:
-            self._streaming[request_id] = (channel_id or request_id, attempt)
+            self._held[request_id] = _Held(channel_id or request_id, attempt, stream, now, now)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended without a final event (cancelled): nothing more to send for it."""
+        with self._lock:
+            self._held.pop(request_id, None)
 
     def on_step(self, events: list[TokenEvent]) -> None:
         """Engine step listener (loop thread): hand the step's events over, nothing more."""
+        self._last_step = time.monotonic()
         self._outbox.put(events)
 
     def publish_now(self, request_id: str, event: StreamEvent) -> bool:
-        """Publish at once, from the caller's thread; False when nobody listens."""
-        return self._redis.publish(stream_channel(request_id), event.encode()) > 0
+        """Publish at once, from the caller's thread (with the relay's retries); False when
+        nobody listens. Raises the last Redis error when every try failed."""
+        message = _Message(stream_channel(request_id), event, None)
+        replies, failed, error = self._publish([message])
+        if failed:
+            raise error
+        return replies[0] > 0
 
     def send(self, request_id: str, event: StreamEvent, engine_id: str | None = None) -> None:
         """Queue a final or error event; it goes out after every token queued before it and
-        ends the streaming of `engine_id` (default: `request_id`)."""
+        ends the relaying of `engine_id` (default: `request_id`)."""
         self._outbox.put((request_id, event, engine_id or request_id))
 
+    # ---- the relay thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            batch = [self._outbox.get()]
-            while not self._outbox.empty():  # everything that piled up: one pipeline
-                batch.append(self._outbox.get_nowait())
+        while not self._stopped.is_set() or not self._outbox.empty():
+            batch = self._take()
             try:
-                self._publish(batch)
-            except redis.RedisError as error:
-                log.warning("stream relay could not publish %d item(s): %s", len(batch), error)
+                self._relay(batch)
+            except Exception:  # a bug must not end the thread: every held request would hang
+                log.exception("stream relay: unexpected error; failing the requests of this pass")
+                self._fail_all(batch)
 
-    def _publish(self, batch: list) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        sent: list[str | None] = []  # the request id of each token message, None for finals
-        with self._lock:
-            streaming = dict(self._streaming)
-        for item in batch:
-            if isinstance(item, tuple):
-                request_id, event, engine_id = item
-                pipe.publish(stream_channel(request_id), event.encode())
-                sent.append(None)
-                with self._lock:
-                    self._streaming.pop(engine_id, None)
-                continue
-            for event in item:
-                if event.request_id in streaming:
-                    channel_id, attempt = streaming[event.request_id]
-                    message = StreamEvent(kind=EVENT_TOKEN, index=event.index, token=event.token.to_dict(),
-                                          top_tokens=[t.to_dict() for t in event.top_tokens] or None,
-                                          attempt=attempt or None)
-                    pipe.publish(stream_channel(channel_id), message.encode())
-                    sent.append(event.request_id)
-        if not sent:
+    def _take(self) -> list:
+        """What piled up since the last pass (one pipeline), or nothing after a tick's wait."""
+        tick = min(self._alive_interval, 0.5) if self._pending else self._alive_interval / 2
+        try:
+            batch = [self._outbox.get(timeout=tick)]
+        except queue.Empty:
+            return []
+        while not self._outbox.empty():
+            batch.append(self._outbox.get_nowait())
+        return batch
+
+    def _relay(self, batch: list) -> None:
+        messages = self._messages(batch) + self._alive_ticks() + [p.message for p in self._pending.values()]
+        if not messages:
             return
-        for request_id, receivers in zip(sent, pipe.execute()):
-            if request_id is not None and receivers == 0:
-                self._client_gone(request_id)
+        replies, failed, error = self._publish(messages)
+        failed_ids = {id(m) for m in failed}
+        for message, receivers in zip(messages, replies):
+            if id(message) in failed_ids:
+                continue
+            if message.engine_id is None:
+                self._pending.pop(message.channel, None)
+            elif receivers == 0 and message.event.kind in (EVENT_TOKEN, EVENT_ALIVE):
+                self._client_gone(message.engine_id)
+        for message in failed:
+            self._give_up(message, error)
+        self._expire_pending()
+
+    def _messages(self, batch: list) -> list[_Message]:
+        """The step's token events of streaming requests, and the final/error events queued."""
+        messages: list[_Message] = []
+        now = time.monotonic()
+        with self._lock:
+            for item in batch:
+                if isinstance(item, tuple):  # a final or error event: the request's last message
+                    request_id, event, engine_id = item
+                    self._held.pop(engine_id, None)
+                    if stream_channel(request_id) in self._pending:
+                        continue  # already failed (it lost events): its error event stands
+                    messages.append(_Message(stream_channel(request_id), event, engine_id))
+                    continue
+                for event in item:
+                    held = self._held.get(event.request_id)
+                    if held is None or not held.stream:
+                        continue
+                    held.last_sent = now
+                    messages.append(_Message(stream_channel(held.channel), StreamEvent(
+                        kind=EVENT_TOKEN, index=event.index, token=event.token.to_dict(),
+                        top_tokens=[t.to_dict() for t in event.top_tokens] or None,
+                        attempt=held.attempt or None), event.request_id))
+        return messages
+
+    def _alive_ticks(self) -> list[_Message]:
+        now = time.monotonic()
+        ticks = []
+        with self._lock:
+            for engine_id, held in self._held.items():
+                stalled = now - max(self._last_step, held.registered) > self._stall_after
+                if now - held.last_sent >= self._alive_interval and not stalled:
+                    held.last_sent = now
+                    ticks.append(_Message(stream_channel(held.channel),
+                                          StreamEvent(kind=EVENT_ALIVE, attempt=held.attempt or None), engine_id))
+        return ticks
+
+    def _publish(self, messages: list[_Message]) -> tuple[list, list[_Message], Exception | None]:
+        """PUBLISH each message, retrying those that failed; returns (receivers or None per
+        message, the messages that never went out, the last error)."""
+        replies: list = [None] * len(messages)
+        remaining = list(range(len(messages)))
+        error: Exception | None = None
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(self._backoff * 2 ** (attempt - 1))
+            pipe = self._redis.pipeline(transaction=False)
+            for i in remaining:
+                pipe.publish(messages[i].channel, messages[i].event.encode())
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except (redis.RedisError, OSError) as lost:  # the connection failed: none is known to be out
+                results = [lost] * len(remaining)
+            still = []
+            for i, result in zip(remaining, results):
+                if isinstance(result, Exception):
+                    still.append(i)
+                    error = result
+                else:
+                    replies[i] = result
+            remaining = still
+            if not remaining:
+                break
+            log.warning("stream relay: %d message(s) not published (try %d of %d): %s",
+                        len(remaining), attempt + 1, self._retries + 1, error)
+        return replies, [messages[i] for i in remaining], error
+
+    def _give_up(self, message: _Message, error: Exception | None) -> None:
+        """A message that every try failed: an `alive` tick is only skipped; anything else
+        fails its request, whose error event waits for Redis (see the module doc)."""
+        if message.event.kind == EVENT_ALIVE:
+            return
+        if message.engine_id is None:
+            return  # an error event already pending: it stays until it expires
+        log.error("request on %s: %s (%s); failing it", message.channel, PUBLISH_FAILED, error)
+        self._fail(message.engine_id, message.channel, message.event.attempt)
+
+    def _fail(self, engine_id: str, channel: str, attempt: int | None) -> None:
+        with self._lock:
+            running = self._held.pop(engine_id, None) is not None
+        if running:
+            self._cancel(engine_id)
+        if channel not in self._pending:
+            event = StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
+                                attempt=attempt)
+            self._pending[channel] = _PendingError(_Message(channel, event, None),
+                                                   time.monotonic() + self._give_up_after)
+
+    def _fail_all(self, batch: list) -> None:
+        """After an unexpected error: fail the requests whose events the pass held (never raises)."""
+        try:
+            for item in batch:
+                if isinstance(item, tuple):
+                    request_id, event, engine_id = item
+                    self._fail(engine_id, stream_channel(request_id), event.attempt)
+                    continue
+                with self._lock:
+                    lost = {e.request_id: self._held[e.request_id] for e in item
+                            if e.request_id in self._held and self._held[e.request_id].stream}
+                for engine_id, held in lost.items():
+                    self._fail(engine_id, stream_channel(held.channel), held.attempt or None)
+        except Exception:
+            log.exception("stream relay: could not fail the requests of a broken pass")
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for channel, pending in list(self._pending.items()):
+            if now > pending.until:
+                del self._pending[channel]
+                log.error("stream relay: gave up publishing the error event on %s; the web's silence "
+                          "deadline ends that request", channel)
 
     def _client_gone(self, request_id: str) -> None:
         with self._lock:
-            if self._streaming.pop(request_id, None) is None:
+            if self._held.pop(request_id, None) is None:
                 return
         log.info("request %s: client went away, cancelling", request_id)
         self._cancel(request_id)

@@ -1,13 +1,19 @@
 """Run one replica: a Celery worker named `replica<slot>@<host>` consuming the generation queue."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
+
+from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
 from blitzscale.settings import Settings
 from tasks.keys import GENERATION_QUEUE, slot_target_key
 from tasks.lifecycle import ACTIVE, STANDBY
 from tasks.replica import SLOT_ENV
+
+log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", standby: bool = False) -> None:
@@ -24,8 +30,9 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     _set_target(settings, slot, STANDBY if standby else ACTIVE)
     from tasks.celery_app import app  # built from the environment just exported
 
+    _quiet_celery_warnings()
     app.worker_main([
-        *(["--quiet"] if settings.log_format == "json" else []),  # no banner among JSON lines
+        "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",
         "--hostname", f"replica{slot}@%h",
         "--pool", "threads",
@@ -35,6 +42,17 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
         "--without-mingle",
         "--without-gossip",
     ])
+
+
+def _quiet_celery_warnings() -> None:
+    """Celery warns on every start as root (containers run as root), and on every broker
+    reconnect that running tasks are kept (which we want: the web fails over what is lost).
+    Neither is for the operator's terminal."""
+    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                            message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+        log.debug("running as root: Celery's SecurityWarning (superuser privileges) is silenced")
 
 
 def _set_target(settings: Settings, slot: int, target: str) -> None:

@@ -8,6 +8,7 @@ import time
 import requests
 from celery import Celery
 
+from blitzscale.supervisor import stop_process
 from tests.service import Service
 
 
@@ -23,12 +24,8 @@ class ScalingService(Service):
         return self
 
     def stop(self) -> None:
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.terminate()  # the agent stops the replicas it started
-            try:
-                self.agent.wait(30)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
+        if self.agent is not None:
+            stop_process(self.agent, grace=30)  # the agent stops the replicas it started
         super().stop()
 
     def celery(self) -> Celery:

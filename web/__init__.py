@@ -1,2 +1,2 @@
 """The HTTP side: a Flask app (flask-smorest) that validates, enqueues and streams.
-Never imports torch or the engine (DESIGN.md)."""
+Never imports torch or the engine (docs/architecture.md)."""

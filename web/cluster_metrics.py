@@ -2,9 +2,14 @@
 TGI's `tgi_queue_size`, and the replicas by state."""
 from __future__ import annotations
 
+import logging
+
+import redis
 from prometheus_client.core import GaugeMetricFamily
 
-# SCALING.md's states of a live replica (slots, `dead` included, are `blitz_replica_slots`).
+log = logging.getLogger(__name__)
+
+# The states of a live replica (docs/scaling.md) (slots, `dead` included, are `blitz_replica_slots`).
 STATES = ("loading", "active", "draining", "standby", "stopped")
 NAMES = ("tgi_queue_size", "blitz_queue_broker", "blitz_replicas", "blitz_replica_state",
          "blitz_replica_running", "blitz_replica_waiting")
@@ -63,5 +68,6 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 def _call(client, method: str, default):
     try:
         return getattr(client, method)()
-    except Exception:  # Redis down: /metrics still answers with what the web knows
+    except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with what the web knows
+        log.debug("cluster metrics: %s unavailable: %s", method, error)
         return default

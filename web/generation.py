@@ -44,7 +44,9 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
     log_outcome(outcome)
     payload = generate_response(valid, outcome.final)
     response = jsonify([payload] if as_list else payload)
-    response.headers.update(timing_headers(valid, outcome, service.cluster.compute_type()))
+    # The serving replica's device; a replica that does not say: the cluster's.
+    compute_type = outcome.final.device_type or service.cluster.compute_type()
+    response.headers.update(timing_headers(valid, outcome, compute_type))
     return response
 
 

@@ -9,6 +9,7 @@ shared by the workers (see web/gunicorn_conf.py for the dead-worker hook).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from flask import Flask
@@ -26,6 +27,8 @@ from web.cluster_metrics import NAMES as CLUSTER_NAMES
 from web.cluster_metrics import ClusterCollector
 from web.scaling_metrics import NAMES as SCALING_NAMES
 from web.scaling_metrics import ScalingCollector
+
+log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))  # TGI's: 0.15 ms .. ~220 s
 # Families the web itself exports; a replica's family of the same name is not re-exported.
@@ -120,7 +123,8 @@ class ReplicaMetricsCollector:
         try:
             keys = sorted(self._redis.scan_iter(match=replica_metrics_pattern(), count=100))
             values = self._redis.mget(keys) if keys else []
-        except Exception:  # Redis down: /metrics still answers with the web's own metrics
+        except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with the web's own
+            log.debug("replica metrics unavailable: %s", error)
             return []
         return [
             (_text(key).rsplit(":", 1)[-1], _text(value)) for key, value in zip(keys, values) if value

@@ -3,10 +3,15 @@
 state, `dead` and `stopped` included (`blitz_replica_slots`)."""
 from __future__ import annotations
 
+import logging
+
+import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tasks.cluster import read_counters, read_slots
 from tasks.lifecycle import STATES
+
+log = logging.getLogger(__name__)
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_replica_slots")
 
@@ -22,7 +27,8 @@ class ScalingCollector:
             return
         try:
             counters, slots = read_counters(self._redis), read_slots(self._redis)
-        except Exception:  # Redis down: /metrics still answers with the rest
+        except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with the rest
+            log.debug("scaling metrics unavailable: %s", error)
             return
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])

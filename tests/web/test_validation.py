@@ -1,4 +1,4 @@
-"""TGI's validation rules, order and messages (TGI-CONTRACT.md)."""
+"""TGI's validation rules, order and messages (TGI router's validation.rs)."""
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,8 @@
 cluster's state (GET /cluster_state), both over the control plane in `tasks.cluster`."""
 from __future__ import annotations
 
+import logging
+
 from flask import Response, current_app, request
 
 from tasks.cluster import ClusterControl, ClusterError
@@ -15,6 +17,8 @@ from web.errors import ApiError
 from web.json_body import StrictBlueprint
 from web.schemas import ErrorResponseSchema
 from web.service import current_service
+
+log = logging.getLogger(__name__)
 
 blp = StrictBlueprint("cluster", __name__, description="Replica scaling (BlitzScale)")
 CONTROL = "blitzscale.cluster_control"
@@ -64,7 +68,8 @@ def modify_cluster_state(command: ScaleCommand):
             control.scale_down(command.slots)
     except ClusterError as error:
         raise ScalingError(str(error)) from error
-    except Exception as error:  # Redis or the broker away
+    except Exception as error:  # Redis or the broker away (redis, kombu and socket errors alike)
+        log.exception("scaling command %s failed", command.kind)
         raise ScalingUnavailable(f"the cluster could not be reached: {error}") from error
     return Response(b"", status=200, mimetype="text/plain")
 
@@ -93,7 +98,8 @@ def cluster_state():
             "autoscaler": control.autoscaler_state(),
             "replicas": [_replica(view, celery) for _, view in sorted(slots.items())],
         }
-    except Exception as error:
+    except Exception as error:  # Redis or the broker away (redis, kombu and socket errors alike)
+        log.exception("cluster state unavailable")
         raise ScalingUnavailable(f"the cluster could not be reached: {error}") from error
 
 

@@ -1,0 +1,40 @@
+"""The engine's batch metrics: every forward counts; only a step that went through succeeds."""
+from __future__ import annotations
+
+import pytest
+
+from engine.engine import Engine
+from engine.metrics import EngineMetrics
+from engine.outputs import EngineError
+from engine.scheduler import SchedulerConfig
+from tests.engine.test_engine import model_and_tokenizer, request  # noqa: F401 (fixture)
+
+
+def value(metrics: EngineMetrics, name: str, method: str) -> float:
+    return metrics.registry.get_sample_value(name, {"replica": "r0", "method": method})
+
+
+def test_a_failed_step_counts_but_is_not_a_success(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    metrics = EngineMetrics(replica="r0")
+    engine = Engine(model, tokenizer, SchedulerConfig(), metrics).start()
+    decode = engine.runner.decode
+    calls = []
+
+    def failing_on_the_third_call(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return decode(batch)
+
+    engine.runner.decode = failing_on_the_third_call
+    try:
+        with pytest.raises(EngineError, match="device lost"):
+            list(engine.submit(request(tokenizer, "doomed", "Hello", max_new_tokens=10)))
+        assert len(list(engine.submit(request(tokenizer, "next", "Hello", max_new_tokens=4)))) == 4
+    finally:
+        engine.stop()
+    assert value(metrics, "tgi_batch_inference_count_total", "decode") == 2 + 1 + 3
+    assert value(metrics, "tgi_batch_inference_success_total", "decode") == 2 + 3
+    assert value(metrics, "tgi_batch_inference_count_total", "prefill") == 2
+    assert value(metrics, "tgi_batch_inference_success_total", "prefill") == 2

@@ -1,0 +1,153 @@
+"""Redis failing under a replica's stream relay mid-generation, for real: the replica logs in
+to Redis as its own ACL user, and the test takes PUBLISH away from that user (a NOPERM error on
+every publish) while the web, its heartbeat and its Celery consumer keep working. Every request
+must end with a clear error within its deadlines, none waiting for the request timeout; an
+outage shorter than the relay's retries must cost nothing."""
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+
+from tasks.stream_relay import PUBLISH_FAILED
+from tests.integration.test_faults import FAST, busiest_slot, records
+from tests.service import Service
+
+SILENCE = 12.0  # REPLICA_SILENCE_TIMEOUT; the relay retries for ~1.5 s (slack for a loaded machine)
+REQUEST_TIMEOUT = 120.0
+LONG = {"max_new_tokens": 1500}
+
+
+class ReplicaUserService(Service):
+    """The replicas connect as ACL user `replica`, whose PUBLISH the test can take away."""
+
+    def start_replica(self, slot: int):
+        admin = redis.Redis.from_url(self.redis.url)
+        admin.execute_command("ACL", "SETUSER", "replica", "on", ">secret", "~*", "&*", "+@all")
+        shared = self.env
+        self.env = {**shared, "REDIS_URL": f"redis://replica:secret@127.0.0.1:{self.redis.port}/0"}
+        try:
+            return super().start_replica(slot)
+        finally:
+            self.env = shared
+
+    def replica_publish(self, allowed: bool) -> None:
+        redis.Redis.from_url(self.redis.url).execute_command(
+            "ACL", "SETUSER", "replica", "+publish" if allowed else "-publish")
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("relay-faults")
+    env = {**FAST, "REPLICA_SILENCE_TIMEOUT": str(SILENCE), "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
+           "XDG_CACHE_HOME": str(workdir / "cache")}
+    service = ReplicaUserService(str(tiny_model_dir), workdir, env=env)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+
+
+def generate(svc: Service, inputs: str, **parameters) -> tuple[requests.Response, float]:
+    response = requests.post(f"{svc.base_url}/generate", json={"inputs": inputs, "parameters": parameters},
+                             timeout=REQUEST_TIMEOUT + 30)
+    return response, time.monotonic()
+
+
+def stream(svc: Service, inputs: str, first_token: list, **parameters) -> tuple[list[dict], float]:
+    response = requests.post(f"{svc.base_url}/generate_stream", json={"inputs": inputs, "parameters": parameters},
+                             stream=True, timeout=REQUEST_TIMEOUT + 30)
+    events = []
+    for event in sse_events_iter(response):
+        events.append(event)
+        first_token.append(True)
+    return events, time.monotonic()
+
+
+def sse_events_iter(response):
+    for line in response.iter_lines():
+        if line.startswith(b"data:"):
+            yield json.loads(line[len(b"data:"):])
+
+
+def in_flight(svc: Service, pool: ThreadPoolExecutor, running: int = 3):
+    """Two JSON requests and one stream, all generating on the replica."""
+    first_token: list = []
+    jsons = [pool.submit(generate, svc, f"Once upon a time {n}", **LONG) for n in range(2)]
+    sse = pool.submit(stream, svc, "Hello", first_token, **LONG)
+    deadline = time.monotonic() + 60
+    while not (first_token and sum(r.get("running", 0) for r in records(svc).values()) >= running):
+        assert time.monotonic() < deadline, svc.logs()
+        time.sleep(0.05)
+    return jsons, sse
+
+
+def wait_recovered(svc: Service) -> None:
+    deadline = time.monotonic() + 30
+    while (response := generate(svc, "Hello", max_new_tokens=4)[0]).status_code != 200:
+        assert time.monotonic() < deadline, response.text + svc.logs()
+        time.sleep(0.5)
+
+
+def test_relay_that_cannot_publish_fails_every_request_within_the_silence_deadline(svc):
+    with ThreadPoolExecutor(4) as pool:
+        jsons, sse = in_flight(svc, pool)
+        svc.replica_publish(False)
+        cut = time.monotonic()
+        try:
+            outcomes = [f.result() for f in jsons]
+            events, stream_ended = sse.result()
+        finally:
+            svc.replica_publish(True)
+    silent = {"error": "Request failed during generation: replica stopped responding", "error_type": "generation"}
+    for response, ended in outcomes:  # the replica is alive (heartbeat) but says nothing: silence
+        assert response.status_code == 424 and response.json() == silent, response.text
+        assert ended - cut < SILENCE + 10, f"{ended - cut:.1f} s: waited past the silence deadline"
+    assert events[-1] == silent
+    assert sum("error" in e for e in events) == 1
+    assert stream_ended - cut < SILENCE + 10
+    wait_recovered(svc)
+
+
+def test_an_outage_shorter_than_the_retries_loses_nothing(svc):
+    with ThreadPoolExecutor(4) as pool:
+        jsons, sse = in_flight(svc, pool)
+        svc.replica_publish(False)
+        time.sleep(0.3)
+        svc.replica_publish(True)
+        outcomes = [f.result()[0] for f in jsons]
+        events, _ = sse.result()
+    assert [r.status_code for r in outcomes] == [200, 200], [r.text for r in outcomes]
+    assert all(r.json()["generated_text"] for r in outcomes)
+    tokens = [e for e in events if "token" in e]
+    assert [e["index"] for e in tokens] == list(range(1, len(tokens) + 1))  # no gap, no duplicate
+    assert events[-1]["generated_text"] is not None and "error" not in events[-1]
+    assert "not published (try 1 of" in (svc.workdir / "replica0.log").read_text(errors="replace")
+
+
+def test_an_outage_past_the_retries_fails_what_it_lost_with_the_relays_error(svc):
+    """The stream lost tokens: it ends with the relay's error as soon as Redis takes it, before
+    the silence deadline. A job taken during the outage could not say so: it fails the same way,
+    long before the queue deadline. The JSON requests lost nothing and finish."""
+    with ThreadPoolExecutor(5) as pool:
+        jsons, sse = in_flight(svc, pool)
+        svc.replica_publish(False)
+        cut = time.monotonic()
+        during = pool.submit(generate, svc, "Hello there", max_new_tokens=4)
+        time.sleep(3.5)  # past the relay's retries, under SILENCE
+        svc.replica_publish(True)
+        events, stream_ended = sse.result()
+        late, late_ended = during.result()
+        outcomes = [f.result()[0] for f in jsons]
+    assert events[-1].get("error_type") == "incomplete_generation", events[-1]
+    assert PUBLISH_FAILED in events[-1]["error"]
+    assert stream_ended - cut < SILENCE
+    assert late.status_code == 500 and late.json() == {"error": PUBLISH_FAILED, "error_type": "incomplete_generation"}
+    assert late_ended - cut < SILENCE
+    assert [r.status_code for r in outcomes] == [200, 200], [r.text for r in outcomes]
+    wait_recovered(svc)
