@@ -8,7 +8,8 @@ from dataclasses import replace
 from enum import IntEnum
 
 from engine.detokenize import IncrementalDetokenizer
-from engine.outputs import EngineError, Finish, Token, TokenEvent
+from engine.grammar import grammar_matcher
+from engine.outputs import EngineError, Finish, FinishReason, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
 from engine.stopping import StopChecker
@@ -82,7 +83,9 @@ class Sequence:
         self.request = request
         self.status = SequenceStatus.WAITING
         self.arrived_at = time.monotonic()
-        self.sampler = RequestSampler(request.sampling, device)
+        # Compiled here, on the submitter's thread (cached by the grammar's hash), never on the loop.
+        self.grammar = grammar_matcher(request.grammar, tokenizer, eos_token_ids) if request.grammar else None
+        self.sampler = RequestSampler(request.sampling, device, self.grammar)
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
         self.stop_checker = StopChecker(request.stopping, eos_token_ids)
         self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)
@@ -116,6 +119,8 @@ class Sequence:
         self.token_ids.append(token.id)
         self.text_parts.append(text)
         reason = self.stop_checker.check(token.id, text)
+        if self.grammar is not None and self.grammar.advance(token.id) and reason is None:
+            reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS could follow
         finish = None
         if reason is not None:
             held_back = self.detokenizer.flush()  # half a character at the very end
