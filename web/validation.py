@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from blitzscale.settings import Settings
 from tasks.protocol import Job
 from web.errors import ValidationError
+from web.grammar import check_grammar
 
 DEFAULT_MAX_NEW_TOKENS = 100  # ours: TGI-CONTRACT.md, max_new_tokens
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
@@ -60,8 +61,7 @@ def validate_request(
     if not input_ids:
         _fail("`inputs` cannot be empty")
     parameters["max_new_tokens"] = _check_lengths(len(input_ids), p.get("max_new_tokens"), settings)
-    if p.get("grammar") is not None:
-        _fail("grammar is not supported")
+    parameters["grammar"] = check_grammar(p.get("grammar"))
     full_text = p.get("return_full_text")
     parameters["return_full_text"] = full_text_default if full_text is None else full_text
     job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, parameters=parameters, stream=stream)
