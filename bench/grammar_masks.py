@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blitzscale import model_files
+from blitzscale.cli import prepare
 from blitzscale.settings import Settings
 from engine.grammar import apply_token_bitmask
 
@@ -65,14 +65,7 @@ def default_tokenizer():
     """The default model's tokenizer, taken out of its GGUF file once per host (no weights)."""
     from transformers import AutoTokenizer
 
-    from engine.weights import prepare_gguf
-
-    settings = Settings.from_env()
-    source = model_files.resolve(settings)
-    directory = model_files.prepared_dir(settings, source)
-    if source.is_gguf and not (directory / "tokenizer.json").is_file():
-        prepare_gguf(source.path, directory, tokenizer_only=True)
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(prepare(Settings.from_env(), tokenizer_only=True))
 
 
 @dataclass
@@ -177,14 +170,13 @@ def measure(library: Library, kind: str, value, batch: int, steps: int, vocab_si
     compiled, compile_s = timed(library.compile, kind, value)
     matchers = [library.matcher(compiled) for _ in range(batch)]
     bitmask = torch.zeros(batch, (vocab_size + 31) // 32, dtype=torch.int32)
-    rows = list(range(batch))
     generator = torch.Generator().manual_seed(0)
     fill_s, apply_s, accept_s = [], [], []
     for _ in range(steps):
         logits = torch.randn(batch, vocab_size, generator=generator)
         _, seconds = timed(library.fill, matchers, bitmask)
         fill_s.append(seconds)
-        logits, seconds = timed(apply_token_bitmask, logits, bitmask, rows)
+        logits, seconds = timed(apply_token_bitmask, logits, bitmask)
         apply_s.append(seconds)
         tokens = logits.argmax(dim=-1).tolist()
         started = time.perf_counter()
@@ -215,9 +207,8 @@ def compare_apply(batch: int, vocab_size: int, repeats: int = 30) -> None:
         xgrammar.apply_token_bitmask_inplace(out, bitmask, backend="cpu")
         return out
 
-    rows = list(range(batch))
     ways = {"bits + masked_fill": unpack_and_masked_fill, "xgrammar C++ kernel (+ copy)": xgrammar_cpu_kernel,
-            "ours: byte table + add": lambda: apply_token_bitmask(logits, bitmask, rows)}
+            "ours: byte table + add": lambda: apply_token_bitmask(logits, bitmask)}
     reference = unpack_and_masked_fill()
     for name, way in ways.items():
         assert torch.equal(way(), reference), name

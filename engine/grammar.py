@@ -151,15 +151,14 @@ def allocate_bitmask(rows: int, vocab_size: int) -> Tensor:
     return torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)
 
 
-def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: list[int]) -> Tensor:
-    """`logits` [B, V] with row `rows[j]` limited to the tokens set in `bitmask[j]`; a copy, the
-    other rows unchanged. Columns past the bitmask (a model vocabulary wider than the
-    tokenizer's) are never allowed."""
-    bias = token_bias(bitmask[: len(rows)], logits.shape[1], logits)  # [G, V]: 0 or -inf
-    if rows == list(range(logits.shape[0])):
-        return logits + bias
-    index = torch.as_tensor(rows, dtype=torch.long).to(logits.device)
-    return logits.index_add(0, index, bias)
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor | None = None) -> Tensor:
+    """`logits` [B, V] with row `rows[j]` limited to the tokens set in `bitmask[j]`, as a copy;
+    `rows` is a [G] long tensor on the logits' device, None when every row has a grammar. The
+    other rows are neither read nor written. Columns past the bitmask (a model vocabulary wider
+    than the tokenizer's) are never allowed."""
+    count = logits.shape[0] if rows is None else rows.shape[0]
+    bias = token_bias(bitmask[:count], logits.shape[1], logits)  # [G, V]: 0 or -inf
+    return logits + bias if rows is None else logits.index_add(0, rows, bias)
 
 
 def token_bias(bitmask: Tensor, width: int, like: Tensor) -> Tensor:

@@ -73,8 +73,12 @@ class BatchSampler:
         self.largest_top_k = max((k for k in top_ks if k is not None), default=0)
         self.top_p, self.top_p_on = self._filter(sampled(lambda p: p.top_p))
         self.typical_p, self.typical_p_on = self._filter(sampled(lambda p: p.typical_p))
-        # The rows with a grammar; the bitmask buffer is allocated at the first step.
+        # The rows with a grammar (their index tensor: None when it is every row); the bitmask
+        # buffer is allocated at the first step.
         self.grammar_rows = [i for i, row in enumerate(self.rows) if row.grammar is not None]
+        self._grammar_index = None
+        if self.grammar_rows and len(self.grammar_rows) < len(self.rows):
+            self._grammar_index = torch.tensor(self.grammar_rows, dtype=torch.long, device=self.device)
         self._bitmask: Tensor | None = None
 
     def _column(self, values: list, neutral: float) -> Tensor | None:
@@ -140,7 +144,7 @@ class BatchSampler:
         if self._bitmask is None:  # the tokenizer's width; a wider model vocabulary is masked off
             self._bitmask = allocate_bitmask(len(matchers), matchers[0].vocab_size)
         fill_bitmasks(matchers, self._bitmask)
-        return apply_token_bitmask(logits, self._bitmask, self.grammar_rows)
+        return apply_token_bitmask(logits, self._bitmask, self._grammar_index)
 
     def _warp(self, logits: Tensor) -> Tensor:
         if self.temperature is not None:
