@@ -119,7 +119,9 @@ _compilers_lock = threading.Lock()
 
 
 def compiler_for(tokenizer, eos_token_ids: frozenset[int]) -> GrammarCompiler:
-    """The process's compiler for this tokenizer (building it reads the vocabulary: ~1 s once)."""
+    """The process's compiler for this tokenizer. Built at the first grammar request: reading the
+    vocabulary takes 1–5 s for 49k tokens, mostly holding the GIL (the loop stalls once then).
+    Not done at replica start, which would delay every scale-up for a feature few requests use."""
     with _compilers_lock:
         by_eos = _compilers.setdefault(tokenizer, {})
         compiler = by_eos.get(frozenset(eos_token_ids))

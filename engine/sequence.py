@@ -1,6 +1,7 @@
 """One request's state inside the engine: one object holds it all (no parallel lists)."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -118,6 +119,8 @@ class Sequence:
         ended by the engine once the step's listeners have seen the event)."""
         self.token_ids.append(token.id)
         self.text_parts.append(text)
+        if self.grammar is not None:  # a token the grammar forbids (logprob -inf) is no alternative
+            top_tokens = [t for t in top_tokens if t.logprob != -math.inf]
         reason = self.stop_checker.check(token.id, text)
         if self.grammar is not None and self.grammar.advance(token.id) and reason is None:
             reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS could follow

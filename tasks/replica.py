@@ -58,7 +58,6 @@ class Replica:
         from transformers import AutoTokenizer
 
         from engine.engine import Engine
-        from engine.grammar import compiler_for
         from engine.metrics import EngineMetrics
         from engine.scheduler import SchedulerConfig
         from engine.weights import PreparedWeights, load_model, prepare_gguf
@@ -81,10 +80,6 @@ class Replica:
         )
         self.relay = StreamRelay(self.redis, cancel=lambda request_id: self.engine.cancel(request_id))
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step).start()
-        # The grammar library reads the vocabulary once (~3 s for 49k tokens): do it now, beside
-        # the loop, rather than in the first constrained request.
-        threading.Thread(target=compiler_for, args=(tokenizer, self.engine.eos_token_ids),
-                         name="grammar-warmup", daemon=True).start()
         self.facts = {
             "model_id": s.model_id,
             "model_sha": source.sha,

@@ -137,10 +137,14 @@ def test_max_new_tokens_before_completion_is_length(engine, tokenizer):
 
 
 def test_logprobs_come_from_the_masked_distribution(engine, tokenizer):
-    """The forced first token `{` has probability 1 under the mask: logprob 0."""
-    events, _ = finish_of(engine.submit(request(tokenizer, "forced", "Person:", Grammar("json", PERSON))))
+    """The forced first token `{` has probability 1 under the mask: logprob 0, and it is its
+    own only top token (forbidden tokens, at -inf, are no alternatives)."""
+    req = request(tokenizer, "forced", "Person:", Grammar("json", PERSON))
+    events, _ = finish_of(engine.submit(GenerationRequest(**{**req.__dict__, "top_n_tokens": 3})))
     assert events[0].token.text == "{"
     assert events[0].token.logprob == pytest.approx(0.0, abs=1e-5)
+    assert [t.text for t in events[0].top_tokens] == ["{"]
+    assert all(len(e.top_tokens) >= 1 and all(t.logprob > -float("inf") for t in e.top_tokens) for e in events)
 
 
 def test_cancel_frees_a_grammar_row(engine, tokenizer):
