@@ -54,17 +54,20 @@ class GrammarMatcher:
 
     def advance(self, token_id: int) -> bool:
         """Take the row's sampled token; True once the grammar is complete (EOS taken where it
-        was allowed, or nothing may follow): the row stops there."""
+        was allowed, or nothing may follow) or failed (`error`): the row stops there."""
         if self.finished:
             return True
         if token_id in self._eos_token_ids:
             self.finished = True  # the mask allows EOS only where the grammar is complete
             return True
         self._matcher.consume_token(token_id)
-        if self._matcher.is_error():  # only if a token outside the mask was forced in
-            log.warning("grammar matcher error, stopping the row: %s", self._matcher.get_error())
         self.finished = self._matcher.is_stopped() or self._matcher.is_error()
         return self.finished
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher failed (a lexer grown past the library's limits), else None."""
+        return self._matcher.get_error() if self._matcher.is_error() else None
 
     @property
     def is_complete(self) -> bool:
@@ -109,6 +112,10 @@ class GrammarCompiler:
         except ValueError as error:
             raise GrammarError(f"grammar is not valid: {error}") from error
         compiled = llguidance.LLMatcher(self._tokenizer, source, log_level=0)
+        if not compiled.is_error():
+            # The first mask builds the lexer: here rather than on the loop, and a grammar too
+            # complex for the library's limits fails its request now. Copies share the result.
+            compiled.compute_bitmask()
         if compiled.is_error():
             raise GrammarError(f"grammar is not valid: {compiled.get_error()}")
         return compiled

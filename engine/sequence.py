@@ -9,7 +9,7 @@ from dataclasses import replace
 from enum import IntEnum
 
 from engine.detokenize import IncrementalDetokenizer
-from engine.grammar import grammar_matcher
+from engine.grammar import GrammarError, grammar_matcher
 from engine.outputs import EngineError, Finish, FinishReason, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
@@ -122,8 +122,11 @@ class Sequence:
         if self.grammar is not None:  # a token the grammar forbids (logprob -inf) is no alternative
             top_tokens = [t for t in top_tokens if t.logprob != -math.inf]
         reason = self.stop_checker.check(token.id, text)
-        if self.grammar is not None and self.grammar.advance(token.id) and reason is None:
-            reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS could follow
+        grammar_error = None
+        if self.grammar is not None and self.grammar.advance(token.id):
+            grammar_error = self.grammar.error
+            if reason is None and grammar_error is None:
+                reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS could follow
         finish = None
         if reason is not None:
             held_back = self.detokenizer.flush()  # half a character at the very end
@@ -135,6 +138,8 @@ class Sequence:
             self.status = SequenceStatus.FINISHED
         event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
         self.stream.put(event)
+        if grammar_error is not None and finish is None:  # the row leaves at this step's end
+            self.fail(GrammarError(f"the grammar failed: {grammar_error.strip().splitlines()[0]}"))
         return event
 
     def fail(self, error: EngineError) -> None:

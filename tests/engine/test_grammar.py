@@ -185,3 +185,13 @@ def test_apply_masks_only_the_grammar_rows_and_the_extra_columns():
     allowed = torch.isfinite(out[1]).nonzero().view(-1).tolist()
     assert allowed == [1, 3]
     assert out[1, 1] == logits[1, 1]
+
+
+def test_a_grammar_failing_mid_generation_fails_only_its_request(engine, tokenizer):
+    """A regex whose lexer outgrows the library's limits once it starts matching: that request
+    gets an error, its neighbour goes on."""
+    neighbour = engine.submit(request(tokenizer, "neighbour", "Hello", max_new_tokens=20))
+    stream = engine.submit(request(tokenizer, "huge", "Hello", Grammar("regex", "(a{1000}){1000}")))
+    with pytest.raises(GrammarError, match="the grammar failed"):
+        list(stream)
+    assert len(list(neighbour)) == 20
