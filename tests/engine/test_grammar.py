@@ -169,10 +169,33 @@ def test_invalid_grammar_is_refused_at_submit(engine, tokenizer):
 
 def test_compiled_grammars_are_cached_by_hash(tokenizer):
     eos = frozenset({tokenizer.eos_token_id})
-    first = grammar_matcher(Grammar("json", dict(PERSON)), tokenizer, eos)
-    second = grammar_matcher(Grammar("json", json.loads(json.dumps(PERSON))), tokenizer, eos)
-    assert first is not second  # one matcher per row, one compiled grammar behind them
-    assert list(compiler_for(tokenizer, eos)._cache).count(Grammar("json", PERSON).key) == 1
+    compiler = compiler_for(tokenizer, eos)
+    reordered = dict(reversed(list(PERSON.items())))  # the same schema, keys in another order
+    assert compiler._compiled(Grammar("json", PERSON)) is compiler._compiled(Grammar("json", reordered))
+    assert compiler._compiled(Grammar("regex", DATE)) is not compiler._compiled(Grammar("json", PERSON))
+    # One matcher per row: rows advance independently over one compiled grammar.
+    first, second = (grammar_matcher(Grammar("regex", "[0-9]"), tokenizer, eos) for _ in range(2))
+    assert first.advance(tokenizer.convert_tokens_to_ids("2"))  # one digit: complete
+    assert first.is_complete and not second.is_complete
+
+
+def test_many_threads_compile_at_once(tokenizer):
+    eos = frozenset({tokenizer.eos_token_id})
+    schemas = [{"type": "object", "properties": {f"k{n % 4}": {"type": "integer"}}} for n in range(16)]
+    results, errors = [], []
+
+    def compile_one(schema):
+        try:
+            results.append(grammar_matcher(Grammar("json", schema), tokenizer, eos))
+        except Exception as error:  # noqa: BLE001 - any failure is the test's failure
+            errors.append(error)
+
+    threads = [threading.Thread(target=compile_one, args=(schema,)) for schema in schemas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(results) == 16
 
 
 def test_apply_masks_only_the_grammar_rows_and_the_extra_columns():
