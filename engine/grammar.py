@@ -4,7 +4,7 @@ The library is llguidance (see docs/structured-output.md for the measurements be
 A grammar is compiled once per (tokenizer, grammar) and cached by its hash; every request gets
 its own cheap copy of the compiled matcher. Compiling happens where the request is built, on
 the submitter's thread, never on the engine loop. At each step the loop fills one bitmask row
-per grammar row (`fill_bitmasks`, the library's own thread pool, GIL released) and masks those
+per grammar row (`fill_bitmasks`, the library's own thread pool) and masks those
 rows' logits in one pass (`apply_token_bitmask`); rows without a grammar are not touched.
 """
 from __future__ import annotations
@@ -163,7 +163,7 @@ def allocate_bitmask(rows: int, vocab_size: int) -> Tensor:
 def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor | None = None) -> Tensor:
     """`logits` [B, V] with row `rows[j]` limited to the tokens set in `bitmask[j]`, as a copy;
     `rows` is a [G] long tensor on the logits' device, None when every row has a grammar. The
-    other rows are neither read nor written. Columns past the bitmask (a model vocabulary wider
+    other rows come out unchanged. Columns past the bitmask (a model vocabulary wider
     than the tokenizer's) are never allowed."""
     count = logits.shape[0] if rows is None else rows.shape[0]
     bias = token_bias(bitmask[:count], logits.shape[1], logits)  # [G, V]: 0 or -inf
