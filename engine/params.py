@@ -1,7 +1,12 @@
 """Plain request types handed to the engine (validated here, at the engine's edge)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+GRAMMAR_KINDS = ("json", "regex")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,29 @@ class StoppingParams:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """What the output must match, whole: `json` with a JSON schema (`{}`: any JSON value), or
+    `regex` with a pattern. Compiled by `engine.grammar`."""
+
+    kind: str
+    value: Any
+
+    def __post_init__(self):
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar type must be one of {', '.join(GRAMMAR_KINDS)}, not {self.kind!r}")
+        if self.kind == "json" and not isinstance(self.value, dict):
+            raise ValueError("a json grammar's value must be a JSON schema object")
+        if self.kind == "regex" and not isinstance(self.value, str):
+            raise ValueError("a regex grammar's value must be a string")
+
+    @property
+    def key(self) -> str:
+        """The compile cache's key: a hash of the kind and the value's canonical JSON."""
+        text = json.dumps([self.kind, self.value], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     input_ids: tuple[int, ...]
@@ -66,6 +94,7 @@ class GenerationRequest:
     stopping: StoppingParams = field(default_factory=lambda: StoppingParams(max_new_tokens=20))
     top_n_tokens: int = 0
     prefill_logprobs: bool = False  # TGI's decoder_input_details
+    grammar: Grammar | None = None  # constrained decoding: the output must match it
 
     def __post_init__(self):
         if not self.input_ids:

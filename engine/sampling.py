@@ -8,7 +8,10 @@ draws the same tokens whichever batch it shares.
 
 Order: OpenAI's logit bias (added to the model's logits), then as transformers and TGI apply
 them: repetition penalty, frequency penalty, OpenAI's presence and frequency penalties (over the
-generated tokens only), then (sampled rows only) temperature, top-k, top-p, typical-p.
+generated tokens only), the grammar mask (rows with a grammar only), then (sampled rows only)
+temperature, top-k, top-p, typical-p. The grammar mask comes before the warpers, as in TGI: a
+top-k or top-p filter applied first could keep only tokens the grammar forbids. The logprobs
+reported are those of the masked distribution.
 """
 from __future__ import annotations
 
@@ -18,16 +21,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.grammar import GrammarMatcher, allocate_bitmask, apply_token_bitmask, fill_bitmasks
 from engine.params import SamplingParams
 
 FILTERED = -float("inf")
 
 
 class RequestSampler:
-    """One request's sampling state: its settings and, when sampling, a generator seeded once."""
+    """One request's sampling state: its settings, when sampling a generator seeded once, and
+    its grammar's matcher when the output is constrained."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", prompt_len: int = 0):
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu",
+                 grammar: GrammarMatcher | None = None, prompt_len: int = 0):
         self.params = params
+        self.grammar = grammar
         self.prompt_len = prompt_len  # where its history's generated tokens begin
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
@@ -71,6 +78,13 @@ class BatchSampler:
         self.largest_top_k = max((k for k in top_ks if k is not None), default=0)
         self.top_p, self.top_p_on = self._filter(sampled(lambda p: p.top_p))
         self.typical_p, self.typical_p_on = self._filter(sampled(lambda p: p.typical_p))
+        # The rows with a grammar (their index tensor: None when it is every row); the bitmask
+        # buffer is allocated at the first step.
+        self.grammar_rows = [i for i, row in enumerate(self.rows) if row.grammar is not None]
+        self._grammar_index = None
+        if self.grammar_rows and len(self.grammar_rows) < len(self.rows):
+            self._grammar_index = torch.tensor(self.grammar_rows, dtype=torch.long, device=self.device)
+        self._bitmask: Tensor | None = None
 
     def _column(self, values: list, neutral: float) -> Tensor | None:
         """[B, 1] tensor of `values` (None → `neutral`), or None when every row is neutral."""
@@ -107,6 +121,8 @@ class BatchSampler:
             logits = add_logit_bias(logits, *self.logit_bias)
         if self.needs_history:
             logits = self._penalize(logits, history)
+        if self.grammar_rows:
+            logits = self._constrain(logits)
         if self.sampled_rows:
             logits = self._warp(logits)
         return logits
@@ -145,6 +161,14 @@ class BatchSampler:
             if self.presence is not None:
                 logits = logits - self.presence * (counts > 0)
         return logits
+
+    def _constrain(self, logits: Tensor) -> Tensor:
+        """Each grammar row keeps only the tokens its grammar allows next; other rows untouched."""
+        matchers = [self.rows[i].grammar for i in self.grammar_rows]
+        if self._bitmask is None:  # the tokenizer's width; a wider model vocabulary is masked off
+            self._bitmask = allocate_bitmask(len(matchers), matchers[0].vocab_size)
+        fill_bitmasks(matchers, self._bitmask)
+        return apply_token_bitmask(logits, self._bitmask, self._grammar_index)
 
     def _warp(self, logits: Tensor) -> Tensor:
         if self.temperature is not None:

@@ -1,6 +1,7 @@
 """One request's state inside the engine: one object holds it all (no parallel lists)."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -8,7 +9,8 @@ from dataclasses import replace
 from enum import IntEnum
 
 from engine.detokenize import IncrementalDetokenizer
-from engine.outputs import EngineError, Finish, Token, TokenEvent
+from engine.grammar import GrammarError, grammar_matcher
+from engine.outputs import EngineError, Finish, FinishReason, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
 from engine.stopping import StopChecker
@@ -82,7 +84,9 @@ class Sequence:
         self.request = request
         self.status = SequenceStatus.WAITING
         self.arrived_at = time.monotonic()
-        self.sampler = RequestSampler(request.sampling, device, prompt_len=len(request.input_ids))
+        # Compiled here, on the submitter's thread (cached by the grammar's hash), never on the loop.
+        self.grammar = grammar_matcher(request.grammar, tokenizer, eos_token_ids) if request.grammar else None
+        self.sampler = RequestSampler(request.sampling, device, self.grammar, prompt_len=len(request.input_ids))
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
         self.stop_checker = StopChecker(request.stopping, eos_token_ids)
         self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)
@@ -126,7 +130,14 @@ class Sequence:
         ended by the engine once the step's listeners have seen the event)."""
         self.token_ids.append(token.id)
         self.text_parts.append(text)
+        if self.grammar is not None:  # a token the grammar forbids (logprob -inf) is no alternative
+            top_tokens = [t for t in top_tokens if t.logprob != -math.inf]
         reason = self.stop_checker.check(token.id, text)
+        grammar_error = None
+        if self.grammar is not None and self.grammar.advance(token.id):
+            grammar_error = self.grammar.error
+            if reason is None and grammar_error is None:
+                reason = FinishReason.EOS_TOKEN  # the grammar is complete: only EOS could follow
         finish = None
         if reason is not None:
             held_back = self.detokenizer.flush()  # half a character at the very end
@@ -138,6 +149,8 @@ class Sequence:
             self.status = SequenceStatus.FINISHED
         event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
         self.stream.put(event)
+        if grammar_error is not None and finish is None:  # the row leaves at this step's end
+            self.fail(GrammarError(f"the grammar failed: {grammar_error.strip().splitlines()[0]}"))
         return event
 
     def fail(self, error: EngineError) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from engine.params import GenerationRequest, SamplingParams, StoppingParams
+from engine.params import GenerationRequest, Grammar, SamplingParams, StoppingParams
 from tasks.protocol import Job
 
 _SEED_RANGE = 2**63 - 1
@@ -41,6 +41,7 @@ def _request(job: Job, request_id: str, seed: int | None) -> GenerationRequest:
         seed=(seed if seed is not None else random.randint(0, _SEED_RANGE)) if do_sample else None,
     )
     stopping = StoppingParams(max_new_tokens=p["max_new_tokens"], stop_sequences=tuple(p.get("stop") or ()))
+    grammar = p.get("grammar")  # {"type": "json" | "regex", "value": ...}, checked by the web
     return GenerationRequest(
         request_id=request_id,
         input_ids=tuple(job.input_ids),
@@ -48,4 +49,5 @@ def _request(job: Job, request_id: str, seed: int | None) -> GenerationRequest:
         stopping=stopping,
         top_n_tokens=p.get("top_n_tokens") or 0,
         prefill_logprobs=bool(p.get("decoder_input_details")),
+        grammar=Grammar(grammar["type"], grammar["value"]) if grammar else None,
     )

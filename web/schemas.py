@@ -51,8 +51,10 @@ def optional(field_class, description: str, **kwargs):
 
 
 class GrammarSchema(Schema):
-    type = fields.String(required=True, validate=validate.OneOf(["json", "regex", "json_schema"]))
-    value = fields.Raw(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(["json", "json_object", "regex", "json_schema"]),
+                         metadata={"description": "`json` (alias `json_object`), `json_schema` or `regex`."})
+    value = fields.Raw(required=True, metadata={
+        "description": "A JSON schema (`{}`: any JSON), `{name, schema}` for `json_schema`, or a regex."})
 
 
 class GenerateParametersSchema(Schema):
@@ -73,7 +75,8 @@ class GenerateParametersSchema(Schema):
     decoder_input_details = StrictBoolean(metadata={"description": "Return prefill token details."})
     seed = optional(StrictInteger, "Sampling seed (uint64).", validate=validate.Range(0, UINT64_MAX))
     top_n_tokens = optional(StrictInteger, "Return the n most likely tokens at each step.")
-    grammar = fields.Nested(GrammarSchema, allow_none=True, metadata={"description": "Not supported."})
+    grammar = fields.Nested(GrammarSchema, allow_none=True, metadata={
+        "description": "Constrain the output to a JSON schema or a regex (the whole output matches)."})
     adapter_id = optional(fields.String, "LoRA adapter id (ignored).")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from blitzscale.settings import Settings
 from tasks.protocol import Job
 from web.errors import ValidationError
+from web.grammar import check_grammar
 
 DEFAULT_MAX_NEW_TOKENS = 100  # ours, when the request gives none
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
@@ -66,8 +67,7 @@ def validate_request(
     if cap_new_tokens:
         max_new_tokens = _capped(len(input_ids), max_new_tokens, settings)
     parameters["max_new_tokens"] = _check_lengths(len(input_ids), max_new_tokens, settings)
-    if p.get("grammar") is not None:
-        _fail("grammar is not supported")
+    parameters["grammar"] = check_grammar(p.get("grammar"))
     full_text = p.get("return_full_text")
     parameters["return_full_text"] = full_text_default if full_text is None else full_text
     job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, parameters=parameters, stream=stream)

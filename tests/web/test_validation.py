@@ -12,7 +12,7 @@ SETTINGS = Settings(model_id="unused", max_input_tokens=10, max_total_tokens=20)
 JOB_PARAMETERS = {
     "do_sample", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "seed",
     "max_new_tokens", "stop", "best_of", "details", "decoder_input_details", "top_n_tokens", "return_full_text",
-    "watermark",
+    "watermark", "grammar",
 }
 
 
@@ -37,7 +37,7 @@ def test_rules_are_checked_in_tgis_order():
     request = dict(
         inputs="", best_of=3, temperature=0.0, repetition_penalty=0.0, frequency_penalty=2.5, top_p=1.0,
         typical_p=0.0, top_k=0, max_new_tokens=0, stop=["a"] * 5, seed=7, top_n_tokens=6, truncate=0,
-        grammar={"type": "json", "value": {}},
+        grammar={"type": "json", "value": "{not json"},
     )
     steps = [
         ("`best_of` must be > 0 and <= 2. Given: 3", {"best_of": 2}),
@@ -56,7 +56,8 @@ def test_rules_are_checked_in_tgis_order():
         ("`inputs` tokens + `max_new_tokens` must be <= 20. Given: 16 `inputs` tokens and 5 `max_new_tokens`",
          {"inputs": " ".join(["w"] * 11)}),
         ("`inputs` must have less than 10 tokens. Given: 11", {"inputs": "w w w"}),
-        ("grammar is not supported", {"grammar": None}),
+        ("grammar is not valid: the JSON schema is not valid JSON: Expecting property name enclosed in double "
+         "quotes: line 1 column 2 (char 1)", {"grammar": {"type": "json", "value": {}}}),
     ]
     for message, fix in steps:
         assert error_of(**request) == PREFIX + message
@@ -79,7 +80,8 @@ def test_rules_are_checked_in_tgis_order():
     ({"truncate": 11}, "`truncate` must be strictly positive and less than 10. Given: 11"),
     ({"max_new_tokens": 19}, "`inputs` tokens + `max_new_tokens` must be <= 20. Given: 2 `inputs` tokens "
                              "and 19 `max_new_tokens`"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+    ({"grammar": {"type": "json", "value": {"type": "objekt"}}},
+     "grammar is not valid: 'objekt' is not valid under any of the given schemas"),
 ])
 def test_each_rule_has_tgis_message(parameters, message):
     assert error_of(**parameters) == PREFIX + message
@@ -102,7 +104,7 @@ def test_job_parameters_are_resolved():
         "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "typical_p": None,
         "repetition_penalty": 1.0, "frequency_penalty": 0.0, "seed": None, "max_new_tokens": 18, "stop": [],
         "best_of": 1, "details": False, "decoder_input_details": False, "top_n_tokens": 0,
-        "return_full_text": False, "watermark": False,
+        "return_full_text": False, "watermark": False, "grammar": None,
     }
     assert valid.job.input_ids == [5, 5] and valid.job.request_id and valid.job.stream is False
 
@@ -131,3 +133,29 @@ def test_return_full_text_default_depends_on_the_route():
     assert validate(full_text_default=True).parameters["return_full_text"] is True
     assert validate(full_text_default=True, return_full_text=False).parameters["return_full_text"] is False
     assert validate(return_full_text=True).full_text("!") == "hello world!"
+
+
+@pytest.mark.parametrize("grammar, job_grammar", [
+    ({"type": "json", "value": {}}, {"type": "json", "value": {}}),
+    ({"type": "json_object", "value": {"type": "object"}}, {"type": "json", "value": {"type": "object"}}),
+    ({"type": "json", "value": '{"type": "integer"}'}, {"type": "json", "value": {"type": "integer"}}),
+    ({"type": "json_schema", "value": {"name": "n", "schema": {"type": "array"}}}, {"type": "json", "value": {"type": "array"}}),
+    ({"type": "regex", "value": "[0-9]{3}-[a-z]+"}, {"type": "regex", "value": "[0-9]{3}-[a-z]+"}),
+])
+def test_a_valid_grammar_goes_into_the_job_in_one_shape(grammar, job_grammar):
+    assert validate(grammar=grammar).parameters["grammar"] == job_grammar
+
+
+@pytest.mark.parametrize("grammar, reason", [
+    ({"type": "regex", "value": "a+("}, "unclosed group"),
+    ({"type": "regex", "value": "(?=a)b"}, "look-around"),
+    ({"type": "regex", "value": 12}, "a regex grammar's value must be a string"),
+    ({"type": "json", "value": {"type": "objekt"}}, "'objekt' is not valid under any of the given schemas"),
+    ({"type": "json", "value": {"type": "object", "properties": {"a": {"minimum": "x"}}}}, "'x' is not of type 'number'"),
+    ({"type": "json", "value": {"$ref": "#/$defs/missing"}}, "does not exist"),
+    ({"type": "json", "value": [1, 2]}, "a json grammar's value must be a JSON schema object"),
+    ({"type": "json_schema", "value": {"name": "n"}}, "a json_schema grammar's value must be"),
+])
+def test_an_invalid_grammar_is_a_validation_error(grammar, reason):
+    message = error_of(grammar=grammar)
+    assert message.startswith(PREFIX + "grammar is not valid: ") and reason in message, message
