@@ -89,6 +89,7 @@ class Settings:
     weights_port: int = 0  # 0: a free port
     weights_chunk_size: int = 4 << 20  # bytes per checksummed chunk
     weights_parallel: int = 4  # ranges in flight per transfer
+    weights_max_send_rate: float = 0.0  # MB/s a replica sends to peers, all together (0: no limit)
     weights_peer_wait: float = 60.0  # how long to wait for a chain predecessor to start serving
     weights_secret: str | None = field(default=None, repr=False)  # default: admin key, API key, else per cluster
     # Operations

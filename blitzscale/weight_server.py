@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -79,10 +80,36 @@ class Holding:
                 pass
 
 
+class Pacer:
+    """What all connections of one server send together stays under `rate` bytes/s (a replica
+    that serves peers must not starve its own clients of network)."""
+
+    PIECE = 256 << 10
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def piece(self, length: int) -> int:
+        return min(length, self.PIECE) if self.rate else length
+
+    def wait(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + nbytes / self.rate
+            delay = self._next - now
+        time.sleep(delay)
+
+
 class WeightServer:
-    def __init__(self, host: str, port: int, secret: str, wait_s: float = 30.0):
+    def __init__(self, host: str, port: int, secret: str, wait_s: float = 30.0, max_rate: float = 0.0):
+        """`max_rate`: bytes/s over all peers (0: no limit)."""
         self.secret = secret.encode()
         self.wait_s = wait_s
+        self.pacer = Pacer(max_rate)
         self._holdings: dict[str, Holding] = {}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
@@ -178,8 +205,10 @@ class _WeightHandler(BaseHTTPRequestHandler):
 
     def _sendfile(self, fd: int, offset: int, length: int) -> None:
         sock = self.connection.fileno()
+        pacer = self.weights.pacer
         while length > 0:
-            sent = os.sendfile(sock, fd, offset, length)
+            sent = os.sendfile(sock, fd, offset, pacer.piece(length))
+            pacer.wait(sent)
             if sent == 0:
                 raise ConnectionError("file shorter than its manifest says")
             offset += sent

@@ -75,7 +75,8 @@ class ReplicaWeights:
     def start(self) -> "ReplicaWeights":
         self.secret = weights_secret(self.settings, self.redis)
         host = advertised_host(self.settings.weights_host)
-        self.server = WeightServer(host, self.settings.weights_port, self.secret).start()
+        self.server = WeightServer(host, self.settings.weights_port, self.secret,
+                                   max_rate=self.settings.weights_max_send_rate * 1e6).start()
         log.info("weights data plane on %s", self.server.address)
         return self
 
