@@ -182,10 +182,13 @@ def rates(hosts: TwoHosts, settings: Settings, repeats: int, parallel: int) -> d
     secret = weights_secret(settings, hosts.connection)
     source = Source(view["name"], view["weights"]["addr"])
     plain, peer = [], []
-    for i in range(repeats):
+    for i in range(repeats):  # alternating which goes first: the machine's load and writeback hit both alike
         scratch = Path(tempfile.mkdtemp(dir=hosts.workdir))
-        plain.append(socket_copy(files, scratch / "plain"))
-        peer.append(peer_copy(source, sha, secret, scratch / "peer", parallel))
+        for kind in (("plain", "peer") if i % 2 == 0 else ("peer", "plain")):
+            if kind == "plain":
+                plain.append(socket_copy(files, scratch / "plain"))
+            else:
+                peer.append(peer_copy(source, sha, secret, scratch / "peer", parallel))
         shutil.rmtree(scratch)
     best_plain, best_peer = max(plain), max(peer)
     return {"bytes": sum(f.stat().st_size for f in files), "plain_MBps": [round(r / 1e6) for r in plain],
@@ -247,7 +250,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-id", default=default_model_id())
     parser.add_argument("--weight-peers", default="auto", help="auto for a GGUF model, prefer for a directory")
-    parser.add_argument("--repeats", type=int, default=3, help="data-plane rate runs")
+    parser.add_argument("--repeats", type=int, default=4, help="data-plane rate runs")
     parser.add_argument("--parallel", type=int, default=4, help="ranges in flight per copy")
     parser.add_argument("--receive", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,7 +9,6 @@ caller prepares the model itself. The staging directory is the caller's to renam
 from __future__ import annotations
 
 import collections
-import hashlib
 import http.client
 import logging
 import os
@@ -149,7 +148,7 @@ class ChunkFetcher:
                     self._drop(source, str(error))
                     self._give_back(index)
                     continue
-                if hashlib.sha256(view).hexdigest() != self.manifest.chunks[index]:
+                if self.manifest.digest(view) != self.manifest.chunks[index]:
                     self._corrupt(source, index)
                     self._give_back(index)
                     continue

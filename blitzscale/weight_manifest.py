@@ -1,9 +1,12 @@
 """The identity of a prepared model directory as a peer serves it: its files, in name order,
-read as one byte stream cut into fixed-size chunks, each with its sha256.
+read as one byte stream cut into fixed-size chunks, each with its checksum.
 
 `root` (the sha256 of the chunk digests, in order) names the whole content: a receiver that has
 checked every chunk against the manifest and the manifest against `root` holds exactly the
-source's bytes. Hidden files (our markers) and lock/staging leftovers are not part of it.
+source's bytes. The chunk checksum is xxh3-128 by default (it runs at memory speed, so checking
+costs the copy little; the peers are authenticated by the cluster's key, so it guards against
+corruption, not forgery) or sha256. Hidden files (our markers) and lock/staging leftovers are not
+part of it.
 """
 from __future__ import annotations
 
@@ -13,7 +16,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import xxhash
+
 DEFAULT_CHUNK_SIZE = 4 << 20
+CHECKSUMS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+DEFAULT_CHECKSUM = "xxh3_128"
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,10 @@ class Manifest:
     chunk_size: int
     chunks: tuple[str, ...]  # sha256 hex of each chunk
     root: str  # sha256 of the concatenated chunk digests
+    checksum: str = DEFAULT_CHECKSUM  # of each chunk: a CHECKSUMS name
+
+    def digest(self, data) -> str:
+        return CHECKSUMS[self.checksum](data).hexdigest()
 
     @property
     def total(self) -> int:
@@ -65,12 +76,14 @@ class Manifest:
     def from_json(cls, text: str | bytes) -> "Manifest":
         data = json.loads(text)
         manifest = cls(str(data["sha"]), tuple((str(n), int(s)) for n, s in data["files"]), int(data["chunk_size"]),
-                       tuple(str(c) for c in data["chunks"]), str(data["root"]))
+                       tuple(str(c) for c in data["chunks"]), str(data["root"]), str(data.get("checksum", "sha256")))
         manifest.check()
         return manifest
 
     def check(self) -> None:
         """A manifest that is consistent with itself (a peer could send anything)."""
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"bad manifest: unknown checksum {self.checksum!r}")
         if self.chunk_size <= 0 or any(size < 0 for _, size in self.files):
             raise ValueError("bad manifest: sizes")
         if len(self.chunks) != -(-self.total // self.chunk_size):
@@ -95,10 +108,12 @@ def served_files(directory: Path) -> list[Path]:
                    and not p.name.endswith((".lock", ".tmp"))), key=lambda p: p.name)
 
 
-def build_manifest(directory: Path, sha: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Manifest:
-    """Hash every chunk of the directory's files (read once, in order)."""
+def build_manifest(directory: Path, sha: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   checksum: str = DEFAULT_CHECKSUM) -> Manifest:
+    """Checksum every chunk of the directory's files (read once, in order)."""
     files = served_files(directory)
-    chunks, digest, filled = [], hashlib.sha256(), 0
+    new_digest = CHECKSUMS[checksum]
+    chunks, digest, filled = [], new_digest(), 0
     buffer = bytearray(chunk_size)
     view = memoryview(buffer)
     for path in files:
@@ -111,24 +126,26 @@ def build_manifest(directory: Path, sha: str, chunk_size: int = DEFAULT_CHUNK_SI
                 if filled == chunk_size:
                     digest.update(view)
                     chunks.append(digest.hexdigest())
-                    digest, filled = hashlib.sha256(), 0
+                    digest, filled = new_digest(), 0
     if filled:
         digest.update(view[:filled])
         chunks.append(digest.hexdigest())
-    return Manifest(sha, tuple((p.name, p.stat().st_size) for p in files), chunk_size, tuple(chunks), root_of(chunks))
+    return Manifest(sha, tuple((p.name, p.stat().st_size) for p in files), chunk_size, tuple(chunks), root_of(chunks),
+                    checksum)
 
 
-def cached_manifest(directory: Path, sha: str, chunk_size: int, writable: bool) -> Manifest:
-    """`build_manifest`, remembered in the directory (`.manifest-<chunk>.json`) when it is ours to
-    write (a host-cache entry, never the user's model directory)."""
-    memo = directory / f".manifest-{chunk_size}.json"
+def cached_manifest(directory: Path, sha: str, chunk_size: int, writable: bool,
+                    checksum: str = DEFAULT_CHECKSUM) -> Manifest:
+    """`build_manifest`, remembered in the directory (`.manifest-<checksum>-<chunk>.json`) when it
+    is ours to write (a host-cache entry, never the user's model directory)."""
+    memo = directory / memo_name(checksum, chunk_size)
     try:
         manifest = Manifest.from_json(memo.read_text())
         if manifest.sha == sha and manifest.files == tuple((p.name, p.stat().st_size) for p in served_files(directory)):
             return manifest
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    manifest = build_manifest(directory, sha, chunk_size)
+    manifest = build_manifest(directory, sha, chunk_size, checksum)
     if writable:
         try:
             tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
@@ -137,3 +154,7 @@ def cached_manifest(directory: Path, sha: str, chunk_size: int, writable: bool) 
         except OSError:
             pass  # an optimisation only
     return manifest
+
+
+def memo_name(checksum: str, chunk_size: int) -> str:
+    return f".manifest-{checksum}-{chunk_size}.json"

@@ -33,7 +33,7 @@ import redis
 from blitzscale import model_files
 from blitzscale.settings import Settings
 from blitzscale.weight_fetch import ChunkFetcher, NoSource, SourceGone, fetch_manifest
-from blitzscale.weight_manifest import Manifest, cached_manifest
+from blitzscale.weight_manifest import Manifest, cached_manifest, memo_name
 from blitzscale.weight_server import WeightServer
 from tasks.weight_sources import (
     COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, count_transfer, planned_sources, weights_secret,
@@ -130,7 +130,8 @@ class ReplicaWeights:
 
         def index():
             try:
-                manifest = cached_manifest(directory, self.sha, self.settings.weights_chunk_size, writable)
+                manifest = cached_manifest(directory, self.sha, self.settings.weights_chunk_size, writable,
+                                           self.settings.weights_checksum)
                 self._holding = self.server.hold(manifest, directory, complete=True)
                 self.state = COMPLETE
             except OSError as error:
@@ -175,7 +176,7 @@ class ReplicaWeights:
             count_transfer(self.redis, fetcher.stats.bytes_by_source, None)
             self._end_transfer("failed", fetcher)
             return None
-        (staging / f".manifest-{manifest.chunk_size}.json").write_text(manifest.to_json())
+        (staging / memo_name(manifest.checksum, manifest.chunk_size)).write_text(manifest.to_json())
         (staging / model_files.PEER_MARKER).write_text(json.dumps(
             {"root": manifest.root, "sources": dict(stats.bytes_by_source), "copied_at": time.time()}))
         shutil.rmtree(entry, ignore_errors=True)  # a tokenizer-only entry is superseded

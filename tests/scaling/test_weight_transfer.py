@@ -62,14 +62,16 @@ def test_manifest_chunks_span_files(model_dir):
     assert Manifest.from_json(manifest.to_json()) == manifest
     first = manifest.segments(*manifest.chunk_span(0))
     assert [(s.file, s.offset) for s in first] == [(0, 0), (1, 0)] and sum(s.length for s in first) == CHUNK
-    tampered = manifest.to_json().replace(manifest.chunks[3], "0" * 64)
+    tampered = manifest.to_json().replace(manifest.chunks[3], "0" * len(manifest.chunks[3]))
     with pytest.raises(ValueError, match="root"):
         Manifest.from_json(tampered)
 
 
-def test_copy_is_byte_equal(model_dir, tmp_path, servers):
+@pytest.mark.parametrize("checksum", ["xxh3_128", "sha256"])
+def test_copy_is_byte_equal(model_dir, tmp_path, servers, checksum):
     server = servers()
-    manifest = build_manifest(model_dir, SHA, CHUNK)
+    manifest = build_manifest(model_dir, SHA, CHUNK, checksum)
+    assert manifest.checksum == checksum
     server.hold(manifest, model_dir)
     assert fetch_manifest(Source("peer0", server.address), SHA, SECRET) == manifest
     stats = ChunkFetcher(manifest, tmp_path / "copy", SECRET, parallel=3).run(sources(server))
