@@ -32,7 +32,7 @@ import redis
 
 from blitzscale import model_files
 from blitzscale.settings import Settings
-from blitzscale.weight_fetch import ChunkFetcher, NoSource, SourceGone, fetch_manifest
+from blitzscale.weight_fetch import ChunkFetcher, SourceGone, fetch_manifest
 from blitzscale.weight_manifest import Manifest, cached_manifest, memo_name
 from blitzscale.weight_server import WeightServer
 from tasks.weight_sources import (
@@ -73,11 +73,16 @@ class ReplicaWeights:
     # -- the data plane
 
     def start(self) -> "ReplicaWeights":
-        self.secret = weights_secret(self.settings, self.redis)
-        host = advertised_host(self.settings.weights_host)
-        self.server = WeightServer(host, self.settings.weights_port, self.secret,
-                                   max_rate=self.settings.weights_max_send_rate * 1e6).start()
-        log.info("weights data plane on %s", self.server.address)
+        """Start the data plane; a replica that cannot (address taken, Redis away) still serves
+        requests, it just neither gives nor takes weights from peers."""
+        try:
+            self.secret = weights_secret(self.settings, self.redis)
+            host = advertised_host(self.settings.weights_host)
+            self.server = WeightServer(host, self.settings.weights_port, self.secret,
+                                       max_rate=self.settings.weights_max_send_rate * 1e6).start()
+            log.info("weights data plane on %s", self.server.address)
+        except (OSError, redis.RedisError) as error:
+            log.error("weights data plane not started (%s): no weights from or to peers", error)
         return self
 
     def stop(self) -> None:
@@ -110,7 +115,7 @@ class ReplicaWeights:
         if model_files.entry_complete(entry):
             self._serve(entry, writable=True)
             return Obtained(entry, "host-cache", time.perf_counter() - started)
-        if self._peers_allowed(source):
+        if self.server is not None and self._peers_allowed(source):
             fetched = self._from_peers(entry, started)
             if fetched is not None:
                 return fetched
@@ -126,6 +131,8 @@ class ReplicaWeights:
     def _serve(self, directory: Path, writable: bool) -> None:
         """Serve a complete directory once its manifest is built (in the background: hashing a
         large model must not delay this replica's own load)."""
+        if self.server is None:
+            return
         self.state = INDEXING
 
         def index():
@@ -169,7 +176,7 @@ class ReplicaWeights:
         self.state = FETCHING
         try:
             stats = fetcher.run(lambda failed: chooser(failed | excluded))
-        except (NoSource, OSError) as error:
+        except Exception as error:  # noqa: BLE001 (whatever broke the copy, the model is prepared here)
             log.warning("weights: copy from peers failed (%s); preparing the model here", error)
             self.server.release(self.sha)  # successors move on at once
             self._holding = None
