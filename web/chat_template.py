@@ -46,6 +46,12 @@ class ChatTemplate:
                         raise TokenizerUnavailable(str(error)) from error
         return self._tokenizer
 
+    @property
+    def accepts_tools(self) -> bool:
+        """Whether the template renders the `tools` it is given (TGI's test: it names them)."""
+        template = self.tokenizer.chat_template
+        return "tools" in (template if isinstance(template, str) else str(template or ""))
+
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt text, generation prompt included."""
         tokenizer = self.tokenizer

@@ -210,12 +210,14 @@ class OpenAIStreamSession:
                     self._clock.mark("picked_up")
                     choice.last_index = event.index
                     choice.token_ids[event.index] = (event.token or {}).get("id")
-                    yield sse.frame(self._chunker.token(number, event.token or {}, event.top_tokens))
+                    for chunk in self._chunker.token(number, event.token or {}, event.top_tokens):
+                        yield sse.frame(chunk)
                 elif event.kind == EVENT_FINAL:
                     outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
                     choice.finished, choice.generated_tokens = True, outcome.generated_tokens
                     reason = finish_reason((event.details or {}).get("finish_reason"))
-                    yield sse.frame(self._chunker.finish(number, reason))
+                    for chunk in self._chunker.finish(number, reason):
+                        yield sse.frame(chunk)
                     if all(p.finished for p in progress):
                         yield from self._succeed(progress, outcome)
                         return

@@ -5,8 +5,8 @@ penalties over the generated tokens, logit bias).
 
 Where OpenAI and TGI differ we follow OpenAI: `stop` as a string, `top_p` = 1.0 as "none",
 `n` independent choices, `presence_penalty`/`frequency_penalty` as OpenAI defines them,
-`logit_bias` as its map. `chat_plan` is the one place a chat request becomes parameters: a
-structured-output feature adds its fields there.
+`logit_bias` as its map. `chat_plan` is the one place a chat request becomes parameters;
+`response_format` and `tools` become its grammar there (`web.openai_tools`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from blitzscale.settings import Settings
 from web.chat_template import ChatTemplate
 from web.errors import ApiError, ValidationError
+from web.openai_tools import structured_output, template_tool_calls, template_tools
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 EMPTY_PROMPT_ARRAY = "Empty array detected. Do not use an empty array for the prompt."
@@ -38,6 +39,7 @@ class ResponseOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False  # completions: the prompt before the text
+    tool_calls: bool = False  # chat: the output is a tool call under the tool grammar
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class GenerationPlan:
 
 
 def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size: int) -> GenerationPlan:
+    messages = body["messages"]
+    if not messages:
+        raise ValidationError("`messages` cannot be empty")
+    structured = structured_output(body)
     options = ResponseOptions(
         model=body.get("model") or settings.model_id,
         n=_choices(body, settings),
@@ -57,17 +63,17 @@ def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size
         include_usage=_include_usage(body),
         logprobs=bool(body.get("logprobs")),
         top_logprobs=_top_logprobs(body.get("top_logprobs") if body.get("logprobs") else None, "top_logprobs", settings),
+        tool_calls=structured.tool_calls,
     )
-    messages = body["messages"]
-    if not messages:
-        raise ValidationError("`messages` cannot be empty")
-    _refuse_unsupported(body)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     parameters, openai = _sampling(body, settings, vocab_size, max_tokens)
     parameters["top_n_tokens"] = options.top_logprobs
-    text = template.render([_template_message(m) for m in messages])
+    parameters["grammar"] = structured.grammar  # checked by web.validation, as TGI's grammar is
+    shown = template_tools(structured.tools, body.get("tool_prompt"), [_template_message(m) for m in messages],
+                           accepts_tools=template.accepts_tools)
+    text = template.render(shown, tools=structured.tools or None)
     return GenerationPlan([text], parameters, openai, options, add_special_tokens=False)
 
 
@@ -172,14 +178,6 @@ def _logit_bias(bias: dict, vocab_size: int) -> list[list]:
     return pairs
 
 
-def _refuse_unsupported(body: dict) -> None:
-    response_format = body.get("response_format")
-    if response_format and response_format.get("type") != "text":
-        raise ValidationError("`response_format` is not supported")
-    if body.get("tools"):
-        raise ValidationError("`tools` is not supported")
-
-
 def _template_message(message: dict) -> dict:
     """The message as the template sees it: content parts joined with no separator."""
     content = message.get("content")
@@ -190,4 +188,6 @@ def _template_message(message: dict) -> dict:
         content = "".join(part["text"] for part in content)
     out = {key: value for key, value in message.items() if value is not None}
     out["content"] = content if content is not None else ""
+    if out.get("tool_calls"):
+        out["tool_calls"] = template_tool_calls(out["tool_calls"])
     return out

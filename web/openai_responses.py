@@ -2,7 +2,8 @@
 results: pure functions and small value types, no Flask.
 
 A choice's text is the concatenation of its tokens' texts, special tokens shown as nothing (as
-the final `generated_text` is), so a streamed answer joins to the non-streamed one.
+the final `generated_text` is), so a streamed answer joins to the non-streamed one. Under a tool
+grammar, that text is read by `web.openai_tool_calls` into `tool_calls` (or a text answer).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import blitzscale
 from web.openai_params import ResponseOptions
+from web.openai_tool_calls import ToolCallReader
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
 SYSTEM_FINGERPRINT = f"{blitzscale.__version__}-native"
@@ -82,8 +84,13 @@ def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[
         if options.logprobs:
             tops = result.top_tokens or [[] for _ in result.tokens]
             logprobs = {"content": [chat_logprob(t, top) for t, top in zip(result.tokens, tops)]}
-        choices.append({"index": result.index, "message": {"role": "assistant", "content": result.text},
-                        "logprobs": logprobs, "finish_reason": result.finish_reason})
+        message, reason = {"role": "assistant", "content": result.text}, result.finish_reason
+        if options.tool_calls:
+            reader = ToolCallReader()
+            reader.feed(result.text)
+            reader.finish()
+            message, reason = reader.message(), reader.finish_reason(reason)
+        choices.append({"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
     completion_tokens = sum(r.generated_tokens for r in results)
     return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens))
 
@@ -116,11 +123,13 @@ def completion(envelope: Envelope, options: ResponseOptions, results: list[Choic
 
 
 class Chunker:
-    """The chunks of one stream: one per token, one closing each choice, then the usage."""
+    """The chunks of one stream: one per token (a tool call's: as many as its reader gives),
+    one closing each choice, then the usage."""
 
     def __init__(self, envelope: Envelope, options: ResponseOptions, prompts: list[str]):
         self.envelope, self.options, self.prompts = envelope, options, prompts
         self._offsets: dict[int, int] = {}  # choice -> characters sent (completions' text_offset)
+        self._readers: dict[int, ToolCallReader] = {}  # choice -> its tool call (tool grammar only)
 
     @property
     def _object(self) -> str:
@@ -130,24 +139,38 @@ class Chunker:
         extra = {"usage": None} if self.options.include_usage else {}
         return self.envelope.body(self._object, [choice], **extra)
 
-    def token(self, index: int, token: dict, top: list[dict] | None) -> dict:
+    def token(self, index: int, token: dict, top: list[dict] | None) -> list[dict]:
         text = token_text(token)
+        if self.options.tool_calls:
+            return [self._delta(index, delta) for delta in self._reader(index).feed(text)]
         if self.envelope.kind == "chat":
             logprobs = {"content": [chat_logprob(token, top)]} if self.options.logprobs else None
-            return self._chunk({"index": index, "delta": {"role": "assistant", "content": text},
-                                "logprobs": logprobs, "finish_reason": None})
+            return [self._chunk({"index": index, "delta": {"role": "assistant", "content": text},
+                                 "logprobs": logprobs, "finish_reason": None})]
         prefix = self._echo(index)
         offset = self._offsets.get(index, 0) + len(prefix)
         logprobs = completion_logprobs([token], [top or []], offset) if self.options.logprobs else None
         self._offsets[index] = offset + len(text)
-        return self._chunk({"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": None})
+        return [self._chunk({"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": None})]
 
-    def finish(self, index: int, reason: str) -> dict:
+    def finish(self, index: int, reason: str) -> list[dict]:
+        if self.options.tool_calls:
+            reader = self._reader(index)
+            chunks = [self._delta(index, delta) for delta in reader.finish()]
+            return [*chunks, self._chunk({"index": index, "delta": {}, "logprobs": None,
+                                          "finish_reason": reader.finish_reason(reason)})]
         if self.envelope.kind == "chat":
-            return self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+            return [self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})]
         prefix = self._echo(index)
         self._offsets[index] = self._offsets.get(index, 0) + len(prefix)
-        return self._chunk({"index": index, "text": prefix, "logprobs": None, "finish_reason": reason})
+        return [self._chunk({"index": index, "text": prefix, "logprobs": None, "finish_reason": reason})]
+
+    def _reader(self, index: int) -> ToolCallReader:
+        return self._readers.setdefault(index, ToolCallReader())
+
+    def _delta(self, index: int, delta: dict) -> dict:
+        """A tool-call chunk (no logprobs: a fragment need not be one token)."""
+        return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens))

@@ -89,9 +89,17 @@ class ChatRequestSchema(SamplingRequestSchema):
     max_completion_tokens = optional(StrictInteger, "Same as `max_tokens` (OpenAI's newer name).")
     logprobs = optional(StrictBoolean, "Return the log probability of each generated token.")
     top_logprobs = optional(StrictInteger, "Most likely alternatives per token (with `logprobs`).")
-    response_format = fields.Dict(allow_none=True, metadata={"description": "Only `{\"type\": \"text\"}`."})
-    tools = fields.List(fields.Dict(), allow_none=True, metadata={"description": "Not supported."})
-    tool_choice = fields.Raw(allow_none=True, metadata={"description": "Not supported."})
+    response_format = fields.Dict(allow_none=True, metadata={"description": (
+        "`{\"type\": \"text\"}`, `{\"type\": \"json_object\"}`, "
+        "`{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}`, "
+        "or TGI's `{\"type\": \"json\" | \"regex\", \"value\": ...}`: the answer matches it.")})
+    tools = fields.List(fields.Dict(), allow_none=True, metadata={
+        "description": "`[{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}]`: "
+                       "calls are generated under each function's parameters schema."})
+    tool_choice = fields.Raw(allow_none=True, metadata={
+        "description": "`none`, `auto` (default with tools: call one, or answer in text), `required`, or "
+                       "`{\"type\": \"function\", \"function\": {\"name\": ...}}`."})
+    tool_prompt = optional(fields.String, "TGI's: put before the tools when the template does not render them.")
 
 
 class CompletionRequestSchema(SamplingRequestSchema):
@@ -147,9 +155,22 @@ class ChatLogprobsSchema(Schema):
     content = fields.List(fields.Nested(LogprobSchema))
 
 
+class FunctionCallSchema(Schema):
+    name = fields.String()
+    arguments = fields.String(metadata={"description": "The arguments as a JSON string (streamed in fragments)."})
+
+
+class ToolCallSchema(Schema):
+    index = fields.Integer(metadata={"description": "Stream chunks only."})
+    id = fields.String(metadata={"example": "call_3f2a9c..."})
+    type = fields.String(metadata={"example": "function"})
+    function = fields.Nested(FunctionCallSchema)
+
+
 class ChatMessageSchema(Schema):
     role = fields.String(required=True)
-    content = fields.String(allow_none=True)
+    content = fields.String(allow_none=True, metadata={"description": "null when the message calls a tool."})
+    tool_calls = fields.List(fields.Nested(ToolCallSchema))
 
 
 class ChatChoiceSchema(Schema):

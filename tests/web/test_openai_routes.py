@@ -143,7 +143,7 @@ def test_content_parts_are_joined_without_separator(client):
     ({"logprobs": True, "top_logprobs": 9}, 422, "`top_logprobs` must be >= 0 and <= 5. Given: 9"),
     ({"messages": [{"role": "user", "content": "hello " * 12}]}, 422, "`inputs` must have less than 10 tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "text content"),
-    ({"tools": [{"type": "function"}]}, 422, "`tools` is not supported"),
+    ({"tools": [{"type": "function"}]}, 422, "`tools` entries must be"),
     ({"messages": "hello"}, 422, "`messages`"),
     ({"stop": 3}, 422, "`stop`"),
 ])
