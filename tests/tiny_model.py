@@ -16,9 +16,16 @@ CORPUS = [
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|endoftext|>"
-# ChatML, as SmolLM2's own template writes it (without its default system message).
+# ChatML, as SmolLM2's own template writes it (without its default system message), with tools
+# as Hermes-style templates (Qwen2.5's, ...) render them: the functions in a system message, an
+# assistant's calls as <tool_call> JSON, tool results in `tool` messages.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% if tools %}{{ '<|im_start|>system\\nYou may call these functions:\\n' }}"
+    "{% for tool in tools %}{{ tool.function | tojson }}{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.tool_calls %}{{ '<|im_start|>assistant\\n' }}{% for call in message.tool_calls %}"
+    "{{ '<tool_call>' }}{{ call.function | tojson }}{{ '</tool_call>\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
