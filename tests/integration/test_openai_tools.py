@@ -107,6 +107,18 @@ def test_required_tool_call_validates_and_streams_the_same(client, sampling):
     assert call_id.startswith("call_") and len({c.id for c in chunks}) == 1
 
 
+def test_the_clients_stream_helper_assembles_the_same_call(client):
+    """openai's own accumulator (`chat.completions.stream`) joins our chunks into the call."""
+    answer = chat(client, tools=TOOLS, tool_choice="required", temperature=0)
+    with client.chat.completions.stream(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                        temperature=0, max_tokens=200) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    expected = answer.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == (expected.function.name, expected.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
 def test_named_tool_choice_calls_that_function(client):
     for name in ("get_time", "get_weather"):
         answer = chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": name}},
