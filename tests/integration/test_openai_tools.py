@@ -146,6 +146,19 @@ def test_auto_gives_a_valid_call_or_a_text_answer(client, seed):
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
 
 
+def test_auto_steered_to_no_tool_answers_in_text_streamed_or_not(client, service):
+    """The tiny model prefers a function; a logit bias on "n" makes it pick `no_tool`."""
+    [n] = requests.post(f"{service.base_url}/tokenize", json={"inputs": "n"}, timeout=30).json()
+    kwargs = {"tools": TOOLS, "temperature": 0, "max_tokens": 120, "logit_bias": {str(n["id"]): 10}}
+    choice = chat(client, **kwargs).choices[0]
+    assert choice.message.tool_calls is None and choice.message.content
+    assert not choice.message.content.startswith("{") and '"arguments"' not in choice.message.content
+    chunks = list(chat(client, stream=True, **kwargs))
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
 def test_tool_choice_none_is_plain_text(client):
     answer = chat(client, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8)
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason == "length"
