@@ -10,7 +10,7 @@ Where OpenAI and TGI differ we follow OpenAI: `stop` as a string, `top_p` = 1.0 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blitzscale.settings import Settings
 from web.chat_template import ChatTemplate
@@ -52,10 +52,6 @@ class GenerationPlan:
 
 
 def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size: int) -> GenerationPlan:
-    messages = body["messages"]
-    if not messages:
-        raise ValidationError("`messages` cannot be empty")
-    structured = structured_output(body)
     options = ResponseOptions(
         model=body.get("model") or settings.model_id,
         n=_choices(body, settings),
@@ -63,8 +59,12 @@ def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size
         include_usage=_include_usage(body),
         logprobs=bool(body.get("logprobs")),
         top_logprobs=_top_logprobs(body.get("top_logprobs") if body.get("logprobs") else None, "top_logprobs", settings),
-        tool_calls=structured.tool_calls,
     )
+    messages = body["messages"]
+    if not messages:
+        raise ValidationError("`messages` cannot be empty")
+    structured = structured_output(body)
+    options = replace(options, tool_calls=structured.tool_calls)
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
