@@ -81,7 +81,8 @@ def tool_call_schema(functions: list[dict]) -> dict:
     return {**schema, **{key: value for key, value in defs.items() if value}}
 
 
-def template_tools(tools: list[dict], prompt: str | None, messages: list[dict], accepts_tools: bool) -> list[dict]:
+def template_tools(tools: list[dict] | None, prompt: str | None, messages: list[dict],
+                   accepts_tools: bool) -> list[dict]:
     """The messages the template renders: when it does not render `tools` itself, the tools and
     the tool prompt go at the end of the last message, as TGI does, so that the model sees them."""
     if accepts_tools or not tools or not messages:
