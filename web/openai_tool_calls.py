@@ -91,7 +91,7 @@ class ToolCallReader:
             head = _HEAD.match(self.text)
             if head is None:
                 return []
-            self.name, self._body = json.loads(f'"{head.group(1)}"'), head.end()
+            self.name, self._body = _json_string(head.group(1)), head.end()
             if self.called:
                 deltas.append({"role": "assistant", "content": None, "tool_calls": [
                     {"index": 0, "id": self.call_id, "type": "function",
@@ -125,11 +125,10 @@ class ToolCallReader:
         return {"role": "assistant", "content": fragment}
 
     def _arguments_fragment(self) -> str:
-        unread = self.text[self._body + self._scanner.seen:]
-        end = self._scanner.feed(unread)
-        available = self.text[self._body:] if end is None else self.text[self._body:self._body + end]
+        end = self._scanner.feed(self.text[self._body + self._scanner.seen:])
         self.complete = end is not None
-        fragment = available[len(self.arguments):]
+        stop = len(self.text) if end is None else self._body + end
+        fragment = self.text[self._body + len(self.arguments):stop]
         self.arguments += fragment
         return fragment
 
@@ -149,6 +148,13 @@ class ToolCallReader:
         self._content_raw_sent = upto
         self.content += decoded
         return decoded
+
+
+def _json_string(raw: str) -> str:
+    try:
+        return json.loads(f'"{raw}"')
+    except ValueError:  # not from the grammar (whose names are constants): keep it as written
+        return raw
 
 
 def _decode_prefix(raw: str, start: int) -> tuple[str, int]:
