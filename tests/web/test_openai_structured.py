@@ -170,3 +170,20 @@ def test_a_tool_call_cut_by_max_tokens_finishes_with_length(client, redis_url):
     with FakeReplica(redis_url, reply(CALL[:1], finish_reason="length")):
         body = chat(client, tools=[WEATHER], tool_choice="required", max_tokens=1).get_json()
     assert body["choices"][0]["message"] == {"role": "assistant", "content": '{"name": "get_'}
+
+
+def test_each_choice_streams_its_own_call(client, redis_url):
+    with FakeReplica(redis_url, reply(CALL, finish_reason="eos_token")):
+        payloads = sse_payloads(chat(client, stream=True, tools=[WEATHER], tool_choice="required", n=2, seed=1,
+                                     stream_options={"include_usage": True}))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2 * len(CALL)
+    ids = {}
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+        calls = [c["delta"]["tool_calls"][0] for c in mine if "tool_calls" in c["delta"]]
+        ids[index] = calls[0]["id"]
+        assert "".join(c["function"]["arguments"] for c in calls) == '{"location": "Paris"}'
+        assert mine[-1]["finish_reason"] == "tool_calls"
+    assert ids[0] != ids[1]
