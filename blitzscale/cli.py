@@ -15,8 +15,8 @@ import threading
 import time
 import urllib.request
 
-from blitzscale import logs
-from blitzscale.settings import Settings, flag_name
+from common import logs
+from common.settings import Settings, flag_name
 
 log = logging.getLogger("blitzscale")
 
@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def prepare(settings: Settings, tokenizer_only: bool = False):
     """Make the model loadable on this host: convert a GGUF file into the host weight cache
     (with a progress bar) once; a model directory needs nothing."""
-    from blitzscale import model_files
+    from common import model_files
 
     source = model_files.resolve(settings)
     target = model_files.prepared_dir(settings, source)
@@ -150,7 +150,7 @@ def cmd_web(settings: Settings) -> int:
 def cmd_worker(settings: Settings, slot: str, standby: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("blitzscale worker needs REDIS_URL (or --redis-url)")
-    from tasks.worker import run_worker
+    from tasks.runtime.worker import run_worker
 
     run_worker(settings, None if slot == "auto" else int(slot), standby=standby)
     return 0

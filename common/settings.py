@@ -61,7 +61,7 @@ class Settings:
     redis_url: str | None = None  # None: `serve` starts a private Redis server
     num_replicas: int = 1
     manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
-    # Scaling (tasks/cluster.py, tasks/autoscaler.py): slots are 0..slot_count-1
+    # Scaling (tasks/control/cluster.py, tasks/control/autoscaler.py): slots are 0..slot_count-1
     min_replicas: int = 1
     max_replicas: int = 0  # 0: max(num_replicas, min_replicas)
     standby_replicas: int = 0  # serve/agent: started in standby (weights loaded, not consuming)
@@ -77,7 +77,7 @@ class Settings:
     keep_alive_interval: float = 5.0  # SSE keep-alive comment when idle
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0
-    # Reliability (tasks/event_stream.py, web/admission.py)
+    # Reliability (tasks/client/event_stream.py, web/admission.py)
     replica_check_interval: float = 1.0  # how often a waiting request checks its replica's heartbeat
     max_redeliveries: int = 2  # re-enqueues of a request whose replica died (0: fail instead)
     admission_lease_ttl: float = 15.0  # an admitted request's lease, renewed while it runs

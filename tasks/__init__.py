@@ -1,3 +1,9 @@
-"""Everything Celery and Redis: the Celery app, the generate task, the stream protocol,
-cluster state. The web imports only the client side (`tasks.client`); the engine is imported
-inside replica processes only."""
+"""Everything Celery and Redis, in four layers (docs/architecture.md):
+
+- `tasks.queue`: the Celery app factory and its Redis transport (shared by the three below);
+- `tasks.runtime`: the replica: the generate task, stream relay, lifecycle, worker entry (over the engine);
+- `tasks.client`: the web's side of the queue: enqueue, event stream, failover (never the engine);
+- `tasks.control`: the control plane: cluster view, scaling commands, host agent, autoscaler.
+
+The three upper ones never import each other.
+"""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -20,11 +20,11 @@ MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
 
 
 def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
-    """`client`: a `tasks.client.GenerationClient` (made from settings when None).
+    """`client`: a `tasks.client.generation_client.GenerationClient` (made from settings when None).
     `tokenizer`: a `tokenizers.Tokenizer`; loaded from the model files on first use when None."""
     settings = settings or Settings.from_env()
     if client is None:
-        from tasks.client import GenerationClient
+        from tasks.client.generation_client import GenerationClient
 
         client = GenerationClient(settings)
 

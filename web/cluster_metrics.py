@@ -16,7 +16,7 @@ NAMES = ("tgi_queue_size", "blitz_queue_broker", "blitz_replicas", "blitz_replic
 
 
 class ClusterCollector:
-    """`client`: a `tasks.client.GenerationClient` (its `queue_size()` and `replicas()`)."""
+    """`client`: a `tasks.client.generation_client.GenerationClient` (its `queue_size()` and `replicas()`)."""
 
     def __init__(self, client):
         self._client = client

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from flask import Response, jsonify
 
-from blitzscale.logs import request_id_bound
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from common.logs import request_id_bound
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event

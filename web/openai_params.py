@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.chat_template import ChatTemplate
 from web.errors import ApiError, ValidationError
 
@@ -44,7 +44,7 @@ class ResponseOptions:
 class GenerationPlan:
     prompts: list[str]  # one text per prompt (chat: the templated conversation)
     parameters: dict  # TGI GenerateParameters, for web.validation
-    openai: dict  # OpenAI-only job parameters (tasks.job_params reads them)
+    openai: dict  # OpenAI-only job parameters (tasks.runtime.job_params reads them)
     options: ResponseOptions
     add_special_tokens: bool  # False for templated text, which holds its special tokens
 

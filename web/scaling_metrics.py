@@ -8,8 +8,8 @@ import logging
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tasks.cluster import read_counters, read_slots
-from tasks.lifecycle import STATES
+from tasks.control.cluster import read_counters, read_slots
+from tasks.runtime.lifecycle import STATES
 
 log = logging.getLogger(__name__)
 

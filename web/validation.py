@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blitzscale.settings import Settings
-from tasks.protocol import Job
+from common.settings import Settings
+from common.protocol import Job
 from web.errors import ValidationError
 from web.grammar import check_grammar
 

@@ -12,7 +12,7 @@ process never does. The web, which waits on the request's channel anyway, notice
   active and whose record vanished may have died holding the job (fetched, not yet started).
 
 Then it sends the job again with `attempt + 1` (same request id, channel, seed and input), after
-writing the attempt number to Redis (`tasks.keys.attempt_key`): a replica that later takes an
+writing the attempt number to Redis (`common.keys.attempt_key`): a replica that later takes an
 older attempt (Celery's own redelivery, or a copy still queued) skips it, and events that a
 stale attempt still publishes are dropped here (each carries its attempt). So each request is
 answered once: only the current attempt's final event ends it. A stream gets an EVENT_RETRY
@@ -27,8 +27,8 @@ from collections.abc import Iterator
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.protocol import (
+from common.settings import Settings
+from common.protocol import (
     EVENT_ALIVE,
     EVENT_ERROR,
     EVENT_FINAL,

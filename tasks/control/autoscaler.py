@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.cluster import ClusterControl, ClusterError
-from tasks.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
-from tasks.lifecycle import ACTIVE, DRAINING, LOADING, STANDBY
+from common.settings import Settings
+from tasks.control.cluster import ClusterControl, ClusterError
+from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
+from tasks.runtime.lifecycle import ACTIVE, DRAINING, LOADING, STANDBY
 
 log = logging.getLogger(__name__)
 

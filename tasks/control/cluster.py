@@ -1,7 +1,7 @@
 """The control plane: the cluster's state and its transitions, done with Celery's remote control.
 
 - up, for a standby (or draining) replica: `add_consumer` on the generation queue, to that worker;
-- up, for a slot with no process: a start command to a host agent (`tasks.agent`), which starts
+- up, for a slot with no process: a start command to a host agent (`tasks.control.agent`), which starts
   `blitzscale worker --slot N` on its host; the new replica maps its weights from the host cache;
 - down: `cancel_consumer` to that worker; it drains (running requests finish) and becomes
   standby, or, when the slot target is `stopped`, sends Celery's `shutdown` to itself once drained.
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.celery_app import make_celery
-from tasks.keys import (
+from common.settings import Settings
+from tasks.queue.celery_app import make_celery
+from common.keys import (
     AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, SCALE_COUNTERS_KEY, SLOTS_KEY, agent_commands_key,
     agent_key_pattern, replica_key_pattern, slot_target_key,
 )
-from tasks.lifecycle import ACTIVE, DEAD, DRAINING, LOADING, STANDBY, STATES, STOPPED
+from tasks.runtime.lifecycle import ACTIVE, DEAD, DRAINING, LOADING, STANDBY, STATES, STOPPED
 
 log = logging.getLogger(__name__)
 

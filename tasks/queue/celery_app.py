@@ -1,12 +1,12 @@
-"""The Celery app, built from settings in one place. `celery -A tasks.celery_app ...` works
+"""The Celery app, built from settings in one place. `celery -A tasks.queue.celery_app ...` works
 (inspect, control, events, Flower)."""
 from __future__ import annotations
 
 from celery import Celery
 
-from blitzscale.settings import Settings
-from tasks.broker import TRANSPORT
-from tasks.keys import GENERATION_QUEUE
+from common.settings import Settings
+from tasks.queue.broker import TRANSPORT
+from common.keys import GENERATION_QUEUE
 
 GENERATE_TASK = "blitzscale.generate"
 
@@ -14,13 +14,13 @@ GENERATE_TASK = "blitzscale.generate"
 def make_celery(settings: Settings) -> Celery:
     # The task module is imported by workers only: the web enqueues by task name.
     broker = settings.redis_url or "redis://127.0.0.1:6379/0"
-    app = Celery("blitzscale", broker=broker, include=["tasks.generate"])
+    app = Celery("blitzscale", broker=broker, include=["tasks.runtime.generate"])
     app.conf.update(
-        # kombu's Redis transport, surviving a Redis restart (tasks/broker.py); rediss:// keeps kombu's own
+        # kombu's Redis transport, surviving a Redis restart (tasks/queue/broker.py); rediss:// keeps kombu's own
         broker_transport=TRANSPORT if broker.startswith("redis://") else None,
         task_default_queue=GENERATION_QUEUE,
         task_ignore_result=True,  # results travel on the stream channel, not a result backend
-        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks/event_stream.py)
+        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks/client/event_stream.py)
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a replica holds at most its batch slots of jobs
         task_serializer="json",

@@ -3,7 +3,7 @@
 Runs on a task thread of a replica (Celery `--pool threads`); the engine batches every task
 thread's request. Tokens of streaming jobs are published by the replica's stream relay, step by
 step; the task thread sleeps until its request ends, then publishes the final event. The task is
-safe to run twice: a re-enqueued job (`attempt` > 0, see tasks.event_stream) regenerates with the
+safe to run twice: a re-enqueued job (`attempt` > 0, see tasks.client.event_stream) regenerates with the
 same seed on the same channel, its events marked with its attempt, and a job whose request was
 re-enqueued since (an older attempt, e.g. redelivered by Celery later) is skipped.
 """
@@ -14,15 +14,15 @@ import time
 
 import redis
 
-from blitzscale.logs import request_id_bound
+from common.logs import request_id_bound
 from engine.outputs import EngineError, RequestCancelled
-from tasks.celery_app import GENERATE_TASK, app
-from tasks.job_params import engine_request_id, engine_requests
-from tasks.keys import attempt_key
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
-from tasks.replica import current_replica
-from tasks.results import Generation, best_of, final_details
-from tasks.stream_relay import PUBLISH_FAILED
+from tasks.queue.celery_app import GENERATE_TASK, app
+from tasks.runtime.job_params import engine_request_id, engine_requests
+from common.keys import attempt_key
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
+from tasks.runtime.replica import current_replica
+from tasks.runtime.results import Generation, best_of, final_details
+from tasks.runtime.stream_relay import PUBLISH_FAILED
 
 log = logging.getLogger(__name__)
 

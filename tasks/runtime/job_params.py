@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from engine.params import GenerationRequest, Grammar, SamplingParams, StoppingParams
-from tasks.protocol import Job
+from common.protocol import Job
 
 _SEED_RANGE = 2**63 - 1
 

@@ -12,7 +12,7 @@ requests, so its published state agrees with `celery inspect active_queues` whoe
 - standby: not consuming, nothing in flight, weights in memory;
 - a standby replica whose slot target is `stopped` sends Celery's `shutdown` to itself.
 
-A slot registry in Redis (`tasks.keys.SLOTS_KEY`) remembers every slot's last replica so that one
+A slot registry in Redis (`common.keys.SLOTS_KEY`) remembers every slot's last replica so that one
 whose heartbeat expired without a clean stop is reported `dead`.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import redis
 from celery import signals
 
-from tasks.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The worker loads its model in `worker_init` (before it consumes anything), then 
 thread keeps the replica's record (state, device, load facts, batch occupancy) and its engine
 metrics in Redis with a short expiry: a replica that dies is shown `dead` in the cluster view
 within `heartbeat_ttl` seconds. Its state (active, draining, standby) follows its Celery consumer:
-see tasks/lifecycle.py.
+see tasks/runtime/lifecycle.py.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from blitzscale import model_files
-from blitzscale.settings import Settings
-from tasks.keys import replica_key, replica_metrics_key
-from tasks.lifecycle import Lifecycle
+from common import model_files
+from common.settings import Settings
+from common.keys import replica_key, replica_metrics_key
+from tasks.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Replica:
         from engine.metrics import EngineMetrics
         from engine.scheduler import SchedulerConfig
         from engine.weights import PreparedWeights, load_model, prepare_gguf
-        from tasks.stream_relay import StreamRelay
+        from tasks.runtime.stream_relay import StreamRelay
 
         s = self.settings
         started = time.perf_counter()
@@ -145,7 +145,7 @@ class Replica:
 
 
 def _relay_connection(settings: Settings) -> redis.Redis:
-    """The relay's own client: it retries with its own bounded policy (tasks.stream_relay), so
+    """The relay's own client: it retries with its own bounded policy (tasks.runtime.stream_relay), so
     redis-py's retries with their seconds of backoff are off."""
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3,
                                 retry=Retry(NoBackoff(), 0))
@@ -177,6 +177,6 @@ def _stop_replica(**_):
 
 def _celery_shutdown(name: str) -> None:
     """Celery's own `shutdown`, sent to one named worker (a warm shutdown: running tasks finish)."""
-    from tasks.celery_app import app
+    from tasks.queue.celery_app import app
 
     app.control.shutdown(destination=[name])

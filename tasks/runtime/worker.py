@@ -8,10 +8,10 @@ import warnings
 
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
-from blitzscale.settings import Settings
-from tasks.keys import GENERATION_QUEUE, slot_target_key
-from tasks.lifecycle import ACTIVE, STANDBY
-from tasks.replica import SLOT_ENV
+from common.settings import Settings
+from common.keys import GENERATION_QUEUE, slot_target_key
+from tasks.runtime.lifecycle import ACTIVE, STANDBY
+from tasks.runtime.replica import SLOT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,12 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     if slot is None:
         import redis
 
-        from tasks.lifecycle import claim_slot
+        from tasks.runtime.lifecycle import claim_slot
 
         slot = claim_slot(redis.Redis.from_url(settings.redis_url), owner=f"{socket.gethostname()}:{os.getpid()}")
     os.environ[SLOT_ENV] = str(slot)
     _set_target(settings, slot, STANDBY if standby else ACTIVE)
-    from tasks.celery_app import app  # built from the environment just exported
+    from tasks.queue.celery_app import app  # built from the environment just exported
 
     _quiet_celery_warnings()
     app.worker_main([

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from tasks.keys import GENERATION_QUEUE, replica_key, stream_channel
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
+from common.keys import GENERATION_QUEUE, replica_key, stream_channel
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
 
 Script = Callable[[Job], Iterable["StreamEvent | float"]]  # a float: sleep that long
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from tests.web.fake_replica import FakeReplica, fail_after, reply
 from tests.web.test_failover import fast, dying_replica, post_after_the_dying_replica_took_it, rerun  # noqa: F401
 from web.app import create_app
