@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import redis
 
 from common.settings import Settings
+from common.states import SERVING_STATES, ReplicaState
 from common.protocol import (
     EVENT_ALIVE,
     EVENT_ERROR,
@@ -42,7 +43,6 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 NO_REPLICA = "no replica is available to serve the request"
-SERVING_STATES = ("active", "loading")  # replicas that take jobs now or soon
 
 
 class ReplicaWatch:
@@ -147,7 +147,7 @@ class EventStream:
                 return self._fail_over(f"replica {self.replica} stopped")
             states = watch.replica_states(self._settings.replica_check_interval)
             # Vanished while active (a clean stop drains first, and holds no job when it goes).
-            lost = [n for n, state in self._candidates.items() if n not in states and state == "active"]
+            lost = [n for n, state in self._candidates.items() if n not in states and state == ReplicaState.ACTIVE]
             self._candidates = states
             if lost:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")

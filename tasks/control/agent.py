@@ -22,6 +22,7 @@ import redis
 
 from common.settings import Settings
 from common.processes import stop_processes
+from common.states import ReplicaState
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ class HostAgent:
     def _register_loading(self, slot: int, standby: bool) -> None:
         """The slot shows `loading` from now on, before the new process writes its own record,
         and the target it loads for (the autoscaler counts only those meant to serve)."""
-        entry = {"slot": slot, "host": self.host, "state": "loading", "by": "agent", "updated_at": time.time()}
+        entry = {"slot": slot, "host": self.host, "state": ReplicaState.LOADING, "by": "agent", "updated_at": time.time()}
         pipe = self.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
-        pipe.set(slot_target_key(slot), "standby" if standby else "active")
+        pipe.set(slot_target_key(slot), ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)
         pipe.execute()
 
     def handle(self, command: dict) -> None:

@@ -13,10 +13,11 @@ import logging
 import time
 
 import redis
+from celery import Celery
 
 from common.logs import request_id_bound
 from engine.outputs import EngineError, RequestCancelled
-from tasks.queue.celery_app import GENERATE_TASK, app
+from tasks.queue.celery_app import GENERATE_TASK
 from tasks.runtime.job_params import engine_request_id, engine_requests
 from common.keys import attempt_key
 from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
@@ -27,7 +28,11 @@ from tasks.runtime.stream_relay import PUBLISH_FAILED
 log = logging.getLogger(__name__)
 
 
-@app.task(name=GENERATE_TASK, ignore_result=True)
+def register(app: Celery) -> None:
+    """Make `generate` the task that the web enqueues by name (GENERATE_TASK), on this worker's app."""
+    app.task(name=GENERATE_TASK, ignore_result=True, shared=False)(generate)
+
+
 def generate(job_dict: dict) -> None:
     job = Job.from_dict(job_dict)
     with request_id_bound(job.trace_id or job.request_id):  # this thread's log lines name the request

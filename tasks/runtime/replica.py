@@ -14,9 +14,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
-from celery import signals
+from celery import Celery, signals
 from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -28,17 +29,17 @@ from tasks.runtime.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
-SLOT_ENV = "BLITZ_REPLICA_SLOT"
-
-
 class Replica:
-    def __init__(self, settings: Settings, slot: int, name: str, worker=None):
+    def __init__(self, settings: Settings, slot: int, name: str, worker=None,
+                 shutdown: Callable[[str], None] | None = None):
+        """`shutdown(name)`: sends Celery's shutdown to the named worker (this one, once drained
+        with a `stopped` slot target)."""
         self.settings = settings
         self.slot = slot
         self.name = name
         self.worker = worker  # the Celery WorkController: its consumer tells active from standby
         self.loaded = False
-        self.lifecycle = Lifecycle(self, shutdown=_celery_shutdown)
+        self.lifecycle = Lifecycle(self, shutdown=shutdown or _cannot_shut_down)
         self.engine = None
         self.relay = None
         self.facts: dict = {}
@@ -160,23 +161,24 @@ def current_replica() -> Replica:
     return _replica
 
 
-@signals.worker_init.connect
-def _load_replica(sender=None, **_):
-    global _replica
-    slot = int(os.environ.get(SLOT_ENV, "0"))
-    name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
-    _replica = Replica(Settings.from_env(), slot, name, worker=sender)
-    _replica.start()
+def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
+    """This process's replica: loaded when its Celery worker starts (before it consumes
+    anything), stopped when the worker stops."""
+
+    def load(sender=None, **_):
+        global _replica
+        name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
+        _replica = Replica(settings, slot, name, worker=sender,
+                           shutdown=lambda worker: app.control.shutdown(destination=[worker]))
+        _replica.start()
+
+    def stop(**_):
+        if _replica is not None:
+            _replica.stop()
+
+    signals.worker_init.connect(load, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
-@signals.worker_shutdown.connect
-def _stop_replica(**_):
-    if _replica is not None:
-        _replica.stop()
-
-
-def _celery_shutdown(name: str) -> None:
-    """Celery's own `shutdown`, sent to one named worker (a warm shutdown: running tasks finish)."""
-    from tasks.queue.celery_app import app
-
-    app.control.shutdown(destination=[name])
+def _cannot_shut_down(name: str) -> None:
+    log.warning("replica %s was told to stop, but runs without a Celery worker to shut down", name)
