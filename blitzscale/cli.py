@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.ignored_settings():
+        log.warning(settings.ignored_settings())
     if args.command == "serve":
         return cmd_serve(settings)
     if args.command == "web":

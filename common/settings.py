@@ -55,6 +55,9 @@ class Settings:
     max_batch_total_tokens: int = 65536  # KV slots = this // max_total_tokens (at most max_batch_size)
     max_batch_prefill_tokens: int = 4096  # prompt tokens per step; longer prompts are prefilled in chunks
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs captured at start
+    # TGI's router: when to pause decoding for a prefill. Accepted (TGI launcher compatibility,
+    # shown in /info) but without effect: the engine prefills at every step, in chunks of at most
+    # max_batch_prefill_tokens, alongside the decode of every running request (`ignored_settings`).
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     # Cluster
@@ -120,6 +123,16 @@ class Settings:
                 env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 
+    def ignored_settings(self) -> str | None:
+        """One line naming the accepted-but-ignored settings that were changed, else None."""
+        changed = [flag_name(name) for name in ("max_waiting_tokens", "waiting_served_ratio")
+                   if getattr(self, name) != _DEFAULTS[name]]
+        if not changed:
+            return None
+        return (f"{' and '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect: the engine "
+                "prefills waiting requests at every step (in chunks of --max-batch-prefill-tokens) alongside "
+                "the decode of the running ones, so it never pauses decoding for a prefill")
+
     @property
     def replica_range(self) -> tuple[int, int]:
         """(min, max) active replicas for the autoscaler."""
@@ -131,6 +144,9 @@ class Settings:
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
 def env_name(field_name: str) -> str:

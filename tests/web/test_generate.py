@@ -32,7 +32,7 @@ def test_generate_returns_text_and_tgi_headers(client, redis_url):
     assert h["x-time-per-token"] == "250"
     assert float(h["x-total-time"]) >= float(h["x-validation-time"]) >= 0
     job = replica.jobs[0]
-    assert job.input_ids == [3, 4, 5, 6, 7] and job.parameters["max_new_tokens"] == 2 and job.stream is False
+    assert job.input_ids == [3, 4, 5, 6, 7] and job.stopping.max_new_tokens == 2 and job.stream is False
 
 
 def test_compute_type_is_cpu_without_a_replica_record(client, redis_url):
