@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Flask
 
 from common.settings import Settings
+from tasks.client.generation_client import GenerationClient
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -24,8 +25,6 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     `tokenizer`: a `tokenizers.Tokenizer`; loaded from the model files on first use when None."""
     settings = settings or Settings.from_env()
     if client is None:
-        from tasks.client.generation_client import GenerationClient
-
         client = GenerationClient(settings)
 
     app = Flask(__name__)

@@ -25,7 +25,9 @@ from redis.retry import Retry
 from common import model_files
 from common.settings import Settings
 from common.keys import replica_key, replica_metrics_key
+from engine.metrics import EngineMetrics
 from tasks.runtime.lifecycle import Lifecycle
+from tasks.runtime.stream_relay import StreamRelay
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +59,14 @@ class Replica:
         self.loaded = True  # the lifecycle thread publishes the next state (active or standby)
 
     def load(self) -> None:
+        # torch and the engine's modules that use it: imported when the model loads, so that
+        # importing the replica runtime (the CLI, Celery's tools) stays light.
         import torch
         from transformers import AutoTokenizer
 
         from engine.engine import Engine
-        from engine.metrics import EngineMetrics
         from engine.scheduler import SchedulerConfig
         from engine.weights import PreparedWeights, load_model, prepare_gguf
-        from tasks.runtime.stream_relay import StreamRelay
 
         s = self.settings
         started = time.perf_counter()
