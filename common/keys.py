@@ -79,3 +79,18 @@ def admission_key() -> str:
     """Sorted set of the admitted requests of every web process: member = lease id, score =
     the lease's expiry (Redis server time); see web.admission."""
     return f"{KEY_PREFIX}admission"
+
+
+# -- Weights from peers (tasks/weight_sources.py, tasks/peer_weights.py)
+
+WEIGHT_SECRET_KEY = f"{KEY_PREFIX}weights-secret"
+"""The data plane's shared secret when no key is configured (made once per cluster)."""
+
+WEIGHT_TRANSFERS_KEY = f"{KEY_PREFIX}weight-transfers"
+"""Hash: `bytes:<source>` and the transfer-duration histogram (`duration:count|sum|le:<bound>`)."""
+
+
+def weight_sources_key(slot: int) -> str:
+    """JSON list of the slots a replica starting in `slot` takes its weights from, in order (its
+    predecessor in a scale-up's chain first, then the command's `old_stub_indices`)."""
+    return f"{KEY_PREFIX}weight-sources:{slot}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from common.settings import Settings
 
 _HASH_CHUNK = 8 << 20
+PEER_MARKER = ".peer.json"  # in a host-cache entry copied from a peer: where from, its root hash
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,18 @@ def prepared_dir(settings: Settings, source: ModelSource | None = None) -> Path:
     source = source or resolve(settings)
     if not source.is_gguf:
         return source.path
-    return Path(settings.weight_cache_dir) / "models" / source.sha[:24]
+    return cache_entry(settings, source.sha)
+
+
+def cache_entry(settings: Settings, sha: str) -> Path:
+    """The host-cache directory of a model (a converted GGUF file, or a copy from a peer)."""
+    return Path(settings.weight_cache_dir) / "models" / sha[:24]
+
+
+def entry_complete(entry: Path) -> bool:
+    """An entry appears whole (renamed from its staging directory): the weights of a conversion,
+    or the marker of a verified copy from a peer (a tokenizer-only entry is not complete)."""
+    return (entry / "model.safetensors").is_file() or (entry / PEER_MARKER).is_file()
 
 
 def tokenizer_path(settings: Settings) -> Path:

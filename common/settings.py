@@ -87,6 +87,16 @@ class Settings:
     # Security (web/auth.py): never logged; `--api-key` as TGI's launcher has it
     api_key: str | None = field(default=None, repr=False)  # generation routes need `Authorization: Bearer <key>`
     admin_api_key: str | None = field(default=None, repr=False)  # /modify_cluster_state needs this one
+    # Weights from peers (tasks/peer_weights.py): the data plane every replica runs
+    weight_peers: str = "auto"  # auto: from a peer instead of converting | prefer: instead of the source too | off
+    weights_host: str = "127.0.0.1"  # bound and advertised; `auto`: this host name's address
+    weights_port: int = 0  # 0: a free port
+    weights_chunk_size: int = 4 << 20  # bytes per checksummed chunk
+    weights_checksum: str = "xxh3_128"  # of each chunk: xxh3_128 | sha256
+    weights_parallel: int = 4  # ranges in flight per transfer
+    weights_max_send_rate: float = 0.0  # MB/s a replica sends to peers, all together (0: no limit)
+    weights_peer_wait: float = 60.0  # how long to wait for a chain predecessor to start serving
+    weights_secret: str | None = field(default=None, repr=False)  # default: admin key, API key, else per cluster
     # Operations
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line)
@@ -100,6 +110,10 @@ class Settings:
             raise ValueError("`max_total_tokens` must be <= `max_batch_total_tokens`")
         if self.down_target not in ("standby", "stop"):
             raise ValueError("`down_target` must be `standby` or `stop`")
+        if self.weights_checksum not in ("xxh3_128", "sha256"):
+            raise ValueError("`weights_checksum` must be `xxh3_128` or `sha256`")
+        if self.weight_peers not in ("auto", "prefer", "off"):
+            raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
 

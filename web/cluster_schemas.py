@@ -76,7 +76,13 @@ class ReplicaStateSchema(Schema):
     running = fields.Integer()
     waiting = fields.Integer(metadata={"description": "requests queued inside the replica's engine"})
     batch_occupancy = fields.Float(metadata={"description": "running / max_batch_size"})
-    weight_source = fields.String(allow_none=True, metadata={"description": "directory | host-cache | gguf-conversion"})
+    weight_source = fields.String(allow_none=True, metadata={"description": "directory | host-cache | peer | "
+                                                             "gguf-conversion"})
+    weights = fields.Dict(allow_none=True, metadata={"description": "what its data plane serves: model hash, state "
+                                                     "(starting | fetching | preparing | indexing | complete), "
+                                                     "bytes sent to peers"})
+    transfer = fields.Dict(allow_none=True, metadata={"description": "its copy from peers: state (fetching | done | "
+                                                      "failed), source, bytes, total, mbps, seconds"})
     weight_seconds = fields.Float(allow_none=True)
     load_seconds = fields.Float(allow_none=True)
     kv_slots = fields.Integer(allow_none=True, metadata={"description": "requests its KV cache holds at once"})

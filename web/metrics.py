@@ -27,12 +27,14 @@ from web.cluster_metrics import NAMES as CLUSTER_NAMES
 from web.cluster_metrics import ClusterCollector
 from web.scaling_metrics import NAMES as SCALING_NAMES
 from web.scaling_metrics import ScalingCollector
+from web.weight_metrics import NAMES as WEIGHT_NAMES
+from web.weight_metrics import WeightTransferCollector
 
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))  # TGI's: 0.15 ms .. ~220 s
 # Families the web itself exports; a replica's family of the same name is not re-exported.
-OWN_PREFIXES = ("tgi_request", "flask_", "process_", "python_", *CLUSTER_NAMES, *SCALING_NAMES)
+OWN_PREFIXES = ("tgi_request", "flask_", "process_", "python_", *CLUSTER_NAMES, *SCALING_NAMES, *WEIGHT_NAMES)
 
 
 def multiprocess_mode() -> bool:
@@ -151,6 +153,7 @@ class Metrics:
             self.registry.register(ReplicaMetricsCollector(client))
             self.registry.register(ClusterCollector(client))
             self.registry.register(ScalingCollector(client))
+            self.registry.register(WeightTransferCollector(client))
             exporter = PrometheusMetrics.for_app_factory(path=None, group_by="endpoint", registry=self.registry)
         exporter.init_app(app)
         self.exporter = exporter
@@ -164,4 +167,5 @@ class Metrics:
             registry.register(ReplicaMetricsCollector(self._client))
             registry.register(ClusterCollector(self._client))
             registry.register(ScalingCollector(self._client))
+            registry.register(WeightTransferCollector(self._client))
         return generate_latest(registry), CONTENT_TYPE_LATEST

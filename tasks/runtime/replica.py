@@ -28,8 +28,10 @@ from common.keys import replica_key, replica_metrics_key
 from engine.metrics import EngineMetrics
 from tasks.runtime.lifecycle import Lifecycle
 from tasks.runtime.stream_relay import StreamRelay
+from tasks.peer_weights import ReplicaWeights
 
 log = logging.getLogger(__name__)
+
 
 class Replica:
     def __init__(self, settings: Settings, slot: int, name: str, worker=None,
@@ -46,6 +48,7 @@ class Replica:
         self.relay = None
         self.facts: dict = {}
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self.weights = ReplicaWeights(settings, slot, name, self.redis)  # host cache, peers, data plane
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="replica-heartbeat", daemon=True)
 
@@ -54,6 +57,7 @@ class Replica:
         return self.lifecycle.state
 
     def start(self) -> None:
+        self.weights.start()  # before the first record: it advertises the data plane
         self._heartbeat.start()
         self.load()
         self.loaded = True  # the lifecycle thread publishes the next state (active or standby)
@@ -72,7 +76,8 @@ class Replica:
         started = time.perf_counter()
         source = model_files.resolve(s)
         target = model_files.prepared_dir(s, source)
-        prepared = prepare_gguf(source.path, target) if source.is_gguf else PreparedWeights(target, "directory", 0.0)
+        prepared = self.weights.obtain(source, lambda: prepare_gguf(source.path, target) if source.is_gguf
+                                       else PreparedWeights(target, "directory", 0.0))
         device = torch.device(s.device or (f"cuda:{self.slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
         model = load_model(prepared.directory, device, s.dtype)
         tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
@@ -120,6 +125,7 @@ class Replica:
             "max_batch_size": self.settings.max_batch_size,
             "max_batch_total_tokens": stats.max_batch_total_tokens if stats else self.settings.max_batch_total_tokens,
             "updated_at": time.time(),
+            **self.weights.record(),
             **self.facts,
         }
 
@@ -138,6 +144,7 @@ class Replica:
             self.engine.stop()
         if self.relay is not None:
             self.relay.stop()  # what the engine's stop failed goes out first
+        self.weights.stop()
         try:
             self.redis.delete(replica_key(self.name), replica_metrics_key(self.name))
         except redis.RedisError:

@@ -129,3 +129,13 @@ def test_the_image_has_what_the_commands_need():
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert (ROOT / source).exists(), source
     assert 'blitzscale = "blitzscale.cli:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_compose_workers_do_not_share_a_cache_and_reach_each_other(compose):
+    """Every worker container has its own weight cache (an anonymous volume) and serves its
+    weights to the others on the compose network (tasks/peer_weights.py)."""
+    worker = compose["services"]["worker"]
+    assert worker["volumes"] == ["/root/.cache/blitzscale"]  # no named volume: one per container
+    assert worker["environment"]["WEIGHTS_HOST"] == "auto"
+    assert worker["expose"] == [worker["environment"]["WEIGHTS_PORT"]]
+    assert "ports" not in worker  # the data plane is not published on the host

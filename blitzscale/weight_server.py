@@ -1,0 +1,225 @@
+"""The weight data plane: a small HTTP server that serves the model weights a replica holds, by
+content hash, to replicas on other hosts.
+
+    GET /weights/<sha>/manifest                      the Manifest (JSON): files, chunk digests, root
+    GET /weights/<sha>/data   Range: bytes=a-b       206, those bytes of the file stream (sendfile)
+
+Every request carries the cluster's shared secret in `X-Blitz-Weights-Key` (compared in constant
+time; 401 otherwise). A holding may be partial: a replica that is still receiving the weights
+serves each chunk as soon as it has verified it, so the replicas of one scale-up form a chain (a
+request for a chunk not yet there waits for it, up to `wait_s`, then 503). The server binds to
+the replica's advertised address only (loopback by default).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from blitzscale.weight_manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+KEY_HEADER = "X-Blitz-Weights-Key"
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_PATH = re.compile(r"^/weights/([0-9a-zA-Z]{8,128})/(manifest|data)$")
+
+
+class Holding:
+    """One model's bytes that this process serves: the files of a directory (opened once, so a
+    rename of the directory while serving changes nothing) and which chunks are verified."""
+
+    def __init__(self, manifest: Manifest, directory: Path, complete: bool):
+        self.manifest = manifest
+        self.directory = directory
+        self._fds = [os.open(directory / name, os.O_RDONLY) for name, _ in manifest.files]
+        self._have = bytearray([1 if complete else 0]) * len(manifest.chunks)
+        self._missing = 0 if complete else len(manifest.chunks)
+        self._changed = threading.Condition()
+        self.released = False
+        self.sent_bytes = 0  # bytes served to peers (what a chain saves the source)
+
+    @property
+    def complete(self) -> bool:
+        return self._missing == 0
+
+    def mark(self, index: int) -> None:
+        """Chunk `index` is written and verified: serve it."""
+        with self._changed:
+            if not self._have[index]:
+                self._have[index] = 1
+                self._missing -= 1
+                self._changed.notify_all()
+
+    def wait_for(self, chunks: range, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self.released or all(self._have[i] for i in chunks), timeout) and not self.released
+
+    def count_sent(self, nbytes: int) -> None:
+        with self._changed:
+            self.sent_bytes += nbytes
+
+    def fd(self, file_index: int) -> int:
+        return self._fds[file_index]
+
+    def release(self) -> None:
+        with self._changed:
+            self.released = True
+            self._changed.notify_all()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Pacer:
+    """What all connections of one server send together stays under `rate` bytes/s (a replica
+    that serves peers must not starve its own clients of network)."""
+
+    PIECE = 256 << 10
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def piece(self, length: int) -> int:
+        return min(length, self.PIECE) if self.rate else length
+
+    def wait(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + nbytes / self.rate
+            delay = self._next - now
+        time.sleep(delay)
+
+
+class WeightServer:
+    def __init__(self, host: str, port: int, secret: str, wait_s: float = 30.0, max_rate: float = 0.0):
+        """`max_rate`: bytes/s over all peers (0: no limit)."""
+        self.secret = secret.encode()
+        self.wait_s = wait_s
+        self.pacer = Pacer(max_rate)
+        self._holdings: dict[str, Holding] = {}
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "WeightServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="weight-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        with self._lock:
+            holdings, self._holdings = list(self._holdings.values()), {}
+        for holding in holdings:
+            holding.release()
+
+    def hold(self, manifest: Manifest, directory: Path, complete: bool = True) -> Holding:
+        holding = Holding(manifest, directory, complete)
+        with self._lock:
+            previous = self._holdings.get(manifest.sha)
+            self._holdings[manifest.sha] = holding
+        if previous is not None:
+            previous.release()
+        return holding
+
+    def release(self, sha: str) -> None:
+        with self._lock:
+            holding = self._holdings.pop(sha, None)
+        if holding is not None:
+            holding.release()
+
+    def holding(self, sha: str) -> Holding | None:
+        with self._lock:
+            return self._holdings.get(sha)
+
+    def authorized(self, key: str | None) -> bool:
+        return key is not None and hmac.compare_digest(key.encode(), self.secret)
+
+
+def _handler_class(server: WeightServer):
+    class Handler(_WeightHandler):
+        weights = server
+    return Handler
+
+
+class _WeightHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection per fetcher thread
+    weights: WeightServer
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        log.debug("weights %s: " + format, self.client_address[0], *args)
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if not self.weights.authorized(self.headers.get(KEY_HEADER)):
+            return self._error(401, "missing or wrong weights key")
+        match = _PATH.match(self.path)
+        if not match:
+            return self._error(404, "no such path")
+        holding = self.weights.holding(match.group(1))
+        if holding is None or holding.released:
+            return self._error(404, "this replica holds no such model")
+        if match.group(2) == "manifest":
+            return self._send(200, holding.manifest.to_json().encode(), "application/json")
+        return self._data(holding)
+
+    def _data(self, holding: Holding) -> None:
+        total = holding.manifest.total
+        match = _RANGE.match(self.headers.get("Range", f"bytes=0-{total - 1}"))
+        if not match:
+            return self._error(416, "Range must be bytes=a-b")
+        start, end = int(match.group(1)), int(match.group(2) or total - 1) + 1
+        if not 0 <= start < end <= total:
+            self.close_connection = True
+            return self._error(416, f"range outside 0-{total - 1}")
+        if not holding.wait_for(holding.manifest.chunks_of(start, end), self.weights.wait_s):
+            return self._error(503, "those chunks are not here (yet)")
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
+        self.end_headers()
+        for segment in holding.manifest.segments(start, end):
+            self._sendfile(holding.fd(segment.file), segment.offset, segment.length)
+        holding.count_sent(end - start)
+
+    def _sendfile(self, fd: int, offset: int, length: int) -> None:
+        sock = self.connection.fileno()
+        pacer = self.weights.pacer
+        while length > 0:
+            sent = os.sendfile(sock, fd, offset, pacer.piece(length))
+            pacer.wait(sent)
+            if sent == 0:
+                raise ConnectionError("file shorter than its manifest says")
+            offset += sent
+            length -= sent
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, json.dumps({"error": message}).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -1,0 +1,130 @@
+"""Where a starting replica gets its weights, as the cluster knows it in Redis.
+
+- The plan: a scale-up that starts several replicas chains them: the first takes its weights
+  from the command's `old_stub_indices`, each next one from its predecessor first (which forwards
+  the chunks as they arrive), so the source sends each byte once.
+- The peers: every replica advertises its data plane in its record (`weights`: address, model
+  hash, state); `PeerChooser` picks the planned slots first, then any replica holding the model.
+- The secret of the data plane, and the transfer counters read by /metrics.
+No torch, no Celery: the web imports this.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+
+import redis
+
+from blitzscale.settings import Settings
+from blitzscale.weight_fetch import Source
+from tasks.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+
+log = logging.getLogger(__name__)
+
+# A replica's `weights.state`: what it can give a peer.
+STARTING, FETCHING, PREPARING, INDEXING, COMPLETE = "starting", "fetching", "preparing", "indexing", "complete"
+SERVING = (FETCHING, COMPLETE)  # chunks can be pulled from it now
+COMING = (STARTING, INDEXING)  # worth waiting for
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PLAN_TTL_S = 300
+
+
+def chain_plan(started: list[int], sources: list[int]) -> dict[int, list[int]]:
+    """Each started slot's sources, in order: its predecessor in `started`, then `sources`."""
+    return {slot: ([started[i - 1]] if i else []) + [s for s in sources if s != slot]
+            for i, slot in enumerate(started)}
+
+
+def store_plan(connection: redis.Redis, started: list[int], sources: list[int]) -> None:
+    pipe = connection.pipeline()
+    for slot, plan in chain_plan(started, sources).items():
+        pipe.set(weight_sources_key(slot), json.dumps(plan), ex=PLAN_TTL_S)
+    pipe.execute()
+
+
+def planned_sources(connection: redis.Redis, slot: int) -> list[int]:
+    raw = connection.get(weight_sources_key(slot))
+    return [int(s) for s in json.loads(raw)] if raw else []
+
+
+def weights_secret(settings: Settings, connection: redis.Redis) -> str:
+    """The configured secret (`--weights-secret`, else the admin key, else the API key), else one
+    made at random for this cluster and kept in Redis (whoever reaches Redis is inside already)."""
+    configured = settings.weights_secret or settings.admin_api_key or settings.api_key
+    if configured:
+        return configured
+    connection.set(WEIGHT_SECRET_KEY, secrets.token_hex(32), nx=True)
+    return connection.get(WEIGHT_SECRET_KEY).decode()
+
+
+def live_records(connection: redis.Redis) -> list[dict]:
+    keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
+    return [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
+
+
+class PeerChooser:
+    """`choose(excluded)` for `ChunkFetcher`: the planned slots in order (waiting up to `wait_s`
+    for one that is still starting), then any live replica that holds or is receiving the model
+    (complete first). None when nobody is left."""
+
+    def __init__(self, connection: redis.Redis, sha: str, me: str, planned: list[int], wait_s: float = 60.0,
+                 poll_s: float = 0.2):
+        self.redis = connection
+        self.sha = sha
+        self.me = me
+        self.planned = list(planned)
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self._given_up: set[int] = set()
+
+    def __call__(self, excluded: set[str]) -> Source | None:
+        for slot in self.planned:
+            if slot not in self._given_up:
+                source = self._wait_for_slot(slot, excluded)
+                if source is not None:
+                    return source
+                self._given_up.add(slot)
+        holders = [r for r in live_records(self.redis) if self._usable(r, excluded)]
+        holders.sort(key=lambda r: (r["weights"]["state"] != COMPLETE, r.get("state") != "active", r.get("slot", 0)))
+        return self._source(holders[0]) if holders else None
+
+    def _wait_for_slot(self, slot: int, excluded: set[str]) -> Source | None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            record = next((r for r in live_records(self.redis) if r.get("slot") == slot), None)
+            if record is not None and self._usable(record, excluded):
+                return self._source(record)
+            weights = (record or {}).get("weights") or {}
+            coming = record is None or (weights.get("state") in COMING and weights.get("sha") in (None, self.sha))
+            if not coming or record is not None and record.get("name") in excluded or time.monotonic() > deadline:
+                return None
+            time.sleep(self.poll_s)
+
+    def _usable(self, record: dict, excluded: set[str]) -> bool:
+        weights = record.get("weights") or {}
+        return (record.get("name") not in excluded and record.get("name") != self.me and weights.get("addr")
+                and weights.get("sha") == self.sha and weights.get("state") in SERVING)
+
+    @staticmethod
+    def _source(record: dict) -> Source:
+        return Source(record["name"], record["weights"]["addr"])
+
+
+def count_transfer(connection: redis.Redis, bytes_by_source: dict[str, int], seconds: float | None) -> None:
+    """Bytes received from each source; `seconds` of a finished transfer (None: it failed)."""
+    pipe = connection.pipeline()
+    for source, nbytes in bytes_by_source.items():
+        if nbytes:
+            pipe.hincrby(WEIGHT_TRANSFERS_KEY, f"bytes:{source}", nbytes)
+    if seconds is not None:
+        pipe.hincrby(WEIGHT_TRANSFERS_KEY, "duration:count", 1)
+        pipe.hincrbyfloat(WEIGHT_TRANSFERS_KEY, "duration:sum", seconds)
+        bound = next((b for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+        pipe.hincrby(WEIGHT_TRANSFERS_KEY, f"duration:le:{bound}", 1)
+    pipe.execute()
+
+
+def read_transfers(connection: redis.Redis) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in connection.hgetall(WEIGHT_TRANSFERS_KEY).items()}
