@@ -81,7 +81,7 @@ def admission_key() -> str:
     return f"{KEY_PREFIX}admission"
 
 
-# -- Weights from peers (tasks/weight_sources.py, tasks/peer_weights.py)
+# -- Weights from peers (tasks/weights/sources.py, tasks/runtime/peer_weights.py)
 
 WEIGHT_SECRET_KEY = f"{KEY_PREFIX}weights-secret"
 """The data plane's shared secret when no key is configured (made once per cluster)."""

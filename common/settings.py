@@ -87,7 +87,7 @@ class Settings:
     # Security (web/auth.py): never logged; `--api-key` as TGI's launcher has it
     api_key: str | None = field(default=None, repr=False)  # generation routes need `Authorization: Bearer <key>`
     admin_api_key: str | None = field(default=None, repr=False)  # /modify_cluster_state needs this one
-    # Weights from peers (tasks/peer_weights.py): the data plane every replica runs
+    # Weights from peers (tasks/runtime/peer_weights.py): the data plane every replica runs
     weight_peers: str = "auto"  # auto: from a peer instead of converting | prefer: instead of the source too | off
     weights_host: str = "127.0.0.1"  # bound and advertised; `auto`: this host name's address
     weights_port: int = 0  # 0: a free port

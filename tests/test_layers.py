@@ -1,10 +1,10 @@
 """The layers only point down (docs/architecture.md), checked on every module's imports, those
 inside functions included, by parsing the source (nothing is imported).
 
-    blitzscale (CLI, supervision, private Redis)                         top
-    web                          tasks.control   tasks.client   tasks.runtime ──► engine
-                                         └──────────┴── tasks.queue ─┘
-    common                                                                leaf
+    blitzscale (CLI, supervision, private Redis)                          top
+    web ──► tasks.control, tasks.client          tasks.runtime ──► engine
+            tasks.queue (Celery app), tasks.weights (weight data plane)
+    common                                                                 leaf
 
 An import of our own modules inside a function must say why in a comment (on its line, or on
 the comment line that opens its block of imports): lazy imports exist to keep torch out of a
@@ -26,11 +26,12 @@ ALLOWED = {
     "engine": set(),
     "tasks": set(),  # the package's own __init__
     "tasks.queue": {"common"},
-    "tasks.runtime": {"common", "engine", "tasks.queue"},
+    "tasks.weights": {"common"},
+    "tasks.runtime": {"common", "engine", "tasks.queue", "tasks.weights"},
     "tasks.client": {"common", "tasks.queue"},
-    "tasks.control": {"common", "tasks.queue"},
-    "web": {"common", "tasks.client", "tasks.control"},
-    "blitzscale": {"common", "engine", "tasks.queue", "tasks.runtime", "tasks.client", "tasks.control"},
+    "tasks.control": {"common", "tasks.queue", "tasks.weights"},
+    "web": {"common", "tasks.client", "tasks.control", "tasks.weights"},
+    "blitzscale": {"common", "engine", "tasks.queue", "tasks.weights", "tasks.runtime", "tasks.client", "tasks.control"},
 }
 CLI_ONLY = "tasks.queue.cli_app"  # Celery's command line imports it; no module of ours may
 

@@ -3,7 +3,7 @@
 - up, for a standby (or draining) replica: `add_consumer` on the generation queue, to that worker;
 - up, for a slot with no process: a start command to a host agent (`tasks.control.agent`), which starts
   `blitzscale worker --slot N` on its host; the new replica maps its weights from the host cache,
-  or pulls them from the old stubs (several new ones in a chain: tasks/peer_weights.py);
+  or pulls them from the old stubs (several new ones in a chain: tasks/runtime/peer_weights.py);
 - down: `cancel_consumer` to that worker; it drains (running requests finish) and becomes
   standby, or, when the slot target is `stopped`, sends Celery's `shutdown` to itself once drained.
 
@@ -26,7 +26,7 @@ from common.keys import (
     agent_key_pattern, replica_key_pattern, slot_target_key,
 )
 from common.states import LIVE_STATES, ReplicaState
-from tasks.weight_sources import store_plan
+from tasks.weights.sources import store_plan
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class ClusterControl:
             if slots.get(source, {}).get("state") not in LIVE_STATES:
                 raise ClusterError(f"old stub {source} is not a live replica")
         steps = [self._plan_up(slot, slots.get(slot)) for slot in new_slots]
-        # Where each new process takes its weights from: the old stubs, chained (tasks/weight_sources.py).
+        # Where each new process takes its weights from: the old stubs, chained (tasks/weights/sources.py).
         store_plan(self.redis, [step.slot for step in steps if step.op == "start"], list(sources))
         self._apply(steps, ReplicaState.ACTIVE)
         for step in steps:

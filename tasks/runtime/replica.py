@@ -28,7 +28,7 @@ from common.keys import replica_key, replica_metrics_key
 from engine.metrics import EngineMetrics
 from tasks.runtime.lifecycle import Lifecycle
 from tasks.runtime.stream_relay import StreamRelay
-from tasks.peer_weights import ReplicaWeights
+from tasks.runtime.peer_weights import ReplicaWeights
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import time
 
 import redis
 
-from blitzscale.settings import Settings
-from blitzscale.weight_fetch import Source
-from tasks.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.settings import Settings
+from tasks.weights.fetch import Source
+from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,7 @@ def test_the_image_has_what_the_commands_need():
 
 def test_compose_workers_do_not_share_a_cache_and_reach_each_other(compose):
     """Every worker container has its own weight cache (an anonymous volume) and serves its
-    weights to the others on the compose network (tasks/peer_weights.py)."""
+    weights to the others on the compose network (tasks/runtime/peer_weights.py)."""
     worker = compose["services"]["worker"]
     assert worker["volumes"] == ["/root/.cache/blitzscale"]  # no named volume: one per container
     assert worker["environment"]["WEIGHTS_HOST"] == "auto"
