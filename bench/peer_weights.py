@@ -36,10 +36,10 @@ from celery import Celery
 
 from bench.cluster import FirstToken
 from bench.common import print_table, save
-from common import model_files
 from blitzscale.redis_server import EmbeddedRedis, free_port
-from common.settings import Settings, default_model_id
 from blitzscale.supervisor import stop_processes
+from common import model_files
+from common.settings import Settings, default_model_id
 from tasks.weights.fetch import ChunkFetcher, Source, fetch_manifest
 from tasks.weights.manifest import served_files
 from tasks.weights.server import WeightServer

@@ -5,6 +5,7 @@ from flask import Flask
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
+from web import request_id
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -12,7 +13,6 @@ from web.errors import register_error_handlers
 from web.metrics import Metrics
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
-from web import request_id
 from web.service import EXTENSION, Service
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS

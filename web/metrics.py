@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
-from common.settings import Settings
 from common.keys import replica_metrics_pattern
+from common.settings import Settings
 from web.cluster_metrics import NAMES as CLUSTER_NAMES
 from web.cluster_metrics import ClusterCollector
 from web.scaling_metrics import NAMES as SCALING_NAMES

@@ -8,8 +8,8 @@ import logging
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tasks.control.cluster import read_counters, read_slots
 from common.states import ReplicaState
+from tasks.control.cluster import read_counters, read_slots
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from common.protocol import Job
 from common.settings import Settings
 from tasks.client.generation_client import EventStream, NoReplica, QueueUnavailable
-from common.protocol import Job
 from web.admission import Admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView

@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.settings import Settings
 from common.protocol import GrammarParameters, Job, SamplingParameters, StoppingParameters
+from common.settings import Settings
 from web.errors import ValidationError
 from web.grammar import check_grammar
 

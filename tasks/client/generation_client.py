@@ -13,11 +13,11 @@ import time
 
 import redis
 
-from common.settings import Settings
-from tasks.queue.celery_app import GENERATE_TASK, make_celery
-from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, stream_channel
 from common.protocol import Job
+from common.settings import Settings
+from tasks.client.event_stream import NO_REPLICA, EventStream, serving
+from tasks.queue.celery_app import GENERATE_TASK, make_celery
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""

@@ -20,10 +20,10 @@ import time
 
 import redis
 
-from common.settings import Settings
-from common.processes import stop_processes
-from common.states import ReplicaState
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
+from common.processes import stop_processes
+from common.settings import Settings
+from common.states import ReplicaState
 
 log = logging.getLogger(__name__)
 

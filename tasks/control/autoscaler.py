@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
-from common.settings import Settings
-from tasks.control.cluster import ClusterControl, ClusterError
 from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
+from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
+from tasks.control.cluster import ClusterControl, ClusterError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from celery import Celery
 
+from common.keys import GENERATION_QUEUE
 from common.settings import Settings
 from tasks.queue.broker import TRANSPORT
-from common.keys import GENERATION_QUEUE
 
 GENERATE_TASK = "blitzscale.generate"
 

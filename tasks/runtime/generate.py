@@ -15,12 +15,12 @@ import time
 import redis
 from celery import Celery
 
+from common.keys import attempt_key
 from common.logs import request_id_bound
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from engine.outputs import EngineError, RequestCancelled
 from tasks.queue.celery_app import GENERATE_TASK
 from tasks.runtime.job_params import engine_request_id, engine_requests
-from common.keys import attempt_key
-from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from tasks.runtime.replica import current_replica
 from tasks.runtime.results import Generation, best_of, final_details
 from tasks.runtime.stream_relay import PUBLISH_FAILED

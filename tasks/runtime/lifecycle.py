@@ -27,8 +27,8 @@ import time
 import redis
 from celery import signals
 
-from common.states import ReplicaState
 from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.states import ReplicaState
 
 log = logging.getLogger(__name__)
 

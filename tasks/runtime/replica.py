@@ -23,12 +23,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from common import model_files
-from common.settings import Settings
 from common.keys import replica_key, replica_metrics_key
+from common.settings import Settings
 from engine.metrics import EngineMetrics
 from tasks.runtime.lifecycle import Lifecycle
-from tasks.runtime.stream_relay import StreamRelay
 from tasks.runtime.peer_weights import ReplicaWeights
+from tasks.runtime.stream_relay import StreamRelay
 
 log = logging.getLogger(__name__)
 

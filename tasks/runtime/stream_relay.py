@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import redis
 
-from engine.outputs import TokenEvent
 from common.keys import stream_channel
 from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_TOKEN, StreamEvent
+from engine.outputs import TokenEvent
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import warnings
 import redis
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
-from common.settings import Settings
 from common.keys import GENERATION_QUEUE, slot_target_key
+from common.settings import Settings
 from common.states import ReplicaState
 from tasks.queue.celery_app import make_celery
 from tasks.runtime import generate

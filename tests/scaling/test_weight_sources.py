@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from blitzscale.redis_server import EmbeddedRedis
-from tasks.weights.fetch import Source
 from common.keys import replica_key
+from tasks.weights.fetch import Source
 from tasks.weights.sources import PeerChooser, chain_plan, planned_sources, store_plan
 
 SHA = "ab" * 32

@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 
-from engine.outputs import Token, TokenEvent
 from common.keys import stream_channel
 from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, StreamEvent
+from engine.outputs import Token, TokenEvent
 from tasks.runtime.stream_relay import PUBLISH_FAILED, StreamRelay
 
 
