@@ -34,7 +34,11 @@ def register(app: Celery) -> None:
 
 
 def generate(job_dict: dict) -> None:
-    job = Job.from_dict(job_dict)
+    try:
+        job = Job.from_dict(job_dict)
+    except (KeyError, TypeError, ValueError) as error:  # e.g. from a web of another version
+        _refuse(job_dict, error)
+        return
     with request_id_bound(job.trace_id or job.request_id):  # this thread's log lines name the request
         _generate(job)
 
@@ -95,6 +99,16 @@ def _generate(job: Job) -> None:
         device_type=device_type,
         attempt=job.attempt or None,
     ), engine_request_id(job))
+
+
+def _refuse(job_dict: dict, error: Exception) -> None:
+    """A job this replica cannot read fails at once, not after the web's queue deadline."""
+    request_id = job_dict.get("request_id") if isinstance(job_dict, dict) else None
+    log.error("request %s: malformed job, refused: %r", request_id, error)
+    if isinstance(request_id, str):
+        current_replica().relay.send(request_id, StreamEvent(
+            kind=EVENT_ERROR, error=f"Request failed during generation: malformed job ({error!r})",
+            error_type="generation", attempt=job_dict.get("attempt") or None))
 
 
 def _superseded(replica, job: Job) -> bool:
