@@ -77,7 +77,8 @@ class HostAgent:
     def _register_loading(self, slot: int, standby: bool) -> None:
         """The slot shows `loading` from now on, before the new process writes its own record,
         and the target it loads for (the autoscaler counts only those meant to serve)."""
-        entry = {"slot": slot, "host": self.host, "state": ReplicaState.LOADING, "by": "agent", "updated_at": time.time()}
+        entry = {"slot": slot, "host": self.host, "state": ReplicaState.LOADING, "by": "agent",
+                 "updated_at": time.time()}
         pipe = self.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
         pipe.set(slot_target_key(slot), ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)

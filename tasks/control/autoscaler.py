@@ -98,16 +98,21 @@ def pick_up(slots: dict[int, dict], count: int, slot_count: int, can_start: bool
 
 def pick_down(slots: dict[int, dict], count: int) -> list[int]:
     """The least busy active replicas, the highest slot first among equals."""
-    active = [(v.get("running", 0) + v.get("waiting", 0), -s, s) for s, v in slots.items() if v["state"] == ReplicaState.ACTIVE]
+    active = [(_in_flight(v), -s, s) for s, v in slots.items() if v["state"] == ReplicaState.ACTIVE]
     return [s for _, _, s in sorted(active)[:count]]
 
 
 def observe(slots: dict[int, dict], queued: int, settings: Settings, now: float) -> Observation:
     """Serving: active replicas, and loading ones that load to serve (not those loading for standby)."""
+    active, loading = ReplicaState.ACTIVE, ReplicaState.LOADING
     serving = [v for v in slots.values()
-               if v["state"] == ReplicaState.ACTIVE or (v["state"] == ReplicaState.LOADING and v.get("target") != ReplicaState.STANDBY)]
-    in_flight = sum(v.get("running", 0) + v.get("waiting", 0) for v in slots.values() if v["state"] == ReplicaState.ACTIVE)
+               if v["state"] == active or (v["state"] == loading and v.get("target") != ReplicaState.STANDBY)]
+    in_flight = sum(_in_flight(v) for v in slots.values() if v["state"] == active)
     return Observation(now, queued, in_flight, len(serving), settings.max_batch_size)
+
+
+def _in_flight(view: dict) -> int:
+    return view.get("running", 0) + view.get("waiting", 0)
 
 
 class Autoscaler:

@@ -25,7 +25,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport=TRANSPORT if broker.startswith("redis://") else None,
         task_default_queue=GENERATION_QUEUE,
         task_ignore_result=True,  # results travel on the stream channel, not a result backend
-        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks/client/event_stream.py)
+        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks.client)
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a replica holds at most its batch slots of jobs
         task_serializer="json",

@@ -70,7 +70,8 @@ def reserved_jobs() -> int:
 
 def claim_slot(connection: redis.Redis, owner: str, lease_s: float = 60.0, limit: int = 1024) -> int:
     """The lowest slot that no replica holds (`--slot auto`, e.g. `docker compose --scale`)."""
-    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in (ReplicaState.STOPPED, ReplicaState.DEAD)}
+    gone = (ReplicaState.STOPPED, ReplicaState.DEAD)
+    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in gone}
     for slot in range(limit):
         if slot in held:
             continue
