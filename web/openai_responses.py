@@ -10,11 +10,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import blitzscale
+import common
 from web.openai_params import ResponseOptions
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
-SYSTEM_FINGERPRINT = f"{blitzscale.__version__}-native"
+SYSTEM_FINGERPRINT = f"{common.__version__}-native"
 
 
 def finish_reason(tgi_reason: str | None) -> str:
