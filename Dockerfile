@@ -6,6 +6,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir torch --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
+COPY common common
 COPY blitzscale blitzscale
 COPY web web
 COPY tasks tasks

@@ -13,7 +13,7 @@ from celery import Celery
 
 from bench.http_load import stream_once
 from blitzscale.redis_server import EmbeddedRedis, free_port
-from blitzscale.supervisor import stop_process
+from common.processes import stop_process
 
 
 class Cluster:

@@ -12,7 +12,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 def default_model_dir() -> Path:
     """The default model, converted into the host weight cache (once per host)."""
     from blitzscale.cli import prepare
-    from blitzscale.settings import Settings
+    from common.settings import Settings
 
     return prepare(Settings.from_env())
 

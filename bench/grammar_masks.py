@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from blitzscale.cli import prepare
-from blitzscale.settings import Settings
+from common.settings import Settings
 from engine.grammar import apply_token_bitmask
 
 ORDER_SCHEMA = {

@@ -11,7 +11,7 @@ import requests
 
 from bench.common import Stopwatch, latency_summary
 from blitzscale.redis_server import free_port
-from blitzscale.supervisor import stop_process
+from common.processes import stop_process
 
 
 class ServeProcess:

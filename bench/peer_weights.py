@@ -36,14 +36,14 @@ from celery import Celery
 
 from bench.cluster import FirstToken
 from bench.common import print_table, save
-from blitzscale import model_files
 from blitzscale.redis_server import EmbeddedRedis, free_port
-from blitzscale.settings import Settings, default_model_id
 from blitzscale.supervisor import stop_processes
-from blitzscale.weight_fetch import ChunkFetcher, Source, fetch_manifest
-from blitzscale.weight_manifest import served_files
-from blitzscale.weight_server import WeightServer
-from tasks.weight_sources import weights_secret
+from common import model_files
+from common.settings import Settings, default_model_id
+from tasks.weights.fetch import ChunkFetcher, Source, fetch_manifest
+from tasks.weights.manifest import served_files
+from tasks.weights.server import WeightServer
+from tasks.weights.sources import weights_secret
 
 HOST_A, HOST_B = "127.0.0.1", "127.0.0.2"
 

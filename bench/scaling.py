@@ -75,8 +75,8 @@ def baseline_load(model_dir: Path, device: str) -> float:
 
 
 def scale_up_latency(args, log_dir: Path) -> dict:
-    from blitzscale import model_files
-    from blitzscale.settings import Settings
+    from common import model_files
+    from common.settings import Settings
 
     cache = tempfile.mkdtemp(prefix="blitzscale-bench-cache-")
     cluster = Cluster(log_dir / "scale-up.log", manually_scale=True, num_replicas=0, max_replicas=2,

@@ -27,7 +27,7 @@ from pathlib import Path
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis, free_port
-from blitzscale.supervisor import stop_processes
+from common.processes import stop_processes
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Write a haiku about the sea.",
            "List three prime numbers:", "Explain continuous batching in one sentence.", "Hello, my name is"]
@@ -76,7 +76,7 @@ class Cluster:
     def active_replicas(self) -> int:
         import redis
 
-        from tasks.keys import replica_key_pattern
+        from common.keys import replica_key_pattern
 
         connection = redis.Redis.from_url(self.redis.url)
         keys = list(connection.scan_iter(match=replica_key_pattern()))

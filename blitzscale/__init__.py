@@ -1,3 +1,7 @@
-"""blitzscale: TGI-compatible text generation on Flask + Celery + Redis."""
+"""blitzscale: TGI-compatible text generation on Flask + Celery + Redis.
 
-__version__ = "0.1.0"
+This package is the top layer: the `blitzscale` command (serve, web, worker, agent, autoscaler),
+the supervision of the processes that `serve` starts, and the private Redis it may launch.
+"""
+
+from common import __version__  # noqa: F401  (the version lives in the leaf, where the web reads it)

@@ -15,8 +15,12 @@ import threading
 import time
 import urllib.request
 
-from blitzscale import logs
-from blitzscale.settings import Settings, flag_name
+from blitzscale.redis_server import EmbeddedRedis
+from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
+from blitzscale.supervisor import Supervisor
+from common import logs, model_files
+from common.settings import Settings, flag_name
+from tasks.runtime.worker import run_worker
 
 log = logging.getLogger("blitzscale")
 
@@ -48,13 +52,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def prepare(settings: Settings, tokenizer_only: bool = False):
     """Make the model loadable on this host: convert a GGUF file into the host weight cache
     (with a progress bar) once; a model directory needs nothing."""
-    from blitzscale import model_files
-
     source = model_files.resolve(settings)
     target = model_files.prepared_dir(settings, source)
     if not source.is_gguf:
         return target
-    from engine.weights import prepare_gguf
+    from engine.weights import prepare_gguf  # imports torch: only when there is a GGUF file to convert
 
     prepared = prepare_gguf(source.path, target, tokenizer_only=tokenizer_only)
     log.info("model %s ready at %s (%s, %.1f s)", settings.model_id, target, prepared.source, prepared.seconds)
@@ -78,16 +80,11 @@ def gunicorn_argv(settings: Settings) -> list[str]:
 
 
 def cmd_serve(settings: Settings) -> int:
-    from blitzscale.redis_server import EmbeddedRedis
-    from blitzscale.supervisor import Supervisor
-
     embedded = None
     if not settings.redis_url:
         embedded = EmbeddedRedis().start()
         settings = settings.replace(redis_url=embedded.url)
         log.info("private Redis at %s", embedded.url)
-    from blitzscale.scaling import Scaling
-
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     if embedded is not None:
@@ -150,8 +147,6 @@ def cmd_web(settings: Settings) -> int:
 def cmd_worker(settings: Settings, slot: str, standby: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("blitzscale worker needs REDIS_URL (or --redis-url)")
-    from tasks.worker import run_worker
-
     run_worker(settings, None if slot == "auto" else int(slot), standby=standby)
     return 0
 
@@ -183,16 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.ignored_settings():
+        log.warning(settings.ignored_settings())
     if args.command == "serve":
         return cmd_serve(settings)
     if args.command == "web":
         return cmd_web(settings)
     if args.command == "worker":
         return cmd_worker(settings, args.slot, args.standby)
-    if args.command in ("agent", "autoscaler"):
-        from blitzscale import scaling
-
-        return scaling.cmd_agent(settings, args.replicas) if args.command == "agent" else scaling.cmd_autoscaler(settings)
+    if args.command == "agent":
+        return cmd_agent(settings, args.replicas)
+    if args.command == "autoscaler":
+        return cmd_autoscaler(settings)
     prepare(settings)
     return 0
 

@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from blitzscale.supervisor import stop_process
+from common.processes import stop_process
 
 
 def redis_executable() -> str:

@@ -7,7 +7,9 @@ import logging
 import signal
 import threading
 
-from blitzscale.settings import Settings
+from common.settings import Settings
+from tasks.control.agent import HostAgent
+from tasks.control.autoscaler import Autoscaler
 
 log = logging.getLogger("blitzscale")
 
@@ -17,16 +19,12 @@ class Scaling:
     unless manual scaling is on, the autoscaler; both threads of the calling process."""
 
     def __init__(self, settings: Settings, env: dict | None = None, autoscale: bool | None = None):
-        from tasks.agent import HostAgent
-
         self.settings = settings
         self.agent = HostAgent(settings, env=env)
         self.autoscale = (not settings.manually_scale) if autoscale is None else autoscale
         self.autoscaler = None
 
     def start(self, replicas: int) -> "Scaling":
-        from tasks.autoscaler import Autoscaler
-
         for slot in range(replicas):
             self.agent.start_replica(slot)
         for slot in range(replicas, replicas + self.settings.standby_replicas):
@@ -72,8 +70,6 @@ def cmd_autoscaler(settings: Settings) -> int:
         raise SystemExit("blitzscale autoscaler needs REDIS_URL (or --redis-url)")
     if settings.manually_scale:
         raise SystemExit("manual scaling is on (--manually-scale): the autoscaler does not run")
-    from tasks.autoscaler import Autoscaler
-
     autoscaler = Autoscaler(settings).start()
     try:
         _wait_for_signal()

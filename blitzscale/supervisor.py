@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 import time
 from typing import Protocol
+
+from common.processes import stop_processes
 
 log = logging.getLogger(__name__)
 
@@ -83,30 +84,3 @@ class Supervisor:
         for process in stop_processes([process for _, process in self.children], grace):
             log.warning("%s did not stop in %.0f s; killed it", names[process.pid], grace)
         self.children.clear()
-
-
-def stop_process(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
-    stop_processes([process], grace)
-
-
-def stop_processes(processes: list[subprocess.Popen], grace: float) -> list[subprocess.Popen]:
-    """SIGTERM to all at once (in order), then SIGKILL whatever has not exited within `grace`
-    seconds in all; returns the ones that had to be killed."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace
-    killed = []
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            killed.append(process)
-    return killed
-
-
-def python_module(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]

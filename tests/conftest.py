@@ -36,7 +36,7 @@ def real_service(tmp_path_factory):
     """The default model (SmolLM2-135M-Instruct from its GGUF file), for the few tests that
     need real text. Converted once into the host weight cache."""
     workdir = tmp_path_factory.mktemp("real-service")
-    from blitzscale.settings import default_model_id
+    from common.settings import default_model_id
 
     svc = Service(default_model_id(), workdir)
     try:

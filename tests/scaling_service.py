@@ -8,7 +8,7 @@ import time
 import requests
 from celery import Celery
 
-from blitzscale.supervisor import stop_process
+from common.processes import stop_process
 from tests.service import Service
 
 

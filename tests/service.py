@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis, free_port
-from blitzscale.supervisor import stop_processes
+from common.processes import stop_processes
 
 
 class Service:

@@ -2,7 +2,7 @@
 the next one gets 429 `Model is overloaded` at once.
 
 The count is held in Redis so that it spans every web process (gunicorn workers, hosts): a
-sorted set of leases (`tasks.keys.admission_key`), member = lease id, score = expiry in Redis
+sorted set of leases (`common.keys.admission_key`), member = lease id, score = expiry in Redis
 server time. Admitting is one Lua script (drop expired leases, count, add), so two processes
 never both take the last slot. Each process renews its live leases every third of
 `admission_lease_ttl`; the leases of a process that dies expire and free their slots.
@@ -17,7 +17,7 @@ import uuid
 
 import redis
 
-from tasks.keys import admission_key
+from common.keys import admission_key
 from web.errors import GenerationError, Overloaded
 
 log = logging.getLogger(__name__)

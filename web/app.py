@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from blitzscale.settings import Settings
+from common.settings import Settings
+from tasks.client.generation_client import GenerationClient
+from web import request_id
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -11,7 +13,6 @@ from web.errors import register_error_handlers
 from web.metrics import Metrics
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
-from web import request_id
 from web.service import EXTENSION, Service
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
@@ -20,12 +21,10 @@ MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
 
 
 def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
-    """`client`: a `tasks.client.GenerationClient` (made from settings when None).
+    """`client`: a `tasks.client.generation_client.GenerationClient` (made from settings when None).
     `tokenizer`: a `tokenizers.Tokenizer`; loaded from the model files on first use when None."""
     settings = settings or Settings.from_env()
     if client is None:
-        from tasks.client import GenerationClient
-
         client = GenerationClient(settings)
 
     app = Flask(__name__)

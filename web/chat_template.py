@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.errors import ApiError
 from web.tokenizer import TokenizerUnavailable, tokenizer_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-ACTIVE = "active"
+from common.states import ReplicaState
 
 
 class ClusterView:
@@ -14,7 +14,7 @@ class ClusterView:
         self._compute_type: tuple[float, str] | None = None
 
     def active_replicas(self) -> list[dict]:
-        replicas = [r for r in self._client.replicas() if r.get("state") == ACTIVE]
+        replicas = [r for r in self._client.replicas() if r.get("state") == ReplicaState.ACTIVE]
         return sorted(replicas, key=lambda r: (r.get("slot") is None, r.get("slot") or 0))
 
     def healthy(self) -> bool:

@@ -7,16 +7,18 @@ import logging
 import redis
 from prometheus_client.core import GaugeMetricFamily
 
+from common.states import ReplicaState
+
 log = logging.getLogger(__name__)
 
-# The states of a live replica (docs/scaling.md) (slots, `dead` included, are `blitz_replica_slots`).
-STATES = ("loading", "active", "draining", "standby", "stopped")
+# The states a live replica record can show (slots, `dead` included, are `blitz_replica_slots`).
+STATES = tuple(state for state in ReplicaState if state != ReplicaState.DEAD)
 NAMES = ("tgi_queue_size", "blitz_queue_broker", "blitz_replicas", "blitz_replica_state",
          "blitz_replica_running", "blitz_replica_waiting")
 
 
 class ClusterCollector:
-    """`client`: a `tasks.client.GenerationClient` (its `queue_size()` and `replicas()`)."""
+    """`client`: a `tasks.client.generation_client.GenerationClient` (its `queue_size()` and `replicas()`)."""
 
     def __init__(self, client):
         self._client = client

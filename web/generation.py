@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from flask import Response, jsonify
 
-from blitzscale.logs import request_id_bound
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from common.logs import request_id_bound
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event

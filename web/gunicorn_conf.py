@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from blitzscale.logs import logging_config
+from common.logs import logging_config
 
 logconfig_dict = logging_config(
     os.environ.get("LOG_LEVEL") or "INFO", os.environ.get("LOG_FORMAT") or "text", gunicorn=True

@@ -1,6 +1,6 @@
 """Prometheus metrics on one `/metrics`: Flask's HTTP metrics (prometheus-flask-exporter), the
 request metrics under TGI's names (Grafana dashboards built for TGI read them), and the metrics
-each replica publishes in Redis (`tasks.keys.replica_metrics_key`), labelled by replica, and the
+each replica publishes in Redis (`common.keys.replica_metrics_key`), labelled by replica, and the
 cluster gauges read from Redis at scrape time (`tgi_queue_size`, replicas by state:
 web/cluster_metrics.py). One scrape target for the whole cluster.
 
@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
-from blitzscale.settings import Settings
-from tasks.keys import replica_metrics_pattern
+from common.keys import replica_metrics_pattern
+from common.settings import Settings
 from web.cluster_metrics import NAMES as CLUSTER_NAMES
 from web.cluster_metrics import ClusterCollector
 from web.scaling_metrics import NAMES as SCALING_NAMES

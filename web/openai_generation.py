@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 from flask import Response, jsonify
 
-from blitzscale.logs import request_id_bound
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from common.logs import request_id_bound
+from common.protocol import (
+    EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent, derived_seed,
+)
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
@@ -34,7 +36,6 @@ from web.validation import ValidRequest
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
-_SEED_MIX = 0x9E3779B97F4A7C15  # spreads choice i's seed away from seed + 1, seed + 2, ...
 _PUMP_TICK = 0.5  # seconds: how soon a choice's reader thread notices the stream was closed
 
 
@@ -63,7 +64,7 @@ def respond(kind: str, make_plan: Callable[[Service], GenerationPlan]) -> Respon
     envelope = Envelope.new(kind, admitted.plan.options.model)
     first = admitted.choices[0].valid.job
     log.info("enqueuing %s %s: %d choice(s), %d prompt tokens, max_new_tokens %s, stream %s", kind, envelope.id,
-             len(admitted.choices), admitted.prompt_tokens, first.parameters["max_new_tokens"], first.stream)
+             len(admitted.choices), admitted.prompt_tokens, first.stopping.max_new_tokens, first.stream)
     if admitted.plan.options.stream:
         return _stream(service, admitted, slot, clock, envelope)
     return _json(service, admitted, slot, clock, envelope)
@@ -79,7 +80,7 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
         valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
                                  full_text_default=False, add_special_tokens=plan.add_special_tokens,
                                  cap_new_tokens=True)
-        valid.job.parameters.update(plan.openai)
+        valid.job.sampling = dataclasses.replace(valid.job.sampling, **plan.openai)
         valid.job.trace_id = request_id()
         for sample in range(plan.options.n):
             choices.append(Choice(len(choices), _sample(valid, sample)))
@@ -90,11 +91,11 @@ def _sample(valid: ValidRequest, sample: int) -> ValidRequest:
     """Choice `sample` of a prompt: its own job; sampled with a seed derived from the request's."""
     if sample == 0:
         return valid
-    parameters = dict(valid.parameters)
-    if parameters.get("seed") is not None:
-        parameters["seed"] = (parameters["seed"] + sample * _SEED_MIX) % 2**64
-    job = dataclasses.replace(valid.job, request_id=uuid.uuid4().hex, parameters=parameters)
-    return dataclasses.replace(valid, job=job)
+    sampling = valid.job.sampling
+    if sampling.seed is not None:
+        sampling = dataclasses.replace(sampling, seed=derived_seed(sampling.seed, sample))
+    job = dataclasses.replace(valid.job, request_id=uuid.uuid4().hex, sampling=sampling)
+    return dataclasses.replace(valid, job=job, parameters={**valid.parameters, "seed": sampling.seed})
 
 
 def _submit_all(service: Service, choices: list[Choice]) -> list:

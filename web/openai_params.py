@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.chat_template import ChatTemplate
 from web.errors import ApiError, ValidationError
 from web.openai_tools import structured_output, template_tool_calls, template_tools
@@ -46,7 +46,7 @@ class ResponseOptions:
 class GenerationPlan:
     prompts: list[str]  # one text per prompt (chat: the templated conversation)
     parameters: dict  # TGI GenerateParameters, for web.validation
-    openai: dict  # OpenAI-only job parameters (tasks.job_params reads them)
+    openai: dict  # OpenAI-only sampling fields of the job (common.protocol.SamplingParameters)
     options: ResponseOptions
     add_special_tokens: bool  # False for templated text, which holds its special tokens
 
@@ -163,8 +163,8 @@ def _penalty(body: dict, name: str) -> float:
     return float(value)
 
 
-def _logit_bias(bias: dict, vocab_size: int) -> list[list]:
-    """OpenAI's map {"token id": bias} as [[id, bias], ...]."""
+def _logit_bias(bias: dict, vocab_size: int) -> list[tuple[int, float]]:
+    """OpenAI's map {"token id": bias} as [(id, bias), ...]."""
     pairs = []
     for key, value in bias.items():
         token_id = int(key) if key.isascii() and key.isdigit() else -1
@@ -174,7 +174,7 @@ def _logit_bias(bias: dict, vocab_size: int) -> list[list]:
             )
         if not -100.0 <= value <= 100.0:
             raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}")
-        pairs.append([token_id, float(value)])
+        pairs.append((token_id, float(value)))
     return pairs
 
 

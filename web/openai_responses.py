@@ -11,12 +11,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import blitzscale
+import common
 from web.openai_params import ResponseOptions
 from web.openai_tool_calls import ToolCallReader
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
-SYSTEM_FINGERPRINT = f"{blitzscale.__version__}-native"
+SYSTEM_FINGERPRINT = f"{common.__version__}-native"
 
 
 def finish_reason(tgi_reason: str | None) -> str:

@@ -6,14 +6,14 @@ from flask import Blueprint
 from flask_smorest import Api
 from swagger_ui_bundle import swagger_ui_path
 
-import blitzscale
+import common
 from web.schemas import ErrorResponseSchema
 
 SWAGGER_UI_STATIC = "/docs/static"
 
 CONFIG = {
     "API_TITLE": "blitzscale",
-    "API_VERSION": blitzscale.__version__,
+    "API_VERSION": common.__version__,
     "OPENAPI_VERSION": "3.0.3",
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "api-doc/openapi.json",

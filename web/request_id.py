@@ -1,5 +1,5 @@
 """A request id on every request: the client's `x-request-id` when it sends a usable one, else a
-new one; echoed on the response and bound for logging (see blitzscale.logs), and carried to the
+new one; echoed on the response and bound for logging (see common.logs), and carried to the
 replica on the job (`Job.trace_id`), so the web's and the replica's log lines name it alike."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 
 from flask import Flask, Response, g
 
-from blitzscale.logs import bind_request_id, unbind_request_id
+from common.logs import bind_request_id, unbind_request_id
 
 HEADER = "x-request-id"
 MAX_LENGTH = 128

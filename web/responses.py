@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tasks.protocol import StreamEvent
+from common.protocol import StreamEvent
 from web.validation import ValidRequest
 
 

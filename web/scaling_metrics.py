@@ -8,8 +8,8 @@ import logging
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tasks.cluster import read_counters, read_slots
-from tasks.lifecycle import STATES
+from common.states import ReplicaState
+from tasks.control.cluster import read_counters, read_slots
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,6 @@ class ScalingCollector:
                 family.add_metric(labels, value)
         yield from (up, down, decisions)
         by_state = GaugeMetricFamily("blitz_replica_slots", "Replica slots by state", labels=["state"])
-        for state in STATES:
+        for state in ReplicaState:
             by_state.add_metric([state], sum(1 for v in slots.values() if v["state"] == state))
         yield by_state

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from flask import current_app
 
-from blitzscale.settings import Settings
-from tasks.client import EventStream, NoReplica, QueueUnavailable
-from tasks.protocol import Job
+from common.protocol import Job
+from common.settings import Settings
+from tasks.client.generation_client import EventStream, NoReplica, QueueUnavailable
 from web.admission import Admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -23,7 +23,7 @@ EXTENSION = "blitzscale"
 @dataclass
 class Service:
     settings: Settings
-    client: object  # tasks.client.GenerationClient, or a test double with the same methods
+    client: object  # tasks.client.generation_client.GenerationClient, or a test double with the same methods
     tokens: TokenCounter
     admission: Admission
     cluster: ClusterView

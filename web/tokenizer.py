@@ -3,7 +3,7 @@ only: the web never loads torch or the model).
 
 `model_id` is either a model directory holding `tokenizer.json`, or something the model
 files module prepares (a GGUF file, a model id in the Hugging Face cache): it writes a
-`tokenizer.json` that we read from `blitzscale.model_files.tokenizer_path(settings)`.
+`tokenizer.json` that we read from `common.model_files.tokenizer_path(settings)`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from blitzscale.settings import Settings
+from common import model_files
+from common.settings import Settings
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -28,13 +29,7 @@ def tokenizer_file(settings: Settings) -> Path:
 
 
 def _prepared_tokenizer_file(settings: Settings) -> Path:
-    try:
-        from blitzscale import model_files
-    except ImportError as error:
-        raise FileNotFoundError(f"no tokenizer.json for {settings.model_id!r} ({error})") from error
-    if hasattr(model_files, "tokenizer_path"):
-        return Path(model_files.tokenizer_path(settings))
-    return Path(model_files.prepared_dir(settings)) / "tokenizer.json"
+    return Path(model_files.tokenizer_path(settings))
 
 
 def load_tokenizer(settings: Settings) -> Tokenizer:

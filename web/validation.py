@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blitzscale.settings import Settings
-from tasks.protocol import Job
+from common.protocol import GrammarParameters, Job, SamplingParameters, StoppingParameters
+from common.settings import Settings
 from web.errors import ValidationError
 from web.grammar import check_grammar
 
@@ -22,13 +22,10 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
 
 @dataclass(frozen=True)
 class ValidRequest:
-    job: Job
+    job: Job  # what goes on the queue: typed, every default and the seed resolved
     inputs: str  # the prompt as sent (prepended to the output when return_full_text)
     input_length: int  # prompt tokens after truncation (x-prompt-tokens, StreamDetails.input_length)
-
-    @property
-    def parameters(self) -> dict:
-        return self.job.parameters
+    parameters: dict  # every TGI parameter resolved, for shaping the answer (details, full text, ...)
 
     @property
     def wants_details(self) -> bool:
@@ -70,8 +67,31 @@ def validate_request(
     parameters["grammar"] = check_grammar(p.get("grammar"))
     full_text = p.get("return_full_text")
     parameters["return_full_text"] = full_text_default if full_text is None else full_text
-    job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, parameters=parameters, stream=stream)
-    return ValidRequest(job=job, inputs=inputs, input_length=len(input_ids))
+    job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, stream=stream, **wire_parameters(parameters))
+    return ValidRequest(job=job, inputs=inputs, input_length=len(input_ids), parameters=parameters)
+
+
+def wire_parameters(parameters: dict) -> dict:
+    """The job's typed fields from the resolved parameters: what the replica maps 1:1 onto the
+    engine. The seed goes only with sampling (a greedy answer reports none, as TGI's does)."""
+    grammar = parameters["grammar"]
+    return {
+        "sampling": SamplingParameters(
+            do_sample=parameters["do_sample"],
+            temperature=parameters["temperature"],
+            top_k=parameters["top_k"],
+            top_p=parameters["top_p"],
+            typical_p=parameters["typical_p"],
+            repetition_penalty=parameters["repetition_penalty"],
+            frequency_penalty=parameters["frequency_penalty"],
+            seed=parameters["seed"] if parameters["do_sample"] else None,
+        ),
+        "stopping": StoppingParameters(max_new_tokens=parameters["max_new_tokens"], stop_sequences=parameters["stop"]),
+        "best_of": parameters["best_of"],
+        "top_n_tokens": parameters["top_n_tokens"],
+        "decoder_input_details": parameters["decoder_input_details"],
+        "grammar": GrammarParameters(grammar["type"], grammar["value"]) if grammar else None,
+    }
 
 
 def _fail(message: str):

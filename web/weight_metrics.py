@@ -1,10 +1,10 @@
 """Weight transfers between replicas, read at scrape time from Redis (the receiving replicas
-count them, tasks/weight_sources.py): bytes by source, and how long each transfer took."""
+count them, tasks/weights/sources.py): bytes by source, and how long each transfer took."""
 from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from tasks.weight_sources import DURATION_BUCKETS, read_transfers
+from tasks.weights.sources import DURATION_BUCKETS, read_transfers
 
 NAMES = ("blitz_weight_transfer_bytes", "blitz_weight_transfer_duration_seconds")
 

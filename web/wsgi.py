@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.app import create_app
 
 app = create_app(Settings.from_env())

@@ -12,7 +12,7 @@ import redis
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis
-from tasks.keys import replica_key
+from common.keys import replica_key
 from tests.integration.sse import sse_events
 from tests.service import Service
 

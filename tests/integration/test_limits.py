@@ -12,7 +12,7 @@ import pytest
 import redis
 import requests
 
-from tasks.keys import admission_key
+from common.keys import admission_key
 from tests.service import Service
 
 LIMITS = {

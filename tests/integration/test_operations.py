@@ -273,7 +273,7 @@ def _wait_for_replicas(svc: Service, count: int, timeout: float = 60) -> None:
 
 
 def _celery_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tasks.celery_app", *args]
+    return [sys.executable, "-m", "celery", "-A", "tasks.queue.cli_app", *args]
 
 
 def _celery_env(cluster) -> dict:

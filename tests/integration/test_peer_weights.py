@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from blitzscale import model_files
-from blitzscale.settings import Settings
+from common import model_files
+from common.settings import Settings
 from tests.scaling_service import ScalingService
 
 CHUNK = 32 << 10  # the tiny model is ~540 kB: 17 chunks

@@ -13,7 +13,7 @@ import pytest
 import redis
 import requests
 
-from tasks.stream_relay import PUBLISH_FAILED
+from tasks.runtime.stream_relay import PUBLISH_FAILED
 from tests.integration.test_faults import FAST, busiest_slot, records
 from tests.service import Service
 

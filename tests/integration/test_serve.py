@@ -16,7 +16,7 @@ import redis
 import requests
 
 from blitzscale.redis_server import free_port
-from blitzscale.supervisor import stop_process
+from common.processes import stop_process
 from tests.integration.test_faults import FAST
 
 RECOVERY = 45  # seconds: Redis restarted, replicas and web reconnected, a request answered

@@ -78,7 +78,7 @@ def test_client_disconnect_cancels_the_generation(service):
     """A client that goes away mid-stream frees its replica slot within a step or so."""
     import redis as redis_lib
 
-    from tasks.keys import replica_key
+    from common.keys import replica_key
 
     response = stream(service, inputs="Hello", parameters={"max_new_tokens": 900})
     lines = response.iter_lines()

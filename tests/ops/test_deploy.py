@@ -126,14 +126,19 @@ def test_procfile_roles_run_blitzscale_commands():
 
 def test_the_image_has_what_the_commands_need():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
+    copied = re.findall(r"^COPY (\S+) ", dockerfile, re.M)
+    for source in copied:
         assert (ROOT / source).exists(), source
-    assert 'blitzscale = "blitzscale.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'blitzscale = "blitzscale.cli:main"' in pyproject
+    include = re.search(r"^include = \[(.*)\]", pyproject, re.M).group(1)
+    packages = [name.strip().strip('"').rstrip("*") for name in include.split(",")]
+    assert set(packages) <= set(copied), f"packages the image does not copy: {set(packages) - set(copied)}"
 
 
 def test_compose_workers_do_not_share_a_cache_and_reach_each_other(compose):
     """Every worker container has its own weight cache (an anonymous volume) and serves its
-    weights to the others on the compose network (tasks/peer_weights.py)."""
+    weights to the others on the compose network (tasks/runtime/peer_weights.py)."""
     worker = compose["services"]["worker"]
     assert worker["volumes"] == ["/root/.cache/blitzscale"]  # no named volume: one per container
     assert worker["environment"]["WEIGHTS_HOST"] == "auto"

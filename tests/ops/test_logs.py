@@ -8,8 +8,8 @@ import logging.config
 
 import pytest
 
-from blitzscale import logs
-from blitzscale.settings import Settings
+from common import logs
+from common.settings import Settings
 
 
 class QuietCluster:

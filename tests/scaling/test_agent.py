@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from blitzscale.redis_server import EmbeddedRedis
-from blitzscale.settings import Settings
+from common.keys import SLOTS_KEY, agent_commands_key, agent_key
+from common.settings import Settings
 from tasks import agent as agent_module
-from tasks.agent import HostAgent
-from tasks.keys import SLOTS_KEY, agent_commands_key, agent_key
+from tasks.control.agent import HostAgent
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from blitzscale.settings import Settings
-from tasks.autoscaler import Memory, Observation, Policy, decide, observe, pick_down, pick_up
+from common.settings import Settings
+from tasks.control.autoscaler import Memory, Observation, Policy, decide, observe, pick_down, pick_up
 
 POLICY = Policy(min_replicas=1, max_replicas=3, up_threshold=0.8, down_threshold=0.3, hold_s=30)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from marshmallow import ValidationError
 
-from tasks.cluster import START_TIMEOUT_S, merge_slots
-from tasks.lifecycle import observed_state
+from tasks.control.cluster import START_TIMEOUT_S, merge_slots
+from tasks.runtime.lifecycle import observed_state
 from web.cluster_schemas import ModifyClusterStateSchema
 
 

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from blitzscale.redis_server import EmbeddedRedis
-from blitzscale.weight_fetch import Source
-from tasks.keys import replica_key
-from tasks.weight_sources import PeerChooser, chain_plan, planned_sources, store_plan
+from common.keys import replica_key
+from tasks.weights.fetch import Source
+from tasks.weights.sources import PeerChooser, chain_plan, planned_sources, store_plan
 
 SHA = "ab" * 32
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from blitzscale.weight_fetch import ChunkFetcher, NoSource, Source, SourceGone, fetch_manifest
-from blitzscale.weight_manifest import Manifest, build_manifest
-from blitzscale.weight_server import WeightServer
+from tasks.weights.fetch import ChunkFetcher, NoSource, Source, SourceGone, fetch_manifest
+from tasks.weights.manifest import Manifest, build_manifest
+from tasks.weights.server import WeightServer
 
 SECRET = "s3cret"
 CHUNK = 4096

@@ -7,7 +7,7 @@ import redis
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from blitzscale.redis_server import EmbeddedRedis
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.app import create_app
 
 WORDS = "hello world the capital of france is paris a b c d e f g h".split()

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from tasks.keys import GENERATION_QUEUE, replica_key, stream_channel
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
+from common.keys import GENERATION_QUEUE, replica_key, stream_channel
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
 
 Script = Callable[[Job], Iterable["StreamEvent | float"]]  # a float: sleep that long
 
@@ -40,9 +40,8 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
     """started, one token event per word, then final (with details and timings)."""
 
     def script(job: Job):
-        params = job.parameters
         yield StreamEvent(kind=EVENT_STARTED, replica="replica0@test")
-        events = [token(i + 1, w, params["top_n_tokens"]) for i, w in enumerate(words)]
+        events = [token(i + 1, w, job.top_n_tokens) for i, w in enumerate(words)]
         for event in events:
             if delay:
                 yield delay
@@ -50,12 +49,12 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
         details = {
             "finish_reason": finish_reason,
             "generated_tokens": len(words),
-            "seed": params["seed"] if params["do_sample"] else None,
+            "seed": job.sampling.seed,
             "prefill": [{"id": i, "text": "p", "logprob": None if n == 0 else -1.0}
                         for n, i in enumerate(job.input_ids)],
             "tokens": [e.token for e in events],
         }
-        if params["top_n_tokens"]:
+        if job.top_n_tokens:
             details["top_tokens"] = [e.top_tokens for e in events]
         yield StreamEvent(kind=EVENT_FINAL, index=len(words), generated_text="".join(words), details=details,
                           timings={"queue": 0.25, "inference": 0.5})

@@ -1,4 +1,4 @@
-"""tasks/broker.py relies on kombu's Redis transport internals (QoS.restore_unacked, ack, reject,
+"""tasks/queue/broker.py relies on kombu's Redis transport internals (QoS.restore_unacked, ack, reject,
 `_delivered`, Transport.connection_errors). This fails loudly when an upgrade changes them:
 the names and signatures first, then the behaviour on a real Redis that goes away."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_kombu_is_within_the_pinned_range():
     pin = re.search(r'"kombu>=(\d+)\.(\d+),<(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
-    assert pin, "pyproject.toml pins kombu to the range tasks/broker.py was written for"
+    assert pin, "pyproject.toml pins kombu to the range tasks/queue/broker.py was written for"
     low, high = tuple(map(int, pin.groups()[:2])), tuple(map(int, pin.groups()[2:]))
     version = tuple(int(p) for p in kombu.__version__.split(".")[:2])
     assert low <= version < high, f"kombu {kombu.__version__} is outside {pin.group(0)}"

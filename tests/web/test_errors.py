@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.app import create_app
 
 PREFIX = "Input validation error: "

@@ -1,4 +1,4 @@
-"""Failover seen from the web (tasks/event_stream.py), with scripted replicas on real Redis: a
+"""Failover seen from the web (tasks/client/event_stream.py), with scripted replicas on real Redis: a
 replica whose heartbeat record vanishes mid-request is replaced, each request answered once."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 import pytest
 import redis
 
-from tasks.keys import GENERATION_QUEUE, attempt_key, replica_key, stream_channel
-from tasks.protocol import EVENT_STARTED, StreamEvent
+from common.keys import GENERATION_QUEUE, attempt_key, replica_key, stream_channel
+from common.protocol import EVENT_STARTED, StreamEvent
 from tests.web.fake_replica import FakeReplica, decode_job, register_replica, reply, token
 from web.app import create_app
 

@@ -14,7 +14,7 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from tests.web.fake_replica import FakeReplica, reply
 from web.app import create_app
 

@@ -7,8 +7,8 @@ import time
 import pytest
 import redis
 
-from tasks.keys import replica_key
-from tasks.protocol import EVENT_FINAL
+from common.keys import replica_key
+from common.protocol import EVENT_FINAL
 from tests.web.fake_replica import FakeReplica, fail_after, register_replica, reply
 from web.app import create_app
 
@@ -32,7 +32,7 @@ def test_generate_returns_text_and_tgi_headers(client, redis_url):
     assert h["x-time-per-token"] == "250"
     assert float(h["x-total-time"]) >= float(h["x-validation-time"]) >= 0
     job = replica.jobs[0]
-    assert job.input_ids == [3, 4, 5, 6, 7] and job.parameters["max_new_tokens"] == 2 and job.stream is False
+    assert job.input_ids == [3, 4, 5, 6, 7] and job.stopping.max_new_tokens == 2 and job.stream is False
 
 
 def test_compute_type_is_cpu_without_a_replica_record(client, redis_url):
@@ -146,6 +146,6 @@ def test_overloaded_when_the_concurrency_limit_is_reached(settings, redis_url):
 def test_unsubscribes_when_done(client, redis_url, redis_client):
     with FakeReplica(redis_url, reply([" a"])) as replica:
         client.post("/generate", json={"inputs": "hello"})
-    from tasks.keys import stream_channel
+    from common.keys import stream_channel
 
     assert redis_client.pubsub_numsub(stream_channel(replica.jobs[0].request_id))[0][1] == 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-import blitzscale
-from blitzscale.settings import Settings
+import common
+from common.settings import Settings
 from tests.web.fake_replica import register_replica
 from web.app import create_app
 
@@ -22,7 +22,7 @@ def test_info_without_replicas(client, settings):
     assert list(info) == INFO_FIELDS
     assert info["model_id"] == settings.model_id
     assert info["model_sha"] is None and info["model_pipeline_tag"] == "text-generation"
-    assert info["router"] == "blitzscale" and info["version"] == blitzscale.__version__
+    assert info["router"] == "blitzscale" and info["version"] == common.__version__
     assert info["sha"] is None and info["docker_label"] is None
     assert (info["max_input_tokens"], info["max_total_tokens"]) == (10, 20)
     assert info["max_concurrent_requests"] == settings.max_concurrent_requests

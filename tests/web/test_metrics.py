@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks.keys import replica_metrics_key
+from common.keys import replica_metrics_key
 from tests.web.fake_replica import FakeReplica, reply
 
 
@@ -61,7 +61,7 @@ def test_multiprocess_mode(model_dir, redis_url, tmp_path):
     from pathlib import Path
 
     code = (
-        "from blitzscale.settings import Settings\n"
+        "from common.settings import Settings\n"
         "from web.app import create_app\n"
         f"app = create_app(Settings(model_id={str(model_dir)!r}, redis_url={redis_url!r}))\n"
         "client = app.test_client()\n"

@@ -2,12 +2,13 @@
 body shapes, streams, choices, and every error path as JSON (the real model: tests/integration)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from tests.web.fake_replica import FakeReplica, fail_after, reply
 from tests.web.test_failover import fast, dying_replica, post_after_the_dying_replica_took_it, rerun  # noqa: F401
 from web.app import create_app
@@ -57,7 +58,7 @@ def test_chat_answer_shape_and_usage(client):
     job = replica.jobs[0]
     assert body["usage"] == {"prompt_tokens": len(job.input_ids), "completion_tokens": 2,
                              "total_tokens": len(job.input_ids) + 2}
-    assert job.parameters["do_sample"] is False and job.parameters["max_new_tokens"] == 2
+    assert job.sampling.do_sample is False and job.stopping.max_new_tokens == 2
 
 
 def test_chat_stream_ends_with_done_and_usage(client, redis_url):
@@ -79,7 +80,7 @@ def test_n_choices_are_independent_jobs_with_derived_seeds(client, redis_url):
     with FakeReplica(redis_url, reply([" a"])) as replica:
         body = chat(client, n=2, seed=7).get_json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
-    seeds = sorted(job.parameters["seed"] for job in replica.jobs)
+    seeds = sorted(job.sampling.seed for job in replica.jobs)
     assert len(replica.jobs) == 2 and 7 in seeds and len(set(seeds)) == 2
     assert body["usage"]["completion_tokens"] == 2
 
@@ -94,7 +95,7 @@ def test_completions_several_prompts_times_n_and_echo(client, redis_url):
     assert [c["text"] for c in body["choices"]] == ["hello c", "hello c", "world c", "world c"]
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["choices"][0]["logprobs"]["text_offset"] == [5]
-    assert len(replica.jobs) == 4 and all(j.parameters["max_new_tokens"] == 16 for j in replica.jobs)  # OpenAI default
+    assert len(replica.jobs) == 4 and all(j.stopping.max_new_tokens == 16 for j in replica.jobs)  # OpenAI default
     assert body["usage"]["prompt_tokens"] == 2  # each prompt once, not once per choice
 
 
@@ -235,7 +236,7 @@ def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis
     ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
     ({"presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"3": -100, "5": 2.5}},
      {"presence_penalty": 0.5, "generated_frequency_penalty": -1.0, "frequency_penalty": 0.0,
-      "logit_bias": [[3, -100.0], [5, 2.5]]}),
+      "logit_bias": [(3, -100.0), (5, 2.5)]}),
     ({"logprobs": True, "top_logprobs": 4}, {"top_n_tokens": 4}),
     ({"top_logprobs": 4}, {"top_n_tokens": 0}),  # alternatives only with logprobs
     ({"seed": 42}, {"seed": 42, "do_sample": True}),
@@ -244,7 +245,9 @@ def test_openai_fields_become_job_parameters(client, redis_url, body, expected):
     with FakeReplica(redis_url, reply([" a"])) as replica:
         response = chat(client, **body)  # templated: "user hello world a", 4 tokens
     assert response.status_code == 200, response.get_json()
-    parameters = replica.jobs[0].parameters
+    job = replica.jobs[0]
+    parameters = {**dataclasses.asdict(job.sampling), "max_new_tokens": job.stopping.max_new_tokens,
+                  "stop": job.stopping.stop_sequences, "top_n_tokens": job.top_n_tokens}
     assert {key: parameters[key] for key in expected} == expected
 
 

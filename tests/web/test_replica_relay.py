@@ -1,4 +1,4 @@
-"""The replica's stream relay (tasks/stream_relay.py) on a real Redis: retries, the error event
+"""The replica's stream relay (tasks/runtime/stream_relay.py) on a real Redis: retries, the error event
 that replaces what could not be published, `alive` ticks, and a bug that must not end it.
 PUBLISH is taken away from the relay's own ACL user, so the failure is Redis's own NOPERM."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 import pytest
 import redis
 
+from common.keys import stream_channel
+from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, StreamEvent
 from engine.outputs import Token, TokenEvent
-from tasks.keys import stream_channel
-from tasks.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, StreamEvent
-from tasks.stream_relay import PUBLISH_FAILED, StreamRelay
+from tasks.runtime.stream_relay import PUBLISH_FAILED, StreamRelay
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_an_unexpected_error_is_logged_and_the_relay_goes_on(redis_url, relay_us
     broken, fine = Listener(redis_url, "broken"), Listener(redis_url, "fine")
     relay.register("broken")
     relay.register("fine")
-    with caplog.at_level(logging.ERROR, logger="tasks.stream_relay"):
+    with caplog.at_level(logging.ERROR, logger="tasks.runtime.stream_relay"):
         relay.on_step([TokenEvent(request_id="broken", index=1, token=None)])  # an engine bug
         event = broken.next()
     assert (event.kind, event.error_type) == (EVENT_ERROR, "incomplete_generation")

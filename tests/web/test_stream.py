@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tasks.keys import stream_channel
+from common.keys import stream_channel
 from tests.web.fake_replica import FakeReplica, fail_after, register_replica, reply
 from web.app import create_app
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from blitzscale.settings import Settings
-from tasks.protocol import EVENT_FINAL, StreamEvent
+from common.protocol import EVENT_FINAL, StreamEvent
+from common.settings import Settings
 from tests.web.fake_replica import token
 from web.app import create_app
 

@@ -8,23 +8,21 @@ from pathlib import Path
 
 import pytest
 
-import blitzscale
-from blitzscale.settings import Settings
+import web.tokenizer
+from common.settings import Settings
 from web.tokenizer import TokenCounter, TokenizerUnavailable, tokenizer_file
 
 
 def fake_model_files(monkeypatch, result):
-    """Stand in for `blitzscale.model_files`: tokenizer_path returns `result`, or raises it."""
+    """Stand in for `common.model_files`: tokenizer_path returns `result`, or raises it."""
 
     def tokenizer_path(settings):
         if isinstance(result, Exception):
             raise result
         return result
 
-    module = types.ModuleType("blitzscale.model_files")
-    module.tokenizer_path = tokenizer_path
-    monkeypatch.setitem(sys.modules, "blitzscale.model_files", module)
-    monkeypatch.setattr(blitzscale, "model_files", module, raising=False)
+    module = types.SimpleNamespace(tokenizer_path=tokenizer_path)
+    monkeypatch.setattr(web.tokenizer, "model_files", module)
 
 
 def test_model_directory(model_dir):
@@ -64,7 +62,7 @@ def test_the_web_never_imports_torch_transformers_or_the_engine(model_dir):
     """transformers comes in with the first chat request (its chat template), torch never."""
     code = (
         "import sys\n"
-        "from blitzscale.settings import Settings\n"
+        "from common.settings import Settings\n"
         "from web.app import create_app\n"
         f"app = create_app(Settings(model_id={str(model_dir)!r}, redis_url='redis://127.0.0.1:1/0'))\n"
         "app.extensions['blitzscale'].tokens.encode('hello')\n"

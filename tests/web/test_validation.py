@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from web.errors import ValidationError
 from web.validation import validate_request
 

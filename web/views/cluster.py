@@ -1,12 +1,12 @@
 """BlitzScale's scaling command (POST /modify_cluster_state, with `--manually-scale`) and the
-cluster's state (GET /cluster_state), both over the control plane in `tasks.cluster`."""
+cluster's state (GET /cluster_state), both over the control plane in `tasks.control.cluster`."""
 from __future__ import annotations
 
 import logging
 
 from flask import Response, current_app, request
 
-from tasks.cluster import ClusterControl, ClusterError
+from tasks.control.cluster import ClusterControl, ClusterError
 from web.auth import require_admin
 from web.cluster_schemas import (
     ClusterStateSchema,

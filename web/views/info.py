@@ -1,7 +1,7 @@
 """GET /info: the model and the router's limits, in TGI's Info shape."""
 from __future__ import annotations
 
-import blitzscale
+import common
 from web.json_body import StrictBlueprint
 from web.schemas import InfoSchema
 from web.service import current_service
@@ -34,7 +34,7 @@ def info():
         "validation_workers": s.validation_workers,
         "max_client_batch_size": s.max_client_batch_size,
         "router": "blitzscale",
-        "version": blitzscale.__version__,
+        "version": common.__version__,
         "sha": None,
         "docker_label": None,
     }

@@ -2,7 +2,7 @@
 
 Celery's remote control can attach, detach and shut down a worker, but cannot create one; that
 is the host's job (here), or the orchestrator's (`docker compose --scale worker=N`, Kubernetes).
-The agent announces itself in Redis (`tasks.keys.agent_key`), takes JSON commands from its
+The agent announces itself in Redis (`common.keys.agent_key`), takes JSON commands from its
 host's list (`{"op": "start", "slot": N, "standby": false}`), and owns the processes it starts:
 it stops them when it stops. `blitzscale serve` runs one in-process; `blitzscale agent` alone.
 Each replica maps its weights from the host weight cache (converted once per host).
@@ -20,9 +20,10 @@ import time
 
 import redis
 
-from blitzscale.settings import Settings
-from blitzscale.supervisor import stop_processes
-from tasks.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
+from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
+from common.processes import stop_processes
+from common.settings import Settings
+from common.states import ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,11 @@ class HostAgent:
     def _register_loading(self, slot: int, standby: bool) -> None:
         """The slot shows `loading` from now on, before the new process writes its own record,
         and the target it loads for (the autoscaler counts only those meant to serve)."""
-        entry = {"slot": slot, "host": self.host, "state": "loading", "by": "agent", "updated_at": time.time()}
+        entry = {"slot": slot, "host": self.host, "state": ReplicaState.LOADING, "by": "agent",
+                 "updated_at": time.time()}
         pipe = self.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
-        pipe.set(slot_target_key(slot), "standby" if standby else "active")
+        pipe.set(slot_target_key(slot), ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)
         pipe.execute()
 
     def handle(self, command: dict) -> None:

@@ -6,12 +6,16 @@ import os
 import socket
 import warnings
 
+import redis
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
-from blitzscale.settings import Settings
-from tasks.keys import GENERATION_QUEUE, slot_target_key
-from tasks.lifecycle import ACTIVE, STANDBY
-from tasks.replica import SLOT_ENV
+from common.keys import GENERATION_QUEUE, slot_target_key
+from common.settings import Settings
+from common.states import ReplicaState
+from tasks.queue.celery_app import make_celery
+from tasks.runtime import generate
+from tasks.runtime.lifecycle import claim_slot
+from tasks.runtime.replica import run_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -19,17 +23,12 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", standby: bool = False) -> None:
     """`slot` None: claim the lowest free slot (`--slot auto`, for `docker compose --scale`).
     `standby`: load the model but consume nothing until Celery's `add_consumer` says so."""
-    os.environ.update(settings.to_env())
     if slot is None:
-        import redis
-
-        from tasks.lifecycle import claim_slot
-
         slot = claim_slot(redis.Redis.from_url(settings.redis_url), owner=f"{socket.gethostname()}:{os.getpid()}")
-    os.environ[SLOT_ENV] = str(slot)
-    _set_target(settings, slot, STANDBY if standby else ACTIVE)
-    from tasks.celery_app import app  # built from the environment just exported
-
+    _set_target(settings, slot, ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)
+    app = make_celery(settings)
+    generate.register(app)
+    run_in_worker(app, settings, slot)
     _quiet_celery_warnings()
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
@@ -57,6 +56,4 @@ def _quiet_celery_warnings() -> None:
 
 def _set_target(settings: Settings, slot: int, target: str) -> None:
     """A process started for a slot means to serve in it: a stale `stopped` target is replaced."""
-    import redis
-
     redis.Redis.from_url(settings.redis_url).set(slot_target_key(slot), target)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 
 _HASH_CHUNK = 8 << 20
 PEER_MARKER = ".peer.json"  # in a host-cache entry copied from a peer: where from, its root hash

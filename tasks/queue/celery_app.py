@@ -1,26 +1,31 @@
-"""The Celery app, built from settings in one place. `celery -A tasks.celery_app ...` works
-(inspect, control, events, Flower)."""
+"""The Celery app, built from settings in one place: `make_celery(settings)`.
+
+Nothing here is built at import time: the web's client, the control plane and each replica
+worker build their own app from the settings they were given (a replica registers its generate
+task on it: tasks.runtime.worker). Celery's own command line (`celery -A ... inspect`) can only
+import a module, so it has `tasks.queue.cli_app`, built from the environment for that use only.
+"""
 from __future__ import annotations
 
 from celery import Celery
 
-from blitzscale.settings import Settings
-from tasks.broker import TRANSPORT
-from tasks.keys import GENERATION_QUEUE
+from common.keys import GENERATION_QUEUE
+from common.settings import Settings
+from tasks.queue.broker import TRANSPORT
 
 GENERATE_TASK = "blitzscale.generate"
 
 
 def make_celery(settings: Settings) -> Celery:
-    # The task module is imported by workers only: the web enqueues by task name.
+    # The web enqueues by task name; only a replica's worker registers the task itself.
     broker = settings.redis_url or "redis://127.0.0.1:6379/0"
-    app = Celery("blitzscale", broker=broker, include=["tasks.generate"])
+    app = Celery("blitzscale", broker=broker)
     app.conf.update(
-        # kombu's Redis transport, surviving a Redis restart (tasks/broker.py); rediss:// keeps kombu's own
+        # kombu's Redis transport, surviving a Redis restart (tasks/queue/broker.py); rediss:// keeps kombu's own
         broker_transport=TRANSPORT if broker.startswith("redis://") else None,
         task_default_queue=GENERATION_QUEUE,
         task_ignore_result=True,  # results travel on the stream channel, not a result backend
-        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks/event_stream.py)
+        task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks.client)
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a replica holds at most its batch slots of jobs
         task_serializer="json",
@@ -36,5 +41,3 @@ def make_celery(settings: Settings) -> Celery:
     )
     return app
 
-
-app = make_celery(Settings.from_env())

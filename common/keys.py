@@ -28,7 +28,7 @@ def replica_metrics_pattern() -> str:
     return f"{KEY_PREFIX}replica-metrics:*"
 
 
-# -- Cluster control (tasks/cluster.py, tasks/agent.py, tasks/autoscaler.py)
+# -- Cluster control (tasks/control/cluster.py, tasks/control/agent.py, tasks/control/autoscaler.py)
 
 SLOTS_KEY = f"{KEY_PREFIX}slots"
 """Hash: slot -> JSON of the last replica seen in it and the state it was meant to reach, so a
@@ -71,7 +71,7 @@ CLUSTER_LOCK_KEY = f"{KEY_PREFIX}cluster-lock"
 
 def attempt_key(request_id: str) -> str:
     """The current attempt number of a request that the web re-enqueued after its replica
-    died; a replica that takes an older attempt's job skips it (see tasks.event_stream)."""
+    died; a replica that takes an older attempt's job skips it (see tasks.client.event_stream)."""
     return f"{KEY_PREFIX}attempt:{request_id}"
 
 
@@ -81,7 +81,7 @@ def admission_key() -> str:
     return f"{KEY_PREFIX}admission"
 
 
-# -- Weights from peers (tasks/weight_sources.py, tasks/peer_weights.py)
+# -- Weights from peers (tasks/weights/sources.py, tasks/runtime/peer_weights.py)
 
 WEIGHT_SECRET_KEY = f"{KEY_PREFIX}weights-secret"
 """The data plane's shared secret when no key is configured (made once per cluster)."""

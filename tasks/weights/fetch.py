@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from blitzscale.weight_manifest import Manifest
-from blitzscale.weight_server import KEY_HEADER
+from tasks.weights.manifest import Manifest
+from tasks.weights.server import KEY_HEADER
 
 log = logging.getLogger(__name__)
 

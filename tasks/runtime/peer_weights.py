@@ -30,12 +30,12 @@ from typing import Callable
 
 import redis
 
-from blitzscale import model_files
-from blitzscale.settings import Settings
-from blitzscale.weight_fetch import ChunkFetcher, SourceGone, fetch_manifest
-from blitzscale.weight_manifest import Manifest, cached_manifest, memo_name
-from blitzscale.weight_server import WeightServer
-from tasks.weight_sources import (
+from common import model_files
+from common.settings import Settings
+from tasks.weights.fetch import ChunkFetcher, SourceGone, fetch_manifest
+from tasks.weights.manifest import Manifest, cached_manifest, memo_name
+from tasks.weights.server import WeightServer
+from tasks.weights.sources import (
     COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, count_transfer, planned_sources, weights_secret,
 )
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import redis
 
+from common.keys import stream_channel
+from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_TOKEN, StreamEvent
 from engine.outputs import TokenEvent
-from tasks.keys import stream_channel
-from tasks.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_TOKEN, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class StreamRelay:
     def register(self, request_id: str, channel_id: str | None = None, attempt: int = 0,
                  stream: bool = True) -> None:
         """Speak for engine request `request_id` on `channel_id`'s channel (the same id unless
-        the job is a re-run: see tasks.generate), marked with its attempt: its tokens when it
+        the job is a re-run: see tasks.runtime.generate), marked with its attempt: its tokens when it
         streams, `alive` ticks in any case, until its final event is sent."""
         now = time.monotonic()
         with self._lock:

@@ -3,7 +3,7 @@
 One Redis pub/sub connection per in-flight request; the subscription is confirmed before the
 job is sent, so no event can be published before anyone listens. Closing the stream
 unsubscribes, which is how a replica learns that the client went away (its next PUBLISH reaches
-no one, and it cancels the request). Deadlines and failover: tasks.event_stream.
+no one, and it cancels the request). Deadlines and failover: tasks.client.event_stream.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.celery_app import GENERATE_TASK, make_celery
-from tasks.event_stream import NO_REPLICA, EventStream, serving
-from tasks.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, stream_channel
-from tasks.protocol import Job
+from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, stream_channel
+from common.protocol import Job
+from common.settings import Settings
+from tasks.client.event_stream import NO_REPLICA, EventStream, serving
+from tasks.queue.celery_app import GENERATE_TASK, make_celery
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""
@@ -63,7 +63,7 @@ class GenerationClient:
         task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
         self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=GENERATION_QUEUE, task_id=task_id)
 
-    # ReplicaWatch (tasks.event_stream): what a waiting request asks about the replicas.
+    # ReplicaWatch (tasks.client.event_stream): what a waiting request asks about the replicas.
     def resubmit(self, job: Job) -> None:
         """Enqueue a newer attempt; replicas skip the older ones from now on."""
         ttl = max(1, int(self.settings.request_timeout * 2))

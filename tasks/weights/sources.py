@@ -17,9 +17,10 @@ import time
 
 import redis
 
-from blitzscale.settings import Settings
-from blitzscale.weight_fetch import Source
-from tasks.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.settings import Settings
+from common.states import ReplicaState
+from tasks.weights.fetch import Source
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class PeerChooser:
                     return source
                 self._given_up.add(slot)
         holders = [r for r in live_records(self.redis) if self._usable(r, excluded)]
-        holders.sort(key=lambda r: (r["weights"]["state"] != COMPLETE, r.get("state") != "active", r.get("slot", 0)))
+        holders.sort(key=lambda r: (r["weights"]["state"] != COMPLETE, r.get("state") != ReplicaState.ACTIVE, r.get("slot", 0)))
         return self._source(holders[0]) if holders else None
 
     def _wait_for_slot(self, slot: int, excluded: set[str]) -> Source | None:

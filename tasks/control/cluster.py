@@ -1,9 +1,9 @@
 """The control plane: the cluster's state and its transitions, done with Celery's remote control.
 
 - up, for a standby (or draining) replica: `add_consumer` on the generation queue, to that worker;
-- up, for a slot with no process: a start command to a host agent (`tasks.agent`), which starts
+- up, for a slot with no process: a start command to a host agent (`tasks.control.agent`), which starts
   `blitzscale worker --slot N` on its host; the new replica maps its weights from the host cache,
-  or pulls them from the old stubs (several new ones in a chain: tasks/peer_weights.py);
+  or pulls them from the old stubs (several new ones in a chain: tasks/runtime/peer_weights.py);
 - down: `cancel_consumer` to that worker; it drains (running requests finish) and becomes
   standby, or, when the slot target is `stopped`, sends Celery's `shutdown` to itself once drained.
 
@@ -19,18 +19,17 @@ from dataclasses import dataclass
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.celery_app import make_celery
-from tasks.keys import (
+from common.settings import Settings
+from tasks.queue.celery_app import make_celery
+from common.keys import (
     AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, SCALE_COUNTERS_KEY, SLOTS_KEY, agent_commands_key,
     agent_key_pattern, replica_key_pattern, slot_target_key,
 )
-from tasks.lifecycle import ACTIVE, DEAD, DRAINING, LOADING, STANDBY, STATES, STOPPED
-from tasks.weight_sources import store_plan
+from common.states import LIVE_STATES, ReplicaState
+from tasks.weights.sources import store_plan
 
 log = logging.getLogger(__name__)
 
-LIVE = (LOADING, ACTIVE, DRAINING, STANDBY)
 START_TIMEOUT_S = 300.0  # a slot asked to start that shows no replica after this long is dead
 
 
@@ -58,13 +57,13 @@ def merge_slots(registry: dict[int, dict], records: list[dict], now: float) -> d
             continue
         entry = registry[slot]
         state = entry.get("state")
-        if state == STOPPED:
+        if state == ReplicaState.STOPPED:
             pass
-        elif state == LOADING and entry.get("by") in ("control", "agent") and \
+        elif state == ReplicaState.LOADING and entry.get("by") in ("control", "agent") and \
                 now - entry.get("updated_at", 0) < START_TIMEOUT_S:
             pass
         else:
-            state = DEAD
+            state = ReplicaState.DEAD
         slots[slot] = {**entry, "state": state, "alive": False, "running": 0, "waiting": 0}
     return slots
 
@@ -94,7 +93,7 @@ class ClusterControl:
 
     def state_counts(self, slots: dict[int, dict] | None = None) -> dict[str, int]:
         slots = self.slots() if slots is None else slots
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(ReplicaState, 0)
         for view in slots.values():
             counts[view["state"]] = counts.get(view["state"], 0) + 1
         return counts
@@ -129,12 +128,12 @@ class ClusterControl:
         slots = self.slots()
         self._check_slots(new_slots)
         for source in sources:
-            if slots.get(source, {}).get("state") not in LIVE:
+            if slots.get(source, {}).get("state") not in LIVE_STATES:
                 raise ClusterError(f"old stub {source} is not a live replica")
         steps = [self._plan_up(slot, slots.get(slot)) for slot in new_slots]
-        # Where each new process takes its weights from: the old stubs, chained (tasks/weight_sources.py).
+        # Where each new process takes its weights from: the old stubs, chained (tasks/weights/sources.py).
         store_plan(self.redis, [step.slot for step in steps if step.op == "start"], list(sources))
-        self._apply(steps, ACTIVE)
+        self._apply(steps, ReplicaState.ACTIVE)
         for step in steps:
             self._count(f"scale_up:{trigger}:{'standby' if step.op == 'add_consumer' else 'process'}")
         return steps
@@ -150,7 +149,7 @@ class ClusterControl:
         return steps
 
     def down_target(self) -> str:
-        return STOPPED if self.settings.down_target == "stop" else STANDBY
+        return ReplicaState.STOPPED if self.settings.down_target == "stop" else ReplicaState.STANDBY
 
     def _check_slots(self, slots: list[int]) -> None:
         if not slots:
@@ -164,9 +163,9 @@ class ClusterControl:
 
     def _plan_up(self, slot: int, view: dict | None) -> Step:
         state = (view or {}).get("state")
-        if state in (ACTIVE, LOADING):
+        if state in (ReplicaState.ACTIVE, ReplicaState.LOADING):
             raise ClusterError(f"stub {slot} is already {state}")
-        if state in (STANDBY, DRAINING):
+        if state in (ReplicaState.STANDBY, ReplicaState.DRAINING):
             return Step("add_consumer", slot, view["name"])
         if not self.agents():
             raise ClusterError(f"stub {slot} has no process and no host agent runs to start one "
@@ -175,13 +174,13 @@ class ClusterControl:
 
     def _plan_down(self, slot: int, view: dict | None, target: str) -> Step:
         state = (view or {}).get("state")
-        if state == ACTIVE:
+        if state == ReplicaState.ACTIVE:
             return Step("cancel_consumer", slot, view["name"])
-        if state == STANDBY and target == STOPPED:
+        if state == ReplicaState.STANDBY and target == ReplicaState.STOPPED:
             return Step("shutdown", slot, view["name"])
-        if state in (STANDBY, DRAINING):
+        if state in (ReplicaState.STANDBY, ReplicaState.DRAINING):
             raise ClusterError(f"stub {slot} is already {state}")
-        if state == LOADING:
+        if state == ReplicaState.LOADING:
             raise ClusterError(f"stub {slot} is still loading; scale it down once it is active")
         raise ClusterError(f"stub {slot} has no running replica ({state or 'never started'})")
 
@@ -205,7 +204,7 @@ class ClusterControl:
     def _start(self, slot: int) -> None:
         agents = self.agents()
         host = socket.gethostname() if socket.gethostname() in agents else agents[0]
-        entry = {"slot": slot, "host": host, "state": LOADING, "by": "control", "updated_at": time.time()}
+        entry = {"slot": slot, "host": host, "state": ReplicaState.LOADING, "by": "control", "updated_at": time.time()}
         pipe = self.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
         pipe.rpush(agent_commands_key(host), json.dumps({"op": "start", "slot": slot}))

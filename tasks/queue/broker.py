@@ -5,7 +5,7 @@ away, Celery's consumer closes its channel, and kombu (5.7) then tries to put th
 back through a connection that it has already torn down: an AttributeError that Celery treats
 as unrecoverable, so the worker process exits. Here that restore is best effort: the messages
 stay in (or, after a restart without persistence, are gone from) the `unacked` hash, and the
-web re-enqueues any request whose replica stopped serving it (tasks.event_stream), so nothing
+web re-enqueues any request whose replica stopped serving it (tasks.client.event_stream), so nothing
 is lost that anyone still waits for. The consumer then reconnects as usual.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
 
-TRANSPORT = "tasks.broker:Transport"  # Celery's `broker_transport`
+TRANSPORT = "tasks.queue.broker:Transport"  # Celery's `broker_transport`
 
 
 GONE = (AttributeError, OSError, *kombu_redis.Transport.connection_errors)  # the channel's connection was torn down

@@ -3,7 +3,7 @@
 Runs on a task thread of a replica (Celery `--pool threads`); the engine batches every task
 thread's request. Tokens of streaming jobs are published by the replica's stream relay, step by
 step; the task thread sleeps until its request ends, then publishes the final event. The task is
-safe to run twice: a re-enqueued job (`attempt` > 0, see tasks.event_stream) regenerates with the
+safe to run twice: a re-enqueued job (`attempt` > 0, see tasks.client.event_stream) regenerates with the
 same seed on the same channel, its events marked with its attempt, and a job whose request was
 re-enqueued since (an older attempt, e.g. redelivered by Celery later) is skipped.
 """
@@ -13,23 +13,32 @@ import logging
 import time
 
 import redis
+from celery import Celery
 
-from blitzscale.logs import request_id_bound
+from common.keys import attempt_key
+from common.logs import request_id_bound
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
 from engine.outputs import EngineError, RequestCancelled
-from tasks.celery_app import GENERATE_TASK, app
-from tasks.job_params import engine_request_id, engine_requests
-from tasks.keys import attempt_key
-from tasks.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
-from tasks.replica import current_replica
-from tasks.results import Generation, best_of, final_details
-from tasks.stream_relay import PUBLISH_FAILED
+from tasks.queue.celery_app import GENERATE_TASK
+from tasks.runtime.job_params import engine_request_id, engine_requests
+from tasks.runtime.replica import current_replica
+from tasks.runtime.results import Generation, best_of, final_details
+from tasks.runtime.stream_relay import PUBLISH_FAILED
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name=GENERATE_TASK, ignore_result=True)
+def register(app: Celery) -> None:
+    """Make `generate` the task that the web enqueues by name (GENERATE_TASK), on this worker's app."""
+    app.task(name=GENERATE_TASK, ignore_result=True, shared=False)(generate)
+
+
 def generate(job_dict: dict) -> None:
-    job = Job.from_dict(job_dict)
+    try:
+        job = Job.from_dict(job_dict)
+    except (KeyError, TypeError, ValueError) as error:  # e.g. from a web of another version
+        _refuse(job_dict, error)
+        return
     with request_id_bound(job.trace_id or job.request_id):  # this thread's log lines name the request
         _generate(job)
 
@@ -90,6 +99,16 @@ def _generate(job: Job) -> None:
         device_type=device_type,
         attempt=job.attempt or None,
     ), engine_request_id(job))
+
+
+def _refuse(job_dict: dict, error: Exception) -> None:
+    """A job this replica cannot read fails at once, not after the web's queue deadline."""
+    request_id = job_dict.get("request_id") if isinstance(job_dict, dict) else None
+    log.error("request %s: malformed job, refused: %r", request_id, error)
+    if isinstance(request_id, str):
+        current_replica().relay.send(request_id, StreamEvent(
+            kind=EVENT_ERROR, error=f"Request failed during generation: malformed job ({error!r})",
+            error_type="generation", attempt=job_dict.get("attempt") or None))
 
 
 def _superseded(replica, job: Job) -> bool:

@@ -12,7 +12,7 @@ requests, so its published state agrees with `celery inspect active_queues` whoe
 - standby: not consuming, nothing in flight, weights in memory;
 - a standby replica whose slot target is `stopped` sends Celery's `shutdown` to itself.
 
-A slot registry in Redis (`tasks.keys.SLOTS_KEY`) remembers every slot's last replica so that one
+A slot registry in Redis (`common.keys.SLOTS_KEY`) remembers every slot's last replica so that one
 whose heartbeat expired without a clean stop is reported `dead`.
 """
 from __future__ import annotations
@@ -27,12 +27,11 @@ import time
 import redis
 from celery import signals
 
-from tasks.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.states import ReplicaState
 
 log = logging.getLogger(__name__)
 
-LOADING, ACTIVE, DRAINING, STANDBY, STOPPED, DEAD = "loading", "active", "draining", "standby", "stopped", "dead"
-STATES = (LOADING, ACTIVE, DRAINING, STANDBY, STOPPED, DEAD)
 POLL_INTERVAL = 0.02  # how often a replica looks at its consumer (a state change is published at once)
 _worker_ready = threading.Event()  # this process's Celery worker has started its consumer
 
@@ -42,12 +41,12 @@ def _on_worker_ready(**_):
     _worker_ready.set()
 
 
-def observed_state(loaded: bool, consuming: bool, in_flight: int) -> str:
+def observed_state(loaded: bool, consuming: bool, in_flight: int) -> ReplicaState:
     if not loaded:
-        return LOADING
+        return ReplicaState.LOADING
     if consuming:
-        return ACTIVE
-    return DRAINING if in_flight else STANDBY
+        return ReplicaState.ACTIVE
+    return ReplicaState.DRAINING if in_flight else ReplicaState.STANDBY
 
 
 def consuming_generation(worker) -> bool:
@@ -71,7 +70,8 @@ def reserved_jobs() -> int:
 
 def claim_slot(connection: redis.Redis, owner: str, lease_s: float = 60.0, limit: int = 1024) -> int:
     """The lowest slot that no replica holds (`--slot auto`, e.g. `docker compose --scale`)."""
-    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in (STOPPED, DEAD)}
+    gone = (ReplicaState.STOPPED, ReplicaState.DEAD)
+    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in gone}
     for slot in range(limit):
         if slot in held:
             continue
@@ -88,7 +88,7 @@ class Lifecycle:
         self.replica = replica
         self._shutdown = shutdown
         self._shutdown_sent = False
-        self.state = LOADING
+        self.state = ReplicaState.LOADING
 
     def observe(self) -> str:
         r = self.replica
@@ -127,10 +127,10 @@ class Lifecycle:
         pipe.execute()
 
     def stop_when_told(self, state: str) -> None:
-        if state != STANDBY or self._shutdown_sent:
+        if state != ReplicaState.STANDBY or self._shutdown_sent:
             return
         target = self.replica.redis.get(slot_target_key(self.replica.slot))
-        if target is not None and target.decode() == STOPPED:
+        if target is not None and target.decode() == ReplicaState.STOPPED:
             log.info("replica %s drained; shutting down (slot target: stopped)", self.replica.name)
             self._shutdown_sent = True
             self._shutdown(self.replica.name)
@@ -138,9 +138,9 @@ class Lifecycle:
     def stopped(self) -> None:
         """A clean exit: the slot is `stopped`, not `dead`."""
         r = self.replica
-        self.state = STOPPED
+        self.state = ReplicaState.STOPPED
         try:
-            self.register(STOPPED)
+            self.register(ReplicaState.STOPPED)
             r.redis.delete(slot_lease_key(r.slot))
         except redis.RedisError:
             pass

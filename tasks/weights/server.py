@@ -22,7 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from blitzscale.weight_manifest import Manifest
+from tasks.weights.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

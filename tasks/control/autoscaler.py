@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.cluster import ClusterControl, ClusterError
-from tasks.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
-from tasks.lifecycle import ACTIVE, DRAINING, LOADING, STANDBY
+from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
+from common.settings import Settings
+from common.states import LIVE_STATES, ReplicaState
+from tasks.control.cluster import ClusterControl, ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +91,28 @@ def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, 
 def pick_up(slots: dict[int, dict], count: int, slot_count: int, can_start: bool = True) -> list[int]:
     """Standby (or draining) replicas first, then free slots (no process, stopped or dead) when
     a host agent can start processes."""
-    warm = [s for s, v in sorted(slots.items()) if v["state"] in (STANDBY, DRAINING)]
-    free = [s for s in range(slot_count) if slots.get(s, {}).get("state") not in (ACTIVE, LOADING, STANDBY, DRAINING)]
+    warm = [s for s, v in sorted(slots.items()) if v["state"] in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
+    free = [s for s in range(slot_count) if slots.get(s, {}).get("state") not in LIVE_STATES]
     return (warm + (free if can_start else []))[:count]
 
 
 def pick_down(slots: dict[int, dict], count: int) -> list[int]:
     """The least busy active replicas, the highest slot first among equals."""
-    active = [(v.get("running", 0) + v.get("waiting", 0), -s, s) for s, v in slots.items() if v["state"] == ACTIVE]
+    active = [(_in_flight(v), -s, s) for s, v in slots.items() if v["state"] == ReplicaState.ACTIVE]
     return [s for _, _, s in sorted(active)[:count]]
 
 
 def observe(slots: dict[int, dict], queued: int, settings: Settings, now: float) -> Observation:
     """Serving: active replicas, and loading ones that load to serve (not those loading for standby)."""
+    active, loading = ReplicaState.ACTIVE, ReplicaState.LOADING
     serving = [v for v in slots.values()
-               if v["state"] == ACTIVE or (v["state"] == LOADING and v.get("target") != STANDBY)]
-    in_flight = sum(v.get("running", 0) + v.get("waiting", 0) for v in slots.values() if v["state"] == ACTIVE)
+               if v["state"] == active or (v["state"] == loading and v.get("target") != ReplicaState.STANDBY)]
+    in_flight = sum(_in_flight(v) for v in slots.values() if v["state"] == active)
     return Observation(now, queued, in_flight, len(serving), settings.max_batch_size)
+
+
+def _in_flight(view: dict) -> int:
+    return view.get("running", 0) + view.get("waiting", 0)
 
 
 class Autoscaler:

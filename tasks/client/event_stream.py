@@ -12,7 +12,7 @@ process never does. The web, which waits on the request's channel anyway, notice
   active and whose record vanished may have died holding the job (fetched, not yet started).
 
 Then it sends the job again with `attempt + 1` (same request id, channel, seed and input), after
-writing the attempt number to Redis (`tasks.keys.attempt_key`): a replica that later takes an
+writing the attempt number to Redis (`common.keys.attempt_key`): a replica that later takes an
 older attempt (Celery's own redelivery, or a copy still queued) skips it, and events that a
 stale attempt still publishes are dropped here (each carries its attempt). So each request is
 answered once: only the current attempt's final event ends it. A stream gets an EVENT_RETRY
@@ -27,8 +27,9 @@ from collections.abc import Iterator
 
 import redis
 
-from blitzscale.settings import Settings
-from tasks.protocol import (
+from common.settings import Settings
+from common.states import SERVING_STATES, ReplicaState
+from common.protocol import (
     EVENT_ALIVE,
     EVENT_ERROR,
     EVENT_FINAL,
@@ -42,7 +43,6 @@ from tasks.protocol import (
 log = logging.getLogger(__name__)
 
 NO_REPLICA = "no replica is available to serve the request"
-SERVING_STATES = ("active", "loading")  # replicas that take jobs now or soon
 
 
 class ReplicaWatch:
@@ -147,7 +147,7 @@ class EventStream:
                 return self._fail_over(f"replica {self.replica} stopped")
             states = watch.replica_states(self._settings.replica_check_interval)
             # Vanished while active (a clean stop drains first, and holds no job when it goes).
-            lost = [n for n, state in self._candidates.items() if n not in states and state == "active"]
+            lost = [n for n, state in self._candidates.items() if n not in states and state == ReplicaState.ACTIVE]
             self._candidates = states
             if lost:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")

@@ -4,7 +4,7 @@ The worker loads its model in `worker_init` (before it consumes anything), then 
 thread keeps the replica's record (state, device, load facts, batch occupancy) and its engine
 metrics in Redis with a short expiry: a replica that dies is shown `dead` in the cluster view
 within `heartbeat_ttl` seconds. Its state (active, draining, standby) follows its Celery consumer:
-see tasks/lifecycle.py.
+see tasks/runtime/lifecycle.py.
 """
 from __future__ import annotations
 
@@ -14,32 +14,36 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
-from celery import signals
+from celery import Celery, signals
 from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from blitzscale import model_files
-from blitzscale.settings import Settings
-from tasks.keys import replica_key, replica_metrics_key
-from tasks.lifecycle import Lifecycle
-from tasks.peer_weights import ReplicaWeights
+from common import model_files
+from common.keys import replica_key, replica_metrics_key
+from common.settings import Settings
+from engine.metrics import EngineMetrics
+from tasks.runtime.lifecycle import Lifecycle
+from tasks.runtime.peer_weights import ReplicaWeights
+from tasks.runtime.stream_relay import StreamRelay
 
 log = logging.getLogger(__name__)
 
-SLOT_ENV = "BLITZ_REPLICA_SLOT"
-
 
 class Replica:
-    def __init__(self, settings: Settings, slot: int, name: str, worker=None):
+    def __init__(self, settings: Settings, slot: int, name: str, worker=None,
+                 shutdown: Callable[[str], None] | None = None):
+        """`shutdown(name)`: sends Celery's shutdown to the named worker (this one, once drained
+        with a `stopped` slot target)."""
         self.settings = settings
         self.slot = slot
         self.name = name
         self.worker = worker  # the Celery WorkController: its consumer tells active from standby
         self.loaded = False
-        self.lifecycle = Lifecycle(self, shutdown=_celery_shutdown)
+        self.lifecycle = Lifecycle(self, shutdown=shutdown or _cannot_shut_down)
         self.engine = None
         self.relay = None
         self.facts: dict = {}
@@ -59,14 +63,14 @@ class Replica:
         self.loaded = True  # the lifecycle thread publishes the next state (active or standby)
 
     def load(self) -> None:
+        # torch and the engine's modules that use it: imported when the model loads, so that
+        # importing the replica runtime (the CLI, Celery's tools) stays light.
         import torch
         from transformers import AutoTokenizer
 
         from engine.engine import Engine
-        from engine.metrics import EngineMetrics
         from engine.scheduler import SchedulerConfig
         from engine.weights import PreparedWeights, load_model, prepare_gguf
-        from tasks.stream_relay import StreamRelay
 
         s = self.settings
         started = time.perf_counter()
@@ -151,7 +155,7 @@ class Replica:
 
 
 def _relay_connection(settings: Settings) -> redis.Redis:
-    """The relay's own client: it retries with its own bounded policy (tasks.stream_relay), so
+    """The relay's own client: it retries with its own bounded policy (tasks.runtime.stream_relay), so
     redis-py's retries with their seconds of backoff are off."""
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3,
                                 retry=Retry(NoBackoff(), 0))
@@ -166,23 +170,24 @@ def current_replica() -> Replica:
     return _replica
 
 
-@signals.worker_init.connect
-def _load_replica(sender=None, **_):
-    global _replica
-    slot = int(os.environ.get(SLOT_ENV, "0"))
-    name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
-    _replica = Replica(Settings.from_env(), slot, name, worker=sender)
-    _replica.start()
+def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
+    """This process's replica: loaded when its Celery worker starts (before it consumes
+    anything), stopped when the worker stops."""
+
+    def load(sender=None, **_):
+        global _replica
+        name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
+        _replica = Replica(settings, slot, name, worker=sender,
+                           shutdown=lambda worker: app.control.shutdown(destination=[worker]))
+        _replica.start()
+
+    def stop(**_):
+        if _replica is not None:
+            _replica.stop()
+
+    signals.worker_init.connect(load, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)
 
 
-@signals.worker_shutdown.connect
-def _stop_replica(**_):
-    if _replica is not None:
-        _replica.stop()
-
-
-def _celery_shutdown(name: str) -> None:
-    """Celery's own `shutdown`, sent to one named worker (a warm shutdown: running tasks finish)."""
-    from tasks.celery_app import app
-
-    app.control.shutdown(destination=[name])
+def _cannot_shut_down(name: str) -> None:
+    log.warning("replica %s was told to stop, but runs without a Celery worker to shut down", name)

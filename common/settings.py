@@ -55,13 +55,16 @@ class Settings:
     max_batch_total_tokens: int = 65536  # KV slots = this // max_total_tokens (at most max_batch_size)
     max_batch_prefill_tokens: int = 4096  # prompt tokens per step; longer prompts are prefilled in chunks
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs captured at start
+    # TGI's router: when to pause decoding for a prefill. Accepted (TGI launcher compatibility,
+    # shown in /info) but without effect: the engine prefills at every step, in chunks of at most
+    # max_batch_prefill_tokens, alongside the decode of every running request (`ignored_settings`).
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     # Cluster
     redis_url: str | None = None  # None: `serve` starts a private Redis server
     num_replicas: int = 1
     manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
-    # Scaling (tasks/cluster.py, tasks/autoscaler.py): slots are 0..slot_count-1
+    # Scaling (tasks/control/cluster.py, tasks/control/autoscaler.py): slots are 0..slot_count-1
     min_replicas: int = 1
     max_replicas: int = 0  # 0: max(num_replicas, min_replicas)
     standby_replicas: int = 0  # serve/agent: started in standby (weights loaded, not consuming)
@@ -77,14 +80,14 @@ class Settings:
     keep_alive_interval: float = 5.0  # SSE keep-alive comment when idle
     heartbeat_interval: float = 1.0
     heartbeat_ttl: float = 5.0
-    # Reliability (tasks/event_stream.py, web/admission.py)
+    # Reliability (tasks/client/event_stream.py, web/admission.py)
     replica_check_interval: float = 1.0  # how often a waiting request checks its replica's heartbeat
     max_redeliveries: int = 2  # re-enqueues of a request whose replica died (0: fail instead)
     admission_lease_ttl: float = 15.0  # an admitted request's lease, renewed while it runs
     # Security (web/auth.py): never logged; `--api-key` as TGI's launcher has it
     api_key: str | None = field(default=None, repr=False)  # generation routes need `Authorization: Bearer <key>`
     admin_api_key: str | None = field(default=None, repr=False)  # /modify_cluster_state needs this one
-    # Weights from peers (tasks/peer_weights.py): the data plane every replica runs
+    # Weights from peers (tasks/runtime/peer_weights.py): the data plane every replica runs
     weight_peers: str = "auto"  # auto: from a peer instead of converting | prefer: instead of the source too | off
     weights_host: str = "127.0.0.1"  # bound and advertised; `auto`: this host name's address
     weights_port: int = 0  # 0: a free port
@@ -134,6 +137,16 @@ class Settings:
                 env[env_name(f.name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 
+    def ignored_settings(self) -> str | None:
+        """One line naming the accepted-but-ignored settings that were changed, else None."""
+        changed = [flag_name(name) for name in ("max_waiting_tokens", "waiting_served_ratio")
+                   if getattr(self, name) != _DEFAULTS[name]]
+        if not changed:
+            return None
+        return (f"{' and '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect: the engine "
+                "prefills waiting requests at every step (in chunks of --max-batch-prefill-tokens) alongside "
+                "the decode of the running ones, so it never pauses decoding for a prefill")
+
     @property
     def replica_range(self) -> tuple[int, int]:
         """(min, max) active replicas for the autoscaler."""
@@ -145,6 +158,9 @@ class Settings:
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 
 def env_name(field_name: str) -> str:
