@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from blitzscale.settings import Settings
+from common.settings import Settings
 from tests.web.fake_replica import FakeReplica, reply
 from tests.web.test_openai_routes import chat, chat_model_dir, sse_payloads  # noqa: F401
 from web.app import create_app
@@ -34,7 +34,8 @@ def job_grammar(client, redis_url, **body):
     with FakeReplica(redis_url, reply([" a"])) as replica:
         response = chat(client, **body)
     assert response.status_code == 200, response.get_json()
-    return replica.jobs[0].parameters["grammar"]
+    grammar = replica.jobs[0].grammar  # as the replica reads it off the queue
+    return None if grammar is None else {"type": grammar.kind, "value": grammar.value}
 
 
 def tool_stream(client, redis_url, words, **body) -> tuple[list[dict], list[str]]:
