@@ -3,33 +3,21 @@
 state, `dead` and `stopped` included (`blitz_replica_slots`)."""
 from __future__ import annotations
 
-import logging
-
-import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.states import ReplicaState
 from tasks.control.cluster import read_counters, read_slots
-
-log = logging.getLogger(__name__)
+from web.redis_collector import RedisCollector
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_replica_slots")
 
 
-class ScalingCollector:
-    """`client`: anything with a `redis` attribute (the web's `GenerationClient`)."""
+class ScalingCollector(RedisCollector):
+    def read(self, connection):
+        return read_counters(connection), read_slots(connection)
 
-    def __init__(self, client):
-        self._redis = getattr(client, "redis", None)
-
-    def collect(self):
-        if self._redis is None:
-            return
-        try:
-            counters, slots = read_counters(self._redis), read_slots(self._redis)
-        except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with the rest
-            log.debug("scaling metrics unavailable: %s", error)
-            return
+    def families(self, values):
+        counters, slots = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])

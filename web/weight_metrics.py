@@ -5,23 +5,16 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from tasks.weights.sources import DURATION_BUCKETS, read_transfers
+from web.redis_collector import RedisCollector
 
 NAMES = ("blitz_weight_transfer_bytes", "blitz_weight_transfer_duration_seconds")
 
 
-class WeightTransferCollector:
-    """`client`: anything with a `redis` attribute (the web's `GenerationClient`)."""
+class WeightTransferCollector(RedisCollector):
+    def read(self, connection):
+        return read_transfers(connection)
 
-    def __init__(self, client):
-        self._redis = getattr(client, "redis", None)
-
-    def collect(self):
-        if self._redis is None:
-            return
-        try:
-            values = read_transfers(self._redis)
-        except Exception:  # Redis down: /metrics still answers with the rest
-            return
+    def families(self, values):
         sent = CounterMetricFamily("blitz_weight_transfer_bytes", "Weight bytes replicas received from each "
                                    "peer (source: the replica that sent them)", labels=["source"])
         for key, value in sorted(values.items()):

@@ -11,7 +11,7 @@ import redis
 from blitzscale.redis_server import EmbeddedRedis
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key
 from common.settings import Settings
-from tasks import agent as agent_module
+from tasks.control import agent as agent_module
 from tasks.control.agent import HostAgent
 
 

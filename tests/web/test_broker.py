@@ -12,7 +12,7 @@ import pytest
 from kombu.transport import redis as kombu_redis
 
 from blitzscale.redis_server import EmbeddedRedis
-from tasks import broker
+from tasks.queue import broker
 
 ROOT = Path(__file__).resolve().parents[2]
 
