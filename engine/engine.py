@@ -19,6 +19,7 @@ import torch
 
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import to_host
+from engine.kv_slots import KVGeometry
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner, PrefillOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
@@ -285,10 +286,7 @@ def _affordable_slots(model, device: torch.device, config: SchedulerConfig) -> i
     """On a GPU the slots are allocated at once: no more than 90% of the free memory holds."""
     if device.type != "cuda":
         return config.slots
-    text = model.config.get_text_config()
-    heads = text.num_attention_heads
-    per_position = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) \
-        * (getattr(text, "head_dim", None) or text.hidden_size // heads) * next(model.parameters()).element_size()
+    per_position = KVGeometry.of(model).bytes_per_position
     free, _total = torch.cuda.mem_get_info(device)
     affordable = int(0.9 * free) // (per_position * config.slot_length)
     if affordable < 1:

@@ -6,12 +6,10 @@ by one. Correct and slow; the engine logs when a model takes this path.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
-from engine.model_runner import PrefillOutput
+from engine.model_runner import PrefillOutput, cache_kwarg
 from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
 
 
@@ -22,7 +20,7 @@ class GenericRunner:
         self.model = model
         self.device = device
         self._caches: dict[int, DynamicCache] = {}  # slot -> that request's cache
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     def apply_moves(self, moves: list[SlotMove]) -> None:
         for move in moves:

@@ -23,6 +23,27 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """What one position of the model's KV cache is made of."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model) -> "KVGeometry":
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        return cls(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                   getattr(config, "head_dim", None) or config.hidden_size // heads, next(model.parameters()).dtype)
+
+    @property
+    def bytes_per_position(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize  # keys and values
+
+
 @dataclass
 class DecodePlan:
     rows: torch.Tensor  # [B] long: 0..B-1, the batch is slots 0..B-1
@@ -55,15 +76,15 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotKVCache(Cache):
-    def __init__(self, num_layers: int, slots: int, slot_length: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, growable: bool):
+    def __init__(self, geometry: KVGeometry, slots: int, slot_length: int, device: torch.device, growable: bool):
+        num_layers = geometry.layers
         super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
         self.slots = slots
         self.slot_length = slot_length
         self.growable = growable
-        shape = (slots, kv_heads, 0 if growable else slot_length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (slots, geometry.kv_heads, 0 if growable else slot_length, geometry.head_dim)
+        self.keys = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(num_layers)]
         self.plan: DecodePlan | PrefillPlan | None = None
 
     @property

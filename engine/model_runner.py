@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_slots import DecodePlan, PrefillPlan, SlotKVCache
+from engine.kv_slots import DecodePlan, KVGeometry, PrefillPlan, SlotKVCache
 from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,11 @@ class PrefillOutput:
     all_logits: torch.Tensor | None  # [b, P, V] float32 left-padded, when prefill logprobs were asked
 
 
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); speak whichever it knows."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def supports_slots(model, slot_length: int) -> bool:
     """The slot path ignores sliding windows: fine while a whole slot fits in the window."""
     config = model.config.get_text_config()
@@ -39,22 +44,10 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False):
         self.model = model
         self.device = device
-        config = model.config.get_text_config()
-        heads = config.num_attention_heads
-        self.cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            slots=slots,
-            slot_length=slot_length,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            dtype=next(model.parameters()).dtype,
-            device=device,
-            growable=device.type != "cuda",
-        )
+        self.cache = SlotKVCache(KVGeometry.of(model), slots, slot_length, device, growable=device.type != "cuda")
         self._rows = torch.arange(slots, device=device)
         self._columns = torch.arange(slot_length, device=device)
-        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever it knows.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
         self.graphs = None
         if cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs  # CUDA only; never imported on CPU
