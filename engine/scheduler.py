@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from engine.sequence import Sequence, SequenceStatus
 
@@ -76,7 +77,7 @@ class ScheduledBatch:
     # that covers them must write only at these columns, which their next chunk overwrites.
     idle_positions: list[int] = field(default_factory=list)
 
-    @property
+    @cached_property  # read several times a step; `decode` is set once, when the batch is scheduled
     def decoding(self) -> list[Sequence]:
         return [s for s in self.decode if s is not None]
 
