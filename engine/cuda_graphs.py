@@ -7,7 +7,8 @@ One graph per (batch bucket, KV-length bucket), captured at start, largest first
 memory pool (as nano-vllm does). Every number a captured kernel sees is either part of that key
 (the batch size, the attended length) or read from a static device buffer (token ids,
 positions): a replay with new values computes with them, never with values from the capture.
-Rows past the live batch are padding: they write at column 0 of a free slot and are dropped.
+Only steps without a prompt chunk replay (a mixed step is one eager packed forward), so the
+rows past the live batch are all over free slots: they write at column 0 there and are dropped.
 Shapes without a graph (a length over the largest bucket) run eagerly.
 Sampling runs after the replay, eagerly, on the graph's logits.
 """
@@ -76,8 +77,7 @@ class DecodeGraphs:
         return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length)
 
     def replay(self, ids: list[int], positions: list[int], length: int) -> torch.Tensor | None:
-        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits.
-        `positions` may go on past B: the columns the padding rows over occupied slots write."""
+        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits."""
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
@@ -86,7 +86,7 @@ class DecodeGraphs:
         staging = self._staging
         staging.zero_()  # padding rows over free slots: token 0 written at column 0
         staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
-        staging[1, : len(positions)] = torch.tensor(positions, dtype=torch.long)
+        staging[1, :rows] = torch.tensor(positions, dtype=torch.long)
         self.ids.copy_(staging[0], non_blocking=True)
         self.positions.copy_(staging[1], non_blocking=True)
         self.graphs[(batch, bucket)].replay()

@@ -21,7 +21,7 @@ from engine.generic_runner import GenericRunner
 from engine.host_transfer import to_host
 from engine.kv_slots import KVGeometry
 from engine.metrics import EngineMetrics
-from engine.model_runner import ModelRunner, PrefillOutput, supports_slots
+from engine.model_runner import ModelRunner, StepOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import BatchSampler, SampleOutput
@@ -139,51 +139,45 @@ class Engine:
         if batch.is_empty:
             return
         started = time.perf_counter()
-        decode_logits, prefill = self._run(batch)
+        output = self._run(batch)
         self.scheduler.postprocess(batch)
-        events = self._postprocess(batch, decode_logits, prefill)
-        methods = (["decode"] if batch.decoding else []) + (["prefill"] if batch.prefill else [])
-        self.metrics.observe_step(methods, len(batch.decoding) + len(batch.prefill), time.perf_counter() - started)
+        events = self._postprocess(batch, output)
+        size = len(batch.decoding) + len(batch.prefill)
+        self.metrics.observe_step(_method(batch), size, time.perf_counter() - started)
         if events and self.step_listener is not None:
             self.step_listener(events)
         self._release_finished()
         self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)
 
-    def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, PrefillOutput | None]:
-        """The forwards: one decode step for the running rows, then the prompt chunks."""
+    def _run(self, batch: ScheduledBatch) -> StepOutput:
+        """The step's one forward: the running rows' next tokens and the prompt chunks."""
         self.runner.apply_moves(batch.moves)
-        decode_logits = prefill = None
-        if batch.decoding:
-            self.metrics.count_forward("decode")
-            started = time.perf_counter()
-            decode_logits = self.runner.decode(batch)
-            self.metrics.observe_forward("decode", time.perf_counter() - started)
         if batch.prefill:
             now = time.time()
             for chunk in batch.prefill:  # the end of their queue time, the start of their inference time
                 chunk.sequence.stream.started_at = chunk.sequence.stream.started_at or now
-            self.metrics.count_forward("prefill")
-            started = time.perf_counter()
-            want_all = any(c.sequence.request.prefill_logprobs for c in batch.prefill)
-            prefill = self.runner.prefill(batch.prefill, want_all)
-            self.metrics.observe_forward("prefill", time.perf_counter() - started)
-        return decode_logits, prefill
+        method = _method(batch)
+        self.metrics.count_forward(method)
+        started = time.perf_counter()
+        output = self.runner.forward(batch)
+        self.metrics.observe_forward(method, time.perf_counter() - started)
+        return output
 
-    def _postprocess(self, batch: ScheduledBatch, decode_logits, prefill: PrefillOutput | None) -> list[TokenEvent]:
+    def _postprocess(self, batch: ScheduledBatch, output: StepOutput) -> list[TokenEvent]:
         """Sample one token for every decode row and every prompt that was completed."""
         decoding = batch.decoding
-        completed = [(row, c) for row, c in enumerate(batch.prefill) if c.completes_prompt]
-        if prefill is not None:
-            for row, chunk in enumerate(batch.prefill):
-                if chunk.sequence.request.prefill_logprobs:
-                    self._gather_prefill_tokens(chunk, prefill.all_logits[row])
+        completed = [row for row, c in enumerate(batch.prefill) if c.completes_prompt]
+        for chunk, logits in zip(batch.prefill, output.prompt_logits):
+            if logits is not None:
+                self._gather_prefill_tokens(chunk, logits)
         parts = []
         if decoding:
             live = [s.slot for s in decoding]
+            decode_logits = output.decode_logits
             parts.append(decode_logits if len(live) == decode_logits.shape[0] else decode_logits[live])
         if completed:
-            parts.append(prefill.last_logits[[row for row, _ in completed]])
-        sequences = decoding + [c.sequence for _, c in completed]
+            parts.append(output.last_logits[completed])
+        sequences = decoding + [batch.prefill[row].sequence for row in completed]
         if not sequences:
             return []
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [n, V]
@@ -219,11 +213,11 @@ class Engine:
 
     def _gather_prefill_tokens(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
         """decoder_input_details: each prompt token with the logprob the model gave it. A chunk's
-        logits at positions start..end-1 score the prompt tokens start+1..end."""
+        logits [C, V] at positions start..end-1 score the prompt tokens start+1..end."""
         ids = chunk.sequence.request.input_ids
-        own = logits[logits.shape[0] - (chunk.end - chunk.start):]  # [C, V] the chunk's real positions
         targets = ids[chunk.start + 1 : chunk.end + 1]
-        scored = torch.log_softmax(own[: len(targets)], dim=-1).gather(1, torch.tensor(targets, device=own.device).view(-1, 1))
+        target_ids = torch.tensor(targets, device=logits.device).view(-1, 1)
+        scored = torch.log_softmax(logits[: len(targets)], dim=-1).gather(1, target_ids)
         tokens = chunk.sequence.prefill_tokens
         if chunk.start == 0:
             tokens.append(self._token(ids[0], None))
@@ -263,6 +257,12 @@ class Engine:
         self.runner.reset()
         self._sampler, self._sampler_rows = None, ()
         self.metrics.set_batch(0, 0)
+
+
+def _method(batch: ScheduledBatch) -> str:
+    """TGI's forward label: a step that carries prompt tokens is a prefill (its running rows
+    decode in the same forward, as in TGI's chunked prefill), one with none a decode."""
+    return "prefill" if batch.prefill else "decode"
 
 
 def _top_n(sequences: list[Sequence]) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from engine.model_runner import PrefillOutput, cache_kwarg
+from engine.model_runner import StepOutput, cache_kwarg
 from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
 
 
@@ -30,7 +30,10 @@ class GenericRunner:
         self._caches.clear()
 
     @torch.inference_mode()
-    def decode(self, batch: ScheduledBatch) -> torch.Tensor:
+    def forward(self, batch: ScheduledBatch) -> StepOutput:
+        return StepOutput(self._decode(batch) if batch.decode else None, *self._prefill(batch.prefill))
+
+    def _decode(self, batch: ScheduledBatch) -> torch.Tensor:
         rows = []
         for slot, sequence in enumerate(batch.decode):
             if sequence is None:
@@ -40,19 +43,16 @@ class GenericRunner:
         width = next(r for r in rows if r is not None).shape[-1]
         return torch.stack([r if r is not None else torch.zeros(width, device=self.device) for r in rows])
 
-    @torch.inference_mode()
-    def prefill(self, chunks: list[PrefillChunk], all_logits: bool) -> PrefillOutput:
-        outputs = []
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        last, prompt = [], []
         for chunk in chunks:
             if chunk.start == 0:
                 self._caches[chunk.sequence.slot] = DynamicCache()
-            outputs.append(self._forward(chunk.sequence.slot, list(chunk.token_ids), chunk.start, all_logits)[0])
-        last = torch.stack([o[-1] for o in outputs])
-        if not all_logits:
-            return PrefillOutput(last, None)
-        width = max(o.shape[0] for o in outputs)  # left-pad to one width, as the slot runner does
-        padded = torch.stack([torch.cat([o.new_zeros((width - o.shape[0], o.shape[1])), o]) for o in outputs])
-        return PrefillOutput(last, padded)
+            wanted = chunk.sequence.request.prefill_logprobs
+            logits = self._forward(chunk.sequence.slot, list(chunk.token_ids), chunk.start, wanted)[0]
+            last.append(logits[-1])
+            prompt.append(logits if wanted else None)
+        return (torch.stack(last) if last else None), prompt
 
     def _forward(self, slot: int, ids: list[int], start: int, all_logits: bool) -> torch.Tensor:
         positions = torch.arange(start, start + len(ids), device=self.device).view(1, -1)

@@ -6,11 +6,12 @@ row. Requests joining or leaving copy nothing, except that a leaving request's r
 with the highest occupied row (`move`), so the occupied slots are always `0..n-1` and a decode
 step attends over the view `[:n, :, :length]` without gathering anything.
 
-The transformers model calls `update(key, value, layer_idx)` in every attention layer; what it
-writes where is set for the whole forward by `decode_plan` / `prefill_plan` (device tensors,
-so a captured CUDA graph replays with new positions). Unused columns stay finite (zeros or an
-earlier request's values): masked positions still enter SDPA's weighted sum as 0 × value, and a
-NaN there would poison the row.
+The transformers model calls `update(key, value, layer_idx)` in every attention layer; where
+each token's key and value go is set for the whole forward by `plan` (a `StepPlan` of device
+tensors, so a captured CUDA graph replays with new positions), and attention then reads the
+slots (`engine/slot_attention.py`). Unused columns stay finite (zeros or an earlier request's
+values): masked positions still enter SDPA's weighted sum as 0 × value, and a NaN there would
+poison the row.
 
 Capacity (columns) grows geometrically up to `slot_length` when `growable` (CPU: memory is
 taken as requests need it); a captured graph needs fixed addresses, so CUDA allocates it all.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from engine.slot_attention import StepPlan
 
 
 @dataclass(frozen=True)
@@ -44,20 +47,6 @@ class KVGeometry:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize  # keys and values
 
 
-@dataclass
-class DecodePlan:
-    rows: torch.Tensor  # [B] long: 0..B-1, the batch is slots 0..B-1
-    length: int  # columns attended (> every row's position)
-    positions: torch.Tensor  # [B] long: the column each row's new token is written to
-
-
-@dataclass
-class PrefillPlan:
-    slots: torch.Tensor  # [b, 1] long
-    columns: torch.Tensor  # [b, P] long: the column each input position is written to
-    continuing: tuple[int, int] | None = None  # (slot, columns): one row continuing its prompt
-
-
 class SlotLayer(DynamicLayer):
     def __init__(self, cache: "SlotKVCache", index: int):
         super().__init__()
@@ -69,7 +58,7 @@ class SlotLayer(DynamicLayer):
         return self._cache.write(self._index, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return 0  # positions come from position_ids and the 4D mask, never from the cache
+        return 0  # positions come from position_ids and the attention plan, never from the cache
 
     def get_mask_sizes(self, query_length, *args, **kwargs):
         return query_length, 0
@@ -85,7 +74,7 @@ class SlotKVCache(Cache):
         shape = (slots, geometry.kv_heads, 0 if growable else slot_length, geometry.head_dim)
         self.keys = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=geometry.dtype, device=device) for _ in range(num_layers)]
-        self.plan: DecodePlan | PrefillPlan | None = None
+        self.plan: StepPlan | None = None
 
     @property
     def capacity(self) -> int:
@@ -105,19 +94,11 @@ class SlotKVCache(Cache):
                 store[i] = new
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's new keys/values [b, H, q, D]; return what attention reads."""
-        keys, values, plan = self.keys[layer], self.values[layer], self.plan
-        if isinstance(plan, DecodePlan):
-            batch = plan.rows.shape[0]
-            keys[plan.rows, :, plan.positions] = key[:, :, 0]
-            values[plan.rows, :, plan.positions] = value[:, :, 0]
-            return keys[:batch, :, : plan.length], values[:batch, :, : plan.length]
-        keys[plan.slots, :, plan.columns] = key.transpose(1, 2)  # [b, P, H, D] at (slot, column)
-        values[plan.slots, :, plan.columns] = value.transpose(1, 2)
-        if plan.continuing is not None:  # it attends to its earlier chunks too
-            slot, columns = plan.continuing
-            return keys[slot : slot + 1, :, :columns], values[slot : slot + 1, :, :columns]
-        return key, value  # prompts from column 0 attend to themselves only
+        """Store this forward's packed keys/values [1, H, N, D] at their (slot, column)."""
+        plan = self.plan
+        self.keys[layer][plan.slots, :, plan.columns] = key[0].transpose(0, 1)  # [N, H, D]
+        self.values[layer][plan.slots, :, plan.columns] = value[0].transpose(0, 1)
+        return key, value
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy slot `source`'s first `length` columns into slot `target` (compaction)."""

@@ -43,12 +43,11 @@ class EngineMetrics:
     def observe_forward(self, method: str, seconds: float) -> None:
         self.forward_duration.labels(self._replica, method).observe(seconds)
 
-    def observe_step(self, methods: list[str], size: int, seconds: float) -> None:
-        """A whole step (forwards, sampling, detokenization, stop checks) for `size` requests
-        went through: each of its forwards succeeded. A failed step counts without success."""
-        for method in methods:
-            self.inference_success.labels(self._replica, method).inc()
-        self.inference_duration.labels(self._replica, methods[0]).observe(seconds)
+    def observe_step(self, method: str, size: int, seconds: float) -> None:
+        """A whole step (forward, sampling, detokenization, stop checks) for `size` requests went
+        through: its forward succeeded. A failed step counts without success."""
+        self.inference_success.labels(self._replica, method).inc()
+        self.inference_duration.labels(self._replica, method).observe(seconds)
         self.batch_size.labels(self._replica).set(size)
 
     def set_batch(self, size: int, tokens: int) -> None:

@@ -1,8 +1,9 @@
-"""The model's forward passes over the slotted KV cache: one decode step, one prefill chunk.
+"""The model's forward over the slotted KV cache: one packed forward per step.
 
-The transformers model runs unchanged: we hand it `position_ids`, a 4D boolean mask (used as
-given) and our `SlotKVCache`, which writes each new key/value at its own (slot, position).
-On CUDA the decode step is replayed from captured graphs (`engine/cuda_graphs.py`).
+A step's decode rows and prompt chunks go through the transformers model (unchanged) as one
+packed row of tokens with their `position_ids`; `SlotKVCache` writes each new key/value at its
+own (slot, position) and `engine/slot_attention.py` attends each span over the slots. On CUDA a
+step with no prompt is replayed from captured graphs (`engine/cuda_graphs.py`).
 """
 from __future__ import annotations
 
@@ -12,20 +13,31 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_slots import DecodePlan, KVGeometry, PrefillPlan, SlotKVCache
-from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
+from engine.kv_slots import KVGeometry, SlotKVCache
+from engine.scheduler import ScheduledBatch, SlotMove
+from engine.slot_attention import (
+    ContinuedPrompt,
+    DecodeSpan,
+    PromptGroup,
+    StepPlan,
+    continuation_mask,
+    decode_mask,
+    slot_attention,
+)
 
 log = logging.getLogger(__name__)
 
-# Families whose transformers attention goes through `Cache.update` and honours a 4D mask and
-# per-row position_ids; tests check each against `generate`. Others take the generic path.
+# Families whose transformers attention goes through `Cache.update` and the attention interface,
+# with RoPE from per-token position_ids; tests check each against `generate`. Others take the
+# generic path.
 SLOT_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3"})
 
 
 @dataclass
-class PrefillOutput:
-    last_logits: torch.Tensor  # [b, V] float32: each chunk's last position
-    all_logits: torch.Tensor | None  # [b, P, V] float32 left-padded, when prefill logprobs were asked
+class StepOutput:
+    decode_logits: torch.Tensor | None  # [rows, V] float32: row i = slot i (padding rows too)
+    last_logits: torch.Tensor | None  # [chunks, V] float32: each prompt chunk's last position
+    prompt_logits: list[torch.Tensor | None]  # a chunk's [C, V] when its request wants prefill logprobs
 
 
 def cache_kwarg(model) -> str:
@@ -63,15 +75,21 @@ class ModelRunner:
         for tensor in self.cache.keys + self.cache.values:
             tensor.zero_()
 
-    # ---- decode ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One token for each row (row i = slot i): next-token logits [B, V] float32."""
-        ids, positions = batch.decode_ids, batch.decode_positions
+    def forward(self, batch: ScheduledBatch) -> StepOutput:
+        """Every decode row and every prompt chunk of the step, in one forward."""
+        if not batch.prefill:
+            return StepOutput(self._decode(batch.decode_ids, batch.decode_positions), None, [])
+        step = PackedStep(batch, self.device)
+        self.cache.ensure_capacity(step.columns_needed)
+        logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
+        return step.split(logits)
+
+    def _decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
         length = max(positions) + 1
         self.cache.ensure_capacity(length)
         if self.graphs is not None:
-            logits = self.graphs.replay(ids, positions + batch.idle_positions, length)
+            logits = self.graphs.replay(ids, positions, length)
             if logits is not None:
                 return logits
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -81,64 +99,90 @@ class ModelRunner:
     def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [B, V] (model dtype) out.
         Python numbers reaching kernels: B (ids' shape) and `length`, both part of a graph's key."""
-        batch = ids.shape[0]
-        mask = self._columns[:length].view(1, -1) <= positions.view(-1, 1)  # [B, L]: own past and self
-        self.cache.plan = DecodePlan(self._rows[:batch], length, positions)
-        out = self.model(
-            input_ids=ids.view(-1, 1),
-            attention_mask=mask.view(batch, 1, 1, length),
-            position_ids=positions.view(-1, 1),
-            **{self._cache_kwarg: self.cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        rows = ids.shape[0]
+        span = DecodeSpan(rows, length, decode_mask(positions, self._columns[:length]))
+        return self._forward(ids, positions, StepPlan(self._rows[:rows], positions, span), 0)
 
-    # ---- prefill --------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, chunks: list[PrefillChunk], all_logits: bool) -> PrefillOutput:
-        """Run prompt chunks: several prompts from position 0 (left-padded to one length), or one
-        chunk continuing a prompt whose earlier chunks are in its slot."""
-        if chunks[0].start > 0:
-            return self._prefill_continuation(chunks[0], all_logits)
-        lengths = [c.end - c.start for c in chunks]
-        width = max(lengths)
-        ids = torch.zeros((len(chunks), width), dtype=torch.long)  # [b, P]
-        real = torch.zeros((len(chunks), width), dtype=torch.bool)  # [b, P]
-        for row, chunk in enumerate(chunks):
-            ids[row, width - lengths[row]:] = torch.tensor(chunk.token_ids, dtype=torch.long)
-            real[row, width - lengths[row]:] = True
-        pad = torch.tensor([width - n for n in lengths]).view(-1, 1)  # [b, 1]
-        index = torch.arange(width).view(1, -1)  # [1, P]
-        # Real tokens go to columns 0..n-1 of their slot; padding to the columns after them.
-        columns = (index - pad) % width  # [b, P]
-        causal = index.view(1, -1, 1) >= index.view(1, 1, -1)  # [1, P, P] query i sees key j <= i
-        # Padding queries see themselves only: a fully masked row would come out NaN.
-        mask = (causal & real.view(len(chunks), 1, width)) | torch.eye(width, dtype=torch.bool).view(1, width, width)
-        slots = torch.tensor([c.sequence.slot for c in chunks]).view(-1, 1)
-        self.cache.ensure_capacity(width)
-        plan = PrefillPlan(slots.to(self.device), columns.to(self.device))
-        return self._prefill_forward(ids, (index - pad).clamp(min=0), mask.unsqueeze(1), plan, all_logits)
-
-    def _prefill_continuation(self, chunk: PrefillChunk, all_logits: bool) -> PrefillOutput:
-        count, end = chunk.end - chunk.start, chunk.end
-        ids = torch.tensor([chunk.token_ids], dtype=torch.long)  # [1, C]
-        positions = torch.arange(chunk.start, end).view(1, -1)  # [1, C]
-        mask = torch.arange(end).view(1, -1) <= positions.view(-1, 1)  # [C, end]
-        self.cache.ensure_capacity(end)
-        slot = chunk.sequence.slot
-        plan = PrefillPlan(torch.tensor([[slot]], device=self.device), positions.to(self.device), continuing=(slot, end))
-        return self._prefill_forward(ids, positions, mask.view(1, 1, count, end), plan, all_logits)
-
-    def _prefill_forward(self, ids, positions, mask, plan: PrefillPlan, all_logits: bool) -> PrefillOutput:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan, keep) -> torch.Tensor:
+        """The packed forward: ids and positions [N]; logits [kept, V]."""
         self.cache.plan = plan
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            **{self._cache_kwarg: self.cache},
-            use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
-        logits = out.logits.float()
-        return PrefillOutput(logits[:, -1], logits if all_logits else None)
+        with slot_attention(self.model):
+            out = self.model(
+                input_ids=ids.view(1, -1),
+                position_ids=positions.view(1, -1),
+                **{self._cache_kwarg: self.cache},
+                use_cache=True,
+                logits_to_keep=keep,
+                slot_cache=self.cache,
+            )
+        return out.logits[0]
+
+
+class PackedStep:
+    """A mixed step laid out as one row: the decode rows (slot order), then the prompt chunks,
+    fresh prompts of equal length side by side so their attention is one call."""
+
+    def __init__(self, batch: ScheduledBatch, device: torch.device):
+        self.device = device
+        self.rows = len(batch.decode)
+        self.decode_length = max(batch.decode_positions) + 1 if self.rows else 0
+        chunks = batch.prefill
+        # Fresh prompts first, grouped by length; then the continued one(s).
+        self.order = sorted(range(len(chunks)), key=lambda i: (chunks[i].start > 0, chunks[i].end - chunks[i].start))
+        ids, positions, slots = list(batch.decode_ids), list(batch.decode_positions), list(range(self.rows))
+        self.offsets: dict[int, int] = {}  # chunk index -> its first packed token
+        for i in self.order:
+            chunk = chunks[i]
+            self.offsets[i] = len(ids)
+            ids += chunk.token_ids
+            positions += range(chunk.start, chunk.end)
+            slots += [chunk.sequence.slot] * (chunk.end - chunk.start)
+        self.chunks = chunks
+        self.columns_needed = max(positions) + 1
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        # The logits kept: every decode row, each chunk's last position or all of them.
+        keep = list(range(self.rows))
+        self.kept_from: dict[int, int] = {}  # chunk index -> its first kept logits row
+        for i in self.order:
+            chunk, offset = chunks[i], self.offsets[i]
+            self.kept_from[i] = len(keep)
+            if chunk.sequence.request.prefill_logprobs:
+                keep += range(offset, offset + chunk.end - chunk.start)
+            else:
+                keep.append(offset + chunk.end - chunk.start - 1)
+        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+
+    def plan(self, columns: torch.Tensor) -> StepPlan:
+        decode = None
+        if self.rows:
+            positions = self.positions[: self.rows]
+            decode = DecodeSpan(self.rows, self.decode_length, decode_mask(positions, columns[: self.decode_length]))
+        spans: list[PromptGroup | ContinuedPrompt] = []
+        for i in self.order:
+            chunk, offset = self.chunks[i], self.offsets[i]
+            length = chunk.end - chunk.start
+            if chunk.start > 0:
+                mask = continuation_mask(chunk.start, chunk.end, self.device)
+                spans.append(ContinuedPrompt(offset, chunk.sequence.slot, chunk.start, chunk.end, mask))
+            elif spans and isinstance(spans[-1], PromptGroup) and spans[-1].length == length:
+                spans[-1] = PromptGroup(spans[-1].offset, spans[-1].count + 1, length)
+            else:
+                spans.append(PromptGroup(offset, 1, length))
+        return StepPlan(self.slots, self.positions, decode, tuple(spans))
+
+    def split(self, logits: torch.Tensor) -> StepOutput:
+        """The kept logits [K, V] back in batch order."""
+        decode = logits[: self.rows] if self.rows else None
+        last, prompt = [], []
+        for i, chunk in enumerate(self.chunks):
+            first = self.kept_from[i]
+            if chunk.sequence.request.prefill_logprobs:
+                own = logits[first : first + chunk.end - chunk.start]
+                prompt.append(own)
+                last.append(own[-1])
+            else:
+                prompt.append(None)
+                last.append(logits[first])
+        return StepOutput(decode, torch.stack(last), prompt)

@@ -5,7 +5,7 @@ State: `waiting` (a queue) and `running` (a list whose index *is* the KV slot: `
 `max_batch_prefill_tokens` prompt tokens:
 - a prompt longer than that budget is prefilled alone, one chunk per step (chunked prefill), so
   a running stream never waits more than one step for a newcomer, however long its prompt;
-- shorter prompts are prefilled together while their padded size fits the budget;
+- shorter prompts are prefilled together while their tokens fit the budget (packed, no padding);
 - a request takes a slot only when one is free: `slots = max_batch_total_tokens // max_total_tokens`
   (at most `max_batch_size`), each slot holding one request of up to `max_total_tokens`
   positions, so the batch can never run out of KV memory; what does not fit waits, in order.
@@ -73,9 +73,6 @@ class ScheduledBatch:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode_ids: list[int] = field(default_factory=list)  # row i's input token
     decode_positions: list[int] = field(default_factory=list)  # the column row i writes
-    # Slots past the decode rows that hold a prompt being prefilled: a padded (CUDA graph) batch
-    # that covers them must write only at these columns, which their next chunk overwrites.
-    idle_positions: list[int] = field(default_factory=list)
 
     @cached_property  # read several times a step; `decode` is set once, when the batch is scheduled
     def decoding(self) -> list[Sequence]:
@@ -115,19 +112,28 @@ class Scheduler:
         batch = ScheduledBatch(moves)
         self._schedule_decode(batch)
         batch.prefill = self._schedule_prefill()
+        self._place_padding_rows(batch)
         return batch
 
     def _schedule_decode(self, batch: ScheduledBatch) -> None:
-        """Rows 0..B-1 are slots 0..B-1, up to the last decoding one. A slot in between whose
-        prompt is still being prefilled is a padding row: it writes at its next prompt column,
-        which its next chunk overwrites."""
+        """Rows 0..B-1 are slots 0..B-1, up to the last decoding one; a slot in between whose
+        prompt is still being prefilled is a padding row (see `_place_padding_rows`)."""
         rows = [s if s.is_decoding else None for s in self.running]
         while rows and rows[-1] is None:
             rows.pop()
         batch.decode = rows
         batch.decode_ids = [s.last_token_id if s is not None else 0 for s in rows]
-        batch.decode_positions = [self.running[i].kv_len for i in range(len(rows))]
-        batch.idle_positions = [s.kv_len for s in self.running[len(rows):]]
+        batch.decode_positions = [s.kv_len if s is not None else 0 for s in rows]
+
+    @staticmethod
+    def _place_padding_rows(batch: ScheduledBatch) -> None:
+        """A padding row's slot has this step's chunk (one prompt is prefilled at a time, a chunk
+        every step); the row writes its junk at the column just past that chunk, which no query
+        of this step reads and the slot's next chunk or first decoded token overwrites."""
+        ends = {chunk.sequence.slot: chunk.end for chunk in batch.prefill}
+        for row, sequence in enumerate(batch.decode):
+            if sequence is None:
+                batch.decode_positions[row] = ends[row]
 
     def _schedule_prefill(self) -> list[PrefillChunk]:
         budget = self.config.max_batch_prefill_tokens
@@ -135,15 +141,15 @@ class Scheduler:
             if sequence.is_prefilling:
                 return [PrefillChunk(sequence, sequence.kv_len, min(sequence.prompt_len, sequence.kv_len + budget))]
         chunks: list[PrefillChunk] = []
-        longest = 0
+        tokens = 0
         while self.waiting and len(self.running) < self.slots:
             candidate = self.waiting[0]
-            longest = max(longest, candidate.prompt_len)
-            if chunks and (len(chunks) + 1) * longest > budget:  # [b, P] padded, as the forward computes it
+            if chunks and tokens + candidate.prompt_len > budget:
                 break
             sequence = self.waiting.popleft()
             self._take_slot(sequence)
             chunks.append(PrefillChunk(sequence, 0, min(sequence.prompt_len, budget)))
+            tokens += chunks[-1].end
             if not chunks[-1].completes_prompt:
                 break
         return chunks

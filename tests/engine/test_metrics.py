@@ -18,16 +18,16 @@ def test_a_failed_step_counts_but_is_not_a_success(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     metrics = EngineMetrics(replica="r0")
     engine = Engine(model, tokenizer, SchedulerConfig(), metrics).start()
-    decode = engine.runner.decode
+    forward = engine.runner.forward
     calls = []
 
-    def failing_on_the_third_call(batch):
+    def failing_on_the_third_call(batch):  # the prompt, two decode steps, then the third fails
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise RuntimeError("device lost")
-        return decode(batch)
+        return forward(batch)
 
-    engine.runner.decode = failing_on_the_third_call
+    engine.runner.forward = failing_on_the_third_call
     try:
         with pytest.raises(EngineError, match="device lost"):
             list(engine.submit(request(tokenizer, "doomed", "Hello", max_new_tokens=10)))

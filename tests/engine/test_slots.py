@@ -130,6 +130,70 @@ def test_scheduler_refills_holes_from_the_top_and_keeps_slot_equal_to_row(model_
     assert batch.decode_positions == [3, 7, 5]
 
 
+def test_short_prompts_share_a_step_while_their_tokens_fit_the_budget(model_and_tokenizer):
+    """Prompts are packed, not padded to the longest: the budget counts their tokens."""
+    _, tokenizer = model_and_tokenizer
+    scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=40))
+    for rid, length in [("a", 5), ("b", 30), ("c", 6)]:
+        scheduler.add(_sequence(tokenizer, rid, length))
+    first = scheduler.schedule()
+    assert [c.sequence.request_id for c in first.prefill] == ["a", "b"]  # 35 tokens; with c, 41
+    scheduler.postprocess(first)
+    assert [c.sequence.request_id for c in scheduler.schedule().prefill] == ["c"]
+
+
+def test_a_prompt_moved_under_a_decoding_row_writes_its_padding_row_past_its_chunk(model_and_tokenizer):
+    """When a short request leaves while a long prompt is prefilled in chunks, the prompt moves
+    into the low slot, under a decoding row: that slot's decode row is padding, and it must
+    write where neither this step's chunk nor any query of the step looks."""
+    _, tokenizer = model_and_tokenizer
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, max_batch_prefill_tokens=4))
+    short, other, long = (_sequence(tokenizer, name, length) for name, length in [("short", 3), ("other", 3), ("long", 10)])
+    for sequence in (short, other, long):
+        scheduler.add(sequence)
+    for _ in range(3):  # short, then other, then long's first chunk (each alone in the budget of 4)
+        scheduler.postprocess(scheduler.schedule())
+    assert [s.slot for s in (short, other, long)] == [0, 1, 2] and long.kv_len == 4
+    short.status = SequenceStatus.FINISHED
+    scheduler.release_finished()
+    batch = scheduler.schedule()
+    assert [(m.source, m.target) for m in batch.moves] == [(2, 0)]
+    assert batch.decode == [None, other]
+    assert [(c.start, c.end) for c in batch.prefill] == [(4, 8)]
+    assert batch.decode_positions == [8, other.kv_len]
+
+
+def test_a_long_prompt_moved_into_a_freed_slot_mid_prefill_gets_what_it_gets_alone(model_and_tokenizer, tiny_reference):
+    """All three queued before the engine starts, so the order is fixed: short and other take
+    slots 0 and 1, the long prompt slot 2; short ends while the long prompt is still in chunks,
+    which then move into slot 0, under other's decoding row. Logprobs are compared, not just
+    tokens: a tiny random model's greedy tokens survive a corrupted key, its logprobs do not."""
+    model, tokenizer = model_and_tokenizer
+    assert len(tokenizer(LONG_PROMPT).input_ids) > 8 * 5  # more chunks than short has steps
+
+    def run(*requests):
+        engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=3, max_batch_prefill_tokens=5))
+        streams = [engine.submit(r) for r in requests]
+        engine.start()
+        try:
+            return [list(stream) for stream in streams]
+        finally:
+            engine.stop()
+
+    def long():
+        return request(tokenizer, "long", LONG_PROMPT, max_new_tokens=6)
+
+    short, other, crowded = run(request(tokenizer, "short", "Hello", max_new_tokens=3),
+                                request(tokenizer, "other", PROMPTS[1], max_new_tokens=40), long())
+    (alone,) = run(long())
+    assert token_ids(short) == tiny_reference("Hello", 3)
+    assert token_ids(other) == tiny_reference(PROMPTS[1], 40)
+    assert token_ids(crowded) == token_ids(alone) == tiny_reference(LONG_PROMPT, 6)
+    # Batch shapes alone move a logprob by ~5e-6; a key written over one of the prompt's, by 1e-4 to 1.
+    assert torch.allclose(torch.tensor([e.token.logprob for e in crowded]),
+                          torch.tensor([e.token.logprob for e in alone]), atol=5e-5)
+
+
 @pytest.mark.parametrize("budget, expected", [(4, [[0, 4], [4, 8], [8, 10]]), (100, [[0, 10]])])
 def test_a_prompt_over_the_prefill_budget_is_split_into_chunks(model_and_tokenizer, budget, expected):
     _, tokenizer = model_and_tokenizer
