@@ -9,8 +9,9 @@
 Modes: ceiling (one static batch through model.generate), naive (one request at a time through
 model.generate), anchor (transformers' forward over a StaticCache, one CUDA graph replayed per
 step: the speed of this model code with the host out of the way), engine (requests submitted to
-our engine, arriving staggered over the first second), service (concurrent streaming HTTP
-clients through web + Celery + Redis + one replica), and a mixed-length run through the service.
+our engine, arriving staggered over the first second on CPU, all at once on a GPU: see
+`--arrival-spread`), service (concurrent streaming HTTP clients through web + Celery + Redis +
+one replica), and a mixed-length run through the service.
 Prints a table and the target ratios; writes bench/results/batching[-NAME].json and .png.
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def run_mode(args) -> dict:
         run_anchor(model, prompts, 8)
         return run_anchor(model, prompts, args.new_tokens)
     run_engine(model, tokenizer, prompts, 8, spread_s=0)
-    return run_engine(model, tokenizer, prompts, args.new_tokens)
+    return run_engine(model, tokenizer, prompts, args.new_tokens, spread_s=args.arrival_spread)
 
 
 def load(args, device: torch.device):
@@ -178,7 +179,7 @@ def model_dir(args):
 def in_subprocess(args, mode: str) -> dict:
     argv = [sys.executable, "-m", "bench.batching", "--only", mode, "--device", args.device,
             "--architecture", args.architecture] + (["--random-weights"] if args.random_weights else [])
-    for name in ("requests", "new_tokens", "prompt_tokens", "naive_requests"):
+    for name in ("requests", "new_tokens", "prompt_tokens", "naive_requests", "arrival_spread"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -200,12 +201,17 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "anchor", "service", "mixed"])
     parser.add_argument("--prefill-tokens", type=int, default=None,
                         help="the service's --max-batch-prefill-tokens (the prefill chunk per step)")
+    parser.add_argument("--arrival-spread", type=float, default=None,
+                        help="seconds over which the engine mode's requests arrive (default: 1 on CPU, where a "
+                             "run takes seconds; 0 on a GPU, where 1 s would outlast the whole run)")
     parser.add_argument("--name", default="", help="suffix of the results file")
     parser.add_argument("--only", choices=IN_PROCESS_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.requests, args.new_tokens, args.naive_requests, args.mixed_requests, args.rounds = 8, 16, 2, 4, 1
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.arrival_spread is None:
+        args.arrival_spread = 1.0 if args.device == "cpu" else 0.0
     if args.only:
         print(json.dumps(run_mode(args)))
         return
