@@ -1,9 +1,9 @@
 """The continuous-batching engine: one loop thread owns the model and the KV cache.
 
 Each step reads schedule → run the model → post-process: the scheduler picks the batch (every
-decoding request, plus prompt chunks within the prefill budget), the runner runs the decode
-step and the prefill chunk, then every request that got logits samples, detokenizes, checks
-its stop conditions and emits one event; finished requests give their KV slot back.
+decoding request, plus prompt chunks within the prefill budget), the runner runs them all in one
+forward, then every request that got logits samples, detokenizes, checks its stop conditions
+and emits one event; finished requests give their KV slot back.
 See docs/engine.md.
 """
 from __future__ import annotations
