@@ -133,7 +133,10 @@ class Engine:
                 self._fail_all(EngineError(f"{type(error).__name__}: {error}"))
         self._fail_all(EngineError("the engine is shutting down"))
 
+    @torch.inference_mode()
     def step(self) -> None:
+        """One step (the loop thread's, or a test's driving an engine it never started)."""
+        self._take_inbox()
         self._apply_cancellations()
         batch = self.scheduler.schedule()
         if batch.is_empty:

@@ -194,6 +194,50 @@ def test_a_long_prompt_moved_into_a_freed_slot_mid_prefill_gets_what_it_gets_alo
                           torch.tensor([e.token.logprob for e in alone]), atol=5e-5)
 
 
+def test_one_packed_step_decodes_and_prefills_prompts_of_several_lengths_as_each_alone(model_and_tokenizer):
+    """One step, driven by hand: a running request decodes while four prompts, two of one length
+    (attended in one call) and two asking for prefill logprobs, are prefilled in the same
+    forward. Each gets the tokens, logprobs and prompt logprobs it gets alone."""
+    model, tokenizer = model_and_tokenizer
+
+    def requests():
+        return [request(tokenizer, "running", "Hello", 10),
+                GenerationRequest("long", tuple(tokenizer(LONG_PROMPT).input_ids), prefill_logprobs=True,
+                                  stopping=StoppingParams(6, ignore_eos=True)),
+                request(tokenizer, "short", PROMPTS[0], 6),
+                request(tokenizer, "twin", PROMPTS[0], 4),
+                GenerationRequest("medium", tuple(tokenizer(PROMPTS[2]).input_ids), prefill_logprobs=True,
+                                  stopping=StoppingParams(6, ignore_eos=True))]
+
+    def alone(req):
+        engine = Engine(model, tokenizer, SchedulerConfig()).start()
+        try:
+            return list(engine.submit(req))
+        finally:
+            engine.stop()
+
+    steps: list[list[str]] = []
+    engine = Engine(model, tokenizer, SchedulerConfig(), step_listener=lambda events: steps.append(
+        sorted(e.request_id for e in events)))
+    first, *others = requests()
+    streams = [engine.submit(first)]
+    engine.step()  # the running request's prompt
+    streams += [engine.submit(r) for r in others]
+    while engine.scheduler.has_work:
+        engine.step()
+    assert steps[1] == ["long", "medium", "running", "short", "twin"]  # one step: a decode and four prompts
+    for stream, req in zip(streams, requests()):
+        together, by_itself = list(stream), alone(req)
+        assert token_ids(together) == token_ids(by_itself), req.request_id
+        assert torch.allclose(torch.tensor([e.token.logprob for e in together]),
+                              torch.tensor([e.token.logprob for e in by_itself]), atol=5e-5)
+        if req.prefill_logprobs:
+            prompt, prompt_alone = together[0].prefill, by_itself[0].prefill
+            assert [t.id for t in prompt] == list(req.input_ids) == [t.id for t in prompt_alone]
+            assert torch.allclose(torch.tensor([t.logprob for t in prompt[1:]]),
+                                  torch.tensor([t.logprob for t in prompt_alone[1:]]), atol=5e-5)
+
+
 @pytest.mark.parametrize("budget, expected", [(4, [[0, 4], [4, 8], [8, 10]]), (100, [[0, 10]])])
 def test_a_prompt_over_the_prefill_budget_is_split_into_chunks(model_and_tokenizer, budget, expected):
     _, tokenizer = model_and_tokenizer
