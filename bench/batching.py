@@ -283,7 +283,9 @@ def report(args, rows: list[dict], rounds: dict) -> None:
                        "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"])
     for name, value in ratios.items():
         target = targets[name]
-        verdict = "no target here" if target is None else f"target >= {target}: " + ("meets" if value >= target else "MISSES")
+        verdict = "no target here"
+        if target is not None:
+            verdict = f"target >= {target}: " + ("meets" if value >= target else "MISSES")
         print(f"{name:16s} {value:6.2f}  ({verdict})")
     if on_gpu and "engine" in by_mode:
         print_gpu_targets(args, by_mode["engine"])
