@@ -64,7 +64,7 @@ def prepare(settings: Settings, tokenizer_only: bool = False):
 
 
 def gunicorn_argv(settings: Settings) -> list[str]:
-    threads = settings.web_threads or settings.max_concurrent_requests + 16
+    threads = settings.web_process_threads
     return [
         sys.executable, "-m", "gunicorn",
         "--bind", f"{settings.hostname}:{settings.port}",

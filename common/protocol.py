@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 EVENT_TOKEN = "token"
@@ -20,6 +21,30 @@ EVENT_ERROR = "error"
 EVENT_STARTED = "started"
 EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or not)
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
+
+
+class FailureReason(StrEnum):
+    """Why a request failed, finer than TGI's `error_type`: the `reason` label of
+    `tgi_request_failure` and the web's WARNING line, so that a dashboard can split failures.
+    Not shown to clients (their error body is TGI's)."""
+
+    OVERLOADED = "overloaded"  # over --max-concurrent-requests (429)
+    VALIDATION = "validation"  # the request itself (400/413/422)
+    TOKENIZER_UNAVAILABLE = "tokenizer_unavailable"  # the web could not load the tokenizer yet
+    QUEUE_UNAVAILABLE = "queue_unavailable"  # Redis could not be reached to admit or enqueue
+    NO_REPLICA = "no_replica"  # no replica active or loading
+    QUEUE_TIMEOUT = "queue_timeout"  # no replica took the job within --queue-timeout
+    REQUEST_TIMEOUT = "request_timeout"  # not finished within --request-timeout
+    REPLICA_SILENT = "replica_silent"  # no event within --replica-silence-timeout
+    QUEUE_CONNECTION_LOST = "queue_connection_lost"  # the web lost Redis while waiting
+    REDELIVERIES_EXHAUSTED = "redeliveries_exhausted"  # its replicas died more than --max-redeliveries times
+    RERUN_DIVERGED = "rerun_diverged"  # a failover's re-run generated other tokens than those sent
+    PUBLISH_FAILED = "publish_failed"  # the replica could not publish its tokens (the stream had a gap)
+    ENGINE_ERROR = "engine_error"  # the replica's engine failed the request
+    MALFORMED_JOB = "malformed_job"  # the replica could not read the job
+    INCOMPLETE = "incomplete"  # the events ended without a final one
+    BAD_EVENT = "bad_event"  # an event the web could not read
+    INTERNAL = "internal"  # anything else (a bug)
 
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: derived seeds spread over the whole range
@@ -112,7 +137,8 @@ class StreamEvent:
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
                   top_tokens, best_of_sequences), `timings` (queue/inference seconds),
                   `device_type` of the replica that served it (`x-compute-type`).
-    kind=error:   `error`, `error_type` (TGI's ErrorResponse fields).
+    kind=error:   `error`, `error_type` (TGI's ErrorResponse fields), `reason` (a FailureReason:
+                  for metrics and logs, not shown to the client).
     Every event a replica publishes carries the job's `attempt` (absent for the first), so that
     the web can drop what a replica it gave up on still sends.
     """
@@ -128,6 +154,7 @@ class StreamEvent:
     device_type: str | None = None
     error: str | None = None
     error_type: str | None = None
+    reason: str | None = None
     attempt: int | None = None
 
     def encode(self) -> str:

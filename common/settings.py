@@ -117,6 +117,12 @@ class Settings:
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
 
+    @property
+    def web_process_threads(self) -> int:
+        """gunicorn threads per web process: one per concurrent (streaming) request, with room
+        for health checks and scrapes."""
+        return self.web_threads or self.max_concurrent_requests + 16
+
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
         environ = os.environ if environ is None else environ

@@ -16,6 +16,8 @@ from common.processes import stop_processes
 
 
 class Service:
+    replica_module = "blitzscale.cli"  # a test's subclass may run the worker through a wrapper
+
     def __init__(self, model_id: str, workdir: Path, env: dict | None = None, replicas: int = 1):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -44,15 +46,15 @@ class Service:
         self.wait_healthy(timeout)
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], module: str = "blitzscale.cli") -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "blitzscale.cli", *args],
+            [sys.executable, "-m", module, *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def start_replica(self, slot: int) -> subprocess.Popen:
-        process = self._spawn(f"replica{slot}", ["worker", "--slot", str(slot)])
+        process = self._spawn(f"replica{slot}", ["worker", "--slot", str(slot)], self.replica_module)
         self.replicas[slot] = process
         return process
 
@@ -89,3 +91,29 @@ class Service:
         stop_processes([p for p in [self.web, *self.replicas.values()] if p is not None], grace=20)
         self.replicas.clear()
         self.redis.stop()
+
+
+class PausableService(Service):
+    """Its replicas run through tests.integration.gated_worker: `pause_engine` holds every
+    engine before its next step until `resume_engine`, so a test controls when generation
+    happens instead of guessing how fast this machine generates."""
+
+    replica_module = "tests.integration.gated_worker"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.env["ENGINE_GATE"] = str(self.gate)
+
+    @property
+    def gate(self) -> Path:
+        return self.workdir / "engine.gate"
+
+    def pause_engine(self) -> None:
+        self.gate.touch()
+
+    def resume_engine(self) -> None:
+        self.gate.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        self.resume_engine()  # a paused engine would hold the replicas' warm shutdown
+        super().stop()

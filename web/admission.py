@@ -18,6 +18,7 @@ import uuid
 import redis
 
 from common.keys import admission_key
+from common.protocol import FailureReason
 from web.errors import GenerationError, Overloaded
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class RedisAdmission(Admission):
             if not self._acquire(keys=[admission_key()], args=[self.limit, lease, self._lease_ttl]):
                 return False
         except (redis.RedisError, OSError) as error:
-            raise GenerationError(f"the queue is unavailable: {error}") from error
+            raise GenerationError(f"the queue is unavailable: {error}", reason=FailureReason.QUEUE_UNAVAILABLE) from error
         with self._lock:
             self._held.add(lease)
         return True

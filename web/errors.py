@@ -1,5 +1,6 @@
 """TGI's ErrorResponse `{error, error_type}`: one exception class per error_type, and the
-handlers that turn every HTTP error (ours, Flask's, webargs') into that JSON shape."""
+handlers that turn every HTTP error (ours, Flask's, webargs') into that JSON shape. Each error
+also carries a `reason` (common.protocol.FailureReason) for metrics and logs, never sent."""
 from __future__ import annotations
 
 import re
@@ -7,18 +8,23 @@ import re
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from common.protocol import FailureReason
+
 
 class ApiError(Exception):
     status = 500
     error_type = "internal"
+    reason = FailureReason.INTERNAL
     prefix = ""
     default = "Internal server error"
 
-    def __init__(self, detail: str | None = None, *, status: int | None = None):
+    def __init__(self, detail: str | None = None, *, status: int | None = None, reason: str | None = None):
         detail = detail or self.default
         self.message = detail if detail.startswith(self.prefix) else self.prefix + detail
         if status is not None:
             self.status = status
+        if reason is not None:
+            self.reason = reason
         super().__init__(self.message)
 
     def to_dict(self) -> dict:
@@ -27,18 +33,22 @@ class ApiError(Exception):
 
 class ValidationError(ApiError):
     status, error_type, prefix = 422, "validation", "Input validation error: "
+    reason = FailureReason.VALIDATION
 
 
 class GenerationError(ApiError):
     status, error_type, prefix = 424, "generation", "Request failed during generation: "
+    reason = FailureReason.ENGINE_ERROR
 
 
 class Overloaded(ApiError):
     status, error_type, default = 429, "overloaded", "Model is overloaded"
+    reason = FailureReason.OVERLOADED
 
 
 class IncompleteGeneration(ApiError):
     status, error_type, default = 500, "incomplete_generation", "Incomplete generation"
+    reason = FailureReason.INCOMPLETE
 
 
 class Unhealthy(ApiError):
@@ -60,9 +70,9 @@ GENERATION_ERRORS = {
 }
 
 
-def from_event(error_type: str | None, error: str | None) -> ApiError:
-    """The exception for an error event received from a replica (unknown types: generation)."""
-    return _BY_TYPE.get(error_type or "", GenerationError)(error)
+def from_event(event) -> ApiError:
+    """The exception for an error event (a common.protocol.StreamEvent; unknown types: generation)."""
+    return _BY_TYPE.get(event.error_type or "", GenerationError)(event.error, reason=event.reason)
 
 
 def error_response(error: ApiError, headers: dict | None = None):

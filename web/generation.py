@@ -6,10 +6,18 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 
 from common.logs import request_id_bound
-from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent
+from common.protocol import (
+    EVENT_ERROR,
+    EVENT_FINAL,
+    EVENT_RETRY,
+    EVENT_STARTED,
+    EVENT_TOKEN,
+    FailureReason,
+    StreamEvent,
+)
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
@@ -38,7 +46,7 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
         with slot:
             outcome = _wait_for_final(service, valid, clock)
     except ApiError as error:
-        service.metrics.tgi.request_failed(error.error_type)
+        service.metrics.tgi.request_failed(error)
         raise
     service.metrics.tgi.request_succeeded(outcome)
     log_outcome(outcome)
@@ -59,7 +67,7 @@ def generate_stream(body: dict, *, full_text_default: bool) -> Response:
     except BaseException as error:
         slot.release()
         if isinstance(error, ApiError):
-            service.metrics.tgi.request_failed(error.error_type)
+            service.metrics.tgi.request_failed(error)
         raise
     session = StreamSession(service, valid, events, slot, clock)
     response = Response(session.frames(), content_type=sse.MIMETYPE, headers=sse.HEADERS)
@@ -80,14 +88,14 @@ def admit(service: Service, clock: RequestClock, validate: Callable[[], T]) -> t
     try:
         slot = service.admission.acquire()
     except ApiError as error:
-        tgi.request_failed(error.error_type)
+        tgi.request_failed(error)
         raise
     try:
         valid = validate()
     except BaseException as error:
         slot.release()
         if isinstance(error, ApiError):
-            tgi.request_failed(error.error_type)
+            tgi.request_failed(error)
         raise
     clock.mark("validated")
     return slot, valid
@@ -123,7 +131,7 @@ def wait_for_final(service: Service, events, clock: RequestClock) -> Outcome:
             elif event.kind == EVENT_FINAL:
                 return Outcome.of(event, clock)
             elif event.kind == EVENT_ERROR:
-                raise from_event(event.error_type, event.error)
+                raise from_event(event)
             elif event.kind == EVENT_RETRY:
                 service.metrics.tgi.request_redelivered()
         raise IncompleteGeneration()
@@ -140,6 +148,7 @@ class StreamSession:
 
     def __init__(self, service: Service, valid: ValidRequest, events, slot: Slot, clock: RequestClock):
         self._service, self._valid, self._events, self._slot, self._clock = service, valid, events, slot, clock
+        self._route = request.path  # the body is sent after the request context is gone
         self._closed = False
 
     def frames(self):
@@ -161,7 +170,8 @@ class StreamSession:
                     self._clock.mark("picked_up")
                 elif event.kind == EVENT_TOKEN and event.index <= last_index:  # a duplicate, or a re-run's replay
                     if token_ids.get(event.index) != (event.token or {}).get("id"):
-                        yield from self._fail(pending, GenerationError(RERUN_DIVERGED))
+                        yield from self._fail(pending, GenerationError(RERUN_DIVERGED,
+                                                                       reason=FailureReason.RERUN_DIVERGED))
                         return
                 elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
@@ -173,12 +183,12 @@ class StreamSession:
                     yield self._finish(pending or last_token_of(event), event)
                     return
                 elif event.kind == EVENT_ERROR:
-                    yield from self._fail(pending, from_event(event.error_type, event.error))
+                    yield from self._fail(pending, from_event(event))
                     return
             yield from self._fail(pending, IncompleteGeneration())
         except Exception as error:  # e.g. an unreadable message: end the stream the TGI way
             log.exception("stream %s failed", self._valid.job.request_id)
-            yield from self._fail(pending, GenerationError(str(error)))
+            yield from self._fail(pending, GenerationError(str(error), reason=FailureReason.BAD_EVENT))
         finally:
             self.close()
 
@@ -193,7 +203,7 @@ class StreamSession:
     def _fail(self, pending: StreamEvent | None, error: ApiError):
         if pending is not None:
             yield sse.frame(stream_token(self._valid, pending))
-        self._service.metrics.tgi.request_failed(error.error_type)
+        self._service.metrics.tgi.request_failed(error, self._route)
         yield sse.frame(error.to_dict())
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask
+from flask import Flask, has_request_context, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
@@ -54,7 +54,8 @@ class TgiMetrics:
 
         self.count = Counter("tgi_request_count", "Generation requests received", registry=registry)
         self.success = Counter("tgi_request_success", "Generation requests that succeeded", registry=registry)
-        self.failure = Counter("tgi_request_failure", "Generation requests that failed", ["err"], registry=registry)
+        self.failure = Counter("tgi_request_failure", "Generation requests that failed, by TGI error type and reason",
+                               ["err", "reason"], registry=registry)
         self.redeliveries = Counter(
             "blitz_request_redeliveries", "Requests re-enqueued because their replica died", registry=registry
         )
@@ -81,8 +82,15 @@ class TgiMetrics:
     def request_redelivered(self) -> None:
         self.redeliveries.inc()
 
-    def request_failed(self, error_type: str) -> None:
-        self.failure.labels(err=error_type).inc()
+    def request_failed(self, error, route: str | None = None) -> None:
+        """Count a failed request (`error`: a web.errors.ApiError) under its error type and reason,
+        and log it, once per request, at WARNING with its route (the current request's when
+        None; a stream's body runs after its request context is gone) and status; the log
+        line names the request id (common.logs)."""
+        route = route or (request.path if has_request_context() else "-")
+        self.failure.labels(err=error.error_type, reason=str(error.reason)).inc()
+        log.warning("request failed: %s answered %d %s (%s): %s", route, error.status, error.error_type,
+                    error.reason, error.message)
 
     def request_succeeded(self, outcome) -> None:
         """`outcome`: a `web.responses.Outcome`."""

@@ -15,11 +15,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 
 from common.logs import request_id_bound
 from common.protocol import (
-    EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, StreamEvent, derived_seed,
+    EVENT_ERROR, EVENT_FINAL, EVENT_RETRY, EVENT_STARTED, EVENT_TOKEN, FailureReason, StreamEvent, derived_seed,
 )
 from web import sse
 from web.admission import Slot
@@ -74,7 +74,8 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
     try:
         plan = make_plan(service)
     except TokenizerUnavailable as error:
-        raise GenerationError(f"the tokenizer is not available yet: {error}") from error
+        raise GenerationError(f"the tokenizer is not available yet: {error}",
+                              reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
     choices = []
     for prompt in plan.prompts:
         valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
@@ -122,7 +123,7 @@ def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock,
                 for stream in streams:
                     stream.close()
     except ApiError as error:
-        tgi.request_failed(error.error_type)
+        tgi.request_failed(error)
         raise
     slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
     tgi.request_succeeded(slowest)
@@ -155,7 +156,7 @@ def _stream(service: Service, admitted: Admitted, slot: Slot, clock: RequestCloc
     except BaseException as error:
         slot.release()
         if isinstance(error, ApiError):
-            service.metrics.tgi.request_failed(error.error_type)
+            service.metrics.tgi.request_failed(error)
         raise
     chunker = Chunker(envelope, admitted.plan.options, admitted.plan.prompts)
     session = OpenAIStreamSession(service, admitted, streams, slot, clock, chunker)
@@ -183,6 +184,7 @@ class OpenAIStreamSession:
         self._service, self._admitted, self._streams = service, admitted, streams
         self._slot, self._clock, self._chunker = slot, clock, chunker
         self._trace_id = admitted.choices[0].valid.job.trace_id
+        self._route = request.path  # the body is sent after the request context is gone
         self._stop = threading.Event()
         self._pumping = False  # reader threads own (and close) the streams once started
         self._closed = False
@@ -205,7 +207,7 @@ class OpenAIStreamSession:
                     self._clock.mark("picked_up")
                 elif event.kind == EVENT_TOKEN and event.index <= choice.last_index:  # a re-run's replay
                     if choice.token_ids.get(event.index) != (event.token or {}).get("id"):
-                        yield from self._fail(GenerationError(RERUN_DIVERGED))
+                        yield from self._fail(GenerationError(RERUN_DIVERGED, reason=FailureReason.RERUN_DIVERGED))
                         return
                 elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
@@ -223,12 +225,12 @@ class OpenAIStreamSession:
                         yield from self._succeed(progress, outcome)
                         return
                 elif event.kind == EVENT_ERROR:
-                    yield from self._fail(from_event(event.error_type, event.error))
+                    yield from self._fail(from_event(event))
                     return
             yield from self._fail(IncompleteGeneration())
         except Exception as error:  # e.g. an unreadable message: end the stream with an error chunk
             log.exception("stream of %s failed", self._chunker.envelope.id)
-            yield from self._fail(GenerationError(str(error)))
+            yield from self._fail(GenerationError(str(error), reason=FailureReason.BAD_EVENT))
         finally:
             self.close()
 
@@ -242,7 +244,7 @@ class OpenAIStreamSession:
 
     def _fail(self, error: ApiError) -> Iterator[str]:
         """OpenAI's error chunk (the `openai` client raises APIError on it), then [DONE]."""
-        self._service.metrics.tgi.request_failed(error.error_type)
+        self._service.metrics.tgi.request_failed(error, self._route)
         yield sse.frame({"error": {"message": error.message, "type": error.error_type, "code": error.status}})
         yield DONE
 
@@ -280,7 +282,8 @@ class OpenAIStreamSession:
                     if event is not None:
                         merged.put((number, event))
             except Exception as error:
-                merged.put((number, StreamEvent(kind=EVENT_ERROR, error=str(error), error_type="generation")))
+                merged.put((number, StreamEvent(kind=EVENT_ERROR, error=str(error), error_type="generation",
+                                                reason=FailureReason.BAD_EVENT)))
             finally:
                 stream.close()
                 merged.put((number, _PUMP_DONE))

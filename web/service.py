@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 
-from common.protocol import Job
+from common.protocol import FailureReason, Job
 from common.settings import Settings
 from tasks.client.generation_client import EventStream, NoReplica, QueueUnavailable
 from web.admission import Admission
@@ -40,15 +40,16 @@ class Service:
                 cap_new_tokens=cap_new_tokens,
             )
         except TokenizerUnavailable as error:
-            raise GenerationError(f"the tokenizer is not available yet: {error}") from error
+            raise GenerationError(f"the tokenizer is not available yet: {error}",
+                                  reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
 
     def submit(self, job: Job) -> EventStream:
         try:
             return self.client.submit(job)
         except QueueUnavailable as error:
-            raise GenerationError(f"the queue is unavailable: {error}") from error
+            raise GenerationError(f"the queue is unavailable: {error}", reason=FailureReason.QUEUE_UNAVAILABLE) from error
         except NoReplica as error:
-            raise GenerationError(str(error)) from error
+            raise GenerationError(str(error), reason=FailureReason.NO_REPLICA) from error
 
 
 def current_service() -> Service:

@@ -36,6 +36,7 @@ from common.protocol import (
     EVENT_RETRY,
     EVENT_STARTED,
     EVENT_TOKEN,
+    FailureReason,
     Job,
     StreamEvent,
 )
@@ -43,6 +44,7 @@ from common.protocol import (
 log = logging.getLogger(__name__)
 
 NO_REPLICA = "no replica is available to serve the request"
+CONNECTION_LOST = "lost the connection to the queue"
 
 
 class ReplicaWatch:
@@ -57,8 +59,8 @@ def serving(states: dict[str, str]) -> bool:
     return any(state in SERVING_STATES for state in states.values())
 
 
-def error(message: str, error_type: str = "generation") -> StreamEvent:
-    return StreamEvent(kind=EVENT_ERROR, error=message, error_type=error_type)
+def error(message: str, reason: FailureReason) -> StreamEvent:
+    return StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation", reason=reason)
 
 
 class EventStream:
@@ -91,7 +93,7 @@ class EventStream:
             now = time.monotonic()
             deadline = self._deadline(now, started_at, last_event, tokens_seen)
             if deadline is not None:
-                yield error(deadline)
+                yield deadline
                 return
             if self._watch is not None and now >= next_check:
                 next_check = now + check_every
@@ -105,7 +107,7 @@ class EventStream:
                 wait = max(0.0, min(tick - (now - last_idle), next_check - now))
                 message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
             except (redis.ConnectionError, redis.TimeoutError):
-                yield error("lost the connection to the queue")
+                yield error(CONNECTION_LOST, FailureReason.QUEUE_CONNECTION_LOST)
                 return
             if message is None:
                 if time.monotonic() - last_idle >= tick:
@@ -126,15 +128,15 @@ class EventStream:
             if event.kind in (EVENT_FINAL, EVENT_ERROR):
                 return
 
-    def _deadline(self, now: float, started_at: float, last_event: float, tokens_seen: bool) -> str | None:
+    def _deadline(self, now: float, started_at: float, last_event: float, tokens_seen: bool) -> StreamEvent | None:
         s = self._settings
         if now - started_at > s.request_timeout:
-            return f"the request did not finish within {s.request_timeout:g} s"
+            return error(f"the request did not finish within {s.request_timeout:g} s", FailureReason.REQUEST_TIMEOUT)
         picked_up = self.replica is not None or tokens_seen
         if not picked_up and now - last_event > s.queue_timeout:
-            return "no replica took the request in time"
+            return error("no replica took the request in time", FailureReason.QUEUE_TIMEOUT)
         if picked_up and now - last_event > s.replica_silence_timeout:
-            return "replica stopped responding"
+            return error("replica stopped responding", FailureReason.REPLICA_SILENT)
         return None
 
     def _check(self) -> StreamEvent | None:
@@ -152,17 +154,18 @@ class EventStream:
             if lost:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
             if not serving(states):
-                return error(NO_REPLICA)
+                return error(NO_REPLICA, FailureReason.NO_REPLICA)
         except (redis.RedisError, OSError):
-            return error("lost the connection to the queue")
+            return error(CONNECTION_LOST, FailureReason.QUEUE_CONNECTION_LOST)
         return None
 
     def _fail_over(self, why: str) -> StreamEvent:
         states = self._watch.replica_states(0)
         if not serving(states):
-            return error(f"{why} and {NO_REPLICA}")
+            return error(f"{why} and {NO_REPLICA}", FailureReason.NO_REPLICA)
         if self._job is None or self.attempt >= self._settings.max_redeliveries:
-            return error(f"{why} and the request was retried {self.attempt} time(s) already")
+            return error(f"{why} and the request was retried {self.attempt} time(s) already",
+                         FailureReason.REDELIVERIES_EXHAUSTED)
         self.attempt += 1
         self._job.attempt = self.attempt
         log.warning("request %s: %s; re-enqueued as attempt %d", self._job.request_id, why, self.attempt)

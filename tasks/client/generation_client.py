@@ -1,7 +1,9 @@
 """The web's side of the queue: subscribe to a request's stream, then enqueue its job.
 
 One Redis pub/sub connection per in-flight request; the subscription is confirmed before the
-job is sent, so no event can be published before anyone listens. Closing the stream
+job is sent, so no event can be published before anyone listens. The process's one connection
+pool is sized for that (`web_connection_pool`): a burst within the admission limit never fails
+for want of a connection. Closing the stream
 unsubscribes, which is how a replica learns that the client went away (its next PUBLISH reaches
 no one, and it cancels the request). Deadlines and failover: tasks.client.event_stream.
 """
@@ -27,12 +29,25 @@ class NoReplica(RuntimeError):
     """No replica is active or loading: a job would wait for nothing."""
 
 
+BACKGROUND_CONNECTIONS = 8  # the admission renewer, /metrics collectors, cluster commands
+
+
+def web_connection_pool(settings: Settings) -> redis.BlockingConnectionPool:
+    """Every thread of a web process may hold its request's pub/sub connection and run one
+    command (admission, enqueue check, replica check) at the same time. redis-py's default pool
+    (100 connections, then `Too many connections`) failed admitted requests under a burst;
+    this one has room for every thread, and were it ever short it would wait its turn (up to
+    `queue_timeout`) rather than fail."""
+    return redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=2 * settings.web_process_threads + BACKGROUND_CONNECTIONS,
+        timeout=settings.queue_timeout, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
+    )
+
+
 class GenerationClient:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
-        )
+        self.redis = redis.Redis(connection_pool=web_connection_pool(settings))
         self.celery = make_celery(settings)
         self._states: tuple[float, dict[str, str]] = (0.0, {})  # (when read, name -> state)
         self._states_lock = threading.Lock()

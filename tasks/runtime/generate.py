@@ -17,7 +17,7 @@ from celery import Celery
 
 from common.keys import attempt_key
 from common.logs import request_id_bound
-from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, Job, StreamEvent
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, FailureReason, Job, StreamEvent
 from engine.outputs import EngineError, RequestCancelled
 from tasks.queue.celery_app import GENERATE_TASK
 from tasks.runtime.job_params import engine_request_id, engine_requests
@@ -59,6 +59,7 @@ def _generate(job: Job) -> None:
         log.error("request %s: could not announce the job (%s); failing it", job.request_id, error)
         replica.relay.send(job.request_id, StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED,
                                                        error_type="incomplete_generation",
+                                                       reason=FailureReason.PUBLISH_FAILED,
                                                        attempt=job.attempt or None))
         return
     if not listening:
@@ -68,7 +69,8 @@ def _generate(job: Job) -> None:
     try:
         requests = engine_requests(job)
     except ValueError as error:
-        replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}"))
+        replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}",
+                                                  FailureReason.MALFORMED_JOB))
         return
     replica.relay.register(engine_request_id(job), job.request_id, job.attempt, stream=job.stream)
     streams = []
@@ -108,7 +110,7 @@ def _refuse(job_dict: dict, error: Exception) -> None:
     if isinstance(request_id, str):
         current_replica().relay.send(request_id, StreamEvent(
             kind=EVENT_ERROR, error=f"Request failed during generation: malformed job ({error!r})",
-            error_type="generation", attempt=job_dict.get("attempt") or None))
+            error_type="generation", reason=FailureReason.MALFORMED_JOB, attempt=job_dict.get("attempt") or None))
 
 
 def _superseded(replica, job: Job) -> bool:
@@ -136,5 +138,6 @@ def _collect(stream, generation: Generation, timeout: float) -> Generation:
     return generation
 
 
-def _error(job: Job, message: str) -> StreamEvent:
-    return StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation", attempt=job.attempt or None)
+def _error(job: Job, message: str, reason: FailureReason = FailureReason.ENGINE_ERROR) -> StreamEvent:
+    return StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation", reason=reason,
+                       attempt=job.attempt or None)

@@ -90,7 +90,7 @@ class Replica:
         self.relay = StreamRelay(
             _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
             alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),
-            stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout * 2,
+            stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout,
         )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
                              cuda_graphs=s.cuda_graphs).start()

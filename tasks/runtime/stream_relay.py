@@ -8,12 +8,17 @@ engine, which frees its batch slot within a step.
 Failure policy (docs/failure-policy.md):
 - a Redis error is retried `retries` times with exponential backoff, for the messages that
   failed only (a duplicate token, after a connection lost mid-pipeline, is dropped by the web);
-- what still cannot go out fails its request: it is cancelled in the engine, and one error event
-  (`incomplete_generation`) is retried on every later pass until `give_up_after`, by which time
-  the web's silence deadline has ended the request anyway; a final event is never just dropped;
-- while a request is held, an `alive` event goes out whenever nothing else did for
-  `alive_interval`, so that the web can fail a silent replica within its silence deadline,
-  streaming or not; ticks stop when the engine has not stepped for `stall_after` seconds;
+- a request's last message (final or error) that still cannot go out stays pending: it is
+  retried on every later pass until `give_up_after`, and the request is not failed for it (its
+  generation is done, its client has lost nothing), so a Redis blip delays an answer, never
+  fails it;
+- a token of a stream that cannot go out fails its request (its client saw a gap): it is
+  cancelled in the engine, and one error event (`incomplete_generation`) takes the place of its
+  final, pending the same way;
+- while a request is held or its last message pending, an `alive` event goes out whenever
+  nothing else did for `alive_interval`, so that the web can fail a silent replica within its
+  silence deadline, streaming or not; ticks for a held request stop when the engine has not
+  stepped for `stall_after` seconds;
 - any other exception is logged with its traceback, fails the requests of that pass, and the
   relay goes on.
 """
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 import redis
 
 from common.keys import stream_channel
-from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_TOKEN, StreamEvent
+from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, FailureReason, StreamEvent
 from engine.outputs import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -52,13 +57,21 @@ class _Held:
 class _Message:
     channel: str
     event: StreamEvent
-    engine_id: str | None  # the held request it belongs to (None: an error event being retried)
+    engine_id: str | None  # the held request it belongs to (None: a pending last message)
+
+    @property
+    def is_last(self) -> bool:
+        """A final or error event: the request's last message."""
+        return self.event.kind in (EVENT_FINAL, EVENT_ERROR)
 
 
 @dataclass
-class _PendingError:
+class _Pending:
+    """A request's last message that Redis has not taken yet."""
+
     message: _Message
     until: float  # monotonic time after which nobody waits for it
+    last_tick: float  # when an `alive` tick last went out for it
 
 
 class StreamRelay:
@@ -70,10 +83,10 @@ class StreamRelay:
         self._stall_after = stall_after
         self._retries = retries
         self._backoff = backoff
-        self._give_up_after = give_up_after
+        self._give_up_after = give_up_after  # set it to the web's silence deadline: nobody waits longer
         self._held: dict[str, _Held] = {}  # engine request id -> what the relay sends for it
         self._lock = threading.Lock()
-        self._pending: dict[str, _PendingError] = {}  # channel -> error event not yet out (relay thread)
+        self._pending: dict[str, _Pending] = {}  # channel -> last message not yet out (relay thread)
         self._last_step = time.monotonic()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
@@ -150,9 +163,9 @@ class StreamRelay:
         for message, receivers in zip(messages, replies):
             if id(message) in failed_ids:
                 continue
-            if message.engine_id is None:
-                self._pending.pop(message.channel, None)
-            elif receivers == 0 and message.event.kind in (EVENT_TOKEN, EVENT_ALIVE):
+            if message.is_last:
+                self._delivered(message)
+            elif receivers == 0 and message.engine_id is not None:
                 self._client_gone(message.engine_id)
         for message in failed:
             self._give_up(message, error)
@@ -168,7 +181,7 @@ class StreamRelay:
                     request_id, event, engine_id = item
                     self._held.pop(engine_id, None)
                     if stream_channel(request_id) in self._pending:
-                        continue  # already failed (it lost events): its error event stands
+                        continue  # already failed (it lost tokens): its error event stands
                     messages.append(_Message(stream_channel(request_id), event, engine_id))
                     continue
                 for event in item:
@@ -183,6 +196,8 @@ class StreamRelay:
         return messages
 
     def _alive_ticks(self) -> list[_Message]:
+        """Ticks for held requests while the engine steps, and for pending last messages (their
+        generation is done: only Redis keeps them waiting)."""
         now = time.monotonic()
         ticks = []
         with self._lock:
@@ -192,6 +207,11 @@ class StreamRelay:
                     held.last_sent = now
                     ticks.append(_Message(stream_channel(held.channel),
                                           StreamEvent(kind=EVENT_ALIVE, attempt=held.attempt or None), engine_id))
+        for channel, pending in self._pending.items():
+            if now - pending.last_tick >= self._alive_interval:
+                pending.last_tick = now
+                ticks.append(_Message(channel, StreamEvent(kind=EVENT_ALIVE, attempt=pending.message.event.attempt),
+                                      None))
         return ticks
 
     def _publish(self, messages: list[_Message]) -> tuple[list, list[_Message], Exception | None]:
@@ -225,14 +245,29 @@ class StreamRelay:
         return replies, [messages[i] for i in remaining], error
 
     def _give_up(self, message: _Message, error: Exception | None) -> None:
-        """A message that every try failed: an `alive` tick is only skipped; anything else
-        fails its request, whose error event waits for Redis (see the module doc)."""
+        """A message that every try failed: an `alive` tick is only skipped; a last message waits
+        for Redis (pending); a token fails its request (see the module doc)."""
         if message.event.kind == EVENT_ALIVE:
             return
-        if message.engine_id is None:
-            return  # an error event already pending: it stays until it expires
+        if message.is_last:
+            self._keep_pending(message, error)
+            return
         log.error("request on %s: %s (%s); failing it", message.channel, PUBLISH_FAILED, error)
         self._fail(message.engine_id, message.channel, message.event.attempt)
+
+    def _keep_pending(self, message: _Message, error: Exception | None) -> None:
+        if message.channel in self._pending:
+            return  # already waiting; it stays until Redis takes it or it expires
+        log.warning("stream relay: the %s event on %s is not published yet (%s); retrying it until Redis "
+                    "takes it", message.event.kind, message.channel, error)
+        now = time.monotonic()
+        self._pending[message.channel] = _Pending(_Message(message.channel, message.event, None),
+                                                  now + self._give_up_after, now)
+
+    def _delivered(self, message: _Message) -> None:
+        if self._pending.pop(message.channel, None) is not None:
+            log.info("stream relay: the %s event on %s went out after waiting for Redis", message.event.kind,
+                     message.channel)
 
     def _fail(self, engine_id: str, channel: str, attempt: int | None) -> None:
         with self._lock:
@@ -241,9 +276,9 @@ class StreamRelay:
             self._cancel(engine_id)
         if channel not in self._pending:
             event = StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
-                                attempt=attempt)
-            self._pending[channel] = _PendingError(_Message(channel, event, None),
-                                                   time.monotonic() + self._give_up_after)
+                                reason=FailureReason.PUBLISH_FAILED, attempt=attempt)
+            now = time.monotonic()
+            self._pending[channel] = _Pending(_Message(channel, event, None), now + self._give_up_after, now)
 
     def _fail_all(self, batch: list) -> None:
         """After an unexpected error: fail the requests whose events the pass held (never raises)."""
@@ -266,8 +301,8 @@ class StreamRelay:
         for channel, pending in list(self._pending.items()):
             if now > pending.until:
                 del self._pending[channel]
-                log.error("stream relay: gave up publishing the error event on %s; the web's silence "
-                          "deadline ends that request", channel)
+                log.error("stream relay: gave up publishing the %s event on %s; the web's silence "
+                          "deadline ends that request", pending.message.event.kind, channel)
 
     def _client_gone(self, request_id: str) -> None:
         with self._lock:

@@ -86,7 +86,7 @@ def test_metrics_count_the_cluster_traffic(cluster, traffic):
     total = traffic["success"] + traffic["failure"]
     assert value(samples, "tgi_request_count_total") == total
     assert value(samples, "tgi_request_success_total") == traffic["success"]
-    assert value(samples, "tgi_request_failure_total", err="validation") == traffic["failure"]
+    assert value(samples, "tgi_request_failure_total", err="validation", reason="validation") == traffic["failure"]
     for name in ("tgi_request_duration", "tgi_request_validation_duration", "tgi_request_queue_duration",
                  "tgi_request_inference_duration", "tgi_request_mean_time_per_token_duration",
                  "tgi_request_generated_tokens", "tgi_request_input_length"):

@@ -1,8 +1,10 @@
 """Redis failing under a replica's stream relay mid-generation, for real: the replica logs in
 to Redis as its own ACL user, and the test takes PUBLISH away from that user (a NOPERM error on
 every publish) while the web, its heartbeat and its Celery consumer keep working. Every request
-must end with a clear error within its deadlines, none waiting for the request timeout; an
-outage shorter than the relay's retries must cost nothing."""
+must end within its deadlines, none waiting for the request timeout: an outage shorter than the
+relay's retries costs nothing, a request that lost no event gets its answer when PUBLISH is back,
+and only a stream that lost tokens fails. A test holds the engine between steps where timing
+matters (PausableService) rather than guess how fast this machine generates."""
 from __future__ import annotations
 
 import json
@@ -14,16 +16,17 @@ import redis
 import requests
 
 from tasks.runtime.stream_relay import PUBLISH_FAILED
-from tests.integration.test_faults import FAST, busiest_slot, records
-from tests.service import Service
+from tests.integration.test_faults import FAST, records
+from tests.service import PausableService, Service
 
 SILENCE = 12.0  # REPLICA_SILENCE_TIMEOUT; the relay retries for ~1.5 s (slack for a loaded machine)
 REQUEST_TIMEOUT = 120.0
 LONG = {"max_new_tokens": 1500}
 
 
-class ReplicaUserService(Service):
-    """The replicas connect as ACL user `replica`, whose PUBLISH the test can take away."""
+class ReplicaUserService(PausableService):
+    """The replicas connect as ACL user `replica`, whose PUBLISH the test can take away; the
+    test can pause their engines (PausableService)."""
 
     def start_replica(self, slot: int):
         admin = redis.Redis.from_url(self.redis.url)
@@ -131,13 +134,18 @@ def test_an_outage_shorter_than_the_retries_loses_nothing(svc):
 
 
 def test_an_outage_past_the_retries_fails_what_it_lost_with_the_relays_error(svc):
-    """The stream lost tokens: it ends with the relay's error as soon as Redis takes it, before
-    the silence deadline. A job taken during the outage could not say so: it fails the same way,
-    long before the queue deadline. The JSON requests lost nothing and finish."""
+    """The stream loses tokens (its engine steps only once PUBLISH is gone): it ends with the
+    relay's error as soon as Redis takes it, before the silence deadline. A job taken during the
+    outage could not say so: it fails the same way, long before the queue deadline. The JSON
+    requests lost nothing: whether they finish during the outage or after it, they get their 200."""
     with ThreadPoolExecutor(5) as pool:
         jsons, sse = in_flight(svc, pool)
-        svc.replica_publish(False)
-        cut = time.monotonic()
+        svc.pause_engine()
+        try:
+            svc.replica_publish(False)
+            cut = time.monotonic()
+        finally:
+            svc.resume_engine()
         during = pool.submit(generate, svc, "Hello there", max_new_tokens=4)
         time.sleep(3.5)  # past the relay's retries, under SILENCE
         svc.replica_publish(True)
@@ -150,4 +158,42 @@ def test_an_outage_past_the_retries_fails_what_it_lost_with_the_relays_error(svc
     assert late.status_code == 500 and late.json() == {"error": PUBLISH_FAILED, "error_type": "incomplete_generation"}
     assert late_ended - cut < SILENCE
     assert [r.status_code for r in outcomes] == [200, 200], [r.text for r in outcomes]
+    assert all(r.json()["generated_text"] for r in outcomes)
     wait_recovered(svc)
+
+
+def test_a_json_request_that_finishes_during_an_outage_gets_its_answer_when_publish_is_back(svc):
+    """The case a faster engine turned up: the request is announced (its `started` event went
+    out), generates all its tokens while PUBLISH is refused, and its final waits past every retry.
+    It is not failed for that: when PUBLISH is back the client gets its 200 with the full text."""
+    prompt, parameters = "Once upon a time", {"max_new_tokens": 64, "details": True}
+    reference = generate(svc, prompt, **parameters)[0].json()
+    log = svc.workdir / "replica0.log"
+    waited_before = log.read_text(errors="replace").count("the final event on")
+    with ThreadPoolExecutor(1) as pool:
+        svc.pause_engine()
+        try:
+            pending = pool.submit(generate, svc, prompt, **parameters)
+            wait_until(lambda: sum(r.get("waiting", 0) for r in records(svc).values()) >= 1, svc)  # announced
+            svc.replica_publish(False)
+        finally:
+            svc.resume_engine()
+        try:  # the engine finishes the request; its final fails every retry and waits
+            wait_until(lambda: log.read_text(errors="replace").count("the final event on") > waited_before, svc)
+            time.sleep(1.0)  # a few more passes of the relay with the final pending
+            assert not pending.done(), pending.result()[0].text
+        finally:
+            svc.replica_publish(True)
+        response, _ = pending.result()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["generated_text"] == reference["generated_text"]
+    assert body["details"]["generated_tokens"] == 64
+    assert [t["id"] for t in body["details"]["tokens"]] == [t["id"] for t in reference["details"]["tokens"]]
+
+
+def wait_until(condition, svc: Service, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, svc.logs()
+        time.sleep(0.05)

@@ -31,7 +31,7 @@ def test_tgi_metrics(client, redis_url, redis_client):
     samples = scrape(client)
     assert value(samples, "tgi_request_count_total") == 3
     assert value(samples, "tgi_request_success_total") == 2
-    assert value(samples, "tgi_request_failure_total", err="validation") == 1
+    assert value(samples, "tgi_request_failure_total", err="validation", reason="validation") == 1
     assert value(samples, "tgi_queue_size") == 2
     assert value(samples, "tgi_request_duration_count") == 2
     assert value(samples, "tgi_request_queue_duration_sum") == 0.5
@@ -73,7 +73,7 @@ def test_multiprocess_mode(model_dir, redis_url, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert 'tgi_request_failure_total{err="validation"} 1.0' in result.stdout
+    assert 'tgi_request_failure_total{err="validation",reason="validation"} 1.0' in result.stdout
     assert "tgi_request_count_total 1.0" in result.stdout
     assert "flask_http_request_total" in result.stdout
 

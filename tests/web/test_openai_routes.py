@@ -198,7 +198,7 @@ def test_overloaded_is_429_and_counted(chat_model_dir, redis_url, redis_client):
     response = chat(client)
     assert response.status_code == 429 and response.get_json()["error_type"] == "overloaded"
     metrics = client.get("/metrics").get_data(as_text=True)
-    assert 'tgi_request_failure_total{err="overloaded"} 1.0' in metrics
+    assert 'tgi_request_failure_total{err="overloaded",reason="overloaded"} 1.0' in metrics
 
 
 def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
@@ -223,7 +223,7 @@ def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "tgi_request_count_total 3.0" in metrics  # one per HTTP request, whatever its choices
     assert "tgi_request_success_total 2.0" in metrics
-    assert 'tgi_request_failure_total{err="validation"} 1.0' in metrics
+    assert 'tgi_request_failure_total{err="validation",reason="validation"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("body, expected", [

@@ -1,5 +1,6 @@
-"""The replica's stream relay (tasks/runtime/stream_relay.py) on a real Redis: retries, the error event
-that replaces what could not be published, `alive` ticks, and a bug that must not end it.
+"""The replica's stream relay (tasks/runtime/stream_relay.py) on a real Redis: retries, final events
+that wait out an outage, the error event of a stream that lost tokens, `alive` ticks, and a bug
+that must not end it.
 PUBLISH is taken away from the relay's own ACL user, so the failure is Redis's own NOPERM."""
 from __future__ import annotations
 
@@ -97,17 +98,68 @@ def test_tokens_that_cannot_be_published_fail_the_request_with_an_error_event(re
     assert listener.next(timeout=1.5) is None  # its final never follows: the request failed
 
 
-def test_a_final_event_that_cannot_be_published_becomes_an_error_event(redis_url, admin, relay_user, make_relay):
+def test_a_final_event_waits_out_an_outage_and_goes_out_unchanged(redis_url, admin, relay_user, make_relay):
     cancelled: list = []
     relay = make_relay(relay_user, cancelled)
     listener = Listener(redis_url, "final")
     relay.register("final", stream=False)
     admin.execute_command("ACL", "SETUSER", "relay", "-publish")
     relay.send("final", StreamEvent(kind=EVENT_FINAL, index=3, generated_text="abc"))
-    time.sleep(0.5)  # past the retries
+    time.sleep(0.5)  # past the retries (~0.03 s)
     admin.execute_command("ACL", "SETUSER", "relay", "+publish")
     event = listener.next()
-    assert (event.kind, event.error_type) == (EVENT_ERROR, "incomplete_generation")
+    assert (event.kind, event.generated_text, event.index) == (EVENT_FINAL, "abc", 3)
+    assert listener.next(timeout=1.0) is None  # one answer, no error after it
+    assert cancelled == []  # its generation was done: nothing to cancel
+
+
+def test_a_stream_that_lost_no_token_ends_with_its_final_after_an_outage(redis_url, admin, relay_user, make_relay):
+    cancelled: list = []
+    relay = make_relay(relay_user, cancelled)
+    listener = Listener(redis_url, "whole")
+    relay.register("whole")
+    relay.on_step([token_event("whole", 1)])
+    assert listener.next().kind == EVENT_TOKEN
+    admin.execute_command("ACL", "SETUSER", "relay", "-publish")
+    relay.send("whole", StreamEvent(kind=EVENT_FINAL, index=1, generated_text="t1"))
+    time.sleep(0.5)
+    admin.execute_command("ACL", "SETUSER", "relay", "+publish")
+    event = listener.next()
+    assert (event.kind, event.generated_text) == (EVENT_FINAL, "t1")
+    assert cancelled == []
+
+
+def test_a_pending_final_keeps_the_web_hearing_alive_ticks(redis_url, admin, relay_user, make_relay):
+    """Its generation is done, so its ticks do not stop with the engine (stall_after) but go on
+    until the final goes out; they are sent before it in the pass that delivers it."""
+    relay = make_relay(relay_user, [], alive_interval=0.1, stall_after=0.2)
+    listener = Listener(redis_url, "waiting")
+    relay.register("waiting", stream=False)
+    admin.execute_command("ACL", "SETUSER", "relay", "-publish")
+    relay.send("waiting", StreamEvent(kind=EVENT_FINAL, index=2, generated_text="ok"))
+    time.sleep(0.6)  # past the retries, and past stall_after with no engine step
+    admin.execute_command("ACL", "SETUSER", "relay", "+publish")
+    kinds = []
+    while (event := listener.next(timeout=2.0, skip_alive=False)) is not None and event.kind != EVENT_FINAL:
+        kinds.append(event.kind)
+    assert event is not None and event.generated_text == "ok"
+    assert kinds and set(kinds) == {EVENT_ALIVE}
+
+
+def test_a_final_that_waits_past_give_up_after_is_dropped_with_a_log_line(redis_url, admin, relay_user, make_relay,
+                                                                          caplog):
+    relay = make_relay(relay_user, [], give_up_after=0.3)
+    listener = Listener(redis_url, "late")
+    relay.register("late", stream=False)
+    with caplog.at_level(logging.ERROR, logger="tasks.runtime.stream_relay"):
+        admin.execute_command("ACL", "SETUSER", "relay", "-publish")
+        relay.send("late", StreamEvent(kind=EVENT_FINAL, index=1, generated_text="x"))
+        deadline = time.monotonic() + 5
+        while not any("gave up publishing the final event" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the pending final never expired"
+            time.sleep(0.05)
+    admin.execute_command("ACL", "SETUSER", "relay", "+publish")
+    assert listener.next(timeout=1.0) is None  # the web's silence deadline has ended that request
 
 
 def test_alive_ticks_while_the_engine_steps_and_none_when_it_stalls(redis_url, relay_user, make_relay):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
+from common.protocol import FailureReason
 from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, GenerationError, ValidationError
 from web.json_body import StrictBlueprint
@@ -113,4 +114,5 @@ def _tokens(work):
     try:
         return work()
     except TokenizerUnavailable as error:
-        raise GenerationError(f"the tokenizer is not available yet: {error}") from error
+        raise GenerationError(f"the tokenizer is not available yet: {error}",
+                              reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
