@@ -5,6 +5,7 @@ reason), lost (no answer at all: must be 0) and the RSS of every process at star
 
     .venv/bin/python -m bench.soak --clients 8 --minutes 1.5
     .venv/bin/python -m bench.soak --model-id /path/to/model --clients 16 --minutes 5
+    .venv/bin/python -m bench.soak --burst      # bursts at 1x, 2x, 4x the concurrency limit
 
 Bounded: at most --max-requests requests and --minutes of load (plus the in-flight requests'
 own deadline), and every process it starts is stopped by its id at the end.
@@ -38,13 +39,14 @@ FAST_FAILOVER = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "REPLICA_CHE
 class Cluster:
     """Redis, `replicas` replica workers and the web, started from the CLI like `serve` does."""
 
-    def __init__(self, model_id: str | None, replicas: int, web_workers: int, workdir: Path):
+    def __init__(self, model_id: str | None, replicas: int, web_workers: int, workdir: Path,
+                 env: dict | None = None):
         self.workdir = workdir
         self.redis = EmbeddedRedis()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **FAST_FAILOVER, "PORT": str(self.port), "HOSTNAME": "127.0.0.1",
-                    "WEB_WORKERS": str(web_workers), "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
+                    "WEB_WORKERS": str(web_workers), "HF_HUB_OFFLINE": "1", "LOG_LEVEL": "WARNING", **(env or {})}
         if model_id:
             self.env["MODEL_ID"] = model_id
         self.slots = replicas
@@ -166,19 +168,23 @@ class Load:
                 self.outcomes[outcome] += 1
 
     def _one(self, prompt: str, parameters: dict, stream: bool) -> str:
-        """'ok', 'failed: <reason>' (a clear error answer), or 'lost: <what>' (no answer)."""
-        path = "/generate_stream" if stream else "/generate"
-        try:
-            response = requests.post(f"{self.base_url}{path}", json={"inputs": prompt, "parameters": parameters},
-                                     stream=stream, timeout=180)
-            if response.status_code != 200:
-                body = response.json()
-                return f"failed: {response.status_code} {body.get('error_type')}: {body.get('error')}"
-            if not stream:
-                return "ok" if "generated_text" in response.json() else "lost: 200 without generated_text"
-            return _stream_outcome(response)
-        except requests.RequestException as error:
-            return f"lost: {type(error).__name__}"
+        return request_outcome(self.base_url, prompt, parameters, stream)
+
+
+def request_outcome(base_url: str, prompt: str, parameters: dict, stream: bool) -> str:
+    """'ok', 'failed: <reason>' (a clear error answer), or 'lost: <what>' (no answer)."""
+    path = "/generate_stream" if stream else "/generate"
+    try:
+        response = requests.post(f"{base_url}{path}", json={"inputs": prompt, "parameters": parameters},
+                                 stream=stream, timeout=180)
+        if response.status_code != 200:
+            body = response.json()
+            return f"failed: {response.status_code} {body.get('error_type')}: {body.get('error')}"
+        if not stream:
+            return "ok" if "generated_text" in response.json() else "lost: 200 without generated_text"
+        return _stream_outcome(response)
+    except requests.RequestException as error:
+        return f"lost: {type(error).__name__}"
 
 
 def _stream_outcome(response) -> str:
@@ -222,7 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--max-requests", type=int, default=20_000)
+    parser.add_argument("--burst", action="store_true",
+                        help="instead of the soak: bursts of 1x, 2x and 4x --max-concurrent-requests at once "
+                             "(bench/soak_burst.py)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=128, help="with --burst: the limit")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="with --burst: per replica")
     args = parser.parse_args(argv)
+    if args.burst:
+        from bench.soak_burst import run_bursts
+
+        return run_bursts(args)
     if args.replicas < 2:
         parser.error("--replicas must be >= 2 (one is killed)")
     seconds = min(args.minutes, 60.0) * 60

@@ -260,9 +260,11 @@ class StreamRelay:
             return  # already waiting; it stays until Redis takes it or it expires
         log.warning("stream relay: the %s event on %s is not published yet (%s); retrying it until Redis "
                     "takes it", message.event.kind, message.channel, error)
+        self._pend(message.channel, message.event)
+
+    def _pend(self, channel: str, event: StreamEvent) -> None:
         now = time.monotonic()
-        self._pending[message.channel] = _Pending(_Message(message.channel, message.event, None),
-                                                  now + self._give_up_after, now)
+        self._pending[channel] = _Pending(_Message(channel, event, None), now + self._give_up_after, now)
 
     def _delivered(self, message: _Message) -> None:
         if self._pending.pop(message.channel, None) is not None:
@@ -275,10 +277,8 @@ class StreamRelay:
         if running:
             self._cancel(engine_id)
         if channel not in self._pending:
-            event = StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
-                                reason=FailureReason.PUBLISH_FAILED, attempt=attempt)
-            now = time.monotonic()
-            self._pending[channel] = _Pending(_Message(channel, event, None), now + self._give_up_after, now)
+            self._pend(channel, StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
+                                            reason=FailureReason.PUBLISH_FAILED, attempt=attempt))
 
     def _fail_all(self, batch: list) -> None:
         """After an unexpected error: fail the requests whose events the pass held (never raises)."""
