@@ -20,6 +20,7 @@ from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
 from common import logs, model_files
 from common.settings import Settings, flag_name
+from tasks.control.devices import parse_devices
 from tasks.runtime.worker import run_worker
 
 log = logging.getLogger("blitzscale")
@@ -178,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.devices:
+        try:
+            parse_devices(settings.devices)
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
     if settings.ignored_settings():
         log.warning(settings.ignored_settings())
     if args.command == "serve":
