@@ -1,4 +1,4 @@
-"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler.
+"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler | probe.
 
 Flags are the Settings fields with TGI launcher names (`--model-id`, `--port`,
 `--max-input-tokens`, ...); each also reads its environment variable (MODEL_ID, PORT, ...).
@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 
+from blitzscale.probe import probe
 from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "convert the model into the host weight cache"),
         ("agent", "this host's agent: starts replica processes when the control plane asks"),
         ("autoscaler", "the autoscaler alone: moves the active replicas between --min- and --max-replicas"),
+        ("probe", "exit 0 when this host's agent, or one of its replicas, is alive in Redis (for exec probes)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _add_settings_flags(sub)
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--standby", action="store_true", help="load the model, consume nothing until add_consumer")
         if name == "agent":
             sub.add_argument("--replicas", type=int, default=0, help="replicas to start at once")
+        if name == "probe":
+            sub.add_argument("role", choices=("agent", "replica"))
+            sub.add_argument("--ready", action="store_true", help="replica: one has loaded its weights")
     return parser
 
 
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_agent(settings, args.replicas)
     if args.command == "autoscaler":
         return cmd_autoscaler(settings)
+    if args.command == "probe":
+        return probe(settings, args.role, args.ready)
     prepare(settings)
     return 0
 
