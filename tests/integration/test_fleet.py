@@ -6,16 +6,15 @@ then a host lost under load."""
 from __future__ import annotations
 
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 import requests
 
+from tasks.weights.sources import read_transfers
 from tests.fleet_service import FleetService
 from tests.integration.sse import sse_events
-from tasks.weights.sources import read_transfers
 
 ENV = {"MANUALLY_SCALE": "true", "MAX_REPLICAS": "5", "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "2",
        "MAX_BATCH_SIZE": "2", "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024", "REPLICA_CHECK_INTERVAL": "0.5",
