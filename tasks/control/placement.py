@@ -13,7 +13,9 @@ the best host:
 3. any host (the model is prepared from its source there).
 
 Ties go to the host with the fewest replicas (spread), then by name; the place is the host's
-lowest free one. No torch, no Redis here.
+lowest free one. A second replica on a host maps the host's copy (`host-cache`), with the first
+one's sources: the replicas of a host share one cache entry, and whichever takes its lock first
+makes the copy. No torch, no Redis here.
 """
 from __future__ import annotations
 
@@ -120,8 +122,11 @@ def _peers_for(agent: AgentRecord, fleet: Fleet, plan: list[Placement]) -> list[
 
 def _placement(slot: int, agent: AgentRecord, device: str, tier: int, fleet: Fleet, plan: list[Placement],
                sources: list[int]) -> Placement:
-    if tier == 0 or any(p.host == agent.host for p in plan):  # cached, or cached by an earlier copy here
+    if tier == 0:
         return Placement(slot, agent.host, device, HOST_CACHE)
+    here = next((p for p in plan if p.host == agent.host), None)
+    if here is not None:  # maps the host's copy; whichever of them takes the cache entry first copies it
+        return Placement(slot, agent.host, device, HOST_CACHE, here.fetch_from)
     peers = _peers_for(agent, fleet, plan)
     chain = [p for p in peers if any(q.slot == p for q in plan)]
     fetch_from = tuple(dict.fromkeys(chain + sources + peers))  # predecessor, old stubs, holders

@@ -46,6 +46,10 @@ def test_new_replicas_on_empty_hosts_form_one_chain_from_the_source():
     fleet = Fleet([agent("h1", "cpu:0", "cpu:1"), agent("h2", "cpu:0")], {0: replica(0, "h0")}, SHA)
     plan = place([1, 2], fleet, sources=[0])
     assert plan == [Placement(1, "h1", "cpu:0", "peer", (0,)), Placement(2, "h2", "cpu:0", "peer", (1, 0))]
+    fleet = Fleet([agent("h1", "cpu:0", "cpu:1"), agent("h2", "cpu:0", "cpu:1")], {0: replica(0, "h0")}, SHA)
+    # the second replica of a host maps its copy, and has the first one's sources should it make it
+    assert place([1, 2, 3, 4], fleet, sources=[0])[2:] == [Placement(3, "h1", "cpu:1", "host-cache", (0,)),
+                                                            Placement(4, "h2", "cpu:1", "host-cache", (1, 0))]
 
 
 def test_a_host_that_can_copy_comes_before_one_that_cannot():
