@@ -54,8 +54,9 @@ def place(new_slots: list[int], fleet: Fleet, sources: list[int] = ()) -> list[P
     """A placement for each of `new_slots`; `sources` are the command's old stubs (copied from
     first). Raises NoFreePlace when there are fewer free places than new replicas."""
     free = free_places(fleet)
-    if sum(len(places) for places in free.values()) < len(new_slots):
-        raise NoFreePlace(len(new_slots), sum(len(places) for places in free.values()), used_places(fleet))
+    free_count = sum(len(places) for places in free.values())
+    if free_count < len(new_slots):
+        raise NoFreePlace(len(new_slots), free_count, used_places(fleet))
     agents = {agent.host: agent for agent in fleet.agents}
     load = Counter(view.get("host") for view in fleet.slots.values() if view["state"] in LIVE_STATES)
     plan: list[Placement] = []
