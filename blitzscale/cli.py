@@ -1,4 +1,4 @@
-"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler.
+"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler | probe.
 
 Flags are the Settings fields with TGI launcher names (`--model-id`, `--port`,
 `--max-input-tokens`, ...); each also reads its environment variable (MODEL_ID, PORT, ...).
@@ -15,11 +15,13 @@ import threading
 import time
 import urllib.request
 
+from blitzscale.probe import probe
 from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
 from common import logs, model_files
 from common.settings import Settings, flag_name
+from tasks.control.devices import parse_devices
 from tasks.runtime.worker import run_worker
 
 log = logging.getLogger("blitzscale")
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "convert the model into the host weight cache"),
         ("agent", "this host's agent: starts replica processes when the control plane asks"),
         ("autoscaler", "the autoscaler alone: moves the active replicas between --min- and --max-replicas"),
+        ("probe", "exit 0 when this host's agent, or one of its replicas, is alive in Redis (for exec probes)"),
     ]:
         sub = commands.add_parser(name, help=help_text)
         _add_settings_flags(sub)
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--standby", action="store_true", help="load the model, consume nothing until add_consumer")
         if name == "agent":
             sub.add_argument("--replicas", type=int, default=0, help="replicas to start at once")
+        if name == "probe":
+            sub.add_argument("role", choices=("agent", "replica"))
+            sub.add_argument("--ready", action="store_true", help="replica: one has loaded its weights")
     return parser
 
 
@@ -178,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    if settings.devices:
+        try:
+            parse_devices(settings.devices)
+        except ValueError as error:
+            raise SystemExit(str(error)) from error
     if settings.ignored_settings():
         log.warning(settings.ignored_settings())
     if args.command == "serve":
@@ -190,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_agent(settings, args.replicas)
     if args.command == "autoscaler":
         return cmd_autoscaler(settings)
+    if args.command == "probe":
+        return probe(settings, args.role, args.ready)
     prepare(settings)
     return 0
 

@@ -18,9 +18,10 @@ class Scaling:
     """A host agent (starting `num_replicas` replicas, then `standby_replicas` in standby) and,
     unless manual scaling is on, the autoscaler; both threads of the calling process."""
 
-    def __init__(self, settings: Settings, env: dict | None = None, autoscale: bool | None = None):
+    def __init__(self, settings: Settings, env: dict | None = None, autoscale: bool | None = None,
+                 detach: bool = True):
         self.settings = settings
-        self.agent = HostAgent(settings, env=env)
+        self.agent = HostAgent(settings, env=env, detach=detach)
         self.autoscale = (not settings.manually_scale) if autoscale is None else autoscale
         self.autoscaler = None
 
@@ -52,11 +53,13 @@ def _wait_for_signal() -> None:
 
 
 def cmd_agent(settings: Settings, replicas: int = 0) -> int:
-    """This host's agent alone (one per host of a cluster), starting `replicas` at once."""
+    """This host's agent alone (one per host of a cluster), starting `replicas` at once. Its
+    replicas stay in its process group: the host's processes go down together."""
     if not settings.redis_url:
         raise SystemExit("blitzscale agent needs REDIS_URL (or --redis-url)")
-    scaling = Scaling(settings, autoscale=False).start(replicas)
-    log.info("host agent %s ready", scaling.agent.host)
+    scaling = Scaling(settings, autoscale=False, detach=False).start(replicas)
+    agent = scaling.agent
+    log.info("host agent %s ready: %s", agent.host, ", ".join(p.name for p in agent.places))
     try:
         _wait_for_signal()
     finally:

@@ -53,7 +53,8 @@ def slot_lease_key(slot: int) -> str:
 
 
 def agent_key(host: str) -> str:
-    """A host agent's presence (refreshed while it runs): it can start replica processes there."""
+    """A host agent's record (`common.fleet.AgentRecord`, refreshed while it runs): its places,
+    which replica holds each, its host cache; it can start replica processes there."""
     return f"{KEY_PREFIX}agent:{host}"
 
 
@@ -62,8 +63,12 @@ def agent_key_pattern() -> str:
 
 
 def agent_commands_key(host: str) -> str:
-    """List of JSON commands for one host's agent (`{"op": "start", "slot": N}`)."""
+    """List of JSON commands for one host's agent (`common.fleet.StartCommand`)."""
     return f"{KEY_PREFIX}agent-commands:{host}"
+
+
+PLACEMENT_KEY = f"{KEY_PREFIX}placement"
+"""JSON of the last placement the control plane computed and executed (shown in /cluster_state)."""
 
 CLUSTER_LOCK_KEY = f"{KEY_PREFIX}cluster-lock"
 """Held while a scaling command plans and applies its steps (one command at a time)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class Settings:
     model_id: str = field(default_factory=default_model_id)
     revision: str | None = None
     dtype: str | None = None  # None: the model's own dtype on GPU, float32 on CPU
-    device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu
+    device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu (a host agent sets it per replica)
+    device_name: str | None = None  # set by a host agent: its name for the replica's place (cuda:3, cpu:1)
     weight_cache_dir: str = field(default_factory=_default_cache_dir)
     # HTTP
     hostname: str = "127.0.0.1"
@@ -63,6 +65,8 @@ class Settings:
     # Cluster
     redis_url: str | None = None  # None: `serve` starts a private Redis server
     num_replicas: int = 1
+    host_name: str | None = None  # this host's name in the cluster (agent, replicas); None: the machine's
+    devices: str | None = None  # agent: places for replicas (`cuda:0,cuda:1`, `cpu,cpu`); None: every GPU, else cpu × slots
     manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
     # Scaling (tasks/control/cluster.py, tasks/control/autoscaler.py): slots are 0..slot_count-1
     min_replicas: int = 1
@@ -157,6 +161,11 @@ class Settings:
     def replica_range(self) -> tuple[int, int]:
         """(min, max) active replicas for the autoscaler."""
         return self.min_replicas, max(self.max_replicas or self.num_replicas, self.min_replicas)
+
+    @property
+    def host(self) -> str:
+        """This host's name in the cluster: `--host-name`, else the machine's."""
+        return self.host_name or socket.gethostname()
 
     @property
     def slot_count(self) -> int:

@@ -48,8 +48,12 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
         self.capture_seconds = 0.0
 
-    @torch.inference_mode()
     def capture(self) -> None:
+        with torch.cuda.device(self.runner.device):  # warm-up streams and graphs on our device, whoever calls
+            self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
         started = time.perf_counter()
         pool = None
         for batch in reversed(self.batches):

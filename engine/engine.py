@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.devices import device_context
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import to_host
 from engine.kv_slots import KVGeometry
@@ -71,7 +72,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread = threading.Thread(target=self._loop_on_device, name="engine-loop", daemon=True)
 
     # ---- the submitter's side (any thread) -------------------------------------------------
     def start(self) -> "Engine":
@@ -118,6 +119,10 @@ class Engine:
         )
 
     # ---- the loop thread --------------------------------------------------------------------
+    def _loop_on_device(self) -> None:
+        with device_context(self.device):  # its events and streams on our device, not cuda:0
+            self._loop()
+
     @torch.inference_mode()
     def _loop(self) -> None:
         while not self._stopping.is_set():

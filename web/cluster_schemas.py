@@ -70,9 +70,12 @@ class ReplicaStateSchema(Schema):
     state = fields.String(required=True, metadata={"description": "loading | active | draining | standby | stopped | dead"})
     target = fields.String(allow_none=True, metadata={"description": "what the slot was last told to become"})
     name = fields.String(allow_none=True, metadata={"description": "Celery worker name, replica<slot>@<host>"})
-    host = fields.String(allow_none=True)
+    host = fields.String(allow_none=True, metadata={"description": "the host (its agent's `--host-name`)"})
     pid = fields.Integer(allow_none=True)
-    device = fields.String(allow_none=True)
+    device = fields.String(allow_none=True, metadata={"description": "its place as the host's agent names it "
+                                                      "(`cuda:3`, `cpu:1`)"})
+    torch_device = fields.String(allow_none=True, metadata={"description": "the device the replica itself uses "
+                                                            "(`cuda:0`: it sees only its GPU)"})
     running = fields.Integer()
     waiting = fields.Integer(metadata={"description": "requests queued inside the replica's engine"})
     batch_occupancy = fields.Float(metadata={"description": "running / max_batch_size"})
@@ -92,6 +95,24 @@ class ReplicaStateSchema(Schema):
     celery = fields.Nested(CeleryViewSchema, allow_none=True)
 
 
+class PlaceSchema(Schema):
+    name = fields.String(metadata={"description": "`cuda:<index>` (the GPU's index on its host) or `cpu:<index>`"})
+    label = fields.String(metadata={"description": "the GPU's model, or `cpu`"})
+    memory_total = fields.Integer(allow_none=True, metadata={"description": "bytes (a CPU place: the host's)"})
+    memory_free = fields.Integer(allow_none=True)
+    slot = fields.Integer(allow_none=True, metadata={"description": "the replica slot holding it; null: free"})
+
+
+class HostSchema(Schema):
+    host = fields.String()
+    pid = fields.Integer(metadata={"description": "the agent's process"})
+    places = fields.List(fields.Nested(PlaceSchema), metadata={"description": "one replica each"})
+    models = fields.List(fields.String(), metadata={"description": "model hashes (prefixes) its host cache holds"})
+    model_sha = fields.String(allow_none=True, metadata={"description": "the model its replicas load"})
+    weights_host = fields.String(allow_none=True, metadata={"description": "its replicas' data-plane address"})
+    updated_at = fields.Float()
+
+
 class ClusterStateSchema(Schema):
     manually_scale = fields.Boolean()
     min_replicas = fields.Integer()
@@ -100,5 +121,9 @@ class ClusterStateSchema(Schema):
     queue_size = fields.Integer(metadata={"description": "jobs waiting in the broker's generation queue"})
     counts = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "slots by state"})
     agents = fields.List(fields.String(), metadata={"description": "hosts whose agent can start replicas"})
+    hosts = fields.List(fields.Nested(HostSchema), metadata={"description": "what each host's agent advertises"})
+    placement = fields.Dict(allow_none=True, metadata={"description": "the last placement executed: `at`, `trigger`, "
+                                                       "`placements` (slot, host, device, weights: host-cache | "
+                                                       "peer | source, fetch_from: slots)"})
     autoscaler = fields.Dict(allow_none=True, metadata={"description": "the autoscaler's last decision"})
     replicas = fields.List(fields.Nested(ReplicaStateSchema))

@@ -1,36 +1,50 @@
 """Scaling metrics read at scrape time from Redis: how often replicas were scaled up and down
-(`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, and every slot by
-state, `dead` and `stopped` included (`blitz_replica_slots`)."""
+(`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, its scale-ups blocked
+(`blitz_scale_up_blocked`, by reason), and every slot by host and state, `dead` and `stopped`
+included (`blitz_replica_slots`)."""
 from __future__ import annotations
+
+from collections import Counter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.states import ReplicaState
-from tasks.control.cluster import read_counters, read_slots
+from tasks.control.cluster import read_agents, read_counters, read_slots
 from web.redis_collector import RedisCollector
 
-NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_replica_slots")
+NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
+         "blitz_replica_slots")
 
 
 class ScalingCollector(RedisCollector):
     def read(self, connection):
-        return read_counters(connection), read_slots(connection)
+        return read_counters(connection), read_slots(connection), [a.host for a in read_agents(connection)]
 
     def families(self, values):
-        counters, slots = values
+        counters, slots, hosts = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
         decisions = CounterMetricFamily("blitz_autoscaler_decisions", "Autoscaler decisions that acted",
                                         labels=["action"])
-        families = {"scale_up": (up, 2), "scale_down": (down, 2), "decision": (decisions, 1)}
+        blocked = CounterMetricFamily("blitz_scale_up_blocked", "Autoscaler ticks that wanted new replicas and found "
+                                      "no free device (or no host agent)", labels=["reason"])
+        families = {"scale_up": (up, 2), "scale_down": (down, 2), "decision": (decisions, 1),
+                    "scale_up_blocked": (blocked, 1)}
         for name, value in sorted(counters.items()):
             kind, *labels = name.split(":")
             family, arity = families.get(kind, (None, 0))
             if family is not None and len(labels) == arity:
                 family.add_metric(labels, value)
-        yield from (up, down, decisions)
-        by_state = GaugeMetricFamily("blitz_replica_slots", "Replica slots by state", labels=["state"])
+        yield from (up, down, decisions, blocked)
+        yield _slots_by_host(slots, hosts)
+
+
+def _slots_by_host(slots: dict[int, dict], agents: list[str]) -> GaugeMetricFamily:
+    """Every state of every host that has an agent or a slot (0 included)."""
+    family = GaugeMetricFamily("blitz_replica_slots", "Replica slots by host and state", labels=["host", "state"])
+    counts = Counter((str(v.get("host") or ""), str(v["state"])) for v in slots.values())
+    for host in sorted(set(agents) | {host for host, _ in counts}):
         for state in ReplicaState:
-            by_state.add_metric([state], sum(1 for v in slots.values() if v["state"] == state))
-        yield by_state
+            family.add_metric([host, state], counts[(host, str(state))])
+    return family

@@ -1,58 +1,85 @@
-"""The host agent: starts replica worker processes on its host when the control plane asks.
+"""The host agent: one per host; starts replica worker processes there, each on its own place.
 
 Celery's remote control can attach, detach and shut down a worker, but cannot create one; that
 is the host's job (here), or the orchestrator's (`docker compose --scale worker=N`, Kubernetes).
-The agent announces itself in Redis (`common.keys.agent_key`), takes JSON commands from its
-host's list (`{"op": "start", "slot": N, "standby": false}`), and owns the processes it starts:
-it stops them when it stops. `blitzscale serve` runs one in-process; `blitzscale agent` alone.
-Each replica maps its weights from the host weight cache (converted once per host).
+The agent advertises its host in Redis, renewed like a heartbeat (`common.fleet.AgentRecord`: its
+places with their memory and the slot holding each, its host cache's models, its data plane's
+address), takes start commands from its host's list (`common.fleet.StartCommand`: a slot and the
+place the control plane chose for it), and owns the processes it starts: each gets exactly its
+one device (tasks/control/devices.py), and the agent stops them when it stops.
+
+A restarted agent announces itself again; replicas of its host that it did not start (left by
+its previous run) keep their places, and it never signals them. `blitzscale serve` runs one
+in-process; `blitzscale agent` alone (docs/scaling.md, "A fleet").
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import redis
 
+from common import model_files
+from common.fleet import CUDA, AgentRecord, Place, StartCommand
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 from common.processes import stop_processes
-from common.settings import Settings
+from common.settings import Settings, env_name
 from common.states import ReplicaState
+from tasks.control.devices import host_places, replica_device_env, visible_gpus, with_memory
+from tasks.weights.sources import advertised_host, live_records
 
 log = logging.getLogger(__name__)
 
 PRESENCE_TTL_S = 5
 EXIT_WAIT_S = 30.0
+MEMORY_REFRESH_S = 5.0  # how often the GPUs' free memory is read again (nvidia-smi)
+WORKER_MODULE = "blitzscale.cli"  # what a replica process runs (a test may run it through a wrapper)
 
 
 def worker_argv(slot: int, standby: bool = False) -> list[str]:
-    return [sys.executable, "-m", "blitzscale.cli", "worker", "--slot", str(slot), *(["--standby"] if standby else [])]
+    return [sys.executable, "-m", WORKER_MODULE, "worker", "--slot", str(slot), *(["--standby"] if standby else [])]
 
 
 class HostAgent:
     def __init__(self, settings: Settings, host: str | None = None, log_dir: str | None = None,
-                 env: dict | None = None):
-        """`env`: the replicas' base environment (default: ours); the settings go on top."""
+                 env: dict | None = None, detach: bool = True):
+        """`env`: the replicas' base environment (default: ours); the settings go on top.
+        `detach`: each replica in a session of its own (`serve`, whose supervisor stops them in
+        order), else in the agent's process group (`blitzscale agent`: the host's processes go
+        down together, as they do when the host does)."""
         self.settings = settings
-        self.env = {**(os.environ if env is None else env), **settings.to_env()}
-        self.host = host or socket.gethostname()
+        self.host = host or settings.host
+        self.env = {**(os.environ if env is None else env), **settings.to_env(), env_name("host_name"): self.host}
+        self.env.pop(env_name("devices"), None)  # a replica gets its one place, not the host's list
+        self.detach = detach
         self.log_dir = log_dir
         self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self._gpus = visible_gpus()
+        self._gpus_at = time.monotonic()
+        self.places = [Place(name) for name in host_places(settings, self._gpus)]
+        self.weights_host = advertised_host(settings.weights_host)
+        self.model_sha: str | None = None
         self.children: dict[int, subprocess.Popen] = {}
+        self.devices: dict[int, str] = {}  # slot → the place its process holds
+        self._adopted: dict[str, int] = {}  # place → slot of a live replica of this host we did not start
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start_replica(self, slot: int, standby: bool = False) -> subprocess.Popen | None:
-        """Start a worker for `slot`. The control plane asks only for a slot with no live replica:
-        a process of ours still there is on its way out (a warm shutdown), so it is waited for;
-        one still alive after `EXIT_WAIT_S` is left alone and nothing is started."""
+    # -- starting replicas
+
+    def start_replica(self, slot: int, standby: bool = False, device: str | None = None) -> subprocess.Popen | None:
+        """Start a worker for `slot` on the place `device` (None, or taken: the lowest free one).
+        The control plane asks only for a slot with no live replica: a process of ours still there
+        is on its way out (a warm shutdown), so it is waited for; one still alive after
+        `EXIT_WAIT_S` is left alone and nothing is started."""
         with self._lock:
             previous = self.children.get(slot)
         if previous is not None and previous.poll() is None:
@@ -62,62 +89,135 @@ class HostAgent:
             except subprocess.TimeoutExpired:
                 log.error("agent: slot %d: pid %d still runs; not starting another", slot, previous.pid)
                 return None
-        self._register_loading(slot, standby)
         with self._lock:
-            out = None
-            if self.log_dir:
-                os.makedirs(self.log_dir, exist_ok=True)
-                out = open(os.path.join(self.log_dir, f"replica{slot}.log"), "ab")
-            process = subprocess.Popen(worker_argv(slot, standby), env=self.env, start_new_session=True,
-                                       stdout=out, stderr=subprocess.STDOUT if out else None)
-            self.children[slot] = process
-        log.info("agent: started replica%d (pid %d%s)", slot, process.pid, ", standby" if standby else "")
+            self._reap_locked()
+            place = self._claim(device)
+            if place is None:
+                self._register_unplaced(slot, device)
+                return None
+            self._register_loading(slot, standby, place)
+            process = self._spawn(slot, standby, place)
+            self.children[slot], self.devices[slot] = process, place
+        log.info("agent: started replica%d on %s (pid %d%s)", slot, place, process.pid, ", standby" if standby else "")
         return process
 
-    def _register_loading(self, slot: int, standby: bool) -> None:
-        """The slot shows `loading` from now on, before the new process writes its own record,
-        and the target it loads for (the autoscaler counts only those meant to serve)."""
-        entry = {"slot": slot, "host": self.host, "state": ReplicaState.LOADING, "by": "agent",
+    def _claim(self, wanted: str | None) -> str | None:
+        held = self.held()
+        free = [p.name for p in self.places if p.name not in held]
+        if wanted is not None and wanted not in free:
+            log.warning("agent: %s is %s; taking another place", wanted,
+                        f"held by slot {held[wanted]}" if wanted in held else f"not a place of {self.host}")
+        return wanted if wanted in free else (free[0] if free else None)
+
+    def _spawn(self, slot: int, standby: bool, place: str) -> subprocess.Popen:
+        out = None
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, f"replica{slot}.log"), "ab")
+        return subprocess.Popen(worker_argv(slot, standby), env={**self.env, **replica_device_env(place)},
+                                start_new_session=self.detach, stdout=out, stderr=subprocess.STDOUT if out else None)
+
+    def held(self) -> dict[str, int]:
+        """Place → the slot holding it: our processes, and live replicas of this host that a
+        previous run of the agent started."""
+        mine = {place: slot for slot, place in self.devices.items() if slot in self.children}
+        return {**self._adopted, **mine}
+
+    def _register_loading(self, slot: int, standby: bool, place: str) -> None:
+        """The slot shows `loading` on its place from now on, before the new process writes its
+        own record, and the target it loads for (the autoscaler counts only those meant to serve)."""
+        entry = {"slot": slot, "host": self.host, "device": place, "state": ReplicaState.LOADING, "by": "agent",
                  "updated_at": time.time()}
         pipe = self.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
         pipe.set(slot_target_key(slot), ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)
         pipe.execute()
 
-    def handle(self, command: dict) -> None:
-        if command.get("op") == "start" and isinstance(command.get("slot"), int):
-            # In a thread: waiting out an exiting process must not stop the agent's presence.
-            threading.Thread(target=self.start_replica, args=(command["slot"], bool(command.get("standby"))),
-                             name=f"start-replica{command['slot']}", daemon=True).start()
-        else:
-            log.warning("agent: unknown command %r", command)
+    def _register_unplaced(self, slot: int, wanted: str | None) -> None:
+        """No free place here (the control plane saw an older record): the slot is `dead`, so
+        that the autoscaler places it again."""
+        log.error("agent: no free place on %s for slot %d (asked: %s; held: %s)", self.host, slot, wanted, self.held())
+        entry = {"slot": slot, "host": self.host, "state": ReplicaState.DEAD, "by": "agent", "updated_at": time.time(),
+                 "error": f"no free device on {self.host}"}
+        self.redis.hset(SLOTS_KEY, str(slot), json.dumps(entry))
+
+    # -- commands and presence
+
+    def handle(self, raw: bytes | str) -> None:
+        try:
+            command = StartCommand.from_json(raw)
+        except (TypeError, ValueError) as error:
+            log.warning("agent: unknown command %r (%s)", raw, error)
+            return
+        if not self._still_placed_here(command):
+            log.info("agent: slot %d was placed elsewhere since; ignoring its start", command.slot)
+            return
+        # In a thread: waiting out an exiting process must not stop the agent's presence.
+        threading.Thread(target=self.start_replica, args=(command.slot, command.standby, command.device),
+                         name=f"start-replica{command.slot}", daemon=True).start()
+
+    def _still_placed_here(self, command: StartCommand) -> bool:
+        """A command that waited in the list (the agent was away) may be stale: the slot's entry
+        must still be a start placed on this host."""
+        raw = self.redis.hget(SLOTS_KEY, str(command.slot))
+        entry = json.loads(raw) if raw else {}
+        return entry.get("state") == ReplicaState.LOADING and entry.get("host") in (None, self.host)
+
+    def record(self) -> AgentRecord:
+        if any(p.kind == CUDA for p in self.places) and time.monotonic() - self._gpus_at > MEMORY_REFRESH_S:
+            self._gpus, self._gpus_at = visible_gpus(), time.monotonic()
+        with self._lock:
+            held = self.held()
+        places = with_memory([replace(p, slot=held.get(p.name)) for p in self.places], self._gpus)
+        return AgentRecord(self.host, os.getpid(), tuple(places), tuple(cached_models(self.settings)),
+                           self.model_sha, self.weights_host, time.time())
+
+    def announce(self) -> None:
+        self._adopt()
+        self.redis.set(agent_key(self.host), self.record().to_json(), ex=PRESENCE_TTL_S)
+
+    def _adopt(self) -> None:
+        """Live replicas of this host that we did not start keep their places."""
+        names = {p.name for p in self.places}
+        with self._lock:
+            ours = set(self.children)
+        self._adopted = {r["device"]: r["slot"] for r in live_records(self.redis)
+                         if r.get("host") == self.host and r.get("device") in names and r.get("slot") not in ours}
 
     def serve_forever(self) -> None:
         """Announce this host, run commands, reap children that exited; until `stop()`."""
         commands = agent_commands_key(self.host)
         while not self._stop.is_set():
             try:
-                self.redis.set(agent_key(self.host), json.dumps({"host": self.host, "pid": os.getpid()}),
-                               ex=PRESENCE_TTL_S)
+                self.announce()
                 item = self.redis.blpop([commands], timeout=1)
                 if item is not None:
-                    self.handle(json.loads(item[1]))
+                    self.handle(item[1])
             except (redis.RedisError, ValueError) as error:
                 log.warning("agent: %s", error)
                 self._stop.wait(1)
-            self._reap()
+            with self._lock:
+                self._reap_locked()
 
     def start(self) -> "HostAgent":
+        threading.Thread(target=self._resolve_model, name="agent-model", daemon=True).start()
         self._thread = threading.Thread(target=self.serve_forever, name="host-agent", daemon=True)
         self._thread.start()
         return self
 
-    def _reap(self) -> None:
-        with self._lock:
-            for slot, process in list(self.children.items()):
-                if process.poll() is not None:
-                    log.info("agent: replica%d (pid %d) exited with %s", slot, process.pid, process.returncode)
-                    del self.children[slot]
+    def _resolve_model(self) -> None:
+        """The model its replicas load (hashing a GGUF file the first time: not on the loop)."""
+        try:
+            self.model_sha = model_files.resolve(self.settings).sha
+        except OSError as error:
+            log.warning("agent: cannot resolve the model %s: %s", self.settings.model_id, error)
+
+    def _reap_locked(self) -> None:
+        for slot, process in list(self.children.items()):
+            if process.poll() is not None:
+                log.info("agent: replica%d (pid %d) exited with %s", slot, process.pid, process.returncode)
+                del self.children[slot]
+                self.devices.pop(slot, None)
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop taking commands, then stop every replica this agent started (SIGTERM: Celery's
@@ -132,5 +232,16 @@ class HostAgent:
         with self._lock:
             processes = list(self.children.values())
             self.children.clear()
+            self.devices.clear()
         for process in stop_processes(processes, grace):
             log.warning("agent: replica pid %d did not stop in %.0f s; killed it", process.pid, grace)
+
+
+def cached_models(settings: Settings) -> list[str]:
+    """The complete entries of this host's weight cache (their names: model hash prefixes)."""
+    root = Path(settings.weight_cache_dir) / "models"
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    return [e.name for e in entries if "." not in e.name and e.is_dir() and model_files.entry_complete(e)]

@@ -5,7 +5,10 @@ slots of the replicas that serve or are coming (active + loading). Over `scale_u
 up at once, by as many replicas as the load needs (standby replicas first, then new processes);
 under `scale_down_threshold` for `scale_down_hold` seconds: down by one (drain, then standby or
 stop). `decide` is a pure function of what was observed; `Autoscaler.tick` observes and acts.
-Every decision that acts is logged, counted in Redis and shown in metrics.
+New processes are placed by the control plane (tasks/control/placement.py); a scale-up that finds
+no free device (or no agent) starts what fits, logs the rest once per change and counts it
+(`scale_up_blocked:<reason>`). Every decision that acts is logged, counted in Redis and shown in
+metrics.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import redis
 from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
 from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
-from tasks.control.cluster import ClusterControl, ClusterError
+from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
+from tasks.control.placement import free_places
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ class Autoscaler:
         self.control = control or ClusterControl(settings)
         self.policy = Policy.from_settings(settings)
         self.memory = Memory()
+        self._blocked: str | None = None  # the last scale-up block logged
         self._stop = threading.Event()
 
     def tick(self) -> Decision:
@@ -135,7 +140,7 @@ class Autoscaler:
 
     def act(self, decision: Decision, slots: dict[int, dict]) -> None:
         if decision.action == "up":
-            chosen = pick_up(slots, decision.count, self.settings.slot_count, can_start=bool(self.control.agents()))
+            chosen = self._up_within_places(decision, slots)
         else:
             chosen = pick_down(slots, decision.count)
         if not chosen:
@@ -148,8 +153,36 @@ class Autoscaler:
                 self.control.scale_up(chosen, trigger="autoscaler")
             else:
                 self.control.scale_down(chosen, trigger="autoscaler")
+        except ScaleUpBlocked as error:  # the places went meanwhile
+            self._block(error.reason, str(error), str(error))
         except ClusterError as error:
             log.warning("autoscaler: %s", error)
+
+    def _up_within_places(self, decision: Decision, slots: dict[int, dict]) -> list[int]:
+        """Standby replicas first, then as many new processes as there are free places; the rest
+        is blocked (logged once per change, counted every time)."""
+        chosen = pick_up(slots, decision.count, self.settings.slot_count)
+        warm = [s for s in chosen if slots.get(s, {}).get("state") in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
+        new = [s for s in chosen if s not in warm]
+        fleet = self.control.fleet(slots)
+        free = sum(len(places) for places in free_places(fleet).values())
+        if len(new) > free:
+            reason = "no_agent" if not fleet.agents else "no_free_device"
+            hosts = len(fleet.agents)
+            self._block(reason, f"{free} free on {hosts}",
+                        f"{len(new)} new replicas wanted ({decision.reason}); {free} free devices on {hosts} hosts")
+            new = new[:free]
+        else:
+            self._blocked = None
+        return warm + new
+
+    def _block(self, reason: str, what: str, message: str) -> None:
+        """Counted at every tick it happens; logged when `what` (the reason, the free places, the
+        hosts) differs from the last block logged."""
+        self.control.redis.hincrby(SCALE_COUNTERS_KEY, f"scale_up_blocked:{reason}", 1)
+        if f"{reason}: {what}" != self._blocked:
+            log.warning("autoscaler: scale-up blocked (%s): %s", reason, message)
+            self._blocked = f"{reason}: {what}"
 
     def run(self) -> None:
         log.info("autoscaler: replicas %d..%d, up over %.2f, down under %.2f after %.0f s",

@@ -1,9 +1,11 @@
 """The control plane: the cluster's state and its transitions, done with Celery's remote control.
 
 - up, for a standby (or draining) replica: `add_consumer` on the generation queue, to that worker;
-- up, for a slot with no process: a start command to a host agent (`tasks.control.agent`), which starts
-  `blitzscale worker --slot N` on its host; the new replica maps its weights from the host cache,
-  or pulls them from the old stubs (several new ones in a chain: tasks/runtime/peer_weights.py);
+- up, for a slot with no process: placed first (which host, which device, fetched from whom:
+  tasks/control/placement.py), then a start command to that host's agent (`tasks.control.agent`),
+  which starts `blitzscale worker --slot N` on that device; the new replica maps its weights from
+  the host cache, or pulls them from the placement's peers (a chain across hosts:
+  tasks/runtime/peer_weights.py);
 - down: `cancel_consumer` to that worker; it drains (running requests finish) and becomes
   standby, or, when the slot target is `stopped`, sends Celery's `shutdown` to itself once drained.
 
@@ -13,20 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import redis
 
-from common.settings import Settings
-from tasks.queue.celery_app import make_celery
+from common.fleet import AgentRecord, Placement, StartCommand
 from common.keys import (
-    AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, SCALE_COUNTERS_KEY, SLOTS_KEY, agent_commands_key,
-    agent_key_pattern, replica_key_pattern, slot_target_key,
+    AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
+    agent_commands_key, agent_key_pattern, replica_key_pattern, slot_target_key,
 )
+from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
-from tasks.weights.sources import store_plan
+from tasks.control.placement import Fleet, NoFreePlace, place
+from tasks.queue.celery_app import make_celery
+from tasks.weights.sources import store_sources
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,14 @@ class ClusterError(ValueError):
     """A transition that cannot be carried out (unknown slot, already in that state, ...)."""
 
 
+class ScaleUpBlocked(ClusterError):
+    """New replicas that have nowhere to go: `reason` is `no_agent` or `no_free_device`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Step:
     """One planned action: `op` is add_consumer | cancel_consumer | shutdown | start."""
@@ -45,10 +57,12 @@ class Step:
     name: str | None = None
 
 
-def merge_slots(registry: dict[int, dict], records: list[dict], now: float) -> dict[int, dict]:
+def merge_slots(registry: dict[int, dict], records: list[dict], now: float,
+                hosts: set[str] | None = None) -> dict[int, dict]:
     """Every slot's view: the live replica record when its heartbeat is fresh, else what the slot
     registry remembers (`stopped` after a clean exit, `loading` while a start asked by the control
-    plane or made by an agent has no record yet, else `dead`)."""
+    plane or made by an agent has no record yet and that host's agent is there, else `dead`).
+    `hosts`: the hosts whose agent is present (None: not checked)."""
     live = {int(r["slot"]): r for r in records if r.get("slot") is not None}
     slots = {}
     for slot in sorted(set(registry) | set(live)):
@@ -60,7 +74,7 @@ def merge_slots(registry: dict[int, dict], records: list[dict], now: float) -> d
         if state == ReplicaState.STOPPED:
             pass
         elif state == ReplicaState.LOADING and entry.get("by") in ("control", "agent") and \
-                now - entry.get("updated_at", 0) < START_TIMEOUT_S:
+                now - entry.get("updated_at", 0) < START_TIMEOUT_S and (hosts is None or entry.get("host") in hosts):
             pass
         else:
             state = ReplicaState.DEAD
@@ -78,6 +92,23 @@ class ClusterControl:
 
     def slots(self) -> dict[int, dict]:
         return read_slots(self.redis)
+
+    def hosts(self) -> list[AgentRecord]:
+        """Every present host agent's record, by host name."""
+        return read_agents(self.redis)
+
+    def fleet(self, slots: dict[int, dict] | None = None) -> Fleet:
+        """What placement reads: the agents, the slots, and the model their replicas load."""
+        slots = self.slots() if slots is None else slots
+        agents = self.hosts()
+        shas = Counter(v["model_sha"] for v in slots.values() if v.get("alive") and v.get("model_sha"))
+        sha = shas.most_common(1)[0][0] if shas else next((a.model_sha for a in agents if a.model_sha), None)
+        return Fleet(agents, slots, sha)
+
+    def placement(self) -> dict | None:
+        """The last placement computed and executed (a scale-up that started processes)."""
+        raw = self.redis.get(PLACEMENT_KEY)
+        return json.loads(raw) if raw else None
 
     def celery_view(self, names: list[str], timeout: float = 1.0) -> dict[str, dict]:
         """What Celery itself reports for these workers: the queues each consumes (`inspect
@@ -102,7 +133,7 @@ class ClusterControl:
         return int(self.redis.llen(GENERATION_QUEUE))
 
     def agents(self) -> list[str]:
-        return sorted(k.decode().split(":", 2)[-1] for k in self.redis.scan_iter(match=agent_key_pattern(), count=100))
+        return [agent.host for agent in self.hosts()]
 
     def autoscaler_state(self) -> dict | None:
         raw = self.redis.get(AUTOSCALER_KEY)
@@ -131,9 +162,13 @@ class ClusterControl:
             if slots.get(source, {}).get("state") not in LIVE_STATES:
                 raise ClusterError(f"old stub {source} is not a live replica")
         steps = [self._plan_up(slot, slots.get(slot)) for slot in new_slots]
-        # Where each new process takes its weights from: the old stubs, chained (tasks/weights/sources.py).
-        store_plan(self.redis, [step.slot for step in steps if step.op == "start"], list(sources))
-        self._apply(steps, ReplicaState.ACTIVE)
+        starts = [step.slot for step in steps if step.op == "start"]
+        placements = {p.slot: p for p in self._place(starts, slots, list(sources))} if starts else {}
+        # Where each new process takes its weights from (tasks/weights/sources.py).
+        store_sources(self.redis, {slot: list(p.fetch_from) for slot, p in placements.items()})
+        self._apply(steps, ReplicaState.ACTIVE, placements)
+        if placements:
+            self._record_placement(list(placements.values()), trigger)
         for step in steps:
             self._count(f"scale_up:{trigger}:{'standby' if step.op == 'add_consumer' else 'process'}")
         return steps
@@ -167,10 +202,18 @@ class ClusterControl:
             raise ClusterError(f"stub {slot} is already {state}")
         if state in (ReplicaState.STANDBY, ReplicaState.DRAINING):
             return Step("add_consumer", slot, view["name"])
-        if not self.agents():
-            raise ClusterError(f"stub {slot} has no process and no host agent runs to start one "
-                               "(run `blitzscale agent`, or `blitzscale serve`)")
         return Step("start", slot)
+
+    def _place(self, new_slots: list[int], slots: dict[int, dict], sources: list[int]) -> list[Placement]:
+        fleet = self.fleet(slots)
+        stubs = f"stub{'s' if len(new_slots) > 1 else ''} {', '.join(map(str, new_slots))}"
+        if not fleet.agents:
+            raise ScaleUpBlocked("no_agent", f"{stubs} {'have' if len(new_slots) > 1 else 'has'} no process and no "
+                                 "host agent runs to start one (run `blitzscale agent`, or `blitzscale serve`)")
+        try:
+            return place(new_slots, fleet, sources)
+        except NoFreePlace as error:
+            raise ScaleUpBlocked("no_free_device", f"{stubs} cannot start: {error}") from error
 
     def _plan_down(self, slot: int, view: dict | None, target: str) -> Step:
         state = (view or {}).get("state")
@@ -184,12 +227,12 @@ class ClusterControl:
             raise ClusterError(f"stub {slot} is still loading; scale it down once it is active")
         raise ClusterError(f"stub {slot} has no running replica ({state or 'never started'})")
 
-    def _apply(self, steps: list[Step], target: str) -> None:
+    def _apply(self, steps: list[Step], target: str, placements: dict[int, Placement] | None = None) -> None:
         for step in steps:
             self.redis.set(slot_target_key(step.slot), target)
             log.info("stub %d: %s%s", step.slot, step.op, f" → {step.name}" if step.name else "")
             if step.op == "start":
-                self._start(step.slot)
+                self._start(placements[step.slot])
             elif step.op == "shutdown":
                 self.celery.control.shutdown(destination=[step.name])
             else:
@@ -201,14 +244,22 @@ class ClusterControl:
         if not any(step.name in reply for reply in replies or []):
             raise ClusterError(f"stub {step.slot}: {step.name} did not answer {step.op}")
 
-    def _start(self, slot: int) -> None:
-        agents = self.agents()
-        host = socket.gethostname() if socket.gethostname() in agents else agents[0]
-        entry = {"slot": slot, "host": host, "state": ReplicaState.LOADING, "by": "control", "updated_at": time.time()}
+    def _start(self, placement: Placement) -> None:
+        """The slot shows `loading` on its host and device at once (so the next placement sees
+        the device taken), and the host's agent gets the start command."""
+        entry = {"slot": placement.slot, "host": placement.host, "device": placement.device,
+                 "state": ReplicaState.LOADING, "by": "control", "updated_at": time.time(),
+                 "placement": placement.to_dict()}
+        log.info("stub %d: placed on %s %s (weights: %s%s)", placement.slot, placement.host, placement.device,
+                 placement.weights, f" from stubs {list(placement.fetch_from)}" if placement.fetch_from else "")
         pipe = self.redis.pipeline()
-        pipe.hset(SLOTS_KEY, str(slot), json.dumps(entry))
-        pipe.rpush(agent_commands_key(host), json.dumps({"op": "start", "slot": slot}))
+        pipe.hset(SLOTS_KEY, str(placement.slot), json.dumps(entry))
+        pipe.rpush(agent_commands_key(placement.host), StartCommand(placement.slot, placement.device).to_json())
         pipe.execute()
+
+    def _record_placement(self, placements: list[Placement], trigger: str) -> None:
+        self.redis.set(PLACEMENT_KEY, json.dumps({"at": time.time(), "trigger": trigger,
+                                                  "placements": [p.to_dict() for p in placements]}))
 
     def _count(self, name: str) -> None:
         self.redis.hincrby(SCALE_COUNTERS_KEY, name, 1)
@@ -219,7 +270,8 @@ def read_slots(connection: redis.Redis) -> dict[int, dict]:
     keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
     records = [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
     registry = {int(k): json.loads(v) for k, v in connection.hgetall(SLOTS_KEY).items()}
-    slots = merge_slots(registry, records, time.time())
+    hosts = {agent.host for agent in read_agents(connection)}
+    slots = merge_slots(registry, records, time.time(), hosts)
     ordered = sorted(slots)
     targets = connection.mget([slot_target_key(s) for s in ordered]) if ordered else []
     for slot, target in zip(ordered, targets):
@@ -227,7 +279,19 @@ def read_slots(connection: redis.Redis) -> dict[int, dict]:
     return slots
 
 
+def read_agents(connection: redis.Redis) -> list[AgentRecord]:
+    """Every present host agent's record (its key expires when the agent is gone), by host name."""
+    keys = sorted(connection.scan_iter(match=agent_key_pattern(), count=100))
+    agents = []
+    for raw in connection.mget(keys) if keys else []:
+        try:
+            agents.append(AgentRecord.from_json(raw))
+        except (TypeError, ValueError):  # expired meanwhile (None), or not a record we can read
+            continue
+    return sorted(agents, key=lambda agent: agent.host)
+
+
 def read_counters(connection: redis.Redis) -> dict[str, int]:
     """Scaling counters: `scale_up:<trigger>:<standby|process>`, `scale_down:<trigger>:<target>`,
-    `decision:<up|down>`."""
+    `decision:<up|down>`, `scale_up_blocked:<reason>`."""
     return {k.decode(): int(v) for k, v in connection.hgetall(SCALE_COUNTERS_KEY).items()}

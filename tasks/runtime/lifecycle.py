@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -119,8 +118,8 @@ class Lifecycle:
 
     def register(self, state: str) -> None:
         r = self.replica
-        entry = {"slot": r.slot, "name": r.name, "host": socket.gethostname(), "pid": os.getpid(), "state": state,
-                 "by": "replica", "updated_at": time.time()}
+        entry = {"slot": r.slot, "name": r.name, "host": r.settings.host, "device": r.device_name, "pid": os.getpid(),
+                 "state": state, "by": "replica", "updated_at": time.time()}
         pipe = r.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(r.slot), json.dumps(entry))
         pipe.set(slot_lease_key(r.slot), r.name, ex=max(5, int(r.settings.heartbeat_ttl) * 3))

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -36,7 +35,8 @@ from tasks.weights.fetch import ChunkFetcher, SourceGone, fetch_manifest
 from tasks.weights.manifest import Manifest, cached_manifest, memo_name
 from tasks.weights.server import WeightServer
 from tasks.weights.sources import (
-    COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, count_transfer, planned_sources, weights_secret,
+    COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, advertised_host, count_transfer, planned_sources,
+    weights_secret,
 )
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class Obtained:
     directory: Path
     source: str  # host-cache | peer | gguf-conversion | directory
     seconds: float
-
-
-def advertised_host(setting: str) -> str:
-    return socket.gethostbyname(socket.gethostname()) if setting == "auto" else setting
 
 
 class ReplicaWeights:

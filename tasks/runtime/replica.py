@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +55,11 @@ class Replica:
     def state(self) -> str:
         return self.lifecycle.state
 
+    @property
+    def device_name(self) -> str | None:
+        """Its place as its host agent names it (`cuda:3`), else the device it loaded on."""
+        return self.settings.device_name or self.facts.get("device")
+
     def start(self) -> None:
         self.weights.start()  # before the first record: it advertises the data plane
         self._heartbeat.start()
@@ -79,6 +83,8 @@ class Replica:
         prepared = self.weights.obtain(source, lambda: prepare_gguf(source.path, target) if source.is_gguf
                                        else PreparedWeights(target, "directory", 0.0))
         device = torch.device(s.device or (f"cuda:{self.slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this thread loads and captures; the engine's loop sets its own
         model = load_model(prepared.directory, device, s.dtype)
         tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
         config = SchedulerConfig(
@@ -99,7 +105,8 @@ class Replica:
             "model_id": s.model_id,
             "model_sha": source.sha,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "device": str(device),
+            "device": s.device_name or str(device),  # as the agent names the place; the process sees `torch_device`
+            "torch_device": str(device),
             "device_type": device.type,
             "weight_source": prepared.source,
             "weight_seconds": round(prepared.seconds, 3),
@@ -116,7 +123,8 @@ class Replica:
         return {
             "slot": self.slot,
             "name": self.name,
-            "host": socket.gethostname(),
+            "host": self.settings.host,
+            "device": self.device_name,
             "pid": os.getpid(),
             "state": self.state,
             "running": stats.running if stats else 0,
@@ -176,7 +184,7 @@ def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
 
     def load(sender=None, **_):
         global _replica
-        name = getattr(sender, "hostname", None) or f"replica{slot}@{socket.gethostname()}"
+        name = getattr(sender, "hostname", None) or f"replica{slot}@{settings.host}"
         _replica = Replica(settings, slot, name, worker=sender,
                            shutdown=lambda worker: app.control.shutdown(destination=[worker]))
         _replica.start()

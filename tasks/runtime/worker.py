@@ -1,4 +1,5 @@
-"""Run one replica: a Celery worker named `replica<slot>@<host>` consuming the generation queue."""
+"""Run one replica: a Celery worker named `replica<slot>@<host>` consuming the generation queue
+(`<host>`: `--host-name`, which a host agent passes on, else the machine's name)."""
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",
-        "--hostname", f"replica{slot}@%h",
+        "--hostname", f"replica{slot}@{settings.host}",
         "--pool", "threads",
         "--concurrency", str(settings.max_batch_size),  # one task thread per batch slot
         *(["--exclude-queues", GENERATION_QUEUE] if standby else ["--queues", GENERATION_QUEUE]),

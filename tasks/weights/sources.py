@@ -1,7 +1,8 @@
 """Where a starting replica gets its weights, as the cluster knows it in Redis.
 
-- The plan: a scale-up that starts several replicas chains them: the first takes its weights
-  from the command's `old_stub_indices`, each next one from its predecessor first (which forwards
+- The plan: a scale-up that starts several replicas chains them across hosts (the placement,
+  tasks/control/placement.py): the first takes its weights from the command's `old_stub_indices`
+  (or the replicas holding the model), each next one from its predecessor first (which forwards
   the chunks as they arrive), so the source sends each byte once.
 - The peers: every replica advertises its data plane in its record (`weights`: address, model
   hash, state); `PeerChooser` picks the planned slots first, then any replica holding the model.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import time
 
 import redis
@@ -32,22 +34,23 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 PLAN_TTL_S = 300
 
 
-def chain_plan(started: list[int], sources: list[int]) -> dict[int, list[int]]:
-    """Each started slot's sources, in order: its predecessor in `started`, then `sources`."""
-    return {slot: ([started[i - 1]] if i else []) + [s for s in sources if s != slot]
-            for i, slot in enumerate(started)}
-
-
-def store_plan(connection: redis.Redis, started: list[int], sources: list[int]) -> None:
+def store_sources(connection: redis.Redis, plan: dict[int, list[int]]) -> None:
+    """Each starting slot's sources, in order (a placement's `fetch_from`: tasks/control/placement.py)."""
     pipe = connection.pipeline()
-    for slot, plan in chain_plan(started, sources).items():
-        pipe.set(weight_sources_key(slot), json.dumps(plan), ex=PLAN_TTL_S)
+    for slot, sources in plan.items():
+        pipe.set(weight_sources_key(slot), json.dumps(list(sources)), ex=PLAN_TTL_S)
     pipe.execute()
 
 
 def planned_sources(connection: redis.Redis, slot: int) -> list[int]:
     raw = connection.get(weight_sources_key(slot))
     return [int(s) for s in json.loads(raw)] if raw else []
+
+
+def advertised_host(setting: str) -> str:
+    """The address a data plane listens on and advertises (`--weights-host`; `auto`: this host
+    name's address)."""
+    return socket.gethostbyname(socket.gethostname()) if setting == "auto" else setting
 
 
 def weights_secret(settings: Settings, connection: redis.Redis) -> str:

@@ -57,7 +57,8 @@ def test_up_down_and_up_again(cluster):
     response = cluster.modify("TriggerNormalUp", old_stub_indices=[0], new_stub_indices=[1])  # a new process
     assert response.status_code == 200 and response.content == b""
     replica = cluster.wait_state(1, "active", timeout=60)
-    assert replica["weight_source"] == "directory" and replica["load_seconds"] > 0 and replica["device"] == "cpu"
+    assert replica["weight_source"] == "directory" and replica["load_seconds"] > 0
+    assert replica["device"] == "cpu:0" and replica["torch_device"] == "cpu"  # the agent's first place
     assert replica["kv_slots"] >= 1 and replica["cuda_graphs"] == 0  # no graphs on CPU
     assert celery_queues(cluster)[replica["name"]] == ["generation"]
     assert_agrees_with_celery(cluster)
@@ -75,7 +76,7 @@ def test_up_down_and_up_again(cluster):
     assert_agrees_with_celery(cluster)
     metrics = requests.get(f"{cluster.base_url}/metrics").text
     assert 'blitz_scale_up_times_total{path="standby",trigger="manual"} 1.0' in metrics
-    assert 'blitz_replica_slots{state="active"} 2.0' in metrics
+    assert f'blitz_replica_slots{{host="{replica["host"]}",state="active"}} 2.0' in metrics
 
 
 @pytest.mark.parametrize("body,status,words", [

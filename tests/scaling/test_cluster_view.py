@@ -32,6 +32,13 @@ def test_merge_slots():
     assert slots[0]["alive"] and slots[0]["running"] == 2 and not slots[2]["alive"]
 
 
+def test_a_start_on_a_host_whose_agent_is_gone_is_dead():
+    registry = {1: {"slot": 1, "host": "h1", "device": "cpu:0", "state": "loading", "by": "control", "updated_at": 99},
+                2: {"slot": 2, "host": "h2", "device": "cpu:0", "state": "loading", "by": "agent", "updated_at": 99}}
+    slots = merge_slots(registry, [], now=100.0, hosts={"h1"})
+    assert (slots[1]["state"], slots[2]["state"]) == ("loading", "dead")
+
+
 @pytest.mark.parametrize("body,kind,slots,sources", [
     ({"type": "TriggerNormalUp", "data": {"old_stub_indices": [0], "new_stub_indices": [1, 2]}}, "up", [1, 2], [0]),
     ({"type": "TriggerPrefillUp", "data": {"old_stub_indices": [], "new_stub_indices": [1]}}, "up", [1], []),

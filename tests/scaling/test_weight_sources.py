@@ -1,4 +1,4 @@
-"""Where a starting replica looks for its weights: the chain plan a scale-up stores, and the
+"""Where a starting replica looks for its weights: the sources a scale-up stores, and the
 choice of a source among the replica records in (real) Redis."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import redis
 from blitzscale.redis_server import EmbeddedRedis
 from common.keys import replica_key
 from tasks.weights.fetch import Source
-from tasks.weights.sources import PeerChooser, chain_plan, planned_sources, store_plan
+from tasks.weights.sources import PeerChooser, planned_sources, store_sources
 
 SHA = "ab" * 32
 
@@ -30,11 +30,10 @@ def advertise(connection, slot: int, state: str, sha: str = SHA, replica_state: 
     return name
 
 
-def test_a_scale_up_chains_its_new_replicas(connection):
-    assert chain_plan([1, 2, 3], [0]) == {1: [0], 2: [1, 0], 3: [2, 0]}
-    assert chain_plan([4], []) == {4: []}
-    store_plan(connection, [1, 2], [0])
-    assert planned_sources(connection, 2) == [1, 0] and planned_sources(connection, 5) == []
+def test_a_scale_up_stores_each_new_replicas_sources(connection):
+    store_sources(connection, {1: [0], 2: [1, 0]})
+    assert planned_sources(connection, 2) == [1, 0] and planned_sources(connection, 1) == [0]
+    assert planned_sources(connection, 5) == []
 
 
 def test_the_predecessor_is_waited_for_then_used(connection):

@@ -3,6 +3,7 @@ cluster's state (GET /cluster_state), both over the control plane in `tasks.cont
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 from flask import Response, current_app, request
 
@@ -83,6 +84,7 @@ def cluster_state():
     control = cluster_control()
     try:
         slots = control.slots()
+        hosts = control.hosts()
         celery = None
         if request.args.get("celery", "true").lower() not in ("0", "false", "no"):
             celery = control.celery_view([v["name"] for v in slots.values() if v.get("alive") and v.get("name")])
@@ -94,7 +96,9 @@ def cluster_state():
             "down_target": settings.down_target,
             "queue_size": control.queue_size(),
             "counts": control.state_counts(slots),
-            "agents": control.agents(),
+            "agents": [agent.host for agent in hosts],
+            "hosts": [asdict(agent) for agent in hosts],
+            "placement": control.placement(),
             "autoscaler": control.autoscaler_state(),
             "replicas": [_replica(view, celery) for _, view in sorted(slots.items())],
         }
@@ -105,7 +109,8 @@ def cluster_state():
 
 def _replica(view: dict, celery: dict | None) -> dict:
     max_batch = view.get("max_batch_size") or 0
-    out = {key: view.get(key) for key in ("slot", "state", "target", "name", "host", "pid", "device", "weight_source",
+    out = {key: view.get(key) for key in ("slot", "state", "target", "name", "host", "pid", "device", "torch_device",
+                                          "weight_source",
                                           "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
                                           "graph_capture_seconds", "updated_at", "transfer")}
     out["weights"] = view.get("weights")  # its data plane: address, model hash, state, bytes sent
