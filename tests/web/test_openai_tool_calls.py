@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from web.openai_tool_calls import ToolCallReader
+from web.openai.tool_calls import ToolCallReader
 
 CALL = '{"name": "get_weather", "arguments": {"location": "Pa\\"ris}", "days": [1, {"a": "]"}]}}'
 NO_TOOL = '{"name": "no_tool", "arguments": {"content": "Hi \\u00e9 \\ud83d\\ude00 \\"q\\" \\\\ end\\n"}}'

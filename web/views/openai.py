@@ -1,5 +1,5 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models, and TGI's
-/tokenize and /chat_tokenize. Generation shares TGI's path (web.openai_generation); `--api-key`
+/tokenize and /chat_tokenize. Generation shares TGI's path (web.openai.generation); `--api-key`
 guards every route but /v1/models and /chat_tokenize, as in TGI."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from common.protocol import FailureReason
 from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, GenerationError, ValidationError
 from web.json_body import StrictBlueprint
-from web.openai_generation import respond
-from web.openai_params import chat_plan, completion_plan
-from web.openai_schemas import (
+from web.openai.generation import respond
+from web.openai.params import chat_plan, completion_plan
+from web.openai.schemas import (
     ChatCompletionChunkSchema,
     ChatCompletionSchema,
     ChatRequestSchema,

@@ -1,4 +1,4 @@
-"""OpenAI requests (already type-checked by `web.openai_schemas`) turned into our generation
+"""OpenAI requests (already type-checked by `web.openai.schemas`) turned into our generation
 parameters: the prompt texts, TGI's `GenerateParameters` (validated next by `web.validation`,
 with TGI's messages) and the OpenAI-only settings the engine honours (presence and frequency
 penalties over the generated tokens, logit bias).
@@ -6,7 +6,7 @@ penalties over the generated tokens, logit bias).
 Where OpenAI and TGI differ we follow OpenAI: `stop` as a string, `top_p` = 1.0 as "none",
 `n` independent choices, `presence_penalty`/`frequency_penalty` as OpenAI defines them,
 `logit_bias` as its map. `chat_plan` is the one place a chat request becomes parameters;
-`response_format` and `tools` become its grammar there (`web.openai_tools`).
+`response_format` and `tools` become its grammar there (`web.openai.tools`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from common.settings import Settings
 from web.chat_template import ChatTemplate
 from web.errors import ApiError, ValidationError
-from web.openai_tools import structured_output, template_tool_calls, template_tools
+from web.openai.tools import structured_output, template_tool_calls, template_tools
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 EMPTY_PROMPT_ARRAY = "Empty array detected. Do not use an empty array for the prompt."

@@ -1,5 +1,5 @@
 """A choice's output under the tool grammar (`{"name": ..., "arguments": {...}}`, see
-`web.openai_tools`) read token by token and turned into OpenAI's shapes: `tool_calls` deltas
+`web.openai.tools`) read token by token and turned into OpenAI's shapes: `tool_calls` deltas
 while it streams, and the same call (or the `no_tool` text) in a whole message.
 
 The non-streamed message is built by feeding the whole text through the same reader, so a
@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from web.openai_tools import NO_TOOL
+from web.openai.tools import NO_TOOL
 
 # The wrapper up to the arguments value's first character (the name must be closed).
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')

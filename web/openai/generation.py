@@ -25,8 +25,8 @@ from web import sse
 from web.admission import Slot
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
 from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
-from web.openai_params import GenerationPlan
-from web.openai_responses import ChoiceResult, Chunker, Envelope, chat_completion, completion, finish_reason
+from web.openai.params import GenerationPlan
+from web.openai.responses import ChoiceResult, Chunker, Envelope, chat_completion, completion, finish_reason
 from web.request_id import request_id
 from web.responses import Outcome, RequestClock
 from web.service import Service, current_service

@@ -1,6 +1,6 @@
 """OpenAI's request and response types (chat, completions, models) and TGI's /tokenize, as
 marshmallow schemas: requests are parsed with them (JSON types only; value rules live in
-`web.openai_params`), responses document the OpenAPI spec. Unknown fields are ignored."""
+`web.openai.params`), responses document the OpenAPI spec. Unknown fields are ignored."""
 from __future__ import annotations
 
 from marshmallow import ValidationError as SchemaError

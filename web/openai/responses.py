@@ -3,7 +3,7 @@ results: pure functions and small value types, no Flask.
 
 A choice's text is the concatenation of its tokens' texts, special tokens shown as nothing (as
 the final `generated_text` is), so a streamed answer joins to the non-streamed one. Under a tool
-grammar, that text is read by `web.openai_tool_calls` into `tool_calls` (or a text answer).
+grammar, that text is read by `web.openai.tool_calls` into `tool_calls` (or a text answer).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 
 import common
-from web.openai_params import ResponseOptions
-from web.openai_tool_calls import ToolCallReader
+from web.openai.params import ResponseOptions
+from web.openai.tool_calls import ToolCallReader
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
 SYSTEM_FINGERPRINT = f"{common.__version__}-native"

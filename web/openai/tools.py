@@ -6,7 +6,7 @@ Tool calls follow TGI: the output is constrained to `{"name": <a function's name
 "arguments": <that function's parameters schema>}`, an `anyOf` over the allowed functions. With
 `tool_choice: "auto"` one more alternative, `no_tool`, lets the model answer in text
 (`{"name": "no_tool", "arguments": {"content": "..."}}`), which is returned as plain content.
-`web.openai_tool_calls` turns that output back into OpenAI's `tool_calls`.
+`web.openai.tool_calls` turns that output back into OpenAI's `tool_calls`.
 """
 from __future__ import annotations
 
