@@ -1,9 +1,9 @@
-"""OpenAI response bodies and stream chunks (chat and completions), built from our generation
-results: pure functions and small value types, no Flask.
+"""OpenAI response bodies (chat and completions), built from our generation results: pure
+functions and small value types, no Flask. Stream chunks: `web.openai.chunks`.
 
-A choice's text is the concatenation of its tokens' texts, special tokens shown as nothing (as
-the final `generated_text` is), so a streamed answer joins to the non-streamed one. Under a tool
-grammar, that text is read by `web.openai.tool_calls` into `tool_calls` (or a text answer).
+Each choice's text goes through `ChoiceText` (stop sequences cut, the tokens received), the same
+way a stream's does, so a streamed answer joins to the non-streamed one. Under a tool grammar,
+that text is read by `web.openai.tool_calls` into `tool_calls` (or a text answer).
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import common
+from web.openai.choice_text import ChoiceText, ReceivedToken
+from web.openai.logprobs import TokenBytes, chat_logprobs, completion_logprobs
 from web.openai.params import ResponseOptions
-from web.openai.tool_calls import ToolCallReader
+from web.openai.tool_calls import ToolCallReader, as_function_call
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
 SYSTEM_FINGERPRINT = f"{common.__version__}-native"
@@ -23,11 +25,6 @@ def finish_reason(tgi_reason: str | None) -> str:
     return FINISH_REASONS.get(tgi_reason or "length", "stop")
 
 
-def token_text(token: dict) -> str:
-    """What a token adds to the answer's text."""
-    return "" if token.get("special") else token.get("text") or ""
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -35,14 +32,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 @dataclass(frozen=True)
 class ChoiceResult:
-    """One finished choice."""
+    """One finished choice, as the client receives it."""
 
     index: int
-    text: str
+    text: str  # stop sequences cut
     finish_reason: str  # OpenAI's
     generated_tokens: int
-    tokens: list[dict] = field(default_factory=list)  # TGI Token dicts
-    top_tokens: list[list[dict]] = field(default_factory=list)
+    tokens: list[ReceivedToken] = field(default_factory=list)
+    cumulative_logprob: float = 0.0  # of every generated token: how `best_of` ranks candidates
+
+    @classmethod
+    def of(cls, index: int, details: dict, generated_tokens: int, stops: tuple[str, ...]) -> "ChoiceResult":
+        """From a final event's TGI details (their `tokens` and `top_tokens`)."""
+        tokens = details.get("tokens") or []
+        tops = details.get("top_tokens") or [[] for _ in tokens]
+        text = ChoiceText(list(stops))
+        received = [text.add(token, top) for token, top in zip(tokens, tops)]
+        received.append(text.finish(details.get("finish_reason")))
+        return cls(index=index, text="".join(r.text for r in received),
+                   finish_reason=text.finish_reason(finish_reason(details.get("finish_reason"))),
+                   generated_tokens=generated_tokens, tokens=[t for r in received for t in r.tokens],
+                   cumulative_logprob=sum(t.get("logprob") or 0.0 for t in tokens))
 
 
 @dataclass(frozen=True)
@@ -64,119 +74,46 @@ class Envelope:
                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
 
 
-# Chat.
-def chat_logprob(token: dict, top: list[dict] | None) -> dict:
-    entry = _chat_alternative(token)
-    entry["top_logprobs"] = [_chat_alternative(t) for t in top or []]
-    return entry
-
-
-def _chat_alternative(token: dict) -> dict:
-    text = token.get("text") or ""
-    return {"token": text, "logprob": token.get("logprob"), "bytes": list(text.encode("utf-8"))}
+def best_of(results: list[ChoiceResult], options: ResponseOptions) -> list[ChoiceResult]:
+    """Each prompt's `n` candidates with the highest cumulative logprob (all of them without
+    `best_of`), indexed 0.. in prompt order."""
+    kept = []
+    for first in range(0, len(results), options.samples):
+        candidates = results[first:first + options.samples]
+        if options.samples > options.n:
+            candidates = sorted(candidates, key=lambda r: r.cumulative_logprob, reverse=True)[:options.n]
+        kept.extend(candidates)
+    return [ChoiceResult(i, r.text, r.finish_reason, r.generated_tokens, r.tokens, r.cumulative_logprob)
+            for i, r in enumerate(kept)]
 
 
 def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
-                    prompt_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
     choices = []
     for result in results:
-        logprobs = None
-        if options.logprobs:
-            tops = result.top_tokens or [[] for _ in result.tokens]
-            logprobs = {"content": [chat_logprob(t, top) for t, top in zip(result.tokens, tops)]}
+        logprobs = chat_logprobs(result.tokens, raw_bytes) if options.logprobs else None
         message, reason = {"role": "assistant", "content": result.text}, result.finish_reason
         if options.tool_calls:
-            reader = ToolCallReader()
+            reader = ToolCallReader(names=options.tool_names)
             reader.feed(result.text)
             reader.finish()
             message, reason = reader.message(), reader.finish_reason(reason)
+        if options.legacy_functions:
+            message, reason = as_function_call(message), legacy_reason(reason)
         choices.append({"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-    completion_tokens = sum(r.generated_tokens for r in results)
     return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens))
 
 
-# Completions (OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset).
-def completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offset: int) -> dict:
-    tops = tops or [[] for _ in tokens]
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token, top in zip(tokens, tops):
-        out["tokens"].append(token.get("text") or "")
-        out["token_logprobs"].append(token.get("logprob"))
-        out["top_logprobs"].append({t.get("text") or "": t.get("logprob") for t in top})
-        out["text_offset"].append(offset)
-        offset += len(token_text(token))
-    return out
+def legacy_reason(reason: str) -> str:
+    return "function_call" if reason == "tool_calls" else reason
 
 
 def completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
-               prompts: list[str], prompt_tokens: int) -> dict:
+               prompts: list[str], prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
     choices = []
     for result in results:
         prefix = prompts[result.index // options.n] if options.echo else ""
-        logprobs = None
-        if options.logprobs:
-            logprobs = completion_logprobs(result.tokens, result.top_tokens, len(prefix))
+        logprobs = completion_logprobs(result.tokens, len(prefix), raw_bytes) if options.logprobs else None
         choices.append({"index": result.index, "text": prefix + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
-    completion_tokens = sum(r.generated_tokens for r in results)
     return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))
-
-
-class Chunker:
-    """The chunks of one stream: one per token (a tool call's: as many as its reader gives),
-    one closing each choice, then the usage."""
-
-    def __init__(self, envelope: Envelope, options: ResponseOptions, prompts: list[str]):
-        self.envelope, self.options, self.prompts = envelope, options, prompts
-        self._offsets: dict[int, int] = {}  # choice -> characters sent (completions' text_offset)
-        self._readers: dict[int, ToolCallReader] = {}  # choice -> its tool call (tool grammar only)
-
-    @property
-    def _object(self) -> str:
-        return "chat.completion.chunk" if self.envelope.kind == "chat" else "text_completion"
-
-    def _chunk(self, choice: dict) -> dict:
-        extra = {"usage": None} if self.options.include_usage else {}
-        return self.envelope.body(self._object, [choice], **extra)
-
-    def token(self, index: int, token: dict, top: list[dict] | None) -> list[dict]:
-        text = token_text(token)
-        if self.options.tool_calls:
-            return [self._delta(index, delta) for delta in self._reader(index).feed(text)]
-        if self.envelope.kind == "chat":
-            logprobs = {"content": [chat_logprob(token, top)]} if self.options.logprobs else None
-            return [self._chunk({"index": index, "delta": {"role": "assistant", "content": text},
-                                 "logprobs": logprobs, "finish_reason": None})]
-        prefix = self._echo(index)
-        offset = self._offsets.get(index, 0) + len(prefix)
-        logprobs = completion_logprobs([token], [top or []], offset) if self.options.logprobs else None
-        self._offsets[index] = offset + len(text)
-        return [self._chunk({"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": None})]
-
-    def finish(self, index: int, reason: str) -> list[dict]:
-        if self.options.tool_calls:
-            reader = self._reader(index)
-            chunks = [self._delta(index, delta) for delta in reader.finish()]
-            return [*chunks, self._chunk({"index": index, "delta": {}, "logprobs": None,
-                                          "finish_reason": reader.finish_reason(reason)})]
-        if self.envelope.kind == "chat":
-            return [self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})]
-        prefix = self._echo(index)
-        self._offsets[index] = self._offsets.get(index, 0) + len(prefix)
-        return [self._chunk({"index": index, "text": prefix, "logprobs": None, "finish_reason": reason})]
-
-    def _reader(self, index: int) -> ToolCallReader:
-        return self._readers.setdefault(index, ToolCallReader())
-
-    def _delta(self, index: int, delta: dict) -> dict:
-        """A tool-call chunk (no logprobs: a fragment need not be one token)."""
-        return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens))
-
-    def _echo(self, index: int) -> str:
-        """The prompt, before a completions choice's first text (with `echo`)."""
-        if not self.options.echo or index in self._offsets:
-            return ""
-        return self.prompts[index // self.options.n]
