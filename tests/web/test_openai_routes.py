@@ -170,7 +170,7 @@ def test_an_over_long_prompt_is_context_length_exceeded(client):
     # templated: "user hello ... a" is 14 tokens; --max-input-tokens 10
     assert error["message"] == ("This model's maximum context length is 10 tokens. However, you requested 17 tokens "
                                 "(14 in the messages, 3 in the completion). Please reduce the length of the "
-                                "messages or completion.")
+                                "messages or completion. The prompt is too long.")
     error = openai_error(client.post("/v1/completions", json={"prompt": "hello " * 11}), 400)
     assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
     assert "(11 in the messages, 16 in the completion)" in error["message"]  # completions' default max_tokens

@@ -56,12 +56,14 @@ class ModelNotFound(OpenAIError):
 
 
 def context_length_exceeded(error: ContextLengthError, requested: int | None, route: str) -> OpenAIError:
-    """OpenAI's words for an over-long prompt: frameworks match them (and the code) to trim and retry."""
+    """OpenAI's words for an over-long prompt, which frameworks match (with the code) to trim and
+    retry. The last sentence is ours: the `openai` SDK (3.x) keeps only the message in `str(e)`,
+    where langchain-openai looks for the code or "prompt is too long"."""
     completion = requested or 0
     return OpenAIError(
         f"This model's maximum context length is {error.limit} tokens. However, you requested "
         f"{error.input_length + completion} tokens ({error.input_length} in the messages, {completion} in the "
-        "completion). Please reduce the length of the messages or completion.",
+        "completion). Please reduce the length of the messages or completion. The prompt is too long.",
         param=_param("inputs", route), code="context_length_exceeded")
 
 

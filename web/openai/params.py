@@ -81,7 +81,7 @@ def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size
     )
     parameters["top_n_tokens"] = options.top_logprobs
     parameters["grammar"] = structured.grammar  # checked by web.validation, as TGI's grammar is
-    shown = template_tools(structured.tools, body.get("tool_prompt"),
+    shown = template_tools(structured.listed, body.get("tool_prompt"),
                            template_messages(messages, template.renders_tool_calls),
                            accepts_tools=template.accepts_tools)
     text = template.render(shown, tools=structured.tools or None)

@@ -22,6 +22,8 @@ NO_TOOL_PARAMETERS = {
     "required": ["content"],
     "additionalProperties": False,
 }
+NO_TOOL_FUNCTION = {"name": NO_TOOL, "description": "Answer in text, when no function is needed (any more).",
+                    "parameters": NO_TOOL_PARAMETERS}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # TGI's default, appended to the last message when the template does not render `tools` itself.
 DEFAULT_TOOL_PROMPT = ("Given the functions available, please respond with a JSON for a function call with its "
@@ -36,6 +38,7 @@ _DEFS_KEYS = ("$defs", "definitions")
 class StructuredOutput:
     grammar: dict | None = None  # TGI's `grammar`, for web.validation
     tools: list[dict] | None = None  # for the chat template (None: it sees no tools)
+    listed: list[dict] | None = None  # the functions a template without tools is shown (no_tool too)
     tool_calls: bool = False  # the output is a tool call (or no_tool) JSON
     names: tuple[str, ...] = ()  # the functions the output may name (no_tool included)
 
@@ -54,7 +57,7 @@ def structured_output(body: dict) -> StructuredOutput:
         raise ValidationError("`response_format` cannot be used with `tools` (unless `tool_choice` is \"none\")",
                               param="response_format")
     return StructuredOutput(grammar={"type": "json", "value": tool_call_schema(functions)}, tools=tools,
-                            tool_calls=True, names=tuple(f["name"] for f in functions))
+                            listed=functions, tool_calls=True, names=tuple(f["name"] for f in functions))
 
 
 def _legacy_tools(functions: list) -> list:
@@ -98,14 +101,15 @@ def tool_call_schema(functions: list[dict]) -> dict:
     return {**schema, **{key: value for key, value in defs.items() if value}}
 
 
-def template_tools(tools: list[dict] | None, prompt: str | None, messages: list[dict],
+def template_tools(functions: list[dict] | None, prompt: str | None, messages: list[dict],
                    accepts_tools: bool) -> list[dict]:
-    """The messages the template renders: when it does not render `tools` itself, the tools and
-    the tool prompt go at the end of the last message, as TGI does, so that the model sees them."""
-    if accepts_tools or not tools or not messages:
+    """The messages the template renders: when it does not render `tools` itself, the functions
+    the output may name (`no_tool` too, so the model knows it may answer in text) and the tool
+    prompt go at the end of the last message, as TGI does, so that the model sees them."""
+    if accepts_tools or not functions or not messages:
         return messages
     last = dict(messages[-1])
-    listing = json.dumps([t["function"] for t in tools])
+    listing = json.dumps(functions)
     last["content"] = f"{last.get('content') or ''}\n---\n{prompt or DEFAULT_TOOL_PROMPT}\n{listing}"
     return [*messages[:-1], last]
 
@@ -154,7 +158,7 @@ def _chosen_functions(tools: list[dict], choice) -> list[dict] | None:
     if choice == "none" or not functions:
         return None
     if choice == "auto":
-        return [*functions, {"name": NO_TOOL, "parameters": NO_TOOL_PARAMETERS}]
+        return [*functions, NO_TOOL_FUNCTION]
     return functions
 
 
