@@ -27,8 +27,9 @@ def chat_model_dir(model_dir, tmp_path_factory):
 
 
 def make_client(model_dir, redis_url, **overrides):
-    settings = Settings(model_id=str(model_dir), redis_url=redis_url, max_input_tokens=10, max_total_tokens=20,
-                        queue_timeout=3.0, replica_silence_timeout=3.0, keep_alive_interval=0.1, **overrides)
+    settings = Settings(**{"model_id": str(model_dir), "redis_url": redis_url, "max_input_tokens": 10,
+                           "max_total_tokens": 20, "queue_timeout": 3.0, "replica_silence_timeout": 3.0,
+                           "keep_alive_interval": 0.1, **overrides})
     return create_app(settings).test_client()
 
 
