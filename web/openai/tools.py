@@ -136,7 +136,8 @@ def _checked_tools(tools) -> list[dict]:
             raise ValidationError('`tools` entries must be {"type": "function", "function": {"name": ..., '
                                   '"description": ..., "parameters": <JSON schema>}}', param="tools")
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise ValidationError(f"the parameters of function {function['name'][:32]!r} must be a JSON schema object", param="tools")
+            raise ValidationError(f"the parameters of function {function['name'][:32]!r} must be a JSON schema object",
+                                  param="tools")
         if function["name"] in names or function["name"] == NO_TOOL:
             raise ValidationError(f"function name {function['name'][:32]!r} is used twice or reserved", param="tools")
         names.add(function["name"])
@@ -150,7 +151,8 @@ def _chosen_functions(tools: list[dict], choice) -> list[dict] | None:
     if name is not None:
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
-            raise ValidationError(f"`tool_choice` names function {name[:32]!r}, which is not in `tools`", param="tool_choice")
+            raise ValidationError(f"`tool_choice` names function {name[:32]!r}, which is not in `tools`",
+                                  param="tool_choice")
         return chosen
     choice = "auto" if choice is None else choice
     if choice == "required" and not functions:
