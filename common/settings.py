@@ -33,6 +33,7 @@ def _default_cache_dir() -> str:
 class Settings:
     # Model
     model_id: str = field(default_factory=default_model_id)
+    served_model_name: str | None = None  # the model's id on /v1 (None: `served_model`'s default)
     revision: str | None = None
     dtype: str | None = None  # None: the model's own dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu (a host agent sets it per replica)
@@ -156,6 +157,15 @@ class Settings:
         return (f"{' and '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect: the engine "
                 "prefills waiting requests at every step (in chunks of --max-batch-prefill-tokens) alongside "
                 "the decode of the running ones, so it never pauses decoding for a prefill")
+
+    @property
+    def served_model(self) -> str:
+        """The model's name for clients: `served_model_name`, else the model id's last path part
+        without `.gguf` (never a local path)."""
+        if self.served_model_name:
+            return self.served_model_name
+        name = Path(self.model_id.rstrip("/\\")).name
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
 
     @property
     def replica_range(self) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import register_error_handlers
 from web.metrics import Metrics
+from web.openai.errors import OPENAI_PREFIX, write_error
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
 from web.service import EXTENSION, Service
@@ -47,5 +48,6 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
     app.register_blueprint(swagger_ui_assets())
-    register_error_handlers(app)  # after init_app: replaces flask-smorest's error handler
+    # After init_app: replaces flask-smorest's error handler. The /v1 routes answer OpenAI's errors.
+    register_error_handlers(app, {OPENAI_PREFIX: write_error})
     return app

@@ -49,8 +49,17 @@ class ChatTemplate:
     @property
     def accepts_tools(self) -> bool:
         """Whether the template renders the `tools` it is given (TGI's test: it names them)."""
+        return "tools" in self._source
+
+    @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the template renders an assistant message's `tool_calls` (it names them)."""
+        return "tool_calls" in self._source
+
+    @property
+    def _source(self) -> str:
         template = self.tokenizer.chat_template
-        return "tools" in (template if isinstance(template, str) else str(template or ""))
+        return template if isinstance(template, str) else str(template or "")
 
     def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt text, generation prompt included."""

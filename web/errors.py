@@ -1,11 +1,17 @@
 """TGI's ErrorResponse `{error, error_type}`: one exception class per error_type, and the
 handlers that turn every HTTP error (ours, Flask's, webargs') into that JSON shape. Each error
-also carries a `reason` (common.protocol.FailureReason) for metrics and logs, never sent."""
+also carries a `reason` (common.protocol.FailureReason) for metrics and logs, never sent, and the
+request field it is about (`param`) where known.
+
+Routes under a prefix given to `register_error_handlers` write their errors their own way (the
+OpenAI routes: `web.openai.errors`); the statuses and classes here stay TGI's, for the metrics.
+"""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from common.protocol import FailureReason
@@ -18,13 +24,15 @@ class ApiError(Exception):
     prefix = ""
     default = "Internal server error"
 
-    def __init__(self, detail: str | None = None, *, status: int | None = None, reason: str | None = None):
+    def __init__(self, detail: str | None = None, *, status: int | None = None, reason: str | None = None,
+                 param: str | None = None):
         detail = detail or self.default
         self.message = detail if detail.startswith(self.prefix) else self.prefix + detail
         if status is not None:
             self.status = status
         if reason is not None:
             self.reason = reason
+        self.param = param  # the request field at fault (TGI's name), when known
         super().__init__(self.message)
 
     def to_dict(self) -> dict:
@@ -34,6 +42,14 @@ class ApiError(Exception):
 class ValidationError(ApiError):
     status, error_type, prefix = 422, "validation", "Input validation error: "
     reason = FailureReason.VALIDATION
+
+
+class ContextLengthError(ValidationError):
+    """The prompt is over `--max-input-tokens` (or over `--max-total-tokens` with the tokens asked)."""
+
+    def __init__(self, detail: str, *, input_length: int, max_new_tokens: int | None, limit: int):
+        super().__init__(detail, param="inputs")
+        self.input_length, self.max_new_tokens, self.limit = input_length, max_new_tokens, limit
 
 
 class GenerationError(ApiError):
@@ -75,7 +91,16 @@ def from_event(event) -> ApiError:
     return _BY_TYPE.get(event.error_type or "", GenerationError)(event.error, reason=event.reason)
 
 
+# (body, status) of an error on the routes of one path prefix, given the error and the route.
+ErrorWriter = Callable[[ApiError, str], tuple[dict, int]]
+_WRITERS = "blitzscale.error_writers"
+
+
 def error_response(error: ApiError, headers: dict | None = None):
+    for prefix, write in current_app.extensions.get(_WRITERS, {}).items():
+        if request.path.startswith(prefix):
+            body, status = write(error, request.path)
+            return jsonify(body), status, headers or {}
     return jsonify(error.to_dict()), error.status, headers or {}
 
 
@@ -84,8 +109,9 @@ def _http_error(error: HTTPException):
     data = getattr(error, "data", None) or {}
     headers = {k: v for k, v in error.get_headers() if k.lower() in ("allow", "retry-after")}
     if "messages" in data:  # webargs: malformed JSON (400) or wrong JSON types (422)
-        detail = _body_error(data, getattr(error, "exc", None))
-        return error_response(ValidationError(detail, status=error.code), headers)
+        exc = getattr(error, "exc", None)
+        detail = _body_error(data, exc)
+        return error_response(ValidationError(detail, status=error.code, param=_body_param(data, exc)), headers)
     if error.code == 415:
         return error_response(ValidationError("Expected request with `Content-Type: application/json`", status=415))
     if error.code == 413:
@@ -103,6 +129,13 @@ def _body_error(data: dict, exc: Exception | None) -> str:
     return "; ".join(parts) or "invalid request body"
 
 
+def _body_param(data: dict, exc: Exception | None) -> str | None:
+    """The first field a schema error names (`messages.0.content`), None for unparsable JSON."""
+    if isinstance(exc, ValueError):
+        return None
+    return next((path for path, _ in _flatten((data.get("messages") or {}).get("json", {})) if path), None)
+
+
 def _flatten(messages, path: tuple = ()):
     if isinstance(messages, dict):
         for key, value in messages.items():
@@ -114,7 +147,9 @@ def _flatten(messages, path: tuple = ()):
         yield ".".join(path), str(messages)
 
 
-def register_error_handlers(app: Flask) -> None:
+def register_error_handlers(app: Flask, writers: dict[str, ErrorWriter] | None = None) -> None:
+    """`writers`: path prefix -> how the routes under it write their errors (default TGI's)."""
+    app.extensions[_WRITERS] = dict(writers or {})
     app.register_error_handler(ApiError, error_response)
     # Replaces flask-smorest's handler; unhandled exceptions reach it as InternalServerError.
     app.register_error_handler(HTTPException, _http_error)

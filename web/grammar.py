@@ -67,4 +67,4 @@ def _invalid(reason: str):
     reason = " ".join(reason.split())  # the library's messages span lines
     if len(reason) > MAX_MESSAGE:
         reason = reason[: MAX_MESSAGE - 3] + "..."
-    raise ValidationError(f"grammar is not valid: {reason}")
+    raise ValidationError(f"grammar is not valid: {reason}", param="grammar")

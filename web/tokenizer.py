@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from common import model_files
 from common.settings import Settings
+from web.token_bytes import TokenBytes
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -49,6 +50,7 @@ class TokenCounter:
         self._settings = settings
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._token_bytes: TokenBytes | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -67,6 +69,12 @@ class TokenCounter:
     def encoding(self, text: str, add_special_tokens: bool = True):
         """The `tokenizers.Encoding` (ids, offsets, special-token mask) of `text`."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The token's raw bytes where the vocabulary gives them (see web.token_bytes)."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return self._token_bytes(token_id)
 
     @property
     def vocab_size(self) -> int:

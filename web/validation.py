@@ -6,6 +6,7 @@ then tokenization (empty inputs, truncation, lengths), then grammar.
 """
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from common.protocol import GrammarParameters, Job, SamplingParameters, StoppingParameters
 from common.settings import Settings
-from web.errors import ValidationError
+from web.errors import ContextLengthError, ValidationError
 from web.grammar import check_grammar
 
 DEFAULT_MAX_NEW_TOKENS = 100  # ours, when the request gives none
@@ -95,7 +96,9 @@ def wire_parameters(parameters: dict) -> dict:
 
 
 def _fail(message: str):
-    raise ValidationError(message)
+    """Every message names its field first, in backquotes: that is the error's `param`."""
+    field = re.search(r"`(\w+)`", message)
+    raise ValidationError(message, param=field.group(1) if field else None)
 
 
 def _check_streaming(p: dict) -> None:
@@ -182,12 +185,14 @@ def _check_lengths(input_length: int, max_new_tokens: int | None, settings: Sett
     else:
         total = input_length + max_new_tokens
     if total > settings.max_total_tokens:
-        _fail(
+        raise ContextLengthError(
             f"`inputs` tokens + `max_new_tokens` must be <= {settings.max_total_tokens}. "
-            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-        )
+            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`",
+            input_length=input_length, max_new_tokens=max_new_tokens, limit=settings.max_total_tokens)
     if input_length > settings.max_input_tokens:
-        _fail(f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_length}")
+        raise ContextLengthError(
+            f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {input_length}",
+            input_length=input_length, max_new_tokens=max_new_tokens, limit=settings.max_input_tokens)
     return max_new_tokens
 
 

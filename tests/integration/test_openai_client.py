@@ -1,5 +1,6 @@
 """The official `openai` client (sync, async, streaming), unchanged, against the real service:
 web, Redis and a replica serving the tiny model (its tokenizer has a ChatML template)."""
+# The client's own helpers and errors on the OpenAI-exact behaviours: tests/integration/test_openai_exact.py.
 from __future__ import annotations
 
 import asyncio
@@ -36,9 +37,9 @@ def templated(service, messages=MESSAGES) -> dict:
     return requests.post(f"{service.base_url}/chat_tokenize", json={"messages": messages}, timeout=30).json()
 
 
-def test_models_lists_the_served_model(client, service, tiny_model_dir):
+def test_models_lists_the_served_model(client, tiny_model_dir):
     models = client.models.list().data
-    assert [m.id for m in models] == [str(tiny_model_dir)] and models[0].object == "model"
+    assert [m.id for m in models] == [tiny_model_dir.name] and models[0].object == "model"  # never a path
 
 
 def test_streamed_chat_equals_the_answer(client):
@@ -80,13 +81,13 @@ def test_max_tokens_reached_is_length_with_exactly_that_many_tokens(client):
 def test_stop_string_ends_with_stop(client):
     free = chat(client, temperature=0, max_tokens=12, logprobs=True).choices[0]
     tokens = [t.token for t in free.logprobs.content]
-    stop = next(t for t in tokens[2:] if t.strip())  # a later token's text: the answer must end there
+    stop = next(t for t in tokens[2:] if t.strip() and not t.startswith("bytes:"))  # a later token's text
     answer = chat(client, temperature=0, max_tokens=12, stop=stop)
     assert answer.choices[0].finish_reason == "stop"
-    assert answer.choices[0].message.content.endswith(stop)  # TGI keeps the stop sequence
-    assert free.message.content.startswith(answer.choices[0].message.content)
+    content = answer.choices[0].message.content
+    assert stop not in content and free.message.content.startswith(content + stop)  # cut before it, as OpenAI
     listed = chat(client, temperature=0, max_tokens=12, stop=["never there", stop])
-    assert listed.choices[0].message.content == answer.choices[0].message.content
+    assert listed.choices[0].message.content == content
 
 
 def test_logprobs_one_entry_per_token_with_the_alternatives_asked(client):
@@ -96,10 +97,13 @@ def test_logprobs_one_entry_per_token_with_the_alternatives_asked(client):
     for entry in content:
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy takes the best
-        assert bytes(entry.bytes) == entry.token.encode()
-    streamed = [c.choices[0].logprobs.content for c in chat(client, temperature=0, max_tokens=6, logprobs=True,
-                                                             top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs]
-    assert [e[0].token for e in streamed] == [e.token for e in content]
+        if not entry.token.startswith("bytes:"):  # a token inside a UTF-8 character: its raw bytes
+            assert bytes(entry.bytes) == entry.token.encode()
+    joined = b"".join(bytes(entry.bytes) for entry in content)
+    assert joined.decode("utf-8", errors="replace") == answer.choices[0].message.content
+    streamed = [entry for c in chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+                if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]  # a chunk holds the tokens its text ends
     legacy = client.completions.create(model="tiny", prompt="Hello", temperature=0, max_tokens=4, logprobs=2)
     logprobs = legacy.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
@@ -123,7 +127,8 @@ def test_chat_gives_the_greedy_tokens_of_generate_on_the_templated_text(client, 
     answer = chat(client, temperature=0, max_tokens=10, logprobs=True)
     generated = requests.post(f"{service.base_url}/generate", json={
         "inputs": text, "parameters": {"max_new_tokens": 10, "details": True}}, timeout=60).json()
-    assert [t.token for t in answer.choices[0].logprobs.content] == [t["text"] for t in generated["details"]["tokens"]]
+    tokens = generated["details"]["tokens"]
+    assert [t.logprob for t in answer.choices[0].logprobs.content] == pytest.approx([t["logprob"] for t in tokens])
     assert answer.choices[0].message.content == generated["generated_text"]
 
 
@@ -160,31 +165,42 @@ def test_async_client_and_16_concurrent_streaming_chats(async_client):
     assert streams[3][0] == answer.choices[0].message.content
 
 
-def refusal(call) -> dict:
-    """The JSON body of the 422 that the client raised as UnprocessableEntityError."""
-    with pytest.raises(openai.UnprocessableEntityError) as raised:
+def refusal(call) -> openai.BadRequestError:
+    """The SDK's own BadRequestError, its message readable and OpenAI's fields set."""
+    with pytest.raises(openai.BadRequestError) as raised:
         call()
-    assert raised.value.status_code == 422
-    return raised.value.response.json()
+    error = raised.value
+    assert error.status_code == 400 and error.type == "invalid_request_error"
+    assert error.body["message"] in str(error)
+    return error
 
 
-def test_errors_are_json_with_tgi_statuses(client, service):
-    assert refusal(lambda: chat(client, messages=[])) == {
-        "error": "Input validation error: `messages` cannot be empty", "error_type": "validation"}
-    assert refusal(lambda: client.completions.create(model="tiny", prompt=[]))["error"] == \
+def test_errors_are_the_clients_own_exceptions(client, service):
+    error = refusal(lambda: chat(client, messages=[]))
+    assert error.body["message"] == "Input validation error: `messages` cannot be empty" and error.param == "messages"
+    assert refusal(lambda: client.completions.create(model="tiny", prompt=[])).body["message"] == \
         "Empty array detected. Do not use an empty array for the prompt."
-    assert "maximum allowed batch size of 4" in refusal(
-        lambda: client.completions.create(model="tiny", prompt=["a"] * 5, max_tokens=1))["error"]
-    assert "`n` must be > 0 and <= 2" in refusal(lambda: chat(client, n=3, max_tokens=1))["error"]
-    too_long = [{"role": "user", "content": "Hello " * 300}]  # ~600 tokens: over 512, under 1024
-    assert "must have less than 512 tokens" in refusal(lambda: chat(client, messages=too_long, max_tokens=1))["error"]
-    assert refusal(lambda: client.completions.create(model="tiny", prompt="a", suffix="b"))["error"] == \
-        "Suffix is not supported and can be achieved by preprocessing the prompt."
+    assert "maximum allowed batch size of 4" in str(refusal(
+        lambda: client.completions.create(model="tiny", prompt=["a"] * 5, max_tokens=1)))
+    assert refusal(lambda: chat(client, n=3, max_tokens=1)).param == "n"
+    assert refusal(lambda: chat(client, top_p=1.5, max_tokens=1)).param == "top_p"
+    assert refusal(lambda: client.completions.create(model="tiny", prompt="a", suffix="b")).param == "suffix"
     response = requests.post(f"{service.base_url}/v1/chat/completions", data="{not json",
                              headers={"content-type": "application/json"}, timeout=30)
-    assert response.status_code == 400 and response.json()["error_type"] == "validation"
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
     response = requests.post(f"{service.base_url}/v1/chat/completions", data="x", timeout=30)
-    assert response.status_code == 415 and "error" in response.json()
+    assert response.status_code == 415 and "message" in response.json()["error"]
+
+
+def test_an_over_long_prompt_is_context_length_exceeded(client):
+    too_long = [{"role": "user", "content": "Hello " * 300}]  # ~600 tokens: over 512, under 1024
+    error = refusal(lambda: chat(client, messages=too_long, max_tokens=7))
+    assert error.code == "context_length_exceeded" and error.param == "messages"
+    assert "This model's maximum context length is 512 tokens. However, you requested " in str(error)
+    assert " in the messages, 7 in the completion). Please reduce the length of the messages or completion." \
+        in str(error)
+    error = refusal(lambda: client.completions.create(model="tiny", prompt="Hello " * 600, max_tokens=1))
+    assert error.code == "context_length_exceeded" and error.param == "prompt"
 
 
 def test_a_long_max_tokens_is_capped_not_refused(client):

@@ -164,11 +164,20 @@ def test_tool_choice_none_is_plain_text(client):
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason == "length"
 
 
-def test_max_tokens_before_the_call_is_complete_gives_length(client):
-    answer = chat(client, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=6)
+@pytest.mark.parametrize("max_tokens", [12, 22, 40])  # cut in the name, in the wrapper, in the arguments
+def test_a_call_cut_by_max_tokens_is_a_partial_call_never_the_wrapper(client, max_tokens):
+    whole = chat(client, tools=TOOLS, tool_choice="required", temperature=0).choices[0].message.tool_calls[0]
+    answer = chat(client, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=max_tokens)
     choice = answer.choices[0]
-    assert choice.finish_reason == "length"
-    assert (choice.message.content or choice.message.tool_calls[0].function.arguments) is not None
+    assert choice.finish_reason == "length" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert whole.function.name.startswith(call.function.name) and call.function.name
+    assert whole.function.arguments.startswith(call.function.arguments)
+    chunks = list(chat(client, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=max_tokens,
+                       stream=True))
+    _, name, arguments, finish = streamed_call(chunks)
+    assert (name, arguments, finish) == (call.function.name, call.function.arguments, "length")
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
 
 
 def test_a_conversation_with_calls_and_results_renders_and_continues(client, service):
@@ -186,12 +195,13 @@ def test_a_conversation_with_calls_and_results_renders_and_continues(client, ser
     assert answer.choices[0].message.content is not None
 
 
-def test_bad_requests_are_422(client):
+def test_bad_requests_are_400(client):
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}
     unknown = {"type": "function", "function": {"name": "get_stock"}}
-    for kwargs, fragment in (({"response_format": bad_schema}, "Input validation error: grammar is not valid: "),
-                             ({"tools": TOOLS, "tool_choice": unknown}, "'get_stock', which is not in `tools`")):
-        with pytest.raises(openai.UnprocessableEntityError) as raised:
+    for kwargs, fragment, param in (
+            ({"response_format": bad_schema}, "Input validation error: grammar is not valid: ", "response_format"),
+            ({"tools": TOOLS, "tool_choice": unknown}, "'get_stock', which is not in `tools`", "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as raised:
             chat(client, **kwargs)
-        body = raised.value.response.json()
-        assert fragment in body["error"] and body["error_type"] == "validation"
+        assert fragment in str(raised.value) and raised.value.type == "invalid_request_error"
+        assert raised.value.param == param

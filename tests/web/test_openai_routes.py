@@ -27,8 +27,9 @@ def chat_model_dir(model_dir, tmp_path_factory):
 
 
 def make_client(model_dir, redis_url, **overrides):
-    settings = Settings(model_id=str(model_dir), redis_url=redis_url, max_input_tokens=10, max_total_tokens=20,
-                        queue_timeout=3.0, replica_silence_timeout=3.0, keep_alive_interval=0.1, **overrides)
+    settings = Settings(**{"model_id": str(model_dir), "redis_url": redis_url, "max_input_tokens": 10,
+                           "max_total_tokens": 20, "queue_timeout": 3.0, "replica_silence_timeout": 3.0,
+                           "keep_alive_interval": 0.1, **overrides})
     return create_app(settings).test_client()
 
 
@@ -130,64 +131,100 @@ def test_content_parts_are_joined_without_separator(client):
     assert templated["templated_text"] == "user hello a"
 
 
-@pytest.mark.parametrize("body, status, fragment", [
-    ({"messages": []}, 422, "`messages` cannot be empty"),
-    ({"n": 3}, 422, "`n` must be > 0 and <= 2. Given: 3"),
-    ({"temperature": -1}, 422, "`temperature` must be strictly positive"),
-    ({"top_p": 1.5}, 422, "`top_p` must be > 0.0 and < 1.0"),
-    ({"presence_penalty": 3}, 422, "`presence_penalty` must be >= -2.0 and <= 2.0"),
-    ({"frequency_penalty": -3}, 422, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
-    ({"logit_bias": {"x": 1}}, 422, "`logit_bias` keys must be token ids"),
-    ({"logit_bias": {"99999": 1}}, 422, "`logit_bias` keys must be token ids"),
-    ({"logit_bias": {"1": 101}}, 422, "`logit_bias` values must be >= -100 and <= 100"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, 422, "`stop` supports up to 4 stop sequences. Given: 5"),
-    ({"logprobs": True, "top_logprobs": 9}, 422, "`top_logprobs` must be >= 0 and <= 5. Given: 9"),
-    ({"messages": [{"role": "user", "content": "hello " * 12}]}, 422, "`inputs` must have less than 10 tokens"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "text content"),
-    ({"tools": [{"type": "function"}]}, 422, "`tools` entries must be"),
-    ({"messages": "hello"}, 422, "`messages`"),
-    ({"stop": 3}, 422, "`stop`"),
-])
-def test_chat_errors_are_json(client, body, status, fragment):
-    response = chat(client, **body)
-    assert response.status_code == status
-    assert fragment in response.get_json()["error"] and response.get_json()["error_type"] == "validation"
+def openai_error(response, status: int, error_type: str = "invalid_request_error") -> dict:
+    """OpenAI's error object, with its status."""
+    assert response.status_code == status, response.get_json()
+    body = response.get_json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] == error_type
+    return body["error"]
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ({"prompt": []}, "Empty array detected. Do not use an empty array for the prompt."),
-    ({"prompt": ["a"] * 5}, "Number of prompts exceeds the maximum allowed batch size of 4"),
-    ({"prompt": "a", "suffix": "b"}, "Suffix is not supported and can be achieved by preprocessing the prompt."),
-    ({"prompt": "a", "logprobs": 6}, "`logprobs` must be >= 0 and <= 5"),
-    ({"prompt": "a", "max_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"messages": []}, "messages", "`messages` cannot be empty"),
+    ({"n": 3}, "n", "`n` must be > 0 and <= 2. Given: 3"),
+    ({"temperature": -1}, "temperature", "`temperature` must be strictly positive"),
+    ({"top_p": 1.5}, "top_p", "`top_p` must be >= 0.0 and <= 1.0"),
+    ({"top_p": -0.1}, "top_p", "`top_p` must be >= 0.0 and <= 1.0"),
+    ({"presence_penalty": 3}, "presence_penalty", "`presence_penalty` must be >= -2.0 and <= 2.0"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias", "`logit_bias` keys must be token ids"),
+    ({"logit_bias": {"1": 101}}, "logit_bias", "`logit_bias` values must be >= -100 and <= 100"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "`stop` supports up to 4 stop sequences. Given: 5"),
+    ({"logprobs": True, "top_logprobs": 9}, "top_logprobs", "`top_logprobs` must be >= 0 and <= 5. Given: 9"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages",
+     "text content"),
+    ({"tools": [{"type": "function"}]}, "tools", "`tools` entries must be"),
+    ({"messages": "hello"}, "messages", "`messages`"),
+    ({"stop": 3}, "stop", "`stop`"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "`messages.0.content`"),
 ])
-def test_completion_errors_are_json(client, body, fragment):
-    response = client.post("/v1/completions", json=body)
-    assert response.status_code == 422 and fragment in response.get_json()["error"]
+def test_chat_errors_are_openai_400s_naming_the_field(client, body, param, fragment):
+    error = openai_error(chat(client, **body), 400)
+    assert fragment in error["message"] and error["param"] == param and error["code"] is None
+
+
+def test_an_over_long_prompt_is_context_length_exceeded(client):
+    error = openai_error(chat(client, messages=[{"role": "user", "content": "hello " * 12}], max_tokens=3), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    # templated: "user hello ... a" is 14 tokens; --max-input-tokens 10
+    assert error["message"] == ("This model's maximum context length is 10 tokens. However, you requested 17 tokens "
+                                "(14 in the messages, 3 in the completion). Please reduce the length of the "
+                                "messages or completion. The prompt is too long.")
+    error = openai_error(client.post("/v1/completions", json={"prompt": "hello " * 11}), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "(11 in the messages, 16 in the completion)" in error["message"]  # completions' default max_tokens
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"prompt": []}, "prompt", "Empty array detected. Do not use an empty array for the prompt."),
+    ({"prompt": ["a"] * 5}, "prompt", "Number of prompts exceeds the maximum allowed batch size of 4"),
+    ({"prompt": "a", "suffix": "b"}, "suffix",
+     "Suffix is not supported and can be achieved by preprocessing the prompt."),
+    ({"prompt": "a", "logprobs": 6}, "logprobs", "`logprobs` must be >= 0 and <= 5"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "`max_new_tokens` must be strictly positive"),
+    ({"prompt": "a", "n": 2, "best_of": 1}, "best_of", "`best_of` must be >= `n` (2) and <= 2. Given: 1"),
+    ({"prompt": "a", "best_of": 3}, "best_of", "`best_of` must be >= `n` (1) and <= 2. Given: 3"),
+    ({"prompt": "a", "best_of": 2, "stream": True}, "best_of", "`best_of` > `n` cannot be streamed"),
+])
+def test_completion_errors_are_openai_400s(client, body, param, fragment):
+    error = openai_error(client.post("/v1/completions", json=body), 400)
+    assert fragment in error["message"] and error["param"] == param
+
+
+def test_bad_json_wrong_type_and_unknown_routes_are_openai_errors(client):
+    error = openai_error(client.post("/v1/chat/completions", data="{not json", content_type="application/json"), 400)
+    assert "Failed to parse the request body as JSON" in error["message"] and error["param"] is None
+    assert "Content-Type: application/json" in openai_error(
+        client.post("/v1/completions", data="prompt=a", content_type="text/plain"), 415)["message"]
+    openai_error(client.get("/v1/nowhere"), 404, "not_found_error")
+    openai_error(client.get("/v1/chat/completions"), 405)
+    assert client.post("/tokenize", json={"inputs": 5}).get_json()["error_type"] == "validation"  # TGI's route
 
 
 def test_no_template_is_a_template_error(model_dir, redis_url, redis_client):
     client = make_client(model_dir, redis_url)
-    response = chat(client)
-    assert response.status_code == 422
-    assert response.get_json() == {"error": "Template error: template not found", "error_type": "template_error"}
-    assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 422
+    assert openai_error(chat(client), 400)["message"] == "Template error: template not found"
+    response = client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]})
+    assert response.status_code == 422 and response.get_json()["error_type"] == "template_error"  # TGI's route
 
 
 def test_template_raise_exception_is_a_template_error(chat_model_dir, redis_url, redis_client, tmp_path):
     shutil.copy(chat_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "chat_template.jinja").write_text(RAISING_TEMPLATE)
-    response = chat(make_client(tmp_path, redis_url))
-    assert response.status_code == 422
-    assert response.get_json() == {"error": "Template error: no system messages here", "error_type": "template_error"}
+    assert openai_error(chat(make_client(tmp_path, redis_url)), 400)["message"] == \
+        "Template error: no system messages here"
 
 
 def test_api_key_guards_generation_and_tokenize_not_models(chat_model_dir, redis_url, redis_client):
     client = make_client(chat_model_dir, redis_url, api_key="sesame")
-    assert chat(client).status_code == 401
+    error = openai_error(chat(client), 401, "authentication_error")
+    assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
     assert client.post("/v1/completions", json={"prompt": "a"}).status_code == 401
     assert client.post("/tokenize", json={"inputs": "a"}).status_code == 401
     assert client.get("/v1/models").status_code == 200
+    assert client.get(f"/v1/models/{chat_model_dir.name}").status_code == 200
     assert client.post("/chat_tokenize", json={"messages": [{"role": "user", "content": "a"}]}).status_code == 200
     authorized = client.post("/tokenize", json={"inputs": "hello"}, headers={"Authorization": "Bearer sesame"})
     assert authorized.status_code == 200
@@ -195,8 +232,8 @@ def test_api_key_guards_generation_and_tokenize_not_models(chat_model_dir, redis
 
 def test_overloaded_is_429_and_counted(chat_model_dir, redis_url, redis_client):
     client = make_client(chat_model_dir, redis_url, max_concurrent_requests=0)
-    response = chat(client)
-    assert response.status_code == 429 and response.get_json()["error_type"] == "overloaded"
+    error = openai_error(chat(client), 429, "rate_limit_error")
+    assert error["code"] == "rate_limit_exceeded" and error["message"] == "Model is overloaded"
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'tgi_request_failure_total{err="overloaded",reason="overloaded"} 1.0' in metrics
 
@@ -207,7 +244,8 @@ def test_error_during_a_stream_is_an_error_chunk_then_done(client, redis_url):
         payloads = sse_payloads(response)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
-    assert "boom" in error["message"] and error["type"] == "generation" and error["code"] == 424
+    assert "boom" in error["message"] and error["type"] == "server_error"
+    assert error["param"] is None and error["code"] is None
 
 
 def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis_url):
@@ -229,6 +267,8 @@ def test_requests_are_counted_in_tgi_metrics_and_carry_request_ids(client, redis
 @pytest.mark.parametrize("body, expected", [
     ({}, {"do_sample": True, "temperature": 1.0, "top_p": None, "max_new_tokens": 20 - 4}),  # up to max_total_tokens
     ({"temperature": 0, "top_p": 0.5}, {"do_sample": False, "top_p": None}),  # greedy: no sampling filter either
+    ({"top_p": 0}, {"do_sample": True, "top_p": None, "top_k": 1}),  # OpenAI's 0: the most likely token only
+    ({"top_p": 0.5}, {"do_sample": True, "top_p": 0.5, "top_k": None}),
     ({"temperature": 0.7, "top_p": 1.0}, {"do_sample": True, "temperature": 0.7, "top_p": None}),
     ({"max_tokens": 500}, {"max_new_tokens": 16}),  # capped at what max_total_tokens leaves, not refused
     ({"max_completion_tokens": 3, "max_tokens": 9}, {"max_new_tokens": 3}),

@@ -1,6 +1,7 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models, and TGI's
-/tokenize and /chat_tokenize. Generation shares TGI's path (web.openai_generation); `--api-key`
-guards every route but /v1/models and /chat_tokenize, as in TGI."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models and
+/v1/models/{id}, and TGI's /tokenize and /chat_tokenize. Generation shares TGI's path
+(web.openai.generation); `--api-key` guards every route but the models and /chat_tokenize, as in
+TGI. Errors on /v1 are OpenAI's (web.openai.errors); on /tokenize and /chat_tokenize, TGI's."""
 from __future__ import annotations
 
 from flask import jsonify
@@ -9,9 +10,12 @@ from common.protocol import FailureReason
 from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, GenerationError, ValidationError
 from web.json_body import StrictBlueprint
-from web.openai_generation import respond
-from web.openai_params import chat_plan, completion_plan
-from web.openai_schemas import (
+from web.openai.errors import ModelNotFound
+from web.openai.generation import EVENT_STREAM, respond
+from web.openai.models import model_object
+from web.openai.params import chat_plan, completion_plan
+from web.openai.schemas import (
+    OPENAI_ERRORS,
     ChatCompletionChunkSchema,
     ChatCompletionSchema,
     ChatRequestSchema,
@@ -19,12 +23,13 @@ from web.openai_schemas import (
     CompletionRequestSchema,
     CompletionSchema,
     ModelListSchema,
+    ModelSchema,
+    OpenAIErrorSchema,
     SimpleTokenSchema,
     TokenizeRequestSchema,
 )
 from web.schemas import ErrorResponseSchema
 from web.service import current_service
-from web.sse import MIMETYPE as EVENT_STREAM
 from web.tokenize import tokenize
 from web.tokenizer import TokenizerUnavailable
 from web.validation import check_truncate
@@ -48,16 +53,35 @@ def documented_errors(blueprint: StrictBlueprint, statuses=tuple(GENERATION_ERRO
     return decorate
 
 
+def openai_errors(blueprint: StrictBlueprint, statuses=tuple(s for s in OPENAI_ERRORS if s != 404)):
+    """OpenAI's error object, with its statuses (400 is documented by `arguments`)."""
+    def decorate(func):
+        for status in statuses:
+            func = blueprint.alt_response(status, schema=OpenAIErrorSchema, description=OPENAI_ERRORS[status])(func)
+        return func
+
+    return decorate
+
+
 def streamed(schema):
     return blp.alt_response(200, schema=schema, content_type=EVENT_STREAM,
                             description="Server-sent events (stream=true), ending with `data: [DONE]`")
 
 
+def openai_arguments(blueprint: StrictBlueprint, schema):
+    """The body, its type errors a 400 (OpenAI's status), documented with OpenAI's error object."""
+    def decorate(func):
+        func = blueprint.arguments(schema, error_status_code=400)(func)
+        return blueprint.alt_response(400, schema=OpenAIErrorSchema, description="Invalid request")(func)
+
+    return decorate
+
+
 @blp.route("/v1/chat/completions", methods=["POST"])
-@blp.arguments(ChatRequestSchema)
+@openai_arguments(blp, ChatRequestSchema)
 @blp.response(200, ChatCompletionSchema, description="The answer (stream=false)")
 @streamed(ChatCompletionChunkSchema)
-@documented_errors(blp)
+@openai_errors(blp)
 def chat_completions(body):
     """Chat through the model's chat template (OpenAI's API)"""
     return respond("chat", lambda service: chat_plan(body, service.settings, service.chat_template,
@@ -65,10 +89,10 @@ def chat_completions(body):
 
 
 @blp.route("/v1/completions", methods=["POST"])
-@blp.arguments(CompletionRequestSchema)
+@openai_arguments(blp, CompletionRequestSchema)
 @blp.response(200, CompletionSchema, description="The completions (stream=false)")
 @streamed(CompletionSchema)
-@documented_errors(blp)
+@openai_errors(blp)
 def completions(body):
     """Complete raw prompts, no template (OpenAI's API)"""
     return respond("completion", lambda service: completion_plan(body, service.settings, service.tokens.vocab_size))
@@ -104,10 +128,18 @@ def chat_tokenize(body):
 @public.response(200, ModelListSchema, description="The one model this service serves")
 def models():
     """The served model (OpenAI's API)"""
-    s = current_service().settings
-    return {"object": "list",
-            "data": [{"id": s.model_id, "object": "model", "created": 0, "owned_by": s.model_id,
-                      "max_model_len": s.max_total_tokens}]}
+    return {"object": "list", "data": [model_object(current_service().settings)]}
+
+
+@public.route("/v1/models/<path:model>", methods=["GET"])
+@public.response(200, ModelSchema, description="The served model")
+@openai_errors(public, (404,))
+def model(model: str):
+    """One model, by its id: the served model name (OpenAI's API)"""
+    settings = current_service().settings
+    if model != settings.served_model:
+        raise ModelNotFound(model)
+    return model_object(settings)
 
 
 def _tokens(work):

@@ -4,6 +4,7 @@ failover), then one JSON body or a stream of chunks ending in `data: [DONE]`.
 
 A request with several choices (`n`, or several completions prompts) enqueues them all at once,
 so replicas batch them; it holds one admission slot, and counts once in `tgi_request_*`.
+Completions' `best_of` enqueues that many candidates per prompt and keeps the best `n`.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from common.protocol import (
 )
 from web import sse
 from web.admission import Slot
-from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.errors import ApiError, ContextLengthError, GenerationError, IncompleteGeneration, from_event
 from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
-from web.openai_params import GenerationPlan
-from web.openai_responses import ChoiceResult, Chunker, Envelope, chat_completion, completion, finish_reason
+from web.openai.chunks import Chunker
+from web.openai.errors import context_length_exceeded, error_body
+from web.openai.params import GenerationPlan
+from web.openai.responses import ChoiceResult, Envelope, best_of, chat_completion, completion, finish_reason
 from web.request_id import request_id
 from web.responses import Outcome, RequestClock
 from web.service import Service, current_service
@@ -36,12 +39,13 @@ from web.validation import ValidRequest
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+EVENT_STREAM = sse.MIMETYPE + "; charset=utf-8"  # OpenAI's: clients decode the events as UTF-8
 _PUMP_TICK = 0.5  # seconds: how soon a choice's reader thread notices the stream was closed
 
 
 @dataclass(frozen=True)
 class Choice:
-    index: int  # OpenAI's choice index: prompt * n + sample
+    index: int  # prompt * samples + sample (OpenAI's index, unless best_of keeps fewer)
     valid: ValidRequest
 
 
@@ -52,8 +56,8 @@ class Admitted:
 
     @property
     def prompt_tokens(self) -> int:
-        n = self.plan.options.n
-        return sum(c.valid.input_length for c in self.choices if c.index % n == 0)
+        samples = self.plan.options.samples
+        return sum(c.valid.input_length for c in self.choices if c.index % samples == 0)
 
 
 def respond(kind: str, make_plan: Callable[[Service], GenerationPlan]) -> Response:
@@ -78,12 +82,15 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
                               reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
     choices = []
     for prompt in plan.prompts:
-        valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
-                                 full_text_default=False, add_special_tokens=plan.add_special_tokens,
-                                 cap_new_tokens=True)
+        try:
+            valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
+                                     full_text_default=False, add_special_tokens=plan.add_special_tokens,
+                                     cap_new_tokens=True)
+        except ContextLengthError as error:
+            raise context_length_exceeded(error, plan.parameters["max_new_tokens"], request.path) from error
         valid.job.sampling = dataclasses.replace(valid.job.sampling, **plan.openai)
         valid.job.trace_id = request_id()
-        for sample in range(plan.options.n):
+        for sample in range(plan.options.samples):
             choices.append(Choice(len(choices), _sample(valid, sample)))
     return Admitted(plan, choices)
 
@@ -128,26 +135,18 @@ def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock,
     slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
     tgi.request_succeeded(slowest)
     log_outcome(slowest)
-    results = [_result(c.index, o.final) for c, o in zip(admitted.choices, outcomes)]
     plan = admitted.plan
+    results = [ChoiceResult.of(c.index, o.final.details or {}, o.generated_tokens, plan.options.stops)
+               for c, o in zip(admitted.choices, outcomes)]
+    completion_tokens = sum(r.generated_tokens for r in results)  # every candidate was generated
+    results = best_of(results, plan.options)
+    raw_bytes = service.tokens.token_bytes
     if envelope.kind == "chat":
-        body = chat_completion(envelope, plan.options, results, admitted.prompt_tokens)
+        body = chat_completion(envelope, plan.options, results, admitted.prompt_tokens, completion_tokens, raw_bytes)
     else:
-        body = completion(envelope, plan.options, results, plan.prompts, admitted.prompt_tokens)
+        body = completion(envelope, plan.options, results, plan.prompts, admitted.prompt_tokens, completion_tokens,
+                          raw_bytes)
     return jsonify(body)
-
-
-def _result(index: int, final: StreamEvent) -> ChoiceResult:
-    details = final.details or {}
-    tokens = details.get("tokens") or []
-    return ChoiceResult(
-        index=index,
-        text=final.generated_text or "",
-        finish_reason=finish_reason(details.get("finish_reason")),
-        generated_tokens=int(details.get("generated_tokens") or final.index or len(tokens)),
-        tokens=tokens,
-        top_tokens=details.get("top_tokens") or [],
-    )
 
 
 def _stream(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock, envelope: Envelope) -> Response:
@@ -158,9 +157,9 @@ def _stream(service: Service, admitted: Admitted, slot: Slot, clock: RequestCloc
         if isinstance(error, ApiError):
             service.metrics.tgi.request_failed(error)
         raise
-    chunker = Chunker(envelope, admitted.plan.options, admitted.plan.prompts)
+    chunker = Chunker(envelope, admitted.plan.options, admitted.plan.prompts, service.tokens.token_bytes)
     session = OpenAIStreamSession(service, admitted, streams, slot, clock, chunker)
-    response = Response(session.frames(), content_type=sse.MIMETYPE, headers=sse.HEADERS)
+    response = Response(session.frames(), content_type=EVENT_STREAM, headers=sse.HEADERS)
     response.headers["x-prompt-tokens"] = str(admitted.prompt_tokens)
     response.call_on_close(session.close)  # also when the body was never iterated
     return response
@@ -218,8 +217,8 @@ class OpenAIStreamSession:
                 elif event.kind == EVENT_FINAL:
                     outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
                     choice.finished, choice.generated_tokens = True, outcome.generated_tokens
-                    reason = finish_reason((event.details or {}).get("finish_reason"))
-                    for chunk in self._chunker.finish(number, reason):
+                    tgi_reason = (event.details or {}).get("finish_reason")
+                    for chunk in self._chunker.finish(number, tgi_reason, finish_reason(tgi_reason)):
                         yield sse.frame(chunk)
                     if all(p.finished for p in progress):
                         yield from self._succeed(progress, outcome)
@@ -245,7 +244,7 @@ class OpenAIStreamSession:
     def _fail(self, error: ApiError) -> Iterator[str]:
         """OpenAI's error chunk (the `openai` client raises APIError on it), then [DONE]."""
         self._service.metrics.tgi.request_failed(error, self._route)
-        yield sse.frame({"error": {"message": error.message, "type": error.error_type, "code": error.status}})
+        yield sse.frame({"error": error_body(error, self._route)})
         yield DONE
 
     def _events(self) -> Iterator[tuple[int, StreamEvent | None]]:

@@ -1,6 +1,6 @@
 """OpenAI's request and response types (chat, completions, models) and TGI's /tokenize, as
 marshmallow schemas: requests are parsed with them (JSON types only; value rules live in
-`web.openai_params`), responses document the OpenAPI spec. Unknown fields are ignored."""
+`web.openai.params`), responses document the OpenAPI spec. Unknown fields are ignored."""
 from __future__ import annotations
 
 from marshmallow import ValidationError as SchemaError
@@ -8,7 +8,17 @@ from marshmallow import fields, validate
 
 from web.schemas import UINT64_MAX, Schema, StrictBoolean, StrictFloat, StrictInteger, optional
 
-OPENAI_FINISH_REASONS = ("stop", "length", "tool_calls")
+OPENAI_FINISH_REASONS = ("stop", "length", "tool_calls", "function_call")
+# The statuses of OpenAI's error object on /v1 (400 is documented with the body's schema).
+OPENAI_ERRORS = {
+    401: "Missing or wrong API key (when the service has one: `--api-key`)",
+    404: "No such model or route",
+    413: "Request body over 2 MB",
+    415: "The body is not `application/json`",
+    429: "Over --max-concurrent-requests (`code`: `rate_limit_exceeded`)",
+    500: "The replica failed the request",
+    503: "No replica, queue or tokenizer available yet",
+}
 _STRING_LIST = {"type": "array", "items": {"type": "string"}}
 _TEXT_PART = {
     "type": "object",
@@ -51,12 +61,15 @@ class TextPartSchema(Schema):
 
 
 class MessageSchema(Schema):
-    role = fields.String(required=True, metadata={"example": "user"})
+    role = fields.String(required=True, metadata={
+        "example": "user", "description": "`developer` is rendered as `system`, legacy `function` as `tool`."})
     content = StringOr(fields.Nested(TextPartSchema), _TEXT_PART, allow_none=True,
                        metadata={"description": "A string, or a list of text parts."})
     name = optional(fields.String, "The author's name (passed to the template).")
-    tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={"description": "Passed to the template."})
+    tool_calls = fields.List(fields.Dict(), allow_none=True, metadata={
+        "description": "The calls an assistant made: passed to the template (as text when it does not render them)."})
     tool_call_id = optional(fields.String, "Passed to the template.")
+    function_call = fields.Dict(allow_none=True, metadata={"description": "Legacy: one call, as `tool_calls`."})
 
 
 class StreamOptionsSchema(Schema):
@@ -68,7 +81,7 @@ class SamplingRequestSchema(Schema):
 
     model = optional(fields.String, "Echoed in the response (the service serves one model).")
     temperature = optional(StrictFloat, "0: greedy; absent: sampling at 1.0.")
-    top_p = optional(StrictFloat, "Nucleus sampling, in (0, 1]; 1.0 means none.")
+    top_p = optional(StrictFloat, "Nucleus sampling, in [0, 1]; 1.0 means none, 0 the most likely token only.")
     stop = StringOr(fields.String(), {"type": "string"}, allow_none=True,
                     metadata={"description": "A stop sequence or a list of them."})
     seed = optional(StrictInteger, "Sampling seed (uint64).", validate=validate.Range(0, UINT64_MAX))
@@ -100,6 +113,11 @@ class ChatRequestSchema(SamplingRequestSchema):
         "description": "`none`, `auto` (default with tools: call one, or answer in text), `required`, or "
                        "`{\"type\": \"function\", \"function\": {\"name\": ...}}`."})
     tool_prompt = optional(fields.String, "TGI's: put before the tools when the template does not render them.")
+    functions = fields.List(fields.Dict(), allow_none=True, metadata={
+        "description": "Legacy `tools`: `[{\"name\", \"description\", \"parameters\"}]`; the answer's call is "
+                       "`message.function_call`."})
+    function_call = fields.Raw(allow_none=True, metadata={
+        "description": "Legacy `tool_choice`: `none`, `auto` or `{\"name\": ...}`."})
 
 
 class CompletionRequestSchema(SamplingRequestSchema):
@@ -110,6 +128,8 @@ class CompletionRequestSchema(SamplingRequestSchema):
     repetition_penalty = optional(StrictFloat, "TGI's repetition penalty (> 0).")
     logprobs = optional(StrictInteger, "Return this many most likely alternatives per token, with its logprob.")
     echo = optional(StrictBoolean, "Prepend the prompt to the text.")
+    best_of = optional(StrictInteger, "Candidates sampled per prompt (>= n, at most --max-best-of); the n with the "
+                                      "highest cumulative logprob are returned. Not with `stream`.")
     suffix = optional(fields.String, "Not supported (must be null).")
 
 
@@ -123,6 +143,18 @@ class TokenizeRequestSchema(Schema):
 
 
 # Responses (documentation only).
+class OpenAIErrorDetailSchema(Schema):
+    message = fields.String(required=True)
+    type = fields.String(required=True, metadata={"example": "invalid_request_error"})
+    param = fields.String(allow_none=True, metadata={"description": "The request field at fault, when known."})
+    code = fields.String(allow_none=True, metadata={"example": "context_length_exceeded"})
+
+
+class OpenAIErrorSchema(Schema):
+    error = fields.Nested(OpenAIErrorDetailSchema, required=True)
+
+
+
 class SimpleTokenSchema(Schema):
     id = fields.Integer(required=True)
     text = fields.String(required=True, metadata={"description": "The input's bytes [start, stop)."})
@@ -168,9 +200,10 @@ class ToolCallSchema(Schema):
 
 
 class ChatMessageSchema(Schema):
-    role = fields.String(required=True)
+    role = fields.String(metadata={"description": "In a stream: the first chunk of each choice only."})
     content = fields.String(allow_none=True, metadata={"description": "null when the message calls a tool."})
     tool_calls = fields.List(fields.Nested(ToolCallSchema))
+    function_call = fields.Nested(FunctionCallSchema, metadata={"description": "When the request sent `functions`."})
 
 
 class ChatChoiceSchema(Schema):

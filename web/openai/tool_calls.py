@@ -1,10 +1,12 @@
 """A choice's output under the tool grammar (`{"name": ..., "arguments": {...}}`, see
-`web.openai_tools`) read token by token and turned into OpenAI's shapes: `tool_calls` deltas
+`web.openai.tools`) read token by token and turned into OpenAI's shapes: `tool_calls` deltas
 while it streams, and the same call (or the `no_tool` text) in a whole message.
 
 The non-streamed message is built by feeding the whole text through the same reader, so a
 stream's argument fragments join to exactly the non-streamed `arguments` string: the JSON text
-of the `arguments` value as generated.
+of the `arguments` value as generated. A call cut by `max_tokens` is still a call (its arguments
+so far, `finish_reason: length`): the wrapper JSON never reaches `content`. Deltas carry no
+`role`: the stream adds it to a choice's first chunk.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import json
 import re
 import uuid
 
-from web.openai_tools import NO_TOOL
+from web.openai.tools import NO_TOOL
 
 # The wrapper up to the arguments value's first character (the name must be closed).
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')  # the name so far; closed or not
 _CONTENT_HEAD = re.compile(r'\{\s*"content"\s*:\s*"')
 _LONGEST_ESCAPE = 12  # a \uXXXX\uXXXX surrogate pair
 
@@ -68,12 +71,14 @@ class JsonValueEnd:
 class ToolCallReader:
     """One choice: `feed` each token's text, get the deltas to send; `finish` at the end."""
 
-    def __init__(self, call_id: str | None = None):
+    def __init__(self, call_id: str | None = None, names: tuple[str, ...] = ()):
+        """`names`: the functions the grammar allows, to name a call cut inside its name."""
         self.call_id = call_id or new_call_id()
+        self.names = names
         self.text = ""
         self.name: str | None = None  # the function called (NO_TOOL: a text answer)
         self.arguments = ""  # the arguments' JSON text, as sent
-        self.content = ""  # the text answer (no_tool, or an output that never named a function)
+        self.content = ""  # no_tool's text answer
         self.complete = False  # the arguments value (or no_tool's content) was read to its end
         self._body = 0  # where the arguments value starts in `text`
         self._scanner = JsonValueEnd()
@@ -91,29 +96,38 @@ class ToolCallReader:
             head = _HEAD.match(self.text)
             if head is None:
                 return []
-            self.name, self._body = _json_string(head.group(1)), head.end()
-            if self.called:
-                deltas.append({"role": "assistant", "content": None, "tool_calls": [
-                    {"index": 0, "id": self.call_id, "type": "function",
-                     "function": {"name": self.name, "arguments": ""}}]})
+            deltas.extend(self._named(_json_string(head.group(1)), head.end()))
         fragment = self._content_fragment() if self.name == NO_TOOL else self._arguments_fragment()
         if fragment:
             deltas.append(self._delta(fragment))
         return deltas
 
     def finish(self) -> list[dict]:
-        """An output that never got to its arguments (cut by `length`) is sent as text."""
-        if self.name is None and self.text:
-            self.content = self.text
-            return [{"role": "assistant", "content": self.text}]
-        return []
+        """An output cut before its arguments began is still a call: named as far as it was
+        generated (in full when only one allowed function starts that way), no arguments."""
+        if self.name is not None:
+            return []
+        head = _NAME.match(self.text)
+        if head is None:  # not even the name began: nothing to call
+            return []
+        written = _json_string(head.group(1))
+        candidates = [name for name in self.names if name.startswith(written)]
+        name = candidates[0] if len(candidates) == 1 and not head.group(2) else written
+        return self._named(name, len(self.text)) if name else []
 
     def message(self) -> dict:
         if self.called:
             return {"role": "assistant", "content": None, "tool_calls": [
                 {"id": self.call_id, "type": "function",
                  "function": {"name": self.name, "arguments": self.arguments}}]}
-        return {"role": "assistant", "content": self.content}
+        return {"role": "assistant", "content": self.content if self.name == NO_TOOL else None}
+
+    def _named(self, name: str, body: int) -> list[dict]:
+        self.name, self._body = name, body
+        if not self.called:
+            return []
+        return [{"content": None, "tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                                  "function": {"name": self.name, "arguments": ""}}]}]
 
     def finish_reason(self, reason: str) -> str:
         """`tool_calls` for a whole call; a cut one keeps `length`."""
@@ -122,7 +136,7 @@ class ToolCallReader:
     def _delta(self, fragment: str) -> dict:
         if self.called:
             return {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
-        return {"role": "assistant", "content": fragment}
+        return {"content": fragment}
 
     def _arguments_fragment(self) -> str:
         end = self._scanner.feed(self.text[self._body + self._scanner.seen:])
@@ -169,3 +183,15 @@ def _decode_prefix(raw: str, start: int) -> tuple[str, int]:
             continue
         return text, k
     return "", start
+
+
+def as_function_call(delta: dict) -> dict:
+    """A message or delta in the legacy shape (a request that sent `functions`): its call as
+    `function_call` {name, arguments}, no id."""
+    calls = delta.get("tool_calls")
+    if not calls:
+        return delta
+    out = {key: value for key, value in delta.items() if key != "tool_calls"}
+    function = calls[0]["function"]
+    out["function_call"] = {key: function[key] for key in ("name", "arguments") if key in function}
+    return out
