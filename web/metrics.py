@@ -24,6 +24,7 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 from common.keys import replica_metrics_pattern
 from common.settings import Settings
 from web.cluster_metrics import NAMES as CLUSTER_NAMES
+from web.openai.errors import client_status
 from web.cluster_metrics import ClusterCollector
 from web.scaling_metrics import NAMES as SCALING_NAMES
 from web.scaling_metrics import ScalingCollector
@@ -89,8 +90,8 @@ class TgiMetrics:
         line names the request id (common.logs)."""
         route = route or (request.path if has_request_context() else "-")
         self.failure.labels(err=error.error_type, reason=str(error.reason)).inc()
-        log.warning("request failed: %s answered %d %s (%s): %s", route, error.status, error.error_type,
-                    error.reason, error.message)
+        log.warning("request failed: %s answered %d %s (%s): %s", route, client_status(error, route),
+                    error.error_type, error.reason, error.message)
 
     def request_succeeded(self, outcome) -> None:
         """`outcome`: a `web.responses.Outcome`."""

@@ -1,6 +1,8 @@
 """/metrics: TGI's request metrics, Flask's HTTP metrics and the replicas' own metrics."""
 from __future__ import annotations
 
+import logging
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.keys import replica_metrics_key
@@ -86,3 +88,14 @@ def test_a_stream_is_timed_to_its_end_not_to_the_view_return(client, redis_url):
     samples = scrape(client)
     assert value(samples, "tgi_request_duration_count") == 1
     assert value(samples, "tgi_request_duration_sum") >= 0.6
+
+
+def test_each_failure_is_logged_once_with_the_status_the_client_got(client, caplog):
+    with caplog.at_level(logging.WARNING, logger="web.metrics"):
+        tgi = client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}})
+        openai = client.post("/v1/completions", json={"prompt": "hello", "top_p": 2})
+    assert (tgi.status_code, openai.status_code) == (422, 400)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert len(lines) == 2
+    assert lines[0].startswith("request failed: /generate answered 422 validation (validation): ")
+    assert lines[1].startswith("request failed: /v1/completions answered 400 validation (validation): ")

@@ -78,6 +78,11 @@ def write_error(error: ApiError, route: str) -> tuple[dict, int]:
     return {"error": error_body(error, route)}, _status_and_type(error)[0]
 
 
+def client_status(error: ApiError, route: str) -> int:
+    """The status the client is answered with on `route` (OpenAI's on `/v1/`, else TGI's)."""
+    return _status_and_type(error)[0] if route.startswith(OPENAI_PREFIX) else error.status
+
+
 def _status_and_type(error: ApiError) -> tuple[int, str]:
     if error.reason in _UNAVAILABLE:
         return 503, SERVER_ERROR
