@@ -8,6 +8,7 @@ import socket
 import warnings
 
 import redis
+from celery import signals
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
 from common.keys import GENERATION_QUEUE, slot_target_key
@@ -31,6 +32,9 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     generate.register(app)
     run_in_worker(app, settings, slot)
     _quiet_celery_warnings()
+    # Celery's logging setup puts its own `always` filters for its deprecation warnings in front
+    # of ours (celery.app.log.Logging.setup): ours go in front again once it has run.
+    signals.celeryd_after_setup.connect(lambda **_: _quiet_celery_warnings(), weak=False)
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",
