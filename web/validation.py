@@ -86,6 +86,7 @@ def wire_parameters(parameters: dict) -> dict:
             repetition_penalty=parameters["repetition_penalty"],
             frequency_penalty=parameters["frequency_penalty"],
             seed=parameters["seed"] if parameters["do_sample"] else None,
+            watermark=parameters["watermark"],
         ),
         "stopping": StoppingParameters(max_new_tokens=parameters["max_new_tokens"], stop_sequences=parameters["stop"]),
         "best_of": parameters["best_of"],

@@ -74,6 +74,7 @@ class Replica:
 
         from engine.engine import Engine
         from engine.scheduler import SchedulerConfig
+        from engine.watermark import Watermark
         from engine.weights import PreparedWeights, load_model, prepare_gguf
 
         s = self.settings
@@ -99,7 +100,8 @@ class Replica:
             stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout,
         )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
-                             cuda_graphs=s.cuda_graphs).start()
+                             cuda_graphs=s.cuda_graphs,
+                             watermark=Watermark(s.watermark_gamma, s.watermark_delta)).start()
         stats = self.engine.stats()
         self.facts = {
             "model_id": s.model_id,
