@@ -95,7 +95,7 @@ def chat_completions(body):
 @openai_errors(blp)
 def completions(body):
     """Complete raw prompts, no template (OpenAI's API)"""
-    return respond("completion", lambda service: completion_plan(body, service.settings, service.tokens.vocab_size))
+    return respond("completion", lambda service: completion_plan(body, service.settings, service.tokens))
 
 
 @blp.route("/tokenize", methods=["POST"])
@@ -118,7 +118,7 @@ def chat_tokenize(body):
     service = current_service()
 
     def templated():
-        text = chat_plan(body, service.settings, service.chat_template, service.tokens.vocab_size).prompts[0]
+        text = chat_plan(body, service.settings, service.chat_template, service.tokens.vocab_size).prompts[0].text
         return {"tokenize_response": tokenize(service.tokens, text, add_special_tokens=False), "templated_text": text}
 
     return jsonify(_tokens(templated))
