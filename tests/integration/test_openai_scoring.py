@@ -64,3 +64,20 @@ def test_echo_with_a_continuation_lists_the_prompt_then_the_generated_tokens(cli
     streamed_logprobs = [lp for c in streamed if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed_logprobs[0] is None and streamed_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:],
                                                                                    abs=1e-4)
+
+
+def test_vllms_tokenize_detokenize_round_trip(service):
+    """What a client written for vLLM does: count tokens, round trip them, read the tokenizer."""
+    text = "Once upon a time, 中文 and é: a queue of tokens."
+    tokenized = requests.post(f"{service.base_url}/tokenize", json={"model": "tiny", "prompt": text}, timeout=30).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 1024
+    assert tokenized["tokens"] == token_ids(service, text)  # the same tokens TGI's shape lists
+    detokenized = requests.post(f"{service.base_url}/detokenize", json={"tokens": tokenized["tokens"]}, timeout=30)
+    assert detokenized.json() == {"prompt": text}
+    chat = requests.post(f"{service.base_url}/tokenize", timeout=30, json={
+        "messages": [{"role": "user", "content": "Hello"}], "return_token_strs": True}).json()
+    templated = requests.post(f"{service.base_url}/chat_tokenize", timeout=30,
+                              json={"messages": [{"role": "user", "content": "Hello"}]}).json()
+    assert chat["tokens"] == [t["id"] for t in templated["tokenize_response"]] and len(chat["token_strs"]) == chat["count"]
+    info = requests.get(f"{service.base_url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == "<|endoftext|>" and "<|im_start|>" in info["chat_template"]
