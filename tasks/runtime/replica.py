@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common import model_files
+from common import hub, model_files
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
 from engine.metrics import EngineMetrics
@@ -79,6 +79,7 @@ class Replica:
 
         s = self.settings
         started = time.perf_counter()
+        hub.ensure_model(s.model_id, s.revision)  # a hub model missing here: downloaded first
         source = model_files.resolve(s)
         target = model_files.prepared_dir(s, source)
         prepared = self.weights.obtain(source, lambda: prepare_gguf(source.path, target) if source.is_gguf

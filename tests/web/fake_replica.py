@@ -103,7 +103,11 @@ class FakeReplica:
         self.redis.delete(replica_key(self.name))
 
     def _run(self) -> None:
+        beat = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - beat > 5:  # the heartbeat: the record outlives a long (slow) test
+                self.redis.expire(replica_key(self.name), 60)  # a record a test deleted stays deleted
+                beat = time.monotonic()
             item = self.redis.brpop([GENERATION_QUEUE], timeout=0.1)
             if item is None:
                 continue
