@@ -81,3 +81,33 @@ def test_vllms_tokenize_detokenize_round_trip(service):
     assert chat["tokens"] == [t["id"] for t in templated["tokenize_response"]] and len(chat["token_strs"]) == chat["count"]
     info = requests.get(f"{service.base_url}/tokenizer_info", timeout=30).json()
     assert info["eos_token"] == "<|endoftext|>" and "<|im_start|>" in info["chat_template"]
+
+
+FACTS = [  # (context, right continuation, wrong continuation)
+    ("The capital of France is", " Paris", " London"),
+    ("Water is made of hydrogen and", " oxygen", " gold"),
+    ("The first president of the United States was George", " Washington", " Clooney"),
+    ("The Great Wall is in", " China", " Brazil"),
+    ("One, two, three, four,", " five", " nine"),
+    ("Shakespeare wrote Romeo and", " Juliet", " Jupiter"),
+]
+
+
+def test_the_default_model_ranks_right_answers_first_as_a_harness_scores_them(real_service):
+    """lm-evaluation-harness's loglikelihood: context + continuation sent whole with echo,
+    logprobs and max_tokens 0; the continuation's tokens (those at or past the context's end)
+    summed."""
+    client = openai.OpenAI(base_url=f"{real_service.base_url}/v1", api_key="-", timeout=300, max_retries=0)
+    texts = [context + continuation for context, right, wrong in FACTS for continuation in (right, wrong)]
+    choices = [c for first in range(0, len(texts), 4) for c in client.completions.create(
+        model="smollm2", prompt=texts[first:first + 4], echo=True, logprobs=1, max_tokens=0).choices]
+    scores = []
+    for (context, _, _), choice in zip([f for f in FACTS for _ in (0, 1)], choices):
+        logprobs = choice.logprobs
+        scores.append(sum(lp for lp, offset in zip(logprobs.token_logprobs, logprobs.text_offset)
+                          if offset >= len(context)))
+    assert all(right > wrong for right, wrong in zip(scores[::2], scores[1::2])), list(zip(FACTS, scores))
+    details = requests.post(f"{real_service.base_url}/generate", timeout=300, json={
+        "inputs": texts[0], "parameters": {"max_new_tokens": 1, "decoder_input_details": True}}).json()["details"]
+    assert choices[0].logprobs.token_logprobs[1:] == pytest.approx([t["logprob"] for t in details["prefill"][1:]],
+                                                                   abs=1e-4)
