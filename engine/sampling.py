@@ -6,10 +6,11 @@ one argmax and one log-softmax. A `BatchSampler` is rebuilt whenever the batch c
 changes; the per-request state (the seeded generator) lives in `RequestSampler`, so a request
 draws the same tokens whichever batch it shares.
 
-Order: TGI's watermark (watermarked rows only: `engine.watermark`), OpenAI's logit bias (added
-to the model's logits), then as transformers and TGI apply them: repetition penalty, frequency penalty, OpenAI's presence and frequency penalties (over the
-generated tokens only), the grammar mask (rows with a grammar only), then (sampled rows only)
-temperature, top-k, top-p, typical-p. The grammar mask comes before the warpers, as in TGI: a
+Order: TGI's watermark (watermarked rows only: `engine.watermark`, first as in TGI), OpenAI's
+logit bias (added to the model's logits), then as transformers and TGI apply them: repetition
+penalty, frequency penalty, OpenAI's presence and frequency penalties (over the generated tokens
+only), the grammar mask (rows with a grammar only), then (sampled rows only) temperature, top-k,
+top-p, typical-p. The grammar mask comes before the warpers, as in TGI: a
 top-k or top-p filter applied first could keep only tokens the grammar forbids. The logprobs
 reported are those of the masked distribution.
 """

@@ -25,7 +25,7 @@ EMPTY_PROMPT_ARRAY = "Empty array detected. Do not use an empty array for the pr
 class Prompt:
     text: str  # as sent; token ids: what they decode to
     ids: tuple[int, ...] | None = None  # sent as token ids: what the engine gets, as they are
-    offsets: tuple[int, ...] = ()  # echo with logprobs: where each of its tokens starts in `text`
+    offsets: tuple[int, ...] = ()  # where each of its tokens starts in `text` (text: with echo and logprobs)
 
 
 def completion_prompts(prompt, tokens: TokenCounter, *, max_prompts: int, offsets: bool) -> list[Prompt]:

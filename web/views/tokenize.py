@@ -12,7 +12,7 @@ from web.auth import require_api_key
 from web.errors import GENERATION_ERRORS, GenerationError, ValidationError
 from web.json_body import StrictBlueprint
 from web.openai.params import chat_plan
-from web.openai.schemas import ChatRequestSchema, ChatTokenizeResponseSchema
+from web.openai.schemas import ChatRequestSchema, ChatTokenizeResponseSchema, OpenAIErrorSchema
 from web.schemas import ErrorResponseSchema
 from web.service import current_service
 from web.tokenize import tokenize as tgi_tokenize
@@ -52,6 +52,7 @@ def documented_errors(blueprint: StrictBlueprint, statuses=tuple(GENERATION_ERRO
 @blp.route("/tokenize", methods=["POST"])
 @blp.arguments(TokenizeBodySchema)
 @blp.doc(requestBody=TOKENIZE_BODY_DOC, responses=TOKENIZE_RESPONSE_DOC)
+@blp.alt_response(400, schema=OpenAIErrorSchema, description="A vLLM body's invalid request (OpenAI's error object)")
 @documented_errors(blp, (401, 413, 424))
 def tokenize_(body):
     """Tokenize TGI's `inputs`, or vLLM's `prompt` or chat `messages`"""
