@@ -91,9 +91,10 @@ def test_a_stream_echoes_the_scored_prompt_in_its_first_chunk(client, redis_url)
         response = client.post("/v1/completions", json={"prompt": [1, 2], "echo": True, "logprobs": 1,
                                                        "max_tokens": 2, "stream": True})
         chunks = [json.loads(p)["choices"][0] for p in sse_payloads(response)[:-1]]
-        only = client.post("/v1/completions", json={"prompt": [1, 2], "echo": True, "logprobs": 1,
-                                                    "max_tokens": 0, "stream": True})
-        prompt_only = [json.loads(p)["choices"][0] for p in sse_payloads(only)[:-1]]
+        only = client.post("/v1/completions", json={"prompt": [1, 2], "echo": True, "logprobs": 1, "max_tokens": 0,
+                                                    "stream": True, "stream_options": {"include_usage": True}})
+        *prompt_only, usage = [json.loads(p) for p in sse_payloads(only)[:-1]]
+        prompt_only = [chunk["choices"][0] for chunk in prompt_only]
     assert "".join(c["text"] for c in chunks) == "hello world c d"
     first = chunks[0]["logprobs"]
     assert first["tokens"] == ["p", "p", " c"] and first["token_logprobs"][:2] == [None, -1.0]
@@ -102,3 +103,4 @@ def test_a_stream_echoes_the_scored_prompt_in_its_first_chunk(client, redis_url)
     [choice] = prompt_only
     assert choice["text"] == "hello world" and choice["finish_reason"] == "length"
     assert choice["logprobs"]["token_logprobs"] == [None, -1.0]
+    assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}

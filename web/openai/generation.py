@@ -242,7 +242,8 @@ class OpenAIStreamSession:
         self._service.metrics.tgi.request_succeeded(outcome)  # the duration ends with the stream
         log_outcome(outcome)
         if self._chunker.options.include_usage:
-            generated = sum(p.generated_tokens for p in progress)
+            # prompt_only: the one token generated is not the client's
+            generated = 0 if self._chunker.options.prompt_only else sum(p.generated_tokens for p in progress)
             yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated))
         yield DONE
 
