@@ -99,6 +99,9 @@ def download(model_id: str, revision: str | None = None, *, weights: bool = True
                                f"{constants.ENDPOINT}, or needs a token (HF_TOKEN): {error}") from error
     except (HfHubHTTPError, OSError) as error:
         raise ModelUnavailable(f"could not download model {model_id!r} from {constants.ENDPOINT}: {error}") from error
+    except Exception as error:  # the network's own errors (httpx's), whichever version: say what failed
+        raise ModelUnavailable(f"could not reach {constants.ENDPOINT} for model {model_id!r}: "
+                               f"{type(error).__name__}: {error}") from error
 
 
 def files_to_download(model_id: str, files: list[str], *, weights: bool, extension: str = SAFETENSORS) -> list[str]:
