@@ -1,4 +1,4 @@
-"""The `blitzscale` command: serve | web | worker | prepare | agent | autoscaler | probe.
+"""The `blitzscale` command: serve | web | worker | prepare | download-weights | agent | autoscaler | probe.
 
 Flags are the Settings fields with TGI launcher names (`--model-id`, `--port`,
 `--max-input-tokens`, ...); each also reads its environment variable (MODEL_ID, PORT, ...).
@@ -19,7 +19,7 @@ from blitzscale.probe import probe
 from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
-from common import logs, model_files
+from common import hub, logs, model_files
 from common.settings import Settings, flag_name
 from tasks.control.devices import parse_devices
 from tasks.runtime.worker import run_worker
@@ -52,8 +52,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def prepare(settings: Settings, tokenizer_only: bool = False):
-    """Make the model loadable on this host: convert a GGUF file into the host weight cache
-    (with a progress bar) once; a model directory needs nothing."""
+    """Make the model loadable on this host: download a hub model into the Hugging Face cache, or
+    convert a GGUF file into the host weight cache (with a progress bar) once; a model directory
+    needs nothing."""
+    hub.ensure_model(settings.model_id, settings.revision, weights=not tokenizer_only)
     source = model_files.resolve(settings)
     target = model_files.prepared_dir(settings, source)
     if not source.is_gguf:
@@ -146,6 +148,19 @@ def cmd_web(settings: Settings) -> int:
     os.execv(argv[0], argv)
 
 
+def cmd_download_weights(settings: Settings, model_id: str, extension: str) -> int:
+    """TGI's `download-weights MODEL_ID`: the model into the local Hugging Face cache (a GGUF file
+    into the host weight cache), so that later starts need no network."""
+    settings = settings.replace(model_id=model_id)
+    cached = hub.is_hub_id(model_id) and hub.cached_snapshot(model_id, settings.revision)
+    if cached and hub.has_weights(cached):
+        log.info("model %s is already in the Hugging Face cache at %s: nothing to download", model_id, cached)
+        return 0
+    hub.ensure_model(model_id, settings.revision, extension=extension)
+    log.info("model %s ready at %s", model_id, prepare(settings))
+    return 0
+
+
 def cmd_worker(settings: Settings, slot: str, standby: bool = False) -> int:
     if not settings.redis_url:
         raise SystemExit("blitzscale worker needs REDIS_URL (or --redis-url)")
@@ -160,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "everything in one foreground command: Redis (unless REDIS_URL), replicas, web"),
         ("web", "the HTTP server alone (gunicorn)"),
         ("worker", "one replica: a Celery worker with one engine"),
-        ("prepare", "convert the model into the host weight cache"),
+        ("prepare", "download the model (hub ids) or convert it (GGUF) into this host's caches"),
+        ("download-weights", "TGI's: download MODEL_ID from the Hugging Face Hub into the local cache"),
         ("agent", "this host's agent: starts replica processes when the control plane asks"),
         ("autoscaler", "the autoscaler alone: moves the active replicas between --min- and --max-replicas"),
         ("probe", "exit 0 when this host's agent, or one of its replicas, is alive in Redis (for exec probes)"),
@@ -173,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--standby", action="store_true", help="load the model, consume nothing until add_consumer")
         if name == "agent":
             sub.add_argument("--replicas", type=int, default=0, help="replicas to start at once")
+        if name == "download-weights":
+            sub.add_argument("model", metavar="MODEL_ID", help="a Hugging Face model id (org/name)")
+            sub.add_argument("--extension", default=hub.SAFETENSORS, choices=(hub.SAFETENSORS, ".bin"),
+                             help="the weight files to download (default .safetensors, as TGI)")
         if name == "probe":
             sub.add_argument("role", choices=("agent", "replica"))
             sub.add_argument("--ready", action="store_true", help="replica: one has loaded its weights")
@@ -182,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logs.configure()  # from LOG_LEVEL / LOG_FORMAT until the flags are read
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except hub.ModelUnavailable as error:  # a clear line, not a traceback: nothing to debug here
+        log.error("%s", error)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
     if settings.devices:
@@ -203,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_autoscaler(settings)
     if args.command == "probe":
         return probe(settings, args.role, args.ready)
+    if args.command == "download-weights":
+        return cmd_download_weights(settings, args.model, args.extension)
     prepare(settings)
     return 0
 

@@ -1,7 +1,8 @@
 """Where a model's files are, without loading torch (the web uses this for the tokenizer).
 
 A model id is one of: a local directory (config.json + safetensors + tokenizer.json), a local
-`.gguf` file, or a model id already in the local Hugging Face cache (no network at run time).
+`.gguf` file, or a Hugging Face model id in the local Hugging Face cache (`common.hub` downloads
+it there first; this module never reaches the network).
 A GGUF model is converted once per host into the weight cache (`engine.weights` does that);
 its prepared directory is keyed by the GGUF file's content hash.
 """
@@ -13,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.hub import ModelUnavailable, cached_snapshot
 from common.settings import Settings
 
 _HASH_CHUNK = 8 << 20
@@ -38,12 +40,12 @@ def resolve(settings: Settings) -> ModelSource:
         return ModelSource(model_id, "gguf", path.resolve(), file_sha256(path))
     if path.is_dir():
         return ModelSource(model_id, "directory", path.resolve(), _directory_sha(path))
-    snapshot = _hub_cache_snapshot(model_id, settings.revision)
+    snapshot = cached_snapshot(model_id, settings.revision) if model_id.count("/") == 1 else None
     if snapshot is not None:
         return ModelSource(model_id, "directory", snapshot, snapshot.name)
-    raise FileNotFoundError(
-        f"model {model_id!r} is neither a local directory, a .gguf file, nor in the local "
-        "Hugging Face cache (model hubs are not reached at run time)"
+    raise ModelUnavailable(
+        f"model {model_id!r} is neither a local directory, a .gguf file, nor in the local Hugging Face "
+        f"cache: `blitzscale download-weights {model_id}` (or `serve`, `prepare`) downloads a hub model"
     )
 
 
@@ -104,17 +106,6 @@ def _directory_sha(path: Path) -> str:
         if child.is_file():
             digest.update(f"{child.name}:{child.stat().st_size}".encode())
     return digest.hexdigest()
-
-
-def _hub_cache_snapshot(model_id: str, revision: str | None) -> Path | None:
-    if model_id.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
-    except Exception:  # not cached, or huggingface_hub missing: not a hub model here
-        return None
 
 
 def _read_json(path: Path) -> dict:

@@ -71,6 +71,7 @@ class SamplingParameters:
     generated_frequency_penalty: float = 0.0  # OpenAI's frequency_penalty
     logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, added logit)
     seed: int | None = None  # set by the web for every sampled request; None when greedy
+    watermark: bool = False  # TGI's watermark (the replica's --watermark-gamma and --watermark-delta)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Job:
     best_of: int = 1  # TGI's best_of: samples with derived_seed(sampling.seed, n); the best one wins
     top_n_tokens: int = 0
     decoder_input_details: bool = False  # the prompt tokens' logprobs in the details
+    prefill_top_n_tokens: int = 0  # with decoder_input_details: each prompt token's likeliest alternatives
     grammar: GrammarParameters | None = None
     enqueued_at: float = field(default_factory=time.time)
     attempt: int = 0  # 1, 2, ...: re-enqueued by the web after the replica running it died
@@ -132,7 +134,8 @@ class StreamEvent:
     kind=started: a replica took the job (`replica`, `device_type`, `timings` = {queue: seconds}).
     kind=alive:   sent by the replica when it published nothing else for a while: it still works on
                   the request (the web's silence deadline counts from the last event of any kind).
-    kind=token:   `index` (1-based), `token`, `top_tokens`.
+    kind=token:   `index` (1-based), `token`, `top_tokens`; the first also `prefill` (and
+                  `prefill_top_tokens`) when the job asks for the prompt's logprobs.
     kind=final:   `index` of the last token, `generated_text` (without the prompt), `details`
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
                   top_tokens, best_of_sequences), `timings` (queue/inference seconds),
@@ -147,6 +150,8 @@ class StreamEvent:
     index: int = 0
     token: dict | None = None
     top_tokens: list[dict] | None = None
+    prefill: list[dict] | None = None
+    prefill_top_tokens: list[list[dict]] | None = None
     generated_text: str | None = None
     details: dict | None = None
     timings: dict | None = None

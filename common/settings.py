@@ -58,6 +58,10 @@ class Settings:
     max_batch_total_tokens: int = 65536  # KV slots = this // max_total_tokens (at most max_batch_size)
     max_batch_prefill_tokens: int = 4096  # prompt tokens per step; longer prompts are prefilled in chunks
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs captured at start
+    # TGI's watermark (requests with `watermark: true`): the green share of the vocabulary, and
+    # what a green token's logit gains (engine/watermark.py).
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
     # TGI's router: when to pause decoding for a prefill. Accepted (TGI launcher compatibility,
     # shown in /info) but without effect: the engine prefills at every step, in chunks of at most
     # max_batch_prefill_tokens, alongside the decode of every running request (`ignored_settings`).
@@ -121,6 +125,8 @@ class Settings:
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
+        if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
+            raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
 
     @property
     def web_process_threads(self) -> int:

@@ -28,6 +28,7 @@ from engine.params import GenerationRequest
 from engine.sampling import BatchSampler, SampleOutput
 from engine.scheduler import PrefillChunk, ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import RequestStream, Sequence, SequenceStatus
+from engine.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,12 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
-                 step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None):
+                 step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
+                 watermark: Watermark | None = None):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
-        before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU)."""
+        before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
+        `watermark`: gamma and delta for the requests that ask for it (TGI's defaults when None)."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         slots = _affordable_slots(model, self.device, scheduler_config)
@@ -65,6 +68,7 @@ class Engine:
         self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.watermark = watermark or Watermark()
         self._sampler: BatchSampler | None = None
         self._sampler_rows: tuple[str, ...] = ()  # the request ids `_sampler` was built for
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -196,7 +200,7 @@ class Engine:
         """The batch's sampling tensors, rebuilt only when its rows change."""
         rows = tuple(s.request_id for s in sequences)
         if self._sampler is None or rows != self._sampler_rows:
-            self._sampler = BatchSampler([s.sampler for s in sequences], self.device)
+            self._sampler = BatchSampler([s.sampler for s in sequences], self.device, self.watermark)
             self._sampler_rows = rows
         return self._sampler
 
@@ -215,21 +219,39 @@ class Engine:
             if top_ids is not None and sequence.request.top_n_tokens:
                 n = sequence.request.top_n_tokens
                 top = [self._token(i, lp) for i, lp in zip(top_ids[row][:n], top_logprobs[row][:n])]
-            prefill = tuple(sequence.prefill_tokens) if sequence.request.prefill_logprobs and sequence.generated_count == 0 else None
-            events.append(sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top, prefill))
+            prefill, prefill_top = self._prefill_details(sequence)
+            events.append(sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top,
+                                          prefill, prefill_top))
         return events
 
+    @staticmethod
+    def _prefill_details(sequence: Sequence) -> tuple[tuple | None, tuple | None]:
+        """(prompt tokens, their alternatives) for the first token's event, when asked."""
+        request = sequence.request
+        if not request.prefill_logprobs or sequence.generated_count != 0:
+            return None, None
+        top = tuple(sequence.prefill_top_tokens) if request.prefill_top_n_tokens else None
+        return tuple(sequence.prefill_tokens), top
+
     def _gather_prefill_tokens(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
-        """decoder_input_details: each prompt token with the logprob the model gave it. A chunk's
-        logits [C, V] at positions start..end-1 score the prompt tokens start+1..end."""
-        ids = chunk.sequence.request.input_ids
+        """decoder_input_details: each prompt token with the logprob the model gave it (and its
+        most likely alternatives when asked). A chunk's logits [C, V] at positions start..end-1
+        score the prompt tokens start+1..end."""
+        sequence = chunk.sequence
+        ids = sequence.request.input_ids
         targets = ids[chunk.start + 1 : chunk.end + 1]
         target_ids = torch.tensor(targets, device=logits.device).view(-1, 1)
-        scored = torch.log_softmax(logits[: len(targets)], dim=-1).gather(1, target_ids)
-        tokens = chunk.sequence.prefill_tokens
+        logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)  # [T, V]
+        scored = logprobs.gather(1, target_ids).view(-1).tolist()
         if chunk.start == 0:
-            tokens.append(self._token(ids[0], None))
-        tokens.extend(self._token(i, lp) for i, lp in zip(targets, scored.view(-1).tolist()))
+            sequence.prefill_tokens.append(self._token(ids[0], None))
+            sequence.prefill_top_tokens.append(())
+        sequence.prefill_tokens.extend(self._token(i, lp) for i, lp in zip(targets, scored))
+        top_n = sequence.request.prefill_top_n_tokens
+        if top_n:
+            top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(top_n, dim=-1))
+            sequence.prefill_top_tokens.extend(tuple(self._token(i, lp) for i, lp in zip(row_ids, row_lps))
+                                               for row_ids, row_lps in zip(top_ids, top_logprobs))
 
     def _token(self, token_id: int, logprob: float | None) -> Token:
         return Token(token_id, self.tokenizer.decode([token_id]), logprob, token_id in self.special_ids)

@@ -40,6 +40,8 @@ class TokenEvent:
     token: Token
     top_tokens: tuple[Token, ...] = ()
     prefill: tuple[Token, ...] | None = None  # only on index 1, when prefill logprobs were asked
+    # With prefill_top_n_tokens: each prompt token's most likely alternatives (the first's: none).
+    prefill_top_tokens: tuple[tuple[Token, ...], ...] | None = None
     finish: Finish | None = None  # set on the request's last event
 
 

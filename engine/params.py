@@ -26,6 +26,7 @@ class SamplingParams:
     generated_frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's logit_bias: (token id, added logit)
     seed: int | None = None  # the sampler's seed; set by the caller for sampled requests
+    watermark: bool = False  # TGI's: bias the green list of each step (engine.watermark)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -93,14 +94,17 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=lambda: StoppingParams(max_new_tokens=20))
     top_n_tokens: int = 0
-    prefill_logprobs: bool = False  # TGI's decoder_input_details
+    # TGI's decoder_input_details: every prompt token's logprob. A request with it needs the
+    # logits of every prompt position, so none of its prompt may be skipped (say, by a prefix cache).
+    prefill_logprobs: bool = False
+    prefill_top_n_tokens: int = 0  # with prefill_logprobs: each prompt token's most likely alternatives
     grammar: Grammar | None = None  # constrained decoding: the output must match it
 
     def __post_init__(self):
         if not self.input_ids:
             raise ValueError("input_ids cannot be empty")
-        if self.top_n_tokens < 0:
-            raise ValueError("top_n_tokens must be >= 0")
+        if self.top_n_tokens < 0 or self.prefill_top_n_tokens < 0:
+            raise ValueError("top_n_tokens and prefill_top_n_tokens must be >= 0")
 
     @property
     def max_total_tokens(self) -> int:

@@ -6,10 +6,11 @@ one argmax and one log-softmax. A `BatchSampler` is rebuilt whenever the batch c
 changes; the per-request state (the seeded generator) lives in `RequestSampler`, so a request
 draws the same tokens whichever batch it shares.
 
-Order: OpenAI's logit bias (added to the model's logits), then as transformers and TGI apply
-them: repetition penalty, frequency penalty, OpenAI's presence and frequency penalties (over the
-generated tokens only), the grammar mask (rows with a grammar only), then (sampled rows only)
-temperature, top-k, top-p, typical-p. The grammar mask comes before the warpers, as in TGI: a
+Order: TGI's watermark (watermarked rows only: `engine.watermark`, first as in TGI), OpenAI's
+logit bias (added to the model's logits), then as transformers and TGI apply them: repetition
+penalty, frequency penalty, OpenAI's presence and frequency penalties (over the generated tokens
+only), the grammar mask (rows with a grammar only), then (sampled rows only) temperature, top-k,
+top-p, typical-p. The grammar mask comes before the warpers, as in TGI: a
 top-k or top-p filter applied first could keep only tokens the grammar forbids. The logprobs
 reported are those of the masked distribution.
 """
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from engine.grammar import GrammarMatcher, allocate_bitmask, apply_token_bitmask, fill_bitmasks
 from engine.params import SamplingParams
+from engine.watermark import Watermark
 
 FILTERED = -float("inf")
 
@@ -53,11 +55,16 @@ class SampleOutput:
 class BatchSampler:
     """The batch's settings as tensors; `__call__` turns logits into the next token of each row."""
 
-    def __init__(self, rows: Sequence[RequestSampler], device: torch.device | str = "cpu"):
+    def __init__(self, rows: Sequence[RequestSampler], device: torch.device | str = "cpu",
+                 watermark: Watermark | None = None):
         self.rows = list(rows)
         self.device = torch.device(device)
         params = [row.params for row in self.rows]
         self.sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        self.watermark = watermark or Watermark()
+        self.watermarked_rows = [i for i, p in enumerate(params) if p.watermark]
+        self._watermarked_index = (torch.tensor(self.watermarked_rows, dtype=torch.long, device=self.device)
+                                   if self.watermarked_rows else None)
 
         def sampled(get: Callable[[SamplingParams], float | None]):
             """A warper's setting per row: greedy rows never use temperature/top-k/p."""
@@ -116,7 +123,10 @@ class BatchSampler:
         return any(x is not None for x in (self.repetition, self.frequency, self.presence, self.generated_frequency))
 
     def process(self, logits: Tensor, history: Sequence[Sequence[int]] = ()) -> Tensor:
-        """The logits [B, V] after every row's bias, penalties and (sampled rows only) warpers."""
+        """The logits [B, V] after every row's watermark, bias, penalties and (sampled rows only) warpers."""
+        if self.watermarked_rows:  # seeded by each row's previous token (its prompt's last, at first)
+            logits = self.watermark.apply(logits, self._watermarked_index,
+                                          [history[i][-1] for i in self.watermarked_rows])
         if self.logit_bias is not None:
             logits = add_logit_bias(logits, *self.logit_bias)
         if self.needs_history:

@@ -96,6 +96,7 @@ class Sequence:
         self.slot: int | None = None  # its KV slot while running (the scheduler assigns it)
         self.kv_len = 0  # positions of its slot written so far (prompt chunks, then one per decode)
         self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
+        self.prefill_top_tokens: list[tuple[Token, ...]] = []  # their alternatives (prefill_top_n_tokens)
 
     @property
     def request_id(self) -> str:
@@ -125,7 +126,7 @@ class Sequence:
     def is_decoding(self) -> bool:
         return self.status is SequenceStatus.RUNNING and self.kv_len >= self.prompt_len
 
-    def append(self, token: Token, text: str, top_tokens, prefill) -> TokenEvent:
+    def append(self, token: Token, text: str, top_tokens, prefill, prefill_top=None) -> TokenEvent:
         """Record a generated token, decide whether to stop, emit its event (the stream is
         ended by the engine once the step's listeners have seen the event)."""
         self.token_ids.append(token.id)
@@ -147,7 +148,7 @@ class Sequence:
                     token = replace(token, text=token.text + held_back)
             finish = Finish(reason, "".join(self.text_parts), self.generated_count)
             self.status = SequenceStatus.FINISHED
-        event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, finish)
+        event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, prefill_top, finish)
         self.stream.put(event)
         if grammar_error is not None and finish is None:  # the row leaves at this step's end
             self.fail(GrammarError(f"the grammar failed: {grammar_error.strip().splitlines()[0]}"))

@@ -17,6 +17,7 @@ from web.openapi import make_api, swagger_ui_assets
 from web.service import EXTENSION, Service
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
+from web.vllm.tokenization import write_tokenize_error
 
 MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
 
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     for blueprint in BLUEPRINTS:
         api.register_blueprint(blueprint)
     app.register_blueprint(swagger_ui_assets())
-    # After init_app: replaces flask-smorest's error handler. The /v1 routes answer OpenAI's errors.
-    register_error_handlers(app, {OPENAI_PREFIX: write_error})
+    # After init_app: replaces flask-smorest's error handler. The /v1 routes answer OpenAI's errors,
+    # vLLM's tokenizer routes vLLM's (OpenAI's object), /tokenize each body's own shape.
+    register_error_handlers(app, {OPENAI_PREFIX: write_error, "/tokenize": write_tokenize_error,
+                                  "/detokenize": write_error, "/tokenizer_info": write_error})
     return app

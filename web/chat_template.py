@@ -61,13 +61,15 @@ class ChatTemplate:
         template = self.tokenizer.chat_template
         return template if isinstance(template, str) else str(template or "")
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        """The prompt text, generation prompt included."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
+        """The prompt text, generation prompt included unless told otherwise."""
         tokenizer = self.tokenizer
         if not tokenizer.chat_template:
             raise TemplateError(TEMPLATE_NOT_FOUND)
         try:
-            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message, tokenize=False)
         except Exception as error:  # jinja2's TemplateError (raise_exception), or a template's TypeError
             raise TemplateError(str(error) or type(error).__name__) from error
         if not isinstance(text, str):  # a template that renders no text at all

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flask import current_app
@@ -31,13 +32,14 @@ class Service:
     chat_template: ChatTemplate
 
     def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
-                 cap_new_tokens: bool = False) -> ValidRequest:
-        """`add_special_tokens=False` for a chat template's text (it holds them already)."""
+                 cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None) -> ValidRequest:
+        """`add_special_tokens=False` for a chat template's text (it holds them already);
+        `input_ids`: a prompt sent as token ids (not encoded again)."""
         try:
             return validate_request(
                 body, settings=self.settings, stream=stream, full_text_default=full_text_default,
                 encode=functools.partial(self.tokens.encode, add_special_tokens=add_special_tokens),
-                cap_new_tokens=cap_new_tokens,
+                cap_new_tokens=cap_new_tokens, input_ids=input_ids,
             )
         except TokenizerUnavailable as error:
             raise GenerationError(f"the tokenizer is not available yet: {error}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from common.protocol import GrammarParameters, Job, SamplingParameters, StoppingParameters
@@ -44,19 +44,21 @@ def validate_request(
     stream: bool,
     full_text_default: bool,
     cap_new_tokens: bool = False,
+    input_ids: Sequence[int] | None = None,
 ) -> ValidRequest:
     """Raise `ValidationError` at the first broken rule, else return the job to enqueue.
     `cap_new_tokens` (OpenAI's routes): max_new_tokens absent or past `max_total_tokens` means
-    what is left of it, instead of TGI's default and error."""
+    what is left of it, instead of TGI's default and error. `input_ids`: the prompt already as
+    token ids (OpenAI's token prompts), used as they are; `inputs` is then their text."""
     p = body.get("parameters") or {}
     if stream:
         _check_streaming(p)
     parameters = _check_parameters(p, settings)
     inputs = body["inputs"]
-    if not inputs:
+    if not inputs and input_ids is None:
         _fail("`inputs` cannot be empty")
     truncate = check_truncate(p.get("truncate"), settings)
-    input_ids = encode(inputs)
+    input_ids = encode(inputs) if input_ids is None else list(input_ids)
     if truncate is not None:
         input_ids = input_ids[-truncate:]
     if not input_ids:
@@ -86,6 +88,7 @@ def wire_parameters(parameters: dict) -> dict:
             repetition_penalty=parameters["repetition_penalty"],
             frequency_penalty=parameters["frequency_penalty"],
             seed=parameters["seed"] if parameters["do_sample"] else None,
+            watermark=parameters["watermark"],
         ),
         "stopping": StoppingParameters(max_new_tokens=parameters["max_new_tokens"], stop_sequences=parameters["stop"]),
         "best_of": parameters["best_of"],

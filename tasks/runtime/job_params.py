@@ -44,10 +44,12 @@ def _request(job: Job, request_id: str, sampling: SamplingParameters) -> Generat
             generated_frequency_penalty=sampling.generated_frequency_penalty,
             logit_bias=tuple((token_id, bias) for token_id, bias in sampling.logit_bias),
             seed=sampling.seed,
+            watermark=sampling.watermark,
         ),
         stopping=StoppingParams(max_new_tokens=job.stopping.max_new_tokens,
                                 stop_sequences=tuple(job.stopping.stop_sequences)),
         top_n_tokens=job.top_n_tokens,
         prefill_logprobs=job.decoder_input_details,
+        prefill_top_n_tokens=job.prefill_top_n_tokens,
         grammar=Grammar(job.grammar.kind, job.grammar.value) if job.grammar else None,
     )

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common import model_files
+from common import hub, model_files
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
 from engine.metrics import EngineMetrics
@@ -74,10 +74,12 @@ class Replica:
 
         from engine.engine import Engine
         from engine.scheduler import SchedulerConfig
+        from engine.watermark import Watermark
         from engine.weights import PreparedWeights, load_model, prepare_gguf
 
         s = self.settings
         started = time.perf_counter()
+        hub.ensure_model(s.model_id, s.revision)  # a hub model missing here: downloaded first
         source = model_files.resolve(s)
         target = model_files.prepared_dir(s, source)
         prepared = self.weights.obtain(source, lambda: prepare_gguf(source.path, target) if source.is_gguf
@@ -99,7 +101,8 @@ class Replica:
             stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout,
         )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
-                             cuda_graphs=s.cuda_graphs).start()
+                             cuda_graphs=s.cuda_graphs,
+                             watermark=Watermark(s.watermark_gamma, s.watermark_delta)).start()
         stats = self.engine.stats()
         self.facts = {
             "model_id": s.model_id,

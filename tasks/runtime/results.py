@@ -14,6 +14,7 @@ class Generation:
     tokens: list[dict] = field(default_factory=list)
     top_tokens: list[list[dict]] = field(default_factory=list)
     prefill: list[dict] = field(default_factory=list)
+    prefill_top_tokens: list[list[dict]] = field(default_factory=list)  # when the job asks for them
     finish: Finish | None = None
 
     def add(self, event: TokenEvent) -> None:
@@ -22,6 +23,8 @@ class Generation:
             self.top_tokens.append([t.to_dict() for t in event.top_tokens])
         if event.prefill:
             self.prefill = [t.to_dict() for t in event.prefill]
+        if event.prefill_top_tokens:
+            self.prefill_top_tokens = [[t.to_dict() for t in top] for top in event.prefill_top_tokens]
         if event.finish is not None:
             self.finish = event.finish
 
@@ -40,6 +43,8 @@ class Generation:
             details.update(prefill=self.prefill, tokens=self.tokens)
             if self.top_tokens:
                 details["top_tokens"] = self.top_tokens
+            if self.prefill_top_tokens:
+                details["prefill_top_tokens"] = self.prefill_top_tokens
         return details
 
 

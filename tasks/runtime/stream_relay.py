@@ -189,10 +189,8 @@ class StreamRelay:
                     if held is None or not held.stream:
                         continue
                     held.last_sent = now
-                    messages.append(_Message(stream_channel(held.channel), StreamEvent(
-                        kind=EVENT_TOKEN, index=event.index, token=event.token.to_dict(),
-                        top_tokens=[t.to_dict() for t in event.top_tokens] or None,
-                        attempt=held.attempt or None), event.request_id))
+                    messages.append(_Message(stream_channel(held.channel), _token_event(event, held.attempt),
+                                             event.request_id))
         return messages
 
     def _alive_ticks(self) -> list[_Message]:
@@ -310,3 +308,14 @@ class StreamRelay:
                 return
         log.info("request %s: client went away, cancelling", request_id)
         self._cancel(request_id)
+
+
+def _token_event(event: TokenEvent, attempt: int) -> StreamEvent:
+    """A streamed token; the first carries the prompt's logprobs when the job asked for them."""
+    prefill_top = event.prefill_top_tokens
+    return StreamEvent(
+        kind=EVENT_TOKEN, index=event.index, token=event.token.to_dict(),
+        top_tokens=[t.to_dict() for t in event.top_tokens] or None,
+        prefill=[t.to_dict() for t in event.prefill] if event.prefill else None,
+        prefill_top_tokens=[[t.to_dict() for t in top] for top in prefill_top] if prefill_top else None,
+        attempt=attempt or None)

@@ -199,6 +199,7 @@ def test_prefill_logprobs_and_top_tokens(engine, tiny_reference):
     req = GenerationRequest(
         request_id="p", input_ids=tuple(tokenizer("The capital of France").input_ids),
         stopping=StoppingParams(max_new_tokens=3, ignore_eos=True), top_n_tokens=3, prefill_logprobs=True,
+        prefill_top_n_tokens=2,
     )
     events = list(engine.submit(req))
     prefill = events[0].prefill
@@ -206,8 +207,16 @@ def test_prefill_logprobs_and_top_tokens(engine, tiny_reference):
     assert prefill[0].logprob is None
     with torch.inference_mode():
         logits = model(torch.tensor([req.input_ids])).logits[0].float()
-    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(req.input_ids[1:]).view(-1, 1)).view(-1)
+    logprobs = torch.log_softmax(logits[:-1], -1)
+    expected = logprobs.gather(1, torch.tensor(req.input_ids[1:]).view(-1, 1)).view(-1)
     assert torch.allclose(torch.tensor([t.logprob for t in prefill[1:]]), expected, atol=1e-4)
+    # Each prompt token's two likeliest alternatives (none for the first); only the first event has them.
+    top = events[0].prefill_top_tokens
+    assert len(top) == len(prefill) and top[0] == ()
+    best = logprobs.topk(2, dim=-1)
+    assert [[t.id for t in alternatives] for alternatives in top[1:]] == best.indices.tolist()
+    assert torch.allclose(torch.tensor([[t.logprob for t in a] for a in top[1:]]), best.values, atol=1e-4)
+    assert all(e.prefill is None and e.prefill_top_tokens is None for e in events[1:])
     for event in events:
         assert len(event.top_tokens) == 3
         assert event.top_tokens[0].id == event.token.id  # greedy: the chosen token is the top one

@@ -42,6 +42,12 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
     def script(job: Job):
         yield StreamEvent(kind=EVENT_STARTED, replica="replica0@test")
         events = [token(i + 1, w, job.top_n_tokens) for i, w in enumerate(words)]
+        prefill = [{"id": i, "text": "p", "logprob": None if n == 0 else -1.0, "special": False}
+                   for n, i in enumerate(job.input_ids)]
+        prefill_top = [[] if n == 0 else [{**t, "id": t["id"] + 1, "logprob": -0.25}] * job.prefill_top_n_tokens
+                       for n, t in enumerate(prefill)]
+        if job.stream and job.decoder_input_details and events:  # as the relay sends them
+            events[0].prefill, events[0].prefill_top_tokens = prefill, prefill_top if job.prefill_top_n_tokens else None
         for event in events:
             if delay:
                 yield delay
@@ -50,12 +56,13 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
             "finish_reason": finish_reason,
             "generated_tokens": len(words),
             "seed": job.sampling.seed,
-            "prefill": [{"id": i, "text": "p", "logprob": None if n == 0 else -1.0}
-                        for n, i in enumerate(job.input_ids)],
+            "prefill": prefill,
             "tokens": [e.token for e in events],
         }
         if job.top_n_tokens:
             details["top_tokens"] = [e.top_tokens for e in events]
+        if job.prefill_top_n_tokens:
+            details["prefill_top_tokens"] = prefill_top
         yield StreamEvent(kind=EVENT_FINAL, index=len(words), generated_text="".join(words), details=details,
                           timings={"queue": 0.25, "inference": 0.5})
 
@@ -96,7 +103,11 @@ class FakeReplica:
         self.redis.delete(replica_key(self.name))
 
     def _run(self) -> None:
+        beat = time.monotonic()
         while not self._stop.is_set():
+            if time.monotonic() - beat > 5:  # the heartbeat: the record outlives a long (slow) test
+                self.redis.expire(replica_key(self.name), 60)  # a record a test deleted stays deleted
+                beat = time.monotonic()
             item = self.redis.brpop([GENERATION_QUEUE], timeout=0.1)
             if item is None:
                 continue

@@ -95,7 +95,10 @@ def test_completions_several_prompts_times_n_and_echo(client, redis_url):
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == ["hello c", "hello c", "world c", "world c"]
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    assert body["choices"][0]["logprobs"]["text_offset"] == [5]
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["text_offset"] == [0, 5]  # the prompt's one token, then the generated one
+    assert logprobs["token_logprobs"] == [None, -0.5] and logprobs["top_logprobs"][0] is None
+    assert all(j.decoder_input_details and j.prefill_top_n_tokens == 1 for j in replica.jobs)
     assert len(replica.jobs) == 4 and all(j.stopping.max_new_tokens == 16 for j in replica.jobs)  # OpenAI default
     assert body["usage"]["prompt_tokens"] == 2  # each prompt once, not once per choice
 

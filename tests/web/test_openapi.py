@@ -18,7 +18,8 @@ def test_every_route_is_documented(spec):
     expected = {"/generate": {"post"}, "/generate_stream": {"post"}, "/": {"get", "post"},
                 "/invocations": {"post"}, "/info": {"get"}, "/health": {"get"}, "/ping": {"get"},
                 "/metrics": {"get"}, "/v1/chat/completions": {"post"}, "/v1/completions": {"post"},
-                "/v1/models": {"get"}, "/tokenize": {"post"}, "/chat_tokenize": {"post"}}
+                "/v1/models": {"get"}, "/tokenize": {"post"}, "/chat_tokenize": {"post"},
+                "/detokenize": {"post"}, "/tokenizer_info": {"get"}}
     for path, methods in expected.items():
         assert methods <= set(paths[path]), path
 

@@ -41,17 +41,19 @@ def test_a_greedy_request_sends_no_seed_but_the_web_keeps_the_given_one():
 def test_the_replica_maps_every_field_one_to_one():
     job = over_the_wire(validate(temperature=0.5, top_k=3, top_p=0.8, typical_p=0.7, repetition_penalty=1.3,
                                  frequency_penalty=0.4, seed=9, stop=["."], max_new_tokens=5, top_n_tokens=1,
-                                 decoder_input_details=True, grammar={"type": "json", "value": {}}).job)
+                                 decoder_input_details=True, grammar={"type": "json", "value": {}},
+                                 watermark=True).job)
     job.sampling = dataclasses.replace(job.sampling, presence_penalty=0.2, generated_frequency_penalty=-0.3,
                                        logit_bias=[(4, -2.0)])
-    [request] = engine_requests(job)
+    job.prefill_top_n_tokens = 2
+    [request] = engine_requests(over_the_wire(job))
     assert request.sampling == SamplingParams(
         do_sample=True, temperature=0.5, top_k=3, top_p=0.8, typical_p=0.7, repetition_penalty=1.3,
         frequency_penalty=0.4, presence_penalty=0.2, generated_frequency_penalty=-0.3, logit_bias=((4, -2.0),),
-        seed=9)
+        seed=9, watermark=True)
     assert request.stopping == StoppingParams(max_new_tokens=5, stop_sequences=(".",))
     assert request.input_ids == tuple(job.input_ids) and request.request_id == job.request_id
-    assert request.top_n_tokens == 1 and request.prefill_logprobs is True
+    assert request.top_n_tokens == 1 and request.prefill_logprobs is True and request.prefill_top_n_tokens == 2
     assert request.grammar == Grammar("json", {})
 
 

@@ -83,13 +83,17 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
     choices = []
     for prompt in plan.prompts:
         try:
-            valid = service.validate({"inputs": prompt, "parameters": plan.parameters}, stream=plan.options.stream,
+            valid = service.validate({"inputs": prompt.text, "parameters": plan.parameters}, stream=plan.options.stream,
                                      full_text_default=False, add_special_tokens=plan.add_special_tokens,
-                                     cap_new_tokens=True)
+                                     cap_new_tokens=True, input_ids=prompt.ids)
         except ContextLengthError as error:
-            raise context_length_exceeded(error, plan.parameters["max_new_tokens"], request.path) from error
+            asked = 0 if plan.options.prompt_only else plan.parameters["max_new_tokens"]
+            raise context_length_exceeded(error, asked, request.path) from error
         valid.job.sampling = dataclasses.replace(valid.job.sampling, **plan.openai)
         valid.job.trace_id = request_id()
+        if plan.options.prompt_logprobs:  # the engine scores the prompt (as for decoder_input_details)
+            valid.job.decoder_input_details = True
+            valid.job.prefill_top_n_tokens = plan.options.top_logprobs
         for sample in range(plan.options.samples):
             choices.append(Choice(len(choices), _sample(valid, sample)))
     return Admitted(plan, choices)
@@ -136,7 +140,7 @@ def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock,
     tgi.request_succeeded(slowest)
     log_outcome(slowest)
     plan = admitted.plan
-    results = [ChoiceResult.of(c.index, o.final.details or {}, o.generated_tokens, plan.options.stops)
+    results = [ChoiceResult.of(c.index, o.final.details or {}, o.generated_tokens, plan.options)
                for c, o in zip(admitted.choices, outcomes)]
     completion_tokens = sum(r.generated_tokens for r in results)  # every candidate was generated
     results = best_of(results, plan.options)
@@ -212,7 +216,8 @@ class OpenAIStreamSession:
                     self._clock.mark("picked_up")
                     choice.last_index = event.index
                     choice.token_ids[event.index] = (event.token or {}).get("id")
-                    for chunk in self._chunker.token(number, event.token or {}, event.top_tokens):
+                    for chunk in self._chunker.token(number, event.token or {}, event.top_tokens, event.prefill,
+                                                     event.prefill_top_tokens):
                         yield sse.frame(chunk)
                 elif event.kind == EVENT_FINAL:
                     outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
@@ -237,7 +242,8 @@ class OpenAIStreamSession:
         self._service.metrics.tgi.request_succeeded(outcome)  # the duration ends with the stream
         log_outcome(outcome)
         if self._chunker.options.include_usage:
-            generated = sum(p.generated_tokens for p in progress)
+            # prompt_only: the one token generated is not the client's
+            generated = 0 if self._chunker.options.prompt_only else sum(p.generated_tokens for p in progress)
             yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated))
         yield DONE
 

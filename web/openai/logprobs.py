@@ -43,12 +43,35 @@ def chat_logprobs(tokens: list[ReceivedToken], raw_bytes: TokenBytes) -> dict:
     return {"content": entries}
 
 
-def completion_logprobs(tokens: list[ReceivedToken], offset: int, raw_bytes: TokenBytes) -> dict:
-    """`offset`: where the choice's generated text starts in its `text` (after an echoed prompt)."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+def completion_logprobs(tokens: list[ReceivedToken], offset: int, raw_bytes: TokenBytes,
+                        prompt: dict | None = None) -> dict:
+    """`offset`: where the choice's generated text starts in its `text` (after an echoed prompt);
+    `prompt`: the echoed prompt's entries (`prompt_logprobs`), which come first."""
+    out = {key: list(values) for key, values in (prompt or _EMPTY).items()}
     for received in tokens:
         out["tokens"].append(token_and_bytes(received.token, raw_bytes)[0])
         out["token_logprobs"].append(received.token.get("logprob"))
-        out["top_logprobs"].append({token_and_bytes(t, raw_bytes)[0]: t.get("logprob") for t in received.top})
+        out["top_logprobs"].append(_alternatives(received.top, raw_bytes))
         out["text_offset"].append(offset + received.start)
     return out
+
+
+def prompt_logprobs(offsets: tuple[int, ...], prefill: list[dict], prefill_top: list[list[dict]] | None,
+                    raw_bytes: TokenBytes) -> dict:
+    """An echoed prompt's entries: its tokens (TGI's `prefill`: the first without a logprob) at
+    `offsets` in its text, each with its alternatives (the first's are null, as OpenAI's)."""
+    out = {key: [] for key in _EMPTY}
+    tops = prefill_top or [[] for _ in prefill]
+    for position, (token, top, offset) in enumerate(zip(prefill, tops, offsets)):
+        out["tokens"].append(token_and_bytes(token, raw_bytes)[0])
+        out["token_logprobs"].append(token.get("logprob"))
+        out["top_logprobs"].append(None if position == 0 else _alternatives(top, raw_bytes))
+        out["text_offset"].append(offset)
+    return out
+
+
+def _alternatives(top: list[dict], raw_bytes: TokenBytes) -> dict:
+    return {token_and_bytes(t, raw_bytes)[0]: t.get("logprob") for t in top}
+
+
+_EMPTY = {"tokens": (), "token_logprobs": (), "top_logprobs": (), "text_offset": ()}

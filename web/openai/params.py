@@ -19,10 +19,11 @@ from web.chat_template import ChatTemplate
 from web.errors import ValidationError
 from web.openai.errors import OpenAIError
 from web.openai.messages import template_messages
+from web.openai.prompts import Prompt, completion_prompts
 from web.openai.tools import structured_output, template_tools
+from web.tokenizer import TokenCounter
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-EMPTY_PROMPT_ARRAY = "Empty array detected. Do not use an empty array for the prompt."
 SUFFIX_UNSUPPORTED = "Suffix is not supported and can be achieved by preprocessing the prompt."
 
 
@@ -36,7 +37,8 @@ class ResponseOptions:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    echo: bool = False  # completions: the prompt before the text
+    echo: bool = False  # completions: the prompt before the text (with `logprobs`: its tokens too)
+    prompt_only: bool = False  # completions: `max_tokens` 0 with `echo`: the scored prompt alone
     stops: tuple[str, ...] = ()  # cut from the text, with what follows
     best_of: int = 1  # completions: candidates sampled per prompt, the best `n` returned
     tool_calls: bool = False  # chat: the output is a tool call under the tool grammar
@@ -48,10 +50,15 @@ class ResponseOptions:
         """Jobs per prompt."""
         return max(self.n, self.best_of)
 
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Completions' `echo` with `logprobs`: the engine scores the prompt's tokens too."""
+        return self.echo and self.logprobs
+
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    prompts: list[str]  # one text per prompt (chat: the templated conversation)
+    prompts: list[Prompt]  # chat: the templated conversation
     parameters: dict  # TGI GenerateParameters, for web.validation
     openai: dict  # OpenAI-only sampling fields of the job (common.protocol.SamplingParameters)
     options: ResponseOptions
@@ -85,25 +92,19 @@ def chat_plan(body: dict, settings: Settings, template: ChatTemplate, vocab_size
                            template_messages(messages, template.renders_tool_calls),
                            accepts_tools=template.accepts_tools)
     text = template.render(shown, tools=structured.tools or None)
-    return GenerationPlan([text], parameters, openai, options, add_special_tokens=False)
+    return GenerationPlan([Prompt(text)], parameters, openai, options, add_special_tokens=False)
 
 
-def completion_plan(body: dict, settings: Settings, vocab_size: int) -> GenerationPlan:
-    prompts = body["prompt"]
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not prompts:
-        raise OpenAIError(EMPTY_PROMPT_ARRAY, param="prompt")
-    if len(prompts) > settings.max_client_batch_size:
-        raise ValidationError(
-            f"Number of prompts exceeds the maximum allowed batch size of {settings.max_client_batch_size}. "
-            f"Given: {len(prompts)}", param="prompt"
-        )
+def completion_plan(body: dict, settings: Settings, tokens: TokenCounter) -> GenerationPlan:
+    logprobs, echo = body.get("logprobs"), bool(body.get("echo"))
+    prompts = completion_prompts(body["prompt"], tokens, max_prompts=settings.max_client_batch_size,
+                                 offsets=echo and logprobs is not None)
     if body.get("suffix") is not None:
         raise OpenAIError(SUFFIX_UNSUPPORTED, param="suffix")
-    logprobs = body.get("logprobs")
     max_tokens = body.get("max_tokens")
-    parameters, openai = _sampling(body, settings, vocab_size,
-                                   COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+    prompt_only = echo and max_tokens == 0  # one token is generated, and dropped (as vLLM does)
+    parameters, openai = _sampling(body, settings, tokens.vocab_size, COMPLETION_DEFAULT_MAX_TOKENS
+                                   if max_tokens is None else 1 if prompt_only else max_tokens)
     n, stream = _choices(body, settings), bool(body.get("stream"))
     options = ResponseOptions(
         model=body.get("model") or settings.served_model,
@@ -112,7 +113,8 @@ def completion_plan(body: dict, settings: Settings, vocab_size: int) -> Generati
         include_usage=_include_usage(body),
         logprobs=logprobs is not None,
         top_logprobs=_top_logprobs(logprobs, "logprobs", settings),
-        echo=bool(body.get("echo")),
+        echo=echo,
+        prompt_only=prompt_only,
         stops=tuple(parameters["stop"]),
         best_of=_best_of(body.get("best_of"), n, stream, parameters["do_sample"], settings),
     )

@@ -7,14 +7,16 @@ that text is read by `web.openai.tool_calls` into `tool_calls` (or a text answer
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
 
 import common
 from web.openai.choice_text import ChoiceText, ReceivedToken
-from web.openai.logprobs import TokenBytes, chat_logprobs, completion_logprobs
+from web.openai.logprobs import TokenBytes, chat_logprobs, completion_logprobs, prompt_logprobs
 from web.openai.params import ResponseOptions
+from web.openai.prompts import Prompt
 from web.openai.tool_calls import ToolCallReader, as_function_call
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}  # TGI's -> OpenAI's
@@ -40,19 +42,24 @@ class ChoiceResult:
     generated_tokens: int
     tokens: list[ReceivedToken] = field(default_factory=list)
     cumulative_logprob: float = 0.0  # of every generated token: how `best_of` ranks candidates
+    prefill: list[dict] = field(default_factory=list)  # echo with logprobs: the prompt's tokens (TGI's)
+    prefill_top: list[list[dict]] = field(default_factory=list)  # and their alternatives
 
     @classmethod
-    def of(cls, index: int, details: dict, generated_tokens: int, stops: tuple[str, ...]) -> "ChoiceResult":
-        """From a final event's TGI details (their `tokens` and `top_tokens`)."""
+    def of(cls, index: int, details: dict, generated_tokens: int, options: ResponseOptions) -> "ChoiceResult":
+        """From a final event's TGI details (their `tokens` and `top_tokens`, and the prompt's)."""
+        prompt = {"prefill": details.get("prefill") or [], "prefill_top": details.get("prefill_top_tokens") or []}
+        if options.prompt_only:  # the one token generated is not the client's
+            return cls(index=index, text="", finish_reason="length", generated_tokens=0, **prompt)
         tokens = details.get("tokens") or []
         tops = details.get("top_tokens") or [[] for _ in tokens]
-        text = ChoiceText(list(stops))
+        text = ChoiceText(list(options.stops))
         received = [text.add(token, top) for token, top in zip(tokens, tops)]
         received.append(text.finish(details.get("finish_reason")))
         return cls(index=index, text="".join(r.text for r in received),
                    finish_reason=text.finish_reason(finish_reason(details.get("finish_reason"))),
                    generated_tokens=generated_tokens, tokens=[t for r in received for t in r.tokens],
-                   cumulative_logprob=sum(t.get("logprob") or 0.0 for t in tokens))
+                   cumulative_logprob=sum(t.get("logprob") or 0.0 for t in tokens), **prompt)
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,7 @@ def best_of(results: list[ChoiceResult], options: ResponseOptions) -> list[Choic
         if options.samples > options.n:
             candidates = sorted(candidates, key=lambda r: r.cumulative_logprob, reverse=True)[:options.n]
         kept.extend(candidates)
-    return [ChoiceResult(i, r.text, r.finish_reason, r.generated_tokens, r.tokens, r.cumulative_logprob)
-            for i, r in enumerate(kept)]
+    return [dataclasses.replace(r, index=i) for i, r in enumerate(kept)]
 
 
 def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
@@ -109,11 +115,16 @@ def legacy_reason(reason: str) -> str:
 
 
 def completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
-               prompts: list[str], prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
+               prompts: list[Prompt], prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
     choices = []
     for result in results:
-        prefix = prompts[result.index // options.n] if options.echo else ""
-        logprobs = completion_logprobs(result.tokens, len(prefix), raw_bytes) if options.logprobs else None
+        prompt = prompts[result.index // options.n]
+        prefix = prompt.text if options.echo else ""
+        logprobs = None
+        if options.logprobs:
+            echoed = prompt_logprobs(prompt.offsets, result.prefill, result.prefill_top, raw_bytes) \
+                if options.echo else None
+            logprobs = completion_logprobs(result.tokens, len(prefix), raw_bytes, echoed)
         choices.append({"index": result.index, "text": prefix + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))

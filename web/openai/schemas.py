@@ -54,6 +54,34 @@ class StringOr(fields.Field):
     default_error_messages = {"invalid": "Not a valid string or list."}
 
 
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class PromptField(fields.Field):
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids (one prompt),
+    or a list of lists of token ids. Their values are checked by `web.openai.prompts`."""
+
+    _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    default_error_messages = {"invalid": "Not a string, a list of strings, a list of token ids or a list of lists "
+                                         "of token ids."}
+
+    def __init__(self, **kwargs):
+        metadata = kwargs.pop("metadata", {})
+        forms = [{"type": "string"}, _STRING_LIST, self._TOKENS, {"type": "array", "items": self._TOKENS}]
+        super().__init__(metadata={**metadata, "oneOf": forms}, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and (
+            all(isinstance(v, str) for v in value) or all(_token_id(v) for v in value)
+            or all(isinstance(v, list) and all(_token_id(i) for i in v) for v in value)
+        ):
+            return value
+        raise self.make_error("invalid")
+
+
 class TextPartSchema(Schema):
     type = fields.String(required=True, metadata={"example": "text"})
     text = fields.String(metadata={"description": "The text (parts are joined with no separator)."})
@@ -121,12 +149,14 @@ class ChatRequestSchema(SamplingRequestSchema):
 
 
 class CompletionRequestSchema(SamplingRequestSchema):
-    prompt = StringOr(fields.String(), {"type": "string"}, required=True,
-                      metadata={"description": "A prompt or a list of prompts (at most --max-client-batch-size).",
-                                "example": "The capital of France is"})
-    max_tokens = optional(StrictInteger, "Tokens to generate at most (default 16).")
+    prompt = PromptField(required=True, metadata={
+        "description": "A prompt or a list of prompts (at most --max-client-batch-size), as text or as token ids.",
+        "example": "The capital of France is"})
+    max_tokens = optional(StrictInteger, "Tokens to generate at most (default 16; 0 with `echo`: only score the "
+                                         "prompt).")
     repetition_penalty = optional(StrictFloat, "TGI's repetition penalty (> 0).")
-    logprobs = optional(StrictInteger, "Return this many most likely alternatives per token, with its logprob.")
+    logprobs = optional(StrictInteger, "Return this many most likely alternatives per token, with its logprob "
+                                       "(with `echo`: the prompt's tokens too).")
     echo = optional(StrictBoolean, "Prepend the prompt to the text.")
     best_of = optional(StrictInteger, "Candidates sampled per prompt (>= n, at most --max-best-of); the n with the "
                                       "highest cumulative logprob are returned. Not with `stream`.")
@@ -242,8 +272,9 @@ class ChatCompletionChunkSchema(_ResponseSchema):
 
 class CompletionLogprobsSchema(Schema):
     tokens = fields.List(fields.String())
-    token_logprobs = fields.List(fields.Float())
-    top_logprobs = fields.List(fields.Dict(keys=fields.String(), values=fields.Float()))
+    token_logprobs = fields.List(fields.Float(allow_none=True), metadata={
+        "description": "null for an echoed prompt's first token"})
+    top_logprobs = fields.List(fields.Dict(keys=fields.String(), values=fields.Float(), allow_none=True))
     text_offset = fields.List(fields.Integer())
 
 

@@ -1,14 +1,12 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models and
-/v1/models/{id}, and TGI's /tokenize and /chat_tokenize. Generation shares TGI's path
-(web.openai.generation); `--api-key` guards every route but the models and /chat_tokenize, as in
-TGI. Errors on /v1 are OpenAI's (web.openai.errors); on /tokenize and /chat_tokenize, TGI's."""
+/v1/models/{id}. Generation shares TGI's path (web.openai.generation); `--api-key` guards every
+route but the models, as in TGI. Errors are OpenAI's (web.openai.errors). The tokenizer routes
+(TGI's and vLLM's): web.views.tokenize."""
 from __future__ import annotations
 
 from flask import jsonify
 
-from common.protocol import FailureReason
 from web.auth import require_api_key
-from web.errors import GENERATION_ERRORS, GenerationError, ValidationError
 from web.json_body import StrictBlueprint
 from web.openai.errors import ModelNotFound
 from web.openai.generation import EVENT_STREAM, respond
@@ -19,38 +17,20 @@ from web.openai.schemas import (
     ChatCompletionChunkSchema,
     ChatCompletionSchema,
     ChatRequestSchema,
-    ChatTokenizeResponseSchema,
     CompletionRequestSchema,
     CompletionSchema,
     ModelListSchema,
     ModelSchema,
     OpenAIErrorSchema,
-    SimpleTokenSchema,
-    TokenizeRequestSchema,
 )
-from web.schemas import ErrorResponseSchema
 from web.service import current_service
-from web.tokenize import tokenize
-from web.tokenizer import TokenizerUnavailable
-from web.validation import check_truncate
 from web.views.generate import require_json
 
-blp = StrictBlueprint("openai", __name__, description="OpenAI-compatible chat and completions, and tokenization")
-public = StrictBlueprint("openai_public", __name__, description="Served models and chat templating (no API key)")
+blp = StrictBlueprint("openai", __name__, description="OpenAI-compatible chat and completions")
+public = StrictBlueprint("openai_public", __name__, description="Served models (no API key)")
 blp.before_request(require_api_key)  # first: 401 before anything about the body
 for blueprint in (blp, public):
     blueprint.before_request(require_json)
-
-
-def documented_errors(blueprint: StrictBlueprint, statuses=tuple(GENERATION_ERRORS)):
-    def decorate(func):
-        for status in statuses:
-            if status != ValidationError.status:
-                func = blueprint.alt_response(status, schema=ErrorResponseSchema,
-                                              description=GENERATION_ERRORS[status])(func)
-        return func
-
-    return decorate
 
 
 def openai_errors(blueprint: StrictBlueprint, statuses=tuple(s for s in OPENAI_ERRORS if s != 404)):
@@ -95,33 +75,7 @@ def chat_completions(body):
 @openai_errors(blp)
 def completions(body):
     """Complete raw prompts, no template (OpenAI's API)"""
-    return respond("completion", lambda service: completion_plan(body, service.settings, service.tokens.vocab_size))
-
-
-@blp.route("/tokenize", methods=["POST"])
-@blp.arguments(TokenizeRequestSchema)
-@blp.response(200, SimpleTokenSchema(many=True), description="The tokens of `inputs`")
-@documented_errors(blp, (401, 413, 424))
-def tokenize_(body):
-    """Tokenize inputs"""
-    service = current_service()
-    truncate = check_truncate((body.get("parameters") or {}).get("truncate"), service.settings)
-    return jsonify(_tokens(lambda: tokenize(service.tokens, body["inputs"], truncate=truncate)))
-
-
-@public.route("/chat_tokenize", methods=["POST"])
-@public.arguments(ChatRequestSchema)
-@public.response(200, ChatTokenizeResponseSchema, description="The templated text and its tokens")
-@documented_errors(public, (413, 424))
-def chat_tokenize(body):
-    """Template and tokenize a chat request"""
-    service = current_service()
-
-    def templated():
-        text = chat_plan(body, service.settings, service.chat_template, service.tokens.vocab_size).prompts[0]
-        return {"tokenize_response": tokenize(service.tokens, text, add_special_tokens=False), "templated_text": text}
-
-    return jsonify(_tokens(templated))
+    return respond("completion", lambda service: completion_plan(body, service.settings, service.tokens))
 
 
 @public.route("/v1/models", methods=["GET"])
@@ -141,10 +95,3 @@ def model(model: str):
         raise ModelNotFound(model)
     return model_object(settings)
 
-
-def _tokens(work):
-    try:
-        return work()
-    except TokenizerUnavailable as error:
-        raise GenerationError(f"the tokenizer is not available yet: {error}",
-                              reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
