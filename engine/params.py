@@ -95,6 +95,9 @@ class GenerationRequest:
     top_n_tokens: int = 0
     prefill_logprobs: bool = False  # TGI's decoder_input_details
     grammar: Grammar | None = None  # constrained decoding: the output must match it
+    # The prefix cache's namespace: KV is reused only between requests with the same salt (what
+    # changes the KV of the same tokens, e.g. a LoRA adapter, belongs here).
+    cache_salt: str = ""
 
     def __post_init__(self):
         if not self.input_ids:
