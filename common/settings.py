@@ -55,6 +55,12 @@ class Settings:
     max_batch_total_tokens: int = 65536  # KV slots = this // max_total_tokens (at most max_batch_size)
     max_batch_prefill_tokens: int = 4096  # prompt tokens per step; longer prompts are prefilled in chunks
     cuda_graphs: bool = True  # on CUDA: decode steps replayed from graphs captured at start
+    prefix_caching: bool = True  # finished requests' KV kept in free slots; a prompt reuses its cached prefix
+    # Prefix affinity (tasks/client/affinity.py): a job whose prompt starts like one a live, not
+    # overloaded replica served recently goes to that replica's own queue; after `affinity_wait`
+    # seconds there untaken (or when that replica stops serving) it goes to the shared queue.
+    prefix_affinity: bool = True  # no effect without prefix_caching
+    affinity_wait: float = 2.0
     # TGI's router: when to pause decoding for a prefill. Accepted (TGI launcher compatibility,
     # shown in /info) but without effect: the engine prefills at every step, in chunks of at most
     # max_batch_prefill_tokens, alongside the decode of every running request (`ignored_settings`).

@@ -147,6 +147,7 @@ def _result(index: int, final: StreamEvent) -> ChoiceResult:
         generated_tokens=int(details.get("generated_tokens") or final.index or len(tokens)),
         tokens=tokens,
         top_tokens=details.get("top_tokens") or [],
+        cached_tokens=final.cached_tokens or 0,
     )
 
 
@@ -173,6 +174,7 @@ class ChoiceProgress:
         self.token_ids: dict[int, int] = {}
         self.last_index = 0
         self.generated_tokens = 0
+        self.cached_tokens = 0
         self.finished = False
 
 
@@ -218,6 +220,7 @@ class OpenAIStreamSession:
                 elif event.kind == EVENT_FINAL:
                     outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
                     choice.finished, choice.generated_tokens = True, outcome.generated_tokens
+                    choice.cached_tokens = event.cached_tokens or 0
                     reason = finish_reason((event.details or {}).get("finish_reason"))
                     for chunk in self._chunker.finish(number, reason):
                         yield sse.frame(chunk)
@@ -239,7 +242,8 @@ class OpenAIStreamSession:
         log_outcome(outcome)
         if self._chunker.options.include_usage:
             generated = sum(p.generated_tokens for p in progress)
-            yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated))
+            cached = [p.cached_tokens for p in progress]
+            yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated, cached))
         yield DONE
 
     def _fail(self, error: ApiError) -> Iterator[str]:

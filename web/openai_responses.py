@@ -28,9 +28,16 @@ def token_text(token: dict) -> str:
     return "" if token.get("special") else token.get("text") or ""
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_prompt_tokens(cached: list[int], n: int) -> int:
+    """Prompt tokens read from a replica's prefix cache, counted once per prompt as
+    `prompt_tokens` is: each prompt's first choice (`cached`: per choice, in choice order)."""
+    return sum(count for index, count in enumerate(cached) if index % n == 0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ChoiceResult:
     generated_tokens: int
     tokens: list[dict] = field(default_factory=list)  # TGI Token dicts
     top_tokens: list[list[dict]] = field(default_factory=list)
+    cached_tokens: int = 0  # of its prompt, from the replica's prefix cache
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,8 @@ def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[
             message, reason = reader.message(), reader.finish_reason(reason)
         choices.append({"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
     completion_tokens = sum(r.generated_tokens for r in results)
-    return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens))
+    cached = cached_prompt_tokens([r.cached_tokens for r in results], options.n)
+    return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens, cached))
 
 
 # Completions (OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset).
@@ -119,7 +128,8 @@ def completion(envelope: Envelope, options: ResponseOptions, results: list[Choic
         choices.append({"index": result.index, "text": prefix + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     completion_tokens = sum(r.generated_tokens for r in results)
-    return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))
+    cached = cached_prompt_tokens([r.cached_tokens for r in results], options.n)
+    return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens, cached))
 
 
 class Chunker:
@@ -172,8 +182,10 @@ class Chunker:
         """A tool-call chunk (no logprobs: a fragment need not be one token)."""
         return self._chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: list[int]) -> dict:
+        """`cached`: each choice's cached prompt tokens, in choice order."""
+        cached_tokens = cached_prompt_tokens(cached, self.options.n)
+        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
     def _echo(self, index: int) -> str:
         """The prompt, before a completions choice's first text (with `echo`)."""

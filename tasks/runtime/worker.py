@@ -1,4 +1,6 @@
-"""Run one replica: a Celery worker named `replica<slot>@<host>` consuming the generation queue."""
+"""Run one replica: a Celery worker named `replica<slot>@<host>` consuming the shared generation
+queue (while active) and its own queue (always: the jobs prefix affinity sends it; the web
+moves them to the shared queue when this replica is not active; tasks/client/affinity.py)."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +10,9 @@ import warnings
 
 import redis
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
+from celery.utils.nodenames import host_format
 
-from common.keys import GENERATION_QUEUE, slot_target_key
+from common.keys import GENERATION_QUEUE, replica_queue, slot_target_key
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.queue.celery_app import make_celery
@@ -30,13 +33,15 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     generate.register(app)
     run_in_worker(app, settings, slot)
     _quiet_celery_warnings()
+    name = host_format(f"replica{slot}@%h")  # what Celery names the worker, and its replica record
+    queues = [replica_queue(name)] + ([] if standby else [GENERATION_QUEUE])  # add_consumer adds the shared one
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",
-        "--hostname", f"replica{slot}@%h",
+        "--hostname", name,
         "--pool", "threads",
         "--concurrency", str(settings.max_batch_size),  # one task thread per batch slot
-        *(["--exclude-queues", GENERATION_QUEUE] if standby else ["--queues", GENERATION_QUEUE]),
+        "--queues", ",".join(queues),
         "--loglevel", loglevel,
         "--without-mingle",
         "--without-gossip",
