@@ -10,8 +10,10 @@ configurations run their torch ops on the same thread):
   sent when the conversation's previous reply ends (its prompt: the whole conversation so far);
 - unrelated: 32 prompts sharing no prefix (the cache's cost at a 0% hit rate).
 Each round runs a workload with the cache on and off, in alternating order (on/off, then off/on),
-on fresh engines; the ratios compare the medians of the rounds. Prints a table and the targets;
-writes bench/results/prefix_cache.json.
+on fresh engines; the ratios compare the medians of the rounds. Then `affinity`
+(bench/prefix_affinity.py): two replicas behind the real service, 8 conversations x 4 turns, the
+cache hit rate of turns 2-4 with the web's prefix affinity and without.
+Prints a table and the targets; writes bench/results/prefix_cache.json.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common import default_model_dir, percentile, print_table, save
+from bench.prefix_affinity import measure_affinity
 
 SYSTEM_RULES = [
     "Answer in plain English and keep every answer short.",
@@ -201,7 +204,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 requests, 4 conversations x 3 turns, 1 round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="--max-batch-prefill-tokens (the default)")
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=[*WORKLOADS, "affinity"], default=[*WORKLOADS, "affinity"])
     args = parser.parse_args()
     args.requests, args.conversations, args.turns = (8, 4, 3) if args.quick else (32, 8, 4)
     args.rounds = 1 if args.quick else args.rounds
@@ -220,7 +223,7 @@ def main() -> None:
 
     rows, rounds = [], {}
     started = time.perf_counter()
-    for workload in args.workloads:
+    for workload in (w for w in args.workloads if w in WORKLOADS):
         for r in range(args.rounds):
             for caching in ((True, False) if r % 2 == 0 else (False, True)):
                 result = measure(model, tokenizer, workload, caching, args)
@@ -232,8 +235,15 @@ def main() -> None:
     print_table(rows, ["workload", "cache", "requests", "tokens", "seconds", "tokens_per_s", "ttft_p50_s",
                        "ttft_p99_s", "ttft_turns_2_4_p50_s", "hit_tokens", "miss_tokens", "lookup_us_per_request"])
     ratios = verdicts(rows)
+    affinity = None
+    if "affinity" in args.workloads:
+        affinity = measure_affinity(args.conversations, args.turns)
+        print(f"cache hits of turns 2-{args.turns}, {args.conversations} conversations on 2 replicas: "
+              f"{affinity['hit_rate_with_affinity']:.0%} with prefix affinity, "
+              f"{affinity['hit_rate_without_affinity']:.0%} without")
     results = {"device_name": f"{os.cpu_count()}-core CPU", "args": vars(args), "rows": rows, "rounds": rounds,
-               "ratios": ratios, "load_average": os.getloadavg(), "seconds": time.perf_counter() - started}
+               "ratios": ratios, "affinity": affinity, "load_average": os.getloadavg(),
+               "seconds": time.perf_counter() - started}
     print(f"results: {save('prefix_cache' + ('-quick' if args.quick else ''), results)}")
 
 
