@@ -8,7 +8,8 @@ configurations run their torch ops on the same thread):
 - shared: 32 requests arriving together with one ~1,000-token system prompt and distinct questions;
 - chat: 8 conversations x 4 turns, each starting with its own ~400-token document; a turn is
   sent when the conversation's previous reply ends (its prompt: the whole conversation so far);
-- unrelated: 32 prompts sharing no prefix (the cache's cost at a 0% hit rate).
+- unrelated: 32 prompts sharing no prefix, with outputs of 32-95 tokens so that they end at
+  different steps (every slot move is a swap with the cache on): the cost at a 0% hit rate.
 Each round runs a workload with the cache on and off, in alternating order (on/off, then off/on),
 on fresh engines; the ratios compare the medians of the rounds. Then `affinity`
 (bench/prefix_affinity.py): two replicas behind the real service, 8 conversations x 4 turns, the
@@ -175,7 +176,7 @@ def chat(driver: Driver, tokenizer, args) -> None:
 def unrelated(driver: Driver, tokenizer, args) -> None:
     for n in range(args.requests):
         text = f"{n} {TOPICS[n % 8]}: " + document(TOPICS[(n + 3) % 8], args.unrelated_tokens, tokenizer)
-        driver.submit(f"u{n}", tuple(tokenizer(text).input_ids), args.unrelated_new_tokens)
+        driver.submit(f"u{n}", tuple(tokenizer(text).input_ids), args.unrelated_new_tokens + (n * 29) % 64 - 32)
     driver.step_until_done()
 
 
