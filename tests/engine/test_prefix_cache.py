@@ -291,3 +291,24 @@ def test_the_cache_is_the_free_slots_within_the_kv_budget(model_and_tokenizer):
         sizes[caching] = sum(t.numel() for t in driven.engine.runner.cache.keys + driven.engine.runner.cache.values)
     assert sizes[True] == sizes[False]
     assert stats.prefix_cached_slots == 0
+
+
+def test_a_new_request_takes_an_empty_slot_first_then_the_least_recently_used(model_and_tokenizer):
+    """Three slots fill with a, b, c (each cached when it ends); a's conversation goes on in a's
+    slot; an unrelated request then evicts the least recently used, b, not a."""
+    driven = Driven(model_and_tokenizer, max_batch_size=3)
+    tok = driven.tokenizer
+    prompts = {name: ids(tok, f"{name}: " + " ".join(PROMPTS)) for name in "abc"}  # each its own first token
+
+    def send(rid, prompt):
+        driven.submit(req(rid, prompt, 4))
+        driven.run()
+        return driven.prefilled(rid)[0][0]  # where its prefill began: the cached length
+
+    assert [send(name, prompt) for name, prompt in prompts.items()] == [0, 0, 0]  # three empty slots
+    assert driven.engine.stats().prefix_cached_slots == 3
+    reply = tuple(e.token.id for e in driven.events("a"))
+    assert send("a-next-turn", prompts["a"] + reply + ids(tok, " again")) == len(prompts["a"]) + len(reply) - 1
+    assert send("unrelated", ids(tok, "x: " + " ".join(reversed(PROMPTS)))) == 0
+    assert send("c-again", prompts["c"]) == len(prompts["c"]) - 1  # c was used after b
+    assert send("b-again", prompts["b"]) == 0  # b was evicted
