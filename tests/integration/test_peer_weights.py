@@ -37,13 +37,13 @@ class TwoHosts(ScalingService):
         settings = Settings(model_id=str(model_dir), weight_cache_dir=str(self.host_b_cache))
         self.entry_b = model_files.cache_entry(settings, model_files.resolve(settings).sha)
 
-    def _spawn(self, name, args):
+    def _spawn(self, name, args, *module):
         if name != "agent":
-            return super()._spawn(name, args)
+            return super()._spawn(name, args, *module)
         env_a = self.env
         self.env = {**env_a, "WEIGHT_CACHE_DIR": str(self.host_b_cache), **HOST_B}
         try:
-            return super()._spawn(name, args)
+            return super()._spawn(name, args, *module)
         finally:
             self.env = env_a
 
