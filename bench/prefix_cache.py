@@ -13,7 +13,8 @@ configurations run their torch ops on the same thread):
 Each round runs a workload with the cache on and off, in alternating order (on/off, then off/on),
 on fresh engines; the ratios compare the medians of the rounds. Then `affinity`
 (bench/prefix_affinity.py): two replicas behind the real service, 8 conversations x 4 turns, the
-cache hit rate of turns 2-4 with the web's prefix affinity and without.
+cache hit rate of turns 2-4 with the web's prefix affinity and without. First, the prefix
+index's lookup alone against a scan of every slot (bench/prefix_lookup.py).
 Prints a table and the targets; writes bench/results/prefix_cache.json.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from bench.common import default_model_dir, percentile, print_table, save
 from bench.prefix_affinity import measure_affinity
+from bench.prefix_lookup import measure_lookup
 
 SYSTEM_RULES = [
     "Answer in plain English and keep every answer short.",
@@ -185,8 +187,11 @@ WORKLOADS = {"shared": shared_prompt, "chat": chat, "unrelated": unrelated}
 
 def measure(model, tokenizer, workload: str, caching: bool, args) -> dict:
     driver = Driver(model, tokenizer, caching, args.prefill_tokens)
+    cpu_started = time.process_time()
     WORKLOADS[workload](driver, tokenizer, args)
+    cpu = time.process_time() - cpu_started  # this process's CPU time: less moved by other processes than wall time
     result = {"workload": workload, "cache": "on" if caching else "off", **driver.run.summary(), **driver.stats()}
+    result["cpu_ms_per_token"] = 1000 * cpu / result["tokens"]
     del driver
     gc.collect()
     return result
@@ -204,11 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests, 4 conversations x 3 turns, 1 round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--unrelated-rounds", type=int, default=4, help="more: its target is a 3%% difference")
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="--max-batch-prefill-tokens (the default)")
     parser.add_argument("--workloads", nargs="+", choices=[*WORKLOADS, "affinity"], default=[*WORKLOADS, "affinity"])
     args = parser.parse_args()
     args.requests, args.conversations, args.turns = (8, 4, 3) if args.quick else (32, 8, 4)
-    args.rounds = 1 if args.quick else args.rounds
+    if args.quick:
+        args.rounds = args.unrelated_rounds = 1
     args.system_tokens, args.document_tokens, args.new_tokens = 1000, 400, 32
     args.unrelated_tokens, args.unrelated_new_tokens = 100, 64
     torch.set_grad_enabled(False)
@@ -222,10 +229,14 @@ def main() -> None:
     for caching in (True, False):  # allocator and kernels, once per configuration
         measure(model, tokenizer, "shared", caching, warm)
 
+    lookups = [measure_lookup(32, 1000, 1050), measure_lookup(256, 1900, 2000)]
+    for m in lookups:
+        print(f"lookup, {m['slots']} slots sharing {m['shared_tokens']} of {m['prompt_tokens']} tokens: "
+              f"index {m['index_lookup_us']:.0f} us, scan of every slot {m['scan_us']:.0f} us")
     rows, rounds = [], {}
     started = time.perf_counter()
     for workload in (w for w in args.workloads if w in WORKLOADS):
-        for r in range(args.rounds):
+        for r in range(args.unrelated_rounds if workload == "unrelated" else args.rounds):
             for caching in ((True, False) if r % 2 == 0 else (False, True)):
                 result = measure(model, tokenizer, workload, caching, args)
                 rounds.setdefault(f"{workload}-{result['cache']}", []).append(result)
@@ -234,7 +245,8 @@ def main() -> None:
     for name, runs in rounds.items():
         rows.append(median_row(runs))
     print_table(rows, ["workload", "cache", "requests", "tokens", "seconds", "tokens_per_s", "ttft_p50_s",
-                       "ttft_p99_s", "ttft_turns_2_4_p50_s", "hit_tokens", "miss_tokens", "lookup_us_per_request"])
+                       "ttft_p99_s", "ttft_turns_2_4_p50_s", "hit_tokens", "miss_tokens", "lookup_us_per_request",
+                       "cpu_ms_per_token"])
     ratios = verdicts(rows)
     affinity = None
     if "affinity" in args.workloads:
@@ -243,7 +255,7 @@ def main() -> None:
               f"{affinity['hit_rate_with_affinity']:.0%} with prefix affinity, "
               f"{affinity['hit_rate_without_affinity']:.0%} without")
     results = {"device_name": f"{os.cpu_count()}-core CPU", "args": vars(args), "rows": rows, "rounds": rounds,
-               "ratios": ratios, "affinity": affinity, "load_average": os.getloadavg(),
+               "ratios": ratios, "affinity": affinity, "lookup": lookups, "load_average": os.getloadavg(),
                "seconds": time.perf_counter() - started}
     print(f"results: {save('prefix_cache' + ('-quick' if args.quick else ''), results)}")
 
@@ -256,6 +268,7 @@ def verdicts(rows: list[dict]) -> dict:
         ("shared tok/s on/off", "shared", "tokens_per_s", True, 1.0),
         ("chat TTFT turns 2-4 off/on", "chat", "ttft_turns_2_4_p50_s", False, 3.0),
         ("unrelated tok/s on/off", "unrelated", "tokens_per_s", True, 0.97),
+        ("unrelated CPU/token off/on", "unrelated", "cpu_ms_per_token", False, 0.97),
     ]
     ratios = {}
     for name, workload, key, higher, target in targets:

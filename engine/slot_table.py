@@ -133,23 +133,33 @@ class SlotTable:
             length = min(matched, slot.written)
             if length == shared * BLOCK:  # every shared block is written: extend token by token
                 length = _common_prefix(prompt, slot.tokens, length, min(slot.written, limit))
-            if length and prompt[:length] == slot.tokens[:length]:  # never reuse on a hash alone
+            if length:
                 candidates.append((length, slot.owner is None, slot.used, slot))
-        if not candidates:
-            return PrefixMatch(None, 0, hashes, waits=pending >= BLOCK)
-        length, _free, _used, source = max(candidates, key=lambda c: c[:3])
-        return PrefixMatch(source, length, hashes, waits=pending - length >= BLOCK)
+        # The longest, a free slot rather than a running one, the most recently used; checked
+        # against the slot's tokens: a hash only finds candidates, it never decides.
+        for length, _free, _used, source in sorted(candidates, key=lambda c: c[:3], reverse=True):
+            if prompt[:length] == source.tokens[:length]:
+                return PrefixMatch(source, length, hashes, waits=pending - length >= BLOCK)
+        return PrefixMatch(None, 0, hashes, waits=pending >= BLOCK)
 
     def _sharing(self, hashes: list[int]) -> dict[Slot, int]:
-        """Every slot sharing the prompt's first blocks -> how many (hashes chain, so a slot
-        holding block d holds blocks 0..d-1 too)."""
-        blocks: dict[Slot, int] = {}
-        for depth, value in enumerate(hashes):
+        """Every slot sharing the prompt's first blocks -> how many. Hashes chain, so the slots
+        holding block d are among those holding block d-1: a level as large as the one below it
+        holds the same slots, and each slot is visited once, not once per block."""
+        levels = []
+        for value in hashes:
             holders = self._by_hash.get(value)
             if not holders:
                 break
-            for slot in holders:
-                blocks[slot] = depth + 1
+            levels.append(holders)
+        blocks: dict[Slot, int] = {}
+        deeper = 0
+        for depth in range(len(levels), 0, -1):  # the deepest first: a slot's first level is its depth
+            holders = levels[depth - 1]
+            if len(holders) > deeper:
+                deeper = len(holders)
+                for slot in holders:
+                    blocks.setdefault(slot, depth)
         return blocks
 
     # ---- acting ---------------------------------------------------------------------------
