@@ -4,6 +4,17 @@ GENERATION_QUEUE = "generation"
 KEY_PREFIX = "blitz:"
 
 
+def replica_queue(name: str) -> str:
+    """A replica's own Celery queue (besides the shared one): the jobs prefix affinity routes
+    to it (tasks/client/affinity.py). `name` is its worker name, `replica<slot>@<host>`."""
+    return f"{GENERATION_QUEUE}@{name}"
+
+
+def affinity_key(prefix_key: str) -> str:
+    """Which replica last started a job whose prompt begins with this prefix (expires)."""
+    return f"{KEY_PREFIX}affinity:{prefix_key}"
+
+
 def stream_channel(request_id: str) -> str:
     """Pub/sub channel on which a replica publishes one request's events."""
     return f"{KEY_PREFIX}stream:{request_id}"

@@ -62,6 +62,12 @@ class Settings:
     # what a green token's logit gains (engine/watermark.py).
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
+    prefix_caching: bool = True  # finished requests' KV kept in free slots; a prompt reuses its cached prefix
+    # Prefix affinity (tasks/client/affinity.py): a job whose prompt starts like one a live, not
+    # overloaded replica served recently goes to that replica's own queue; after `affinity_wait`
+    # seconds there untaken (or when that replica stops serving) it goes to the shared queue.
+    prefix_affinity: bool = True  # no effect without prefix_caching
+    affinity_wait: float = 2.0
     # TGI's router: when to pause decoding for a prefill. Accepted (TGI launcher compatibility,
     # shown in /info) but without effect: the engine prefills at every step, in chunks of at most
     # max_batch_prefill_tokens, alongside the decode of every running request (`ignored_settings`).

@@ -8,7 +8,9 @@ memory pool (as nano-vllm does). Every number a captured kernel sees is either p
 (the batch size, the attended length) or read from a static device buffer (token ids,
 positions): a replay with new values computes with them, never with values from the capture.
 Only steps without a prompt chunk replay (a mixed step is one eager packed forward), so the
-rows past the live batch are all over free slots: they write at column 0 there and are dropped.
+rows past the live batch are all over free slots, which may hold prefix cache: they write at
+the slot's last column, which no request ever writes (a request of `slot_length` positions
+writes KV for all but its last token), and are dropped.
 Shapes without a graph (a length over the largest bucket) run eagerly.
 Sampling runs after the replay, eagerly, on the graph's logits.
 """
@@ -44,6 +46,7 @@ class DecodeGraphs:
         self.ids = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # [S] static inputs
         self.positions = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)
         self._staging = torch.zeros((2, cache.slots), dtype=torch.long, pin_memory=True)  # host side of both
+        self._unused_column = cache.slot_length - 1  # where padding rows write (see the module doc)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
         self.capture_seconds = 0.0
@@ -88,7 +91,8 @@ class DecodeGraphs:
         if batch is None or bucket is None:
             return None
         staging = self._staging
-        staging.zero_()  # padding rows over free slots: token 0 written at column 0
+        staging[0].zero_()  # padding rows over free slots: token 0 written at their unused last column
+        staging[1].fill_(self._unused_column)
         staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
         staging[1, :rows] = torch.tensor(positions, dtype=torch.long)
         self.ids.copy_(staging[0], non_blocking=True)

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +43,11 @@ class EngineStats:
     kv_slots: int = 0
     cuda_graphs: int = 0  # decode graphs captured
     graph_capture_seconds: float = 0.0
+    prefix_caching: bool = False
+    prefix_hit_tokens: int = 0  # prompt positions taken from the prefix cache, since start
+    prefix_miss_tokens: int = 0  # prompt positions prefilled, since start
+    prefix_cached_tokens: int = 0  # KV positions the free slots hold as cache now
+    prefix_cached_slots: int = 0  # free slots holding a cached prefix now
 
 
 class Engine:
@@ -56,15 +61,17 @@ class Engine:
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         slots = _affordable_slots(model, self.device, scheduler_config)
-        self.scheduler = Scheduler(scheduler_config, slots)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs)
         else:
-            log.warning("%s is not among the slot-cache families: it runs on the generic (slower) path",
-                        model.config.get_text_config().model_type)
+            log.warning("%s is not among the slot-cache families: it runs on the generic (slower) path, "
+                        "without prefix caching", model.config.get_text_config().model_type)
             self.runner = GenericRunner(model, self.device)
+            scheduler_config = replace(scheduler_config, prefix_caching=False)
+        self.scheduler = Scheduler(scheduler_config, slots)
         self.metrics = metrics or EngineMetrics()
+        self.metrics.watch_prefix_cache(self.scheduler.table)
         self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -111,6 +118,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         graphs = self.runner.graphs
+        table = self.scheduler.table
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + self._inbox.qsize(),
@@ -120,6 +128,11 @@ class Engine:
             kv_slots=self.scheduler.slots,
             cuda_graphs=len(graphs.graphs) if graphs is not None else 0,
             graph_capture_seconds=graphs.capture_seconds if graphs is not None else 0.0,
+            prefix_caching=table.caching,
+            prefix_hit_tokens=table.hit_tokens,
+            prefix_miss_tokens=table.miss_tokens,
+            prefix_cached_tokens=table.cached_tokens,
+            prefix_cached_slots=table.cached_slots,
         )
 
     # ---- the loop thread --------------------------------------------------------------------
@@ -163,7 +176,7 @@ class Engine:
 
     def _run(self, batch: ScheduledBatch) -> StepOutput:
         """The step's one forward: the running rows' next tokens and the prompt chunks."""
-        self.runner.apply_moves(batch.moves)
+        self.runner.apply_copies(batch.copies)
         if batch.prefill:
             now = time.time()
             for chunk in batch.prefill:  # the end of their queue time, the start of their inference time

@@ -2,7 +2,8 @@
 
 Architectures the slotted KV cache does not cover (see `model_runner.SLOT_FAMILIES`) still run:
 each slot keeps a transformers `DynamicCache`, prompts and decode rows go through the model one
-by one. Correct and slow; the engine logs when a model takes this path.
+by one. Correct and slow; the engine logs when a model takes this path, and runs it without the
+prefix cache (its slots are caches of their own, which are moved, never copied).
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from engine.model_runner import StepOutput, cache_kwarg
-from engine.scheduler import PrefillChunk, ScheduledBatch, SlotMove
+from engine.scheduler import PrefillChunk, ScheduledBatch
+from engine.slot_table import SlotCopy
 
 
 class GenericRunner:
@@ -22,9 +24,9 @@ class GenericRunner:
         self._caches: dict[int, DynamicCache] = {}  # slot -> that request's cache
         self._cache_kwarg = cache_kwarg(model)
 
-    def apply_moves(self, moves: list[SlotMove]) -> None:
-        for move in moves:
-            self._caches[move.target] = self._caches.pop(move.source)
+    def apply_copies(self, copies: list[SlotCopy]) -> None:
+        for copy in copies:  # without prefix caching, only compaction: a request's cache moves down
+            self._caches[copy.target] = self._caches.pop(copy.source)
 
     def reset(self) -> None:
         self._caches.clear()

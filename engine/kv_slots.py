@@ -2,9 +2,10 @@
 
 Every layer holds keys and values as `[slots, kv_heads, capacity, head_dim]`. A request owns a
 slot from its first prefill chunk to its end; its token at position p lives at column p of its
-row. Requests joining or leaving copy nothing, except that a leaving request's row is refilled
-with the highest occupied row (`move`), so the occupied slots are always `0..n-1` and a decode
-step attends over the view `[:n, :, :length]` without gathering anything.
+row. A leaving request's row is swapped with the highest occupied row (`copy`), so the occupied
+slots are always `0..n-1` and a decode step attends over the view `[:n, :, :length]` without
+gathering anything; a free row keeps its KV as prefix cache, which a new request may copy from
+(engine/slot_table.py decides every copy).
 
 The transformers model calls `update(key, value, layer_idx)` in every attention layer; where
 each token's key and value go is set for the whole forward by `plan` (a `StepPlan` of device
@@ -100,11 +101,16 @@ class SlotKVCache(Cache):
         self.values[layer][plan.slots, :, plan.columns] = value[0].transpose(0, 1)
         return key, value
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy slot `source`'s first `length` columns into slot `target` (compaction)."""
+    def copy(self, source: int, target: int, length: int, swap: bool = False) -> None:
+        """Copy slot `source`'s first `length` columns into slot `target` (compaction, a cached
+        prefix); `swap`: exchange them. In place: captured graphs keep their addresses."""
+        rows = [source, target]
         for store in (self.keys, self.values):
             for tensor in store:
-                tensor[target, :, :length] = tensor[source, :, :length]
+                if swap:
+                    tensor[rows, :, :length] = tensor[rows[::-1], :, :length]  # the gather copies first
+                else:
+                    tensor[target, :, :length] = tensor[source, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -1,8 +1,10 @@
-"""The engine's batch metrics, under TGI's names, in a registry the caller owns (a replica
-publishes its registry; tests read it directly)."""
+"""The engine's batch metrics, under TGI's names, and its prefix cache's, in a registry the
+caller owns (a replica publishes its registry; tests read it directly)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -53,3 +55,29 @@ class EngineMetrics:
     def set_batch(self, size: int, tokens: int) -> None:
         self.batch_size.labels(self._replica).set(size)
         self.batch_max_tokens.labels(self._replica).set(tokens)
+
+    def watch_prefix_cache(self, table) -> None:
+        """Export the prefix cache's counts (an `engine.slot_table.SlotTable`), read at scrape time."""
+        self.registry.register(PrefixCacheCollector(table, self._replica))
+
+
+class PrefixCacheCollector(Collector):
+    """The table keeps the counts; this reads them (no second counter kept in step by hand)."""
+
+    def __init__(self, table, replica: str):
+        self._table = table
+        self._replica = replica
+
+    def collect(self):
+        table, replica = self._table, self._replica
+        tokens = CounterMetricFamily("blitz_prefix_cache_tokens", "Prompt tokens by prefix cache result: hit (KV "
+                                     "reused from a cached prefix) or miss (prefilled)", labels=["replica", "result"])
+        tokens.add_metric([replica, "hit"], table.hit_tokens)
+        tokens.add_metric([replica, "miss"], table.miss_tokens)
+        cached = GaugeMetricFamily("blitz_prefix_cache_cached_tokens", "KV positions the free slots hold as prefix "
+                                   "cache", labels=["replica"])
+        cached.add_metric([replica], table.cached_tokens)
+        slots = GaugeMetricFamily("blitz_prefix_cache_cached_slots", "Free KV slots holding a cached prefix",
+                                  labels=["replica"])
+        slots.add_metric([replica], table.cached_slots)
+        return [tokens, cached, slots]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_slots import KVGeometry, SlotKVCache
-from engine.scheduler import ScheduledBatch, SlotMove
+from engine.scheduler import ScheduledBatch
+from engine.slot_table import SlotCopy
 from engine.slot_attention import (
     ContinuedPrompt,
     DecodeSpan,
@@ -66,9 +67,9 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self)
 
-    def apply_moves(self, moves: list[SlotMove]) -> None:
-        for move in moves:
-            self.cache.move(move.source, move.target, move.length)
+    def apply_copies(self, copies: list[SlotCopy]) -> None:
+        for copy in copies:
+            self.cache.copy(copy.source, copy.target, copy.length, copy.swap)
 
     def reset(self) -> None:
         """Zero the cache (after a failed step, so nothing it left can reach a later request)."""

@@ -29,6 +29,7 @@ class Finish:
     reason: FinishReason
     generated_text: str  # the whole output, special tokens skipped
     generated_tokens: int
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache (not prefilled)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ class GenerationRequest:
     prefill_logprobs: bool = False
     prefill_top_n_tokens: int = 0  # with prefill_logprobs: each prompt token's most likely alternatives
     grammar: Grammar | None = None  # constrained decoding: the output must match it
+    # The prefix cache's namespace: KV is reused only between requests with the same salt (what
+    # changes the KV of the same tokens, e.g. a LoRA adapter, belongs here).
+    cache_salt: str = ""
 
     def __post_init__(self):
         if not self.input_ids:

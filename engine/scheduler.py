@@ -1,16 +1,19 @@
 """Which requests run in the next step, in which KV slot; the scheduler owns the batch.
 
-State: `waiting` (a queue) and `running` (a list whose index *is* the KV slot: `running[i].slot
-== i`). Each step (`schedule`) runs every decoding request for one token, plus at most
+State: `waiting` (a queue) and the slot table (`engine/slot_table.py`): `running` in slot order
+(`running[i].slot == i`), the prefix cache held by the free slots, and the copies between slots.
+Each step (`schedule`) runs every decoding request for one token, plus at most
 `max_batch_prefill_tokens` prompt tokens:
+- a new request starts from the longest prefix of its prompt that a slot holds (a finished
+  request's, or a running one's prompt), so only the rest is prefilled;
 - a prompt longer than that budget is prefilled alone, one chunk per step (chunked prefill), so
   a running stream never waits more than one step for a newcomer, however long its prompt;
 - shorter prompts are prefilled together while their tokens fit the budget (packed, no padding);
 - a request takes a slot only when one is free: `slots = max_batch_total_tokens // max_total_tokens`
   (at most `max_batch_size`), each slot holding one request of up to `max_total_tokens`
   positions, so the batch can never run out of KV memory; what does not fit waits, in order.
-When requests leave, the highest occupied slots move into the holes (`SlotMove`: one copy of one
-request's KV), so the occupied slots stay `0..n-1` and the decode step needs no gather.
+When requests leave, the highest occupied slots move into the holes (`SlotCopy`), so the occupied
+slots stay `0..n-1` and the decode step needs no gather.
 See docs/engine.md.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from engine.sequence import Sequence, SequenceStatus
+from engine.slot_table import SlotCopy, SlotTable
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class SchedulerConfig:
     max_batch_total_tokens: int = 65536
     max_batch_prefill_tokens: int = 4096
     max_total_tokens: int | None = None  # one slot's length; None: min(2048, max_batch_total_tokens)
+    prefix_caching: bool = True  # free slots keep their KV; a new request reuses its longest cached prefix
 
     def __post_init__(self):
         if self.max_batch_size <= 0 or self.max_batch_total_tokens <= 0 or self.max_batch_prefill_tokens <= 0:
@@ -59,16 +64,9 @@ class PrefillChunk:
         return self.end == self.sequence.prompt_len
 
 
-@dataclass(frozen=True)
-class SlotMove:
-    source: int
-    target: int
-    length: int  # KV positions to copy
-
-
 @dataclass
 class ScheduledBatch:
-    moves: list[SlotMove] = field(default_factory=list)  # apply before the forward
+    copies: list[SlotCopy] = field(default_factory=list)  # apply before the forward, in order
     decode: list[Sequence | None] = field(default_factory=list)  # row i = slot i; None: a padding row
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode_ids: list[int] = field(default_factory=list)  # row i's input token
@@ -88,8 +86,12 @@ class Scheduler:
         self.config = config
         self.slots = slots or config.slots
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i] holds KV slot i
-        self._moves: list[SlotMove] = []
+        self.table = SlotTable(self.slots, config.prefix_caching)
+
+    @property
+    def running(self) -> list[Sequence]:
+        """running[i] holds KV slot i."""
+        return self.table.running
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -108,10 +110,10 @@ class Scheduler:
         return sum(s.kv_len for s in self.running)
 
     def schedule(self) -> ScheduledBatch:
-        moves, self._moves = self._moves, []
-        batch = ScheduledBatch(moves)
+        batch = ScheduledBatch()
         self._schedule_decode(batch)
         batch.prefill = self._schedule_prefill()
+        batch.copies = self.table.take_copies()  # compaction's, then the new requests'
         self._place_padding_rows(batch)
         return batch
 
@@ -142,22 +144,20 @@ class Scheduler:
                 return [PrefillChunk(sequence, sequence.kv_len, min(sequence.prompt_len, sequence.kv_len + budget))]
         chunks: list[PrefillChunk] = []
         tokens = 0
-        while self.waiting and len(self.running) < self.slots:
+        while self.waiting and self.table.can_allocate():
             candidate = self.waiting[0]
-            if chunks and tokens + candidate.prompt_len > budget:
+            match = self.table.lookup(candidate)
+            if match.waits:  # its prefix is being written by this step: copied at the next
                 break
-            sequence = self.waiting.popleft()
-            self._take_slot(sequence)
-            chunks.append(PrefillChunk(sequence, 0, min(sequence.prompt_len, budget)))
-            tokens += chunks[-1].end
+            if chunks and tokens + candidate.prompt_len - match.length > budget:
+                break
+            self.table.allocate(self.waiting.popleft(), match)
+            candidate.status = SequenceStatus.RUNNING
+            chunks.append(PrefillChunk(candidate, match.length, min(candidate.prompt_len, match.length + budget)))
+            tokens += chunks[-1].end - chunks[-1].start
             if not chunks[-1].completes_prompt:
                 break
         return chunks
-
-    def _take_slot(self, sequence: Sequence) -> None:
-        sequence.slot = len(self.running)
-        sequence.status = SequenceStatus.RUNNING
-        self.running.append(sequence)
 
     def postprocess(self, batch: ScheduledBatch) -> None:
         """Account for what the forward wrote: one position per decode row, each chunk's prompt part."""
@@ -174,27 +174,15 @@ class Scheduler:
         return hit + [s for s in self.running if s.request_id in request_ids and not s.status.is_finished]
 
     def release_finished(self) -> list[Sequence]:
-        """Free the slots of finished requests; move the highest survivors into the holes."""
+        """Free the slots of finished requests (they keep their KV as cache); the highest
+        survivors move into the holes."""
         finished = [s for s in self.running if s.status.is_finished]
-        if not finished:
-            return []
-        survivors = len(self.running) - len(finished)
-        holes = [s.slot for s in self.running[:survivors] if s.status.is_finished]
-        movers = [s for s in self.running[survivors:] if not s.status.is_finished]
-        for hole, sequence in zip(holes, movers):
-            if sequence.kv_len:
-                self._moves.append(SlotMove(sequence.slot, hole, sequence.kv_len))
-            sequence.slot = hole
-        kept = [s for s in self.running if not s.status.is_finished]
-        self.running = sorted(kept, key=lambda s: s.slot)
-        for sequence in finished:
-            sequence.slot = None
+        self.table.release(finished)
         return finished
 
     def drain(self) -> list[Sequence]:
         """Every request still queued or running (the engine is failing them all)."""
         everything = list(self.waiting) + self.running
         self.waiting.clear()
-        self.running = []
-        self._moves = []
+        self.table.clear()
         return everything

@@ -93,8 +93,9 @@ class Sequence:
         self.text_parts: list[str] = []
         self.cancel_requested = False
         self.stream = RequestStream(request.request_id, on_abandon or (lambda _request_id: None))
-        self.slot: int | None = None  # its KV slot while running (the scheduler assigns it)
+        self.slot: int | None = None  # its KV slot while running (the slot table assigns it)
         self.kv_len = 0  # positions of its slot written so far (prompt chunks, then one per decode)
+        self.cached_len = 0  # prompt positions found in the prefix cache, never prefilled
         self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
         self.prefill_top_tokens: list[tuple[Token, ...]] = []  # their alternatives (prefill_top_n_tokens)
 
@@ -146,7 +147,7 @@ class Sequence:
                 self.text_parts.append(held_back)
                 if not token.special:  # keep "token texts join to generated_text" true
                     token = replace(token, text=token.text + held_back)
-            finish = Finish(reason, "".join(self.text_parts), self.generated_count)
+            finish = Finish(reason, "".join(self.text_parts), self.generated_count, self.cached_len)
             self.status = SequenceStatus.FINISHED
         event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, prefill_top, finish)
         self.stream.put(event)

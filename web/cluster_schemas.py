@@ -65,6 +65,15 @@ class CeleryViewSchema(Schema):
     pid = fields.Integer(allow_none=True, metadata={"description": "`inspect stats`"})
 
 
+class PrefixCacheSchema(Schema):
+    enabled = fields.Boolean(metadata={"description": "--prefix-caching"})
+    hit_tokens = fields.Integer(metadata={"description": "prompt tokens reused from the cache since the replica started"})
+    miss_tokens = fields.Integer(metadata={"description": "prompt tokens prefilled since the replica started"})
+    hit_rate = fields.Float(metadata={"description": "hit_tokens / (hit_tokens + miss_tokens)"})
+    cached_tokens = fields.Integer(metadata={"description": "KV positions its free slots hold as cache now"})
+    cached_slots = fields.Integer(metadata={"description": "free KV slots holding a cached prefix now"})
+
+
 class ReplicaStateSchema(Schema):
     slot = fields.Integer(required=True)
     state = fields.String(required=True, metadata={"description": "loading | active | draining | standby | stopped | dead"})
@@ -92,6 +101,7 @@ class ReplicaStateSchema(Schema):
     cuda_graphs = fields.Integer(allow_none=True, metadata={"description": "decode CUDA graphs captured at start (0 on CPU)"})
     graph_capture_seconds = fields.Float(allow_none=True)
     updated_at = fields.Float(allow_none=True)
+    prefix_cache = fields.Nested(PrefixCacheSchema, allow_none=True)
     celery = fields.Nested(CeleryViewSchema, allow_none=True)
 
 

@@ -18,12 +18,17 @@ stale attempt still publishes are dropped here (each carries its attempt). So ea
 answered once: only the current attempt's final event ends it. A stream gets an EVENT_RETRY
 marker; the new run replays tokens from index 1, which the web checks against those it sent.
 With no replica left that could serve, the request fails at once with a clear error.
+
+A job sent to a replica's own queue (prefix affinity, tasks.client.affinity) that the replica
+has not taken within `affinity_wait`, or whose replica stops being active (drains, dies), is sent
+to the shared queue the same way, as a newer attempt (not counted as a redelivery).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import redis
 
@@ -40,6 +45,7 @@ from common.protocol import (
     Job,
     StreamEvent,
 )
+from tasks.client.affinity import Routing
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,8 @@ class ReplicaWatch:
 
     def alive(self, name: str) -> bool: ...
     def replica_states(self, max_age: float) -> dict[str, str]: ...  # name -> state of every live replica
-    def resubmit(self, job: Job) -> None: ...
+    def resubmit(self, job: Job) -> None: ...  # a newer attempt, on the shared queue
+    def served(self, routing: Routing, replica: str) -> None: ...  # `replica` started the job
 
 
 def serving(states: dict[str, str]) -> bool:
@@ -67,14 +74,17 @@ class EventStream:
     """Iterates one request's events; yields None on idle ticks (time for an SSE keep-alive)."""
 
     def __init__(self, pubsub: redis.client.PubSub, channel: str, settings: Settings,
-                 job: Job | None = None, watch: ReplicaWatch | None = None, states: dict | None = None):
+                 job: Job | None = None, watch: ReplicaWatch | None = None, states: dict | None = None,
+                 routing: Routing | None = None):
         self._pubsub = pubsub
         self._channel = channel
         self._settings = settings
         self._job = job
         self._watch = watch
         self._candidates = dict(states or {})  # replicas that may hold the job before it starts
+        self._routing = routing or Routing()
         self.attempt = job.attempt if job else 0
+        self.redeliveries = 0  # re-enqueues because a replica died (a reroute from a replica's own queue is not one)
         self.replica: str | None = None
         self.closed = False
 
@@ -123,6 +133,8 @@ class EventStream:
             last_idle = last_event
             if event.kind == EVENT_STARTED:
                 self.replica = event.replica
+                if self._watch is not None and event.replica:
+                    self._watch.served(self._routing, event.replica)
             tokens_seen = tokens_seen or event.kind == EVENT_TOKEN
             yield event
             if event.kind in (EVENT_FINAL, EVENT_ERROR):
@@ -148,6 +160,9 @@ class EventStream:
                     return None
                 return self._fail_over(f"replica {self.replica} stopped")
             states = watch.replica_states(self._settings.replica_check_interval)
+            if self._waits_in_vain(states):
+                self._reroute(states)
+                return None
             # Vanished while active (a clean stop drains first, and holds no job when it goes).
             lost = [n for n, state in self._candidates.items() if n not in states and state == ReplicaState.ACTIVE]
             self._candidates = states
@@ -163,15 +178,35 @@ class EventStream:
         states = self._watch.replica_states(0)
         if not serving(states):
             return error(f"{why} and {NO_REPLICA}", FailureReason.NO_REPLICA)
-        if self._job is None or self.attempt >= self._settings.max_redeliveries:
-            return error(f"{why} and the request was retried {self.attempt} time(s) already",
+        if self._job is None or self.redeliveries >= self._settings.max_redeliveries:
+            return error(f"{why} and the request was retried {self.redeliveries} time(s) already",
                          FailureReason.REDELIVERIES_EXHAUSTED)
+        self.redeliveries += 1
         self.attempt += 1
         self._job.attempt = self.attempt
         log.warning("request %s: %s; re-enqueued as attempt %d", self._job.request_id, why, self.attempt)
         self._watch.resubmit(self._job)
         self.replica, self._candidates = None, states
         return StreamEvent(kind=EVENT_RETRY, error=why, attempt=self.attempt)
+
+    def _waits_in_vain(self, states: dict[str, str]) -> bool:
+        """The job sits in a replica's own queue that replica will not (or did not soon) take from."""
+        routed = self._routing.replica
+        if routed is None or self._job is None:
+            return False
+        waited = time.monotonic() - self._routing.sent_at
+        return states.get(routed) != ReplicaState.ACTIVE or waited > self._settings.affinity_wait
+
+    def _reroute(self, states: dict[str, str]) -> None:
+        """Send the job to the shared queue as a newer attempt: the stale copy in the replica's
+        own queue is skipped if it is ever taken (and its events dropped here)."""
+        log.info("request %s: not taken from %s's own queue; sent to the shared queue", self._job.request_id,
+                 self._routing.replica)
+        self.attempt += 1
+        self._job.attempt = self.attempt
+        self._watch.resubmit(self._job)
+        self._routing = replace(self._routing, replica=None)
+        self._candidates = states
 
     def close(self) -> None:
         if self.closed:

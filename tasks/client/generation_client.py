@@ -5,7 +5,9 @@ job is sent, so no event can be published before anyone listens. The process's o
 pool is sized for that (`web_connection_pool`): a burst within the admission limit never fails
 for want of a connection. Closing the stream
 unsubscribes, which is how a replica learns that the client went away (its next PUBLISH reaches
-no one, and it cancels the request). Deadlines and failover: tasks.client.event_stream.
+no one, and it cancels the request). A job goes to the shared queue, or to the own queue of the
+replica that served its prompt's prefix (tasks.client.affinity). Deadlines and failover:
+tasks.client.event_stream.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import time
 
 import redis
 
-from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, stream_channel
+from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, replica_queue, stream_channel
 from common.protocol import Job
 from common.settings import Settings
+from tasks.client.affinity import PrefixAffinity, Routing
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
 
@@ -49,8 +52,9 @@ class GenerationClient:
         self.settings = settings
         self.redis = redis.Redis(connection_pool=web_connection_pool(settings))
         self.celery = make_celery(settings)
-        self._states: tuple[float, dict[str, str]] = (0.0, {})  # (when read, name -> state)
-        self._states_lock = threading.Lock()
+        self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity)
+        self._records: tuple[float, dict[str, dict]] = (0.0, {})  # (when read, name -> replica record)
+        self._records_lock = threading.Lock()
 
     def submit(self, job: Job) -> EventStream:
         """Subscribe to the job's channel, wait for the subscription, then enqueue. Raises
@@ -65,41 +69,52 @@ class GenerationClient:
             confirmation = pubsub.get_message(timeout=5)
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
-            self._send(job)
+            routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval))
+            self._send(job, routing.replica)
         except (redis.RedisError, OSError) as error:
             pubsub.close()
             raise QueueUnavailable(str(error)) from error
         except Exception:
             pubsub.close()
             raise
-        return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states)
+        return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states, routing=routing)
 
-    def _send(self, job: Job) -> None:
+    def _send(self, job: Job, replica: str | None = None) -> None:
+        """To the shared queue, or to `replica`'s own queue."""
         task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
-        self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=GENERATION_QUEUE, task_id=task_id)
+        queue = replica_queue(replica) if replica else GENERATION_QUEUE
+        self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=queue, task_id=task_id)
 
     # ReplicaWatch (tasks.client.event_stream): what a waiting request asks about the replicas.
     def resubmit(self, job: Job) -> None:
-        """Enqueue a newer attempt; replicas skip the older ones from now on."""
+        """Enqueue a newer attempt, on the shared queue; replicas skip the older ones from now on."""
         ttl = max(1, int(self.settings.request_timeout * 2))
         self.redis.set(attempt_key(job.request_id), job.attempt, ex=ttl)
         job.enqueued_at = time.time()
         self._send(job)
 
+    def served(self, routing: Routing, replica: str) -> None:
+        self.affinity.served(routing.keys, replica)
+
     def alive(self, name: str) -> bool:
         return bool(self.redis.exists(replica_key(name)))
 
     def replica_states(self, max_age: float) -> dict[str, str]:
-        """name -> state of every live replica, read at most every `max_age` seconds for all
+        """name -> state of every live replica."""
+        return {name: record.get("state") for name, record in self.replica_records(max_age).items()}
+
+    def replica_records(self, max_age: float) -> dict[str, dict]:
+        """name -> record of every live replica, read at most every `max_age` seconds for all
         the requests of this process."""
-        with self._states_lock:
-            read_at, states = self._states
+        with self._records_lock:
+            read_at, records = self._records
             if time.monotonic() - read_at < max_age:
-                return states
-            states = {r["name"]: r.get("state") for r in self._replica_records() if r.get("name")}
+                return records
+            records = {r["name"]: r for r in self._replica_records() if r.get("name")}
             # No serving replica is not kept: a replica scaled up a moment later is seen at once.
-            self._states = (time.monotonic() if serving(states) else 0.0, states)
-            return states
+            states = {name: r.get("state") for name, r in records.items()}
+            self._records = (time.monotonic() if serving(states) else 0.0, records)
+            return records
 
     def redis_alive(self) -> bool:
         try:

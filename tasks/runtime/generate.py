@@ -100,6 +100,7 @@ def _generate(job: Job) -> None:
         timings=timings,
         device_type=device_type,
         attempt=job.attempt or None,
+        cached_tokens=generations[0].finish.cached_tokens,  # of the job's prompt, when its first request began
     ), engine_request_id(job))
 
 

@@ -94,6 +94,7 @@ class Replica:
             max_batch_total_tokens=s.max_batch_total_tokens,
             max_batch_prefill_tokens=s.max_batch_prefill_tokens,
             max_total_tokens=s.max_total_tokens,
+            prefix_caching=s.prefix_caching,
         )
         self.relay = StreamRelay(
             _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
@@ -136,6 +137,7 @@ class Replica:
             "max_batch_size": self.settings.max_batch_size,
             "max_batch_total_tokens": stats.max_batch_total_tokens if stats else self.settings.max_batch_total_tokens,
             "updated_at": time.time(),
+            "prefix_cache": _prefix_cache(stats) if stats else None,
             **self.weights.record(),
             **self.facts,
         }
@@ -163,6 +165,15 @@ class Replica:
 
     def _beat(self) -> None:
         self.lifecycle.run(self._stop, self.settings.heartbeat_interval)
+
+
+def _prefix_cache(stats) -> dict:
+    """The prefix cache's counts for /cluster_state (tokens since start; cached: held now)."""
+    looked_up = stats.prefix_hit_tokens + stats.prefix_miss_tokens
+    return {"enabled": stats.prefix_caching, "hit_tokens": stats.prefix_hit_tokens,
+            "miss_tokens": stats.prefix_miss_tokens,
+            "hit_rate": round(stats.prefix_hit_tokens / looked_up, 4) if looked_up else 0.0,
+            "cached_tokens": stats.prefix_cached_tokens, "cached_slots": stats.prefix_cached_slots}
 
 
 def _relay_connection(settings: Settings) -> redis.Redis:

@@ -1,5 +1,7 @@
-"""Run one replica: a Celery worker named `replica<slot>@<host>` consuming the generation queue
-(`<host>`: `--host-name`, which a host agent passes on, else the machine's name)."""
+"""Run one replica: a Celery worker named `replica<slot>@<host>` (`<host>`: `--host-name`, which a
+host agent passes on, else the machine's name) consuming the shared generation queue (while
+active) and its own queue (always: the jobs prefix affinity sends it; the web moves them to the
+shared queue when this replica is not active; tasks/client/affinity.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +13,7 @@ import redis
 from celery import signals
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
-from common.keys import GENERATION_QUEUE, slot_target_key
+from common.keys import GENERATION_QUEUE, replica_queue, slot_target_key
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.queue.celery_app import make_celery
@@ -35,13 +37,15 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     # Celery's logging setup puts its own `always` filters for its deprecation warnings in front
     # of ours (celery.app.log.Logging.setup): ours go in front again once it has run.
     signals.celeryd_after_setup.connect(lambda **_: _quiet_celery_warnings(), weak=False)
+    name = f"replica{slot}@{settings.host}"  # what Celery names the worker, and its replica record
+    queues = [replica_queue(name)] + ([] if standby else [GENERATION_QUEUE])  # add_consumer adds the shared one
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",
-        "--hostname", f"replica{slot}@{settings.host}",
+        "--hostname", name,
         "--pool", "threads",
         "--concurrency", str(settings.max_batch_size),  # one task thread per batch slot
-        *(["--exclude-queues", GENERATION_QUEUE] if standby else ["--queues", GENERATION_QUEUE]),
+        "--queues", ",".join(queues),
         "--loglevel", loglevel,
         "--without-mingle",
         "--without-gossip",

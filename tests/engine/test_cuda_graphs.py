@@ -53,3 +53,33 @@ def test_graph_replay_equals_generate_for_a_lone_request():
     req = GenerationRequest("lone", tuple(PROMPTS[0]), stopping=StoppingParams(40, ignore_eos=True))
     (tokens,), _ = run(model, True, [req])
     assert tokens == alone(model.cpu(), PROMPTS[0], 40)
+
+
+def test_graph_replay_keeps_the_prefix_cache_of_free_slots():
+    """Padding rows of a replayed graph run over free slots, which hold cached prefixes: they must
+    write where no cached position is. Five requests finish and stay cached; three long ones then
+    decode in the graph of 4 (a padding row over slot 3); then every cached prompt is sent again
+    with another ending, reusing the cache: the tokens equal the eager engine's and each alone."""
+    model = build_on_cuda()
+    shared = [tuple(range(10 + 7 * n, 50 + 7 * n)) for n in range(5)]  # 40 tokens each, distinct
+    first = [GenerationRequest(f"c{n}", p, stopping=StoppingParams(3, ignore_eos=True)) for n, p in enumerate(shared)]
+    long = [GenerationRequest(f"l{n}", tuple(PROMPTS[n]), stopping=StoppingParams(60, ignore_eos=True)) for n in range(3)]
+    again = [GenerationRequest(f"a{n}", p + (7, 8), stopping=StoppingParams(10, ignore_eos=True)) for n, p in enumerate(shared)]
+
+    def three_waves(cuda_graphs: bool):
+        engine = Engine(model, IdTokenizer(), SchedulerConfig(max_batch_size=8, max_total_tokens=512),
+                        cuda_graphs=cuda_graphs).start()
+        try:
+            waves = []
+            for wave in (first, long, again):
+                streams = [engine.submit(r) for r in wave]
+                waves.append([[e.token.id for e in s] for s in streams])
+            return waves, engine.stats()
+        finally:
+            engine.stop()
+
+    eager, _ = three_waves(False)
+    graphed, stats = three_waves(True)
+    assert stats.cuda_graphs > 0 and stats.prefix_hit_tokens > 0
+    assert graphed == eager
+    assert graphed[2] == [alone(model.cpu(), list(r.input_ids), 10) for r in again]

@@ -124,7 +124,7 @@ def test_scheduler_refills_holes_from_the_top_and_keeps_slot_equal_to_row(model_
     scheduler.release_finished()
     batch = scheduler.schedule()
     # s4 (slot 4) fills the hole at 1; s2 stays at 2; the hole at 3 closes by shrinking.
-    assert [(m.source, m.target, m.length) for m in batch.moves] == [(4, 1, 7)]
+    assert [(m.source, m.target, m.length) for m in batch.copies] == [(4, 1, 7)]
     assert [s.request_id for s in scheduler.running] == ["s0", "s4", "s2"]
     assert [s.slot for s in scheduler.running] == [0, 1, 2]
     assert batch.decode_positions == [3, 7, 5]
@@ -157,7 +157,7 @@ def test_a_prompt_moved_under_a_decoding_row_writes_its_padding_row_past_its_chu
     short.status = SequenceStatus.FINISHED
     scheduler.release_finished()
     batch = scheduler.schedule()
-    assert [(m.source, m.target) for m in batch.moves] == [(2, 0)]
+    assert [(m.source, m.target) for m in batch.copies] == [(2, 0)]
     assert batch.decode == [None, other]
     assert [(c.start, c.end) for c in batch.prefill] == [(4, 8)]
     assert batch.decode_positions == [8, other.kv_len]

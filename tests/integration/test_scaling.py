@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from common.keys import replica_queue
 from tests.scaling_service import ScalingService
 
 ENV = {"MANUALLY_SCALE": "true", "MAX_REPLICAS": "3", "HEARTBEAT_TTL": "2",
@@ -33,9 +34,15 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 def celery_queues(svc) -> dict[str, list[str]]:
-    """Celery's own view: which worker consumes which queue."""
+    """Celery's own view: which worker consumes which shared queue (every replica also consumes
+    its own, always: checked here, then left out)."""
     replies = svc.celery().control.inspect(timeout=1.0).active_queues() or {}
-    return {name: [q["name"] for q in queues] for name, queues in replies.items()}
+    return {name: shared_queues(name, [q["name"] for q in queues]) for name, queues in replies.items()}
+
+
+def shared_queues(name: str, queues: list[str]) -> list[str]:
+    assert replica_queue(name) in queues, (name, queues)
+    return [q for q in queues if q != replica_queue(name)]
 
 
 def assert_agrees_with_celery(svc) -> None:
@@ -45,7 +52,8 @@ def assert_agrees_with_celery(svc) -> None:
         if replica["state"] in ("active", "standby"):
             expected = ["generation"] if replica["state"] == "active" else []
             assert celery[replica["name"]] == expected, (replica, celery)
-            assert replica["celery"]["queues"] == expected and replica["celery"]["pid"] == replica["pid"]
+            assert shared_queues(replica["name"], replica["celery"]["queues"]) == expected
+            assert replica["celery"]["pid"] == replica["pid"]
         elif replica["state"] in ("dead", "stopped"):
             assert replica["name"] not in celery or replica["pid"] != replica.get("celery", {}).get("pid")
 

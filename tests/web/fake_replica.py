@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 import redis
 
-from common.keys import GENERATION_QUEUE, replica_key, stream_channel
+from common.keys import GENERATION_QUEUE, replica_key, replica_queue, stream_channel
 from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_STARTED, EVENT_TOKEN, Job, StreamEvent
 
 Script = Callable[[Job], Iterable["StreamEvent | float"]]  # a float: sleep that long
@@ -36,8 +36,8 @@ def token(index: int, text: str, top_n: int = 0) -> StreamEvent:
     return StreamEvent(kind=EVENT_TOKEN, index=index, token=tok, top_tokens=top or None)
 
 
-def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0) -> Script:
-    """started, one token event per word, then final (with details and timings)."""
+def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0, cached_tokens: int | None = None) -> Script:
+    """started, one token event per word, then final (with details, timings and `cached_tokens`)."""
 
     def script(job: Job):
         yield StreamEvent(kind=EVENT_STARTED, replica="replica0@test")
@@ -64,7 +64,7 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
         if job.prefill_top_n_tokens:
             details["prefill_top_tokens"] = prefill_top
         yield StreamEvent(kind=EVENT_FINAL, index=len(words), generated_text="".join(words), details=details,
-                          timings={"queue": 0.25, "inference": 0.5})
+                          timings={"queue": 0.25, "inference": 0.5}, cached_tokens=cached_tokens)
 
     return script
 
@@ -108,7 +108,7 @@ class FakeReplica:
             if time.monotonic() - beat > 5:  # the heartbeat: the record outlives a long (slow) test
                 self.redis.expire(replica_key(self.name), 60)  # a record a test deleted stays deleted
                 beat = time.monotonic()
-            item = self.redis.brpop([GENERATION_QUEUE], timeout=0.1)
+            item = self.redis.brpop([GENERATION_QUEUE, replica_queue(self.name)], timeout=0.1)  # as a replica does
             if item is None:
                 continue
             job = decode_job(item[1])

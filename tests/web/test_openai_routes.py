@@ -58,7 +58,7 @@ def test_chat_answer_shape_and_usage(client):
                                 "finish_reason": "length"}]
     job = replica.jobs[0]
     assert body["usage"] == {"prompt_tokens": len(job.input_ids), "completion_tokens": 2,
-                             "total_tokens": len(job.input_ids) + 2}
+                             "total_tokens": len(job.input_ids) + 2, "prompt_tokens_details": {"cached_tokens": 0}}
     assert job.sampling.do_sample is False and job.stopping.max_new_tokens == 2
 
 
@@ -75,6 +75,17 @@ def test_chat_stream_ends_with_done_and_usage(client, redis_url):
     assert [c["finish_reason"] for c in content] == [None, None, "stop"]
     assert [len(c["logprobs"]["content"][0]["top_logprobs"]) for c in content[:2]] == [2, 2]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_prompt_tokens_a_replica_found_cached_once_per_prompt(client, redis_url, stream):
+    """The final event's `cached_tokens` is OpenAI's usage.prompt_tokens_details.cached_tokens;
+    with n choices of one prompt it counts once, as prompt_tokens does (the first choice's)."""
+    with FakeReplica(redis_url, reply([" a"], cached_tokens=2)):
+        response = client.post("/v1/completions", json={"prompt": ["hello world", "the capital"], "n": 2,
+                                                       "stream": stream, "stream_options": {"include_usage": True}})
+        usage = (json.loads(sse_payloads(response)[-2]) if stream else response.get_json())["usage"]
+    assert usage["prompt_tokens"] == 4 and usage["prompt_tokens_details"] == {"cached_tokens": 4}
 
 
 def test_n_choices_are_independent_jobs_with_derived_seeds(client, redis_url):

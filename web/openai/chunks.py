@@ -52,8 +52,8 @@ class Chunker:
             reason = legacy_reason(reason)
         return [*chunks, self._delta(index, {}, finish_reason=reason)]
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        return self.envelope.body(self._object, [], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
     def _chunks(self, index: int, received: Received) -> list[dict]:
         if not received:

@@ -29,7 +29,8 @@ from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
 from web.openai.chunks import Chunker
 from web.openai.errors import context_length_exceeded, error_body
 from web.openai.params import GenerationPlan
-from web.openai.responses import ChoiceResult, Envelope, best_of, chat_completion, completion, finish_reason
+from web.openai.responses import (ChoiceResult, Envelope, best_of, cached_prompt_tokens, chat_completion, completion,
+                                  finish_reason)
 from web.request_id import request_id
 from web.responses import Outcome, RequestClock
 from web.service import Service, current_service
@@ -144,12 +145,14 @@ def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock,
                for c, o in zip(admitted.choices, outcomes)]
     completion_tokens = sum(r.generated_tokens for r in results)  # every candidate was generated
     results = best_of(results, plan.options)
+    cached = cached_prompt_tokens([o.final.cached_tokens or 0 for o in outcomes], plan.options.samples)
     raw_bytes = service.tokens.token_bytes
     if envelope.kind == "chat":
-        body = chat_completion(envelope, plan.options, results, admitted.prompt_tokens, completion_tokens, raw_bytes)
+        body = chat_completion(envelope, plan.options, results, admitted.prompt_tokens, completion_tokens, raw_bytes,
+                               cached)
     else:
         body = completion(envelope, plan.options, results, plan.prompts, admitted.prompt_tokens, completion_tokens,
-                          raw_bytes)
+                          raw_bytes, cached)
     return jsonify(body)
 
 
@@ -176,6 +179,7 @@ class ChoiceProgress:
         self.token_ids: dict[int, int] = {}
         self.last_index = 0
         self.generated_tokens = 0
+        self.cached_tokens = 0
         self.finished = False
 
 
@@ -222,6 +226,7 @@ class OpenAIStreamSession:
                 elif event.kind == EVENT_FINAL:
                     outcome = Outcome.of(event, dataclasses.replace(self._clock))  # ends now, not at the first
                     choice.finished, choice.generated_tokens = True, outcome.generated_tokens
+                    choice.cached_tokens = event.cached_tokens or 0
                     tgi_reason = (event.details or {}).get("finish_reason")
                     for chunk in self._chunker.finish(number, tgi_reason, finish_reason(tgi_reason)):
                         yield sse.frame(chunk)
@@ -244,7 +249,8 @@ class OpenAIStreamSession:
         if self._chunker.options.include_usage:
             # prompt_only: the one token generated is not the client's
             generated = 0 if self._chunker.options.prompt_only else sum(p.generated_tokens for p in progress)
-            yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated))
+            cached = cached_prompt_tokens([p.cached_tokens for p in progress], self._chunker.options.samples)
+            yield sse.frame(self._chunker.usage(self._admitted.prompt_tokens, generated, cached))
         yield DONE
 
     def _fail(self, error: ApiError) -> Iterator[str]:

@@ -27,9 +27,16 @@ def finish_reason(tgi_reason: str | None) -> str:
     return FINISH_REASONS.get(tgi_reason or "length", "stop")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_prompt_tokens(cached: list[int], samples: int) -> int:
+    """Prompt tokens read from a replica's prefix cache, counted once per prompt as
+    `prompt_tokens` is: each prompt's first choice (`cached`: per choice, in choice order)."""
+    return sum(count for index, count in enumerate(cached) if index % samples == 0)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def best_of(results: list[ChoiceResult], options: ResponseOptions) -> list[Choic
 
 
 def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
-                    prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
+                    prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes, cached_tokens: int = 0) -> dict:
     choices = []
     for result in results:
         logprobs = chat_logprobs(result.tokens, raw_bytes) if options.logprobs else None
@@ -107,7 +114,7 @@ def chat_completion(envelope: Envelope, options: ResponseOptions, results: list[
         if options.legacy_functions:
             message, reason = as_function_call(message), legacy_reason(reason)
         choices.append({"index": result.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-    return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens))
+    return envelope.body("chat.completion", choices, usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
 def legacy_reason(reason: str) -> str:
@@ -115,7 +122,8 @@ def legacy_reason(reason: str) -> str:
 
 
 def completion(envelope: Envelope, options: ResponseOptions, results: list[ChoiceResult],
-               prompts: list[Prompt], prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes) -> dict:
+               prompts: list[Prompt], prompt_tokens: int, completion_tokens: int, raw_bytes: TokenBytes,
+               cached_tokens: int = 0) -> dict:
     choices = []
     for result in results:
         prompt = prompts[result.index // options.n]
@@ -127,4 +135,4 @@ def completion(envelope: Envelope, options: ResponseOptions, results: list[Choic
             logprobs = completion_logprobs(result.tokens, len(prefix), raw_bytes, echoed)
         choices.append({"index": result.index, "text": prefix + result.text, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
-    return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens))
+    return envelope.body("text_completion", choices, usage=usage(prompt_tokens, completion_tokens, cached_tokens))
