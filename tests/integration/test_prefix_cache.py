@@ -79,10 +79,20 @@ def test_a_shared_system_prompt_is_read_from_the_cache_with_the_same_answer(cach
     without = ask(uncached.base_url, second_messages)
     assert without.usage.prompt_tokens_details.cached_tokens == 0
     assert second.choices[0].message.content == without.choices[0].message.content
-    replicas = requests.get(f"{cached.base_url}/cluster_state?celery=false", timeout=10).json()["replicas"]
-    assert sum(r["prefix_cache"]["hit_tokens"] for r in replicas) >= 1000
+    assert cluster_hit_tokens(cached) >= 1000
     metrics = requests.get(f"{cached.base_url}/metrics", timeout=10).text
     assert 'blitz_prefix_cache_tokens_total{replica=' in metrics and 'result="hit"' in metrics
+
+
+def cluster_hit_tokens(svc: Service, timeout: float = 30) -> int:
+    """The hit tokens /cluster_state reports, once a replica's heartbeat has published them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        replicas = requests.get(f"{svc.base_url}/cluster_state?celery=false", timeout=10).json()["replicas"]
+        hits = sum((r.get("prefix_cache") or {}).get("hit_tokens", 0) for r in replicas)
+        if hits or time.monotonic() > deadline:
+            return hits
+        time.sleep(0.2)
 
 
 def converse(base_url: str, opening: str, turns: int = 4) -> list[bool]:

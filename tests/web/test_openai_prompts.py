@@ -81,7 +81,8 @@ def test_max_tokens_0_with_echo_returns_the_scored_prompt_alone(client, redis_ur
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
     assert body["choices"][0]["logprobs"] == {"tokens": ["p", "p"], "token_logprobs": [None, -1.0],
                                               "top_logprobs": [None, {}], "text_offset": [0, 5]}
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     status, body = complete(client, prompt="hello", max_tokens=0)  # without echo there is nothing to return
     assert status == 400 and body["error"]["param"] == "max_tokens"
 
@@ -103,4 +104,5 @@ def test_a_stream_echoes_the_scored_prompt_in_its_first_chunk(client, redis_url)
     [choice] = prompt_only
     assert choice["text"] == "hello world" and choice["finish_reason"] == "length"
     assert choice["logprobs"]["token_logprobs"] == [None, -1.0]
-    assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}
+    assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
