@@ -1,6 +1,6 @@
 """Prefix caching, measured with the cache on and off side by side in one run (default model).
 
-    .venv/bin/python -m bench.prefix_cache            # three workloads, 2 rounds each (~5 min on 2 CPU cores)
+    .venv/bin/python -m bench.prefix_cache            # three workloads, 2 rounds each (unrelated: 4), and affinity (~20 min on 2 CPU cores)
     .venv/bin/python -m bench.prefix_cache --quick    # smaller, to try it out
 
 Workloads (greedy, through the engine, driven step by step from this one thread so that both
@@ -12,7 +12,8 @@ configurations run their torch ops on the same thread):
   different steps (every slot move is a swap with the cache on): the cost at a 0% hit rate.
 Each round runs a workload with the cache on and off, in alternating order (on/off, then off/on),
 on fresh engines; the ratios compare each configuration's best round for each metric (other
-processes on the machine only ever slow a run down; bench.batching keeps its best too). Then `affinity`
+processes on the machine only ever slow a run down; bench.batching keeps its best too), and for
+unrelated also the sum of each step's fastest round (`best_steps_s`). Then `affinity`
 (bench/prefix_affinity.py): two replicas behind the real service, 8 conversations x 4 turns, the
 cache hit rate of turns 2-4 with the web's prefix affinity and without. First, the prefix
 index's lookup alone against a scan of every slot (bench/prefix_lookup.py).
@@ -103,6 +104,7 @@ class Driver:
                                  max_batch_prefill_tokens=prefill_tokens, prefix_caching=caching)
         self.engine = Engine(model, tokenizer, config, step_listener=self._on_step)
         self.finished: list[str] = []
+        self.step_seconds: list[float] = []  # each engine step's duration, in order
         self.lookup_seconds = 0.0
         table = self.engine.scheduler.table
         lookup = table.lookup
@@ -131,7 +133,9 @@ class Driver:
 
     def step_until_done(self, on_finished=None) -> None:
         while self.engine.scheduler.has_work or not self.engine._inbox.empty():
+            started = time.perf_counter()
             self.engine.step()
+            self.step_seconds.append(time.perf_counter() - started)
             finished, self.finished = self.finished, []
             for rid in finished:
                 if on_finished is not None:
@@ -192,17 +196,24 @@ def measure(model, tokenizer, workload: str, caching: bool, args) -> dict:
     cpu = time.process_time() - cpu_started  # this process's CPU time: less moved by other processes than wall time
     result = {"workload": workload, "cache": "on" if caching else "off", **driver.run.summary(), **driver.stats()}
     result["cpu_ms_per_token"] = 1000 * cpu / result["tokens"]
+    result["step_s"] = driver.step_seconds
     del driver
     gc.collect()
     return result
 
 
 def best_row(runs: list[dict]) -> dict:
-    """Each metric's best round: the highest throughput, the lowest latencies and CPU time."""
-    row = dict(runs[0])
+    """Each metric's best round: the highest throughput, the lowest latencies and CPU time; and
+    `best_steps_s`, the sum of each step's fastest round where every round ran the same steps
+    (unrelated: the batch of every step is the same, cache on or off, round after round), which
+    sheds what other processes on the machine took from any one round."""
+    row = {key: value for key, value in runs[0].items() if key != "step_s"}
     for key, value in runs[0].items():
         if isinstance(value, float):
             row[key] = (max if key == "tokens_per_s" else min)(r[key] for r in runs)
+    steps = [r["step_s"] for r in runs]
+    if len({len(s) for s in steps}) == 1:
+        row["best_steps_s"] = sum(min(times) for times in zip(*steps))
     return row
 
 
@@ -247,7 +258,7 @@ def main() -> None:
         rows.append(best_row(runs))
     print_table(rows, ["workload", "cache", "requests", "tokens", "seconds", "tokens_per_s", "ttft_p50_s",
                        "ttft_p99_s", "ttft_turns_2_4_p50_s", "hit_tokens", "miss_tokens", "lookup_us_per_request",
-                       "cpu_ms_per_token"])
+                       "cpu_ms_per_token", "best_steps_s"])
     ratios = verdicts(rows)
     affinity = None
     if "affinity" in args.workloads:
@@ -270,11 +281,12 @@ def verdicts(rows: list[dict]) -> dict:
         ("chat TTFT turns 2-4 off/on", "chat", "ttft_turns_2_4_p50_s", False, 3.0),
         ("unrelated tok/s on/off", "unrelated", "tokens_per_s", True, 0.97),
         ("unrelated CPU/token off/on", "unrelated", "cpu_ms_per_token", False, 0.97),
+        ("unrelated step time off/on", "unrelated", "best_steps_s", False, 0.97),
     ]
     ratios = {}
     for name, workload, key, higher, target in targets:
         on, off = by.get((workload, "on")), by.get((workload, "off"))
-        if not on or not off:
+        if not on or not off or key not in on or key not in off:
             continue
         value = on[key] / off[key] if higher else off[key] / on[key]
         ratios[name] = value
