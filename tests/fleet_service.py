@@ -75,7 +75,7 @@ class FleetService(ScalingService, PausableService):
         hosts' agents have freed their places."""
         assert self.modify("TriggerNormalDown", stub_indices=list(slots)).status_code == 200
         for slot in slots:
-            self.wait_state(slot, "stopped", timeout=30)
+            self.wait_state(slot, "stopped", timeout=90)  # a deadline: a loaded machine drains slowly
         self.wait_for(lambda: all(s not in self.places(h).values() for h in self.agents for s in slots),
                       timeout=20, what=f"the places of slots {slots} free")
 
