@@ -75,6 +75,16 @@ class Service:
             time.sleep(0.3)
         raise TimeoutError(f"service not healthy in {timeout} s; logs:\n{self.logs()}")
 
+    def wait_for_replicas(self, count: int, timeout: float = 60) -> None:
+        """Until `count` replicas are active, as /cluster_state shows them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = requests.get(f"{self.base_url}/cluster_state?celery=false", timeout=10).json()
+            if sum(r["state"] == "active" for r in state["replicas"]) >= count:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{count} replicas not active in {timeout} s; logs:\n{self.logs()}")
+
     def _check_alive(self) -> None:
         for name, process in [("web", self.web)] + [(f"replica{s}", p) for s, p in self.replicas.items()]:
             if process is not None and process.poll() is not None:

@@ -35,7 +35,7 @@ def two_replicas(tiny_model_dir, tmp_path_factory):
     svc = fault_service(tiny_model_dir, tmp_path_factory, "faults", replicas=2)
     try:
         svc.start()
-        wait_for_replicas(svc, 2)
+        svc.wait_for_replicas(2)
         yield svc
     finally:
         svc.stop()
@@ -45,13 +45,6 @@ def records(svc: Service) -> dict[str, dict]:
     connection = redis.Redis.from_url(svc.redis.url)
     keys = list(connection.scan_iter(match=replica_key("*")))
     return {r["name"]: r for r in (json.loads(v) for v in connection.mget(keys) if v)} if keys else {}
-
-
-def wait_for_replicas(svc: Service, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(r["state"] == "active" for r in records(svc).values()) < count:
-        assert time.monotonic() < deadline, svc.logs()
-        time.sleep(0.2)
 
 
 def busiest_slot(svc: Service, timeout: float = 20) -> int:
@@ -87,7 +80,7 @@ def test_non_streaming_requests_survive_a_replica_sigkill(two_replicas):
         again = generate(svc, prompt, details=True, **LONG).json()
         assert response.json()["generated_text"] == again["generated_text"]
     svc.start_replica(victim)
-    wait_for_replicas(svc, 2)
+    svc.wait_for_replicas(2)
 
 
 def test_a_stream_continues_or_ends_with_one_clear_error(two_replicas):
@@ -115,7 +108,7 @@ def test_a_stream_continues_or_ends_with_one_clear_error(two_replicas):
         assert [e["token"]["id"] for e in tokens] == [t["id"] for t in reference["details"]["tokens"]]
     print("stream after the kill:", "error" if "error" in events[-1] else "continued seamlessly", len(tokens))
     svc.start_replica(victim)
-    wait_for_replicas(svc, 2)
+    svc.wait_for_replicas(2)
 
 
 def web_log(svc: Service) -> str:

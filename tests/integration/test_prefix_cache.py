@@ -33,7 +33,7 @@ def cached(tiny_model_dir, tmp_path_factory):
     svc = Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"), **LIMITS}, replicas=2)
     try:
         svc.start()
-        wait_for_replicas(svc, 2)
+        svc.wait_for_replicas(2)
         yield svc
     finally:
         svc.stop()
@@ -48,16 +48,6 @@ def uncached(tiny_model_dir, tmp_path_factory):
         yield svc.start()
     finally:
         svc.stop()
-
-
-def wait_for_replicas(svc: Service, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = requests.get(f"{svc.base_url}/cluster_state?celery=false", timeout=10).json()
-        if sum(r["state"] == "active" for r in state["replicas"]) >= count:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{count} replicas not active; logs:\n{svc.logs()}")
 
 
 def client(base_url: str) -> openai.OpenAI:
