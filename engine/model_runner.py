@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_transfer import to_device
 from engine.kv_slots import KVGeometry, SlotKVCache
 from engine.scheduler import ScheduledBatch
 from engine.slot_table import SlotCopy
@@ -86,15 +87,16 @@ class ModelRunner:
         logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
-    def _decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
+    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """`ids`: host ints, or the previous step's sampled ids still on the device (overlap)."""
         length = max(positions) + 1
         self.cache.ensure_capacity(length)
         if self.graphs is not None:
             logits = self.graphs.replay(ids, positions, length)
             if logits is not None:
                 return logits
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids_t = ids if isinstance(ids, torch.Tensor) else to_device(torch.tensor(ids, dtype=torch.long), self.device)
+        positions_t = to_device(torch.tensor(positions, dtype=torch.long), self.device)
         return self.decode_forward(ids_t, positions_t, length).float()
 
     def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:

@@ -321,3 +321,44 @@ def test_logit_bias_of_minus_100_bans_a_token_from_sampling():
 def test_openai_settings_out_of_range_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_seeded_numbers_are_a_function_of_seed_and_draw_only():
+    """The counter-based uniform on tensors equals its Python reference, for 64-bit seeds too."""
+    from engine.seeded_noise import split_seed, uniform, uniform_reference
+
+    seeds = [0, 1, 42, 2**32 + 5, 2**64 - 1]
+    halves = torch.tensor([split_seed(s) for s in seeds])
+    for draw in (0, 1, 7, 10_000):
+        values = uniform(halves[:, 0], halves[:, 1], torch.full((len(seeds),), draw)).tolist()
+        assert values == [uniform_reference(s, draw) for s in seeds]
+        assert all(0.0 <= v < 1.0 for v in values)
+    assert len({uniform_reference(s, d) for s in range(50) for d in range(50)}) > 2490  # no obvious collisions
+
+
+def test_draws_follow_the_processed_distribution():
+    """Over many seeds, a row's first draw lands on each token as often as its probability says."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(2000, 1)
+    rows = [RequestSampler(sampled(seed=s)) for s in range(2000)]
+    drawn = BatchSampler(rows, "cpu")(logits).next_ids
+    observed = torch.bincount(drawn, minlength=5).float() / len(rows)
+    expected = torch.softmax(logits[0], dim=-1)
+    assert observed[4] == 0  # a filtered token is never drawn
+    assert torch.allclose(observed, expected, atol=0.03)
+
+
+def test_penalty_counts_kept_on_the_device_equal_a_rebuild_from_history():
+    """The sampler counts the tokens it samples in place: its processed logits at every step equal
+    those of a sampler rebuilt from the whole history."""
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.3),
+              sampled(seed=3, presence_penalty=0.8, generated_frequency_penalty=0.4), SamplingParams()]
+    history = [[1, 2, 3], [4, 4], [5]]
+    kept = BatchSampler([RequestSampler(p, prompt_len=len(h)) for p, h in zip(params, history)], "cpu")
+    for step in range(12):
+        logits = make_logits(3, seed=50 + step)
+        fresh = BatchSampler([RequestSampler(p, prompt_len=len(h)) for p, h in zip(params, [[1, 2, 3], [4, 4], [5]])],
+                             "cpu")
+        expected = fresh.process(logits, history)
+        assert torch.allclose(kept.process(logits, history), expected), step
+        tokens = kept(logits, history).next_ids.tolist()
+        history = [h + [t] for h, t in zip(history, tokens)]

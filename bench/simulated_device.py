@@ -1,0 +1,60 @@
+"""A stand-in for the engine's model runner that behaves like a GPU, on a CPU.
+
+Every forward is instant on the host (it hands back fixed logits), and its results count as
+ready `seconds` after it was launched, one launch after another as on a GPU's stream; a device
+thread marks each step's fence done at that time. So an engine step measured over it shows
+how much of the host's work is hidden behind the device's (`seconds=0`: the host time alone).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from engine.model_runner import StepOutput
+
+
+class SimulatedFence:
+    def __init__(self):
+        self._done = threading.Event()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+
+class SimulatedDevice:
+    graphs = None
+
+    def __init__(self, runner, logits: torch.Tensor, seconds: float):
+        """`logits` [rows, V]: what every forward returns for its decode rows and prompt chunks."""
+        self.runner = runner
+        self.logits = logits
+        self.seconds = seconds
+        self._ready_at = 0.0  # when the last launched forward completes
+        self._fences: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._device, name="simulated-device", daemon=True).start()
+
+    def __getattr__(self, name):  # the cache, copies, reset: the real runner's
+        return getattr(self.runner, name)
+
+    def forward(self, batch) -> StepOutput:
+        self._ready_at = max(time.perf_counter(), self._ready_at) + self.seconds
+        rows, chunks = len(batch.decode), len(batch.prefill)
+        return StepOutput(self.logits[:rows] if rows else None, self.logits[:chunks] if chunks else None,
+                          [None] * chunks)
+
+    def fence(self) -> SimulatedFence:
+        """Done when every forward launched so far is."""
+        fence = SimulatedFence()
+        self._fences.put((self._ready_at, fence))
+        return fence
+
+    def _device(self) -> None:
+        while True:
+            ready_at, fence = self._fences.get()
+            delay = ready_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            fence._done.set()

@@ -1,0 +1,86 @@
+"""The overlapped loop (a decode step launched before the previous one's tokens become events)
+gives exactly the synchronous loop's events, for every kind of row."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.engine import Engine
+from engine.params import GenerationRequest, Grammar, SamplingParams, StoppingParams
+from engine.scheduler import SchedulerConfig
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def request(tokenizer, rid, text, max_new_tokens, stop=(), grammar=None, top_n=0, **sampling):
+    return GenerationRequest(rid, tuple(tokenizer(text).input_ids), SamplingParams(**sampling),
+                             StoppingParams(max_new_tokens, stop_sequences=tuple(stop), ignore_eos=grammar is None),
+                             top_n_tokens=top_n, grammar=grammar)
+
+
+def drive(model_and_tokenizer, overlap: bool, first: list[GenerationRequest], late: list[GenerationRequest]):
+    """Step an engine by hand: `first` at once, `late` after 5 steps; every stream's events, and
+    how many forwards took their input ids from the previous step's device tensor."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=8, max_total_tokens=256), overlap=overlap)
+    ran_ahead = []
+    forward = engine.runner.forward
+
+    def spy(batch):
+        ran_ahead.append(isinstance(batch.decode_ids, torch.Tensor))
+        return forward(batch)
+
+    engine.runner.forward = spy
+    streams = [engine.submit(r) for r in first]
+    for step in range(400):
+        if step == 5:
+            streams += [engine.submit(r) for r in late]
+        engine.step()
+        if all(s.wait(0) for s in streams) and step > 5:
+            break
+    events = [[(e.token.id, e.token.text, round(e.token.logprob, 4), tuple(t.id for t in e.top_tokens),
+                e.finish.reason if e.finish else None) for e in s] for s in streams]
+    return events, sum(ran_ahead)
+
+
+def test_overlapped_steps_give_the_synchronous_events(model_and_tokenizer):
+    _model, tokenizer = model_and_tokenizer
+    sampled = dict(do_sample=True, temperature=0.9, top_k=30)
+    # A stop string the greedy row is known to produce: from a synchronous run of it alone.
+    probe = [request(tokenizer, "probe", "Hello", 24)]
+    (greedy_events,), _ = drive(model_and_tokenizer, False, probe, [])
+    text = "".join(e[1] for e in greedy_events)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    first = [
+        request(tokenizer, "greedy", "Hello", 40),
+        request(tokenizer, "seeded", "The capital of France is", 36, seed=11, repetition_penalty=1.3,
+                presence_penalty=0.5, top_n=3, **sampled),
+        request(tokenizer, "stop", "Hello", 24, stop=[stop]),
+        request(tokenizer, "grammar", "Numbers:", 30, grammar=Grammar("regex", "[0-9]{3,12}"), seed=5, **sampled),
+        request(tokenizer, "short", "Numbers: 0 1 2 3", 7, seed=3, **sampled),
+    ]
+    late = [request(tokenizer, "late", "Once upon a time", 20, seed=8, frequency_penalty=0.4, **sampled),
+            request(tokenizer, "late-greedy", "Continuous batching", 15, top_n=2)]
+    synchronous, sync_ahead = drive(model_and_tokenizer, False, first, late)
+    overlapped, ahead = drive(model_and_tokenizer, True, first, late)
+    assert sync_ahead == 0
+    assert ahead > 10  # the overlapped engine did run ahead, for most of the decode steps
+    assert overlapped == synchronous
+    assert synchronous[2][-1][4] is not None and stop in "".join(e[1] for e in synchronous[2])
+    assert len(synchronous[2]) < 24  # the stop string ended it
+
+
+def test_overlap_runs_ahead_of_greedy_rows_only_without_a_grammar(model_and_tokenizer):
+    """A batch with a grammar row never runs ahead (its next mask needs the previous token)."""
+    _model, tokenizer = model_and_tokenizer
+    rows = [request(tokenizer, "g", "Numbers:", 20, grammar=Grammar("regex", "[0-9]{5,30}")),
+            request(tokenizer, "free", "Hello", 20)]
+    events, ahead = drive(model_and_tokenizer, True, rows, [])
+    assert ahead == 0
+    assert events == drive(model_and_tokenizer, False, rows, [])[0]
