@@ -34,7 +34,8 @@ class SimulatedDevice:
         self.seconds = seconds
         self._ready_at = 0.0  # when the last launched forward completes
         self._fences: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._device, name="simulated-device", daemon=True).start()
+        if seconds:
+            threading.Thread(target=self._device, name="simulated-device", daemon=True).start()
 
     def __getattr__(self, name):  # the cache, copies, reset: the real runner's
         return getattr(self.runner, name)
@@ -46,9 +47,12 @@ class SimulatedDevice:
                           [None] * chunks)
 
     def fence(self) -> SimulatedFence:
-        """Done when every forward launched so far is."""
+        """Done when every forward launched so far is (at once for an instant device)."""
         fence = SimulatedFence()
-        self._fences.put((self._ready_at, fence))
+        if self.seconds == 0:
+            fence._done.set()
+        else:
+            self._fences.put((self._ready_at, fence))
         return fence
 
     def _device(self) -> None:

@@ -142,9 +142,6 @@ class PackedStep:
             slots += [chunk.sequence.slot] * (chunk.end - chunk.start)
         self.chunks = chunks
         self.columns_needed = max(positions) + 1
-        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
-        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
         # The logits kept: every decode row, each chunk's last position or all of them.
         keep = list(range(self.rows))
         self.kept_from: dict[int, int] = {}  # chunk index -> its first kept logits row
@@ -155,7 +152,9 @@ class PackedStep:
                 keep += range(offset, offset + chunk.end - chunk.start)
             else:
                 keep.append(offset + chunk.end - chunk.start - 1)
-        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        # One host tensor, one pinned non-blocking copy: the host never waits for its inputs.
+        packed = to_device(torch.tensor(ids + positions + slots + keep, dtype=torch.long), device)
+        self.ids, self.positions, self.slots, self.keep = packed.split([len(ids)] * 3 + [len(keep)])
 
     def plan(self, columns: torch.Tensor) -> StepPlan:
         decode = None

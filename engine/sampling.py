@@ -2,15 +2,15 @@
 
 As in TGI's "heterogeneous" processors, every setting becomes one tensor for the whole batch
 (`# [B, 1]`), built only when some row needs that processor, so a greedy-only batch pays for
-one argmax and one log-sum-exp. A `BatchSampler` is rebuilt whenever the batch composition
+one softmax and one argmax. A `BatchSampler` is rebuilt whenever the batch composition
 changes (its settings reach the device in one copy); between rebuilds it keeps, on the device,
 what it needs from step to step (the penalties' token counts, each row's draw number), updated
 in place from the tokens it samples, so a step needs nothing from the host.
 
-Sampled rows draw by inverse transform, all rows in one set of kernels: the row's k-th token
-takes the first token whose cumulative probability exceeds `uniform(seed, k)`, a counter-based
-number (`engine.seeded_noise`), so a seeded request draws the same tokens whatever batch it
-shares and no generator state is kept per request.
+Sampled rows draw by inverse transform, all rows in one set of kernels (`engine.draw`): the
+row's k-th token is the first whose cumulative probability exceeds `uniform(seed, k)`, a
+counter-based number (`engine.seeded_noise`), so a seeded request draws the same tokens
+whatever batch it shares and no generator state is kept per request.
 
 Order: TGI's watermark (watermarked rows only: `engine.watermark`, first as in TGI), OpenAI's
 logit bias (added to the model's logits), then as transformers and TGI apply them: repetition
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.draw import first_argmax, inverse_transform
 from engine.grammar import GrammarMatcher, allocate_bitmask, apply_token_bitmask, fill_bitmasks
 from engine.host_transfer import to_device
 from engine.params import SamplingParams
@@ -206,25 +207,25 @@ class BatchSampler:
     ) -> SampleOutput:
         """`logits` [B, V] float32; `history` holds each row's prompt + generated ids (read once)."""
         logits = self.process(logits, history)
-        normalizer = torch.logsumexp(logits, dim=-1)  # [B]: log-softmax without writing [B, V]
-        next_ids = logits.argmax(dim=-1)  # [B]
+        # One pass over the vocabulary for the probabilities. The log-normalizer comes from the
+        # best token, whose probability (>= 1/V) never underflows: logprob = logit - normalizer.
+        probs = torch.softmax(logits, dim=-1)  # [B, V]
+        best = first_argmax(logits).unsqueeze(1)  # [B, 1]
+        normalizer = logits.gather(1, best) - probs.gather(1, best).log()  # [B, 1]
+        next_ids = best.squeeze(1)
         if self.sampled_rows:
-            next_ids = self._draw(logits, next_ids)
-        chosen = logits.gather(1, next_ids.unsqueeze(1)).squeeze(1) - normalizer  # [B]
+            next_ids = self._draw(probs, next_ids)
+        chosen = (logits.gather(1, next_ids.unsqueeze(1)) - normalizer).squeeze(1)  # [B]
         self._count(next_ids)
         if top_n == 0:
             return SampleOutput(next_ids, chosen)
         top_values, top_ids = logits.topk(top_n, dim=-1)  # [B, top_n]
-        return SampleOutput(next_ids, chosen, top_ids, top_values - normalizer.unsqueeze(1))
+        return SampleOutput(next_ids, chosen, top_ids, top_values - normalizer)
 
-    def _draw(self, logits: Tensor, next_ids: Tensor) -> Tensor:
-        """The sampled rows' tokens by inverse transform: each row's first token whose cumulative
-        probability exceeds its counter-based uniform (filtered tokens weigh exactly 0)."""
-        rows = logits if self._all_sampled else logits.index_select(0, self._sampled_index)  # [S, V]
-        weights = (rows - rows.max(dim=-1, keepdim=True).values).exp_()
-        cumulative = weights.cumsum_(dim=-1)  # [S, V], in place: no second [S, V] buffer
-        targets = uniform(self._seed_low, self._seed_high, self._draws).unsqueeze(1) * cumulative[:, -1:]
-        drawn = torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    def _draw(self, probs: Tensor, next_ids: Tensor) -> Tensor:
+        """The sampled rows' tokens by inverse transform of their counter-based uniforms."""
+        rows = probs if self._all_sampled else probs.index_select(0, self._sampled_index)  # [S, V]
+        drawn = inverse_transform(rows, uniform(self._seed_low, self._seed_high, self._draws))
         self._draws.add_(1)
         for i in self.sampled_rows:  # the host's copy of each counter, for the next rebuild
             self.rows[i].draws += 1

@@ -362,3 +362,31 @@ def test_penalty_counts_kept_on_the_device_equal_a_rebuild_from_history():
         assert torch.allclose(kept.process(logits, history), expected), step
         tokens = kept(logits, history).next_ids.tolist()
         history = [h + [t] for h, t in zip(history, tokens)]
+
+
+@pytest.mark.parametrize("vocab", [64, 49152, 1000, 37])
+def test_blocked_argmax_is_the_first_maximum(vocab):
+    from engine.draw import first_argmax
+
+    scores = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    scores[1, :] = 0.0  # all tied: the first
+    scores[2, vocab // 3] = scores[2, vocab - 1] = 50.0  # two maxima in different blocks
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
+
+
+def test_inverse_transform_never_draws_a_weightless_token():
+    from engine.draw import inverse_transform
+
+    probs = torch.zeros(5, 64)
+    probs[0, 0] = 1.0  # only the first
+    probs[1, 63] = 1.0  # only the last (the last block)
+    probs[2, [5, 40]] = torch.tensor([1e-30, 1.0])
+    probs[3, 31:33] = 0.5  # across a block boundary
+    probs[4] = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    for u in (0.0, 0.3, 0.5, 1 - 2**-24):
+        drawn = inverse_transform(probs, torch.full((5,), u))
+        assert (probs.gather(1, drawn[:, None]) > 0).all(), u
+    assert inverse_transform(probs[3:4], torch.tensor([0.49])).item() == 31
+    assert inverse_transform(probs[3:4], torch.tensor([0.51])).item() == 32
+    expected = torch.searchsorted(probs[4].cumsum(0), torch.tensor([0.37]) * probs[4].sum(), right=True)
+    assert inverse_transform(probs[4:5], torch.tensor([0.37])).item() == expected.item()
