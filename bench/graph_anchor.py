@@ -57,7 +57,7 @@ def anchor_generate(model, prompts: list[list[int]], new_tokens: int) -> AnchorR
     ids.copy_(first.view(-1, 1))
     position.fill_(length)
     prefilled = _now(device)
-    replay = _capture(step, cache, length) if device.type == "cuda" else step
+    replay = _capture(step, cache, length) if device.type == "cuda" else _warmed_up(step, cache, length)
     captured = _now(device)
     out = [first]
     for t in range(new_tokens - 1):
@@ -84,12 +84,25 @@ def _capture(step, cache, written: int):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = step()
-    for layer in cache.layers:  # transformers 5.2x counts written columns on the device: rewind it
-        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-            layer.cumulative_length.fill_(written)
+    _rewind(cache, written)
 
     def replay() -> torch.Tensor:
         graph.replay()
         return output
 
     return replay
+
+
+def _warmed_up(step, cache, written: int):
+    """The CPU's stand-in for the capture: the same warm-up steps, eagerly (so the tests check
+    that they leave the cache as the first decode step needs it)."""
+    for _ in range(3):
+        step()
+    _rewind(cache, written)
+    return step
+
+
+def _rewind(cache, written: int) -> None:
+    for layer in cache.layers:  # transformers 5.2x counts written columns on the device: rewind it
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.fill_(written)
