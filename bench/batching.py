@@ -94,7 +94,9 @@ def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
     slots = max(32, len(prompts))
     slot_length = 1024 if len(prompts[0]) + new_tokens <= 1024 else 4096
     config = SchedulerConfig(max_batch_size=slots, max_total_tokens=slot_length, max_batch_total_tokens=slots * slot_length)
-    engine = Engine(model, tokenizer, config, step_listener=on_step).start()
+    engine = Engine(model, tokenizer, config, step_listener=on_step)
+    launches = time_launches(engine)
+    engine.start()
     sent_at: dict[str, float] = {}
 
     def client(n, prompt):
@@ -116,7 +118,25 @@ def run_engine(model, tokenizer, prompts, new_tokens, spread_s=1.0) -> dict:
     itls = [b - a for times in token_times.values() for a, b in zip(times, times[1:])]
     tokens = sum(len(times) for times in token_times.values())
     return {"mode": "engine", "requests": len(prompts), "tokens": tokens, "seconds": watch.seconds,
-            "tokens_per_s": tokens / watch.seconds, **latency_summary(ttfts, itls)}
+            "tokens_per_s": tokens / watch.seconds, **latency_summary(ttfts, itls),
+            **{f"{kind}_launch_ms": 1000 * sum(times) / len(times) for kind, times in launches.items() if times}}
+
+
+def time_launches(engine) -> dict[str, list[float]]:
+    """The host time of each forward's launch, mixed steps (with a prompt chunk: eager) apart
+    from decode steps (graph replays on a GPU): on a GPU a forward returns once its kernels are
+    queued, so this is the host cost the device may wait on."""
+    times: dict[str, list[float]] = {"mixed": [], "decode": []}
+    forward = engine.runner.forward
+
+    def timed(batch):
+        started = time.perf_counter()
+        out = forward(batch)
+        times["mixed" if batch.prefill else "decode"].append(time.perf_counter() - started)
+        return out
+
+    engine.runner.forward = timed
+    return times
 
 
 def best(runs: list[dict]) -> dict:
