@@ -210,9 +210,8 @@ class BatchSampler:
         # One pass over the vocabulary for the probabilities. The log-normalizer comes from the
         # best token, whose probability (>= 1/V) never underflows: logprob = logit - normalizer.
         probs = torch.softmax(logits, dim=-1)  # [B, V]
-        best = first_argmax(logits).unsqueeze(1)  # [B, 1]
-        normalizer = logits.gather(1, best) - probs.gather(1, best).log()  # [B, 1]
-        next_ids = best.squeeze(1)
+        normalizer = (logits.amax(dim=-1) - probs.amax(dim=-1).log()).unsqueeze(1)  # [B, 1]
+        next_ids = None if self._all_sampled else first_argmax(logits)  # [B]
         if self.sampled_rows:
             next_ids = self._draw(probs, next_ids)
         chosen = (logits.gather(1, next_ids.unsqueeze(1)) - normalizer).squeeze(1)  # [B]
@@ -222,7 +221,7 @@ class BatchSampler:
         top_values, top_ids = logits.topk(top_n, dim=-1)  # [B, top_n]
         return SampleOutput(next_ids, chosen, top_ids, top_values - normalizer)
 
-    def _draw(self, probs: Tensor, next_ids: Tensor) -> Tensor:
+    def _draw(self, probs: Tensor, next_ids: Tensor | None) -> Tensor:
         """The sampled rows' tokens by inverse transform of their counter-based uniforms."""
         rows = probs if self._all_sampled else probs.index_select(0, self._sampled_index)  # [S, V]
         drawn = inverse_transform(rows, uniform(self._seed_low, self._seed_high, self._draws))
@@ -296,9 +295,10 @@ def token_counts(history: Sequence[Sequence[int]], vocab_size: int, device: torc
 
 
 def add_logit_bias(logits: Tensor, rows: Tensor, ids: Tensor, biases: Tensor) -> Tensor:
-    """logits[rows[i], ids[i]] += biases[i]; ids past the model's vocabulary are skipped."""
+    """logits[rows[i], ids[i]] += biases[i]; ids past the model's vocabulary are skipped (they
+    add 0 at the last column: no boolean indexing, which would wait for the device)."""
     inside = ids < logits.shape[1]
-    return logits.index_put((rows[inside], ids[inside]), biases[inside], accumulate=True)
+    return logits.index_put((rows, ids.clamp(max=logits.shape[1] - 1)), biases * inside, accumulate=True)
 
 
 def top_k_filter(logits: Tensor, k: Tensor, enabled: Tensor, largest: int) -> Tensor:
