@@ -33,6 +33,7 @@ class SimulatedDevice:
         self.logits = logits
         self.seconds = seconds
         self._ready_at = 0.0  # when the last launched forward completes
+        self.forwards: list[tuple[float, float]] = []  # (launched at, ready at) of every forward
         self._fences: queue.SimpleQueue = queue.SimpleQueue()
         if seconds:
             threading.Thread(target=self._device, name="simulated-device", daemon=True).start()
@@ -41,7 +42,9 @@ class SimulatedDevice:
         return getattr(self.runner, name)
 
     def forward(self, batch) -> StepOutput:
-        self._ready_at = max(time.perf_counter(), self._ready_at) + self.seconds
+        now = time.perf_counter()
+        self._ready_at = max(now, self._ready_at) + self.seconds
+        self.forwards.append((now, self._ready_at))
         rows, chunks = len(batch.decode), len(batch.prefill)
         return StepOutput(self.logits[:rows] if rows else None, self.logits[:chunks] if chunks else None,
                           [None] * chunks)

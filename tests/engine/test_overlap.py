@@ -84,3 +84,25 @@ def test_overlap_runs_ahead_of_greedy_rows_only_without_a_grammar(model_and_toke
     events, ahead = drive(model_and_tokenizer, True, rows, [])
     assert ahead == 0
     assert events == drive(model_and_tokenizer, False, rows, [])[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_next_forward_is_launched_while_the_previous_one_runs(model_and_tokenizer, overlap):
+    """Over a simulated device (each forward done 50 ms after its launch, on another thread), the
+    overlapped loop launches every steady decode step before the previous one is done, so the
+    device never waits for the host; the synchronous loop launches each only after."""
+    from bench.simulated_device import SimulatedDevice
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=4, max_total_tokens=256), overlap=overlap)
+    logits = torch.randn(4, model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    device = engine.runner = SimulatedDevice(engine.runner, logits, 0.05)
+    streams = [engine.submit(request(tokenizer, f"r{n}", "Hello", 12)) for n in range(4)]
+    while not all(s.wait(0) for s in streams):
+        engine.step()
+    assert [len(list(s)) for s in streams] == [12] * 4
+    decode = device.forwards[1:]  # after the one prefill step (its first token)
+    # 11 more tokens; running ahead computes one more, dropped, after the rows finished.
+    assert len(decode) == (12 if overlap else 11)
+    ahead = sum(launched < previous_ready for (_, previous_ready), (launched, _) in zip(decode, decode[1:]))
+    assert ahead == (len(decode) - 1 if overlap else 0)
