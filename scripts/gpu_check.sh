@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a lent GPU machine (random weights: it has no model files), about
-# 9 minutes: the engine tests (the CUDA ones run there: graph vs eager in fp32 and bf16, overlap,
+# 9 minutes (the worst case of its timeouts is 560 s): the engine tests (the CUDA ones run there: graph vs eager in fp32 and bf16, overlap,
 # the anchor vs generate), then the batching benchmark: the host step (instant and simulated
 # device), ceiling, engine, anchor, naive and the service with its mixed load at 32 x 64 (SmolLM2-135M
 # architecture, bf16), the engine at batch 1, and the Llama-3.2-1B architecture at 64 requests.
@@ -25,12 +25,12 @@ nvidia-smi -L | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 card=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].lower())')
 # timeout's own process group: -k kills whatever a test left running after the grace period.
-timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider tests/engine 2>&1 | tail -25 | tee "$out/engine-tests.log"
+timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider tests/engine 2>&1 | tail -25 | tee "$out/engine-tests.log"
 bench() {  # the outer timeout only backs up the per-mode ones
   timeout -k 30 "$1" python3 -m bench.batching --device cuda --random-weights --rounds 1 "${@:2}" 2>&1 \
     | grep -v Warning | tee -a "$out/bench.log"
 }
-bench 250 --name "$card" --naive-requests 4 --mode-timeout 90
+bench 270 --name "$card" --naive-requests 4 --mode-timeout 110
 bench 60 --name "$card-batch1" --requests 1 --new-tokens 128 --skip host naive anchor service --mode-timeout 40
-bench 100 --name "$card-1b" --architecture llama-3.2-1b --requests 64 --skip host naive service --mode-timeout 45
+bench 110 --name "$card-1b" --architecture llama-3.2-1b --requests 64 --skip host naive service --mode-timeout 45
 exit 0
