@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a lent GPU machine (random weights: it has no model files), about
-# 9 minutes (the worst case of its timeouts is 560 s): the engine tests (the CUDA ones run there: graph vs eager in fp32 and bf16, overlap,
-# the anchor vs generate), then the batching benchmark: the host step (instant and simulated
-# device), ceiling, engine, anchor, naive and the service with its mixed load at 32 x 64 (SmolLM2-135M
-# architecture, bf16), the engine at batch 1, and the Llama-3.2-1B architecture at 64 requests.
-# Every mode runs in its own process group with its own timeout (bench/batching.py --mode-timeout)
-# and after one warm-up at the measured shape; each mode's rows are saved to $OUT as it ends, so a
-# mode that fails or runs out of time loses nothing else.
+# The GPU checks, in one run on a lent GPU machine (random weights: it has no model files); at most
+# 560 s of timeouts in all. First the engine tests (the CUDA ones run there: graph vs eager in fp32
+# and bf16 on a deterministic batch, overlapped replays, the anchor against generate), then the
+# batching benchmark: the host step (instant and simulated device), ceiling, engine (with its mixed
+# and decode launch times), anchor (replays timed alone), naive, and the service with its mixed
+# load (ITL p99) at 32 x 64 (SmolLM2-135M architecture, bf16); the engine at batch 1; the
+# Llama-3.2-1B architecture at 64 requests. Every mode runs in its own process group with its own
+# timeout (bench/batching.py --mode-timeout) after one warm-up at the measured shape; each mode's
+# rows are saved to $OUT as it ends, so a mode that fails or runs out of time loses nothing else.
 #   here:  bash scripts/gpu_wheels.sh
 #   there: bash scripts/gpu_check.sh        (carry .whl)
 set -uo pipefail
