@@ -70,78 +70,81 @@ class BatchSampler:
         self.watermark = watermark or Watermark()
         self.watermarked_rows = [i for i, p in enumerate(params) if p.watermark]
         self.grammar_rows = [i for i, row in enumerate(self.rows) if row.grammar is not None]
+        # Every setting's column is laid into one host tensor first, so the whole batch's
+        # settings reach the device in one (pinned, non-blocking) copy.
+        self._host: list[list[float]] = []
+        self._slices: dict[str, tuple[int, int]] = {}  # name -> (its row in `_host`, its length)
+        self._stage(params)
+        self._unpack(self._to_device())
+        # max(k) as a host int, so top-k never waits on the device to learn its width.
+        self.largest_top_k = max((p.top_k or 0 for p in params if not p.is_greedy), default=0)
+        self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
+        self._all_sampled = len(self.sampled_rows) == len(self.rows)
+        self._bitmask: Tensor | None = None
+        self._counts: Tensor | None = None  # [B, V] every row's prompt + output, once a penalty needs it
+        self._generated: Tensor | None = None  # [B, V] its output only
+        self._row_index = torch.arange(len(self.rows), device=self.device)
+
+    def _stage(self, params: list[SamplingParams]) -> None:
+        """Each setting some row needs, as a host column; the sampled rows' seeds and counters."""
 
         def sampled(get: Callable[[SamplingParams], float | None]):
             """A warper's setting per row: greedy rows never use temperature/top-k/p."""
             return [None if p.is_greedy else get(p) for p in params]
 
-        top_ks = sampled(lambda p: p.top_k)
-        # Every setting's column is laid into one host tensor first, so the whole batch's
-        # settings reach the device in one (pinned, non-blocking) copy.
-        self._host: list[list[float]] = []
-        self._slices: dict[str, tuple[int, int]] = {}  # name -> (its row in `_host`, its length)
-        repetition = self._column("repetition", [p.repetition_penalty for p in params], neutral=1.0)
-        frequency = self._column("frequency", [p.frequency_penalty for p in params], neutral=0.0)
-        presence = self._column("presence", [p.presence_penalty for p in params], neutral=0.0)
-        generated_frequency = self._column("generated_frequency", [p.generated_frequency_penalty for p in params], 0.0)
-        temperature = self._column("temperature", sampled(lambda p: p.temperature), neutral=1.0)
-        self._filter("top_k", top_ks)
+        self._column("repetition", [p.repetition_penalty for p in params], neutral=1.0)
+        self._column("frequency", [p.frequency_penalty for p in params], neutral=0.0)
+        self._column("presence", [p.presence_penalty for p in params], neutral=0.0)
+        self._column("generated_frequency", [p.generated_frequency_penalty for p in params], neutral=0.0)
+        self._column("temperature", sampled(lambda p: p.temperature), neutral=1.0)
+        self._filter("top_k", sampled(lambda p: p.top_k))
         self._filter("top_p", sampled(lambda p: p.top_p))
         self._filter("typical_p", sampled(lambda p: p.typical_p))
-        seeds = [split_seed(self.rows[i].params.seed) for i in self.sampled_rows]
-        if seeds:
-            self._add("seed_low", [s[0] for s in seeds])
-            self._add("seed_high", [s[1] for s in seeds])
+        if self.sampled_rows:
+            seeds = [split_seed(self.rows[i].params.seed) for i in self.sampled_rows]
+            self._add("seed_low", [low for low, _ in seeds])
+            self._add("seed_high", [high for _, high in seeds])
             self._add("draws", [self.rows[i].draws for i in self.sampled_rows])
             self._add("sampled_index", self.sampled_rows)
         if self.grammar_rows and len(self.grammar_rows) < len(self.rows):
             self._add("grammar_index", self.grammar_rows)
         if self.watermarked_rows:
             self._add("watermarked_index", self.watermarked_rows)
-        columns = self._to_device()  # [k, B] float64: every setting, seed half and row index exactly
 
-        def column(name: str, dtype=torch.float32) -> Tensor | None:
+    def _unpack(self, columns: Tensor) -> None:
+        """The staged columns, now on the device ([k, B] float64), as the sampler's tensors."""
+
+        def column(name: str, dtype=torch.float32, unsqueeze: bool = True) -> Tensor | None:
             if name not in self._slices:
                 return None
             index, length = self._slices[name]
-            return columns[index, :length].to(dtype)
+            values = columns[index, :length].to(dtype)
+            return values.unsqueeze(1) if unsqueeze else values
 
         # [B, 1] each, or None when no row needs it.
-        self.repetition = column("repetition").unsqueeze(1) if repetition else None
-        self.frequency = column("frequency").unsqueeze(1) if frequency else None
-        self.presence = column("presence").unsqueeze(1) if presence else None
-        self.generated_frequency = column("generated_frequency").unsqueeze(1) if generated_frequency else None
-        self.temperature = column("temperature").unsqueeze(1) if temperature else None
+        self.repetition, self.frequency = column("repetition"), column("frequency")
+        self.presence, self.generated_frequency = column("presence"), column("generated_frequency")
+        self.temperature = column("temperature")
         # Filters: a [B, 1] setting plus a [B, 1] mask of the rows that use it; the other rows
         # hold a placeholder and come out of the filter untouched.
-        self.top_k, self.top_k_on = self._setting(column, "top_k", torch.long)
-        # max(k) as a host int, so top-k never waits on the device to learn its width.
-        self.largest_top_k = max((k for k in top_ks if k is not None), default=0)
-        self.top_p, self.top_p_on = self._setting(column, "top_p")
-        self.typical_p, self.typical_p_on = self._setting(column, "typical_p")
-        self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
-        # Sampled rows: their seeds' halves, their draw counters (advanced in place), their rows.
-        self._seed_low, self._seed_high = column("seed_low", torch.long), column("seed_high", torch.long)
-        self._draws, self._sampled_index = column("draws", torch.long), column("sampled_index", torch.long)
-        self._all_sampled = len(self.sampled_rows) == len(self.rows)
-        self._grammar_index = column("grammar_index", torch.long)  # None: every row (or none) has one
-        self._watermarked_index = column("watermarked_index", torch.long)
-        self._bitmask: Tensor | None = None
-        self._counts: Tensor | None = None  # [B, V] every row's prompt + output, once a penalty needs it
-        self._generated: Tensor | None = None  # [B, V] its output only
-        self._row_index = torch.arange(len(self.rows), device=self.device)
+        self.top_k, self.top_k_on = column("top_k", torch.long), column("top_k_on", torch.bool)
+        self.top_p, self.top_p_on = column("top_p"), column("top_p_on", torch.bool)
+        self.typical_p, self.typical_p_on = column("typical_p"), column("typical_p_on", torch.bool)
+        # Sampled rows [S]: their seeds' halves, their draw counters (advanced in place), their rows.
+        self._seed_low, self._seed_high = column("seed_low", torch.long, False), column("seed_high", torch.long, False)
+        self._draws, self._sampled_index = column("draws", torch.long, False), column("sampled_index", torch.long, False)
+        self._grammar_index = column("grammar_index", torch.long, False)  # None: every row (or none) has one
+        self._watermarked_index = column("watermarked_index", torch.long, False)
 
     # ---- construction: one host tensor of columns, one copy --------------------------------
     def _add(self, name: str, values: list) -> None:
         self._slices[name] = (len(self._host), len(values))
         self._host.append(list(values))
 
-    def _column(self, name: str, values: list, neutral: float) -> bool:
-        """Adds `values` (None → `neutral`) unless every row is neutral; whether it did."""
-        if all(v is None or v == neutral for v in values):
-            return False
-        self._add(name, [neutral if v is None else v for v in values])
-        return True
+    def _column(self, name: str, values: list, neutral: float) -> None:
+        """Adds `values` (None → `neutral`) unless every row is neutral."""
+        if not all(v is None or v == neutral for v in values):
+            self._add(name, [neutral if v is None else v for v in values])
 
     def _filter(self, name: str, values: list) -> None:
         """A filter's setting per row (1 where unused) and the mask of rows using it."""
@@ -158,12 +161,6 @@ class BatchSampler:
         for i, values in enumerate(self._host):
             host[i, : len(values)] = torch.tensor(values, dtype=torch.float64)
         return to_device(host, self.device)
-
-    @staticmethod
-    def _setting(column, name: str, dtype=torch.float32) -> tuple[Tensor | None, Tensor | None]:
-        if column(name) is None:
-            return None, None
-        return column(name, dtype).unsqueeze(1), column(name + "_on", torch.bool).unsqueeze(1)
 
     def _sparse_bias(self, biases: list[tuple]) -> tuple[Tensor, Tensor, Tensor] | None:
         """(rows [N], token ids [N], biases [N]) of every row's logit_bias, or None if none has one."""
