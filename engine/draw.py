@@ -40,9 +40,11 @@ def inverse_transform(probs: Tensor, uniforms: Tensor) -> Tensor:
     cumulative = sums.cumsum(dim=-1)
     total = cumulative[:, -1:]
     target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    chosen = torch.searchsorted(cumulative, target, right=True)  # [S, 1]: a block of weight > 0
+    # [S, 1]: a block of weight > 0 (the clamp only guards a row of NaNs from indexing past the end)
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp_(max=vocab // block - 1)
     within = target - (cumulative.gather(1, chosen) - sums.gather(1, chosen))  # what is left inside it
     inner = blocks[torch.arange(rows, device=probs.device), chosen.squeeze(1)].cumsum(dim=-1)  # [S, block]
     inner_total = inner[:, -1:]
     within = torch.minimum(within.clamp(min=0), torch.nextafter(inner_total, torch.zeros_like(inner_total)))
-    return (chosen * block + torch.searchsorted(inner, within, right=True)).squeeze(1)
+    inside = torch.searchsorted(inner, within, right=True).clamp_(max=block - 1)
+    return (chosen * block + inside).squeeze(1)
