@@ -170,6 +170,9 @@ class Engine:
         self._take_inbox()
         pending, self._pending = self._pending, None
         if pending is not None and self._continues(pending):
+            if pending.sampler.needs_host:
+                self._pending = self._forward_ahead(pending)
+                return
             self._pending = self._launch(successor(pending))  # N+1 runs while N's tokens become events
             self._complete(pending)
             return
@@ -192,10 +195,26 @@ class Engine:
         return (pending.may_run_ahead and not pending.has_finished_rows and not self._cancelled
                 and not (self.scheduler.waiting and self.scheduler.table.can_allocate()))
 
+    def _forward_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
+        """A batch whose sampling reads what the previous token changes on the host (a grammar's
+        mask, a watermark's green list): N+1's forward runs while N completes, its sampling is
+        launched after. If a row ended at N, N+1's forward is dropped (nothing was recorded of it:
+        the next step writes those positions again) and the finished rows leave."""
+        started = time.perf_counter()
+        batch = successor(pending)
+        output = self._run(batch)
+        self._complete(pending)
+        if pending.has_finished_rows:
+            self._release_finished()
+            return None
+        return self._sample(batch, output, started)
+
     def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """The step's forward and sampling, queued on the device; its tokens start for the host."""
         started = time.perf_counter()
-        output = self._run(batch)
+        return self._sample(batch, self._run(batch), started)
+
+    def _sample(self, batch: ScheduledBatch, output: StepOutput, started: float) -> LaunchedStep:
         sequences, logits = self._rows_to_sample(batch, output)
         if not sequences:
             return LaunchedStep(batch, [], started=started)

@@ -9,10 +9,11 @@ for N's tokens while the device runs N+1 (vLLM v1's async scheduling, SGLang's o
 scheduler). A row that finished at N has computed one more token at N+1; that token is dropped
 (its key/value was written past what the slot keeps as cache) and the batch changes after it.
 
-A batch runs ahead only when the next step needs nothing from the host: no prompt chunk, no
-row that ends or joins, no row whose sampling reads host state that N's token changes (a
-grammar's next mask, a watermark's green list). Otherwise the engine waits for N first and the
-step is today's synchronous one. See docs/engine.md ("Overlapping host and device").
+A batch runs ahead only when the next step is the same rows again: no prompt chunk, no row that
+ends or joins. A row whose sampling reads host state that N's token changes (a grammar's next
+mask, a watermark's green list) lets N+1's forward run ahead, and its sampling is launched once
+N's tokens have reached the host. Otherwise the engine waits for N first and the step is the
+synchronous one. See docs/engine.md ("Overlapping host and device").
 """
 from __future__ import annotations
 
@@ -40,9 +41,8 @@ class LaunchedStep:
 
     @property
     def may_run_ahead(self) -> bool:
-        """Whether the next step could be launched before this one's results are read."""
-        return (not self.batch.prefill and self.sampler is not None and not self.sampler.needs_host
-                and len(self.sequences) == len(self.batch.decode))
+        """Whether the next step's forward could be launched before this one's results are read."""
+        return not self.batch.prefill and self.sampler is not None and len(self.sequences) == len(self.batch.decode)
 
     @property
     def has_finished_rows(self) -> bool:

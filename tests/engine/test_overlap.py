@@ -76,14 +76,20 @@ def test_overlapped_steps_give_the_synchronous_events(model_and_tokenizer):
     assert len(synchronous[2]) < 24  # the stop string ended it
 
 
-def test_overlap_runs_ahead_of_greedy_rows_only_without_a_grammar(model_and_tokenizer):
-    """A batch with a grammar row never runs ahead (its next mask needs the previous token)."""
+def test_a_grammar_row_runs_its_forward_ahead_and_samples_after_the_host(model_and_tokenizer):
+    """A batch with a grammar row (its next mask needs the previous token on the host) runs each
+    forward ahead and launches its sampling once the previous tokens are on the host: the same
+    events as the synchronous loop, the grammar row's whole output a match."""
     _model, tokenizer = model_and_tokenizer
-    rows = [request(tokenizer, "g", "Numbers:", 20, grammar=Grammar("regex", "[0-9]{5,30}")),
-            request(tokenizer, "free", "Hello", 20)]
+    sampled = dict(do_sample=True, temperature=1.5, seed=3)
+    rows = [request(tokenizer, "g", "Numbers:", 20, grammar=Grammar("regex", "[0-9]{5,30}"), **sampled),
+            request(tokenizer, "free", "Hello", 20, watermark=True, **sampled),
+            request(tokenizer, "short", "Hello", 6)]
     events, ahead = drive(model_and_tokenizer, True, rows, [])
-    assert ahead == 0
+    assert ahead >= 10
     assert events == drive(model_and_tokenizer, False, rows, [])[0]
+    text = "".join(e[1] for e in events[0])
+    assert text.isdigit() and 5 <= len(text) <= 30
 
 
 @pytest.mark.parametrize("overlap", [False, True])
