@@ -19,10 +19,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.devices import device_context
+from engine.devices import affordable_slots, device_context
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import Fence, HostCopy
-from engine.kv_slots import KVGeometry
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner, StepOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
@@ -65,7 +64,7 @@ class Engine:
         CUDA, where the device runs while the host works; a CPU's forward and host work share the cores)."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
-        slots = _affordable_slots(model, self.device, scheduler_config)
+        slots = affordable_slots(model, self.device, scheduler_config)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs)
@@ -170,11 +169,7 @@ class Engine:
         self._take_inbox()
         pending, self._pending = self._pending, None
         if pending is not None and self._continues(pending):
-            if pending.sampler.needs_host:
-                self._pending = self._forward_ahead(pending)
-                return
-            self._pending = self._launch(successor(pending))  # N+1 runs while N's tokens become events
-            self._complete(pending)
+            self._pending = self._run_ahead(pending)  # N+1 is launched before N's tokens become events
             return
         if pending is not None:
             self._complete(pending)
@@ -194,6 +189,13 @@ class Engine:
         """Whether the next step is `pending`'s rows again, with nothing for the host to decide first."""
         return (pending.may_run_ahead and not pending.has_finished_rows and not self._cancelled
                 and not (self.scheduler.waiting and self.scheduler.table.can_allocate()))
+
+    def _run_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
+        if pending.sampler.needs_host:
+            return self._forward_ahead(pending)
+        launched = self._launch(successor(pending))  # runs on the device while N completes
+        self._complete(pending)
+        return launched
 
     def _forward_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
         """A batch whose sampling reads what the previous token changes on the host (a grammar's
@@ -394,17 +396,3 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
-
-
-def _affordable_slots(model, device: torch.device, config: SchedulerConfig) -> int:
-    """On a GPU the slots are allocated at once: no more than 90% of the free memory holds."""
-    if device.type != "cuda":
-        return config.slots
-    per_position = KVGeometry.of(model).bytes_per_position
-    free, _total = torch.cuda.mem_get_info(device)
-    affordable = int(0.9 * free) // (per_position * config.slot_length)
-    if affordable < 1:
-        raise EngineError("not enough GPU memory for one KV slot")
-    if affordable < config.slots:
-        log.warning("GPU memory holds %d KV slots of %d positions, not %d", affordable, config.slot_length, config.slots)
-    return min(config.slots, affordable)
