@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")  # a GPU check writes to $OUT
 
 
 def default_model_dir() -> Path:

@@ -12,7 +12,8 @@ rows past the live batch are all over free slots, which may hold prefix cache: t
 the slot's last column, which no request ever writes (a request of `slot_length` positions
 writes KV for all but its last token), and are dropped.
 Shapes without a graph (a length over the largest bucket) run eagerly.
-Sampling runs after the replay, eagerly, on the graph's logits.
+Sampling runs after the replay, eagerly, on the graph's logits; an overlapped step's input ids
+are the previous step's sampled ids, copied on the device into the static buffer.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import logging
 import time
 
 import torch
+
+from engine.host_transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ class DecodeGraphs:
         self.lengths = length_buckets(cache.slot_length)
         self.ids = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # [S] static inputs
         self.positions = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)
-        self._staging = torch.zeros((2, cache.slots), dtype=torch.long, pin_memory=True)  # host side of both
         self._unused_column = cache.slot_length - 1  # where padding rows write (see the module doc)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
@@ -83,19 +85,28 @@ class DecodeGraphs:
     def _step(self, batch: int, length: int) -> torch.Tensor:
         return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length)
 
-    def replay(self, ids: list[int], positions: list[int], length: int) -> torch.Tensor | None:
-        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits."""
+    def replay(self, ids: list[int] | torch.Tensor, positions: list[int], length: int) -> torch.Tensor | None:
+        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits.
+        `ids` may be the previous step's sampled ids on the device (an overlapped step): they go
+        straight into the static buffer, with no trip through the host."""
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
         if batch is None or bucket is None:
             return None
-        staging = self._staging
-        staging[0].zero_()  # padding rows over free slots: token 0 written at their unused last column
-        staging[1].fill_(self._unused_column)
-        staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
+        # A fresh pinned block each step (the caching host allocator frees it once its copy has
+        # run), so an overlapped step never overwrites inputs the device has not read yet.
+        staging = torch.zeros((2, self.ids.shape[0]), dtype=torch.long)
+        staging[1].fill_(self._unused_column)  # padding rows over free slots write at their unused last column
         staging[1, :rows] = torch.tensor(positions, dtype=torch.long)
-        self.ids.copy_(staging[0], non_blocking=True)
-        self.positions.copy_(staging[1], non_blocking=True)
+        on_device = isinstance(ids, torch.Tensor)
+        if not on_device:
+            staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
+        staged = to_device(staging, self.ids.device)
+        self.positions.copy_(staged[1])
+        if on_device:
+            self.ids[:rows].copy_(ids)  # the padding rows keep earlier (valid) ids
+        else:
+            self.ids.copy_(staged[0])
         self.graphs[(batch, bucket)].replay()
         return self.outputs[(batch, bucket)][:rows].float()

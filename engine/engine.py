@@ -1,9 +1,11 @@
 """The continuous-batching engine: one loop thread owns the model and the KV cache.
 
-Each step reads schedule → run the model → post-process: the scheduler picks the batch (every
-decoding request, plus prompt chunks within the prefill budget), the runner runs them all in one
-forward, then every request that got logits samples, detokenizes, checks its stop conditions
-and emits one event; finished requests give their KV slot back.
+Each step reads schedule → launch → complete: the scheduler picks the batch (every decoding
+request, plus prompt chunks within the prefill budget), the runner runs them all in one forward
+and the batch sampler picks every row's token on the device (`launch`); then the tokens reach
+the host, where each request detokenizes, checks its stop conditions and emits one event, and
+finished requests give their KV slot back (`complete`). With overlap on (CUDA), a decode step
+whose batch is unchanged is launched before the previous step completes (`engine/overlap.py`).
 See docs/engine.md.
 """
 from __future__ import annotations
@@ -17,15 +19,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.devices import device_context
+from engine.devices import affordable_slots, device_context
 from engine.generic_runner import GenericRunner
-from engine.host_transfer import to_host
-from engine.kv_slots import KVGeometry
+from engine.host_transfer import Fence, HostCopy
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner, StepOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
+from engine.overlap import LaunchedStep, successor
 from engine.params import GenerationRequest
-from engine.sampling import BatchSampler, SampleOutput
+from engine.sampling import BatchSampler
 from engine.scheduler import PrefillChunk, ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import RequestStream, Sequence, SequenceStatus
 from engine.watermark import Watermark
@@ -53,14 +55,16 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
                  step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
-                 watermark: Watermark | None = None):
+                 watermark: Watermark | None = None, overlap: bool | None = None):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
         before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
-        `watermark`: gamma and delta for the requests that ask for it (TGI's defaults when None)."""
+        `watermark`: gamma and delta for the requests that ask for it (TGI's defaults when None).
+        `overlap`: launch a decode step before the previous one's tokens become events (default: on
+        CUDA, where the device runs while the host works; a CPU's forward and host work share the cores)."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
-        slots = _affordable_slots(model, self.device, scheduler_config)
+        slots = affordable_slots(model, self.device, scheduler_config)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs)
@@ -69,12 +73,16 @@ class Engine:
                         "without prefix caching", model.config.get_text_config().model_type)
             self.runner = GenericRunner(model, self.device)
             scheduler_config = replace(scheduler_config, prefix_caching=False)
+            overlap = False
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
         self.scheduler = Scheduler(scheduler_config, slots)
         self.metrics = metrics or EngineMetrics()
         self.metrics.watch_prefix_cache(self.scheduler.table)
         self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids)
+        self._token_texts: dict[int, str] = {}  # one token's text, decoded once (alternatives, prompt tokens)
         self.watermark = watermark or Watermark()
         self._sampler: BatchSampler | None = None
         self._sampler_rows: tuple[str, ...] = ()  # the request ids `_sampler` was built for
@@ -159,19 +167,78 @@ class Engine:
     def step(self) -> None:
         """One step (the loop thread's, or a test's driving an engine it never started)."""
         self._take_inbox()
+        pending, self._pending = self._pending, None
+        if pending is not None and self._continues(pending):
+            self._pending = self._run_ahead(pending)  # N+1 is launched before N's tokens become events
+            return
+        if pending is not None:
+            self._complete(pending)
+            self._release_finished()
         self._apply_cancellations()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return
+        launched = self._launch(batch)
+        if self.overlap and launched.may_run_ahead:
+            self._pending = launched  # completed at the next step, after its successor is launched
+            return
+        self._complete(launched)
+        self._release_finished()
+
+    def _continues(self, pending: LaunchedStep) -> bool:
+        """Whether the next step is `pending`'s rows again, with nothing for the host to decide first."""
+        return (pending.may_run_ahead and not pending.has_finished_rows and not self._cancelled
+                and not (self.scheduler.waiting and self.scheduler.table.can_allocate()))
+
+    def _run_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
+        if pending.sampler.needs_host:
+            return self._forward_ahead(pending)
+        launched = self._launch(successor(pending))  # runs on the device while N completes
+        self._complete(pending)
+        return launched
+
+    def _forward_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
+        """A batch whose sampling reads what the previous token changes on the host (a grammar's
+        mask, a watermark's green list): N+1's forward runs while N completes, its sampling is
+        launched after. If a row ended at N, N+1's forward is dropped (nothing was recorded of it:
+        the next step writes those positions again) and the finished rows leave."""
         started = time.perf_counter()
+        batch = successor(pending)
         output = self._run(batch)
+        self._complete(pending)
+        if pending.has_finished_rows:
+            self._release_finished()
+            return None
+        return self._sample(batch, output, started)
+
+    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """The step's forward and sampling, queued on the device; its tokens start for the host."""
+        started = time.perf_counter()
+        return self._sample(batch, self._run(batch), started)
+
+    def _sample(self, batch: ScheduledBatch, output: StepOutput, started: float) -> LaunchedStep:
+        sequences, logits = self._rows_to_sample(batch, output)
+        if not sequences:
+            return LaunchedStep(batch, [], started=started)
+        sampler = self._sampler_for(sequences)
+        sampled = sampler(logits, [s.token_ids for s in sequences], _top_n(sequences))
+        results = HostCopy((sampled.next_ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs), self._fence)
+        return LaunchedStep(batch, sequences, sampled.next_ids, results, sampler, started)
+
+    def _fence(self) -> Fence:
+        fence = getattr(self.runner, "fence", None)  # a simulated device brings its own (bench/)
+        return fence() if fence is not None else Fence(self.device)
+
+    def _complete(self, launched: LaunchedStep) -> None:
+        """The step's tokens on the host: positions written, one event per row still running."""
+        batch = launched.batch
+        host = [t.tolist() if t is not None else None for t in launched.results.wait()] if launched.results else None
         self.scheduler.postprocess(batch)
-        events = self._postprocess(batch, output)
+        events = self._emit(launched.sequences, *host) if host else []
         size = len(batch.decoding) + len(batch.prefill)
-        self.metrics.observe_step(_method(batch), size, time.perf_counter() - started)
+        self.metrics.observe_step(_method(batch), size, time.perf_counter() - launched.started)
         if events and self.step_listener is not None:
             self.step_listener(events)
-        self._release_finished()
         self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)
 
     def _run(self, batch: ScheduledBatch) -> StepOutput:
@@ -188,8 +255,8 @@ class Engine:
         self.metrics.observe_forward(method, time.perf_counter() - started)
         return output
 
-    def _postprocess(self, batch: ScheduledBatch, output: StepOutput) -> list[TokenEvent]:
-        """Sample one token for every decode row and every prompt that was completed."""
+    def _rows_to_sample(self, batch: ScheduledBatch, output: StepOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Every decode row and every prompt that was completed, and their logits [n, V]."""
         decoding = batch.decoding
         completed = [row for row, c in enumerate(batch.prefill) if c.completes_prompt]
         for chunk, logits in zip(batch.prefill, output.prompt_logits):
@@ -204,10 +271,8 @@ class Engine:
             parts.append(output.last_logits[completed])
         sequences = decoding + [batch.prefill[row].sequence for row in completed]
         if not sequences:
-            return []
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [n, V]
-        sampled = self._sampler_for(sequences)(logits, [s.token_ids for s in sequences], _top_n(sequences))
-        return self._emit(sequences, sampled)
+            return [], None
+        return sequences, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _sampler_for(self, sequences: list[Sequence]) -> BatchSampler:
         """The batch's sampling tensors, rebuilt only when its rows change."""
@@ -217,17 +282,17 @@ class Engine:
             self._sampler_rows = rows
         return self._sampler
 
-    def _emit(self, sequences: list[Sequence], sampled: SampleOutput) -> list[TokenEvent]:
-        ids, logprobs, top_ids, top_logprobs = (
-            t.tolist() if t is not None else None
-            for t in to_host(sampled.next_ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs)
-        )
+    def _emit(self, sequences: list[Sequence], ids: list[int], logprobs: list[float],
+              top_ids: list[list[int]] | None, top_logprobs: list[list[float]] | None) -> list[TokenEvent]:
+        """One event per row; a row that finished at the step before (it ran one step ahead) is skipped."""
         events = []
         for row, sequence in enumerate(sequences):
+            if sequence.status.is_finished:
+                continue
             token_id = ids[row]
             special = token_id in self.special_ids
             text = sequence.detokenizer.step(token_id)
-            shown = self.tokenizer.decode([token_id]) if special else text
+            shown = self._token_text(token_id) if special else text
             top = []
             if top_ids is not None and sequence.request.top_n_tokens:
                 n = sequence.request.top_n_tokens
@@ -267,7 +332,14 @@ class Engine:
                                                for row_ids, row_lps in zip(top_ids, top_logprobs))
 
     def _token(self, token_id: int, logprob: float | None) -> Token:
-        return Token(token_id, self.tokenizer.decode([token_id]), logprob, token_id in self.special_ids)
+        return Token(token_id, self._token_text(token_id), logprob, token_id in self.special_ids)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text, decoded once per id: alternatives repeat from step to step."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _release_finished(self) -> None:
         for sequence in self.scheduler.release_finished():
@@ -298,6 +370,7 @@ class Engine:
             if not sequence.status.is_finished:
                 sequence.fail(error)
         self.runner.reset()
+        self._pending = None
         self._sampler, self._sampler_rows = None, ()
         self.metrics.set_batch(0, 0)
 
@@ -323,17 +396,3 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
-
-
-def _affordable_slots(model, device: torch.device, config: SchedulerConfig) -> int:
-    """On a GPU the slots are allocated at once: no more than 90% of the free memory holds."""
-    if device.type != "cuda":
-        return config.slots
-    per_position = KVGeometry.of(model).bytes_per_position
-    free, _total = torch.cuda.mem_get_info(device)
-    affordable = int(0.9 * free) // (per_position * config.slot_length)
-    if affordable < 1:
-        raise EngineError("not enough GPU memory for one KV slot")
-    if affordable < config.slots:
-        log.warning("GPU memory holds %d KV slots of %d positions, not %d", affordable, config.slot_length, config.slots)
-    return min(config.slots, affordable)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_transfer import to_device
 from engine.kv_slots import KVGeometry, SlotKVCache
 from engine.scheduler import ScheduledBatch
 from engine.slot_table import SlotCopy
@@ -86,15 +87,16 @@ class ModelRunner:
         logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
-    def _decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
+    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """`ids`: host ints, or the previous step's sampled ids still on the device (overlap)."""
         length = max(positions) + 1
         self.cache.ensure_capacity(length)
         if self.graphs is not None:
             logits = self.graphs.replay(ids, positions, length)
             if logits is not None:
                 return logits
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids_t = ids if isinstance(ids, torch.Tensor) else to_device(torch.tensor(ids, dtype=torch.long), self.device)
+        positions_t = to_device(torch.tensor(positions, dtype=torch.long), self.device)
         return self.decode_forward(ids_t, positions_t, length).float()
 
     def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -140,9 +142,6 @@ class PackedStep:
             slots += [chunk.sequence.slot] * (chunk.end - chunk.start)
         self.chunks = chunks
         self.columns_needed = max(positions) + 1
-        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
-        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
         # The logits kept: every decode row, each chunk's last position or all of them.
         keep = list(range(self.rows))
         self.kept_from: dict[int, int] = {}  # chunk index -> its first kept logits row
@@ -153,7 +152,9 @@ class PackedStep:
                 keep += range(offset, offset + chunk.end - chunk.start)
             else:
                 keep.append(offset + chunk.end - chunk.start - 1)
-        self.keep = torch.tensor(keep, dtype=torch.long, device=device)
+        # One host tensor, one pinned non-blocking copy: the host never waits for its inputs.
+        packed = to_device(torch.tensor(ids + positions + slots + keep, dtype=torch.long), device)
+        self.ids, self.positions, self.slots, self.keep = packed.split([len(ids)] * 3 + [len(keep)])
 
     def plan(self, columns: torch.Tensor) -> StepPlan:
         decode = None

@@ -2,9 +2,15 @@
 
 As in TGI's "heterogeneous" processors, every setting becomes one tensor for the whole batch
 (`# [B, 1]`), built only when some row needs that processor, so a greedy-only batch pays for
-one argmax and one log-softmax. A `BatchSampler` is rebuilt whenever the batch composition
-changes; the per-request state (the seeded generator) lives in `RequestSampler`, so a request
-draws the same tokens whichever batch it shares.
+one softmax and one argmax. A `BatchSampler` is rebuilt whenever the batch composition
+changes (its settings reach the device in one copy); between rebuilds it keeps, on the device,
+what it needs from step to step (the penalties' token counts, each row's draw number), updated
+in place from the tokens it samples, so a step needs nothing from the host.
+
+Sampled rows draw by inverse transform, all rows in one set of kernels (`engine.draw`): the
+row's k-th token is the first whose cumulative probability exceeds `uniform(seed, k)`, a
+counter-based number (`engine.seeded_noise`), so a seeded request draws the same tokens
+whatever batch it shares and no generator state is kept per request.
 
 Order: TGI's watermark (watermarked rows only: `engine.watermark`, first as in TGI), OpenAI's
 logit bias (added to the model's logits), then as transformers and TGI apply them: repetition
@@ -22,26 +28,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.draw import first_argmax, inverse_transform
 from engine.grammar import GrammarMatcher, allocate_bitmask, apply_token_bitmask, fill_bitmasks
+from engine.host_transfer import to_device
 from engine.params import SamplingParams
+from engine.seeded_noise import split_seed, uniform
 from engine.watermark import Watermark
 
 FILTERED = -float("inf")
 
 
 class RequestSampler:
-    """One request's sampling state: its settings, when sampling a generator seeded once, and
-    its grammar's matcher when the output is constrained."""
+    """One request's sampling state: its settings, how many tokens it has drawn (the counter
+    its seeded numbers are keyed by), and its grammar's matcher when the output is constrained."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu",
                  grammar: GrammarMatcher | None = None, prompt_len: int = 0):
         self.params = params
         self.grammar = grammar
         self.prompt_len = prompt_len  # where its history's generated tokens begin
-        self.generator: torch.Generator | None = None
-        if not params.is_greedy:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
+        self.draws = 0  # tokens drawn so far
 
 
 @dataclass
@@ -63,67 +69,123 @@ class BatchSampler:
         self.sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         self.watermark = watermark or Watermark()
         self.watermarked_rows = [i for i, p in enumerate(params) if p.watermark]
-        self._watermarked_index = (torch.tensor(self.watermarked_rows, dtype=torch.long, device=self.device)
-                                   if self.watermarked_rows else None)
+        self.grammar_rows = [i for i, row in enumerate(self.rows) if row.grammar is not None]
+        # Every setting's column is laid into one host tensor first, so the whole batch's
+        # settings reach the device in one (pinned, non-blocking) copy.
+        self._host: list[list[float]] = []
+        self._slices: dict[str, tuple[int, int]] = {}  # name -> (its row in `_host`, its length)
+        self._stage(params)
+        self._unpack(self._to_device())
+        # max(k) as a host int, so top-k never waits on the device to learn its width.
+        self.largest_top_k = max((p.top_k or 0 for p in params if not p.is_greedy), default=0)
+        self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
+        self._all_sampled = len(self.sampled_rows) == len(self.rows)
+        self._bitmask: Tensor | None = None
+        self._counts: Tensor | None = None  # [B, V] every row's prompt + output, once a penalty needs it
+        self._generated: Tensor | None = None  # [B, V] its output only
+        self._row_index = torch.arange(len(self.rows), device=self.device)
+
+    def _stage(self, params: list[SamplingParams]) -> None:
+        """Each setting some row needs, as a host column; the sampled rows' seeds and counters."""
 
         def sampled(get: Callable[[SamplingParams], float | None]):
             """A warper's setting per row: greedy rows never use temperature/top-k/p."""
             return [None if p.is_greedy else get(p) for p in params]
 
+        self._column("repetition", [p.repetition_penalty for p in params], neutral=1.0)
+        self._column("frequency", [p.frequency_penalty for p in params], neutral=0.0)
+        self._column("presence", [p.presence_penalty for p in params], neutral=0.0)
+        self._column("generated_frequency", [p.generated_frequency_penalty for p in params], neutral=0.0)
+        self._column("temperature", sampled(lambda p: p.temperature), neutral=1.0)
+        self._filter("top_k", sampled(lambda p: p.top_k))
+        self._filter("top_p", sampled(lambda p: p.top_p))
+        self._filter("typical_p", sampled(lambda p: p.typical_p))
+        if self.sampled_rows:
+            seeds = [split_seed(self.rows[i].params.seed) for i in self.sampled_rows]
+            self._add("seed_low", [low for low, _ in seeds])
+            self._add("seed_high", [high for _, high in seeds])
+            self._add("draws", [self.rows[i].draws for i in self.sampled_rows])
+            self._add("sampled_index", self.sampled_rows)
+        if self.grammar_rows and len(self.grammar_rows) < len(self.rows):
+            self._add("grammar_index", self.grammar_rows)
+        if self.watermarked_rows:
+            self._add("watermarked_index", self.watermarked_rows)
+
+    def _unpack(self, columns: Tensor) -> None:
+        """The staged columns, now on the device ([k, B] float64), as the sampler's tensors."""
+
+        def column(name: str, dtype=torch.float32, unsqueeze: bool = True) -> Tensor | None:
+            if name not in self._slices:
+                return None
+            index, length = self._slices[name]
+            values = columns[index, :length].to(dtype)
+            return values.unsqueeze(1) if unsqueeze else values
+
         # [B, 1] each, or None when no row needs it.
-        self.repetition = self._column([p.repetition_penalty for p in params], neutral=1.0)
-        self.frequency = self._column([p.frequency_penalty for p in params], neutral=0.0)
-        self.presence = self._column([p.presence_penalty for p in params], neutral=0.0)
-        self.generated_frequency = self._column([p.generated_frequency_penalty for p in params], neutral=0.0)
-        self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
-        self.temperature = self._column(sampled(lambda p: p.temperature), neutral=1.0)
+        self.repetition, self.frequency = column("repetition"), column("frequency")
+        self.presence, self.generated_frequency = column("presence"), column("generated_frequency")
+        self.temperature = column("temperature")
         # Filters: a [B, 1] setting plus a [B, 1] mask of the rows that use it; the other rows
         # hold a placeholder and come out of the filter untouched.
-        top_ks = sampled(lambda p: p.top_k)
-        self.top_k, self.top_k_on = self._filter(top_ks, dtype=torch.long)
-        # max(k) as a host int, so top-k never waits on the device to learn its width.
-        self.largest_top_k = max((k for k in top_ks if k is not None), default=0)
-        self.top_p, self.top_p_on = self._filter(sampled(lambda p: p.top_p))
-        self.typical_p, self.typical_p_on = self._filter(sampled(lambda p: p.typical_p))
-        # The rows with a grammar (their index tensor: None when it is every row); the bitmask
-        # buffer is allocated at the first step.
-        self.grammar_rows = [i for i, row in enumerate(self.rows) if row.grammar is not None]
-        self._grammar_index = None
-        if self.grammar_rows and len(self.grammar_rows) < len(self.rows):
-            self._grammar_index = torch.tensor(self.grammar_rows, dtype=torch.long, device=self.device)
-        self._bitmask: Tensor | None = None
+        self.top_k, self.top_k_on = column("top_k", torch.long), column("top_k_on", torch.bool)
+        self.top_p, self.top_p_on = column("top_p"), column("top_p_on", torch.bool)
+        self.typical_p, self.typical_p_on = column("typical_p"), column("typical_p_on", torch.bool)
+        # Sampled rows [S]: their seeds' halves, their draw counters (advanced in place), their rows.
+        self._seed_low, self._seed_high = column("seed_low", torch.long, False), column("seed_high", torch.long, False)
+        self._draws, self._sampled_index = column("draws", torch.long, False), column("sampled_index", torch.long, False)
+        self._grammar_index = column("grammar_index", torch.long, False)  # None: every row (or none) has one
+        self._watermarked_index = column("watermarked_index", torch.long, False)
 
-    def _column(self, values: list, neutral: float) -> Tensor | None:
-        """[B, 1] tensor of `values` (None → `neutral`), or None when every row is neutral."""
-        if all(v is None or v == neutral for v in values):
-            return None
-        column = [neutral if v is None else v for v in values]
-        return torch.tensor(column, dtype=torch.float32, device=self.device).unsqueeze(1)
+    # ---- construction: one host tensor of columns, one copy --------------------------------
+    def _add(self, name: str, values: list) -> None:
+        self._slices[name] = (len(self._host), len(values))
+        self._host.append(list(values))
 
-    def _filter(self, values: list, dtype=torch.float32) -> tuple[Tensor | None, Tensor | None]:
-        """([B, 1] setting, [B, 1] bool mask of rows using it), or (None, None) if no row does."""
+    def _column(self, name: str, values: list, neutral: float) -> None:
+        """Adds `values` (None → `neutral`) unless every row is neutral."""
+        if not all(v is None or v == neutral for v in values):
+            self._add(name, [neutral if v is None else v for v in values])
+
+    def _filter(self, name: str, values: list) -> None:
+        """A filter's setting per row (1 where unused) and the mask of rows using it."""
         if all(v is None for v in values):
-            return None, None
-        column = [1 if v is None else v for v in values]
-        setting = torch.tensor(column, dtype=dtype, device=self.device).unsqueeze(1)
-        enabled = torch.tensor([v is not None for v in values], device=self.device).unsqueeze(1)
-        return setting, enabled
+            return
+        self._add(name, [1 if v is None else v for v in values])
+        self._add(name + "_on", [v is not None for v in values])
+
+    def _to_device(self) -> Tensor:
+        """Every column as one [k, B] float64 tensor on the device (exact for the uint32 seed
+        halves and the row indices too), in one copy."""
+        width = max((len(c) for c in self._host), default=0)
+        host = torch.zeros((len(self._host), width), dtype=torch.float64)
+        for i, values in enumerate(self._host):
+            host[i, : len(values)] = torch.tensor(values, dtype=torch.float64)
+        return to_device(host, self.device)
 
     def _sparse_bias(self, biases: list[tuple]) -> tuple[Tensor, Tensor, Tensor] | None:
         """(rows [N], token ids [N], biases [N]) of every row's logit_bias, or None if none has one."""
         entries = [(row, token_id, bias) for row, pairs in enumerate(biases) for token_id, bias in pairs]
         if not entries:
             return None
-        rows, ids, values = zip(*entries)
-        return (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device),
-                torch.tensor(values, dtype=torch.float32, device=self.device))
+        host = torch.tensor(entries, dtype=torch.float64).T.contiguous()  # [3, N]
+        rows, ids, values = to_device(host, self.device)
+        return rows.long(), ids.long(), values.float()
 
+    # ---- the step ----------------------------------------------------------------------------
     @property
     def needs_history(self) -> bool:
         return any(x is not None for x in (self.repetition, self.frequency, self.presence, self.generated_frequency))
 
+    @property
+    def needs_host(self) -> bool:
+        """Whether a step's processing reads host state that the previous step's tokens change
+        (a grammar's matcher, a watermark's previous token): such a batch cannot run ahead."""
+        return bool(self.grammar_rows or self.watermarked_rows)
+
     def process(self, logits: Tensor, history: Sequence[Sequence[int]] = ()) -> Tensor:
-        """The logits [B, V] after every row's watermark, bias, penalties and (sampled rows only) warpers."""
+        """The logits [B, V] after every row's watermark, bias, penalties and (sampled rows only) warpers.
+        `history` (each row's prompt + generated ids) is read the first time penalties need it;
+        after that the sampler counts the tokens it samples itself."""
         if self.watermarked_rows:  # seeded by each row's previous token (its prompt's last, at first)
             logits = self.watermark.apply(logits, self._watermarked_index,
                                           [history[i][-1] for i in self.watermarked_rows])
@@ -140,32 +202,56 @@ class BatchSampler:
     def __call__(
         self, logits: Tensor, history: Sequence[Sequence[int]] = (), top_n: int = 0
     ) -> SampleOutput:
-        """`logits` [B, V] float32; `history` holds each row's prompt + generated ids."""
+        """`logits` [B, V] float32; `history` holds each row's prompt + generated ids (read once)."""
         logits = self.process(logits, history)
-        logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
-        next_ids = logits.argmax(dim=-1)  # [B]
+        # One pass over the vocabulary for the probabilities. The log-normalizer comes from the
+        # best token, whose probability (>= 1/V) never underflows: logprob = logit - normalizer.
+        probs = torch.softmax(logits, dim=-1)  # [B, V]
+        normalizer = (logits.amax(dim=-1) - probs.amax(dim=-1).log()).unsqueeze(1)  # [B, 1]
+        next_ids = None if self._all_sampled else first_argmax(logits)  # [B]
         if self.sampled_rows:
-            probs = logprobs.exp()  # [B, V]
-            for i in self.sampled_rows:
-                draw = torch.multinomial(probs[i], 1, generator=self.rows[i].generator)
-                next_ids[i] = draw[0]
-        chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
+            next_ids = self._draw(probs, next_ids)
+        chosen = (logits.gather(1, next_ids.unsqueeze(1)) - normalizer).squeeze(1)  # [B]
+        self._count(next_ids)
         if top_n == 0:
             return SampleOutput(next_ids, chosen)
-        top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)  # [B, top_n]
-        return SampleOutput(next_ids, chosen, top_ids, top_logprobs)
+        top_values, top_ids = logits.topk(top_n, dim=-1)  # [B, top_n]
+        return SampleOutput(next_ids, chosen, top_ids, top_values - normalizer)
+
+    def _draw(self, probs: Tensor, next_ids: Tensor | None) -> Tensor:
+        """The sampled rows' tokens by inverse transform of their counter-based uniforms."""
+        rows = probs if self._all_sampled else probs.index_select(0, self._sampled_index)  # [S, V]
+        drawn = inverse_transform(rows, uniform(self._seed_low, self._seed_high, self._draws))
+        self._draws.add_(1)
+        for i in self.sampled_rows:  # the host's copy of each counter, for the next rebuild
+            self.rows[i].draws += 1
+        if self._all_sampled:
+            return drawn
+        return next_ids.index_copy(0, self._sampled_index, drawn)
+
+    def _count(self, next_ids: Tensor) -> None:
+        """The penalties' counts gain this step's tokens, in place on the device."""
+        for counts in (self._counts, self._generated):
+            if counts is not None:
+                counts.index_put_((self._row_index, next_ids), torch.ones_like(next_ids, dtype=counts.dtype),
+                                  accumulate=True)
 
     def _penalize(self, logits: Tensor, history: Sequence[Sequence[int]]) -> Tensor:
+        vocab = logits.shape[1]
         if self.repetition is not None or self.frequency is not None:
-            counts = token_counts(history, logits.shape[1], self.device)  # [B, V], prompt included
+            if self._counts is None:
+                self._counts = token_counts(history, vocab, self.device)  # [B, V], prompt included
+            counts = self._counts
             if self.repetition is not None:
                 penalized = torch.where(logits < 0, logits * self.repetition, logits / self.repetition)
                 logits = torch.where(counts > 0, penalized, logits)
             if self.frequency is not None:
                 logits = logits - self.frequency * counts
         if self.presence is not None or self.generated_frequency is not None:
-            generated = [ids[row.prompt_len:] for ids, row in zip(history, self.rows)]
-            counts = token_counts(generated, logits.shape[1], self.device)  # [B, V], output only
+            if self._generated is None:
+                generated = [ids[row.prompt_len:] for ids, row in zip(history, self.rows)]
+                self._generated = token_counts(generated, vocab, self.device)  # [B, V], output only
+            counts = self._generated
             if self.generated_frequency is not None:
                 logits = logits - self.generated_frequency * counts
             if self.presence is not None:
@@ -199,16 +285,17 @@ def token_counts(history: Sequence[Sequence[int]], vocab_size: int, device: torc
     padded = torch.full((len(history), longest), vocab_size, dtype=torch.long)
     for i, ids in enumerate(history):
         padded[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    padded = padded.to(device)
+    padded = to_device(padded, device)
     counts = torch.zeros(len(history), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]
 
 
 def add_logit_bias(logits: Tensor, rows: Tensor, ids: Tensor, biases: Tensor) -> Tensor:
-    """logits[rows[i], ids[i]] += biases[i]; ids past the model's vocabulary are skipped."""
+    """logits[rows[i], ids[i]] += biases[i]; ids past the model's vocabulary are skipped (they
+    add 0 at the last column: no boolean indexing, which would wait for the device)."""
     inside = ids < logits.shape[1]
-    return logits.index_put((rows[inside], ids[inside]), biases[inside], accumulate=True)
+    return logits.index_put((rows, ids.clamp(max=logits.shape[1] - 1)), biases * inside, accumulate=True)
 
 
 def top_k_filter(logits: Tensor, k: Tensor, enabled: Tensor, largest: int) -> Tensor:

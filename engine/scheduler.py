@@ -160,9 +160,11 @@ class Scheduler:
         return chunks
 
     def postprocess(self, batch: ScheduledBatch) -> None:
-        """Account for what the forward wrote: one position per decode row, each chunk's prompt part."""
+        """Account for what the forward wrote: one position per decode row, each chunk's prompt part.
+        A row that finished before (its step ran ahead of its last token) keeps its length."""
         for sequence in batch.decoding:
-            sequence.kv_len += 1
+            if not sequence.status.is_finished:
+                sequence.kv_len += 1
         for chunk in batch.prefill:
             chunk.sequence.kv_len = chunk.end
 

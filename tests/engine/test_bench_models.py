@@ -12,11 +12,12 @@ from tests.engine.test_families import FAMILIES, build
 def test_the_anchor_gives_the_greedy_tokens_of_generate():
     model = build(*FAMILIES["llama"])
     prompts = [[5, 17, 33, 2, 90, 4], [12, 13, 14, 15, 16, 200]]
-    tokens, seconds = anchor_generate(model, prompts, 12)
+    run = anchor_generate(model, prompts, 12)
     expected = model.generate(torch.tensor(prompts), attention_mask=torch.ones(2, 6, dtype=torch.long),
                               max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert tokens == expected[:, 6:].tolist()
-    assert seconds > 0
+    assert run.tokens == expected[:, 6:].tolist()
+    assert run.replayed_tokens == 2 * 11
+    assert run.prefill_seconds > 0 and run.decode_seconds > 0
 
 
 def test_the_word_tokenizer_covers_every_id():

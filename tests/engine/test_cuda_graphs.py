@@ -9,6 +9,7 @@ from tests.engine.test_families import FAMILIES, PROMPTS, SMALL, IdTokenizer, al
 from engine.engine import Engine
 from engine.params import GenerationRequest, SamplingParams, StoppingParams
 from engine.scheduler import SchedulerConfig
+from bench.graph_anchor import anchor_generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,6 +32,39 @@ def run(model, cuda_graphs: bool, requests: list[GenerationRequest]) -> tuple[li
         engine.stop()
 
 
+def lockstep(model, requests: list[GenerationRequest], configurations: list[dict]) -> list[dict]:
+    """Engines stepped by hand, one step each in turn, all requests submitted before the first
+    step: every engine sees the same batches (no thread decides when a request joins). Per
+    engine: its tokens, each decode step's input ids and logits [rows, V] float32, and how many
+    steps ran ahead (overlapped)."""
+    runs = []
+    for options in configurations:
+        engine = Engine(model, IdTokenizer(), SchedulerConfig(max_batch_size=8, max_total_tokens=512), **options)
+        if engine.runner.graphs is not None:
+            engine.runner.graphs.capture()
+        run = {"engine": engine, "steps": [], "ahead": 0, "streams": [engine.submit(r) for r in requests]}
+        forward = engine.runner.forward
+
+        def spy(batch, forward=forward, run=run, steps=run["steps"]):
+            out = forward(batch)
+            run["ahead"] += isinstance(batch.decode_ids, torch.Tensor)  # fed the previous step's device ids
+            if not batch.prefill:
+                ids = batch.decode_ids.tolist() if isinstance(batch.decode_ids, torch.Tensor) else list(batch.decode_ids)
+                steps.append((ids, out.decode_logits.float().clone()))
+            return out
+
+        engine.runner.forward = spy
+        runs.append(run)
+    for _ in range(1000):
+        if all(s.wait(0) for run in runs for s in run["streams"]):
+            break
+        for run in runs:
+            run["engine"].step()
+    for run in runs:
+        run["tokens"] = [[e.token.id for e in s] for s in run["streams"]]
+    return runs
+
+
 def requests() -> list[GenerationRequest]:
     out = []
     for n in range(7):  # 7 rows: replayed in the graph of 8 with a padding row
@@ -40,12 +74,40 @@ def requests() -> list[GenerationRequest]:
 
 
 def test_graph_replay_gives_the_eager_tokens():
+    """Overlapped graph replays (ids fed from the device) against the synchronous eager step."""
     model = build_on_cuda()
-    eager, eager_engine = run(model, False, requests())
-    graphed, engine = run(model, True, requests())
-    assert eager_engine.stats().cuda_graphs == 0
-    assert engine.stats().cuda_graphs > 0 and engine.stats().graph_capture_seconds > 0
-    assert graphed == eager
+    eager, graphed = lockstep(model, requests(), [dict(cuda_graphs=False, overlap=False),
+                                                 dict(cuda_graphs=True, overlap=True)])
+    assert eager["engine"].stats().cuda_graphs == 0
+    assert graphed["engine"].stats().cuda_graphs > 0
+    assert graphed["tokens"] == eager["tokens"]
+    assert eager["ahead"] == 0 and graphed["ahead"] > 20
+
+
+def test_bf16_graph_replay_matches_the_eager_step():
+    """The served path (bf16): every decode step's graph logits against the eager step's, row by
+    row while the two runs have fed a row the same tokens; a token may differ only where the
+    eager step's two best logits were within bf16's error of each other."""
+    model = build_on_cuda(torch.bfloat16)
+    greedy = [GenerationRequest(f"b{n}", tuple(PROMPTS[2][: 3 + n]), stopping=StoppingParams(40, ignore_eos=True))
+              for n in range(8)]  # 8 rows: the graph of 8, no padding row
+    eager, graphed = lockstep(model, greedy, [dict(cuda_graphs=False, overlap=False),
+                                             dict(cuda_graphs=True, overlap=True)])
+    assert graphed["engine"].stats().cuda_graphs > 0
+    same, compared = [True] * len(greedy), 0
+    for (eager_ids, eager_logits), (graph_ids, graph_logits) in zip(eager["steps"], graphed["steps"]):
+        scale = eager_logits.abs().max().item()
+        for row in range(len(eager_ids)):
+            same[row] = same[row] and eager_ids[row] == graph_ids[row]
+            if not same[row]:
+                continue
+            compared += 1
+            difference = (graph_logits[row] - eager_logits[row]).abs().max().item()
+            assert difference <= 0.02 * scale + 1e-2, (row, difference, scale)
+            top2 = eager_logits[row].topk(2).values
+            if graph_logits[row].argmax() != eager_logits[row].argmax():
+                assert (top2[0] - top2[1]).item() <= 2 * difference + 1e-3
+    assert compared >= len(greedy) * len(eager["steps"]) // 2
 
 
 def test_graph_replay_equals_generate_for_a_lone_request():
@@ -83,3 +145,15 @@ def test_graph_replay_keeps_the_prefix_cache_of_free_slots():
     assert stats.cuda_graphs > 0 and stats.prefix_hit_tokens > 0
     assert graphed == eager
     assert graphed[2] == [alone(model.cpu(), list(r.input_ids), 10) for r in again]
+
+
+def test_the_anchor_replays_give_the_tokens_of_generate_on_cuda():
+    """The anchor's warm-up and capture write the first decode step's own key/value (on every
+    transformers version), so its replayed tokens are `generate`'s."""
+    model = build_on_cuda()
+    prompts = [list(PROMPTS[0][:6]), list(PROMPTS[2][:6])]
+    run = anchor_generate(model, prompts, 16)
+    expected = model.generate(torch.tensor(prompts, device="cuda"), attention_mask=torch.ones(2, 6, dtype=torch.long,
+                              device="cuda"), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert run.tokens == expected[:, 6:].tolist()
+    assert run.capture_seconds > 0 and run.decode_seconds > 0

@@ -109,3 +109,14 @@ def test_works_without_prompt_context(tokenizer):
     ids = encode(tokenizer, "é 中文")
     pieces = pieces_of(tokenizer, ids, prompt="")
     assert "".join(pieces) == "é 中文"
+
+
+def test_the_fast_decoder_equals_the_tokenizers_decode(tokenizer):
+    from engine.detokenize import text_decoder
+
+    decode = text_decoder(tokenizer)
+    special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    for text in TEXTS:
+        ids = encode(tokenizer, text)
+        for window in (ids, ids[1:4], ids[:1], [special] + ids[2:] + [special]):
+            assert decode(window) == tokenizer.decode(window, skip_special_tokens=True)

@@ -321,3 +321,72 @@ def test_logit_bias_of_minus_100_bans_a_token_from_sampling():
 def test_openai_settings_out_of_range_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_seeded_numbers_are_a_function_of_seed_and_draw_only():
+    """The counter-based uniform on tensors equals its Python reference, for 64-bit seeds too."""
+    from engine.seeded_noise import split_seed, uniform, uniform_reference
+
+    seeds = [0, 1, 42, 2**32 + 5, 2**64 - 1]
+    halves = torch.tensor([split_seed(s) for s in seeds])
+    for draw in (0, 1, 7, 10_000):
+        values = uniform(halves[:, 0], halves[:, 1], torch.full((len(seeds),), draw)).tolist()
+        assert values == [uniform_reference(s, draw) for s in seeds]
+        assert all(0.0 <= v < 1.0 for v in values)
+    assert len({uniform_reference(s, d) for s in range(50) for d in range(50)}) > 2490  # no obvious collisions
+
+
+def test_draws_follow_the_processed_distribution():
+    """Over many seeds, a row's first draw lands on each token as often as its probability says."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(2000, 1)
+    rows = [RequestSampler(sampled(seed=s)) for s in range(2000)]
+    drawn = BatchSampler(rows, "cpu")(logits).next_ids
+    observed = torch.bincount(drawn, minlength=5).float() / len(rows)
+    expected = torch.softmax(logits[0], dim=-1)
+    assert observed[4] == 0  # a filtered token is never drawn
+    assert torch.allclose(observed, expected, atol=0.03)
+
+
+def test_penalty_counts_kept_on_the_device_equal_a_rebuild_from_history():
+    """The sampler counts the tokens it samples in place: its processed logits at every step equal
+    those of a sampler rebuilt from the whole history."""
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.3),
+              sampled(seed=3, presence_penalty=0.8, generated_frequency_penalty=0.4), SamplingParams()]
+    history = [[1, 2, 3], [4, 4], [5]]
+    kept = BatchSampler([RequestSampler(p, prompt_len=len(h)) for p, h in zip(params, history)], "cpu")
+    for step in range(12):
+        logits = make_logits(3, seed=50 + step)
+        fresh = BatchSampler([RequestSampler(p, prompt_len=len(h)) for p, h in zip(params, [[1, 2, 3], [4, 4], [5]])],
+                             "cpu")
+        expected = fresh.process(logits, history)
+        assert torch.allclose(kept.process(logits, history), expected), step
+        tokens = kept(logits, history).next_ids.tolist()
+        history = [h + [t] for h, t in zip(history, tokens)]
+
+
+@pytest.mark.parametrize("vocab", [64, 49152, 1000, 37])
+def test_blocked_argmax_is_the_first_maximum(vocab):
+    from engine.draw import first_argmax
+
+    scores = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    scores[1, :] = 0.0  # all tied: the first
+    scores[2, vocab // 3] = scores[2, vocab - 1] = 50.0  # two maxima in different blocks
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
+
+
+def test_inverse_transform_never_draws_a_weightless_token():
+    from engine.draw import inverse_transform
+
+    probs = torch.zeros(5, 64)
+    probs[0, 0] = 1.0  # only the first
+    probs[1, 63] = 1.0  # only the last (the last block)
+    probs[2, [5, 40]] = torch.tensor([1e-30, 1.0])
+    probs[3, 31:33] = 0.5  # across a block boundary
+    probs[4] = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    for u in (0.0, 0.3, 0.5, 1 - 2**-24):
+        drawn = inverse_transform(probs, torch.full((5,), u))
+        assert (probs.gather(1, drawn[:, None]) > 0).all(), u
+    assert inverse_transform(probs[3:4], torch.tensor([0.49])).item() == 31
+    assert inverse_transform(probs[3:4], torch.tensor([0.51])).item() == 32
+    expected = torch.searchsorted(probs[4].cumsum(0), torch.tensor([0.37]) * probs[4].sum(), right=True)
+    assert inverse_transform(probs[4:5], torch.tensor([0.37])).item() == expected.item()
