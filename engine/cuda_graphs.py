@@ -6,7 +6,7 @@ each; replayed from a graph each costs ~1 µs, so the step stops being bound by 
 One graph per (batch bucket, KV-length bucket), captured at start, largest first, sharing one
 memory pool (as nano-vllm does). Every number a captured kernel sees is either part of that key
 (the batch size, the attended length) or read from a static device buffer (token ids,
-positions): a replay with new values computes with them, never with values from the capture.
+positions, each row's LoRA adapter index): a replay with new values computes with them, never with values from the capture.
 Only steps without a prompt chunk replay (a mixed step is one eager packed forward), so the
 rows past the live batch are all over free slots, which may hold prefix cache: they write at
 the slot's last column, which no request ever writes (a request of `slot_length` positions
@@ -45,7 +45,8 @@ class DecodeGraphs:
         self.lengths = length_buckets(cache.slot_length)
         self.ids = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # [S] static inputs
         self.positions = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)
-        self._staging = torch.zeros((2, cache.slots), dtype=torch.long, pin_memory=True)  # host side of both
+        self.adapters = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # LoRA index per row
+        self._staging = torch.zeros((3, cache.slots), dtype=torch.long, pin_memory=True)  # host side of all three
         self._unused_column = cache.slot_length - 1  # where padding rows write (see the module doc)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
@@ -81,10 +82,13 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
 
     def _step(self, batch: int, length: int) -> torch.Tensor:
-        return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length)
+        adapters = self.adapters[:batch] if self.runner.lora is not None else None
+        return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length, adapters)
 
-    def replay(self, ids: list[int], positions: list[int], length: int) -> torch.Tensor | None:
-        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits."""
+    def replay(self, ids: list[int], positions: list[int], length: int,
+               adapters: list[int] | None = None) -> torch.Tensor | None:
+        """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits.
+        `adapters`: each row's LoRA adapter index (engine/lora.py; 0 or None: none)."""
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
@@ -95,7 +99,11 @@ class DecodeGraphs:
         staging[1].fill_(self._unused_column)
         staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
         staging[1, :rows] = torch.tensor(positions, dtype=torch.long)
+        staging[2].zero_()  # padding rows: no adapter
+        if adapters is not None:
+            staging[2, :rows] = torch.tensor(adapters, dtype=torch.long)
         self.ids.copy_(staging[0], non_blocking=True)
         self.positions.copy_(staging[1], non_blocking=True)
+        self.adapters.copy_(staging[2], non_blocking=True)
         self.graphs[(batch, bucket)].replay()
         return self.outputs[(batch, bucket)][:rows].float()
