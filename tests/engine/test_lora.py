@@ -188,3 +188,20 @@ def test_config_is_checked_against_the_model(base, tiny_model_dir, tmp_path):
             load_adapter("a", directory, model)
     with pytest.raises(AdapterError, match="not a PEFT LoRA adapter directory"):
         load_adapter("a", tmp_path, model)
+
+
+def test_a_prefix_computed_under_one_adapter_is_never_reused_under_another(lora_engine, base, tiny_model_dir,
+                                                                            adapter_dirs):
+    """The same long prompt under alpha, the base, beta, then alpha again: only the second alpha
+    request reads cached KV, and every one gets its own model's tokens."""
+    tokenizer = base[1]
+    text = " ".join(PROMPTS) * 2  # several 16-token blocks
+    ids = tokenizer(text).input_ids
+    references = {None: base[0], **{name: merged_model(tiny_model_dir, d) for name, d in adapter_dirs.items()}}
+    hits = []
+    for n, name in enumerate(["alpha", None, "beta", "alpha"]):
+        before = lora_engine.stats().prefix_hit_tokens
+        got = tokens(lora_engine.submit(req(tokenizer, f"prefix{n}", text, name, max_new_tokens=6)))
+        hits.append(lora_engine.stats().prefix_hit_tokens - before)
+        assert got == greedy(references[name], ids, 6), name
+    assert hits[:3] == [0, 0, 0] and hits[3] >= len(ids) - 1 - 16
