@@ -89,7 +89,7 @@ class Replica:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this thread loads and captures; the engine's loop sets its own
         model = load_model(prepared.directory, device, s.dtype)
-        adapters = load_adapters(s, model)  # checked against the model: a misfit stops the start here
+        adapters = load_adapters(s, model, self.weights)  # checked against the model: a misfit stops the start here
         tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
         config = SchedulerConfig(
             max_batch_size=s.max_batch_size,

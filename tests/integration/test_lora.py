@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import openai
 import pytest
@@ -138,6 +139,39 @@ def test_openai_model_names_an_adapter(lora_service, reference, tiny_model_dir):
         client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}])
     assert refused.value.code == "model_not_found"
     assert f"The models served here: {base}, alpha, beta." in refused.value.message
+
+
+def test_a_replica_on_another_host_gets_the_adapters_from_a_peer(lora_service, adapter_dirs, reference, tmp_path):
+    """A replica on a host without the adapters' files (its paths do not exist there, its host
+    cache is empty) copies them from the first replica's data plane by content hash, into its own
+    host cache, and serves them once the first replica is gone."""
+    host_b = tmp_path / "host-b"
+    env_a = lora_service.env
+    lora_service.env = {**env_a, "WEIGHT_CACHE_DIR": str(host_b), "WEIGHTS_HOST": "127.0.0.2",
+                        "LORA_ADAPTERS": "alpha=/not/on/this/host/alpha,beta=/not/on/this/host/beta"}
+    try:
+        lora_service.start_replica(1)
+    finally:
+        lora_service.env = env_a
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and replica_state(lora_service, 1) != "active":
+        lora_service._check_alive()
+        time.sleep(0.3)
+    assert replica_state(lora_service, 1) == "active", lora_service.logs()
+    for name, directory in adapter_dirs.items():
+        [copy] = [d for d in (host_b / "adapters").iterdir() if d.is_dir() and
+                  (d / "adapter_config.json").read_bytes() == (directory / "adapter_config.json").read_bytes()]
+        assert (copy / "adapter_model.safetensors").read_bytes() == (directory / "adapter_model.safetensors").read_bytes()
+    lora_service.kill_replica(0)
+    response = generate(lora_service, PROMPT, max_new_tokens=10, details=True, adapter_id="alpha")
+    assert response.status_code == 200, response.text
+    ids = ids_of(response.json())
+    assert ids == reference(PROMPT, "alpha")[: len(ids)] and len(ids) >= 3
+
+
+def replica_state(svc, slot: int) -> str | None:
+    replicas = requests.get(f"{svc.base_url}/cluster_state", timeout=30).json()["replicas"]
+    return next((r["state"] for r in replicas if r["slot"] == slot), None)
 
 
 def test_a_replica_whose_adapter_does_not_fit_refuses_to_start(tiny_model_dir, tmp_path):
