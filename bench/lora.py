@@ -10,11 +10,14 @@ prompts arriving together, each generating `--new-tokens`:
 - none: the adapters loaded, no stream using one;
 - half-on-2: 16 streams on the base model, 8 on each of two adapters (interleaved slots);
 - all-on-8: every stream on an adapter, 4 on each of eight;
-- all-on-8 rows: the same, eager steps applying the adapters with the gathered kernel (what
-  CUDA graphs replay) instead of the grouped one: which eager kernel to use, measured.
+- all-on-8 tokens / rows: the same, eager steps applying the adapters with the other kernels
+  (engine/lora.py): a loop over the adapters present, and the per-row gather CUDA graphs replay,
+  instead of the default padded groups: which eager kernel to use, measured.
 Each round runs every configuration on a fresh engine driven from this thread; throughput is
 generated tokens over wall time (prefill included), and the ratios compare each
-configuration's best round with base's (other processes only ever slow a run down).
+configuration's best round with base's (other processes only ever slow a run down). torch runs
+on one thread (`--threads`): on a shared 2-core machine, two OpenMP threads wait on each other
+whenever another process takes a core, and a step's time then swings by 5x.
 Writes bench/results/lora.json.
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from bench.common import default_model_dir, equal_length_prompts, print_table, save
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = ("base", "none", "half-on-2", "all-on-8", "all-on-8 rows")
+CONFIGS = ("base", "none", "half-on-2", "all-on-8", "all-on-8 tokens", "all-on-8 rows")
 
 
 def write_random_adapter(model, directory: Path, rank: int, seed: int) -> Path:
@@ -69,8 +72,8 @@ def measure(model, tokenizer, adapters, config: str, prompts, new_tokens: int) -
                                                       max_total_tokens=256),
                     adapters=[] if config == "base" else adapters)
     try:
-        if config.endswith("rows"):
-            engine.runner.lora.eager_kernel = "rows"
+        if config.endswith(("tokens", "rows")):  # another eager kernel than the default (grouped)
+            engine.runner.lora.eager_kernel = config.rsplit(" ", 1)[1]
         started = time.perf_counter()
         for n, (ids, adapter) in enumerate(zip(prompts, assignment(config, streams))):
             engine.submit(GenerationRequest(f"r{n}", tuple(ids), stopping=StoppingParams(new_tokens, ignore_eos=True),
@@ -92,7 +95,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.new_tokens, args.rounds = 16, 1
     from transformers import AutoTokenizer

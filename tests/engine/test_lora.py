@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from engine.lora import LoraLayers, RowsStep, TokensStep
+from engine.lora import GroupedStep, LoraLayers, RowsStep, TokensStep, adapter_groups
 from engine.lora_files import AdapterError, load_adapter
 from engine.outputs import EngineError
 from engine.params import GenerationRequest, SamplingParams, StoppingParams
@@ -125,14 +125,18 @@ def test_rows_and_tokens_kernels_agree(base, adapter_dirs):
         stacked = layers._stack(module, "model.layers.0.self_attn.q_proj", adapters)
         x = torch.randn(7, module.in_features)
         index = [2, 0, 1, 1, 2, 0, 2]
-        rows_out, tokens_out = torch.zeros(7, module.out_features), torch.zeros(7, module.out_features)
+        rows_out, tokens_out, grouped_out = (torch.zeros(7, module.out_features) for _ in range(3))
+        groups = adapter_groups(index)
+        assert groups == {2: [0, 4, 6], 1: [2, 3]} and GroupedStep.fits(groups)
         RowsStep(torch.tensor(index)).apply(x, rows_out, stacked)
-        TokensStep(index, torch.device("cpu")).apply(x, tokens_out, stacked)
+        TokensStep(groups, torch.device("cpu")).apply(x, tokens_out, stacked)
+        GroupedStep(groups, torch.device("cpu")).apply(x, grouped_out, stacked)  # adapter 1's group padded
         weights = adapters[0].modules["model.layers.0.self_attn.q_proj"]
         by_hand = x[2] @ weights.a.T @ weights.b.T * weights.scale
         torch.testing.assert_close(tokens_out, rows_out)
+        torch.testing.assert_close(grouped_out, rows_out)
         torch.testing.assert_close(tokens_out[2], by_hand)
-        assert tokens_out[1].abs().sum() == 0
+        assert tokens_out[1].abs().sum() == 0 and grouped_out[5].abs().sum() == 0
     finally:
         layers.remove()
 
