@@ -13,9 +13,11 @@ prompts arriving together, each generating `--new-tokens`:
 - all-on-8 tokens / rows: the same, eager steps applying the adapters with the other kernels
   (engine/lora.py): a loop over the adapters present, and the per-row gather CUDA graphs replay,
   instead of the default padded groups: which eager kernel to use, measured.
-Each round runs every configuration on a fresh engine driven from this thread; throughput is
-generated tokens over wall time (prefill included), and the ratios compare each
-configuration's best round with base's (other processes only ever slow a run down). torch runs
+Each round runs every configuration on a fresh engine, all driven from this thread one step
+each in turn, so that other processes on the machine slow them alike; a configuration's
+throughput is its generated tokens over the time of its own steps (prefill included), and the
+ratios compare each configuration's best round with base's. `base` runs on its own copy of the
+model, never hooked. torch runs
 on one thread (`--threads`): on a shared 2-core machine, two OpenMP threads wait on each other
 whenever another process takes a core, and a step's time then swings by 5x.
 Writes bench/results/lora.json.
@@ -62,30 +64,45 @@ def assignment(config: str, streams: int) -> list[str | None]:
     return [f"a{n % 8}" for n in range(streams)]
 
 
-def measure(model, tokenizer, adapters, config: str, prompts, new_tokens: int) -> dict:
+def kernel(config: str) -> str:
+    """The eager kernel a configuration runs (engine/lora.py; `grouped` is the engine's default)."""
+    return config.rsplit(" ", 1)[1] if config.endswith(("tokens", "rows")) else "grouped"
+
+
+def measure_round(models: dict, tokenizer, adapters, prompts, new_tokens: int) -> dict[str, dict]:
+    """Every configuration on its own engine, stepped in turn (one step each, round robin), so
+    that whatever else the machine runs slows them all alike; each one's time is its own steps'."""
     from engine.engine import Engine
+    from engine.lora import LoraLayers
     from engine.params import GenerationRequest, StoppingParams
     from engine.scheduler import SchedulerConfig
 
     streams = len(prompts)
-    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=streams, max_batch_total_tokens=streams * 256,
-                                                      max_total_tokens=256),
-                    adapters=[] if config == "base" else adapters)
-    try:
-        if config.endswith(("tokens", "rows")):  # another eager kernel than the default (grouped)
-            engine.runner.lora.eager_kernel = config.rsplit(" ", 1)[1]
-        started = time.perf_counter()
-        for n, (ids, adapter) in enumerate(zip(prompts, assignment(config, streams))):
+    config = SchedulerConfig(max_batch_size=streams, max_batch_total_tokens=streams * 256, max_total_tokens=256)
+    lora = LoraLayers(models["lora"], adapters)  # one copy of the stacked weights, shared by the LoRA engines
+    engines = {}
+    for name in CONFIGS:
+        engine = Engine(models["base" if name == "base" else "lora"], tokenizer, config)
+        if name != "base":
+            engine.runner.lora, engine.adapter_names = lora, tuple(a.name for a in adapters)
+        for n, (ids, adapter) in enumerate(zip(prompts, assignment(name, streams))):
             engine.submit(GenerationRequest(f"r{n}", tuple(ids), stopping=StoppingParams(new_tokens, ignore_eos=True),
                                             adapter=adapter))
-        while engine.scheduler.has_work or not engine._inbox.empty():
-            engine.step()
-        seconds = time.perf_counter() - started
+        engines[name] = engine
+    seconds = dict.fromkeys(CONFIGS, 0.0)
+    try:
+        while any(e.scheduler.has_work or not e._inbox.empty() for e in engines.values()):
+            for name, engine in engines.items():
+                if engine.scheduler.has_work or not engine._inbox.empty():
+                    lora.eager_kernel = kernel(name)
+                    started = time.perf_counter()
+                    engine.step()
+                    seconds[name] += time.perf_counter() - started
     finally:
-        if engine.runner.lora is not None:
-            engine.runner.lora.remove()
+        lora.remove()
     tokens = streams * new_tokens
-    return {"config": config, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {name: {"config": name, "tokens": tokens, "seconds": seconds[name], "tokens_per_s": tokens / seconds[name]}
+            for name in CONFIGS}
 
 
 def main() -> None:
@@ -107,21 +124,20 @@ def main() -> None:
     from engine.weights import load_model
 
     directory = default_model_dir()
-    model = load_model(directory, torch.device("cpu"), None)
+    models = {"base": load_model(directory, torch.device("cpu"), None),  # never hooked: the reference
+              "lora": load_model(directory, torch.device("cpu"), None)}
     tokenizer = AutoTokenizer.from_pretrained(directory)
     prompts = equal_length_prompts(tokenizer, args.streams, 32)
     rows, results = [], {"streams": args.streams, "new_tokens": args.new_tokens, "prompt_tokens": 32,
                          "rounds": args.rounds, "threads": torch.get_num_threads(), "ranks": {}}
     for rank in (int(r) for r in args.ranks.split(",")):
         with tempfile.TemporaryDirectory() as scratch:
-            adapters = [load_adapter(f"a{k}", write_random_adapter(model, Path(scratch) / f"a{k}", rank, k), model)
-                        for k in range(8)]
+            adapters = [load_adapter(f"a{k}", write_random_adapter(models["lora"], Path(scratch) / f"a{k}", rank, k),
+                                     models["lora"]) for k in range(8)]
         best: dict[str, dict] = {}
         for round_ in range(args.rounds):
-            order = CONFIGS if round_ % 2 == 0 else tuple(reversed(CONFIGS))
-            for config in order:
-                run = measure(model, tokenizer, adapters, config, prompts, args.new_tokens)
-                print(f"rank {rank} round {round_ + 1}: {config:14s} {run['tokens_per_s']:.1f} tokens/s", flush=True)
+            for config, run in measure_round(models, tokenizer, adapters, prompts, args.new_tokens).items():
+                print(f"rank {rank} round {round_ + 1}: {config:15s} {run['tokens_per_s']:.1f} tokens/s", flush=True)
                 if config not in best or run["tokens_per_s"] > best[config]["tokens_per_s"]:
                     best[config] = run
         base = best["base"]["tokens_per_s"]
