@@ -120,3 +120,28 @@ def files_to_download(model_id: str, files: list[str], *, weights: bool, extensi
             "blitzscale downloads safetensors only, as TGI does. Convert them to safetensors, or download "
             f"them anyway with `blitzscale download-weights {model_id} --extension .bin`")
     raise ModelUnavailable(f"model {model_id!r} has no {extension} weights at the top of its repository")
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def ensure_adapter(adapter_id: str, revision: str | None = None) -> Path:
+    """A LoRA adapter's snapshot (PEFT's two files) from the local Hugging Face cache, downloaded
+    when missing, as `ensure_model` does for a model."""
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+
+    try:
+        found = [try_to_load_from_cache(adapter_id, name, revision=revision) for name in ADAPTER_FILES]
+    except ValueError:  # not a valid repository id
+        found = []
+    if found and all(isinstance(path, str) for path in found):
+        return Path(found[0]).parent
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailable(
+            f"LoRA adapter {adapter_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            "HF_HUB_OFFLINE=1 forbids downloading it: give its local directory (`name=path`) or unset HF_HUB_OFFLINE")
+    try:
+        return Path(snapshot_download(adapter_id, revision=revision, allow_patterns=list(ADAPTER_FILES)))
+    except Exception as error:  # the hub's and the network's errors alike: say which adapter failed
+        raise ModelUnavailable(f"could not download LoRA adapter {adapter_id!r} from {constants.ENDPOINT}: "
+                               f"{type(error).__name__}: {error}") from error

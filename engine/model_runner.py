@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from engine.host_transfer import to_device
 from engine.kv_slots import KVGeometry, SlotKVCache
+from engine.lora import LoraLayers
 from engine.scheduler import ScheduledBatch
 from engine.slot_table import SlotCopy
 from engine.slot_attention import (
@@ -55,8 +57,10 @@ def supports_slots(model, slot_length: int) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False):
+    def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False,
+                 lora: LoraLayers | None = None):
         self.model = model
+        self.lora = lora  # the replica's LoRA adapters (engine/lora.py), hooked into the model
         self.device = device
         self.cache = SlotKVCache(KVGeometry.of(model), slots, slot_length, device, growable=device.type != "cuda")
         self._rows = torch.arange(slots, device=device)
@@ -80,31 +84,49 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> StepOutput:
         """Every decode row and every prompt chunk of the step, in one forward."""
+        adapters = self._adapters(batch.decode)
         if not batch.prefill:
-            return StepOutput(self._decode(batch.decode_ids, batch.decode_positions), None, [])
+            return StepOutput(self._decode(batch.decode_ids, batch.decode_positions, adapters), None, [])
         step = PackedStep(batch, self.device)
         self.cache.ensure_capacity(step.columns_needed)
-        logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
+        for i in step.order:  # each chunk's tokens, in packed order, under its request's adapter
+            chunk = step.chunks[i]
+            adapters += self._adapters([chunk.sequence]) * (chunk.end - chunk.start)
+        with self._lora_tokens(adapters):
+            logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
-    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int], adapters: list[int]) -> torch.Tensor:
         """`ids`: host ints, or the previous step's sampled ids still on the device (overlap)."""
         length = max(positions) + 1
         self.cache.ensure_capacity(length)
         if self.graphs is not None:
-            logits = self.graphs.replay(ids, positions, length)
+            logits = self.graphs.replay(ids, positions, length, adapters)
             if logits is not None:
                 return logits
         ids_t = ids if isinstance(ids, torch.Tensor) else to_device(torch.tensor(ids, dtype=torch.long), self.device)
         positions_t = to_device(torch.tensor(positions, dtype=torch.long), self.device)
-        return self.decode_forward(ids_t, positions_t, length).float()
+        with self._lora_tokens(adapters):
+            return self.decode_forward(ids_t, positions_t, length).float()
 
-    def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, length: int,
+                       adapters: torch.Tensor | None = None) -> torch.Tensor:
         """The capturable decode step: device tensors in, logits [B, V] (model dtype) out.
-        Python numbers reaching kernels: B (ids' shape) and `length`, both part of a graph's key."""
+        Python numbers reaching kernels: B (ids' shape) and `length`, both part of a graph's key.
+        `adapters` ([B] long on the device): each row's LoRA adapter index, gathered on the device."""
         rows = ids.shape[0]
         span = DecodeSpan(rows, length, decode_mask(positions, self._columns[:length]))
-        return self._forward(ids, positions, StepPlan(self._rows[:rows], positions, span), 0)
+        with self.lora.rows(adapters) if adapters is not None else nullcontext():
+            return self._forward(ids, positions, StepPlan(self._rows[:rows], positions, span), 0)
+
+    def _adapters(self, sequences) -> list[int]:
+        """Each row's LoRA adapter index (0: none; a padding row has none)."""
+        if self.lora is None:
+            return [0] * len(sequences)
+        return [self.lora.index(s.request.adapter) if s is not None else 0 for s in sequences]
+
+    def _lora_tokens(self, adapters: list[int]):
+        return self.lora.tokens(adapters) if self.lora is not None else nullcontext()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan, keep) -> torch.Tensor:
         """The packed forward: ids and positions [N]; logits [kept, V]."""

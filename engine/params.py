@@ -102,12 +102,19 @@ class GenerationRequest:
     # The prefix cache's namespace: KV is reused only between requests with the same salt (what
     # changes the KV of the same tokens, e.g. a LoRA adapter, belongs here).
     cache_salt: str = ""
+    adapter: str | None = None  # the LoRA adapter it runs under (by name; None: the base model)
 
     def __post_init__(self):
         if not self.input_ids:
             raise ValueError("input_ids cannot be empty")
         if self.top_n_tokens < 0 or self.prefill_top_n_tokens < 0:
             raise ValueError("top_n_tokens and prefill_top_n_tokens must be >= 0")
+
+    @property
+    def cache_namespace(self) -> str:
+        """The prefix cache's key besides the tokens: the salt, and the adapter (an adapter
+        changes every projection, so its KV is never another adapter's or the base model's)."""
+        return self.cache_salt if self.adapter is None else f"{self.cache_salt}\0lora:{self.adapter}"
 
     @property
     def max_total_tokens(self) -> int:

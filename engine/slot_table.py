@@ -46,7 +46,7 @@ class Slot:
     index: int  # its place in the KV cache (moves with compaction)
     owner: Sequence | None = None
     tokens: tuple[int, ...] = ()  # free: the ids whose KV it holds; running: its prompt
-    salt: str = ""  # the cache namespace of its tokens (a LoRA adapter will be one)
+    salt: str = ""  # the cache namespace of its tokens (the request's salt and LoRA adapter)
     hashes: list[int] = field(default_factory=list)  # chained hash of each full block of `tokens`
     used: int = 0  # when it was last written or read as cache (LRU)
 
@@ -119,7 +119,7 @@ class SlotTable:
         request = sequence.request
         if not self.caching:
             return PrefixMatch(None, 0, [])
-        prompt, salt = request.input_ids, request.cache_salt
+        prompt, salt = request.input_ids, request.cache_namespace
         hashes = block_hashes(prompt, salt)
         if request.prefill_logprobs:  # their prompt logprobs are computed, never stored: no reuse
             return PrefixMatch(None, 0, hashes)
@@ -179,7 +179,7 @@ class SlotTable:
                 self._copy(source.index, n, match.length)
         if source is not None:
             source.used = self._tick()
-        self._set(own, tuple(sequence.request.input_ids), sequence.request.cache_salt, match.hashes)
+        self._set(own, tuple(sequence.request.input_ids), sequence.request.cache_namespace, match.hashes)
         own.owner = sequence
         sequence.slot = n
         sequence.kv_len = sequence.cached_len = match.length

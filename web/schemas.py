@@ -77,7 +77,8 @@ class GenerateParametersSchema(Schema):
     top_n_tokens = optional(StrictInteger, "Return the n most likely tokens at each step.")
     grammar = fields.Nested(GrammarSchema, allow_none=True, metadata={
         "description": "Constrain the output to a JSON schema or a regex (the whole output matches)."})
-    adapter_id = optional(fields.String, "LoRA adapter id (ignored).")
+    adapter_id = optional(fields.String, "The LoRA adapter to generate with (one of --lora-adapters, listed in "
+                                         "/info); absent: the base model.")
 
 
 class GenerateRequestSchema(Schema):
@@ -165,6 +166,8 @@ class InfoSchema(Schema):
     version = fields.String()
     sha = fields.String(allow_none=True)
     docker_label = fields.String(allow_none=True)
+    lora_adapters = fields.List(fields.String(), metadata={
+        "description": "The LoRA adapters a request may name in `adapter_id` (--lora-adapters)."})
 
 
 class ErrorResponseSchema(Schema):

@@ -95,6 +95,7 @@ def wire_parameters(parameters: dict) -> dict:
         "top_n_tokens": parameters["top_n_tokens"],
         "decoder_input_details": parameters["decoder_input_details"],
         "grammar": GrammarParameters(grammar["type"], grammar["value"]) if grammar else None,
+        "adapter_id": parameters.get("adapter_id"),
     }
 
 
@@ -150,6 +151,7 @@ def _check_parameters(p: dict, settings: Settings) -> dict:
     top_n_tokens = _default(p, "top_n_tokens", 0)
     if not 0 <= top_n_tokens <= settings.max_top_n_tokens:
         _fail(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {top_n_tokens}")
+    adapter_id = check_adapter(p.get("adapter_id"), settings)
     return {
         "do_sample": sampling,
         "temperature": float(temperature),
@@ -167,7 +169,20 @@ def _check_parameters(p: dict, settings: Settings) -> dict:
         "top_n_tokens": top_n_tokens,
         "return_full_text": None,  # resolved by the caller, which knows the route's default
         "watermark": bool(p.get("watermark")),
+        "adapter_id": adapter_id,
     }
+
+
+def check_adapter(adapter_id: str | None, settings: Settings) -> str | None:
+    """TGI's `adapter_id`: one of `--lora-adapters`, or none (absent, empty, or the base model's
+    name). Anything else is refused: silently answering with the base model would look right."""
+    if adapter_id in (None, "", settings.served_model, settings.model_id):
+        return None
+    names = settings.adapter_names
+    if adapter_id not in names:
+        served = ", ".join(names) if names else "none (the service was started without --lora-adapters)"
+        _fail(f"`adapter_id` {adapter_id!r} is not a LoRA adapter of this service; its adapters: {served}")
+    return adapter_id
 
 
 def check_truncate(truncate: int | None, settings: Settings) -> int | None:

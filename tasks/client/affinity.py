@@ -63,11 +63,12 @@ class PrefixAffinity:
         self.redis = connection
         self.enabled = enabled
 
-    def route(self, input_ids: list[int], records: dict[str, dict]) -> Routing:
-        """The replica that served the deepest prefix of this prompt and accepts work, if any."""
+    def route(self, input_ids: list[int], records: dict[str, dict], salt: str = "") -> Routing:
+        """The replica that served the deepest prefix of this prompt and accepts work, if any.
+        `salt`: what else its KV depends on (the LoRA adapter), as the replica's cache keys it."""
         if not self.enabled:
             return Routing()
-        keys = prefix_keys(input_ids)
+        keys = prefix_keys(input_ids, salt)
         if not keys:
             return Routing()
         served = self.redis.mget([affinity_key(k) for k in keys])

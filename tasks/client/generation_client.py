@@ -69,7 +69,8 @@ class GenerationClient:
             confirmation = pubsub.get_message(timeout=5)
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
-            routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval))
+            routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
+                                          salt=job.adapter_id or "")
             self._send(job, routing.replica)
         except (redis.RedisError, OSError) as error:
             pubsub.close()

@@ -62,6 +62,7 @@ class ReplicaWeights:
         self.sha: str | None = None
         self.state = STARTING
         self.transfer: dict | None = None
+        self.adapters: dict[str, str] = {}  # LoRA adapters served too: name -> content hash (adapter_weights.py)
         self._holding = None
         self._fetcher: ChunkFetcher | None = None
         self._lock = threading.Lock()
@@ -89,7 +90,7 @@ class ReplicaWeights:
         """What the replica's record advertises (and /cluster_state shows)."""
         holding = self._holding
         weights = {"addr": self.server.address if self.server else None, "sha": self.sha, "state": self.state,
-                   "sent_bytes": holding.sent_bytes if holding is not None else 0}
+                   "sent_bytes": holding.sent_bytes if holding is not None else 0, "adapters": dict(self.adapters)}
         with self._lock:
             transfer = dict(self.transfer) if self.transfer else None
         if transfer and transfer["state"] == FETCHING:

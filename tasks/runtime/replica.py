@@ -76,6 +76,7 @@ class Replica:
         from engine.scheduler import SchedulerConfig
         from engine.watermark import Watermark
         from engine.weights import PreparedWeights, load_model, prepare_gguf
+        from tasks.runtime.adapters import load_adapters
 
         s = self.settings
         started = time.perf_counter()
@@ -88,6 +89,7 @@ class Replica:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # this thread loads and captures; the engine's loop sets its own
         model = load_model(prepared.directory, device, s.dtype)
+        adapters = load_adapters(s, model, self.weights)  # checked against the model: a misfit stops the start here
         tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
         config = SchedulerConfig(
             max_batch_size=s.max_batch_size,
@@ -103,7 +105,8 @@ class Replica:
         )
         self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
                              cuda_graphs=s.cuda_graphs,
-                             watermark=Watermark(s.watermark_gamma, s.watermark_delta)).start()
+                             watermark=Watermark(s.watermark_gamma, s.watermark_delta),
+                             adapters=adapters).start()
         stats = self.engine.stats()
         self.facts = {
             "model_id": s.model_id,
@@ -118,6 +121,7 @@ class Replica:
             "kv_slots": stats.kv_slots,
             "cuda_graphs": stats.cuda_graphs,
             "graph_capture_seconds": round(stats.graph_capture_seconds, 3),
+            "lora_adapters": [adapter.name for adapter in adapters],
         }
         log.info("replica %s loaded %s on %s in %.1f s (%s)", self.name, s.model_id, device,
                  self.facts["load_seconds"], prepared.source)
@@ -201,7 +205,12 @@ def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
         name = getattr(sender, "hostname", None) or f"replica{slot}@{settings.host}"
         _replica = Replica(settings, slot, name, worker=sender,
                            shutdown=lambda worker: app.control.shutdown(destination=[worker]))
-        _replica.start()
+        try:
+            _replica.start()
+        except Exception as error:  # e.g. a LoRA adapter that does not fit: refuse to start, saying why
+            log.error("replica %s cannot start: %s", name, error, exc_info=not isinstance(error, ValueError))
+            _replica.stop()
+            raise SystemExit(3) from error  # not an Exception: Celery's signal dispatch lets it end the worker
 
     def stop(**_):
         if _replica is not None:

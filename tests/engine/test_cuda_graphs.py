@@ -157,3 +157,35 @@ def test_the_anchor_replays_give_the_tokens_of_generate_on_cuda():
                               device="cuda"), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert run.tokens == expected[:, 6:].tolist()
     assert run.capture_seconds > 0 and run.decode_seconds > 0
+
+
+def test_graph_replay_with_lora_adapters_gives_the_eager_tokens():
+    """Rows on two LoRA adapters and on none, replayed from graphs (each row's adapter index in
+    the graphs' static buffer, the gathered kernel), give the tokens of the eager grouped steps."""
+    from engine.lora_files import LoraAdapter, LoraWeights
+
+    model = build_on_cuda()
+    generator = torch.Generator().manual_seed(5)
+    adapters = []
+    for name in ("a", "b"):
+        modules = {}
+        for module_name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module_name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "down_proj"):
+                modules[module_name] = LoraWeights(torch.randn(8, module.in_features, generator=generator) * 0.3,
+                                                   torch.randn(module.out_features, 8, generator=generator) * 0.3, 2.0)
+        adapters.append(LoraAdapter(name, modules))
+    names = [None, "a", "b", "a", None, "b", "b"]
+    lora_requests = [GenerationRequest(f"l{n}", tuple(PROMPTS[n % 4]), stopping=StoppingParams(16 + 3 * n, ignore_eos=True),
+                                       adapter=names[n]) for n in range(7)]
+    results = {}
+    for graphs in (False, True):
+        engine = Engine(model, IdTokenizer(), SchedulerConfig(max_batch_size=8, max_total_tokens=512),
+                        cuda_graphs=graphs, adapters=adapters).start()
+        try:
+            streams = [engine.submit(r) for r in lora_requests]
+            results[graphs] = [[e.token.id for e in s] for s in streams]
+            assert (engine.stats().cuda_graphs > 0) == graphs
+        finally:
+            engine.stop()
+            engine.runner.lora.remove()
+    assert results[True] == results[False]

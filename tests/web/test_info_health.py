@@ -13,6 +13,7 @@ INFO_FIELDS = [
     "max_best_of", "max_stop_sequences", "max_input_tokens", "max_total_tokens", "waiting_served_ratio",
     "max_batch_total_tokens", "max_waiting_tokens", "max_batch_size", "validation_workers", "max_client_batch_size",
     "router", "version", "sha", "docker_label",
+    "lora_adapters",  # ours, after TGI's: the names `adapter_id` may take (--lora-adapters)
 ]
 HEALTH_ROUTES = ["/health", "/ping", "/"]
 

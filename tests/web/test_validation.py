@@ -12,7 +12,7 @@ SETTINGS = Settings(model_id="unused", max_input_tokens=10, max_total_tokens=20)
 JOB_PARAMETERS = {
     "do_sample", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "seed",
     "max_new_tokens", "stop", "best_of", "details", "decoder_input_details", "top_n_tokens", "return_full_text",
-    "watermark", "grammar",
+    "watermark", "grammar", "adapter_id",
 }
 
 
@@ -104,7 +104,7 @@ def test_job_parameters_are_resolved():
         "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "typical_p": None,
         "repetition_penalty": 1.0, "frequency_penalty": 0.0, "seed": None, "max_new_tokens": 18, "stop": [],
         "best_of": 1, "details": False, "decoder_input_details": False, "top_n_tokens": 0,
-        "return_full_text": False, "watermark": False, "grammar": None,
+        "return_full_text": False, "watermark": False, "grammar": None, "adapter_id": None,
     }
     assert valid.job.input_ids == [5, 5] and valid.job.request_id and valid.job.stream is False
 
@@ -159,3 +159,15 @@ def test_a_valid_grammar_goes_into_the_job_in_one_shape(grammar, job_grammar):
 def test_an_invalid_grammar_is_a_validation_error(grammar, reason):
     message = error_of(grammar=grammar)
     assert message.startswith(PREFIX + "grammar is not valid: ") and reason in message, message
+
+
+def test_adapter_id_names_a_lora_adapter_or_the_base_model():
+    settings = Settings(model_id="/models/tiny", lora_adapters="support=/srv/support,legal=/srv/legal")
+    assert validate(settings=settings, adapter_id="legal").job.adapter_id == "legal"
+    for base in (None, "", "tiny", "/models/tiny"):
+        assert validate(settings=settings, adapter_id=base).job.adapter_id is None
+    with pytest.raises(ValidationError, match="`adapter_id` 'sales' is not a LoRA adapter of this service; "
+                                              "its adapters: support, legal"):
+        validate(settings=settings, adapter_id="sales")
+    with pytest.raises(ValidationError, match="its adapters: none"):  # no longer silently ignored
+        validate(adapter_id="support")

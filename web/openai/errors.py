@@ -51,8 +51,10 @@ class OpenAIError(ValidationError):
 
 
 class ModelNotFound(OpenAIError):
-    def __init__(self, model: str):
-        super().__init__(f"The model `{model}` does not exist.", param="model", code="model_not_found", status=404)
+    def __init__(self, model: str, served: list[str] | None = None):
+        known = f" The models served here: {', '.join(served)}." if served else ""
+        super().__init__(f"The model `{model}` does not exist.{known}", param="model", code="model_not_found",
+                         status=404)
 
 
 def context_length_exceeded(error: ContextLengthError, requested: int | None, route: str) -> OpenAIError:

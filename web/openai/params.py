@@ -19,6 +19,7 @@ from web.chat_template import ChatTemplate
 from web.errors import ValidationError
 from web.openai.errors import OpenAIError
 from web.openai.messages import template_messages
+from web.openai.models import adapter_for
 from web.openai.prompts import Prompt, completion_prompts
 from web.openai.tools import structured_output, template_tools
 from web.tokenizer import TokenCounter
@@ -131,6 +132,7 @@ def _sampling(body: dict, settings: Settings, vocab_size: int, max_tokens: int |
         raise ValidationError("`top_p` must be >= 0.0 and <= 1.0", param="top_p")
     greedy = temperature == 0
     parameters = {
+        "adapter_id": adapter_for(body.get("model"), settings),  # `model` names a LoRA adapter, or the base
         "do_sample": not greedy,  # OpenAI samples unless temperature is 0
         "temperature": None if greedy else temperature,
         "top_p": None if greedy or top_p in (0.0, 1.0) else top_p,

@@ -298,6 +298,7 @@ class ModelSchema(Schema):
     created = fields.Integer(required=True)
     owned_by = fields.String(required=True)
     max_model_len = fields.Integer()
+    parent = fields.String(allow_none=True, metadata={"description": "A LoRA adapter's base model"})
 
 
 class ModelListSchema(Schema):

@@ -37,4 +37,5 @@ def info():
         "version": common.__version__,
         "sha": None,
         "docker_label": None,
+        "lora_adapters": list(s.adapter_names),
     }

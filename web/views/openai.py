@@ -8,9 +8,8 @@ from flask import jsonify
 
 from web.auth import require_api_key
 from web.json_body import StrictBlueprint
-from web.openai.errors import ModelNotFound
 from web.openai.generation import EVENT_STREAM, respond
-from web.openai.models import model_object
+from web.openai.models import find_model, model_objects
 from web.openai.params import chat_plan, completion_plan
 from web.openai.schemas import (
     OPENAI_ERRORS,
@@ -79,19 +78,16 @@ def completions(body):
 
 
 @public.route("/v1/models", methods=["GET"])
-@public.response(200, ModelListSchema, description="The one model this service serves")
+@public.response(200, ModelListSchema, description="The base model, then each LoRA adapter (parent: the base)")
 def models():
-    """The served model (OpenAI's API)"""
-    return {"object": "list", "data": [model_object(current_service().settings)]}
+    """The served models (OpenAI's API)"""
+    return {"object": "list", "data": model_objects(current_service().settings)}
 
 
 @public.route("/v1/models/<path:model>", methods=["GET"])
 @public.response(200, ModelSchema, description="The served model")
 @openai_errors(public, (404,))
 def model(model: str):
-    """One model, by its id: the served model name (OpenAI's API)"""
-    settings = current_service().settings
-    if model != settings.served_model:
-        raise ModelNotFound(model)
-    return model_object(settings)
+    """One model, by its id: the served model name or a LoRA adapter's (OpenAI's API)"""
+    return find_model(model, current_service().settings)
 
