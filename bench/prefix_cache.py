@@ -13,7 +13,8 @@ configurations run their torch ops on the same thread):
 Each round runs a workload with the cache on and off, in alternating order (on/off, then off/on),
 on fresh engines; the ratios compare each configuration's best round for each metric (other
 processes on the machine only ever slow a run down; bench.batching keeps its best too), and for
-unrelated also the sum of each step's fastest round (`best_steps_s`). Then `affinity`
+unrelated also the sum of each step's fastest round (`best_steps_s`) and, the steadiest measure
+on a shared machine, both engines stepped in turn in lockstep (`lockstep_unrelated`). Then `affinity`
 (bench/prefix_affinity.py): two replicas behind the real service, 8 conversations x 4 turns, the
 cache hit rate of turns 2-4 with the web's prefix affinity and without. First, the prefix
 index's lookup alone against a scan of every slot (bench/prefix_lookup.py).
@@ -189,6 +190,31 @@ def unrelated(driver: Driver, tokenizer, args) -> None:
 WORKLOADS = {"shared": shared_prompt, "chat": chat, "unrelated": unrelated}
 
 
+def lockstep_unrelated(model, tokenizer, args) -> dict:
+    """The unrelated workload on two engines at once, cache on and off, stepped in turn (which
+    goes first alternates) so that whatever else the machine runs weighs on both alike: the same
+    steps, with the same batches, timed side by side. The cost of the cache at a 0% hit rate."""
+    drivers = {"on": Driver(model, tokenizer, True, args.prefill_tokens),
+               "off": Driver(model, tokenizer, False, args.prefill_tokens)}
+    for driver in drivers.values():
+        for n in range(args.requests):
+            text = f"{n} {TOPICS[n % 8]}: " + document(TOPICS[(n + 3) % 8], args.unrelated_tokens, tokenizer)
+            driver.submit(f"u{n}", tuple(tokenizer(text).input_ids), args.unrelated_new_tokens + (n * 29) % 64 - 32)
+    seconds, steps = {"on": 0.0, "off": 0.0}, 0
+    while any(d.engine.scheduler.has_work or not d.engine._inbox.empty() for d in drivers.values()):
+        for name in (("on", "off") if steps % 2 == 0 else ("off", "on")):
+            engine = drivers[name].engine
+            if engine.scheduler.has_work or not engine._inbox.empty():
+                started = time.perf_counter()
+                engine.step()
+                seconds[name] += time.perf_counter() - started
+        steps += 1
+    tokens = {name: sum(len(t) for t in d.run.tokens.values()) for name, d in drivers.items()}
+    assert tokens["on"] == tokens["off"], tokens
+    return {"steps": steps, "tokens": tokens["on"], "seconds_on": seconds["on"], "seconds_off": seconds["off"],
+            "off_over_on": seconds["off"] / seconds["on"]}
+
+
 def measure(model, tokenizer, workload: str, caching: bool, args) -> dict:
     driver = Driver(model, tokenizer, caching, args.prefill_tokens)
     cpu_started = time.process_time()
@@ -260,6 +286,16 @@ def main() -> None:
                        "ttft_p99_s", "ttft_turns_2_4_p50_s", "hit_tokens", "miss_tokens", "lookup_us_per_request",
                        "cpu_ms_per_token", "best_steps_s"])
     ratios = verdicts(rows)
+    lockstep = []
+    if "unrelated" in args.workloads:
+        for r in range(args.rounds):
+            lockstep.append(lockstep_unrelated(model, tokenizer, args))
+            print(f"  unrelated in lockstep, round {r + 1}: cache on {lockstep[-1]['seconds_on']:.2f} s, "
+                  f"off {lockstep[-1]['seconds_off']:.2f} s", flush=True)
+        best = min(lockstep, key=lambda m: m["seconds_on"] + m["seconds_off"])  # the quietest round
+        ratios["unrelated lockstep time off/on"] = best["off_over_on"]
+        print(f"{'unrelated lockstep time off/on':28s} {best['off_over_on']:7.2f}  (quietest round; target >= 0.97: "
+              f"{'meets' if best['off_over_on'] >= 0.97 else 'MISSES'})")
     affinity = None
     if "affinity" in args.workloads:
         affinity = measure_affinity(args.conversations, args.turns)
@@ -267,9 +303,10 @@ def main() -> None:
               f"{affinity['hit_rate_with_affinity']:.0%} with prefix affinity, "
               f"{affinity['hit_rate_without_affinity']:.0%} without")
     results = {"device_name": f"{os.cpu_count()}-core CPU", "args": vars(args), "rows": rows, "rounds": rounds,
-               "ratios": ratios, "affinity": affinity, "lookup": lookups, "load_average": os.getloadavg(),
+               "lockstep_unrelated": lockstep, "ratios": ratios, "affinity": affinity, "lookup": lookups, "load_average": os.getloadavg(),
                "seconds": time.perf_counter() - started}
-    print(f"results: {save('prefix_cache' + ('-quick' if args.quick else ''), results)}")
+    partial = "" if set(args.workloads) == {*WORKLOADS, "affinity"} else "-" + "-".join(args.workloads)
+    print(f"results: {save('prefix_cache' + partial + ('-quick' if args.quick else ''), results)}")
 
 
 def verdicts(rows: list[dict]) -> dict:
