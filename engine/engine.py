@@ -358,6 +358,7 @@ class Engine:
         for sequence in self.scheduler.release_finished():
             if sequence.status is SequenceStatus.FINISHED:
                 sequence.stream.end()  # cancelled and failed ones ended when they failed
+        self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)  # what is left
 
     # ---- cancellation and failure -----------------------------------------------------------
     def _take_inbox(self) -> None:

@@ -38,3 +38,15 @@ def test_a_failed_step_counts_but_is_not_a_success(model_and_tokenizer):
     assert value(metrics, "tgi_batch_inference_success_total", "decode") == 2 + 3
     assert value(metrics, "tgi_batch_inference_count_total", "prefill") == 2
     assert value(metrics, "tgi_batch_inference_success_total", "prefill") == 2
+
+
+def test_the_batch_gauges_read_zero_once_every_request_has_ended(model_and_tokenizer):
+    """What Prometheus sees of an idle replica: no batch, no KV tokens (not the last step's rows)."""
+    model, tokenizer = model_and_tokenizer
+    metrics = EngineMetrics(replica="r0")
+    engine = Engine(model, tokenizer, SchedulerConfig(), metrics)  # stepped here: nothing runs after the last step
+    streams = [engine.submit(request(tokenizer, f"r{n}", "Hello", max_new_tokens=3 + n)) for n in range(3)]
+    while engine.scheduler.has_work or not engine._inbox.empty():
+        engine.step()
+    assert [len(list(s)) for s in streams] == [3, 4, 5]
+    assert metrics.registry.get_sample_value("tgi_batch_current_size", {"replica": "r0"}) == 0
