@@ -20,15 +20,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def service(tiny_model_dir, tmp_path_factory):
     """Web (gunicorn) + one replica worker + Redis, serving the tiny model."""
     workdir = tmp_path_factory.mktemp("service")
-    svc = Service(
-        str(tiny_model_dir), workdir,
-        env={"XDG_CACHE_HOME": str(workdir / "cache"), "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024"},
-    )
-    try:
-        svc.start()
+    with Service(str(tiny_model_dir), workdir, env={
+            "XDG_CACHE_HOME": str(workdir / "cache"), "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024"}).running() as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -74,6 +76,18 @@ class Service:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"service not healthy in {timeout} s; logs:\n{self.logs()}")
+
+    @contextmanager
+    def running(self, active_replicas: int = 0) -> Iterator["Service"]:
+        """Started (and, with `active_replicas`, that many replicas active); stopped at the end,
+        whatever happened (a fixture's `with Service(...).running() as svc: yield svc`)."""
+        try:
+            self.start()
+            if active_replicas:
+                self.wait_for_replicas(active_replicas)
+            yield self
+        finally:
+            self.stop()
 
     def wait_for_replicas(self, count: int, timeout: float = 60) -> None:
         """Until `count` replicas are active, as /cluster_state shows them."""

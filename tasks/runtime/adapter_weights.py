@@ -13,19 +13,17 @@ Every replica then serves its adapters' entries on its data plane and advertises
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 from common import hub
 from common.adapters import AdapterSpec
 from common.hub import ADAPTER_FILES, ModelUnavailable
-from tasks.runtime.peer_weights import ReplicaWeights
+from tasks.runtime.peer_weights import ReplicaWeights, entry_lock
 from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
 from tasks.weights.manifest import cached_manifest
 from tasks.weights.sources import live_records
@@ -60,7 +58,7 @@ class AdapterWeights:
         if source is not None:
             sha = adapter_sha(source)
             entry = self._entry(sha)
-            with _lock(entry):
+            with entry_lock(entry):
                 if not entry.is_dir():
                     _copy(source, entry)
         else:
@@ -84,7 +82,7 @@ class AdapterWeights:
         sha = holders[0]["weights"]["adapters"][spec.name]
         sources = [Source(r["name"], r["weights"]["addr"]) for r in holders if r["weights"]["adapters"][spec.name] == sha]
         entry = self._entry(sha)
-        with _lock(entry):
+        with entry_lock(entry):
             if not entry.is_dir():
                 self._fetch(spec, sha, sources, entry)
         return sha, entry
@@ -131,7 +129,7 @@ class AdapterWeights:
 
     def _remember(self, name: str, sha: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with _lock(self.root / NAMES_FILE):
+        with entry_lock(self.root / NAMES_FILE):
             names = {**self._remembered(), name: sha}
             tmp = self.root / f"{NAMES_FILE}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(names))
@@ -156,15 +154,3 @@ def _copy(source: Path, entry: Path) -> None:
     for name in ADAPTER_FILES:
         shutil.copyfile(source / name, staging / name)
     os.replace(staging, entry)
-
-
-@contextmanager
-def _lock(path: Path):
-    """One writer per entry per host (the same kind of lock the model's entries take)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -145,7 +145,7 @@ class ReplicaWeights:
     def _from_peers(self, entry: Path, started: float) -> Obtained | None:
         chooser = PeerChooser(self.redis, self.sha, self.name, planned_sources(self.redis, self.slot),
                               self.settings.weights_peer_wait)
-        with _entry_lock(entry):
+        with entry_lock(entry):
             if model_files.entry_complete(entry):  # another replica of this host copied it meanwhile
                 self._serve(entry, writable=True)
                 return Obtained(entry, "host-cache", time.perf_counter() - started)
@@ -234,8 +234,9 @@ def sweep_staging(entry: Path) -> None:
 
 
 @contextmanager
-def _entry_lock(entry: Path):
-    """The lock that GGUF conversion takes too (engine.weights): one writer per entry per host."""
+def entry_lock(entry: Path):
+    """The lock that GGUF conversion takes too (engine.weights): one writer per entry per host
+    (a model's entry, an adapter's, or the adapters' name index)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     with open(entry.with_name(entry.name + ".lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

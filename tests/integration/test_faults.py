@@ -32,13 +32,8 @@ def fault_service(tiny_model_dir, tmp_path_factory, name: str, replicas: int) ->
 
 @pytest.fixture(scope="module")
 def two_replicas(tiny_model_dir, tmp_path_factory):
-    svc = fault_service(tiny_model_dir, tmp_path_factory, "faults", replicas=2)
-    try:
-        svc.start()
-        svc.wait_for_replicas(2)
+    with fault_service(tiny_model_dir, tmp_path_factory, "faults", replicas=2).running(active_replicas=2) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def records(svc: Service) -> dict[str, dict]:

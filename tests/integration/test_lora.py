@@ -29,14 +29,10 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
 def lora_service(tiny_model_dir, adapter_dirs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora-service")
     adapters = ",".join(f"{name}={path}" for name, path in adapter_dirs.items())
-    svc = Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"),
-                                                     "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024",
-                                                     "LORA_ADAPTERS": adapters})
-    try:
-        svc.start()
+    with Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"),
+                                                    "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024",
+                                                    "LORA_ADAPTERS": adapters}).running() as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")

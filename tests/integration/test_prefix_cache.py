@@ -30,24 +30,17 @@ SYSTEM = " ".join(f"Rule {n}: a queue, a worker and a stream of tokens meet in t
 def cached(tiny_model_dir, tmp_path_factory):
     """Two replicas with prefix caching (the default) and affinity."""
     workdir = tmp_path_factory.mktemp("prefix-cached")
-    svc = Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"), **LIMITS}, replicas=2)
-    try:
-        svc.start()
-        svc.wait_for_replicas(2)
+    with Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"), **LIMITS},
+                 replicas=2).running(active_replicas=2) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")
 def uncached(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prefix-uncached")
-    svc = Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"),
-                                                     "PREFIX_CACHING": "false", **LIMITS})
-    try:
-        yield svc.start()
-    finally:
-        svc.stop()
+    with Service(str(tiny_model_dir), workdir, env={"XDG_CACHE_HOME": str(workdir / "cache"),
+                                                    "PREFIX_CACHING": "false", **LIMITS}).running() as svc:
+        yield svc
 
 
 def client(base_url: str) -> openai.OpenAI:
