@@ -7,12 +7,13 @@ import random
 import time
 from types import SimpleNamespace
 
+from engine.params import GenerationRequest
 from engine.slot_table import SlotTable
 
 
 def _sequence(ids: list[int]) -> SimpleNamespace:
     """What the table reads of a request."""
-    request = SimpleNamespace(input_ids=tuple(ids), cache_salt="", prefill_logprobs=False)
+    request = GenerationRequest("lookup", tuple(ids))
     return SimpleNamespace(request=request, kv_len=0, prompt_len=len(ids), token_ids=list(ids), slot=None,
                            cached_len=0)
 
