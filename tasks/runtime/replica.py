@@ -24,7 +24,6 @@ from redis.retry import Retry
 from common import hub, model_files
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
-from engine.metrics import EngineMetrics
 from tasks.runtime.lifecycle import Lifecycle
 from tasks.runtime.peer_weights import ReplicaWeights
 from tasks.runtime.stream_relay import StreamRelay
@@ -67,51 +66,28 @@ class Replica:
         self.loaded = True  # the lifecycle thread publishes the next state (active or standby)
 
     def load(self) -> None:
-        # torch and the engine's modules that use it: imported when the model loads, so that
-        # importing the replica runtime (the CLI, Celery's tools) stays light.
-        import torch
-        from transformers import AutoTokenizer
-
-        from engine.engine import Engine
-        from engine.scheduler import SchedulerConfig
-        from engine.watermark import Watermark
-        from engine.weights import PreparedWeights, load_model, prepare_gguf
-        from tasks.runtime.adapters import load_adapters
+        # The only torch-using module of the runtime, imported when the model loads: importing the
+        # replica runtime (the CLI, Celery's tools) stays light (tasks/runtime/engine_builder.py).
+        from tasks.runtime.engine_builder import build_engine, prepare_weights
 
         s = self.settings
         started = time.perf_counter()
         hub.ensure_model(s.model_id, s.revision)  # a hub model missing here: downloaded first
         source = model_files.resolve(s)
         target = model_files.prepared_dir(s, source)
-        prepared = self.weights.obtain(source, lambda: prepare_gguf(source.path, target) if source.is_gguf
-                                       else PreparedWeights(target, "directory", 0.0))
-        device = torch.device(s.device or (f"cuda:{self.slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # this thread loads and captures; the engine's loop sets its own
-        model = load_model(prepared.directory, device, s.dtype)
-        adapters = load_adapters(s, model, self.weights)  # checked against the model: a misfit stops the start here
-        tokenizer = AutoTokenizer.from_pretrained(prepared.directory)
-        config = SchedulerConfig(
-            max_batch_size=s.max_batch_size,
-            max_batch_total_tokens=s.max_batch_total_tokens,
-            max_batch_prefill_tokens=s.max_batch_prefill_tokens,
-            max_total_tokens=s.max_total_tokens,
-            prefix_caching=s.prefix_caching,
-        )
+        prepared = self.weights.obtain(source, lambda: prepare_weights(source, target))
         self.relay = StreamRelay(
             _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
             alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),
             stall_after=s.replica_silence_timeout, give_up_after=s.replica_silence_timeout,
         )
-        self.engine = Engine(model, tokenizer, config, EngineMetrics(replica=self.name), step_listener=self.relay.on_step,
-                             cuda_graphs=s.cuda_graphs,
-                             watermark=Watermark(s.watermark_gamma, s.watermark_delta),
-                             adapters=adapters).start()
+        built = build_engine(s, self.slot, prepared.directory, self.weights, self.name, self.relay.on_step)
+        self.engine, device, adapters = built.engine, built.device, built.adapters
         stats = self.engine.stats()
         self.facts = {
             "model_id": s.model_id,
             "model_sha": source.sha,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": built.dtype,
             "device": s.device_name or str(device),  # as the agent names the place; the process sees `torch_device`
             "torch_device": str(device),
             "device_type": device.type,
