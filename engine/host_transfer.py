@@ -20,6 +20,11 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def device_longs(values, device: torch.device) -> torch.Tensor:
+    """Host ints as a long tensor on `device`, copied without a host-side wait."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
 class Fence:
     """Marks the work queued so far; `wait` blocks until the device has done it."""
 

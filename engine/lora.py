@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 
+from engine.host_transfer import device_longs
 from engine.lora_files import LoraAdapter
 
 
@@ -68,7 +69,7 @@ class TokensStep:
         for adapter, rows in positions.items():
             contiguous = rows[-1] - rows[0] + 1 == len(rows)
             self.groups.append((adapter, slice(rows[0], rows[-1] + 1) if contiguous
-                                else torch.tensor(rows, dtype=torch.long, device=device)))
+                                else device_longs(rows, device)))
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, p: Projection) -> None:
         for adapter, rows in self.groups:
@@ -94,10 +95,10 @@ class GroupedStep:
             kept += range(k * size, k * size + len(rows))
             targets += rows
         self.shape = (len(groups), size)
-        self.adapters = torch.tensor(list(groups), dtype=torch.long, device=device)
-        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
-        self.kept = None if len(kept) == len(gather) else torch.tensor(kept, dtype=torch.long, device=device)
-        self.targets = torch.tensor(targets, dtype=torch.long, device=device)
+        self.adapters = device_longs(list(groups), device)
+        self.gather = device_longs(gather, device)
+        self.kept = None if len(kept) == len(gather) else device_longs(kept, device)
+        self.targets = device_longs(targets, device)
 
     @staticmethod
     def fits(groups: dict[int, list[int]]) -> bool:
@@ -154,7 +155,7 @@ class LoraLayers:
         if not groups:
             self.step = None
         elif self.eager_kernel == "rows":
-            self.step = RowsStep(torch.tensor(token_adapters, dtype=torch.long, device=self.device))
+            self.step = RowsStep(device_longs(token_adapters, self.device))
         elif self.eager_kernel == "grouped" and GroupedStep.fits(groups):
             self.step = GroupedStep(groups, self.device)
         else:

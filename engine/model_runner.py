@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.host_transfer import to_device
+from engine.host_transfer import device_longs
 from engine.kv_slots import KVGeometry, SlotKVCache
 from engine.lora import LoraLayers
 from engine.scheduler import ScheduledBatch
@@ -104,8 +104,8 @@ class ModelRunner:
             logits = self.graphs.replay(ids, positions, length, adapters)
             if logits is not None:
                 return logits
-        ids_t = ids if isinstance(ids, torch.Tensor) else to_device(torch.tensor(ids, dtype=torch.long), self.device)
-        positions_t = to_device(torch.tensor(positions, dtype=torch.long), self.device)
+        ids_t = ids if isinstance(ids, torch.Tensor) else device_longs(ids, self.device)
+        positions_t = device_longs(positions, self.device)
         with self._lora_tokens(adapters):
             return self.decode_forward(ids_t, positions_t, length).float()
 
@@ -175,7 +175,7 @@ class PackedStep:
             else:
                 keep.append(offset + chunk.end - chunk.start - 1)
         # One host tensor, one pinned non-blocking copy: the host never waits for its inputs.
-        packed = to_device(torch.tensor(ids + positions + slots + keep, dtype=torch.long), device)
+        packed = device_longs(ids + positions + slots + keep, device)
         self.ids, self.positions, self.slots, self.keep = packed.split([len(ids)] * 3 + [len(keep)])
 
     def plan(self, columns: torch.Tensor) -> StepPlan:

@@ -2,7 +2,7 @@
 
 As in TGI's "heterogeneous" processors, every setting becomes one tensor for the whole batch
 (`# [B, 1]`), built only when some row needs that processor, so a greedy-only batch pays for
-one softmax and one argmax. A `BatchSampler` is rebuilt whenever the batch composition
+one pass over the vocabulary (`engine.draw.summarize`). A `BatchSampler` is rebuilt whenever the batch composition
 changes (its settings reach the device in one copy); between rebuilds it keeps, on the device,
 what it needs from step to step (the penalties' token counts, each row's draw number), updated
 in place from the tokens it samples, so a step needs nothing from the host.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.draw import first_argmax, inverse_transform
+from engine.draw import VocabSummary, draw, first_argmax, summarize
 from engine.grammar import GrammarMatcher, allocate_bitmask, apply_token_bitmask, fill_bitmasks
 from engine.host_transfer import to_device
 from engine.params import SamplingParams
@@ -84,6 +84,10 @@ class BatchSampler:
         self._counts: Tensor | None = None  # [B, V] every row's prompt + output, once a penalty needs it
         self._generated: Tensor | None = None  # [B, V] its output only
         self._row_index = torch.arange(len(self.rows), device=self.device)
+        # Top-p and typical-p read the tempered distribution; without them the temperature is
+        # applied in the summary pass (top-k keeps the same tokens at any positive scale).
+        defer = self.temperature is not None and self.top_p is None and self.typical_p is None
+        self._inverse_temperature = 1 / self.temperature if defer else None  # [B, 1]
 
     def _stage(self, params: list[SamplingParams]) -> None:
         """Each setting some row needs, as a host column; the sampled rows' seeds and counters."""
@@ -186,6 +190,12 @@ class BatchSampler:
         """The logits [B, V] after every row's watermark, bias, penalties and (sampled rows only) warpers.
         `history` (each row's prompt + generated ids) is read the first time penalties need it;
         after that the sampler counts the tokens it samples itself."""
+        logits, scale = self._process(logits, history)
+        return logits if scale is None else logits * scale
+
+    def _process(self, logits: Tensor, history: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor | None]:
+        """`process`, less the temperature when no later warper needs it: (logits, 1 / temperature
+        [B, 1] or None). The summary pass applies it then, saving a pass over the vocabulary."""
         if self.watermarked_rows:  # seeded by each row's previous token (its prompt's last, at first)
             logits = self.watermark.apply(logits, self._watermarked_index,
                                           [history[i][-1] for i in self.watermarked_rows])
@@ -197,31 +207,28 @@ class BatchSampler:
             logits = self._constrain(logits)
         if self.sampled_rows:
             logits = self._warp(logits)
-        return logits
+        return logits.contiguous(), self._inverse_temperature
 
     def __call__(
         self, logits: Tensor, history: Sequence[Sequence[int]] = (), top_n: int = 0
     ) -> SampleOutput:
         """`logits` [B, V] float32; `history` holds each row's prompt + generated ids (read once)."""
-        logits = self.process(logits, history)
-        # One pass over the vocabulary for the probabilities. The log-normalizer comes from the
-        # best token, whose probability (>= 1/V) never underflows: logprob = logit - normalizer.
-        probs = torch.softmax(logits, dim=-1)  # [B, V]
-        normalizer = (logits.amax(dim=-1) - probs.amax(dim=-1).log()).unsqueeze(1)  # [B, 1]
-        next_ids = None if self._all_sampled else first_argmax(logits)  # [B]
+        logits, scale = self._process(logits, history)
+        # One pass over the vocabulary (engine/draw.py): enough for argmax, draws and logprobs.
+        summary = summarize(logits, scale)
+        next_ids = None if self._all_sampled else first_argmax(logits, summary.block_max)  # [B]
         if self.sampled_rows:
-            next_ids = self._draw(probs, next_ids)
-        chosen = (logits.gather(1, next_ids.unsqueeze(1)) - normalizer).squeeze(1)  # [B]
+            next_ids = self._draw(summary, next_ids)
+        chosen = summary.log_probability(logits.gather(1, next_ids.unsqueeze(1))).squeeze(1)  # [B]
         self._count(next_ids)
         if top_n == 0:
             return SampleOutput(next_ids, chosen)
-        top_values, top_ids = logits.topk(top_n, dim=-1)  # [B, top_n]
-        return SampleOutput(next_ids, chosen, top_ids, top_values - normalizer)
+        top_values, top_ids = logits.topk(top_n, dim=-1)  # [B, top_n]; a positive scale keeps the order
+        return SampleOutput(next_ids, chosen, top_ids, summary.log_probability(top_values))
 
-    def _draw(self, probs: Tensor, next_ids: Tensor | None) -> Tensor:
+    def _draw(self, summary: VocabSummary, next_ids: Tensor | None) -> Tensor:
         """The sampled rows' tokens by inverse transform of their counter-based uniforms."""
-        rows = probs if self._all_sampled else probs.index_select(0, self._sampled_index)  # [S, V]
-        drawn = inverse_transform(rows, uniform(self._seed_low, self._seed_high, self._draws))
+        drawn = draw(summary, self._sampled_index, uniform(self._seed_low, self._seed_high, self._draws))
         self._draws.add_(1)
         for i in self.sampled_rows:  # the host's copy of each counter, for the next rebuild
             self.rows[i].draws += 1
@@ -267,7 +274,7 @@ class BatchSampler:
         return apply_token_bitmask(logits, self._bitmask, self._grammar_index)
 
     def _warp(self, logits: Tensor) -> Tensor:
-        if self.temperature is not None:
+        if self.temperature is not None and self._inverse_temperature is None:
             logits = logits / self.temperature
         if self.top_k is not None:
             logits = top_k_filter(logits, self.top_k, self.top_k_on, self.largest_top_k)

@@ -374,8 +374,8 @@ def test_blocked_argmax_is_the_first_maximum(vocab):
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
 
 
-def test_inverse_transform_never_draws_a_weightless_token():
-    from engine.draw import inverse_transform
+def test_a_draw_never_lands_on_a_weightless_token():
+    from engine.draw import draw, summarize
 
     probs = torch.zeros(5, 64)
     probs[0, 0] = 1.0  # only the first
@@ -383,10 +383,42 @@ def test_inverse_transform_never_draws_a_weightless_token():
     probs[2, [5, 40]] = torch.tensor([1e-30, 1.0])
     probs[3, 31:33] = 0.5  # across a block boundary
     probs[4] = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    summary = summarize(probs.log())  # weights exp(log p - max): p up to a factor per row
+    rows = torch.arange(5)
     for u in (0.0, 0.3, 0.5, 1 - 2**-24):
-        drawn = inverse_transform(probs, torch.full((5,), u))
+        drawn = draw(summary, rows, torch.full((5,), u))
         assert (probs.gather(1, drawn[:, None]) > 0).all(), u
-    assert inverse_transform(probs[3:4], torch.tensor([0.49])).item() == 31
-    assert inverse_transform(probs[3:4], torch.tensor([0.51])).item() == 32
+    assert draw(summary, torch.tensor([3]), torch.tensor([0.49])).item() == 31
+    assert draw(summary, torch.tensor([3]), torch.tensor([0.51])).item() == 32
     expected = torch.searchsorted(probs[4].cumsum(0), torch.tensor([0.37]) * probs[4].sum(), right=True)
-    assert inverse_transform(probs[4:5], torch.tensor([0.37])).item() == expected.item()
+    assert draw(summary, torch.tensor([4]), torch.tensor([0.37])).item() == expected.item()
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_the_summary_pass_gives_log_softmax_and_argmax_over_many_row_chunks(vocab):
+    """The CPU pass works a few rows at a time: 40 rows of 49k span several chunks."""
+    from engine.draw import first_argmax, summarize
+
+    scores = torch.randn(40, vocab, generator=torch.Generator().manual_seed(1)) * 4
+    scale = torch.linspace(0.5, 2.0, 40).unsqueeze(1)
+    for row_scale in (None, scale):
+        summary = summarize(scores, row_scale)
+        expected = torch.log_softmax(scores if row_scale is None else scores * row_scale, dim=-1)
+        assert torch.allclose(summary.log_probability(scores), expected, atol=1e-4)
+        assert torch.equal(first_argmax(scores, summary.block_max), scores.argmax(dim=-1))
+
+
+def test_a_deferred_temperature_draws_what_the_tempered_logits_draw():
+    """Without top-p/typical-p the temperature is applied in the summary pass, not to the logits:
+    the same tokens and logprobs as tempering first."""
+    from engine.draw import draw, summarize
+
+    scores = torch.randn(6, 4096, generator=torch.Generator().manual_seed(2)) * 3
+    temperature = torch.tensor([0.3, 0.7, 1.0, 1.3, 2.0, 5.0]).unsqueeze(1)
+    rows, uniforms = torch.arange(6), torch.rand(6, generator=torch.Generator().manual_seed(3))
+    deferred, tempered = summarize(scores, 1 / temperature), summarize(scores / temperature)
+    ids = draw(deferred, rows, uniforms)
+    assert torch.equal(ids, draw(tempered, rows, uniforms))
+    picked = scores.gather(1, ids[:, None])
+    assert torch.allclose(deferred.log_probability(picked), tempered.log_probability(picked / temperature),
+                          atol=1e-5)
