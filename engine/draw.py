@@ -60,9 +60,10 @@ class VocabSummary:
 
 
 def _weights(values: Tensor, row_max: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
-    if scale is None:
-        return torch.sub(values, row_max, out=out).exp_()
-    return torch.addcmul(-row_max * scale, values, scale, out=out).exp_()
+    shifted = torch.sub(values, row_max, out=out)
+    if scale is not None:
+        shifted.mul_(scale)  # (a CPU's addcmul with [B, 1] operands is 3x slower than sub + mul)
+    return shifted.exp_()
 
 
 def summarize(scores: Tensor, scale: Tensor | None = None) -> VocabSummary:
