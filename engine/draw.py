@@ -45,14 +45,12 @@ class VocabSummary:
         rows, width = self.block_max.shape
         return self.scores.view(rows, width, -1)
 
-    def log_probability(self, values: Tensor, rows: Tensor | None = None) -> Tensor:
-        """log softmax(scale · scores) at scores `values` [B, k] (of `rows` only, when given)."""
-        row_max, scale, total = self.row_max, self.scale, self.block_weight.sum(dim=-1, keepdim=True)
-        if rows is not None:
-            row_max, total = row_max[rows], total[rows]
-            scale = None if scale is None else scale[rows]
-        shifted = values - row_max
-        return (shifted if scale is None else shifted * scale) - total.log()
+    def log_probability(self, values: Tensor) -> Tensor:
+        """log softmax(scale · scores) at scores `values` [B, k]."""
+        shifted = values - self.row_max
+        if self.scale is not None:
+            shifted = shifted * self.scale
+        return shifted - self.block_weight.sum(dim=-1, keepdim=True).log()
 
     def weights(self, values: Tensor, rows: Tensor) -> Tensor:
         """exp(scale · (values − row_max)) for `values` [S, k] of `rows` [S], as `summarize` computes them."""
@@ -67,7 +65,8 @@ def _weights(values: Tensor, row_max: Tensor, scale: Tensor | None, out: Tensor 
 
 
 def summarize(scores: Tensor, scale: Tensor | None = None) -> VocabSummary:
-    """The blocks' maxima and weights of `scores` [B, V] (contiguous) under `scale` [B, 1] > 0."""
+    """The blocks' maxima and weights of `scores` [B, V] under `scale` [B, 1] > 0."""
+    scores = scores.contiguous()  # viewed in blocks
     rows, vocab = scores.shape
     block = vocab_block(vocab)
     width = vocab // block
