@@ -53,7 +53,8 @@ class VocabSummary:
         return shifted - self.block_weight.sum(dim=-1, keepdim=True).log()
 
     def weights(self, values: Tensor, rows: Tensor) -> Tensor:
-        """exp(scale · (values − row_max)) for `values` [S, k] of `rows` [S], as `summarize` computes them."""
+        """exp(scale · (values − row_max)) for `values` [S, k] of `rows` [S], computed as
+        `summarize` computes them."""
         return _weights(values, self.row_max[rows], None if self.scale is None else self.scale[rows])
 
 

@@ -2,10 +2,10 @@
 
 As in TGI's "heterogeneous" processors, every setting becomes one tensor for the whole batch
 (`# [B, 1]`), built only when some row needs that processor, so a greedy-only batch pays for
-one pass over the vocabulary (`engine.draw.summarize`). A `BatchSampler` is rebuilt whenever the batch composition
-changes (its settings reach the device in one copy); between rebuilds it keeps, on the device,
-what it needs from step to step (the penalties' token counts, each row's draw number), updated
-in place from the tokens it samples, so a step needs nothing from the host.
+one pass over the vocabulary (`engine.draw.summarize`). A `BatchSampler` is rebuilt whenever
+the batch composition changes (its settings reach the device in one copy); between rebuilds it
+keeps, on the device, what it needs from step to step (the penalties' token counts, each row's
+draw number), updated in place from the tokens it samples, so a step needs nothing from the host.
 
 Sampled rows draw by inverse transform, all rows in one set of kernels (`engine.draw`): the
 row's k-th token is the first whose cumulative probability exceeds `uniform(seed, k)`, a
