@@ -15,6 +15,8 @@ from engine.params import SamplingParams
 from engine.sampling import BatchSampler, RequestSampler
 
 VOCAB = 64
+# The summary pass runs in row chunks on a CPU and as one chunk on a GPU (scripts/gpu_check.sh).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def make_logits(rows: int, seed: int = 0) -> torch.Tensor:
@@ -374,7 +376,8 @@ def test_blocked_argmax_is_the_first_maximum(vocab):
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
 
 
-def test_a_draw_never_lands_on_a_weightless_token():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_draw_never_lands_on_a_weightless_token(device):
     from engine.draw import draw, summarize
 
     probs = torch.zeros(5, 64)
@@ -383,24 +386,29 @@ def test_a_draw_never_lands_on_a_weightless_token():
     probs[2, [5, 40]] = torch.tensor([1e-30, 1.0])
     probs[3, 31:33] = 0.5  # across a block boundary
     probs[4] = torch.rand(64, generator=torch.Generator().manual_seed(0))
-    summary = summarize(probs.log())  # weights exp(log p - max): p up to a factor per row
-    rows = torch.arange(5)
+    summary = summarize(probs.log().to(device))  # weights exp(log p - max): p up to a factor per row
+
+    def drawn(rows: list[int], u: float) -> list[int]:
+        as_tensor = torch.tensor(rows, device=device)
+        return draw(summary, as_tensor, torch.full((len(rows),), u, device=device)).tolist()
+
     for u in (0.0, 0.3, 0.5, 1 - 2**-24):
-        drawn = draw(summary, rows, torch.full((5,), u))
-        assert (probs.gather(1, drawn[:, None]) > 0).all(), u
-    assert draw(summary, torch.tensor([3]), torch.tensor([0.49])).item() == 31
-    assert draw(summary, torch.tensor([3]), torch.tensor([0.51])).item() == 32
+        ids = drawn([0, 1, 2, 3, 4], u)
+        assert all(probs[row, token] > 0 for row, token in enumerate(ids)), u
+    assert drawn([3], 0.49) == [31]
+    assert drawn([3], 0.51) == [32]
     expected = torch.searchsorted(probs[4].cumsum(0), torch.tensor([0.37]) * probs[4].sum(), right=True)
-    assert draw(summary, torch.tensor([4]), torch.tensor([0.37])).item() == expected.item()
+    assert drawn([4], 0.37) == expected.tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", [49152, 1000, 37])
-def test_the_summary_pass_gives_log_softmax_and_argmax_over_many_row_chunks(vocab):
-    """The CPU pass works a few rows at a time: 40 rows of 49k span several chunks."""
+def test_the_summary_pass_gives_log_softmax_and_argmax_over_many_row_chunks(vocab, device):
+    """The CPU pass works a few rows at a time: 40 rows of 49k span several chunks (one on a GPU)."""
     from engine.draw import first_argmax, summarize
 
-    scores = torch.randn(40, vocab, generator=torch.Generator().manual_seed(1)) * 4
-    scale = torch.linspace(0.5, 2.0, 40).unsqueeze(1)
+    scores = (torch.randn(40, vocab, generator=torch.Generator().manual_seed(1)) * 4).to(device)
+    scale = torch.linspace(0.5, 2.0, 40, device=device).unsqueeze(1)
     for row_scale in (None, scale):
         summary = summarize(scores, row_scale)
         expected = torch.log_softmax(scores if row_scale is None else scores * row_scale, dim=-1)
