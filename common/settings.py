@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 from common.adapters import AdapterSpec, parse_lora_adapters
@@ -138,14 +139,15 @@ class Settings:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
             raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
-        parse_lora_adapters(self.lora_adapters, (self.served_model,))  # a malformed list stops the start
+        self.adapters  # parsed now: a malformed list stops the start
 
-    @property
+    @cached_property
     def adapters(self) -> list[AdapterSpec]:
-        """The LoRA adapters of `--lora-adapters`, in order."""
+        """The LoRA adapters of `--lora-adapters`, in order (parsed once: the web reads their
+        names on every request that names one)."""
         return parse_lora_adapters(self.lora_adapters, (self.served_model,))
 
-    @property
+    @cached_property
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.adapters)
 

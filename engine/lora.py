@@ -128,7 +128,7 @@ class LoraLayers:
         self.rank = max(adapter.rank for adapter in adapters)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.step: RowsStep | TokensStep | None = None  # what the hooks apply during a forward
+        self.step: RowsStep | GroupedStep | TokensStep | None = None  # what the hooks apply during a forward
         self._hooks = []
         for module_name in sorted({m for adapter in adapters for m in adapter.modules}):
             module = model.get_submodule(module_name)

@@ -89,14 +89,16 @@ class ModelRunner:
             return StepOutput(self._decode(batch.decode_ids, batch.decode_positions, adapters), None, [])
         step = PackedStep(batch, self.device)
         self.cache.ensure_capacity(step.columns_needed)
-        for i in step.order:  # each chunk's tokens, in packed order, under its request's adapter
-            chunk = step.chunks[i]
-            adapters += self._adapters([chunk.sequence]) * (chunk.end - chunk.start)
+        if adapters is not None:
+            for i in step.order:  # each chunk's tokens, in packed order, under its request's adapter
+                chunk = step.chunks[i]
+                adapters += self._adapters([chunk.sequence]) * (chunk.end - chunk.start)
         with self._lora_tokens(adapters):
             logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
-    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int], adapters: list[int]) -> torch.Tensor:
+    def _decode(self, ids: list[int] | torch.Tensor, positions: list[int],
+                adapters: list[int] | None) -> torch.Tensor:
         """`ids`: host ints, or the previous step's sampled ids still on the device (overlap)."""
         length = max(positions) + 1
         self.cache.ensure_capacity(length)
@@ -119,14 +121,14 @@ class ModelRunner:
         with self.lora.rows(adapters) if adapters is not None else nullcontext():
             return self._forward(ids, positions, StepPlan(self._rows[:rows], positions, span), 0)
 
-    def _adapters(self, sequences) -> list[int]:
-        """Each row's LoRA adapter index (0: none; a padding row has none)."""
+    def _adapters(self, sequences) -> list[int] | None:
+        """Each row's LoRA adapter index (0: none; a padding row has none); None without adapters."""
         if self.lora is None:
-            return [0] * len(sequences)
+            return None
         return [self.lora.index(s.request.adapter) if s is not None else 0 for s in sequences]
 
-    def _lora_tokens(self, adapters: list[int]):
-        return self.lora.tokens(adapters) if self.lora is not None else nullcontext()
+    def _lora_tokens(self, adapters: list[int] | None):
+        return self.lora.tokens(adapters) if adapters is not None else nullcontext()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan, keep) -> torch.Tensor:
         """The packed forward: ids and positions [N]; logits [kept, V]."""

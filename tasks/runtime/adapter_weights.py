@@ -23,7 +23,7 @@ from pathlib import Path
 from common import hub
 from common.adapters import AdapterSpec
 from common.hub import ADAPTER_FILES, ModelUnavailable
-from tasks.runtime.peer_weights import ReplicaWeights, entry_lock
+from tasks.runtime.peer_weights import ReplicaWeights, entry_lock, sweep_staging
 from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
 from tasks.weights.manifest import cached_manifest
 from tasks.weights.sources import live_records
@@ -101,8 +101,7 @@ class AdapterWeights:
                 excluded.add(source.name)
         else:
             raise AdapterUnavailable(f"LoRA adapter {spec.name!r}: no live replica could send it")
-        staging = entry.with_name(f"{entry.name}.staging-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = _staging(entry)
         try:
             stats = ChunkFetcher(manifest, staging, self.weights.secret, self.weights.settings.weights_parallel).run(
                 lambda failed: choose(failed | excluded))
@@ -147,9 +146,15 @@ def _local_source(spec: AdapterSpec) -> Path | None:
         return None
 
 
+def _staging(entry: Path) -> Path:
+    """Where `entry` is written before it is renamed into place (under the entry's lock), with
+    what a process that died left there swept first."""
+    sweep_staging(entry)
+    return entry.with_name(f"{entry.name}.staging-{os.getpid()}")
+
+
 def _copy(source: Path, entry: Path) -> None:
-    staging = entry.with_name(f"{entry.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging(entry)
     staging.mkdir(parents=True)
     for name in ADAPTER_FILES:
         shutil.copyfile(source / name, staging / name)
