@@ -103,6 +103,9 @@ class Job:
     best_of: int = 1  # TGI's best_of: samples with derived_seed(sampling.seed, n); the best one wins
     top_n_tokens: int = 0
     decoder_input_details: bool = False  # the prompt tokens' logprobs in the details
+    # Whether anything the client gets shows or ranks by each generated token's logprob (TGI's
+    # details and stream tokens, best_of, OpenAI's logprobs): the replica skips it otherwise.
+    token_logprobs: bool = True
     prefill_top_n_tokens: int = 0  # with decoder_input_details: each prompt token's likeliest alternatives
     grammar: GrammarParameters | None = None
     adapter_id: str | None = None  # the LoRA adapter it runs under (a name of --lora-adapters); None: the base model

@@ -295,7 +295,7 @@ class Engine:
             self._sampler_rows = rows
         return self._sampler
 
-    def _emit(self, sequences: list[Sequence], ids: list[int], logprobs: list[float],
+    def _emit(self, sequences: list[Sequence], ids: list[int], logprobs: list[float] | None,
               top_ids: list[list[int]] | None, top_logprobs: list[list[float]] | None) -> list[TokenEvent]:
         """One event per row; a row that finished at the step before (it ran one step ahead) is skipped."""
         events = []
@@ -311,7 +311,8 @@ class Engine:
                 n = sequence.request.top_n_tokens
                 top = [self._token(i, lp) for i, lp in zip(top_ids[row][:n], top_logprobs[row][:n])]
             prefill, prefill_top = self._prefill_details(sequence)
-            events.append(sequence.append(Token(token_id, shown, logprobs[row], special), "" if special else text, top,
+            logprob = logprobs[row] if logprobs is not None and sequence.request.token_logprobs else None
+            events.append(sequence.append(Token(token_id, shown, logprob, special), "" if special else text, top,
                                           prefill, prefill_top))
         return events
 

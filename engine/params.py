@@ -94,6 +94,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=lambda: StoppingParams(max_new_tokens=20))
     top_n_tokens: int = 0
+    # Each generated token's logprob (its Token.logprob; None when False: a greedy batch whose
+    # rows all say so skips the pass over the vocabulary that computes it).
+    token_logprobs: bool = True
     # TGI's decoder_input_details: every prompt token's logprob. A request with it needs the
     # logits of every prompt position, so none of its prompt may be skipped (say, by a prefix cache).
     prefill_logprobs: bool = False

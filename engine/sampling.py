@@ -40,20 +40,23 @@ FILTERED = -float("inf")
 
 class RequestSampler:
     """One request's sampling state: its settings, how many tokens it has drawn (the counter
-    its seeded numbers are keyed by), and its grammar's matcher when the output is constrained."""
+    its seeded numbers are keyed by), its grammar's matcher when the output is constrained, and
+    whether its tokens' logprobs are wanted."""
 
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu",
-                 grammar: GrammarMatcher | None = None, prompt_len: int = 0):
+                 grammar: GrammarMatcher | None = None, prompt_len: int = 0, logprobs: bool = True):
         self.params = params
         self.grammar = grammar
         self.prompt_len = prompt_len  # where its history's generated tokens begin
+        self.logprobs = logprobs
         self.draws = 0  # tokens drawn so far
 
 
 @dataclass
 class SampleOutput:
     next_ids: Tensor  # [B] long
-    logprobs: Tensor  # [B] float: log-softmax of the chosen token under the processed logits
+    logprobs: Tensor | None  # [B] float: log-softmax of the chosen token under the processed logits
+    # (None when no row wants it: a greedy batch then skips the softmax)
     top_ids: Tensor | None = None  # [B, top_n] long, None when top_n == 0
     top_logprobs: Tensor | None = None  # [B, top_n] float
 
@@ -80,6 +83,7 @@ class BatchSampler:
         self.largest_top_k = max((p.top_k or 0 for p in params if not p.is_greedy), default=0)
         self.logit_bias = self._sparse_bias([p.logit_bias for p in params])
         self._all_sampled = len(self.sampled_rows) == len(self.rows)
+        self._argmax_only = not self.sampled_rows and not any(row.logprobs for row in self.rows)
         self._bitmask: Tensor | None = None
         self._counts: Tensor | None = None  # [B, V] every row's prompt + output, once a penalty needs it
         self._generated: Tensor | None = None  # [B, V] its output only
@@ -214,9 +218,13 @@ class BatchSampler:
     ) -> SampleOutput:
         """`logits` [B, V] float32; `history` holds each row's prompt + generated ids (read once)."""
         logits, scale = self._process(logits, history)
+        if self._argmax_only and top_n == 0:  # greedy rows whose logprobs nobody reads
+            next_ids = first_argmax(logits)
+            self._count(next_ids)
+            return SampleOutput(next_ids, None)
         # One pass over the vocabulary (engine/draw.py): enough for argmax, draws and logprobs.
-        summary = summarize(logits, scale)
-        next_ids = None if self._all_sampled else first_argmax(logits, summary.block_max)  # [B]
+        summary = summarize(logits, scale, block_weights=bool(self.sampled_rows))
+        next_ids = None if self._all_sampled else summary.argmax  # [B]
         if self.sampled_rows:
             next_ids = self._draw(summary, next_ids)
         chosen = summary.log_probability(logits.gather(1, next_ids.unsqueeze(1))).squeeze(1)  # [B]

@@ -86,7 +86,8 @@ class Sequence:
         self.arrived_at = time.monotonic()
         # Compiled here, on the submitter's thread (cached by the grammar's hash), never on the loop.
         self.grammar = grammar_matcher(request.grammar, tokenizer, eos_token_ids) if request.grammar else None
-        self.sampler = RequestSampler(request.sampling, device, self.grammar, prompt_len=len(request.input_ids))
+        self.sampler = RequestSampler(request.sampling, device, self.grammar, prompt_len=len(request.input_ids),
+                                      logprobs=request.token_logprobs)
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
         self.stop_checker = StopChecker(request.stopping, eos_token_ids)
         self.token_ids: list[int] = list(request.input_ids)  # prompt + generated (penalties read it)

@@ -70,7 +70,11 @@ def validate_request(
     parameters["grammar"] = check_grammar(p.get("grammar"))
     full_text = p.get("return_full_text")
     parameters["return_full_text"] = full_text_default if full_text is None else full_text
-    job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, stream=stream, **wire_parameters(parameters))
+    # The tokens' logprobs are shown in a stream's tokens and in the details (which
+    # decoder_input_details also returns, as TGI's do), and rank best_of's candidates.
+    shown = stream or parameters["details"] or parameters["decoder_input_details"] or parameters["best_of"] > 1
+    job = Job(request_id=uuid.uuid4().hex, input_ids=input_ids, stream=stream, token_logprobs=shown,
+              **wire_parameters(parameters))
     return ValidRequest(job=job, inputs=inputs, input_length=len(input_ids), parameters=parameters)
 
 

@@ -49,6 +49,7 @@ def _request(job: Job, request_id: str, sampling: SamplingParameters) -> Generat
         stopping=StoppingParams(max_new_tokens=job.stopping.max_new_tokens,
                                 stop_sequences=tuple(job.stopping.stop_sequences)),
         top_n_tokens=job.top_n_tokens,
+        token_logprobs=job.token_logprobs,
         prefill_logprobs=job.decoder_input_details,
         prefill_top_n_tokens=job.prefill_top_n_tokens,
         grammar=Grammar(job.grammar.kind, job.grammar.value) if job.grammar else None,

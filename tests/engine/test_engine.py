@@ -99,6 +99,29 @@ def test_mixed_batch_gives_each_greedy_request_what_it_gets_alone(engine, tiny_r
         assert results[f"{n}:{text}"] == alone[text], text
 
 
+def test_token_logprobs_nobody_reads_are_none_and_change_no_token(engine, tiny_reference):
+    """Rows whose logprobs the client never sees (`token_logprobs=False`) get the same tokens,
+    alone or beside rows that want them; only the rows that want them carry numbers."""
+    import dataclasses
+
+    tokenizer = tiny_reference.tokenizer
+    wanted = [request(tokenizer, f"w{n}", text, 8) for n, text in enumerate(PROMPTS)]
+    unread = [dataclasses.replace(request(tokenizer, f"u{n}", text, 8), token_logprobs=False)
+              for n, text in enumerate(PROMPTS)]
+    alone = {r.request_id: list(engine.submit(r)) for r in wanted}
+    streams = [engine.submit(r) for pair in zip(wanted, unread) for r in pair]  # one batch, both kinds
+    together = {r.request_id: list(stream) for r, stream in zip([r for p in zip(wanted, unread) for r in p], streams)}
+    for n, text in enumerate(PROMPTS):
+        assert token_ids(together[f"u{n}"]) == token_ids(together[f"w{n}"]) == tiny_reference(text, 8)
+        assert all(e.token.logprob is None for e in together[f"u{n}"])
+        assert [e.token.logprob for e in together[f"w{n}"]] == pytest.approx(
+            [e.token.logprob for e in alone[f"w{n}"]], abs=1e-4)
+    only_unread = [engine.submit(dataclasses.replace(r, request_id=r.request_id + "x")) for r in unread]
+    for text, stream in zip(PROMPTS, only_unread):
+        events = list(stream)
+        assert token_ids(events) == tiny_reference(text, 8) and all(e.token.logprob is None for e in events)
+
+
 def test_same_seed_same_tokens_alone_or_in_a_batch(engine, tiny_reference):
     tokenizer = tiny_reference.tokenizer
     sampled = dict(do_sample=True, seed=1234, temperature=0.9, top_p=0.9)

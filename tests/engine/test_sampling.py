@@ -59,6 +59,19 @@ def test_greedy_only_batch_builds_no_settings_and_takes_argmax():
     assert out.top_ids is None and out.top_logprobs is None
 
 
+def test_a_greedy_batch_whose_logprobs_nobody_reads_takes_the_argmax_alone():
+    logits = make_logits(4, seed=7)
+    unread = BatchSampler([RequestSampler(SamplingParams(), logprobs=False) for _ in range(4)], "cpu")
+    out = unread(logits)
+    assert torch.equal(out.next_ids, logits.argmax(dim=-1)) and out.logprobs is None
+    one_reads = BatchSampler([RequestSampler(SamplingParams(), logprobs=n == 2) for n in range(4)], "cpu")
+    out = one_reads(logits)
+    assert torch.equal(out.next_ids, logits.argmax(dim=-1))
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, dim=-1).amax(dim=-1))
+    top = unread(logits, top_n=2)  # alternatives come with their logprobs
+    assert torch.allclose(top.top_logprobs, torch.log_softmax(logits, dim=-1).topk(2).values)
+
+
 def test_temperature_per_row():
     temperatures = [0.5, 1.0, 2.0, 0.7]
     params = [sampled(temperature=t) for t in temperatures] + [SamplingParams(temperature=0.3)]
@@ -188,23 +201,24 @@ def test_greedy_rows_take_argmax_of_penalized_logits():
     assert out.next_ids.tolist() == [5]
 
 
-def draw_sequence(params: SamplingParams, others: list[SamplingParams], steps: int = 30) -> list:
+def draw_sequence(params: SamplingParams, others: list[SamplingParams], steps: int = 30, device="cpu") -> list:
     """The row's tokens over `steps` steps, placed after `others` in the batch."""
-    sampler = batch(others + [params])
+    sampler = BatchSampler([RequestSampler(p) for p in others + [params]], device)
     tokens = []
     for step in range(steps):
         logits = make_logits(len(others) + 1, seed=100 + step)
         logits[-1] = make_logits(1, seed=step)[0]  # the row sees the same logits every run
-        tokens.append(sampler(logits).next_ids[-1].item())
+        tokens.append(sampler(logits.to(device)).next_ids[-1].item())
     return tokens
 
 
-def test_same_seed_same_tokens_alone_or_in_any_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_tokens_alone_or_in_any_batch(device):
     params = sampled(seed=1234, temperature=1.3, top_k=30)
-    alone = draw_sequence(params, [])
-    others = [sampled(seed=7), SamplingParams(), sampled(seed=8, top_p=0.5)]
-    assert draw_sequence(params, others) == alone
-    assert draw_sequence(params, others[::-1]) == alone
+    alone = draw_sequence(params, [], device=device)
+    others = [sampled(seed=7), SamplingParams(), sampled(seed=8, top_p=0.5)] + [sampled(seed=n) for n in range(40)]
+    assert draw_sequence(params, others[:3], device=device) == alone
+    assert draw_sequence(params, others[::-1], device=device) == alone  # 44 rows: several CPU chunks
 
 
 def test_different_seeds_give_different_tokens():
@@ -405,7 +419,7 @@ def test_a_draw_never_lands_on_a_weightless_token(device):
 @pytest.mark.parametrize("vocab", [49152, 1000, 37])
 def test_the_summary_pass_gives_log_softmax_and_argmax_over_many_row_chunks(vocab, device):
     """The CPU pass works a few rows at a time: 40 rows of 49k span several chunks (one on a GPU)."""
-    from engine.draw import first_argmax, summarize
+    from engine.draw import summarize
 
     scores = (torch.randn(40, vocab, generator=torch.Generator().manual_seed(1)) * 4).to(device)
     scale = torch.linspace(0.5, 2.0, 40, device=device).unsqueeze(1)
@@ -413,7 +427,7 @@ def test_the_summary_pass_gives_log_softmax_and_argmax_over_many_row_chunks(voca
         summary = summarize(scores, row_scale)
         expected = torch.log_softmax(scores if row_scale is None else scores * row_scale, dim=-1)
         assert torch.allclose(summary.log_probability(scores), expected, atol=1e-4)
-        assert torch.equal(first_argmax(scores, summary.block_max), scores.argmax(dim=-1))
+        assert torch.equal(summary.argmax, scores.argmax(dim=-1))
 
 
 def test_a_deferred_temperature_draws_what_the_tempered_logits_draw():

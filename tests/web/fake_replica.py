@@ -30,8 +30,9 @@ def register_replica(redis_url: str, slot: int = 0, state: str = "active", **fie
     redis.Redis.from_url(redis_url).set(replica_key(name), json.dumps(record), ex=60)
 
 
-def token(index: int, text: str, top_n: int = 0) -> StreamEvent:
-    tok = {"id": index + 10, "text": text, "logprob": -0.5, "special": False}
+def token(index: int, text: str, top_n: int = 0, logprob: bool = True) -> StreamEvent:
+    """A token event; `logprob` False: the job said nothing shows it, so a replica sends None."""
+    tok = {"id": index + 10, "text": text, "logprob": -0.5 if logprob else None, "special": False}
     top = [{"id": index + 10 + k, "text": text, "logprob": -0.5 - k, "special": False} for k in range(top_n)]
     return StreamEvent(kind=EVENT_TOKEN, index=index, token=tok, top_tokens=top or None)
 
@@ -41,7 +42,7 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
 
     def script(job: Job):
         yield StreamEvent(kind=EVENT_STARTED, replica="replica0@test")
-        events = [token(i + 1, w, job.top_n_tokens) for i, w in enumerate(words)]
+        events = [token(i + 1, w, job.top_n_tokens, job.token_logprobs) for i, w in enumerate(words)]
         prefill = [{"id": i, "text": "p", "logprob": None if n == 0 else -1.0, "special": False}
                    for n, i in enumerate(job.input_ids)]
         prefill_top = [[] if n == 0 else [{**t, "id": t["id"] + 1, "logprob": -0.25}] * job.prefill_top_n_tokens

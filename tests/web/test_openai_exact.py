@@ -114,6 +114,20 @@ def test_best_of_keeps_the_likeliest_candidates_per_prompt(client, redis_url):
     assert greedy.status_code == 200 and len(replica.jobs) == 1  # greedy candidates would all be the same
 
 
+def test_jobs_ask_for_token_logprobs_only_where_the_answer_shows_or_ranks_by_them(client, redis_url):
+    """A replica skips the logprobs a job says nobody reads; OpenAI shows them with `logprobs`, and
+    completions' `best_of` ranks its candidates by them."""
+    with FakeReplica(redis_url, reply([" a"])) as replica:
+        plain = chat(client).get_json()
+        chat(client, stream=True)
+        shown = chat(client, logprobs=True).get_json()
+        client.post("/v1/completions", json={"prompt": "hi", "n": 2, "seed": 1})
+        client.post("/v1/completions", json={"prompt": "hi", "best_of": 2, "seed": 1})
+    assert [job.token_logprobs for job in replica.jobs] == [False, False, True, False, False, True, True]
+    assert plain["choices"][0]["logprobs"] is None
+    assert [t["logprob"] for t in shown["choices"][0]["logprobs"]["content"]] == [-0.5]
+
+
 def test_legacy_functions_are_tools_and_answer_a_function_call(client, redis_url):
     with FakeReplica(redis_url, reply(CALL, finish_reason="eos_token")) as replica:
         body = chat(client, functions=[WEATHER], function_call={"name": "get_weather"}).get_json()

@@ -109,6 +109,17 @@ def test_job_parameters_are_resolved():
     assert valid.job.input_ids == [5, 5] and valid.job.request_id and valid.job.stream is False
 
 
+@pytest.mark.parametrize("stream, parameters, shown", [
+    (False, {}, False),
+    (True, {}, True),  # every streamed token carries its logprob
+    (False, {"details": True}, True),
+    (False, {"decoder_input_details": True}, True),  # TGI returns the details with it
+    (False, {"best_of": 2, "do_sample": True}, True),  # the candidates are ranked by them
+])
+def test_the_job_asks_for_token_logprobs_only_where_the_answer_shows_or_ranks_by_them(stream, parameters, shown):
+    assert validate(stream=stream, **parameters).job.token_logprobs is shown
+
+
 def test_max_new_tokens_defaults_to_100_when_there_is_room():
     roomy = Settings(model_id="unused", max_input_tokens=100, max_total_tokens=1000)
     assert validate(settings=roomy).parameters["max_new_tokens"] == 100

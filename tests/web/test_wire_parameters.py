@@ -46,6 +46,7 @@ def test_the_replica_maps_every_field_one_to_one():
     job.sampling = dataclasses.replace(job.sampling, presence_penalty=0.2, generated_frequency_penalty=-0.3,
                                        logit_bias=[(4, -2.0)])
     job.prefill_top_n_tokens = 2
+    job.token_logprobs = False
     [request] = engine_requests(over_the_wire(job))
     assert request.sampling == SamplingParams(
         do_sample=True, temperature=0.5, top_k=3, top_p=0.8, typical_p=0.7, repetition_penalty=1.3,
@@ -54,7 +55,13 @@ def test_the_replica_maps_every_field_one_to_one():
     assert request.stopping == StoppingParams(max_new_tokens=5, stop_sequences=(".",))
     assert request.input_ids == tuple(job.input_ids) and request.request_id == job.request_id
     assert request.top_n_tokens == 1 and request.prefill_logprobs is True and request.prefill_top_n_tokens == 2
-    assert request.grammar == Grammar("json", {})
+    assert request.grammar == Grammar("json", {}) and request.token_logprobs is False
+
+
+def test_a_job_from_a_web_that_predates_token_logprobs_gets_them():
+    wire = validate().job.to_dict()
+    del wire["token_logprobs"]
+    assert Job.from_dict(wire).token_logprobs is True
 
 
 def test_best_of_samples_take_seeds_derived_from_the_webs_one():

@@ -92,6 +92,7 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
             raise context_length_exceeded(error, asked, request.path) from error
         valid.job.sampling = dataclasses.replace(valid.job.sampling, **plan.openai)
         valid.job.trace_id = request_id()
+        valid.job.token_logprobs = plan.options.token_logprobs
         if plan.options.prompt_logprobs:  # the engine scores the prompt (as for decoder_input_details)
             valid.job.decoder_input_details = True
             valid.job.prefill_top_n_tokens = plan.options.top_logprobs

@@ -52,6 +52,11 @@ class ResponseOptions:
         return max(self.n, self.best_of)
 
     @property
+    def token_logprobs(self) -> bool:
+        """Whether the generated tokens' logprobs are shown, or rank `best_of`'s candidates."""
+        return self.logprobs or self.samples > self.n
+
+    @property
     def prompt_logprobs(self) -> bool:
         """Completions' `echo` with `logprobs`: the engine scores the prompt's tokens too."""
         return self.echo and self.logprobs
