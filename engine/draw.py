@@ -41,13 +41,10 @@ class VocabSummary:
     scores: Tensor  # [B, V], unscaled
     scale: Tensor | None  # [B, 1]
     block_max: Tensor  # [B, nb]
+    row_max: Tensor  # [B, 1]
     argmax: Tensor  # [B]: each row's first maximum
     log_total: Tensor  # [B, 1]: log Σ exp(scale · (score − row_max))
     block_weight: Tensor | None  # [B, nb]: each block's probability; None unless asked for
-
-    @property
-    def row_max(self) -> Tensor:
-        return self.block_max.amax(dim=-1, keepdim=True)
 
     @property
     def blocks(self) -> Tensor:
@@ -94,7 +91,8 @@ def summarize(scores: Tensor, scale: Tensor | None = None, block_weights: bool =
         torch.gather(chunk_probabilities, 1, argmax[start:end, None], out=top_probability[start:end])
         if block_weight is not None:
             torch.sum(chunk_probabilities.view(end - start, width, block), dim=-1, out=block_weight[start:end])
-    return VocabSummary(scores, scale, block_max, argmax, -top_probability.log(), block_weight)
+    return VocabSummary(scores, scale, block_max, block_max.amax(dim=-1, keepdim=True), argmax,
+                        -top_probability.log(), block_weight)
 
 
 def first_argmax(scores: Tensor, block_max: Tensor | None = None) -> Tensor:
