@@ -18,10 +18,10 @@ def model_and_tokenizer(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def request(tokenizer, rid, text, max_new_tokens, stop=(), grammar=None, top_n=0, **sampling):
+def request(tokenizer, rid, text, max_new_tokens, stop=(), grammar=None, top_n=0, logprobs=True, **sampling):
     return GenerationRequest(rid, tuple(tokenizer(text).input_ids), SamplingParams(**sampling),
                              StoppingParams(max_new_tokens, stop_sequences=tuple(stop), ignore_eos=grammar is None),
-                             top_n_tokens=top_n, grammar=grammar)
+                             top_n_tokens=top_n, grammar=grammar, token_logprobs=logprobs)
 
 
 def drive(model_and_tokenizer, overlap: bool, first: list[GenerationRequest], late: list[GenerationRequest]):
@@ -44,7 +44,8 @@ def drive(model_and_tokenizer, overlap: bool, first: list[GenerationRequest], la
         engine.step()
         if all(s.wait(0) for s in streams) and step > 5:
             break
-    events = [[(e.token.id, e.token.text, round(e.token.logprob, 4), tuple(t.id for t in e.top_tokens),
+    events = [[(e.token.id, e.token.text, None if e.token.logprob is None else round(e.token.logprob, 4),
+                tuple(t.id for t in e.top_tokens),
                 e.finish.reason if e.finish else None) for e in s] for s in streams]
     return events, sum(ran_ahead)
 
@@ -74,6 +75,17 @@ def test_overlapped_steps_give_the_synchronous_events(model_and_tokenizer):
     assert overlapped == synchronous
     assert synchronous[2][-1][4] is not None and stop in "".join(e[1] for e in synchronous[2])
     assert len(synchronous[2]) < 24  # the stop string ended it
+
+
+def test_overlapped_greedy_rows_whose_logprobs_nobody_reads_give_the_synchronous_events(model_and_tokenizer):
+    """Their steps take the argmax alone (no logprobs come back from the device)."""
+    _model, tokenizer = model_and_tokenizer
+    first = [request(tokenizer, f"unread{n}", text, 20 + n, logprobs=False)
+             for n, text in enumerate(["Hello", "The capital of France is", "Numbers: 0 1 2 3"])]
+    synchronous, _ = drive(model_and_tokenizer, False, first, [])
+    overlapped, ahead = drive(model_and_tokenizer, True, first, [])
+    assert ahead > 10 and overlapped == synchronous
+    assert all(event[2] is None for events in synchronous for event in events)
 
 
 def test_a_grammar_row_runs_its_forward_ahead_and_samples_after_the_host(model_and_tokenizer):
