@@ -7,9 +7,9 @@ row's maximum, then one block), for a sampled token (the block where the cumulat
 crosses the row's target, then one block, its probabilities computed again) and for every
 logprob (`scale · (score − row max) − log normalizer`). No [B, V] tensor outlives the pass.
 
-The probabilities come from `torch.softmax`, whose fused kernel uses a faster exp than
-`torch.exp` on a CPU (the vocabulary's exp is most of a step's sampling there): 30% less time
-for 32 rows of 49k than the separate sub, exp and sum did. The normalizer is read back from the
+The probabilities come from `torch.softmax`, whose fused CPU kernel does its max, exp and sum
+faster than `torch.exp` alone does the exp (the vocabulary's exp is most of a step's sampling
+there): 30% less time for 32 rows of 49k than the separate sub, exp and sum did. The normalizer is read back from the
 softmax itself: the row's first maximum has weight exp(0) = 1, so its probability is 1 / Σ.
 On a CPU the pass runs a few rows at a time, so its scratch stays in the core's cache, and
 `argmax`/`cumsum` over 49k columns, scalar loops, are replaced by vectorized block reductions.
