@@ -62,10 +62,6 @@ class VocabSummary:
             shifted = shifted * scale
         return shifted - log_total
 
-    def weights(self, values: Tensor, rows: Tensor) -> Tensor:
-        """The probabilities of `values` [S, k] of `rows` [S], in the units of `block_weight`."""
-        return self.log_probability(values, rows).exp_()
-
 
 def summarize(scores: Tensor, scale: Tensor | None = None, block_weights: bool = True) -> VocabSummary:
     """The blocks' maxima (and, with `block_weights`, probabilities) of `scores` [B, V] under
@@ -112,24 +108,19 @@ def first_argmax(scores: Tensor, block_max: Tensor | None = None) -> Tensor:
 
 def draw(summary: VocabSummary, rows: Tensor, uniforms: Tensor) -> Tensor:
     """[S] the token each of `rows` [S] draws for its uniform in [0, 1): the first whose
-    cumulative probability exceeds `uniform × total`."""
-    blocks = summary.blocks
-    return _two_level_draw(summary.block_weight.index_select(0, rows),
-                           lambda chosen: summary.weights(blocks[rows, chosen], rows), uniforms)
-
-
-def _two_level_draw(sums: Tensor, block_weights, uniforms: Tensor) -> Tensor:
-    """The draw over blocks' weights `sums` [S, nb], then inside the chosen block
-    (`block_weights(chosen [S])` → [S, block]). A token of weight 0 is never drawn."""
-    width = sums.shape[1]
+    cumulative probability exceeds `uniform × total`, found over the blocks' probabilities, then
+    inside the chosen block. A token of probability 0 is never drawn."""
+    sums = summary.block_weight.index_select(0, rows)  # [S, nb]
     cumulative = sums.cumsum(dim=-1)
     total = cumulative[:, -1:]
     target = torch.minimum(uniforms.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
     # [S, 1]: a block of weight > 0 (the clamp only guards a row of NaNs from indexing past the end)
-    chosen = torch.searchsorted(cumulative, target, right=True).clamp_(max=width - 1)
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp_(max=sums.shape[1] - 1)
     within = target - (cumulative.gather(1, chosen) - sums.gather(1, chosen))  # what is left inside it
-    inner = block_weights(chosen.squeeze(1)).cumsum(dim=-1)  # [S, block]
+    chosen = chosen.squeeze(1)
+    # The chosen block's probabilities, computed again (in the units of `block_weight`).
+    inner = summary.log_probability(summary.blocks[rows, chosen], rows).exp_().cumsum(dim=-1)  # [S, block]
     inner_total = inner[:, -1:]
     within = torch.minimum(within.clamp(min=0), torch.nextafter(inner_total, torch.zeros_like(inner_total)))
     inside = torch.searchsorted(inner, within, right=True).clamp_(max=inner.shape[1] - 1)
-    return (chosen.squeeze(1) * inner.shape[1] + inside.squeeze(1))
+    return chosen * inner.shape[1] + inside.squeeze(1)
