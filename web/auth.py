@@ -1,7 +1,8 @@
 """Optional API keys, as TGI's `--api-key`: with `api_key` set, the generation routes answer
 401 unless the request carries `Authorization: Bearer <api_key>`. A separate `admin_api_key`
-protects the cluster's control routes (`require_admin`, e.g. /modify_cluster_state); without one,
-those routes take the API key; with neither key set, every route is open (TGI's default).
+protects the operator routes (`require_admin`: /modify_cluster_state and /cluster_state); without
+one, those routes take the API key; with neither key set, every route is open (TGI's default).
+/health, /ping, GET /, /info and /metrics stay open for probes and Prometheus, as in TGI.
 
 Keys are compared in constant time (hmac.compare_digest) and never logged: they live in
 Settings fields that `repr` leaves out, and no message here names a key or the header's value.
