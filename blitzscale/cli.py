@@ -23,6 +23,9 @@ from common import hub, logs, model_files
 from common.settings import Settings, flag_name
 from tasks.control.devices import parse_devices
 from tasks.runtime.worker import run_worker
+from tasks.weights.secret import exposure
+
+STARTS_REPLICAS = ("serve", "worker", "agent")
 
 log = logging.getLogger("blitzscale")
 
@@ -217,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
             parse_devices(settings.devices)
         except ValueError as error:
             raise SystemExit(str(error)) from error
+    if args.command in STARTS_REPLICAS and exposure(settings):
+        raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
     if settings.ignored_settings():
         log.warning(settings.ignored_settings())
     if args.command == "serve":
