@@ -15,6 +15,7 @@ from web.openai.errors import OPENAI_PREFIX, write_error
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
 from web.service import EXTENSION, Service
+from web.tenancy import load_tenants
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
 from web.vllm.tokenization import write_tokenize_error
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         cluster=ClusterView(client),
         metrics=Metrics(app, settings, client),
         chat_template=ChatTemplate(settings),
+        tenants=load_tenants(settings),
     )
     api = make_api()
     api.init_app(app)

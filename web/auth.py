@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hmac
 
-from flask import request
+from flask import g, request
 
 from web.errors import ApiError
 from web.service import current_service
@@ -47,16 +47,26 @@ def check(expected: str | None, what: str = "a valid API key") -> None:
 
 
 def require_api_key() -> None:
-    """A `before_request` hook for the generation blueprint."""
-    check(current_service().settings.api_key)
+    """A `before_request` hook for the generation blueprints: a key of a known tenant (kept on
+    `flask.g` for the limits, metrics and logs) when any is configured."""
+    tenants = current_service().tenants
+    if tenants is None:
+        return
+    tenant = tenants.identify(presented_token())
+    if tenant is None:
+        raise Unauthorized("Unauthorized: this route needs a valid API key (`Authorization: Bearer <key>`)")
+    g.tenant = tenant
 
 
 def require_admin(view):
-    """Decorator for the cluster's control views: the admin key, else the API key, if any."""
+    """Decorator for the operator views: the admin key, else the API key; with only a tenants
+    file, no tenant's key opens them (closed until --admin-api-key is set)."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         settings = current_service().settings
+        if settings.tenants_file and not (settings.admin_api_key or settings.api_key):
+            raise Unauthorized("Unauthorized: this route needs the admin API key (set --admin-api-key)")
         check(settings.admin_api_key or settings.api_key, "the admin API key")
         return view(*args, **kwargs)
 
