@@ -15,6 +15,7 @@ from web.openai.errors import OPENAI_PREFIX, write_error
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
 from web.service import EXTENSION, Service
+from web.rate_limits import TenantLimits, redis_connection
 from web.tenancy import load_tenants
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         metrics=Metrics(app, settings, client),
         chat_template=ChatTemplate(settings),
         tenants=load_tenants(settings),
+        limits=TenantLimits(redis_connection(client), lease_s=settings.request_timeout + 60),
     )
     api = make_api()
     api.init_app(app)

@@ -56,6 +56,7 @@ def require_api_key() -> None:
     if tenant is None:
         raise Unauthorized("Unauthorized: this route needs a valid API key (`Authorization: Bearer <key>`)")
     g.tenant = tenant
+    current_service().limits.admit_request(tenant)  # its requests per minute and concurrency (429)
 
 
 def require_admin(view):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import current_app
 
@@ -16,6 +16,7 @@ from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import GenerationError
 from web.metrics import Metrics
+from web.rate_limits import TenantLimits
 from web.tenancy import cache_namespace, current_tenant, isolation
 from web.tokenizer import TokenCounter, TokenizerUnavailable
 from web.validation import ValidRequest, validate_request
@@ -33,6 +34,7 @@ class Service:
     metrics: Metrics
     chat_template: ChatTemplate
     tenants: Tenants | None = None  # None: no key configured, every route open (web/tenancy.py)
+    limits: TenantLimits = field(default_factory=lambda: TenantLimits(None, 0.0))  # per tenant, in Redis
 
     def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
                  cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None) -> ValidRequest:
@@ -47,6 +49,8 @@ class Service:
         except TokenizerUnavailable as error:
             raise GenerationError(f"the tokenizer is not available yet: {error}",
                                   reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
+        self.limits.charge_tokens(current_tenant(), valid.input_length + valid.parameters["max_new_tokens"] *
+                                  valid.parameters["best_of"])
         valid.job.cache_salt = cache_namespace(isolation(self.settings, self.tenants), current_tenant(),
                                                valid.parameters["cache_salt"])
         return valid

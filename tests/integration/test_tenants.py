@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -19,9 +20,9 @@ SYSTEM = " ".join(f"Rule {n}: a queue, a worker and a stream of tokens meet in t
 KEYS = {"acme": "acme-key-1", "globex": "globex-key-2"}
 
 
-def write_tenants(path, names):
+def write_tenants(path, names, **limits):
     path.write_text(yaml.safe_dump({"tenants": {
-        name: {"key_sha256": hashlib.sha256(KEYS[name].encode()).hexdigest()} for name in names}}))
+        name: {"key_sha256": hashlib.sha256(KEYS[name].encode()).hexdigest(), **limits} for name in names}}))
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,31 @@ def test_unknown_keys_are_refused_and_sighup_reloads_the_file(svc, tenants_file)
                          headers={"Authorization": f"Bearer {KEYS['acme']}"}).status_code == 200
     write_tenants(tenants_file, ["acme", "globex"])
     svc.web.send_signal(signal.SIGHUP)
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model_dir, tmp_path_factory):
+    """Two web processes (`--web-workers 2`) and a tenant allowed 10 requests per minute."""
+    workdir = tmp_path_factory.mktemp("tenants-limited")
+    path = workdir / "tenants.yaml"
+    write_tenants(path, ["acme"], requests_per_minute=10)
+    env = {"XDG_CACHE_HOME": str(workdir / "cache"), "TENANTS_FILE": str(path), "WEB_WORKERS": "2", **LIMITS}
+    with Service(str(tiny_model_dir), workdir, env=env).running() as service:
+        yield service
+
+
+def test_requests_per_minute_shared_by_two_web_processes(limited):
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 1}}
+
+    def send(_):
+        return requests.post(f"{limited.base_url}/generate", json=body, timeout=120,
+                             headers={"Authorization": f"Bearer {KEYS['acme']}"})
+
+    with ThreadPoolExecutor(6) as pool:  # both gunicorn workers take some
+        responses = list(pool.map(send, range(30)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 10 + [429] * 20
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(1 <= int(r.headers["Retry-After"]) <= 60 and r.json()["error_type"] == "rate_limit" for r in refused)
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in responses if r.status_code == 200)
+    assert remaining == list(range(10))  # one count for both processes
