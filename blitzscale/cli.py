@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -89,13 +90,13 @@ def gunicorn_argv(settings: Settings) -> list[str]:
 def cmd_serve(settings: Settings) -> int:
     embedded = None
     if not settings.redis_url:
-        embedded = EmbeddedRedis().start()
+        embedded = EmbeddedRedis(password=secrets.token_urlsafe(32)).start()  # loopback, with a password
         settings = settings.replace(redis_url=embedded.url)
-        log.info("private Redis at %s", embedded.url)
+        log.info("private Redis at %s (password protected)", embedded.public_url)
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     if embedded is not None:
-        supervisor.keep_running(f"private Redis at {embedded.url}", embedded)
+        supervisor.keep_running(f"private Redis at {embedded.public_url}", embedded)
     scaling = None
     try:
         prepare(settings)

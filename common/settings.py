@@ -80,7 +80,7 @@ class Settings:
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     # Cluster
-    redis_url: str | None = None  # None: `serve` starts a private Redis server
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password; None: `serve` starts a private Redis
     num_replicas: int = 1
     host_name: str | None = None  # this host's name in the cluster (agent, replicas); None: the machine's
     devices: str | None = None  # agent: places for replicas (`cuda:0,cuda:1`, `cpu,cpu`); None: every GPU, else cpu × slots
