@@ -22,7 +22,7 @@ from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
 from common import hub, logs, model_files
 from common.settings import Settings, flag_name
-from tasks.control.devices import parse_devices
+from tasks.control.devices import DEVICE_ORDER, parse_devices
 from tasks.runtime.worker import run_worker
 from tasks.weights.secret import exposure
 
@@ -223,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(str(error)) from error
     if args.command in STARTS_REPLICAS and exposure(settings):
         raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
+    if args.command in STARTS_REPLICAS:
+        os.environ.update(DEVICE_ORDER)  # CUDA numbers GPUs as nvidia-smi does (agent, replicas)
     if settings.ignored_settings():
         log.warning(settings.ignored_settings())
     if args.command == "serve":
