@@ -5,7 +5,7 @@ from flask import Flask
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
-from web import request_id
+from web import request_id, tenant_metrics
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         tenants=load_tenants(settings),
         limits=TenantLimits(redis_connection(client), lease_s=settings.request_timeout + 60),
     )
+    tenant_metrics.init_app(app, app.extensions[EXTENSION].metrics.registry)
     api = make_api()
     api.init_app(app)
     for blueprint in BLUEPRINTS:

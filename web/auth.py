@@ -14,6 +14,7 @@ import hmac
 
 from flask import g, request
 
+from common.logs import bind_tenant
 from web.errors import ApiError
 from web.service import current_service
 
@@ -56,6 +57,7 @@ def require_api_key() -> None:
     if tenant is None:
         raise Unauthorized("Unauthorized: this route needs a valid API key (`Authorization: Bearer <key>`)")
     g.tenant = tenant
+    g.tenant_log_token = bind_tenant(tenant.name)  # its log lines name it (unbound at teardown: web/app.py)
     current_service().limits.admit_request(tenant)  # its requests per minute and concurrency (429)
 
 

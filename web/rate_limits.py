@@ -14,6 +14,7 @@ and OpenAI's `x-ratelimit-*` headers; a request within its limits gets the heade
 """
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 
@@ -24,6 +25,8 @@ from common.keys import tenant_limit_key
 from common.protocol import FailureReason
 from common.tenants import Tenant
 from web.errors import ApiError, GenerationError
+
+log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 
@@ -110,6 +113,8 @@ class TenantLimits:
             key = tenant_limit_key(tenant.name, "concurrent")
             admitted, _held = self._call(self._lease, key, [tenant.max_concurrent_requests, lease, self.lease_s])
             if not admitted:
+                log.warning("tenant %s over its limit of %d concurrent requests", tenant.name,
+                            tenant.max_concurrent_requests)
                 raise RateLimited(f"Rate limit reached for tenant {tenant.name}: "
                                   f"{tenant.max_concurrent_requests} concurrent requests", {"Retry-After": "1"})
 
@@ -134,6 +139,7 @@ class TenantLimits:
                         f"x-ratelimit-reset-{unit}": _duration(wait)})
         if not admitted:
             retry = max(1, math.ceil(wait))
+            log.warning("tenant %s over its limit of %d %s per minute (retry in %d s)", tenant.name, limit, unit, retry)
             raise RateLimited(f"Rate limit reached for tenant {tenant.name}: {limit} {unit} per minute "
                               f"(used {used}, asked {cost}); retry in {retry} s",
                               {**headers, "Retry-After": str(retry)})

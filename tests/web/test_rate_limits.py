@@ -85,3 +85,22 @@ def test_a_tenant_without_limits_is_not_limited(settings, tmp_path, redis_url):
         responses = [client.post("/generate", json={"inputs": "hello"}, headers=AUTH) for _ in range(5)]
     assert {r.status_code for r in responses} == {200}
     assert "x-ratelimit-limit-requests" not in responses[0].headers
+
+
+def test_the_tenant_labels_request_metrics_and_log_lines(settings, tmp_path, redis_url, caplog):
+    import logging
+
+    from common import logs
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(logs.RequestIdFilter())  # as every process's handler has it (common/logs.py)
+    (client,) = apps(settings, tenants_file(tmp_path, requests_per_minute=1), count=1)
+    with FakeReplica(redis_url, reply([" world"])):
+        assert client.post("/generate", json={"inputs": "hello"}, headers=AUTH).status_code == 200
+        assert client.post("/generate", json={"inputs": "hello"}, headers=AUTH).status_code == 429
+    page = client.get("/metrics").get_data(as_text=True)
+    assert 'blitz_tenant_requests_total{status="200",tenant="acme"} 1.0' in page
+    assert 'blitz_tenant_requests_total{status="429",tenant="acme"} 1.0' in page
+    refusal = next(r for r in caplog.records if "over its limit" in r.getMessage())
+    assert refusal.tenant == "acme" and refusal.tenant_suffix == " tenant=acme"
+    assert '"tenant": "acme"' in logs.JsonFormatter().format(refusal)
+    assert KEY not in caplog.text
