@@ -100,6 +100,15 @@ def test_operator_terminal_shows_the_service_not_celerys_banner(serve):
     assert "SecurityWarning" not in output and "superuser privileges" not in output
 
 
+def test_sighup_reloads_the_web_and_serve_keeps_serving(serve):
+    process, base_url, log_path = serve
+    process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: reloading the web's configuration" in log_path.read_text(errors="replace"), 10,
+               "the reload line", log_path, process)
+    wait_until(lambda: generate(base_url) == 200, 30, "a request after the reload", log_path, process)
+    assert process.poll() is None
+
+
 def test_serve_restarts_its_private_redis_and_recovers(serve):
     process, base_url, log_path = serve
     url, public = children_redis_url(process), private_redis_url(log_path)
