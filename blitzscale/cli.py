@@ -20,7 +20,7 @@ from blitzscale.probe import probe
 from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
-from common import hub, logs, model_files
+from common import hub, logs, model_files, tenants
 from common.settings import Settings, flag_name
 from tasks.control.devices import DEVICE_ORDER, parse_devices
 from tasks.runtime.worker import run_worker
@@ -223,6 +223,11 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(str(error)) from error
     if args.command in STARTS_REPLICAS and exposure(settings):
         raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
+    if args.command in ("serve", "web") and settings.tenants_file:
+        try:
+            tenants.load(settings.tenants_file)  # a broken file stops the start, in one line
+        except tenants.TenantsError as error:
+            raise SystemExit(str(error)) from error
     if args.command in STARTS_REPLICAS:
         os.environ.update(DEVICE_ORDER)  # CUDA numbers GPUs as nvidia-smi does (agent, replicas)
     if settings.ignored_settings():

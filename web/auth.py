@@ -4,8 +4,10 @@ protects the operator routes (`require_admin`: /modify_cluster_state and /cluste
 one, those routes take the API key; with neither key set, every route is open (TGI's default).
 /health, /ping, GET /, /info and /metrics stay open for probes and Prometheus, as in TGI.
 
-Keys are compared in constant time (hmac.compare_digest) and never logged: they live in
-Settings fields that `repr` leaves out, and no message here names a key or the header's value.
+Several keys, each a tenant's: `--tenants-file` (common/tenants.py, web/tenancy.py); an API key is
+found by its sha256, the admin key compared in constant time (hmac.compare_digest). Keys are never
+logged: they live in Settings fields that `repr` leaves out, and no message here names a key or the
+header's value.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def require_api_key() -> None:
     if tenant is None:
         raise Unauthorized("Unauthorized: this route needs a valid API key (`Authorization: Bearer <key>`)")
     g.tenant = tenant
-    g.tenant_log_token = bind_tenant(tenant.name)  # its log lines name it (unbound at teardown: web/app.py)
+    g.tenant_log_token = bind_tenant(tenant.name)  # its log lines name it (unbound at teardown: web/tenant_metrics.py)
     current_service().limits.admit_request(tenant)  # its requests per minute and concurrency (429)
 
 

@@ -7,18 +7,29 @@ so `kill -HUP <web pid>` reloads the file without dropping the listening socket.
 """
 from __future__ import annotations
 
+import logging
+
 from flask import g, has_app_context
 
 from common.settings import Settings
-from common.tenants import Tenant, Tenants, load, single
+from common.tenants import Tenant, Tenants, TenantsError, load, single
+
+log = logging.getLogger(__name__)
 
 
 def load_tenants(settings: Settings) -> Tenants | None:
+    """`--tenants-file` (with `--api-key` as tenant `default` too, when both are set), else
+    `--api-key` alone, else None. A file that became unreadable after the start (a SIGHUP reload)
+    refuses every key rather than stopping the web: the start itself checked it (blitzscale/cli.py)."""
+    tenants = single(settings.api_key) if settings.api_key else None
     if settings.tenants_file:
-        return load(settings.tenants_file)
-    if settings.api_key:
-        return single(settings.api_key)
-    return None
+        try:
+            loaded = load(settings.tenants_file)
+        except TenantsError as error:
+            log.error("%s: every API key is refused until the file is fixed and reloaded (SIGHUP)", error)
+            return Tenants({})
+        tenants = Tenants({**(tenants.by_digest if tenants else {}), **loaded.by_digest})
+    return tenants
 
 
 def current_tenant() -> Tenant | None:

@@ -86,3 +86,32 @@ def test_affinity_keys_follow_the_namespace():
             for name, tenant in (("acme", acme), ("globex", globex))}
     assert keys["acme"] and set(keys["acme"]).isdisjoint(keys["globex"])
     assert prefix_keys(ids, job_salt("", "lora1")) == prefix_keys(ids, "lora1")  # no namespace: as before
+
+
+def test_the_api_key_is_tenant_default_beside_the_file(settings, tenants_file, redis_url):
+    client = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key")).test_client()
+    with FakeReplica(redis_url, reply([" world"])):
+        for key in ("plain-key", ACME):
+            assert client.post("/generate", json={"inputs": "hello"},
+                               headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_a_file_broken_before_a_reload_refuses_every_key(settings, tmp_path, caplog):
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: {acme: {key_sha256: nothex}}\n")
+    client = create_app(settings.replace(tenants_file=str(path))).test_client()  # the web stays up
+    response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {ACME}"})
+    assert response.status_code == 401 and "every API key is refused" in caplog.text
+
+
+def test_a_broken_file_stops_the_start_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: {acme: {key_sha256: nothex}}\n")
+    result = subprocess.run([sys.executable, "-m", "blitzscale.cli", "web", "--tenants-file", str(path),
+                             "--redis-url", "redis://127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            env=os.environ)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "tenant acme: `key_sha256` must be 64 hex" in lines[0]
