@@ -22,7 +22,7 @@ from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
 from common import hub, logs, model_files, tenants
 from common.settings import Settings, flag_name
-from tasks.control.devices import DEVICE_ORDER, parse_devices
+from tasks.control.devices import DEVICE_ORDER, outside_restriction, parse_devices
 from tasks.runtime.worker import run_worker
 from tasks.weights.secret import exposure
 
@@ -218,9 +218,12 @@ def _run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.devices:
         try:
-            parse_devices(settings.devices)
+            places = parse_devices(settings.devices)
         except ValueError as error:
             raise SystemExit(str(error)) from error
+        if outside_restriction(places):  # never hand a replica a GPU the operator did not allow
+            raise SystemExit(f"--devices names {', '.join(outside_restriction(places))}, outside "
+                             "CUDA_VISIBLE_DEVICES (as nvidia-smi numbers the GPUs)")
     if args.command in STARTS_REPLICAS and exposure(settings):
         raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
     if args.command in ("serve", "web") and settings.tenants_file:

@@ -132,6 +132,16 @@ def _mig_instances(entries: list[str], gpus: list[Gpu], listing: str) -> list[Gp
     return out
 
 
+def outside_restriction(places: list[str], environ=None, run=subprocess.run) -> list[str]:
+    """The GPU places of `--devices` that the operator's CUDA_VISIBLE_DEVICES does not allow
+    (nothing to check without the variable, or without nvidia-smi)."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" not in environ or not visible_gpus({}, run):
+        return []
+    allowed = {gpu.index for gpu in visible_gpus(environ, run)}
+    return [place for place in places if place.startswith(f"{CUDA}:") and int(place.split(":")[1]) not in allowed]
+
+
 def host_places(settings: Settings, gpus: list[Gpu]) -> list[str]:
     if settings.devices:
         return parse_devices(settings.devices)

@@ -105,3 +105,11 @@ def test_nvidia_smi_failing_is_no_gpus():
     def run(argv, **_):
         raise subprocess.CalledProcessError(9, argv)
     assert visible_gpus({}, run=run) == []
+
+
+def test_devices_outside_the_operators_restriction_are_named():
+    from tasks.control.devices import outside_restriction
+    restricted = {"CUDA_VISIBLE_DEVICES": "GPU-bbbb0000-2222,3"}
+    assert outside_restriction(["cuda:0", "cuda:1", "cuda:3", "cpu:0"], restricted, run=smi(SMI)) == ["cuda:0"]
+    assert outside_restriction(["cuda:0"], {}, run=smi(SMI)) == []  # no restriction
+    assert outside_restriction(["cuda:0"], restricted, run=smi(None)) == []  # no nvidia-smi: nothing to check
