@@ -43,7 +43,7 @@ from common.settings import Settings, default_model_id
 from tasks.weights.fetch import ChunkFetcher, Source, fetch_manifest
 from tasks.weights.manifest import served_files
 from tasks.weights.server import WeightServer
-from tasks.weights.sources import weights_secret
+from tasks.weights.secret import weights_secret
 
 HOST_A, HOST_B = "127.0.0.1", "127.0.0.2"
 

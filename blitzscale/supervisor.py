@@ -40,6 +40,15 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGHUP, self._reload)
+
+    def _reload(self, _signum, _frame):
+        """SIGHUP: passed to the web (gunicorn's master makes new workers, which read
+        --tenants-file again); nothing else restarts."""
+        for name, process in self.children:
+            if name == "web" and process.poll() is None:
+                log.info("SIGHUP: reloading the web's configuration (pid %d)", process.pid)
+                process.send_signal(signal.SIGHUP)
 
     def _on_signal(self, signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -110,3 +110,9 @@ def weight_sources_key(slot: int) -> str:
     """JSON list of the slots a replica starting in `slot` takes its weights from, in order (its
     predecessor in a scale-up's chain first, then the command's `old_stub_indices`)."""
     return f"{KEY_PREFIX}weight-sources:{slot}"
+
+
+def tenant_limit_key(tenant: str, what: str) -> str:
+    """A sorted set of one tenant's recent requests (`rpm`), token charges (`tpm`) or leases
+    (`concurrent`), shared by every web process (web/rate_limits.py)."""
+    return f"{KEY_PREFIX}tenant:{tenant}:{what}"

@@ -14,10 +14,23 @@ import socket
 import time
 
 FORMATS = ("text", "json")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s%(tenant_suffix)s]: %(message)s"
 NO_REQUEST = "-"
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("blitzscale_request_id", default=None)
+# The tenant of the request's API key (web/auth.py), named in its lines beside the request id.
+_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("blitzscale_tenant", default=None)
+
+
+def bind_tenant(name: str | None) -> contextvars.Token:
+    return _tenant.set(name)
+
+
+def unbind_tenant(token: contextvars.Token) -> None:
+    try:
+        _tenant.reset(token)
+    except ValueError:
+        _tenant.set(None)
 
 
 def current_request_id() -> str | None:
@@ -46,11 +59,14 @@ def request_id_bound(request_id: str | None):
 
 
 class RequestIdFilter(logging.Filter):
-    """Gives every record a `request_id` attribute (the bound one, or `-`)."""
+    """Gives every record a `request_id` attribute (the bound one, or `-`), and its tenant's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", None):
             record.request_id = current_request_id() or _access_log_id(record) or NO_REQUEST
+        if not hasattr(record, "tenant"):
+            record.tenant = _tenant.get()
+        record.tenant_suffix = f" tenant={record.tenant}" if record.tenant else ""
         return True
 
 
@@ -63,7 +79,7 @@ def _access_log_id(record: logging.LogRecord) -> str | None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, request_id, process, host (+ exc)."""
+    """One JSON object per line: ts, level, logger, message, request_id, tenant, process, host (+ exc)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -72,6 +88,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or current_request_id(),
+            "tenant": getattr(record, "tenant", None) or _tenant.get(),
             "process": record.process,
             "host": _HOST,
         }

@@ -109,6 +109,7 @@ class Job:
     prefill_top_n_tokens: int = 0  # with decoder_input_details: each prompt token's likeliest alternatives
     grammar: GrammarParameters | None = None
     adapter_id: str | None = None  # the LoRA adapter it runs under (a name of --lora-adapters); None: the base model
+    cache_salt: str = ""  # the prefix cache's namespace (the tenant's and the request's salt, web/tenancy.py)
     enqueued_at: float = field(default_factory=time.time)
     attempt: int = 0  # 1, 2, ...: re-enqueued by the web after the replica running it died
     trace_id: str | None = None  # the request's x-request-id: named in every log line about it

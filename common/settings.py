@@ -80,7 +80,7 @@ class Settings:
     max_waiting_tokens: int = 20
     waiting_served_ratio: float = 0.3
     # Cluster
-    redis_url: str | None = None  # None: `serve` starts a private Redis server
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password; None: `serve` starts a private Redis
     num_replicas: int = 1
     host_name: str | None = None  # this host's name in the cluster (agent, replicas); None: the machine's
     devices: str | None = None  # agent: places for replicas (`cuda:0,cuda:1`, `cpu,cpu`); None: every GPU, else cpu × slots
@@ -107,7 +107,11 @@ class Settings:
     admission_lease_ttl: float = 15.0  # an admitted request's lease, renewed while it runs
     # Security (web/auth.py): never logged; `--api-key` as TGI's launcher has it
     api_key: str | None = field(default=None, repr=False)  # generation routes need `Authorization: Bearer <key>`
-    admin_api_key: str | None = field(default=None, repr=False)  # /modify_cluster_state needs this one
+    admin_api_key: str | None = field(default=None, repr=False)  # the operator routes need this one
+    tenants_file: str | None = None  # YAML: several API keys, each a tenant with its limits (common/tenants.py)
+    # tenant: a cached prefix is reused only by its own tenant (and `cache_salt`); shared: by anyone
+    # with the same `cache_salt`. None: tenant when keys are configured, else shared.
+    prefix_cache_isolation: str | None = None
     # Weights from peers (tasks/runtime/peer_weights.py): the data plane every replica runs
     weight_peers: str = "auto"  # auto: from a peer instead of converting | prefer: instead of the source too | off
     weights_host: str = "127.0.0.1"  # bound and advertised; `auto`: this host name's address
@@ -133,6 +137,8 @@ class Settings:
             raise ValueError("`down_target` must be `standby` or `stop`")
         if self.weights_checksum not in ("xxh3_128", "sha256"):
             raise ValueError("`weights_checksum` must be `xxh3_128` or `sha256`")
+        if self.prefix_cache_isolation not in (None, "tenant", "shared"):
+            raise ValueError("`prefix_cache_isolation` must be `tenant` or `shared`")
         if self.weight_peers not in ("auto", "prefer", "off"):
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:

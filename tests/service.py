@@ -20,10 +20,11 @@ from common.processes import stop_processes
 class Service:
     replica_module = "blitzscale.cli"  # a test's subclass may run the worker through a wrapper
 
-    def __init__(self, model_id: str, workdir: Path, env: dict | None = None, replicas: int = 1):
+    def __init__(self, model_id: str, workdir: Path, env: dict | None = None, replicas: int = 1,
+                 redis_password: str | None = None):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis = EmbeddedRedis()
+        self.redis = EmbeddedRedis(password=redis_password)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {

@@ -5,7 +5,7 @@ from flask import Flask
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
-from web import request_id
+from web import request_id, tenant_metrics
 from web.admission import make_admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
@@ -15,6 +15,8 @@ from web.openai.errors import OPENAI_PREFIX, write_error
 from web.openapi import CONFIG as OPENAPI_CONFIG
 from web.openapi import make_api, swagger_ui_assets
 from web.service import EXTENSION, Service
+from web.rate_limits import TenantLimits, redis_connection
+from web.tenancy import load_tenants
 from web.tokenizer import TokenCounter
 from web.views import BLUEPRINTS
 from web.vllm.tokenization import write_tokenize_error
@@ -43,7 +45,10 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         cluster=ClusterView(client),
         metrics=Metrics(app, settings, client),
         chat_template=ChatTemplate(settings),
+        tenants=load_tenants(settings),
+        limits=TenantLimits(redis_connection(client), lease_s=settings.request_timeout + 60),
     )
+    tenant_metrics.init_app(app, app.extensions[EXTENSION].metrics.registry)
     api = make_api()
     api.init_app(app)
     for blueprint in BLUEPRINTS:

@@ -1,18 +1,22 @@
 """Optional API keys, as TGI's `--api-key`: with `api_key` set, the generation routes answer
 401 unless the request carries `Authorization: Bearer <api_key>`. A separate `admin_api_key`
-protects the cluster's control routes (`require_admin`, e.g. /modify_cluster_state); without one,
-those routes take the API key; with neither key set, every route is open (TGI's default).
+protects the operator routes (`require_admin`: /modify_cluster_state and /cluster_state); without
+one, those routes take the API key; with neither key set, every route is open (TGI's default).
+/health, /ping, GET /, /info and /metrics stay open for probes and Prometheus, as in TGI.
 
-Keys are compared in constant time (hmac.compare_digest) and never logged: they live in
-Settings fields that `repr` leaves out, and no message here names a key or the header's value.
+Several keys, each a tenant's: `--tenants-file` (common/tenants.py, web/tenancy.py); an API key is
+found by its sha256, the admin key compared in constant time (hmac.compare_digest). Keys are never
+logged: they live in Settings fields that `repr` leaves out, and no message here names a key or the
+header's value.
 """
 from __future__ import annotations
 
 import functools
 import hmac
 
-from flask import request
+from flask import g, request
 
+from common.logs import bind_tenant
 from web.errors import ApiError
 from web.service import current_service
 
@@ -46,16 +50,28 @@ def check(expected: str | None, what: str = "a valid API key") -> None:
 
 
 def require_api_key() -> None:
-    """A `before_request` hook for the generation blueprint."""
-    check(current_service().settings.api_key)
+    """A `before_request` hook for the generation blueprints: a key of a known tenant (kept on
+    `flask.g` for the limits, metrics and logs) when any is configured."""
+    tenants = current_service().tenants
+    if tenants is None:
+        return
+    tenant = tenants.identify(presented_token())
+    if tenant is None:
+        raise Unauthorized("Unauthorized: this route needs a valid API key (`Authorization: Bearer <key>`)")
+    g.tenant = tenant
+    g.tenant_log_token = bind_tenant(tenant.name)  # its log lines name it (unbound at teardown: web/tenant_metrics.py)
+    current_service().limits.admit_request(tenant)  # its requests per minute and concurrency (429)
 
 
 def require_admin(view):
-    """Decorator for the cluster's control views: the admin key, else the API key, if any."""
+    """Decorator for the operator views: the admin key, else the API key; with only a tenants
+    file, no tenant's key opens them (closed until --admin-api-key is set)."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         settings = current_service().settings
+        if settings.tenants_file and not (settings.admin_api_key or settings.api_key):
+            raise Unauthorized("Unauthorized: this route needs the admin API key (set --admin-api-key)")
         check(settings.admin_api_key or settings.api_key, "the admin API key")
         return view(*args, **kwargs)
 

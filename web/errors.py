@@ -97,6 +97,7 @@ _WRITERS = "blitzscale.error_writers"
 
 
 def error_response(error: ApiError, headers: dict | None = None):
+    headers = {**getattr(error, "headers", {}), **(headers or {})}  # e.g. a rate limit's Retry-After
     for prefix, write in current_app.extensions.get(_WRITERS, {}).items():
         if request.path.startswith(prefix):
             body, status = write(error, request.path)

@@ -79,6 +79,8 @@ class GenerateParametersSchema(Schema):
         "description": "Constrain the output to a JSON schema or a regex (the whole output matches)."})
     adapter_id = optional(fields.String, "The LoRA adapter to generate with (one of --lora-adapters, listed in "
                                          "/info); absent: the base model.")
+    cache_salt = optional(fields.String, "The prefix cache's namespace (vLLM's name): a cached prompt prefix is "
+                                         "reused only by requests with the same salt (and tenant).")
 
 
 class GenerateRequestSchema(Schema):

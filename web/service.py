@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import current_app
 
 from common.protocol import FailureReason, Job
 from common.settings import Settings
+from common.tenants import Tenants
 from tasks.client.generation_client import EventStream, NoReplica, QueueUnavailable
 from web.admission import Admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import GenerationError
 from web.metrics import Metrics
+from web.rate_limits import TenantLimits
+from web.tenancy import cache_namespace, current_tenant, isolation
 from web.tokenizer import TokenCounter, TokenizerUnavailable
 from web.validation import ValidRequest, validate_request
 
@@ -30,13 +33,15 @@ class Service:
     cluster: ClusterView
     metrics: Metrics
     chat_template: ChatTemplate
+    tenants: Tenants | None = None  # None: no key configured, every route open (web/tenancy.py)
+    limits: TenantLimits = field(default_factory=lambda: TenantLimits(None, 0.0))  # per tenant, in Redis
 
     def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
                  cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None) -> ValidRequest:
         """`add_special_tokens=False` for a chat template's text (it holds them already);
         `input_ids`: a prompt sent as token ids (not encoded again)."""
         try:
-            return validate_request(
+            valid = validate_request(
                 body, settings=self.settings, stream=stream, full_text_default=full_text_default,
                 encode=functools.partial(self.tokens.encode, add_special_tokens=add_special_tokens),
                 cap_new_tokens=cap_new_tokens, input_ids=input_ids,
@@ -44,6 +49,11 @@ class Service:
         except TokenizerUnavailable as error:
             raise GenerationError(f"the tokenizer is not available yet: {error}",
                                   reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
+        self.limits.charge_tokens(current_tenant(), valid.input_length + valid.parameters["max_new_tokens"] *
+                                  valid.parameters["best_of"])
+        valid.job.cache_salt = cache_namespace(isolation(self.settings, self.tenants), current_tenant(),
+                                               valid.parameters["cache_salt"])
+        return valid
 
     def submit(self, job: Job) -> EventStream:
         try:

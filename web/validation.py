@@ -18,6 +18,7 @@ from web.errors import ContextLengthError, ValidationError
 from web.grammar import check_grammar
 
 DEFAULT_MAX_NEW_TOKENS = 100  # ours, when the request gives none
+MAX_CACHE_SALT = 256
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
 
 
@@ -68,6 +69,7 @@ def validate_request(
         max_new_tokens = _capped(len(input_ids), max_new_tokens, settings)
     parameters["max_new_tokens"] = _check_lengths(len(input_ids), max_new_tokens, settings)
     parameters["grammar"] = check_grammar(p.get("grammar"))
+    parameters["cache_salt"] = _check_cache_salt(p.get("cache_salt"))
     full_text = p.get("return_full_text")
     parameters["return_full_text"] = full_text_default if full_text is None else full_text
     # The tokens' logprobs are shown in a stream's tokens and in the details (which
@@ -101,6 +103,14 @@ def wire_parameters(parameters: dict) -> dict:
         "grammar": GrammarParameters(grammar["type"], grammar["value"]) if grammar else None,
         "adapter_id": parameters.get("adapter_id"),
     }
+
+
+def _check_cache_salt(salt) -> str:
+    if salt is None:
+        return ""
+    if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT:
+        _fail(f"`cache_salt` must be a non-empty string of at most {MAX_CACHE_SALT} characters")
+    return salt
 
 
 def _fail(message: str):

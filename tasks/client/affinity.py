@@ -50,6 +50,12 @@ def prefix_keys(input_ids: list[int], salt: str = "") -> list[str]:
     return keys
 
 
+def job_salt(cache_salt: str, adapter_id: str | None) -> str:
+    """What a job's KV depends on besides its tokens, as the replica's cache keys it: its cache
+    namespace (tenant and `cache_salt`, web/tenancy.py) and its LoRA adapter."""
+    return f"{cache_salt}\0{adapter_id or ''}" if cache_salt else (adapter_id or "")
+
+
 def accepts(record: dict | None) -> bool:
     """A live, active replica with a KV slot to spare (running + waiting below its slots)."""
     if not record or record.get("state") != ReplicaState.ACTIVE:

@@ -20,7 +20,7 @@ import redis
 from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, replica_queue, stream_channel
 from common.protocol import Job
 from common.settings import Settings
-from tasks.client.affinity import PrefixAffinity, Routing
+from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
 
@@ -70,7 +70,7 @@ class GenerationClient:
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
             routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
-                                          salt=job.adapter_id or "")
+                                          salt=job_salt(job.cache_salt, job.adapter_id))
             self._send(job, routing.replica)
         except (redis.RedisError, OSError) as error:
             pubsub.close()

@@ -114,7 +114,7 @@ class HostAgent:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"replica{slot}.log"), "ab")
-        return subprocess.Popen(worker_argv(slot, standby), env={**self.env, **replica_device_env(place)},
+        return subprocess.Popen(worker_argv(slot, standby), env={**self.env, **replica_device_env(place, self._gpus)},
                                 start_new_session=self.detach, stdout=out, stderr=subprocess.STDOUT if out else None)
 
     def held(self) -> dict[str, int]:

@@ -54,4 +54,5 @@ def _request(job: Job, request_id: str, sampling: SamplingParameters) -> Generat
         prefill_top_n_tokens=job.prefill_top_n_tokens,
         grammar=Grammar(job.grammar.kind, job.grammar.value) if job.grammar else None,
         adapter=job.adapter_id,
+        cache_salt=job.cache_salt,
     )

@@ -36,8 +36,8 @@ from tasks.weights.manifest import Manifest, cached_manifest, memo_name
 from tasks.weights.server import WeightServer
 from tasks.weights.sources import (
     COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, advertised_host, count_transfer, planned_sources,
-    weights_secret,
 )
+from tasks.weights.secret import weights_secret
 
 log = logging.getLogger(__name__)
 

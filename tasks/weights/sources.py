@@ -6,20 +6,19 @@
   the chunks as they arrive), so the source sends each byte once.
 - The peers: every replica advertises its data plane in its record (`weights`: address, model
   hash, state); `PeerChooser` picks the planned slots first, then any replica holding the model.
-- The secret of the data plane, and the transfer counters read by /metrics.
+- The transfer counters read by /metrics (the data plane's secret: tasks/weights/secret.py).
 No torch, no Celery: the web imports this.
 """
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import socket
 import time
 
 import redis
 
-from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.keys import WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.weights.fetch import Source
@@ -51,16 +50,6 @@ def advertised_host(setting: str) -> str:
     """The address a data plane listens on and advertises (`--weights-host`; `auto`: this host
     name's address)."""
     return socket.gethostbyname(socket.gethostname()) if setting == "auto" else setting
-
-
-def weights_secret(settings: Settings, connection: redis.Redis) -> str:
-    """The configured secret (`--weights-secret`, else the admin key, else the API key), else one
-    made at random for this cluster and kept in Redis (whoever reaches Redis is inside already)."""
-    configured = settings.weights_secret or settings.admin_api_key or settings.api_key
-    if configured:
-        return configured
-    connection.set(WEIGHT_SECRET_KEY, secrets.token_hex(32), nx=True)
-    return connection.get(WEIGHT_SECRET_KEY).decode()
 
 
 def live_records(connection: redis.Redis) -> list[dict]:

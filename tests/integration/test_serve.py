@@ -66,7 +66,29 @@ def wait_until(predicate, timeout: float, what: str, log_path, process) -> None:
 
 
 def private_redis_url(log_path) -> str:
+    """As the log shows it: no password."""
     return re.search(r"private Redis at (redis://\S+)", log_path.read_text()).group(1)
+
+
+def children_redis_url(process) -> str:
+    """The URL with its password, as `serve` hands it to its children (their environment)."""
+    for child in open(f"/proc/{process.pid}/task/{process.pid}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"REDIS_URL="):
+                return entry.split(b"=", 1)[1].decode()
+    raise AssertionError("no child of serve has REDIS_URL")
+
+
+def test_the_private_redis_has_a_password_on_loopback(serve):
+    process, _, log_path = serve
+    public, url = private_redis_url(log_path), children_redis_url(process)
+    password = redis.connection.parse_url(url)["password"]
+    assert len(password) >= 32 and password not in log_path.read_text(errors="replace")
+    assert public.startswith("redis://127.0.0.1:") and url.endswith(public[len("redis://"):])
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(public).ping()
+    assert redis.Redis.from_url(url).ping()
 
 
 def test_operator_terminal_shows_the_service_not_celerys_banner(serve):
@@ -78,9 +100,18 @@ def test_operator_terminal_shows_the_service_not_celerys_banner(serve):
     assert "SecurityWarning" not in output and "superuser privileges" not in output
 
 
+def test_sighup_reloads_the_web_and_serve_keeps_serving(serve):
+    process, base_url, log_path = serve
+    process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: reloading the web's configuration" in log_path.read_text(errors="replace"), 10,
+               "the reload line", log_path, process)
+    wait_until(lambda: generate(base_url) == 200, 30, "a request after the reload", log_path, process)
+    assert process.poll() is None
+
+
 def test_serve_restarts_its_private_redis_and_recovers(serve):
     process, base_url, log_path = serve
-    url = private_redis_url(log_path)
+    url, public = children_redis_url(process), private_redis_url(log_path)
     pid = int(redis.Redis.from_url(url).info("server")["process_id"])
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
@@ -89,6 +120,6 @@ def test_serve_restarts_its_private_redis_and_recovers(serve):
     assert time.monotonic() - killed < RECOVERY
     assert int(redis.Redis.from_url(url).info("server")["process_id"]) != pid  # a new server, same port
     output = log_path.read_text(errors="replace")
-    assert f"private Redis at {url} exited; restarting it" in output
-    assert f"private Redis at {url} restarted" in output
+    assert f"private Redis at {public} exited; restarting it" in output
+    assert f"private Redis at {public} restarted" in output
     assert "Warning" not in output[output.index("exited; restarting it"):], "warnings on the operator's terminal"

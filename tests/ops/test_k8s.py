@@ -58,13 +58,58 @@ def test_services_select_their_pods_and_redis_is_where_the_settings_say():
     for service in (d for d in documents() if d["kind"] == "Service"):
         deployment = resource("Deployment", service["metadata"]["name"])
         assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    url = resource("ConfigMap", "blitzscale-settings")["data"]["REDIS_URL"]
     port = resource("Service", "blitzscale-redis")["spec"]["ports"][0]["port"]
-    assert url == f"redis://blitzscale-redis:{port}/0"
-    for doc in documents():
-        for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            if c["image"].startswith("blitzscale"):
-                assert {"configMapRef": {"name": "blitzscale-settings"}} in c["envFrom"]
+    assert "REDIS_URL" not in resource("ConfigMap", "blitzscale-settings")["data"]  # it holds the password
+    for c in blitzscale_containers():
+        assert {"configMapRef": {"name": "blitzscale-settings"}} in c["envFrom"]
+        assert {"secretRef": {"name": "blitzscale-secrets"}} in c["envFrom"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@blitzscale-redis:{port}/0"
+
+
+def blitzscale_containers() -> list[dict]:
+    return [c for doc in documents() for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+            if c["image"].startswith("blitzscale")]
+
+
+def test_redis_requires_the_password_from_the_secret():
+    secret = resource("Secret", "blitzscale-secrets")
+    assert {"REDIS_PASSWORD", "WEIGHTS_SECRET", "ADMIN_API_KEY"} <= set(secret["stringData"])
+    redis_container = container("Deployment", "blitzscale-redis")
+    assert redis_container["command"] == ["redis-server", "--requirepass", "$(REDIS_PASSWORD)"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis_container["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "blitzscale-secrets", "key": "REDIS_PASSWORD"}
+    assert len(blitzscale_containers()) == 4  # web, worker, agent, autoscaler: each has it (test above)
+
+
+def _pods_selected(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels and In expressions) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []) if e["operator"] == "In")
+
+
+def pod_labels() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in documents()
+            if d["kind"] in ("Deployment", "DaemonSet")}
+
+
+def test_network_policies_let_only_blitzscale_reach_redis_and_the_data_plane():
+    pods = pod_labels()
+    policies = {d["metadata"]["name"]: d["spec"] for d in documents() if d["kind"] == "NetworkPolicy"}
+    guarded = {"blitzscale-redis": {"blitzscale-redis"}, "blitzscale-weights": {"blitzscale-worker", "blitzscale-agent"}}
+    allowed = {"blitzscale-redis": {"blitzscale-web", "blitzscale-worker", "blitzscale-agent", "blitzscale-autoscaler"},
+               "blitzscale-weights": {"blitzscale-worker", "blitzscale-agent"}}
+    for name, spec in policies.items():
+        assert spec["policyTypes"] == ["Ingress"]
+        assert {pod for pod, labels in pods.items() if _pods_selected(spec["podSelector"], labels)} == guarded[name]
+        (rule,) = spec["ingress"]
+        sources = {pod for pod, labels in pods.items() for peer in rule["from"]
+                   if _pods_selected(peer["podSelector"], labels)}
+        assert sources == allowed[name] and all(set(peer) == {"podSelector"} for peer in rule["from"])
+    assert set(policies) == set(guarded)
+    assert policies["blitzscale-redis"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 6379}]
+    assert not any(_pods_selected(p["podSelector"], pods["blitzscale-web"]) for p in policies.values())  # web open
 
 
 def test_the_web_is_ready_when_a_replica_serves():

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tests.web.fake_replica import FakeReplica, reply
+from tests.web.fake_replica import FakeReplica, register_replica, reply
 from web.app import create_app
 
 KEY, ADMIN = "s3cret-key", "admin-k3y"
@@ -79,3 +79,38 @@ def test_keys_are_never_logged(settings, keyed, caplog, redis_url):
     keyed.post("/modify_cluster_state", json=SCALE, headers=bearer(ADMIN))
     logged = caplog.text + repr(settings.replace(api_key=KEY, admin_api_key=ADMIN))
     assert KEY not in logged and ADMIN not in logged and "wrong-guess" not in logged
+
+
+def _publishes(connection) -> int:
+    """PUBLISH commands Redis has run: Celery's broadcast `inspect` is one each."""
+    return int(connection.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("headers", [{}, bearer(KEY), bearer("wrong")])
+def test_cluster_state_needs_the_admin_key_and_inspects_nothing_before(keyed, redis_client, redis_url, headers):
+    register_replica(redis_url, slot=0, alive=True)
+    before = _publishes(redis_client)
+    response = keyed.get("/cluster_state", headers=headers)
+    assert response.status_code == 401 and response.get_json()["error_type"] == "unauthorized"
+    assert "replica0@test" not in response.get_data(as_text=True)
+    assert _publishes(redis_client) == before  # no Celery broadcast for an anonymous caller
+
+
+def test_cluster_state_with_the_admin_key_lists_and_inspects(keyed, redis_client, redis_url):
+    register_replica(redis_url, slot=0, alive=True)
+    before = _publishes(redis_client)
+    response = keyed.get("/cluster_state", headers=bearer(ADMIN))
+    assert response.status_code == 200 and response.get_json()["replicas"][0]["name"] == "replica0@test"
+    assert _publishes(redis_client) > before  # the inspect the anonymous test proves absent
+
+
+def test_cluster_state_takes_the_api_key_without_an_admin_key(settings, redis_url):
+    register_replica(redis_url, slot=0)
+    client = create_app(settings.replace(api_key=KEY)).test_client()
+    assert client.get("/cluster_state?celery=false").status_code == 401
+    assert client.get("/cluster_state?celery=false", headers=bearer(KEY)).status_code == 200
+
+
+def test_probe_routes_stay_open_with_keys(keyed):
+    for path in ("/health", "/ping", "/"):
+        assert keyed.get(path).status_code in (200, 503)  # 503: no replica, but never 401

@@ -12,7 +12,7 @@ SETTINGS = Settings(model_id="unused", max_input_tokens=10, max_total_tokens=20)
 JOB_PARAMETERS = {
     "do_sample", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "seed",
     "max_new_tokens", "stop", "best_of", "details", "decoder_input_details", "top_n_tokens", "return_full_text",
-    "watermark", "grammar", "adapter_id",
+    "watermark", "grammar", "adapter_id", "cache_salt",
 }
 
 
@@ -104,7 +104,7 @@ def test_job_parameters_are_resolved():
         "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "typical_p": None,
         "repetition_penalty": 1.0, "frequency_penalty": 0.0, "seed": None, "max_new_tokens": 18, "stop": [],
         "best_of": 1, "details": False, "decoder_input_details": False, "top_n_tokens": 0,
-        "return_full_text": False, "watermark": False, "grammar": None, "adapter_id": None,
+        "return_full_text": False, "watermark": False, "grammar": None, "adapter_id": None, "cache_salt": "",
     }
     assert valid.job.input_ids == [5, 5] and valid.job.request_id and valid.job.stream is False
 

@@ -145,6 +145,7 @@ def _sampling(body: dict, settings: Settings, vocab_size: int, max_tokens: int |
         "max_new_tokens": max_tokens,
         "stop": _stop_list(body.get("stop")),
         "seed": body.get("seed"),
+        "cache_salt": body.get("cache_salt"),
     }
     openai = {
         "presence_penalty": _penalty(body, "presence_penalty"),

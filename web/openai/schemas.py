@@ -121,6 +121,8 @@ class SamplingRequestSchema(Schema):
                              metadata={"description": "Token id (as a string) -> bias in [-100, 100]."})
     n = optional(StrictInteger, "Independent choices to return (at most --max-best-of).")
     user = optional(fields.String, "Ignored.")
+    cache_salt = optional(fields.String, "vLLM's: a cached prompt prefix is reused only by requests with the "
+                                         "same salt (and tenant).")
 
 
 class ChatRequestSchema(SamplingRequestSchema):

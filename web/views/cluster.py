@@ -76,6 +76,7 @@ def modify_cluster_state(command: ScaleCommand):
 
 
 @blp.route("/cluster_state", methods=["GET"])
+@require_admin  # it names every data-plane address and model hash: before any Redis read or Celery inspect
 @blp.response(200, ClusterStateSchema, description="Every slot's replica, as the replicas and Celery report it")
 @blp.alt_response(503, schema=ErrorResponseSchema, description="Redis cannot be reached")
 def cluster_state():

@@ -1,0 +1,117 @@
+"""The tenants file (common/tenants.py) and the prefix cache's namespace (web/tenancy.py): keys
+found by their sha256, a plain key accepted with a warning, a broken file refused with the
+tenant and field named; several keys each open the generation routes as their own tenant."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+
+from common.tenants import TenantsError, load
+from tests.web.fake_replica import FakeReplica, reply
+from web.app import create_app
+from web.tenancy import cache_namespace
+
+ACME, GLOBEX = "acme-key", "globex-key"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture
+def tenants_file(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants:\n  acme: {{key_sha256: {digest(ACME)}, requests_per_minute: 600, "
+                    f"tokens_per_minute: 200000, max_concurrent_requests: 32}}\n  globex: {{key: {GLOBEX}}}\n")
+    return path
+
+
+def test_keys_are_found_by_their_digest(tenants_file, caplog):
+    caplog.set_level(logging.WARNING)
+    tenants = load(tenants_file)
+    acme = tenants.identify(ACME)
+    assert (acme.name, acme.requests_per_minute, acme.tokens_per_minute, acme.max_concurrent_requests) == \
+        ("acme", 600, 200000, 32)
+    assert tenants.identify(GLOBEX).name == "globex" and tenants.identify(GLOBEX).requests_per_minute is None
+    assert tenants.identify("nope") is None and tenants.identify(None) is None
+    assert "tenant globex" in caplog.text and "key_sha256" in caplog.text and GLOBEX not in caplog.text
+
+
+@pytest.mark.parametrize("text, named", [
+    ("tenants: {}\n", "expected `tenants:`"),
+    ("tenants: {acme: {key_sha256: abc}}\n", "tenant acme: `key_sha256`"),
+    (f"tenants: {{acme: {{key: k, requests_per_minute: 0}}}}\n", "`requests_per_minute` must be a positive"),
+    (f"tenants: {{acme: {{key: k, rpm: 5}}}}\n", "unknown field(s) rpm"),
+    (f"tenants: {{a: {{key: k}}, b: {{key: k}}}}\n", "have the same key"),
+    ("tenants: {'a b': {key: k}}\n", "tenant a b: a name is"),
+    ("tenants: [\n", "tenants.yaml"),
+])
+def test_a_broken_file_is_refused_with_what_is_wrong(tmp_path, text, named):
+    (tmp_path / "tenants.yaml").write_text(text)
+    with pytest.raises(TenantsError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        load(tmp_path / "tenants.yaml")
+
+
+def test_each_tenant_key_opens_the_generation_routes(settings, tenants_file, redis_url):
+    client = create_app(settings.replace(tenants_file=str(tenants_file))).test_client()
+    with FakeReplica(redis_url, reply([" world"])):
+        for key in (ACME, GLOBEX):
+            response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 200, response.get_data()
+    assert client.post("/generate", json={"inputs": "hello"}).status_code == 401
+    assert client.get("/cluster_state?celery=false", headers={"Authorization": f"Bearer {ACME}"}).status_code == 401
+
+
+def test_the_cache_namespace():
+    acme, globex = load_two()
+    assert cache_namespace("tenant", acme, "") != cache_namespace("tenant", globex, "")
+    assert cache_namespace("tenant", acme, "s") != cache_namespace("tenant", acme, "t")
+    assert cache_namespace("shared", acme, "s") == cache_namespace("shared", globex, "s")
+    assert cache_namespace("shared", acme, "") == cache_namespace("tenant", None, "") == ""  # as before tenants
+
+
+def load_two():
+    from common.tenants import Tenant
+    return Tenant("acme", digest(ACME)), Tenant("globex", digest(GLOBEX))
+
+
+def test_affinity_keys_follow_the_namespace():
+    """Affinity routing must not send one tenant's probe to the replica holding another's prefix."""
+    from tasks.client.affinity import KEY_BLOCK, job_salt, prefix_keys
+    acme, globex = load_two()
+    ids = list(range(2 * KEY_BLOCK))
+    keys = {name: prefix_keys(ids, job_salt(cache_namespace("tenant", tenant, ""), None))
+            for name, tenant in (("acme", acme), ("globex", globex))}
+    assert keys["acme"] and set(keys["acme"]).isdisjoint(keys["globex"])
+    assert prefix_keys(ids, job_salt("", "lora1")) == prefix_keys(ids, "lora1")  # no namespace: as before
+
+
+def test_the_api_key_is_tenant_default_beside_the_file(settings, tenants_file, redis_url):
+    client = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key")).test_client()
+    with FakeReplica(redis_url, reply([" world"])):
+        for key in ("plain-key", ACME):
+            assert client.post("/generate", json={"inputs": "hello"},
+                               headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_a_file_broken_before_a_reload_refuses_every_key(settings, tmp_path, caplog):
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: {acme: {key_sha256: nothex}}\n")
+    client = create_app(settings.replace(tenants_file=str(path))).test_client()  # the web stays up
+    response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {ACME}"})
+    assert response.status_code == 401 and "every API key is refused" in caplog.text
+
+
+def test_a_broken_file_stops_the_start_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    path = tmp_path / "tenants.yaml"
+    path.write_text("tenants: {acme: {key_sha256: nothex}}\n")
+    result = subprocess.run([sys.executable, "-m", "blitzscale.cli", "web", "--tenants-file", str(path),
+                             "--redis-url", "redis://127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            env=os.environ)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "tenant acme: `key_sha256` must be 64 hex" in lines[0]
