@@ -5,7 +5,9 @@ are named `base_model.model.<module>.lora_A.weight` ([r, in]) and `...lora_B.wei
 Every check happens at load, so a replica whose adapter does not fit its model refuses to start
 with a message naming the module, instead of failing (or silently doing nothing) on a request.
 Plain LoRA on `nn.Linear` projections only: DoRA, LoRA biases, embedding LoRA and
-`modules_to_save` are refused by name. See docs/engine.md ("LoRA adapters").
+`modules_to_save` are refused by name, and so is LoRA on the input or output embeddings
+(`embed_tokens`, `lm_head`: the latter sees only the kept logits rows, not every packed token).
+See docs/engine.md ("LoRA adapters").
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ def load_adapter(name: str, directory: str | Path, model) -> LoraAdapter:
         fail(f"{directory} is not a PEFT LoRA adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads(config_path.read_text())
     _check_config(config, fail)
-    pairs = _pairs(load_file(str(weights_path)), fail)
+    tensors = load_file(str(weights_path))
+    _refuse_embeddings(config.get("target_modules"), tensors, model, fail)
+    pairs = _pairs(tensors, fail)
     if not pairs:
         fail(f"{WEIGHTS_FILE} holds no lora_A/lora_B weights")
     targets = config.get("target_modules")
@@ -96,6 +100,27 @@ def _check_config(config: dict, fail) -> None:
     alpha = config.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         fail(f"lora_alpha must be a number, not {alpha!r}")
+
+
+def _embedding_modules(model) -> dict[str, str]:
+    """The model's embedding modules by name -> which end they are ("input", "output")."""
+    ends = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+    return {name: end for name, module in model.named_modules()
+            for end, embedding in ends.items() if module is embedding and name}
+
+
+def _refuse_embeddings(targets, tensors: dict[str, torch.Tensor], model, fail) -> None:
+    """LoRA on `embed_tokens` or `lm_head` (and the base weight peft saves beside it) refused by
+    module: the hooks add per-token updates, but `lm_head` sees only the kept rows."""
+    embeddings = _embedding_modules(model)
+    named = [t for t in targets if isinstance(t, str)] if isinstance(targets, (list, tuple, set)) else []
+    touched = [name for name in embeddings if any(name == t or name.endswith("." + t) for t in named)]
+    touched += [name for name in embeddings
+                if any(key.removeprefix(_PREFIX).startswith(name + ".") for key in tensors)]
+    if touched:
+        name = touched[0]
+        fail(f"module {name}: LoRA on the {embeddings[name]} embeddings is not supported "
+             f"(train the adapter without {name.rsplit('.', 1)[-1]} in target_modules)")
 
 
 def _pairs(tensors: dict[str, torch.Tensor], fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -194,6 +194,20 @@ def test_config_is_checked_against_the_model(base, tiny_model_dir, tmp_path):
         load_adapter("a", tmp_path, model)
 
 
+@pytest.mark.parametrize("target, module, end", [("lm_head", "lm_head", "output"),
+                                                 ("embed_tokens", "model.embed_tokens", "input")])
+def test_an_adapter_on_the_embeddings_is_refused_at_load_naming_the_module(base, tiny_model_dir, tmp_path,
+                                                                         target, module, end):
+    """peft saves q_proj's and lm_head's (or embed_tokens') LoRA plus the embedding's base weight:
+    refused at load in one line naming the adapter and the module, never a failed batch later."""
+    model, _ = base
+    directory = build_adapter(tiny_model_dir, tmp_path / "ft", seed=5, targets=["q_proj", target])
+    with pytest.raises(AdapterError) as refused:
+        load_adapter("ft", directory, model)
+    assert str(refused.value) == (f"LoRA adapter 'ft': module {module}: LoRA on the {end} embeddings is not "
+                                  f"supported (train the adapter without {target} in target_modules)")
+
+
 def test_a_prefix_computed_under_one_adapter_is_never_reused_under_another(lora_engine, base, tiny_model_dir,
                                                                             adapter_dirs):
     """The same long prompt under alpha, the base, beta, then alpha again: only the second alpha
