@@ -21,6 +21,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class DeviceError(ValueError):
+    """A `--device` this process cannot run on; the message says why in one line."""
+
+
+def resolve_device(spelling: str | None, default_index: int, cuda_count: int, visible: str | None = None) -> torch.device:
+    """The device a replica runs on, with an index on CUDA (`torch.cuda.set_device` refuses
+    `cuda` without one). None or `cuda`: `cuda:<default_index mod GPUs>` (cpu without CUDA, for
+    None); `cuda:N`: N when this process sees more than N GPUs, else the position of GPU N in
+    `visible` (CUDA_VISIBLE_DEVICES: `cuda:3` pinned by `CUDA_VISIBLE_DEVICES=3` is `cuda:0` here)."""
+    if spelling is None and not cuda_count:
+        return torch.device("cpu")
+    try:
+        device = torch.device(spelling or "cuda")
+    except RuntimeError as error:
+        raise DeviceError(f"--device {spelling!r} is not a device torch knows") from error
+    if device.type != "cuda":
+        return device
+    if not cuda_count:
+        raise DeviceError(f"--device {spelling}: this process sees no CUDA device")
+    if device.index is None:
+        return torch.device("cuda", default_index % cuda_count)
+    if device.index < cuda_count:
+        return device
+    pinned = [part.strip() for part in (visible or "").split(",") if part.strip()]
+    if str(device.index) in pinned:
+        return torch.device("cuda", pinned.index(str(device.index)))
+    raise DeviceError(f"--device {spelling}: this process sees {cuda_count} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={visible if visible is not None else 'unset'})")
+
+
 def device_context(device: torch.device):
     """`device` current for the block, on CUDA; nothing to do on CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
