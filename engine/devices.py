@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine.kv_slots import KVGeometry
+from engine.kv_budget import kv_budget
 from engine.outputs import EngineError
 
 if TYPE_CHECKING:
+    from engine.lora_files import LoraAdapter
     from engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,17 @@ def device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def affordable_slots(model, device: torch.device, config: SchedulerConfig) -> int:
-    """On a GPU the slots are allocated at once: no more than 90% of the free memory holds."""
+def affordable_slots(model, device: torch.device, config: SchedulerConfig, adapters: Sequence[LoraAdapter] = (),
+                     cuda_graphs: bool = False) -> int:
+    """On a GPU the slots are allocated at once: as many as the free memory holds once the margin
+    and what the engine allocates besides them are set aside (engine/kv_budget.py), logged."""
     if device.type != "cuda":
         return config.slots
-    per_position = KVGeometry.of(model).bytes_per_position
     free, _total = torch.cuda.mem_get_info(device)
-    affordable = int(0.9 * free) // (per_position * config.slot_length)
-    if affordable < 1:
-        raise EngineError("not enough GPU memory for one KV slot")
-    if affordable < config.slots:
-        log.warning("GPU memory holds %d KV slots of %d positions, not %d", affordable, config.slot_length, config.slots)
-    return min(config.slots, affordable)
+    budget = kv_budget(model, free, config.slots, config.slot_length, adapters, cuda_graphs)
+    log.info("%s on %s", budget.describe(), device)
+    if budget.slots < 1:
+        raise EngineError(f"not enough GPU memory for one KV slot ({budget.describe()})")
+    if budget.slots < config.slots:
+        log.warning("GPU memory holds %d KV slots of %d positions, not %d", budget.slots, config.slot_length, config.slots)
+    return min(config.slots, budget.slots)

@@ -70,7 +70,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
-        slots = affordable_slots(model, self.device, scheduler_config)
+        slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
+                                 self.device.type == "cuda" and cuda_graphs is not False)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None

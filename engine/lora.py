@@ -43,6 +43,17 @@ def adapter_groups(token_adapters: Sequence[int]) -> dict[int, list[int]]:
     return groups
 
 
+def stack_bytes(model, adapters: Sequence[LoraAdapter]) -> int:
+    """What `LoraLayers` allocates on the model's device for these adapters (before it does)."""
+    count, rank = len(adapters) + 1, max(adapter.rank for adapter in adapters)
+    element = next(model.parameters()).element_size()
+    total = 0
+    for module_name in {m for adapter in adapters for m in adapter.modules}:
+        module = model.get_submodule(module_name)
+        total += count * rank * (module.in_features + module.out_features) * element
+    return total
+
+
 @dataclass
 class Projection:
     a: torch.Tensor  # [K+1, in, r]
@@ -130,9 +141,10 @@ class LoraLayers:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.step: RowsStep | GroupedStep | TokensStep | None = None  # what the hooks apply during a forward
         self._hooks = []
+        self.projections: dict[str, Projection] = {}
         for module_name in sorted({m for adapter in adapters for m in adapter.modules}):
             module = model.get_submodule(module_name)
-            projection = self._stack(module, module_name, adapters)
+            projection = self.projections[module_name] = self._stack(module, module_name, adapters)
             self._hooks.append(module.register_forward_hook(partial(self._add_update, projection)))
 
     def index(self, name: str | None) -> int:
