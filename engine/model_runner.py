@@ -49,11 +49,37 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def supports_slots(model, slot_length: int) -> bool:
-    """The slot path ignores sliding windows: fine while a whole slot fits in the window."""
+# RoPE whose factors follow the forward's longest sequence (transformers takes the max of its
+# position_ids): in one packed forward a short row would get a long row's factors.
+POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def rope_types(model) -> set[str]:
+    """The model's RoPE types (`rope_parameters`, per layer type in some models; older
+    transformers: `rope_scaling`)."""
     config = model.config.get_text_config()
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return {p.get("rope_type") or p.get("type") or "default" for p in nested}
+
+
+def slot_path_refusal(model, slot_length: int) -> str | None:
+    """Why the model cannot take the slot path (None: it can)."""
+    config = model.config.get_text_config()
+    if config.model_type not in SLOT_FAMILIES:
+        return f"{config.model_type} is not among the slot-cache families"
+    dependent = sorted(t for t in rope_types(model) if any(kind in t for kind in POSITION_DEPENDENT_ROPE))
+    if dependent:
+        return (f"{config.model_type}'s RoPE ({', '.join(dependent)}) changes with each sequence's length, which "
+                "one packed forward (or a CUDA graph) cannot give each row")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return config.model_type in SLOT_FAMILIES and (window is None or window >= slot_length)
+    if window is not None and window < slot_length:  # the slot path ignores sliding windows
+        return f"its sliding window ({window}) is shorter than a slot ({slot_length} positions)"
+    return None
+
+
+def supports_slots(model, slot_length: int) -> bool:
+    return slot_path_refusal(model, slot_length) is None
 
 
 class ModelRunner:
