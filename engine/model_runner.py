@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +119,8 @@ class ModelRunner:
             for i in step.order:  # each chunk's tokens, in packed order, under its request's adapter
                 chunk = step.chunks[i]
                 adapters += self._adapters([chunk.sequence]) * (chunk.end - chunk.start)
-        with self._lora_tokens(adapters):
+        kept = [adapters[k] for k in step.kept_tokens] if adapters is not None else None
+        with self._lora_tokens(adapters, kept):
             logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
@@ -153,8 +154,16 @@ class ModelRunner:
             return None
         return [self.lora.index(s.request.adapter) if s is not None else 0 for s in sequences]
 
-    def _lora_tokens(self, adapters: list[int] | None):
-        return self.lora.tokens(adapters) if adapters is not None else nullcontext()
+    def _lora_tokens(self, adapters: list[int] | None, kept: list[int] | None = None):
+        """The packed tokens' adapters, and the kept logits rows' (default: every token is kept)
+        for an adapter on the output projection, which sees only those rows."""
+        if adapters is None:
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(self.lora.tokens(adapters))
+        if self.lora.targets_output:
+            stack.enter_context(self.lora.kept_rows(adapters if kept is None else kept))
+        return stack
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan, keep) -> torch.Tensor:
         """The packed forward: ids and positions [N]; logits [kept, V]."""
@@ -202,6 +211,7 @@ class PackedStep:
                 keep += range(offset, offset + chunk.end - chunk.start)
             else:
                 keep.append(offset + chunk.end - chunk.start - 1)
+        self.kept_tokens = keep  # the packed token behind each kept logits row
         # One host tensor, one pinned non-blocking copy: the host never waits for its inputs.
         packed = device_longs(ids + positions + slots + keep, device)
         self.ids, self.positions, self.slots, self.keep = packed.split([len(ids)] * 3 + [len(keep)])

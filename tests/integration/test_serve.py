@@ -99,7 +99,7 @@ def test_serve_with_an_adapter_that_cannot_load_exits_saying_why(tiny_model_dir,
     stops everything and exits non-zero, the reason as its last line."""
     from tests.lora_adapters import build_adapter
 
-    adapter = build_adapter(tiny_model_dir, tmp_path / "ft", seed=1, targets=["q_proj", "lm_head"])
+    adapter = build_adapter(tiny_model_dir, tmp_path / "ft", seed=1, targets=["q_proj", "embed_tokens"])
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(FAST, MODEL_ID=str(tiny_model_dir), PORT=str(free_port()), HF_HUB_OFFLINE="1",
                XDG_CACHE_HOME=str(tmp_path / "cache"), NUM_REPLICAS="1", LORA_ADAPTERS=f"ft={adapter}")
@@ -111,6 +111,7 @@ def test_serve_with_an_adapter_that_cannot_load_exits_saying_why(tiny_model_dir,
         stop_process(process, grace=10)
     lines = output.decode(errors="replace").strip().splitlines()
     assert process.returncode != 0, "\n".join(lines[-40:])
-    assert lines[-1].endswith("replica0 cannot load: LoRA adapter 'ft': module lm_head: LoRA on the output "
-                              "embeddings is not supported (train the adapter without lm_head in target_modules)"), \
+    assert lines[-1].endswith("replica0 cannot load: LoRA adapter 'ft': module model.embed_tokens: LoRA on the "
+                              "input embeddings is not supported (train the adapter without embed_tokens in "
+                              "target_modules)"), \
         "\n".join(lines[-40:])

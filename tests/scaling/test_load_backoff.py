@@ -16,7 +16,7 @@ from common.settings import Settings
 from tasks.control.autoscaler import Autoscaler
 from tasks.control.load_backoff import LoadBackoff, backoff_delay, load_failure
 
-REASON = "LoRA adapter 'ft': module lm_head: LoRA on the output embeddings is not supported"
+REASON = "LoRA adapter 'ft': module model.embed_tokens: LoRA on the input embeddings is not supported"
 
 
 @pytest.fixture
