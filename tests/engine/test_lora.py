@@ -218,6 +218,35 @@ def test_an_adapter_on_q_proj_and_lm_head_gives_peft_tokens_in_a_batch_with_base
         engine.runner.lora.remove()
 
 
+def test_lm_head_adapter_under_a_rows_index_matches_eager(base, tiny_model_dir, tmp_path):
+    """The decode step a CUDA graph replays (one device index for every row, all rows kept) adds
+    lm_head's update as the eager step does with its kept rows."""
+    model, tokenizer = base
+    adapter = load_adapter("head", build_adapter(tiny_model_dir, tmp_path / "head", seed=6,
+                                                 targets=["q_proj", "lm_head"]), model)
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=4, max_batch_total_tokens=1024,
+                                                      max_total_tokens=256), adapters=[adapter])
+    try:
+        for n, name in enumerate([None, "head", "head"]):
+            engine.submit(req(tokenizer, f"r{n}", PROMPTS[n], name, max_new_tokens=4))
+        engine.step()  # prefill all three
+        runner = engine.runner
+        ids = torch.tensor([5, 6, 7])
+        positions = torch.tensor([s.kv_len for s in engine.scheduler.running])
+        length = int(positions.max()) + 1
+        with torch.inference_mode():
+            with runner.lora.tokens([0, 1, 1]), runner.lora.kept_rows([0, 1, 1]):
+                eager = runner.decode_forward(ids, positions, length)
+            with runner.lora.tokens([0, 0, 0]), runner.lora.kept_rows([0, 0, 0]):
+                plain = runner.decode_forward(ids, positions, length)
+            gathered = runner.decode_forward(ids, positions, length, torch.tensor([0, 1, 1]))
+        torch.testing.assert_close(gathered, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gathered[0], plain[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(gathered[1:], plain[1:], rtol=1e-3, atol=1e-3)
+    finally:
+        engine.runner.lora.remove()
+
+
 def test_lora_on_the_input_embeddings_or_a_tied_lm_head_is_refused_naming_the_module(base, tiny_model_dir,
                                                                                      tmp_path):
     """Refused at load in one line naming the adapter and the module, never a failed batch later."""
