@@ -283,6 +283,9 @@ def main() -> None:
         return
     rows, rounds = run_all(args)
     report(args, rows, rounds)
+    failed = [row["mode"] for row in rows if "error" in row] + [mode for mode, kept in rounds.items() if not kept]
+    if failed:  # so that a script running the benchmark (scripts/gpu_check.sh) fails too
+        sys.exit(f"bench.batching: modes failed: {', '.join(failed)}")
 
 
 def run_all(args) -> tuple[list[dict], dict]:

@@ -23,6 +23,7 @@ from blitzscale.supervisor import Supervisor
 from common import hub, logs, model_files, tenants
 from common.settings import Settings, flag_name
 from tasks.control.devices import DEVICE_ORDER, outside_restriction, parse_devices
+from tasks.control.load_backoff import replica_cannot_load
 from tasks.runtime.worker import run_worker
 from tasks.weights.secret import exposure
 
@@ -106,6 +107,7 @@ def cmd_serve(settings: Settings) -> int:
         # Replicas belong to the host agent (they come and go with scaling); the autoscaler runs
         # unless --manually-scale.
         scaling = Scaling(settings, env=env).start(settings.num_replicas)
+        supervisor.stop_when(replica_cannot_load(settings, since=time.time() - 1))
         log.info("serving %s on http://%s:%d (starting: loading the replicas)", settings.model_id,
                  settings.hostname, settings.port)
         _announce_when_ready(settings)
@@ -120,6 +122,8 @@ def cmd_serve(settings: Settings) -> int:
             scaling.stop()
         if embedded is not None:
             embedded.stop()
+        if supervisor.fatal:  # the last line an operator sees: why it stopped
+            log.error("%s", supervisor.fatal)
 
 
 def _announce_when_ready(settings: Settings) -> None:

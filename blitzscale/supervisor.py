@@ -5,6 +5,7 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from common.processes import stop_processes
@@ -26,10 +27,16 @@ class Supervisor:
         self.restartable: list[tuple[str, Restartable]] = []
         self._stopping = False
         self._next_restart = 0.0
+        self._checks: list[Callable[[], str | None]] = []
+        self.fatal: str | None = None  # why the service stopped by itself, for its last line
 
     def keep_running(self, name: str, service: Restartable) -> None:
         """Restart `service` whenever it is found dead (the private Redis: its clients reconnect)."""
         self.restartable.append((name, service))
+
+    def stop_when(self, check: Callable[[], str | None]) -> None:
+        """Stop the service when `check()` returns a reason (a replica that cannot load)."""
+        self._checks.append(check)
 
     def spawn(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
         process = subprocess.Popen(argv, env=env, start_new_session=True)
@@ -61,6 +68,10 @@ class Supervisor:
                     if process.poll() is not None:
                         log.error("%s exited with %s; stopping the service", name, process.returncode)
                         return 1
+                for check in self._checks:
+                    self.fatal = check()
+                    if self.fatal:
+                        return 3
                 self._restart_dead()
                 time.sleep(0.5)
         except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from engine.host_transfer import Fence, HostCopy
 from engine.lora import LoraLayers
 from engine.lora_files import LoraAdapter
 from engine.metrics import EngineMetrics
-from engine.model_runner import ModelRunner, StepOutput, supports_slots
+from engine.model_runner import ModelRunner, StepOutput, slot_path_refusal, supports_slots
 from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
 from engine.overlap import LaunchedStep, successor
 from engine.params import GenerationRequest
@@ -70,7 +70,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
-        slots = affordable_slots(model, self.device, scheduler_config)
+        slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
+                                 self.device.type == "cuda" and cuda_graphs is not False)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None
@@ -79,8 +80,8 @@ class Engine:
             raise EngineError(f"LoRA adapters need the slot path, which {model.config.get_text_config().model_type} "
                               "models do not take")
         else:
-            log.warning("%s is not among the slot-cache families: it runs on the generic (slower) path, "
-                        "without prefix caching", model.config.get_text_config().model_type)
+            log.warning("%s: it runs on the generic (slower) path, one request per forward, without prefix "
+                        "caching or CUDA graphs", slot_path_refusal(model, scheduler_config.slot_length))
             self.runner = GenericRunner(model, self.device)
             scheduler_config = replace(scheduler_config, prefix_caching=False)
             overlap = False

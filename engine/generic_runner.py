@@ -3,7 +3,10 @@
 Architectures the slotted KV cache does not cover (see `model_runner.SLOT_FAMILIES`) still run:
 each slot keeps a transformers `DynamicCache`, prompts and decode rows go through the model one
 by one. Correct and slow; the engine logs when a model takes this path, and runs it without the
-prefix cache (its slots are caches of their own, which are moved, never copied).
+prefix cache (its slots are caches of their own, which are moved, never copied). Models whose
+RoPE changes with the sequence's length (longrope, dynamic NTK) take it too: each forward is one
+request's, so its factors are its own; a dynamic RoPE's state is reset before each, as a fresh
+model's first `generate` would see it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ class GenericRunner:
         self.device = device
         self._caches: dict[int, DynamicCache] = {}  # slot -> that request's cache
         self._cache_kwarg = cache_kwarg(model)
+        self._dynamic_ropes = [m for m in model.modules()
+                               if isinstance(getattr(m, "rope_type", None), str) and "dynamic" in m.rope_type
+                               and hasattr(m, "original_inv_freq")]
 
     def apply_copies(self, copies: list[SlotCopy]) -> None:
         for copy in copies:  # without prefix caching, only compaction: a request's cache moves down
@@ -57,6 +63,9 @@ class GenericRunner:
         return (torch.stack(last) if last else None), prompt
 
     def _forward(self, slot: int, ids: list[int], start: int, all_logits: bool) -> torch.Tensor:
+        for rope in self._dynamic_ropes:  # not another request's longer length: this one's own
+            rope.inv_freq = rope.original_inv_freq.to(rope.inv_freq.device)
+            rope.max_seq_len_cached = rope.original_max_seq_len
         positions = torch.arange(start, start + len(ids), device=self.device).view(1, -1)
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),

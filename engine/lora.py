@@ -17,6 +17,10 @@ apply them (docs/engine.md, "LoRA adapters", has the measurements):
   nothing; a step with no adapter at all skips the hooks' work entirely. When padding would
   more than double the rows (a long prompt chunk beside a few decode rows), `tokens` instead:
   a loop over the adapters present, each multiplying its own tokens (a slice for a chunk).
+
+An adapter on the output projection (`lm_head`) works the same way, but that projection sees
+only the kept logits rows (transformers applies `logits_to_keep` before it): its hook applies
+the adapters of the kept rows (`kept_rows`), never the packed tokens' index.
 """
 from __future__ import annotations
 
@@ -41,6 +45,17 @@ def adapter_groups(token_adapters: Sequence[int]) -> dict[int, list[int]]:
         if adapter:
             groups.setdefault(adapter, []).append(position)
     return groups
+
+
+def stack_bytes(model, adapters: Sequence[LoraAdapter]) -> int:
+    """What `LoraLayers` allocates on the model's device for these adapters (before it does)."""
+    count, rank = len(adapters) + 1, max(adapter.rank for adapter in adapters)
+    element = next(model.parameters()).element_size()
+    total = 0
+    for module_name in {m for adapter in adapters for m in adapter.modules}:
+        module = model.get_submodule(module_name)
+        total += count * rank * (module.in_features + module.out_features) * element
+    return total
 
 
 @dataclass
@@ -129,11 +144,17 @@ class LoraLayers:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.step: RowsStep | GroupedStep | TokensStep | None = None  # what the hooks apply during a forward
+        self.kept_step: RowsStep | GroupedStep | TokensStep | None = None  # the output projection's: kept rows
+        output = model.get_output_embeddings()
         self._hooks = []
+        self.projections: dict[str, Projection] = {}
+        self.targets_output = False  # some adapter targets the output projection: the runner says its kept rows
         for module_name in sorted({m for adapter in adapters for m in adapter.modules}):
             module = model.get_submodule(module_name)
-            projection = self._stack(module, module_name, adapters)
-            self._hooks.append(module.register_forward_hook(partial(self._add_update, projection)))
+            projection = self.projections[module_name] = self._stack(module, module_name, adapters)
+            kept = module is output
+            self.targets_output |= kept
+            self._hooks.append(module.register_forward_hook(partial(self._add_update, projection, kept)))
 
     def index(self, name: str | None) -> int:
         """An adapter's index (0: none); KeyError for a name this replica does not serve."""
@@ -141,29 +162,42 @@ class LoraLayers:
 
     @contextmanager
     def rows(self, index: torch.Tensor) -> Iterator[None]:
-        """Within: the forward's rows use the adapters `index` ([N] long, on the device) names."""
-        self.step = RowsStep(index)
+        """Within: the forward's rows use the adapters `index` ([N] long, on the device) names
+        (every row's logits are kept: the output projection takes the same index)."""
+        self.step = self.kept_step = RowsStep(index)
+        try:
+            yield
+        finally:
+            self.step = self.kept_step = None
+
+    @contextmanager
+    def tokens(self, token_adapters: Sequence[int]) -> Iterator[None]:
+        """Within: the forward's packed tokens use these adapters (host ints, 0: none)."""
+        self.step = self._step_for(token_adapters)
         try:
             yield
         finally:
             self.step = None
 
     @contextmanager
-    def tokens(self, token_adapters: Sequence[int]) -> Iterator[None]:
-        """Within: the forward's packed tokens use these adapters (host ints, 0: none)."""
-        groups = adapter_groups(token_adapters)
-        if not groups:
-            self.step = None
-        elif self.eager_kernel == "rows":
-            self.step = RowsStep(device_longs(token_adapters, self.device))
-        elif self.eager_kernel == "grouped" and GroupedStep.fits(groups):
-            self.step = GroupedStep(groups, self.device)
-        else:
-            self.step = TokensStep(groups, self.device)
+    def kept_rows(self, kept_adapters: Sequence[int]) -> Iterator[None]:
+        """Within: the logits rows the forward keeps use these adapters (host ints, 0: none), in
+        the order the output projection sees them."""
+        self.kept_step = self._step_for(kept_adapters)
         try:
             yield
         finally:
-            self.step = None
+            self.kept_step = None
+
+    def _step_for(self, adapters: Sequence[int]) -> RowsStep | GroupedStep | TokensStep | None:
+        groups = adapter_groups(adapters)
+        if not groups:
+            return None
+        if self.eager_kernel == "rows":
+            return RowsStep(device_longs(adapters, self.device))
+        if self.eager_kernel == "grouped" and GroupedStep.fits(groups):
+            return GroupedStep(groups, self.device)
+        return TokensStep(groups, self.device)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -184,8 +218,8 @@ class LoraLayers:
             targeting.add(k)
         return Projection(a.to(self.device, self.dtype), b.to(self.device, self.dtype), frozenset(targeting))
 
-    def _add_update(self, projection: Projection, module, args, output: torch.Tensor):
-        step = self.step
+    def _add_update(self, projection: Projection, kept: bool, module, args, output: torch.Tensor):
+        step = self.kept_step if kept else self.step
         if step is None:
             return None
         x = args[0]

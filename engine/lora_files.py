@@ -5,7 +5,9 @@ are named `base_model.model.<module>.lora_A.weight` ([r, in]) and `...lora_B.wei
 Every check happens at load, so a replica whose adapter does not fit its model refuses to start
 with a message naming the module, instead of failing (or silently doing nothing) on a request.
 Plain LoRA on `nn.Linear` projections only: DoRA, LoRA biases, embedding LoRA and
-`modules_to_save` are refused by name. See docs/engine.md ("LoRA adapters").
+`modules_to_save` are refused by name, and so is LoRA on the input embeddings (`embed_tokens`) or
+on an `lm_head` tied to them; LoRA on an untied `lm_head` is served (on the kept logits rows).
+See docs/engine.md ("LoRA adapters").
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ def load_adapter(name: str, directory: str | Path, model) -> LoraAdapter:
         fail(f"{directory} is not a PEFT LoRA adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads(config_path.read_text())
     _check_config(config, fail)
-    pairs = _pairs(load_file(str(weights_path)), fail)
+    tensors = load_file(str(weights_path))
+    _check_embeddings(config.get("target_modules"), tensors, model, fail)
+    pairs = _pairs(tensors, fail)
     if not pairs:
         fail(f"{WEIGHTS_FILE} holds no lora_A/lora_B weights")
     targets = config.get("target_modules")
@@ -96,6 +100,36 @@ def _check_config(config: dict, fail) -> None:
     alpha = config.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         fail(f"lora_alpha must be a number, not {alpha!r}")
+
+
+def _embedding_modules(model) -> dict[str, str]:
+    """The model's embedding modules by name -> which end they are ("input", "output")."""
+    ends = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+    return {name: end for name, module in model.named_modules()
+            for end, embedding in ends.items() if module is embedding and name}
+
+
+def _check_embeddings(targets, tensors: dict[str, torch.Tensor], model, fail) -> None:
+    """LoRA on the output projection (`lm_head`) runs on the kept logits rows (engine/lora.py);
+    refused by module: LoRA on the input embeddings, and on an `lm_head` tied to them (peft's
+    merge would change both). The base weight peft saves beside them (`save_embedding_layers`)
+    must be the model's own (else the adapter came with a resized or retrained vocabulary);
+    it is then dropped."""
+    embeddings = _embedding_modules(model)
+    named = [t for t in targets if isinstance(t, str)] if isinstance(targets, (list, tuple, set)) else []
+    touched = [name for name in embeddings if any(name == t or name.endswith("." + t) for t in named)]
+    touched += [name for name in embeddings if name not in touched
+                and any(key.removeprefix(_PREFIX).startswith(name + ".") for key in tensors)]
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    for name in touched:
+        short = name.rsplit(".", 1)[-1]
+        if embeddings[name] == "input" or tied:
+            why = "the input embeddings" if embeddings[name] == "input" else "an output projection tied to the input embeddings"
+            fail(f"module {name}: LoRA on {why} is not supported (train the adapter without {short} in target_modules)")
+        base = tensors.pop(f"{_PREFIX}{name}.base_layer.weight", None)
+        weight = model.get_submodule(name).weight
+        if base is not None and not torch.equal(base.to(weight.dtype), weight.detach().cpu()):
+            fail(f"module {name}: the adapter's saved base weight is not this model's (a resized or retrained vocabulary)")
 
 
 def _pairs(tensors: dict[str, torch.Tensor], fail) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +49,37 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def supports_slots(model, slot_length: int) -> bool:
-    """The slot path ignores sliding windows: fine while a whole slot fits in the window."""
+# RoPE whose factors follow the forward's longest sequence (transformers takes the max of its
+# position_ids): in one packed forward a short row would get a long row's factors.
+POSITION_DEPENDENT_ROPE = ("longrope", "dynamic")
+
+
+def rope_types(model) -> set[str]:
+    """The model's RoPE types (`rope_parameters`, per layer type in some models; older
+    transformers: `rope_scaling`)."""
     config = model.config.get_text_config()
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return {p.get("rope_type") or p.get("type") or "default" for p in nested}
+
+
+def slot_path_refusal(model, slot_length: int) -> str | None:
+    """Why the model cannot take the slot path (None: it can)."""
+    config = model.config.get_text_config()
+    if config.model_type not in SLOT_FAMILIES:
+        return f"{config.model_type} is not among the slot-cache families"
+    dependent = sorted(t for t in rope_types(model) if any(kind in t for kind in POSITION_DEPENDENT_ROPE))
+    if dependent:
+        return (f"{config.model_type}'s RoPE ({', '.join(dependent)}) changes with each sequence's length, which "
+                "one packed forward (or a CUDA graph) cannot give each row")
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return config.model_type in SLOT_FAMILIES and (window is None or window >= slot_length)
+    if window is not None and window < slot_length:  # the slot path ignores sliding windows
+        return f"its sliding window ({window}) is shorter than a slot ({slot_length} positions)"
+    return None
+
+
+def supports_slots(model, slot_length: int) -> bool:
+    return slot_path_refusal(model, slot_length) is None
 
 
 class ModelRunner:
@@ -93,7 +119,8 @@ class ModelRunner:
             for i in step.order:  # each chunk's tokens, in packed order, under its request's adapter
                 chunk = step.chunks[i]
                 adapters += self._adapters([chunk.sequence]) * (chunk.end - chunk.start)
-        with self._lora_tokens(adapters):
+        kept = [adapters[k] for k in step.kept_tokens] if adapters is not None else None
+        with self._lora_tokens(adapters, kept):
             logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
@@ -127,8 +154,16 @@ class ModelRunner:
             return None
         return [self.lora.index(s.request.adapter) if s is not None else 0 for s in sequences]
 
-    def _lora_tokens(self, adapters: list[int] | None):
-        return self.lora.tokens(adapters) if adapters is not None else nullcontext()
+    def _lora_tokens(self, adapters: list[int] | None, kept: list[int] | None = None):
+        """The packed tokens' adapters, and the kept logits rows' (default: every token is kept)
+        for an adapter on the output projection, which sees only those rows."""
+        if adapters is None:
+            return nullcontext()
+        stack = ExitStack()
+        stack.enter_context(self.lora.tokens(adapters))
+        if self.lora.targets_output:
+            stack.enter_context(self.lora.kept_rows(adapters if kept is None else kept))
+        return stack
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, plan: StepPlan, keep) -> torch.Tensor:
         """The packed forward: ids and positions [N]; logits [kept, V]."""
@@ -176,6 +211,7 @@ class PackedStep:
                 keep += range(offset, offset + chunk.end - chunk.start)
             else:
                 keep.append(offset + chunk.end - chunk.start - 1)
+        self.kept_tokens = keep  # the packed token behind each kept logits row
         # One host tensor, one pinned non-blocking copy: the host never waits for its inputs.
         packed = device_longs(ids + positions + slots + keep, device)
         self.ids, self.positions, self.slots, self.keep = packed.split([len(ids)] * 3 + [len(keep)])

@@ -101,6 +101,8 @@ class ReplicaStateSchema(Schema):
     cuda_graphs = fields.Integer(allow_none=True, metadata={"description": "decode CUDA graphs captured at start (0 on CPU)"})
     graph_capture_seconds = fields.Float(allow_none=True)
     updated_at = fields.Float(allow_none=True)
+    error = fields.String(allow_none=True, metadata={"description": "why the slot is dead: its replica could not "
+                                                     "load (the model or an adapter), or had no free device"})
     prefix_cache = fields.Nested(PrefixCacheSchema, allow_none=True)
     celery = fields.Nested(CeleryViewSchema, allow_none=True)
 
@@ -135,5 +137,7 @@ class ClusterStateSchema(Schema):
     placement = fields.Dict(allow_none=True, metadata={"description": "the last placement executed: `at`, `trigger`, "
                                                        "`placements` (slot, host, device, weights: host-cache | "
                                                        "peer | source, fetch_from: slots)"})
-    autoscaler = fields.Dict(allow_none=True, metadata={"description": "the autoscaler's last decision"})
+    autoscaler = fields.Dict(allow_none=True, metadata={"description": "the autoscaler's last decision; `backoff` "
+                                                        "(failures, reason, retry_in_s) while replicas that cannot "
+                                                        "load hold new processes back"})
     replicas = fields.List(fields.Nested(ReplicaStateSchema))

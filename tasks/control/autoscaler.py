@@ -7,8 +7,9 @@ under `scale_down_threshold` for `scale_down_hold` seconds: down by one (drain, 
 stop). `decide` is a pure function of what was observed; `Autoscaler.tick` observes and acts.
 New processes are placed by the control plane (tasks/control/placement.py); a scale-up that finds
 no free device (or no agent) starts what fits, logs the rest once per change and counts it
-(`scale_up_blocked:<reason>`). Every decision that acts is logged, counted in Redis and shown in
-metrics.
+(`scale_up_blocked:<reason>`). Replicas that cannot load (a misconfigured model or adapter) hold
+new processes back with growing delays (tasks/control/load_backoff.py), the reason shown in the
+autoscaler's state. Every decision that acts is logged, counted in Redis and shown in metrics.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
 from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
+from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places
 
 log = logging.getLogger(__name__)
@@ -120,30 +122,34 @@ def _in_flight(view: dict) -> int:
 
 
 class Autoscaler:
-    def __init__(self, settings: Settings, control: ClusterControl | None = None):
+    def __init__(self, settings: Settings, control: ClusterControl | None = None, backoff: LoadBackoff | None = None):
         self.settings = settings
         self.control = control or ClusterControl(settings)
         self.policy = Policy.from_settings(settings)
         self.memory = Memory()
+        self.backoff = backoff or LoadBackoff()
         self._blocked: str | None = None  # the last scale-up block logged
         self._stop = threading.Event()
 
     def tick(self) -> Decision:
         slots = self.control.slots()
         obs = observe(slots, self.control.queue_size(), self.settings, time.time())
+        self.backoff.observe(slots, obs.now)
         decision, self.memory = decide(obs, self.policy, self.memory)
-        self.control.redis.set(AUTOSCALER_KEY, json.dumps({**asdict(decision), "at": obs.now, "serving": obs.serving}),
-                               ex=max(5, int(self.settings.scale_interval * 10)))
+        state = {**asdict(decision), "at": obs.now, "serving": obs.serving, "backoff": self.backoff.view(obs.now)}
+        self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
         if decision.action != "hold":
-            self.act(decision, slots)
+            self.act(decision, slots, obs.now)
         return decision
 
-    def act(self, decision: Decision, slots: dict[int, dict]) -> None:
+    def act(self, decision: Decision, slots: dict[int, dict], now: float | None = None) -> None:
         if decision.action == "up":
-            chosen = self._up_within_places(decision, slots)
+            chosen = self._up_within_places(decision, slots, time.time() if now is None else now)
         else:
             chosen = pick_down(slots, decision.count)
         if not chosen:
+            if self._blocked:  # the block was logged (once per change); not again at every tick
+                return
             log.info("autoscaler: %s %d wanted (%s) but no slot can", decision.action, decision.count, decision.reason)
             return
         log.info("autoscaler: scale %s stubs %s (%s)", decision.action, chosen, decision.reason)
@@ -158,12 +164,19 @@ class Autoscaler:
         except ClusterError as error:
             log.warning("autoscaler: %s", error)
 
-    def _up_within_places(self, decision: Decision, slots: dict[int, dict]) -> list[int]:
-        """Standby replicas first, then as many new processes as there are free places; the rest
-        is blocked (logged once per change, counted every time)."""
+    def _up_within_places(self, decision: Decision, slots: dict[int, dict], now: float) -> list[int]:
+        """Standby replicas first, then as many new processes as there are free places (none
+        while replicas that cannot load hold them back); the rest is blocked (logged once per
+        change, counted every time)."""
         chosen = pick_up(slots, decision.count, self.settings.slot_count)
         warm = [s for s in chosen if slots.get(s, {}).get("state") in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
         new = [s for s in chosen if s not in warm]
+        if new and self.backoff.holds(now):
+            backoff = self.backoff
+            self._block("cannot_load", f"failure {backoff.failures}",
+                        f"{len(new)} new replicas wanted ({decision.reason}); replicas cannot load "
+                        f"({backoff.reason}); next start in {backoff.retry_at - now:.0f} s (failure {backoff.failures})")
+            return warm
         fleet = self.control.fleet(slots)
         free = sum(len(places) for places in free_places(fleet).values())
         if len(new) > free:

@@ -3,6 +3,7 @@ runtime that imports torch, transformers and the engine. tasks.runtime.replica i
 loads its model, so that importing the runtime (the CLI, Celery's tools) stays free of torch."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from common.settings import Settings
+from engine.devices import resolve_device
 from engine.engine import Engine
 from engine.lora_files import LoraAdapter
 from engine.metrics import EngineMetrics
@@ -39,7 +41,8 @@ def build_engine(settings: Settings, slot: int, directory, weights: ReplicaWeigh
     """The model from `directory` on the replica's device, its adapters checked against it (a misfit
     stops the start here), and the engine started over them."""
     s = settings
-    device = torch.device(s.device or (f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"))
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(s.device, slot, cuda_count, os.environ.get("CUDA_VISIBLE_DEVICES"))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this thread loads and captures; the engine's loop sets its own
     model = load_model(directory, device, s.dtype)

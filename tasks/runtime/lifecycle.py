@@ -116,10 +116,10 @@ class Lifecycle:
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
 
-    def register(self, state: str) -> None:
+    def register(self, state: str, **extra) -> None:
         r = self.replica
         entry = {"slot": r.slot, "name": r.name, "host": r.settings.host, "device": r.device_name, "pid": os.getpid(),
-                 "state": state, "by": "replica", "updated_at": time.time()}
+                 "state": state, "by": "replica", "updated_at": time.time(), **extra}
         pipe = r.redis.pipeline()
         pipe.hset(SLOTS_KEY, str(r.slot), json.dumps(entry))
         pipe.set(slot_lease_key(r.slot), r.name, ex=max(5, int(r.settings.heartbeat_ttl) * 3))
@@ -134,9 +134,22 @@ class Lifecycle:
             self._shutdown_sent = True
             self._shutdown(self.replica.name)
 
+    def cannot_load(self, message: str) -> None:
+        """The model or an adapter cannot load: the slot is `dead` with the reason, marked as a
+        configuration error (the autoscaler backs off, `serve` exits: docs/failure-policy.md)."""
+        r = self.replica
+        self.state = ReplicaState.DEAD
+        try:
+            self.register(ReplicaState.DEAD, error=message, cannot_load=True)
+            r.redis.delete(slot_lease_key(r.slot))
+        except redis.RedisError:
+            pass
+
     def stopped(self) -> None:
         """A clean exit: the slot is `stopped`, not `dead`."""
         r = self.replica
+        if self.state == ReplicaState.DEAD:  # it could not load: `cannot_load` had the last word
+            return
         self.state = ReplicaState.STOPPED
         try:
             self.register(ReplicaState.STOPPED)

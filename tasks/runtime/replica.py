@@ -30,6 +30,8 @@ from tasks.runtime.stream_relay import StreamRelay
 
 log = logging.getLogger(__name__)
 
+CANNOT_LOAD_EXIT = 3  # a replica whose model or adapters cannot load: a configuration error
+
 
 class Replica:
     def __init__(self, settings: Settings, slot: int, name: str, worker=None,
@@ -143,6 +145,14 @@ class Replica:
         except redis.RedisError:
             pass
 
+    def stop_unloaded(self, reason: str) -> None:
+        """Stop after a failed load; the slot then shows `dead` with `reason` (not `stopped`,
+        which the heartbeat's last word or `stop()` would leave)."""
+        self.stop()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(2)
+        self.lifecycle.cannot_load(reason)
+
     def _beat(self) -> None:
         self.lifecycle.run(self._stop, self.settings.heartbeat_interval)
 
@@ -185,8 +195,8 @@ def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
             _replica.start()
         except Exception as error:  # e.g. a LoRA adapter that does not fit: refuse to start, saying why
             log.error("replica %s cannot start: %s", name, error, exc_info=not isinstance(error, ValueError))
-            _replica.stop()
-            raise SystemExit(3) from error  # not an Exception: Celery's signal dispatch lets it end the worker
+            _replica.stop_unloaded(load_error_line(error))
+            raise SystemExit(CANNOT_LOAD_EXIT) from error  # not an Exception: Celery's dispatch lets it end the worker
 
     def stop(**_):
         if _replica is not None:
@@ -194,6 +204,13 @@ def run_in_worker(app: Celery, settings: Settings, slot: int) -> None:
 
     signals.worker_init.connect(load, weak=False)
     signals.worker_shutdown.connect(stop, weak=False)
+
+
+def load_error_line(error: BaseException) -> str:
+    """What an operator reads about a model or adapter that cannot load: one line."""
+    text = str(error).strip().splitlines()
+    message = text[0] if text else type(error).__name__
+    return message if isinstance(error, ValueError) else f"{type(error).__name__}: {message}"
 
 
 def _cannot_shut_down(name: str) -> None:

@@ -4,18 +4,24 @@ end-of-step event, the warm-up streams and the graphs are on the model's GPU (CU
 scripts/gpu_check.sh)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 from engine.cuda_graphs import DecodeGraphs
+from engine.devices import resolve_device
 from engine.engine import Engine
 from engine.params import GenerationRequest, SamplingParams, StoppingParams
 from engine.scheduler import SchedulerConfig
 from tests.engine.test_families import FAMILIES, PROMPTS, SMALL, IdTokenizer
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -77,3 +83,40 @@ def test_the_loop_and_the_capture_run_under_the_engines_device(monkeypatch):
     assert ("engine-loop", last) in entered and (threading.current_thread().name, last) in entered
     assert {kind for kind, _ in current} == {"step", "capture"} and {index for _, index in current} == {last}
     assert engine.stats().cuda_graphs > 0 and all(len(tokens) > 0 for tokens in graphed)
+
+
+def test_device_cuda_without_an_index_starts_an_engine():
+    """`--device cuda` resolves to an indexed device: `torch.cuda.set_device` takes it (it raised
+    on `cuda` alone) and the engine runs there."""
+    device = resolve_device("cuda", 0, torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    tokens, engine = run(build(str(device)), cuda_graphs=True)
+    assert engine.stats().cuda_graphs > 0 and all(len(t) > 0 for t in tokens)
+    assert all(out.device == device for out in engine.runner.graphs.outputs.values())
+
+
+PINNED = """
+import os, sys, torch
+from engine.devices import resolve_device
+from tests.engine.test_cuda_device import build, run
+device = resolve_device(os.environ["DEVICE"], 0, torch.cuda.device_count(), os.environ["CUDA_VISIBLE_DEVICES"])
+torch.cuda.set_device(device)
+tokens, engine = run(build(str(device)), cuda_graphs=True)
+outputs = list(engine.runner.graphs.outputs.values())
+assert outputs and all(len(t) > 0 for t in tokens)
+print(torch.cuda.device_count(), *{str(torch.cuda.get_device_properties(out.device).uuid) for out in outputs})
+"""
+
+
+def test_a_replica_pinned_to_a_gpu_computes_on_that_gpu():
+    """As a host agent starts it: CUDA_VISIBLE_DEVICES=<last GPU>, `--device cuda:<last>` (its
+    place's name). The graphs' outputs must live on that physical GPU (its UUID), not GPU 0:
+    with more than one GPU, a wrong device shows here."""
+    last = torch.cuda.device_count() - 1
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(last), "DEVICE": f"cuda:{last}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", PINNED], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen, *uuids = done.stdout.split()
+    assert seen == "1" and uuids == [str(torch.cuda.get_device_properties(last).uuid)]

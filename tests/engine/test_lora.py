@@ -194,6 +194,92 @@ def test_config_is_checked_against_the_model(base, tiny_model_dir, tmp_path):
         load_adapter("a", tmp_path, model)
 
 
+def test_an_adapter_on_q_proj_and_lm_head_gives_peft_tokens_in_a_batch_with_base_rows(base, tiny_model_dir,
+                                                                                      tmp_path):
+    """lm_head sees only the kept logits rows: its adapter is applied per kept row. Rows on the
+    adapter and on none, admitted together (every step mixes them, prompt chunks included), each
+    get their solo tokens: peft's merged model's and the base model's."""
+    model, tokenizer = base
+    directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["q_proj", "lm_head"])
+    adapter = load_adapter("head", directory, model)
+    assert "lm_head" in adapter.modules
+    merged = merged_model(tiny_model_dir, directory)
+    expected = {(name, text): greedy(merged if name else model, tokenizer(text).input_ids, 10)
+                for name in (None, "head") for text in PROMPTS}
+    assert all(expected[(None, text)] != expected[("head", text)] for text in PROMPTS)
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=8, max_batch_total_tokens=8 * 256,
+                                                      max_total_tokens=256), adapters=[adapter])
+    streams = {key: engine.submit(req(tokenizer, f"{key[0]}-{n}", key[1], key[0])) for n, key in enumerate(expected)}
+    engine.start()  # after every submit: all are admitted in the first step and decode together
+    try:
+        assert {key: tokens(stream) for key, stream in streams.items()} == expected
+    finally:
+        engine.stop()
+        engine.runner.lora.remove()
+
+
+def test_lm_head_adapter_under_a_rows_index_matches_eager(base, tiny_model_dir, tmp_path):
+    """The decode step a CUDA graph replays (one device index for every row, all rows kept) adds
+    lm_head's update as the eager step does with its kept rows."""
+    model, tokenizer = base
+    adapter = load_adapter("head", build_adapter(tiny_model_dir, tmp_path / "head", seed=6,
+                                                 targets=["q_proj", "lm_head"]), model)
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=4, max_batch_total_tokens=1024,
+                                                      max_total_tokens=256), adapters=[adapter])
+    try:
+        for n, name in enumerate([None, "head", "head"]):
+            engine.submit(req(tokenizer, f"r{n}", PROMPTS[n], name, max_new_tokens=4))
+        engine.step()  # prefill all three
+        runner = engine.runner
+        ids = torch.tensor([5, 6, 7])
+        positions = torch.tensor([s.kv_len for s in engine.scheduler.running])
+        length = int(positions.max()) + 1
+        with torch.inference_mode():
+            with runner.lora.tokens([0, 1, 1]), runner.lora.kept_rows([0, 1, 1]):
+                eager = runner.decode_forward(ids, positions, length)
+            with runner.lora.tokens([0, 0, 0]), runner.lora.kept_rows([0, 0, 0]):
+                plain = runner.decode_forward(ids, positions, length)
+            gathered = runner.decode_forward(ids, positions, length, torch.tensor([0, 1, 1]))
+        torch.testing.assert_close(gathered, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gathered[0], plain[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(gathered[1:], plain[1:], rtol=1e-3, atol=1e-3)
+    finally:
+        engine.runner.lora.remove()
+
+
+def test_lora_on_the_input_embeddings_or_a_tied_lm_head_is_refused_naming_the_module(base, tiny_model_dir,
+                                                                                     tmp_path):
+    """Refused at load in one line naming the adapter and the module, never a failed batch later."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = base
+    directory = build_adapter(tiny_model_dir, tmp_path / "embed", seed=5, targets=["q_proj", "embed_tokens"])
+    with pytest.raises(AdapterError) as refused:
+        load_adapter("ft", directory, model)
+    assert str(refused.value) == ("LoRA adapter 'ft': module model.embed_tokens: LoRA on the input embeddings is "
+                                  "not supported (train the adapter without embed_tokens in target_modules)")
+    tied = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # as a tie_word_embeddings model holds them
+    directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["q_proj", "lm_head"])
+    with pytest.raises(AdapterError) as refused:
+        load_adapter("ft", directory, tied)
+    assert str(refused.value) == ("LoRA adapter 'ft': module lm_head: LoRA on an output projection tied to the input "
+                                  "embeddings is not supported (train the adapter without lm_head in target_modules)")
+
+
+def test_an_lm_head_adapter_saved_over_another_vocabulary_is_refused(base, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = base
+    directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["lm_head"])
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.base_layer.weight"] += 1.0  # trained (or resized) with the adapter
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"^LoRA adapter 'head': module lm_head: the adapter's saved base weight "
+                                           r"is not this model's"):
+        load_adapter("head", directory, model)
+
+
 def test_a_prefix_computed_under_one_adapter_is_never_reused_under_another(lora_engine, base, tiny_model_dir,
                                                                             adapter_dirs):
     """The same long prompt under alpha, the base, beta, then alpha again: only the second alpha

@@ -123,3 +123,26 @@ def test_serve_restarts_its_private_redis_and_recovers(serve):
     assert f"private Redis at {public} exited; restarting it" in output
     assert f"private Redis at {public} restarted" in output
     assert "Warning" not in output[output.index("exited; restarting it"):], "warnings on the operator's terminal"
+
+
+def test_serve_with_an_adapter_that_cannot_load_exits_saying_why(tiny_model_dir, tmp_path):
+    """A configuration error, not a crash loop: the replica cannot load its adapter, so `serve`
+    stops everything and exits non-zero, the reason as its last line."""
+    from tests.lora_adapters import build_adapter
+
+    adapter = build_adapter(tiny_model_dir, tmp_path / "ft", seed=1, targets=["q_proj", "embed_tokens"])
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(FAST, MODEL_ID=str(tiny_model_dir), PORT=str(free_port()), HF_HUB_OFFLINE="1",
+               XDG_CACHE_HOME=str(tmp_path / "cache"), NUM_REPLICAS="1", LORA_ADAPTERS=f"ft={adapter}")
+    process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "serve"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=180)
+    finally:
+        stop_process(process, grace=10)
+    lines = output.decode(errors="replace").strip().splitlines()
+    assert process.returncode != 0, "\n".join(lines[-40:])
+    assert lines[-1].endswith("replica0 cannot load: LoRA adapter 'ft': module model.embed_tokens: LoRA on the "
+                              "input embeddings is not supported (train the adapter without embed_tokens in "
+                              "target_modules)"), \
+        "\n".join(lines[-40:])

@@ -40,3 +40,24 @@ def test_routes_are_documented(client):
     post = paths["/modify_cluster_state"]["post"]
     assert {"200", "400", "422"} <= set(post["responses"])
     assert "get" in paths["/cluster_state"]
+
+
+def test_a_replica_that_cannot_load_shows_why_and_the_autoscaler_backs_off(client, settings, redis_url):
+    """What `/cluster_state` shows of a configuration error: the slot `dead` with its reason, and
+    the autoscaler holding new processes back (docs/failure-policy.md)."""
+    import json
+    import time
+
+    import redis
+
+    from common.keys import SLOTS_KEY
+    from tasks.control.autoscaler import Autoscaler
+
+    reason = "LoRA adapter 'ft': module model.embed_tokens: LoRA on the input embeddings is not supported"
+    redis.Redis.from_url(redis_url).hset(SLOTS_KEY, "0", json.dumps({
+        "slot": 0, "state": "dead", "by": "replica", "updated_at": time.time(), "error": reason, "cannot_load": True}))
+    Autoscaler(settings.replace(min_replicas=1)).tick()
+    state = client.get("/cluster_state?celery=false").get_json()
+    assert (state["replicas"][0]["state"], state["replicas"][0]["error"]) == ("dead", reason)
+    backoff = state["autoscaler"]["backoff"]
+    assert (backoff["failures"], backoff["reason"]) == (1, reason) and 0 < backoff["retry_in_s"] <= 5

@@ -113,7 +113,8 @@ def _replica(view: dict, celery: dict | None) -> dict:
     out = {key: view.get(key) for key in ("slot", "state", "target", "name", "host", "pid", "device", "torch_device",
                                           "weight_source",
                                           "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
-                                          "graph_capture_seconds", "updated_at", "transfer", "prefix_cache")}
+                                          "graph_capture_seconds", "updated_at", "transfer", "prefix_cache",
+                                          "error")}
     out["weights"] = view.get("weights")  # its data plane: address, model hash, state, bytes sent
     out.update(running=view.get("running", 0), waiting=view.get("waiting", 0),
                batch_occupancy=round(view.get("running", 0) / max_batch, 4) if max_batch else 0.0)

@@ -1,0 +1,37 @@
+"""`--device` in any spelling resolves to a device with an index (`torch.cuda.set_device` refuses
+`cuda` alone), also `cuda:3` in a process pinned to GPU 3 by CUDA_VISIBLE_DEVICES. A pure function:
+checked here on CPU with the GPU counts given; scripts/gpu_check.sh starts a real engine with it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.devices import DeviceError, resolve_device
+
+
+@pytest.mark.parametrize("spelling, slot, count, visible, expected", [
+    (None, 0, 0, None, "cpu"),
+    (None, 3, 2, None, "cuda:1"),  # one replica per GPU, by slot
+    ("cpu", 0, 2, None, "cpu"),
+    ("cuda", 0, 1, None, "cuda:0"),
+    ("cuda", 1, 2, None, "cuda:1"),
+    ("cuda:0", 5, 1, "3", "cuda:0"),
+    ("cuda:1", 0, 2, None, "cuda:1"),
+    ("cuda:3", 0, 1, "3", "cuda:0"),  # pinned by the agent: GPU 3 is this process's only one
+    ("cuda:3", 0, 2, "1,3", "cuda:1"),
+])
+def test_every_spelling_resolves_to_an_indexed_device(spelling, slot, count, visible, expected):
+    device = resolve_device(spelling, slot, count, visible)
+    assert device == torch.device(expected)
+    assert device.type == "cpu" or device.index is not None
+
+
+@pytest.mark.parametrize("spelling, count, visible, message", [
+    ("cuda", 0, None, "--device cuda: this process sees no CUDA device"),
+    ("cuda:3", 1, "2", r"--device cuda:3: this process sees 1 GPU\(s\) \(CUDA_VISIBLE_DEVICES=2\)"),
+    ("cuda:2", 2, None, r"this process sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=unset\)"),
+    ("gpu", 1, None, "--device 'gpu' is not a device torch knows"),
+])
+def test_a_device_this_process_cannot_use_is_one_clear_line(spelling, count, visible, message):
+    with pytest.raises(DeviceError, match=message):
+        resolve_device(spelling, 0, count, visible)
