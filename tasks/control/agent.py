@@ -30,12 +30,13 @@ from common import model_files
 from common.fleet import CUDA, AgentRecord, Place, StartCommand
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 from common.processes import stop_processes
+from common.replica_records import live_records
 from common.settings import Settings, env_name
 from common.slot_leases import CONTROL_OWNER, NoFreeSlot, agent_owner, allocate, release
 from common.states import ReplicaState
 from tasks.control.cluster import read_slots
 from tasks.control.devices import host_places, replica_device_env, visible_gpus, with_memory
-from tasks.weights.sources import advertised_host, live_records
+from tasks.weights.sources import advertised_host
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class HostAgent:
         that no replica, agent or start command holds, claimed with its `loading` entry in one
         atomic step, so that agents starting at once never share a slot."""
         entry = {"host": self.host, "state": ReplicaState.LOADING, "by": "agent", "updated_at": time.time()}
+        self.announce()  # first: a start on a host with no agent present reads as dead, free to take
         try:
             slot = allocate(self.redis, read_slots(self.redis), agent_owner(self.host), entry)
         except NoFreeSlot as error:

@@ -24,8 +24,9 @@ import redis
 from common.fleet import AgentRecord, Placement, StartCommand
 from common.keys import (
     AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
-    agent_commands_key, agent_key_pattern, replica_key_pattern, slot_target_key,
+    agent_commands_key, agent_key_pattern, slot_target_key,
 )
+from common.replica_records import live_records
 from common.settings import Settings
 from common.slot_leases import CLAIM_TTL_S, CONTROL_OWNER, claim, release, stale_holders
 from common.states import LIVE_STATES, ReplicaState
@@ -276,8 +277,7 @@ class ClusterControl:
 
 def read_slots(connection: redis.Redis) -> dict[int, dict]:
     """Every known slot's view (`merge_slots`), with the target it was last given."""
-    keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
-    records = [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
+    records = live_records(connection)
     registry = {int(k): json.loads(v) for k, v in connection.hgetall(SLOTS_KEY).items()}
     hosts = {agent.host for agent in read_agents(connection)}
     slots = merge_slots(registry, records, time.time(), hosts)

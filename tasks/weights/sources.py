@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, weight_sources_key
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.weights.fetch import Source
@@ -61,11 +61,6 @@ def weights_secret(settings: Settings, connection: redis.Redis) -> str:
         return configured
     connection.set(WEIGHT_SECRET_KEY, secrets.token_hex(32), nx=True)
     return connection.get(WEIGHT_SECRET_KEY).decode()
-
-
-def live_records(connection: redis.Redis) -> list[dict]:
-    keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
-    return [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
 
 
 class PeerChooser:

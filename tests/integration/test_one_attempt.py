@@ -10,33 +10,15 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import redis
 import requests
 
-from common.keys import replica_key, replica_key_pattern
+from common.keys import replica_key
+from common.replica_records import live_records
 from tests.integration.stepped_worker import grant, granted
-from tests.service import Service
-
-
-class SteppedService(Service):
-    """Its replicas run through tests.integration.stepped_worker, each with its own step budget."""
-
-    replica_module = "tests.integration.stepped_worker"
-
-    def steps(self, slot: int) -> Path:
-        return self.workdir / f"replica{slot}.steps"
-
-    def start_replica(self, slot: int):
-        self.env["ENGINE_STEPS"] = str(self.steps(slot))  # read when the process starts
-        return super().start_replica(slot)
-
-    def stop(self) -> None:
-        for slot in list(self.replicas):
-            self.steps(slot).unlink(missing_ok=True)  # a held engine would hold the warm shutdown
-        super().stop()
+from tests.stepped_service import SteppedService
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +30,7 @@ def svc(tiny_model_dir, tmp_path_factory):
 
 
 def records(connection: redis.Redis) -> dict[str, dict]:
-    keys = list(connection.scan_iter(match=replica_key_pattern()))
-    return {r["name"]: r for r in (json.loads(v) for v in connection.mget(keys) if v)} if keys else {}
+    return {r["name"]: r for r in live_records(connection)}
 
 
 def wait_until(condition, what: str, timeout: float = 30.0):
