@@ -11,18 +11,19 @@ tasks.client.event_stream.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import redis
 
-from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, replica_queue, stream_channel
+from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
+from common.replica_records import live_records
 from common.settings import Settings
 from tasks.client.affinity import PrefixAffinity, Routing
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
+from tasks.queue.hygiene import queue_ttl
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""
@@ -81,10 +82,12 @@ class GenerationClient:
         return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states, routing=routing)
 
     def _send(self, job: Job, replica: str | None = None) -> None:
-        """To the shared queue, or to `replica`'s own queue."""
+        """To the shared queue, or to `replica`'s own queue; the queue list expires once nobody
+        consumed it for a request timeout (tasks/queue/hygiene.py)."""
         task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
         queue = replica_queue(replica) if replica else GENERATION_QUEUE
         self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=queue, task_id=task_id)
+        self.redis.expire(queue, queue_ttl(self.settings.request_timeout))
 
     # ReplicaWatch (tasks.client.event_stream): what a waiting request asks about the replicas.
     def resubmit(self, job: Job) -> None:
@@ -131,9 +134,7 @@ class GenerationClient:
             return []
 
     def _replica_records(self) -> list[dict]:
-        keys = list(self.redis.scan_iter(match=replica_key_pattern(), count=100))
-        raw = self.redis.mget(keys) if keys else []
-        return [json.loads(r) for r in raw if r]
+        return live_records(self.redis)
 
     def queue_size(self) -> int:
         try:

@@ -28,6 +28,7 @@ from celery import signals
 
 from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
 from common.states import ReplicaState
+from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Lifecycle:
         return observed_state(loaded, consuming_generation(r.worker), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
-        last_beat = 0.0
+        last_beat = last_sweep = 0.0
         while not stop.wait(POLL_INTERVAL):
             try:
                 state = self.observe()
@@ -113,6 +114,9 @@ class Lifecycle:
                     self.replica.publish_record()
                     self.register(state)
                     self.stop_when_told(state)
+                if now - last_sweep >= SWEEP_INTERVAL_S:  # no job of an ended request left in Redis
+                    last_sweep = now
+                    sweep(self.replica.redis, self.replica.settings.request_timeout)
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
 
