@@ -23,6 +23,7 @@ from common.settings import Settings
 from tasks.client.affinity import PrefixAffinity, Routing
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
+from tasks.queue.depth import queued_jobs
 from tasks.queue.hygiene import queue_ttl
 
 class QueueUnavailable(RuntimeError):
@@ -53,7 +54,8 @@ class GenerationClient:
         self.settings = settings
         self.redis = redis.Redis(connection_pool=web_connection_pool(settings))
         self.celery = make_celery(settings)
-        self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity)
+        self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity,
+                                       settings.affinity_wait, settings.heartbeat_interval + settings.replica_check_interval)
         self._records: tuple[float, dict[str, dict]] = (0.0, {})  # (when read, name -> replica record)
         self._records_lock = threading.Lock()
 
@@ -71,7 +73,7 @@ class GenerationClient:
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
             routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
-                                          salt=job.adapter_id or "")
+                                          salt=job.adapter_id or "", request_id=job.request_id)
             self._send(job, routing.replica)
         except (redis.RedisError, OSError) as error:
             pubsub.close()
@@ -98,7 +100,7 @@ class GenerationClient:
         self._send(job)
 
     def served(self, routing: Routing, replica: str) -> None:
-        self.affinity.served(routing.keys, replica)
+        self.affinity.served(routing, replica)
 
     def alive(self, name: str) -> bool:
         return bool(self.redis.exists(replica_key(name)))
@@ -138,6 +140,6 @@ class GenerationClient:
 
     def queue_size(self) -> int:
         try:
-            return int(self.redis.llen(GENERATION_QUEUE))
+            return queued_jobs(self.redis)  # the replicas' own queues too
         except (redis.RedisError, OSError):
             return 0

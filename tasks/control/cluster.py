@@ -32,6 +32,7 @@ from common.slot_leases import CLAIM_TTL_S, CONTROL_OWNER, claim, release, stale
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.placement import Fleet, NoFreePlace, place
 from tasks.queue.celery_app import make_celery
+from tasks.queue.depth import queued_jobs
 from tasks.weights.sources import store_sources
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class ClusterControl:
         return counts
 
     def queue_size(self) -> int:
-        return int(self.redis.llen(GENERATION_QUEUE))
+        """Jobs waiting in the shared queue and in the replicas' own queues."""
+        return queued_jobs(self.redis)
 
     def agents(self) -> list[str]:
         return [agent.host for agent in self.hosts()]
