@@ -140,6 +140,7 @@ class GenerationClient:
 
     def queue_size(self) -> int:
         try:
-            return queued_jobs(self.redis)  # the replicas' own queues too
+            names = self.replica_records(self.settings.replica_check_interval)
+            return queued_jobs(self.redis, names)  # the live replicas' own queues too
         except (redis.RedisError, OSError):
             return 0

@@ -130,7 +130,7 @@ class Autoscaler:
 
     def tick(self) -> Decision:
         slots = self.control.slots()
-        obs = observe(slots, self.control.queue_size(), self.settings, time.time())
+        obs = observe(slots, self.control.queue_size(slots), self.settings, time.time())
         decision, self.memory = decide(obs, self.policy, self.memory)
         self.control.redis.set(AUTOSCALER_KEY, json.dumps({**asdict(decision), "at": obs.now, "serving": obs.serving}),
                                ex=max(5, int(self.settings.scale_interval * 10)))

@@ -132,9 +132,10 @@ class ClusterControl:
             counts[view["state"]] = counts.get(view["state"], 0) + 1
         return counts
 
-    def queue_size(self) -> int:
-        """Jobs waiting in the shared queue and in the replicas' own queues."""
-        return queued_jobs(self.redis)
+    def queue_size(self, slots: dict[int, dict] | None = None) -> int:
+        """Jobs waiting in the shared queue and in the live replicas' own queues."""
+        slots = self.slots() if slots is None else slots
+        return queued_jobs(self.redis, [v["name"] for v in slots.values() if v.get("alive") and v.get("name")])
 
     def agents(self) -> list[str]:
         return [agent.host for agent in self.hosts()]

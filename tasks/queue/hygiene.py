@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import redis
 
 from common.keys import GENERATION_QUEUE, replica_key
-from tasks.queue.depth import OWN_QUEUES
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 5.0
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport's keys
+OWN_QUEUES = f"{GENERATION_QUEUE}@*"
 
 
 @dataclass
