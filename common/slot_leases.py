@@ -1,8 +1,8 @@
 """Replica slots, allocated cluster-wide.
 
 A slot is held by whoever holds its lease (`common.keys.slot_lease_key`): a starter (host agent,
-control plane, `worker --slot auto`) takes it atomically before it starts anything, writing the
-slot's `loading` entry in the same step, and the replica then renews it with every heartbeat
+control plane, `worker --slot auto`) takes it atomically before it starts anything (an agent
+writes the slot's `loading` entry in the same step), and the replica then renews it with every heartbeat
 (tasks/runtime/lifecycle.py). Two starters asking at the same moment get two slots: two agents
 never both start slot 0. A lease ends with a clean stop, when its holder's heartbeat stops
 (expiry), or at once when the agent sees its child exit before it ever served (`release`).

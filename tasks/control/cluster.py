@@ -251,18 +251,22 @@ class ClusterControl:
             raise ClusterError(f"stub {step.slot}: {step.name} did not answer {step.op}")
 
     def _claim_all(self, placements: dict[int, Placement], slots: dict[int, dict]) -> None:
-        """Every start's slot lease, taken atomically with its `loading` entry on its host and
-        device (so the next placement sees the device taken), or none: a slot that an agent
-        took meanwhile (common/slot_leases.py) is not started twice."""
+        """Every start's slot lease (common/slot_leases.py), or none: a slot that an agent took
+        meanwhile is not started twice. Then each slot shows `loading` on its host and device
+        (so the next placement sees the device taken)."""
         claimed = []
-        for slot, placement in placements.items():
-            entry = {"slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
-                     "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}
-            if not claim(self.redis, slot, CONTROL_OWNER, entry, stale_holders(slots.get(slot))):
+        for slot in placements:
+            if not claim(self.redis, slot, CONTROL_OWNER, stale=stale_holders(slots.get(slot))):
                 for taken in claimed:
                     release(self.redis, taken, CONTROL_OWNER)
                 raise ClusterError(f"stub {slot} was just taken by another start")
             claimed.append(slot)
+        pipe = self.redis.pipeline()
+        for slot, placement in placements.items():
+            pipe.hset(SLOTS_KEY, str(slot), json.dumps({
+                "slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
+                "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}))
+        pipe.execute()
 
     def _start(self, placement: Placement) -> None:
         """The host's agent gets the start command (its slot is claimed: `_claim_all`)."""

@@ -20,6 +20,7 @@ import time
 import redis
 
 from common.keys import WEIGHT_SECRET_KEY, WEIGHT_TRANSFERS_KEY, weight_sources_key
+from common.replica_records import live_records
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.weights.fetch import Source
