@@ -27,6 +27,7 @@ import redis
 from celery import signals
 
 from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.slot_leases import claim
 from common.states import ReplicaState
 from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep
 
@@ -69,13 +70,10 @@ def reserved_jobs() -> int:
 
 
 def claim_slot(connection: redis.Redis, owner: str, lease_s: float = 60.0, limit: int = 1024) -> int:
-    """The lowest slot that no replica holds (`--slot auto`, e.g. `docker compose --scale`)."""
-    gone = (ReplicaState.STOPPED, ReplicaState.DEAD)
-    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in gone}
+    """The lowest slot whose lease nobody holds (`--slot auto`, e.g. `docker compose --scale`),
+    claimed atomically like every start's (common/slot_leases.py); the heartbeat renews it."""
     for slot in range(limit):
-        if slot in held:
-            continue
-        if connection.set(slot_lease_key(slot), owner, nx=True, ex=int(lease_s)):
+        if claim(connection, slot, owner, ttl=int(lease_s)):
             return slot
     raise RuntimeError(f"no free replica slot below {limit}")
 
