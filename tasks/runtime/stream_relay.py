@@ -93,6 +93,7 @@ class StreamRelay:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # channel -> last message not yet out (relay thread)
         self._last_step = time.monotonic()
+        self._attempts_paused_until = 0.0  # after a failed read of the attempts (see _cancel_superseded)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-relay", daemon=True)
@@ -312,12 +313,13 @@ class StreamRelay:
         """Cancel each held run whose request has a newer attempt (see the module doc)."""
         with self._lock:
             held = [(engine_id, h.channel, h.attempt) for engine_id, h in self._held.items()]
-        if not held:
+        if not held or time.monotonic() < self._attempts_paused_until:
             return
         try:
             current = self._redis.mget([attempt_key(channel) for _, channel, _ in held])
-        except (redis.RedisError, OSError) as error:  # a hint only: the next pass reads it again
+        except (redis.RedisError, OSError) as error:  # a hint only: read again a second later,
             log.debug("stream relay: could not read the requests' attempts: %s", error)
+            self._attempts_paused_until = time.monotonic() + 1.0  # not a timeout on every pass of an outage
             return
         for (engine_id, channel, attempt), newest in zip(held, current):
             if newest is None or int(newest) <= attempt:
