@@ -14,7 +14,7 @@ import redis
 from common.keys import agent_key
 from common.settings import Settings
 from common.states import ReplicaState
-from tasks.weights.sources import live_records
+from common.replica_records import live_records
 
 LOADED = (ReplicaState.ACTIVE, ReplicaState.DRAINING, ReplicaState.STANDBY)
 

@@ -26,10 +26,11 @@ class Scaling:
         self.autoscaler = None
 
     def start(self, replicas: int) -> "Scaling":
-        for slot in range(replicas):
-            self.agent.start_replica(slot)
-        for slot in range(replicas, replicas + self.settings.standby_replicas):
-            self.agent.start_replica(slot, standby=True)
+        # Each in a slot allocated cluster-wide: another host's agent may start its own at once.
+        for _ in range(replicas):
+            self.agent.start_new()
+        for _ in range(self.settings.standby_replicas):
+            self.agent.start_new(standby=True)
         self.agent.start()
         if self.autoscale:
             self.autoscaler = Autoscaler(self.settings).start()

@@ -10,6 +10,13 @@ def replica_queue(name: str) -> str:
     return f"{GENERATION_QUEUE}@{name}"
 
 
+def routed_key(name: str) -> str:
+    """Sorted set: the requests prefix affinity sent to replica `name`'s own queue that it has not
+    started (or started too recently for its record to show them), scored by when each stops
+    counting (tasks/client/affinity.py)."""
+    return f"{KEY_PREFIX}routed:{name}"
+
+
 def affinity_key(prefix_key: str) -> str:
     """Which replica last started a job whose prompt begins with this prefix (expires)."""
     return f"{KEY_PREFIX}affinity:{prefix_key}"

@@ -29,8 +29,8 @@ class ClusterCollector:
         waiting = sum(int(r.get("waiting") or 0) for r in records)
         yield _gauge("tgi_queue_size", "Requests waiting: jobs in the broker's queue plus requests waiting "
                      "in the replicas' engines for their prefill", broker + waiting)
-        yield _gauge("blitz_queue_broker", "Jobs in the broker's generation queue (not yet taken by a "
-                     "replica)", broker)
+        yield _gauge("blitz_queue_broker", "Jobs in the broker's queues, the shared one and the "
+                     "replicas' own (not yet taken by a replica)", broker)
         yield _by_state(records)
         yield from _per_replica(records)
 

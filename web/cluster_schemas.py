@@ -130,7 +130,7 @@ class ClusterStateSchema(Schema):
     min_replicas = fields.Integer()
     max_replicas = fields.Integer()
     down_target = fields.String()
-    queue_size = fields.Integer(metadata={"description": "jobs waiting in the broker's generation queue"})
+    queue_size = fields.Integer(metadata={"description": "jobs waiting in the broker: the shared generation queue and the replicas' own queues"})
     counts = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "slots by state"})
     agents = fields.List(fields.String(), metadata={"description": "hosts whose agent can start replicas"})
     hosts = fields.List(fields.Nested(HostSchema), metadata={"description": "what each host's agent advertises"})

@@ -11,18 +11,20 @@ tasks.client.event_stream.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import redis
 
-from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_key_pattern, replica_queue, stream_channel
+from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
+from common.replica_records import live_records
 from common.settings import Settings
 from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
+from tasks.queue.depth import queued_jobs
+from tasks.queue.hygiene import queue_ttl
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""
@@ -52,7 +54,8 @@ class GenerationClient:
         self.settings = settings
         self.redis = redis.Redis(connection_pool=web_connection_pool(settings))
         self.celery = make_celery(settings)
-        self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity)
+        self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity,
+                                       settings.affinity_wait, settings.heartbeat_interval + settings.replica_check_interval)
         self._records: tuple[float, dict[str, dict]] = (0.0, {})  # (when read, name -> replica record)
         self._records_lock = threading.Lock()
 
@@ -70,7 +73,7 @@ class GenerationClient:
             if not confirmation or confirmation.get("type") != "subscribe":
                 raise QueueUnavailable("stream subscription was not confirmed")
             routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
-                                          salt=job_salt(job.cache_salt, job.adapter_id))
+                                          salt=job_salt(job.cache_salt, job.adapter_id), request_id=job.request_id)
             self._send(job, routing.replica)
         except (redis.RedisError, OSError) as error:
             pubsub.close()
@@ -81,10 +84,12 @@ class GenerationClient:
         return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states, routing=routing)
 
     def _send(self, job: Job, replica: str | None = None) -> None:
-        """To the shared queue, or to `replica`'s own queue."""
+        """To the shared queue, or to `replica`'s own queue; the queue list expires once nobody
+        consumed it for a request timeout (tasks/queue/hygiene.py)."""
         task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
         queue = replica_queue(replica) if replica else GENERATION_QUEUE
         self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=queue, task_id=task_id)
+        self.redis.expire(queue, queue_ttl(self.settings.request_timeout))
 
     # ReplicaWatch (tasks.client.event_stream): what a waiting request asks about the replicas.
     def resubmit(self, job: Job) -> None:
@@ -95,7 +100,7 @@ class GenerationClient:
         self._send(job)
 
     def served(self, routing: Routing, replica: str) -> None:
-        self.affinity.served(routing.keys, replica)
+        self.affinity.served(routing, replica)
 
     def alive(self, name: str) -> bool:
         return bool(self.redis.exists(replica_key(name)))
@@ -131,12 +136,11 @@ class GenerationClient:
             return []
 
     def _replica_records(self) -> list[dict]:
-        keys = list(self.redis.scan_iter(match=replica_key_pattern(), count=100))
-        raw = self.redis.mget(keys) if keys else []
-        return [json.loads(r) for r in raw if r]
+        return live_records(self.redis)
 
     def queue_size(self) -> int:
         try:
-            return int(self.redis.llen(GENERATION_QUEUE))
+            names = self.replica_records(self.settings.replica_check_interval)
+            return queued_jobs(self.redis, names)  # the live replicas' own queues too
         except (redis.RedisError, OSError):
             return 0

@@ -30,10 +30,13 @@ from common import model_files
 from common.fleet import CUDA, AgentRecord, Place, StartCommand
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 from common.processes import stop_processes
+from common.replica_records import live_records
 from common.settings import Settings, env_name
+from common.slot_leases import CONTROL_OWNER, NoFreeSlot, agent_owner, allocate, release
 from common.states import ReplicaState
+from tasks.control.cluster import read_slots
 from tasks.control.devices import host_places, replica_device_env, visible_gpus, with_memory
-from tasks.weights.sources import advertised_host, live_records
+from tasks.weights.sources import advertised_host
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,22 @@ class HostAgent:
 
     # -- starting replicas
 
+    def start_new(self, standby: bool = False) -> subprocess.Popen | None:
+        """A replica in a slot allocated cluster-wide (common/slot_leases.py): the lowest slot
+        that no replica, agent or start command holds, claimed with its `loading` entry in one
+        atomic step, so that agents starting at once never share a slot."""
+        entry = {"host": self.host, "state": ReplicaState.LOADING, "by": "agent", "updated_at": time.time()}
+        self.announce()  # first: a start on a host with no agent present reads as dead, free to take
+        try:
+            slot = allocate(self.redis, read_slots(self.redis), agent_owner(self.host), entry)
+        except NoFreeSlot as error:
+            log.error("agent: %s; not starting a replica", error)
+            return None
+        process = self.start_replica(slot, standby)
+        if process is None:
+            release(self.redis, slot, agent_owner(self.host))
+        return process
+
     def start_replica(self, slot: int, standby: bool = False, device: str | None = None) -> subprocess.Popen | None:
         """Start a worker for `slot` on the place `device` (None, or taken: the lowest free one).
         The control plane asks only for a slot with no live replica: a process of ours still there
@@ -90,14 +109,16 @@ class HostAgent:
                 log.error("agent: slot %d: pid %d still runs; not starting another", slot, previous.pid)
                 return None
         with self._lock:
-            self._reap_locked()
+            exited = self._reap_locked()
             place = self._claim(device)
-            if place is None:
-                self._register_unplaced(slot, device)
-                return None
-            self._register_loading(slot, standby, place)
-            process = self._spawn(slot, standby, place)
-            self.children[slot], self.devices[slot] = process, place
+            if place is not None:
+                self._register_loading(slot, standby, place)
+                process = self._spawn(slot, standby, place)
+                self.children[slot], self.devices[slot] = process, place
+        self._free_slots(exited)
+        if place is None:
+            self._register_unplaced(slot, device)
+            return None
         log.info("agent: started replica%d on %s (pid %d%s)", slot, place, process.pid, ", standby" if standby else "")
         return process
 
@@ -197,7 +218,8 @@ class HostAgent:
                 log.warning("agent: %s", error)
                 self._stop.wait(1)
             with self._lock:
-                self._reap_locked()
+                exited = self._reap_locked()
+            self._free_slots(exited)
 
     def start(self) -> "HostAgent":
         threading.Thread(target=self._resolve_model, name="agent-model", daemon=True).start()
@@ -212,12 +234,31 @@ class HostAgent:
         except OSError as error:
             log.warning("agent: cannot resolve the model %s: %s", self.settings.model_id, error)
 
-    def _reap_locked(self) -> None:
+    def _reap_locked(self) -> list[tuple[int, subprocess.Popen]]:
+        """Forget the children that exited (their places are free); returns them (slot, process)."""
+        exited = []
         for slot, process in list(self.children.items()):
             if process.poll() is not None:
                 log.info("agent: replica%d (pid %d) exited with %s", slot, process.pid, process.returncode)
                 del self.children[slot]
                 self.devices.pop(slot, None)
+                exited.append((slot, process))
+        return exited
+
+    def _free_slots(self, exited: list[tuple[int, subprocess.Popen]]) -> None:
+        """A child gone without a clean stop (it died loading, or crashed) is `dead` at once and
+        its slot's lease ends: its place and slot are free now, not when its start times out."""
+        for slot, process in exited:
+            try:
+                raw = self.redis.hget(SLOTS_KEY, str(slot))
+                entry = json.loads(raw) if raw else {}
+                if entry.get("state") != ReplicaState.STOPPED and entry.get("pid") in (None, process.pid):
+                    self.redis.hset(SLOTS_KEY, str(slot), json.dumps({
+                        **entry, "slot": slot, "host": self.host, "state": ReplicaState.DEAD, "by": "agent",
+                        "updated_at": time.time(), "error": f"exited with {process.returncode}"}))
+                release(self.redis, slot, agent_owner(self.host), CONTROL_OWNER, f"replica{slot}@{self.host}")
+            except redis.RedisError as error:  # its lease and start time out instead
+                log.warning("agent: could not free slot %d: %s", slot, error)
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop taking commands, then stop every replica this agent started (SIGTERM: Celery's

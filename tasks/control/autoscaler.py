@@ -133,7 +133,7 @@ class Autoscaler:
 
     def tick(self) -> Decision:
         slots = self.control.slots()
-        obs = observe(slots, self.control.queue_size(), self.settings, time.time())
+        obs = observe(slots, self.control.queue_size(slots), self.settings, time.time())
         self.backoff.observe(slots, obs.now)
         decision, self.memory = decide(obs, self.policy, self.memory)
         state = {**asdict(decision), "at": obs.now, "serving": obs.serving, "backoff": self.backoff.view(obs.now)}

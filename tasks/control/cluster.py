@@ -24,17 +24,20 @@ import redis
 from common.fleet import AgentRecord, Placement, StartCommand
 from common.keys import (
     AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
-    agent_commands_key, agent_key_pattern, replica_key_pattern, slot_target_key,
+    agent_commands_key, agent_key_pattern, slot_target_key,
 )
+from common.replica_records import live_records
 from common.settings import Settings
+from common.slot_leases import CLAIM_TTL_S, CONTROL_OWNER, claim, release, stale_holders
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.placement import Fleet, NoFreePlace, place
 from tasks.queue.celery_app import make_celery
+from tasks.queue.depth import queued_jobs
 from tasks.weights.sources import store_sources
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 300.0  # a slot asked to start that shows no replica after this long is dead
+START_TIMEOUT_S = float(CLAIM_TTL_S)  # a slot asked to start that shows no replica after this long is dead
 
 
 class ClusterError(ValueError):
@@ -129,8 +132,10 @@ class ClusterControl:
             counts[view["state"]] = counts.get(view["state"], 0) + 1
         return counts
 
-    def queue_size(self) -> int:
-        return int(self.redis.llen(GENERATION_QUEUE))
+    def queue_size(self, slots: dict[int, dict] | None = None) -> int:
+        """Jobs waiting in the shared queue and in the live replicas' own queues."""
+        slots = self.slots() if slots is None else slots
+        return queued_jobs(self.redis, [v["name"] for v in slots.values() if v.get("alive") and v.get("name")])
 
     def agents(self) -> list[str]:
         return [agent.host for agent in self.hosts()]
@@ -164,6 +169,7 @@ class ClusterControl:
         steps = [self._plan_up(slot, slots.get(slot)) for slot in new_slots]
         starts = [step.slot for step in steps if step.op == "start"]
         placements = {p.slot: p for p in self._place(starts, slots, list(sources))} if starts else {}
+        self._claim_all(placements, slots)
         # Where each new process takes its weights from (tasks/weights/sources.py).
         store_sources(self.redis, {slot: list(p.fetch_from) for slot, p in placements.items()})
         self._apply(steps, ReplicaState.ACTIVE, placements)
@@ -244,18 +250,29 @@ class ClusterControl:
         if not any(step.name in reply for reply in replies or []):
             raise ClusterError(f"stub {step.slot}: {step.name} did not answer {step.op}")
 
+    def _claim_all(self, placements: dict[int, Placement], slots: dict[int, dict]) -> None:
+        """Every start's slot lease (common/slot_leases.py), or none: a slot that an agent took
+        meanwhile is not started twice. Then each slot shows `loading` on its host and device
+        (so the next placement sees the device taken)."""
+        claimed = []
+        for slot in placements:
+            if not claim(self.redis, slot, CONTROL_OWNER, stale=stale_holders(slots.get(slot))):
+                for taken in claimed:
+                    release(self.redis, taken, CONTROL_OWNER)
+                raise ClusterError(f"stub {slot} was just taken by another start")
+            claimed.append(slot)
+        pipe = self.redis.pipeline()
+        for slot, placement in placements.items():
+            pipe.hset(SLOTS_KEY, str(slot), json.dumps({
+                "slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
+                "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}))
+        pipe.execute()
+
     def _start(self, placement: Placement) -> None:
-        """The slot shows `loading` on its host and device at once (so the next placement sees
-        the device taken), and the host's agent gets the start command."""
-        entry = {"slot": placement.slot, "host": placement.host, "device": placement.device,
-                 "state": ReplicaState.LOADING, "by": "control", "updated_at": time.time(),
-                 "placement": placement.to_dict()}
+        """The host's agent gets the start command (its slot is claimed: `_claim_all`)."""
         log.info("stub %d: placed on %s %s (weights: %s%s)", placement.slot, placement.host, placement.device,
                  placement.weights, f" from stubs {list(placement.fetch_from)}" if placement.fetch_from else "")
-        pipe = self.redis.pipeline()
-        pipe.hset(SLOTS_KEY, str(placement.slot), json.dumps(entry))
-        pipe.rpush(agent_commands_key(placement.host), StartCommand(placement.slot, placement.device).to_json())
-        pipe.execute()
+        self.redis.rpush(agent_commands_key(placement.host), StartCommand(placement.slot, placement.device).to_json())
 
     def _record_placement(self, placements: list[Placement], trigger: str) -> None:
         self.redis.set(PLACEMENT_KEY, json.dumps({"at": time.time(), "trigger": trigger,
@@ -267,8 +284,7 @@ class ClusterControl:
 
 def read_slots(connection: redis.Redis) -> dict[int, dict]:
     """Every known slot's view (`merge_slots`), with the target it was last given."""
-    keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
-    records = [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
+    records = live_records(connection)
     registry = {int(k): json.loads(v) for k, v in connection.hgetall(SLOTS_KEY).items()}
     hosts = {agent.host for agent in read_agents(connection)}
     slots = merge_slots(registry, records, time.time(), hosts)

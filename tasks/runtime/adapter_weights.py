@@ -26,7 +26,7 @@ from common.hub import ADAPTER_FILES, ModelUnavailable
 from tasks.runtime.peer_weights import ReplicaWeights, entry_lock, sweep_staging
 from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
 from tasks.weights.manifest import cached_manifest
-from tasks.weights.sources import live_records
+from common.replica_records import live_records
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,9 @@ import redis
 from celery import signals
 
 from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
+from common.slot_leases import claim
 from common.states import ReplicaState
+from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,10 @@ def reserved_jobs() -> int:
 
 
 def claim_slot(connection: redis.Redis, owner: str, lease_s: float = 60.0, limit: int = 1024) -> int:
-    """The lowest slot that no replica holds (`--slot auto`, e.g. `docker compose --scale`)."""
-    gone = (ReplicaState.STOPPED, ReplicaState.DEAD)
-    held = {int(k) for k, v in connection.hgetall(SLOTS_KEY).items() if json.loads(v).get("state") not in gone}
+    """The lowest slot whose lease nobody holds (`--slot auto`, e.g. `docker compose --scale`),
+    claimed atomically like every start's (common/slot_leases.py); the heartbeat renews it."""
     for slot in range(limit):
-        if slot in held:
-            continue
-        if connection.set(slot_lease_key(slot), owner, nx=True, ex=int(lease_s)):
+        if claim(connection, slot, owner, ttl=int(lease_s)):
             return slot
     raise RuntimeError(f"no free replica slot below {limit}")
 
@@ -97,7 +96,7 @@ class Lifecycle:
         return observed_state(loaded, consuming_generation(r.worker), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
-        last_beat = 0.0
+        last_beat = last_sweep = 0.0
         while not stop.wait(POLL_INTERVAL):
             try:
                 state = self.observe()
@@ -113,6 +112,9 @@ class Lifecycle:
                     self.replica.publish_record()
                     self.register(state)
                     self.stop_when_told(state)
+                if now - last_sweep >= SWEEP_INTERVAL_S:  # no job of an ended request left in Redis
+                    last_sweep = now
+                    sweep(self.replica.redis, self.replica.settings.request_timeout)
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
 

@@ -21,6 +21,11 @@ Failure policy (docs/failure-policy.md):
   stepped for `stall_after` seconds;
 - any other exception is logged with its traceback, fails the requests of that pass, and the
   relay goes on.
+
+One live attempt per request: every pass reads the current attempt of each held request
+(`common.keys.attempt_key`, one MGET); a run whose request the web re-enqueued as a newer
+attempt is cancelled in the engine (its row goes at the next step) and sends nothing more. The
+web drops an older attempt's events anyway: without this, the GPU would generate them for no one.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 
 import redis
 
-from common.keys import stream_channel
+from common.keys import attempt_key, stream_channel
 from common.protocol import EVENT_ALIVE, EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, FailureReason, StreamEvent
 from engine.outputs import TokenEvent
 
@@ -88,6 +93,7 @@ class StreamRelay:
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # channel -> last message not yet out (relay thread)
         self._last_step = time.monotonic()
+        self._attempts_paused_until = 0.0  # after a failed read of the attempts (see _cancel_superseded)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-relay", daemon=True)
@@ -155,6 +161,7 @@ class StreamRelay:
         return batch
 
     def _relay(self, batch: list) -> None:
+        self._cancel_superseded()
         messages = self._messages(batch) + self._alive_ticks() + [p.message for p in self._pending.values()]
         if not messages:
             return
@@ -301,6 +308,27 @@ class StreamRelay:
                 del self._pending[channel]
                 log.error("stream relay: gave up publishing the %s event on %s; the web's silence "
                           "deadline ends that request", pending.message.event.kind, channel)
+
+    def _cancel_superseded(self) -> None:
+        """Cancel each held run whose request has a newer attempt (see the module doc)."""
+        with self._lock:
+            held = [(engine_id, h.channel, h.attempt) for engine_id, h in self._held.items()]
+        if not held or time.monotonic() < self._attempts_paused_until:
+            return
+        try:
+            current = self._redis.mget([attempt_key(channel) for _, channel, _ in held])
+        except (redis.RedisError, OSError) as error:  # a hint only: read again a second later,
+            log.debug("stream relay: could not read the requests' attempts: %s", error)
+            self._attempts_paused_until = time.monotonic() + 1.0  # not a timeout on every pass of an outage
+            return
+        for (engine_id, channel, attempt), newest in zip(held, current):
+            if newest is None or int(newest) <= attempt:
+                continue
+            with self._lock:
+                if self._held.pop(engine_id, None) is None:
+                    continue
+            log.info("request %s: attempt %d superseded by attempt %d; cancelling it", channel, attempt, int(newest))
+            self._cancel(engine_id)
 
     def _client_gone(self, request_id: str) -> None:
         with self._lock:

@@ -18,7 +18,8 @@ import time
 
 import redis
 
-from common.keys import WEIGHT_TRANSFERS_KEY, replica_key_pattern, weight_sources_key
+from common.keys import WEIGHT_TRANSFERS_KEY, weight_sources_key
+from common.replica_records import live_records
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.weights.fetch import Source
@@ -50,11 +51,6 @@ def advertised_host(setting: str) -> str:
     """The address a data plane listens on and advertises (`--weights-host`; `auto`: this host
     name's address)."""
     return socket.gethostbyname(socket.gethostname()) if setting == "auto" else setting
-
-
-def live_records(connection: redis.Redis) -> list[dict]:
-    keys = list(connection.scan_iter(match=replica_key_pattern(), count=100))
-    return [json.loads(r) for r in (connection.mget(keys) if keys else []) if r]
 
 
 class PeerChooser:

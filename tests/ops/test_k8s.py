@@ -1,6 +1,6 @@
 """deploy/k8s/: every manifest valid against the Kubernetes schemas (offline, from the
 `kubernetes-validate` package), running commands the CLI parses, with the probes and placement
-the fleet needs; the KEDA note's ScaledObject aims at the worker Deployment and the Celery queue."""
+the fleet needs; the KEDA note's ScaledObject aims at the worker Deployment and every queue (the web's count)."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from blitzscale.cli import build_parser
-from common.keys import GENERATION_QUEUE
 from tasks.control.cluster import START_TIMEOUT_S
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -143,11 +142,14 @@ def test_a_worker_pod_has_the_time_of_the_longest_weight_load_to_start():
     assert worker["livenessProbe"]["exec"]["command"] == ["blitzscale", "probe", "replica"]
 
 
-def test_the_keda_note_scales_the_workers_on_the_celery_queue():
+def test_the_keda_note_scales_the_workers_on_every_queue():
     blocks = re.findall(r"```yaml\n(.*?)```", (K8S / "README.md").read_text(), re.S)
     (scaled,) = [yaml.safe_load(b) for b in blocks if "ScaledObject" in b]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == resource("Deployment", "blitzscale-worker")["metadata"]["name"]
     (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == GENERATION_QUEUE
-    assert trigger["metadata"]["address"] == "blitzscale-redis:6379"
+    # The web's count of the shared queue and the replicas' own ones, not one Redis list.
+    assert trigger["type"] == "metrics-api" and trigger["metadata"]["valueLocation"] == "queue_size"
+    web = resource("Service", "blitzscale-web")
+    assert trigger["metadata"]["url"] == f"http://{web['metadata']['name']}:{web['spec']['ports'][0]['port']}" \
+        "/cluster_state?celery=false"

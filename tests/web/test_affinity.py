@@ -7,7 +7,7 @@ import pytest
 
 from common.keys import GENERATION_QUEUE, replica_queue
 from common.protocol import EVENT_STARTED, StreamEvent
-from tasks.client.affinity import KEY_BLOCK, PrefixAffinity, prefix_keys
+from tasks.client.affinity import KEY_BLOCK, PrefixAffinity, Routing, prefix_keys
 from tasks.client.generation_client import GenerationClient
 from tests.web.fake_replica import FakeReplica, register_replica, reply
 from web.app import create_app
@@ -70,7 +70,7 @@ def test_a_replica_that_cannot_take_more_gets_no_affinity(long_settings, redis_u
     app = create_app(long_settings)
     service = app.extensions["blitzscale"]
     job = service.validate({"inputs": LONG}, stream=False, full_text_default=False).job
-    PrefixAffinity(redis_client, True).served(prefix_keys(job.input_ids), "replica1@test")
+    PrefixAffinity(redis_client, True).served(Routing(prefix_keys(job.input_ids)), "replica1@test")
     GenerationClient(long_settings).submit(job).close()
     assert queued(redis_client, replica_queue("replica1@test")) == 0
     assert queued(redis_client, GENERATION_QUEUE) == 1
@@ -83,7 +83,7 @@ def test_a_job_its_replica_does_not_take_goes_to_the_shared_queue(long_settings,
     register_replica(redis_url, slot=0, kv_slots=4)
     app = create_app(long_settings)
     job = app.extensions["blitzscale"].validate({"inputs": LONG}, stream=False, full_text_default=False).job
-    PrefixAffinity(redis_client, True).served(prefix_keys(job.input_ids), "replica0@test")
+    PrefixAffinity(redis_client, True).served(Routing(prefix_keys(job.input_ids)), "replica0@test")
     with FakeReplica(redis_url, served_by("replica1@test"), name="replica1@test") as replica1:
         response = app.test_client().post("/generate", json={"inputs": LONG})
     assert response.status_code == 200, response.get_json()
@@ -96,6 +96,26 @@ def test_without_prefix_caching_nothing_is_routed(long_settings, redis_url, redi
     settings = long_settings.replace(prefix_caching=False)
     job = create_app(settings).extensions["blitzscale"].validate({"inputs": LONG}, stream=False,
                                                                   full_text_default=False).job
-    PrefixAffinity(redis_client, True).served(prefix_keys(job.input_ids), "replica0@test")
+    PrefixAffinity(redis_client, True).served(Routing(prefix_keys(job.input_ids)), "replica0@test")
     GenerationClient(settings).submit(job).close()
     assert queued(redis_client, GENERATION_QUEUE) == 1
+
+
+def test_a_burst_sharing_a_prefix_fills_half_a_replica_and_spreads_the_rest(long_settings, redis_url, redis_client):
+    """replica0 served the prefix and its record shows it idle (a record is up to seconds old):
+    the jobs routed to it count against it at once, so half its KV slots go to its own queue and
+    the rest to the shared queue, where every replica takes work; the queue size shows them all."""
+    register_replica(redis_url, slot=0, kv_slots=8)
+    register_replica(redis_url, slot=1, kv_slots=8)
+    app = create_app(long_settings)
+    service = app.extensions["blitzscale"]
+    jobs = [service.validate({"inputs": f"{LONG} question {n}"}, stream=False, full_text_default=False).job
+            for n in range(8)]
+    PrefixAffinity(redis_client, True).served(Routing(prefix_keys(jobs[0].input_ids)), "replica0@test")
+    generation = GenerationClient(long_settings)
+    for job in jobs:
+        generation.submit(job).close()
+    assert queued(redis_client, replica_queue("replica0@test")) == 4  # own_queue_bound(8)
+    assert queued(redis_client, GENERATION_QUEUE) == 4
+    assert generation.queue_size() == 8
+    assert "tgi_queue_size 8.0" in app.test_client().get("/metrics").get_data(as_text=True)

@@ -95,7 +95,7 @@ def cluster_state():
             "min_replicas": low,
             "max_replicas": high,
             "down_target": settings.down_target,
-            "queue_size": control.queue_size(),
+            "queue_size": control.queue_size(slots),
             "counts": control.state_counts(slots),
             "agents": [agent.host for agent in hosts],
             "hosts": [asdict(agent) for agent in hosts],
