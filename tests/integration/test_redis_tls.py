@@ -1,7 +1,7 @@
 """The whole service against a real redis-server that speaks only TLS and wants a password:
 `REDIS_URL=rediss://:PASSWORD@host:port/0?ssl_cert_reqs=required&ssl_ca_certs=CA.pem`. Web,
 Celery replica and pub/sub streams all go over TLS and check the server's certificate against
-the CA in the URL; a plain-TCP client gets nothing.
+the CA in the URL; a plain-TCP client is refused.
 
 Needs a redis-server built with TLS (`install.sh --test` unpacks Debian's into .venv/redis-tls,
 scripts/install_redis_tls.sh) and the openssl command; skips without them."""
