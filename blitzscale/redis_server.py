@@ -58,25 +58,32 @@ class EmbeddedRedis:
         """The URL without the password: what a log line may show."""
         return f"redis://{self.host}:{self.port}/0"
 
+    def _config_lines(self) -> list[str]:
+        return [f'requirepass "{self.password}"'] if self.password else []
+
     def _config(self) -> list[str]:
         """The password in a config file only the server's user can read."""
-        if not self.password:
+        lines = self._config_lines()
+        if not lines:
             return []
         path = os.path.join(self._dir, "redis.conf")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as config:
-            config.write(f'requirepass "{self.password}"\n')
+            config.write("".join(f"{line}\n" for line in lines))
         return [path]
+
+    def _command(self) -> list[str]:
+        return [redis_executable(), *self._config(), "--port", str(self.port)]
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.process = subprocess.Popen(
-            [redis_executable(), *self._config(), "--port", str(self.port), "--bind", self.host, "--save", "",
-             "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning"],
+            [*self._command(), "--bind", self.host, "--save", "", "--appendonly", "no", "--dir", self._dir,
+             "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us last
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}")

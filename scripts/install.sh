@@ -26,5 +26,6 @@ if [[ ",$extras," == *",test,"* ]]; then
   # TGI's official client pins huggingface-hub<1.0, which transformers 5 cannot use; its code
   # runs fine with huggingface-hub 1.x/2.x, so install it without its pins.
   "$pip" install -q --no-deps "text-generation==0.7.0"
+  bash scripts/install_redis_tls.sh .venv/redis-tls || true  # Redis with TLS, unpacked; never fails
 fi
 echo "installed into .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -21,10 +21,10 @@ class Service:
     replica_module = "blitzscale.cli"  # a test's subclass may run the worker through a wrapper
 
     def __init__(self, model_id: str, workdir: Path, env: dict | None = None, replicas: int = 1,
-                 redis_password: str | None = None):
+                 redis_password: str | None = None, redis: EmbeddedRedis | None = None):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis = EmbeddedRedis(password=redis_password)
+        self.redis = redis or EmbeddedRedis(password=redis_password)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {

