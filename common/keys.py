@@ -110,3 +110,8 @@ def weight_sources_key(slot: int) -> str:
     """JSON list of the slots a replica starting in `slot` takes its weights from, in order (its
     predecessor in a scale-up's chain first, then the command's `old_stub_indices`)."""
     return f"{KEY_PREFIX}weight-sources:{slot}"
+
+
+def stored_response_key(response_id: str) -> str:
+    """A stored /v1/responses answer and its conversation (JSON, expires; see web.openai.responses_store)."""
+    return f"{KEY_PREFIX}response:{response_id}"

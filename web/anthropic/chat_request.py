@@ -107,10 +107,9 @@ def _tool(tool: dict) -> dict:
     if tool.get("type") not in (None, "custom"):
         raise ValidationError(f"only client tools (name, description, input_schema) are supported. "
                               f"Given: {str(tool['type'])[:32]!r}", param="tools")
-    function = {"name": tool["name"], "parameters": tool["input_schema"]}
-    if tool.get("description"):
-        function["description"] = tool["description"]
-    return {"type": "function", "function": function}
+    # In OpenAI's order (name, description, parameters): the template shows the tools as JSON.
+    described = {"description": tool["description"]} if tool.get("description") else {}
+    return {"type": "function", "function": {"name": tool["name"], **described, "parameters": tool["input_schema"]}}
 
 
 def _tool_choice(choice: dict | None):

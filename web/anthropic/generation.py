@@ -20,13 +20,13 @@ from web.tokenizer import TokenizerUnavailable
 
 
 def create_message(body: dict) -> Response:
-    chat = chat_body(body)
     stops = list(body.get("stop_sequences") or [])
-    answer = respond("chat", lambda service: messages_plan(chat, body.get("top_k"), service))
-    if not chat["stream"]:
+    # Translated inside validation, so that a refused body counts as the chat route's failures do.
+    answer = respond("chat", lambda service: messages_plan(chat_body(body), body.get("top_k"), service))
+    if not body.get("stream"):
         reply = answer.get_json()
         return jsonify(message(reply, stops, reply["model"]))
-    model = chat.get("model") or current_service().settings.served_model
+    model = body.get("model") or current_service().settings.served_model
     writer = EventWriter(new_message_id(), model, int(answer.headers.get("x-prompt-tokens", 0)), stops)
     response = Response(writer.frames(answer.response), content_type=EVENT_STREAM, headers=sse.HEADERS)
     response.call_on_close(answer.close)  # the chat stream's session: its slot and its job
