@@ -74,18 +74,27 @@ def _messages(messages: list[dict]) -> list[dict]:
 
 def _assistant(blocks: list[dict], number: int) -> dict:
     text = _text_blocks([b for b in blocks if b["type"] != "tool_use"], f"messages.{number}.content")
-    calls = [{"id": b["id"], "type": "function",
-              "function": {"name": b["name"], "arguments": json.dumps(b.get("input") or {}, ensure_ascii=False)}}
+    where = f"messages.{number}.content"
+    calls = [{"id": _required(b, "id", where), "type": "function",
+              "function": {"name": _required(b, "name", where),
+                           "arguments": json.dumps(b.get("input") or {}, ensure_ascii=False)}}
              for b in blocks if b["type"] == "tool_use"]
     message = {"role": "assistant", "content": text or (None if calls else "")}
     return {**message, "tool_calls": calls} if calls else message
 
 
 def _user(blocks: list[dict], number: int) -> list[dict]:
-    results = [{"role": "tool", "tool_call_id": b["tool_use_id"], "content": _result_text(b, number)}
+    results = [{"role": "tool", "tool_call_id": _required(b, "tool_use_id", f"messages.{number}.content"),
+                "content": _result_text(b, number)}
                for b in blocks if b["type"] == "tool_result"]
     text = _text_blocks([b for b in blocks if b["type"] != "tool_result"], f"messages.{number}.content")
     return [*results, {"role": "user", "content": text}] if text or not results else results
+
+
+def _required(block: dict, name: str, where: str) -> str:
+    if not block.get(name):
+        raise ValidationError(f"`{where}`: a {block['type']} block needs `{name}`", param="messages")
+    return block[name]
 
 
 def _result_text(block: dict, number: int) -> str:

@@ -24,7 +24,7 @@ def conversation(items) -> list[dict]:
     for number, item in enumerate(items):
         kind = item.get("type") or "message"
         if kind == "message":
-            messages.append({"role": item["role"], "content": _text(item.get("content"), number)})
+            messages.append({"role": _field(item, "role", number), "content": _text(item.get("content"), number)})
         elif kind == "function_call":
             _add_call(messages, item, number)
         elif kind == "function_call_output":
@@ -99,7 +99,7 @@ def _tool(tool: dict, number: int) -> dict:
 def _tool_choice(choice):
     if choice is None or isinstance(choice, str):
         return choice
-    if choice.get("type") == "function" and choice.get("name"):
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise ValidationError('`tool_choice` must be "none", "auto", "required" or {"type": "function", "name": ...}',
                           param="tool_choice")
@@ -107,7 +107,7 @@ def _tool_choice(choice):
 
 def _response_format(fmt: dict | None) -> dict | None:
     """`text.format`: Responses' flat json_schema (`name`, `schema`, `strict`) as chat's."""
-    if not fmt or fmt.get("type") == "text":
+    if not fmt or fmt.get("type") == "text":  # (a dict: the schema says so)
         return None
     if fmt.get("type") == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "output", "schema": fmt.get("schema")}}

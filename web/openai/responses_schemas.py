@@ -12,6 +12,36 @@ _ITEM = {"type": "object", "description": "A message ({role, content}), a functi
          "properties": {"type": {"type": "string", "enum": ["message", "function_call", "function_call_output"]}}}
 
 
+class ContentPartSchema(Schema):
+    type = fields.String(required=True, metadata={"example": "input_text"})
+    text = fields.String()
+
+
+_PART = {"type": "object", "properties": {"type": {"type": "string"}, "text": {"type": "string"}}, "required": ["type"]}
+
+
+class InputItemSchema(Schema):
+    type = optional(fields.String, "message (the default), function_call or function_call_output")
+    role = fields.String(validate=validate.OneOf(["user", "assistant", "system", "developer"]))
+    content = StringOr(fields.Nested(ContentPartSchema), _PART, allow_none=True,
+                       metadata={"description": "A message's text: a string or text parts"})
+    id = optional(fields.String, "An output item's id (echoed back)")
+    status = optional(fields.String, "An output item's status (echoed back)")
+    call_id = fields.String(metadata={"description": "function_call, function_call_output: the call"})
+    name = fields.String(metadata={"description": "function_call: the function"})
+    arguments = fields.String(metadata={"description": "function_call: its arguments as JSON text"})
+    output = StringOr(fields.Nested(ContentPartSchema), _PART, allow_none=True,
+                      metadata={"description": "function_call_output: the result"})
+
+
+class FunctionToolSchema(Schema):
+    type = fields.String(required=True, metadata={"example": "function"})
+    name = fields.String()
+    description = optional(fields.String, "Shown to the model.")
+    parameters = fields.Dict(allow_none=True, metadata={"description": "JSON schema of the arguments"})
+    strict = optional(StrictBoolean, "Accepted: calls always match `parameters` (the tool grammar).")
+
+
 class TextConfigSchema(Schema):
     format = fields.Dict(allow_none=True, metadata={"description": (
         "`{\"type\": \"text\"}`, `{\"type\": \"json_object\"}` or "
@@ -20,13 +50,13 @@ class TextConfigSchema(Schema):
 
 class ResponseRequestSchema(Schema):
     model = optional(fields.String, "Echoed in the response (the service serves one model, or a LoRA adapter).")
-    input = StringOr(fields.Dict(), _ITEM, required=True, metadata={"example": "What is deep learning?"})
+    input = StringOr(fields.Nested(InputItemSchema), _ITEM, required=True,
+                     metadata={"example": "What is deep learning?"})
     instructions = optional(fields.String, "The system message (not carried to a next response).")
     max_output_tokens = optional(StrictInteger, "Tokens to generate at most.", validate=validate.Range(min=1))
     temperature = optional(StrictFloat, "0: greedy; absent: sampling at 1.0.", validate=validate.Range(0, 2))
     top_p = optional(StrictFloat, "Nucleus sampling, in [0, 1].")
-    tools = fields.List(fields.Dict(), allow_none=True, metadata={
-        "description": "`[{\"type\": \"function\", \"name\", \"description\", \"parameters\"}]`"})
+    tools = fields.List(fields.Nested(FunctionToolSchema), allow_none=True)
     tool_choice = fields.Raw(allow_none=True, metadata={
         "description": "`none`, `auto`, `required`, or `{\"type\": \"function\", \"name\": ...}`."})
     parallel_tool_calls = optional(StrictBoolean, "Accepted: at most one call is made per response.")
