@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 
 from web import sse
+from web.errors import ApiError
 from web.openai.responses_output import (ResponseFrame, call_item, chat_usage, message_item, new_id, status_of,
                                          text_part)
 
@@ -56,7 +57,11 @@ class ResponseEvents:
             yield from self._close()
             status = status_of(self._finish)
             body = self._frame.body(status, self._output, chat_usage(chunk))
-            self._on_done(body)
+            try:
+                self._on_done(body)
+            except ApiError as error:  # not stored: the client must not count on it
+                yield from self._failed({"message": error.message})
+                return
             yield self._event(f"response.{status}", response=body)
 
     def _text(self, text: str) -> Iterator[str]:

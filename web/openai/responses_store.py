@@ -9,11 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 
+import functools
+
 import redis
 from flask import current_app
 
 from common.keys import stored_response_key
+from common.protocol import FailureReason
 from web.auth import presented_token
+from web.errors import GenerationError
 from web.openai.errors import OpenAIError
 from web.service import current_service
 
@@ -31,11 +35,25 @@ def request_owner() -> str:
     return hashlib.sha256((presented_token() or "").encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _redis_call(method):
+    """Redis down: the queue's 503 (OpenAI's server_error), as for generation itself."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (redis.RedisError, OSError) as error:
+            raise GenerationError(f"the response store is unavailable: {error}",
+                                  reason=FailureReason.QUEUE_UNAVAILABLE) from error
+
+    return call
+
+
 class ResponseStore:
     def __init__(self, connection: redis.Redis | None):
         self._redis = connection
         self._memory: dict[str, str] = {}
 
+    @_redis_call
     def put(self, owner: str, response: dict, messages: list[dict]) -> None:
         record = json.dumps({"owner": owner, "response": response, "messages": messages}, ensure_ascii=False)
         if self._redis is None:
@@ -43,6 +61,7 @@ class ResponseStore:
         else:
             self._redis.set(stored_response_key(response["id"]), record, ex=STORED_RESPONSE_TTL)
 
+    @_redis_call
     def get(self, owner: str, response_id: str) -> dict:
         """{"response", "messages"} of a response this owner stored; else ResponseNotFound."""
         raw = self._memory.get(response_id) if self._redis is None \
@@ -52,6 +71,7 @@ class ResponseStore:
             raise ResponseNotFound(response_id)
         return record
 
+    @_redis_call
     def delete(self, owner: str, response_id: str) -> None:
         self.get(owner, response_id)
         if self._redis is None:
