@@ -92,6 +92,11 @@ def test_stop_sequence_cuts_and_is_named(client, streamed):
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
 
 
+def test_top_k_one_is_greedy(client):
+    sampled = create(client, max_tokens=10, extra_body={"temperature": 1.0, "top_k": 1})  # one token to draw from
+    assert text_of(sampled) == text_of(create(client, max_tokens=10, **GREEDY))
+
+
 def test_max_tokens_reached(client):
     message = create(client, **GREEDY, max_tokens=3)
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3

@@ -12,8 +12,8 @@ from web import sse
 from web.anthropic.chat_request import chat_body
 from web.anthropic.events import EventWriter
 from web.anthropic.message import message, new_message_id
-from web.openai.generation import EVENT_STREAM, respond
 from web.errors import GenerationError
+from web.openai.generation import EVENT_STREAM, respond
 from web.openai.params import GenerationPlan, chat_plan
 from web.service import Service, current_service
 from web.tokenizer import TokenizerUnavailable
