@@ -1,5 +1,5 @@
 """/v1/messages and /v1/responses streams through real Redis and a scripted replica: a failure after
-the stream began ends it in the route's own shape (never a hang), a keep-alive passes, and
+the stream began ends it in the route's own shape (never a hang), a keep-alive passes, both count in the TGI metrics, and
 Anthropic's stop sequence split across tokens is cut and named."""
 from __future__ import annotations
 
@@ -62,3 +62,15 @@ def test_stop_sequence_across_tokens_is_cut_and_named(client, redis_url):  # noq
     text = "".join(json.loads(d)["delta"]["text"] for n, d in streamed if n == "content_block_delta")
     delta = json.loads(next(d for n, d in streamed if n == "message_delta"))["delta"]
     assert text == " a" and delta == {"stop_reason": "stop_sequence", "stop_sequence": " bc"}
+
+
+def test_both_routes_count_in_tgi_metrics(client, redis_url):  # noqa: F811
+    with FakeReplica(redis_url, reply([" a"])):
+        assert client.post("/v1/messages", json={"max_tokens": 5, "messages": ASK}).status_code == 200
+        assert client.post("/v1/responses", json={"input": "hello world"}).status_code == 200
+    refused = client.post("/v1/messages", json={"max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {}}]}]})
+    assert refused.status_code == 400 and refused.get_json()["error"]["type"] == "invalid_request_error"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tgi_request_count_total 3.0" in metrics and "tgi_request_success_total 2.0" in metrics
+    assert 'tgi_request_failure_total{err="validation",reason="validation"} 1.0' in metrics
