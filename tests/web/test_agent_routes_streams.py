@@ -1,6 +1,6 @@
-"""/v1/messages and /v1/responses streams through real Redis and a scripted replica: a failure after
-the stream began ends it in the route's own shape (never a hang), a keep-alive passes, both count in the TGI metrics, and
-Anthropic's stop sequence split across tokens is cut and named."""
+"""/v1/messages and /v1/responses through real Redis and a scripted replica: a failure after the
+stream began ends it in the route's own shape (never a hang), a keep-alive passes, both count in
+the TGI metrics, and Anthropic's stop sequence split across tokens is cut and named."""
 from __future__ import annotations
 
 import json
