@@ -172,20 +172,20 @@ def test_a_response_is_its_keys_own(service):
     assert alice.responses.retrieve(created.id).id == created.id
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"background": True}, "background"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"background": True}, "background", "background"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input",
      "only text content"),
-    ({"tools": [{"type": "web_search"}]}, "only function tools"),
-    ({"text": {"format": {"type": "grammar"}}}, "text.format"),
-    ({"input": "hi " * 600}, "maximum context length"),
-    ({"input": []}, "`input` cannot be empty"),
+    ({"tools": [{"type": "web_search"}]}, "tools", "only function tools"),
+    ({"text": {"format": {"type": "grammar"}}}, "text", "text.format"),
+    ({"input": "hi " * 600}, "input", "maximum context length"),
+    ({"input": []}, "input", "`input` cannot be empty"),
 ])
-def test_bad_requests_are_openai_errors(client, kwargs, words):
+def test_bad_requests_are_openai_errors(client, kwargs, param, words):
     kwargs = {"model": "tiny", "input": QUESTION, "max_output_tokens": 5, **kwargs}
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(**kwargs)
-    assert caught.value.status_code == 400 and words in caught.value.message
+    assert caught.value.status_code == 400 and words in caught.value.message and caught.value.param == param
 
 
 def test_openapi_documents_the_routes(service):
