@@ -154,6 +154,15 @@ def test_stored_response_get_and_delete(client):
         client.responses.create(model="tiny", input="more", previous_response_id=created.id, max_output_tokens=5)
 
 
+def test_streamed_response_is_stored(client):
+    events = list(client.responses.create(model="tiny", input=QUESTION, temperature=0, max_output_tokens=5,
+                                          stream=True))
+    done = events[-1].response
+    fetched = client.responses.retrieve(done.id)
+    assert fetched.output_text == done.output_text and fetched.status == done.status
+    assert [item.id for item in fetched.output] == [item.id for item in done.output]
+
+
 def test_unstored_response_is_not_kept(client):
     created = client.responses.create(model="tiny", input=QUESTION, max_output_tokens=3, store=False)
     with pytest.raises(openai.NotFoundError):
