@@ -38,7 +38,7 @@ def chat_body(body: dict) -> dict:
     if tools:
         chat["tools"] = [_tool(tool) for tool in tools]
         chat["tool_choice"] = _tool_choice(body.get("tool_choice"))
-    elif body.get("tool_choice") not in (None, {"type": "none"}, {"type": "auto"}):
+    elif (body.get("tool_choice") or {}).get("type") not in (None, "none", "auto"):
         raise ValidationError("`tool_choice` needs `tools`", param="tool_choice")
     return chat
 
