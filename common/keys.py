@@ -123,3 +123,8 @@ def tenant_limit_key(tenant: str, what: str) -> str:
     """A sorted set of one tenant's recent requests (`rpm`), token charges (`tpm`) or leases
     (`concurrent`), shared by every web process (web/rate_limits.py)."""
     return f"{KEY_PREFIX}tenant:{tenant}:{what}"
+
+
+def stored_response_key(response_id: str) -> str:
+    """A stored /v1/responses answer and its conversation (JSON, expires; see web.openai.responses_store)."""
+    return f"{KEY_PREFIX}response:{response_id}"

@@ -7,6 +7,8 @@ from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
 from web import request_id, tenant_metrics
 from web.admission import make_admission
+from web.anthropic.errors import MESSAGES_PREFIX
+from web.anthropic.errors import write_error as write_anthropic_error
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import register_error_handlers
@@ -55,7 +57,9 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
         api.register_blueprint(blueprint)
     app.register_blueprint(swagger_ui_assets())
     # After init_app: replaces flask-smorest's error handler. The /v1 routes answer OpenAI's errors,
-    # vLLM's tokenizer routes vLLM's (OpenAI's object), /tokenize each body's own shape.
-    register_error_handlers(app, {OPENAI_PREFIX: write_error, "/tokenize": write_tokenize_error,
-                                  "/detokenize": write_error, "/tokenizer_info": write_error})
+    # vLLM's tokenizer routes vLLM's (OpenAI's object), /tokenize each body's own shape; /v1/messages
+    # (first: the first prefix that matches writes) Anthropic's.
+    register_error_handlers(app, {MESSAGES_PREFIX: write_anthropic_error, OPENAI_PREFIX: write_error,
+                                  "/tokenize": write_tokenize_error, "/detokenize": write_error,
+                                  "/tokenizer_info": write_error})
     return app

@@ -28,11 +28,11 @@ class Unauthorized(ApiError):
 
 
 def presented_token() -> str | None:
-    """The bearer token of the current request, or None."""
+    """The bearer token of the current request, else its `x-api-key` (Anthropic's header), or None."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != SCHEME or not token.strip():
-        return None
+        return request.headers.get("x-api-key", "").strip() or None
     return token.strip()
 
 

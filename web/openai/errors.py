@@ -38,6 +38,9 @@ _PARAMS = {
 }
 OPENAI_PREFIX = "/v1/"
 CHAT_ROUTE = "/v1/chat/completions"
+RESPONSES_ROUTE = "/v1/responses"  # a chat body underneath: TGI's and chat's names, as the request calls them
+_RESPONSES_PARAMS = {"inputs": "input", "messages": "input", "max_new_tokens": "max_output_tokens",
+                     "max_tokens": "max_output_tokens", "grammar": "text", "response_format": "text"}
 
 
 class OpenAIError(ValidationError):
@@ -94,5 +97,7 @@ def _status_and_type(error: ApiError) -> tuple[int, str]:
 def _param(param: str | None, route: str) -> str | None:
     if param is None:
         return None
+    if route.startswith(RESPONSES_ROUTE):
+        return _RESPONSES_PARAMS.get(param, param)
     names = _PARAMS.get(param)
     return param if names is None else names[0 if route == CHAT_ROUTE else 1]
