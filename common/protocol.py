@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 EVENT_TOKEN = "token"
@@ -21,6 +21,13 @@ EVENT_ERROR = "error"
 EVENT_STARTED = "started"
 EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or not)
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
+
+
+class StrEnum(str, Enum):
+    """`enum.StrEnum` (Python 3.11+) for 3.10: a member is its value, in `str()` and f-strings too."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 class FailureReason(StrEnum):
