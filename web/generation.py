@@ -20,6 +20,7 @@ from common.protocol import (
 )
 from web import sse
 from web.admission import Slot
+from web.disconnect import CHECK_EVERY, ClientDisconnected, disconnect_watch
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
 from web.request_id import request_id
 from web.responses import (
@@ -44,10 +45,12 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
     slot, valid = _admit(service, body, clock, stream=False, full_text_default=full_text_default)
     try:
         with slot:
-            outcome = _wait_for_final(service, valid, clock)
+            outcome = wait_for_final(service, service.submit(valid.job), clock, disconnect_watch())
     except ApiError as error:
         service.metrics.tgi.request_failed(error)
         raise
+    except ClientDisconnected:
+        return client_went_away()
     service.metrics.tgi.request_succeeded(outcome)
     log_outcome(outcome)
     payload = generate_response(valid, outcome.final)
@@ -110,20 +113,25 @@ def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Sl
     return slot, valid
 
 
+def client_went_away() -> Response:
+    """Nobody reads it: the client hung up, and its job was cancelled (nginx's 499)."""
+    log.info("request cancelled: the client closed its connection")
+    return Response(b"", status=499)
+
+
 def log_outcome(outcome: Outcome) -> None:
     log.info("generated %d tokens in %.3f s (validation %.3f s, queue %.3f s, inference %.3f s)",
              outcome.generated_tokens, outcome.total_time, outcome.validation_time, outcome.queue_time,
              outcome.inference_time)
 
 
-def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) -> Outcome:
-    return wait_for_final(service, service.submit(valid.job), clock)
-
-
-def wait_for_final(service: Service, events, clock: RequestClock) -> Outcome:
-    """The outcome of a submitted job (its `EventStream`, closed on return)."""
+def wait_for_final(service: Service, events, clock: RequestClock, gone=lambda: False) -> Outcome:
+    """The outcome of a submitted job (its `EventStream`, closed on return). Raises
+    ClientDisconnected when `gone()` says the client hung up (web.disconnect)."""
     try:
-        for event in events.events():
+        for event in events.events(tick=CHECK_EVERY):
+            if gone():
+                raise ClientDisconnected()
             if event is None:
                 continue
             if event.kind in (EVENT_STARTED, EVENT_TOKEN):

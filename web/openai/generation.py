@@ -25,7 +25,8 @@ from common.protocol import (
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, ContextLengthError, GenerationError, IncompleteGeneration, from_event
-from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
+from web.disconnect import ClientDisconnected, disconnect_watch
+from web.generation import RERUN_DIVERGED, admit, client_went_away, log_outcome, wait_for_final
 from web.openai.chunks import Chunker
 from web.openai.errors import context_length_exceeded, error_body
 from web.openai.params import GenerationPlan
@@ -126,18 +127,21 @@ def _submit_all(service: Service, choices: list[Choice]) -> list:
 
 def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock, envelope: Envelope) -> Response:
     tgi = service.metrics.tgi
+    gone = disconnect_watch()
     try:
         with slot:
             streams = _submit_all(service, admitted.choices)
             try:
                 # Each choice on its own copy of the clock: its queue and inference times are its own.
-                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock)) for stream in streams]
+                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock), gone) for stream in streams]
             finally:
                 for stream in streams:
                     stream.close()
     except ApiError as error:
         tgi.request_failed(error)
         raise
+    except ClientDisconnected:
+        return client_went_away()
     slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
     tgi.request_succeeded(slowest)
     log_outcome(slowest)
