@@ -1,7 +1,9 @@
 """The Flask application factory."""
 from __future__ import annotations
 
-from flask import Flask
+import functools
+
+from flask import Flask, request
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
@@ -20,6 +22,7 @@ from web.views import BLUEPRINTS
 from web.vllm.tokenization import write_tokenize_error
 
 MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
+GENERATION_BLUEPRINTS = ("generation", "openai")  # the routes tgi_request_* count
 
 
 def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
@@ -52,5 +55,12 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     # After init_app: replaces flask-smorest's error handler. The /v1 routes answer OpenAI's errors,
     # vLLM's tokenizer routes vLLM's (OpenAI's object), /tokenize each body's own shape.
     register_error_handlers(app, {OPENAI_PREFIX: write_error, "/tokenize": write_tokenize_error,
-                                  "/detokenize": write_error, "/tokenizer_info": write_error})
+                                  "/detokenize": write_error, "/tokenizer_info": write_error},
+                            on_error=functools.partial(_count_generation_failure, app.extensions[EXTENSION]))
     return app
+
+
+def _count_generation_failure(service: Service, error) -> None:
+    """Errors of generation routes that no view counted (auth, schemas, body size, content type)."""
+    if request.blueprint in GENERATION_BLUEPRINTS:
+        service.metrics.tgi.refused_at_the_edge(error)

@@ -13,6 +13,7 @@ import hmac
 
 from flask import request
 
+from common.protocol import FailureReason
 from web.errors import ApiError
 from web.service import current_service
 
@@ -21,6 +22,7 @@ SCHEME = "bearer"
 
 class Unauthorized(ApiError):
     status, error_type, default = 401, "unauthorized", "Unauthorized"
+    reason = FailureReason.UNAUTHORIZED
 
 
 def presented_token() -> str | None:

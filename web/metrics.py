@@ -13,7 +13,7 @@ import logging
 import os
 
 import redis
-from flask import Flask, has_request_context, request
+from flask import Flask, g, has_request_context, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
@@ -79,6 +79,8 @@ class TgiMetrics:
 
     def request_received(self) -> None:
         self.count.inc()
+        if has_request_context():
+            g.tgi_received = True
 
     def request_validated(self, input_length: int) -> None:
         self.input_length.observe(input_length)
@@ -92,9 +94,19 @@ class TgiMetrics:
         None; a stream's body runs after its request context is gone) and status; the log
         line names the request id (common.logs)."""
         route = route or (request.path if has_request_context() else "-")
+        error.counted = True
         self.failure.labels(err=error.error_type, reason=str(error.reason)).inc()
         log.warning("request failed: %s answered %d %s (%s): %s", route, client_status(error, route),
                     error.error_type, error.reason, error.message)
+
+    def refused_at_the_edge(self, error) -> None:
+        """A generation request that an error handler answers (auth, schemas, body size, content
+        type: before any view counted it): counted and logged as every other failure, once."""
+        if getattr(error, "counted", False):
+            return
+        if not g.get("tgi_received"):
+            self.request_received()
+        self.request_failed(error)
 
     def request_succeeded(self, outcome) -> None:
         """`outcome`: a `web.responses.Outcome`."""

@@ -123,3 +123,28 @@ def test_metrics_answer_through_a_redis_outage_with_stale_cluster_figures(model_
         after = scrape(client)
         assert value(after, "tgi_queue_size") == 0
         assert value(after, "blitz_cluster_figures_stale", source="cluster") == 0
+
+
+def test_requests_refused_before_any_view_are_counted_and_logged_once(settings, caplog):
+    """Auth, body parsing, body size, content type and schema errors happen before the views: each
+    is still one tgi_request_count, one tgi_request_failure and one WARNING line."""
+    client = create_app(settings.replace(api_key="k")).test_client()
+    auth = {"Authorization": "Bearer k"}
+    with caplog.at_level(logging.WARNING, logger="web.metrics"):
+        statuses = [
+            client.post("/generate", json={"inputs": "hello"}).status_code,  # no key
+            client.post("/generate", data="{not json", headers={**auth, "Content-Type": "application/json"}).status_code,
+            client.post("/generate", data="x" * 2_000_001, headers={**auth, "Content-Type": "application/json"}
+                        ).status_code,
+            client.post("/generate", data="hello", headers={**auth, "Content-Type": "text/plain"}).status_code,
+            client.post("/v1/completions", json={"model": "tgi", "prompt": 3.5}, headers=auth).status_code,
+            client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}}, headers=auth).status_code,
+        ]
+    assert statuses == [401, 400, 413, 415, 400, 422]
+    samples = scrape(client)
+    assert value(samples, "tgi_request_count_total") == 6
+    failures = {labels: v for (name, labels), v in samples.items() if name == "tgi_request_failure_total"}
+    assert sum(failures.values()) == 6, failures
+    assert failures[(("err", "unauthorized"), ("reason", "unauthorized"))] == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert [int(line.split(" answered ")[1].split()[0]) for line in lines] == statuses
