@@ -22,6 +22,7 @@ from web import sse
 from web.admission import Slot
 from web.disconnect import CHECK_EVERY, ClientDisconnected, disconnect_watch
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.replay import RerunDiverged, SentTokens
 from web.request_id import request_id
 from web.responses import (
     Outcome,
@@ -147,9 +148,6 @@ def wait_for_final(service: Service, events, clock: RequestClock, gone=lambda: F
         events.close()
 
 
-RERUN_DIVERGED = "the replica serving this stream stopped, and the replica that took over generated other tokens"
-
-
 class StreamSession:
     """Relays one request's events as SSE. Each token is held back until the next token or
     the final event arrives, so that the last one carries `generated_text` and `details`."""
@@ -166,8 +164,7 @@ class StreamSession:
 
     def _frames(self):
         pending: StreamEvent | None = None
-        last_index = 0
-        token_ids: dict[int, int] = {}  # index -> id of every token taken (a re-run must repeat them)
+        sent = SentTokens()
         try:
             for event in self._events.events():
                 if event is None:
@@ -176,17 +173,13 @@ class StreamSession:
                     self._service.metrics.tgi.request_redelivered()
                 elif event.kind == EVENT_STARTED:
                     self._clock.mark("picked_up")
-                elif event.kind == EVENT_TOKEN and event.index <= last_index:  # a duplicate, or a re-run's replay
-                    if token_ids.get(event.index) != (event.token or {}).get("id"):
-                        yield from self._fail(pending, GenerationError(RERUN_DIVERGED,
-                                                                       reason=FailureReason.RERUN_DIVERGED))
-                        return
+                elif event.kind == EVENT_TOKEN and sent.replayed(event):
+                    continue
                 elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
                     if pending is not None:
                         yield sse.frame(stream_token(self._valid, pending))
-                    pending, last_index = event, event.index
-                    token_ids[event.index] = (event.token or {}).get("id")
+                    pending = event
                 elif event.kind == EVENT_FINAL:
                     yield self._finish(pending or last_token_of(event), event)
                     return
@@ -194,6 +187,8 @@ class StreamSession:
                     yield from self._fail(pending, from_event(event))
                     return
             yield from self._fail(pending, IncompleteGeneration())
+        except RerunDiverged as error:
+            yield from self._fail(pending, error)
         except Exception as error:  # e.g. an unreadable message: end the stream the TGI way
             log.exception("stream %s failed", self._valid.job.request_id)
             yield from self._fail(pending, GenerationError(str(error), reason=FailureReason.BAD_EVENT))
