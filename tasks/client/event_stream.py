@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import redis
+from kombu.exceptions import OperationalError
 
 from common.settings import Settings
 from common.states import SERVING_STATES, ReplicaState
@@ -167,7 +168,7 @@ class EventStream:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
             if not serving(states):
                 return error(NO_REPLICA, FailureReason.NO_REPLICA)
-        except (redis.RedisError, OSError) as lost:  # an outage: wait it out, within the deadlines
+        except (redis.RedisError, OSError, OperationalError) as lost:  # an outage: wait it out, within the deadlines
             log.info("request %s: cannot check its replicas (%s); waiting", self._job and self._job.request_id, lost)
         return None
 

@@ -157,13 +157,16 @@ class Subscriber:
         self.healthy_since = None
 
     def _reconnect(self) -> None:
-        """Connect again; redis-py subscribes the channels it knows again on connect."""
+        """Connect again, and subscribe every live channel: redis-py's own resubscription knows
+        only those confirmed before the outage, not those asked for during it."""
         connection = self._pubsub.connection
         if connection is None:
             return
         try:
             connection.disconnect()
             connection.connect()
+            if self._channels:
+                self._pubsub.subscribe(*self._channels)
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             pass  # still down: the next pass tries again
 

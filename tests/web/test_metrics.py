@@ -130,12 +130,12 @@ def test_requests_refused_before_any_view_are_counted_and_logged_once(settings, 
     is still one tgi_request_count, one tgi_request_failure and one WARNING line."""
     client = create_app(settings.replace(api_key="k")).test_client()
     auth = {"Authorization": "Bearer k"}
+    as_json = {**auth, "Content-Type": "application/json"}
     with caplog.at_level(logging.WARNING, logger="web.metrics"):
         statuses = [
             client.post("/generate", json={"inputs": "hello"}).status_code,  # no key
-            client.post("/generate", data="{not json", headers={**auth, "Content-Type": "application/json"}).status_code,
-            client.post("/generate", data="x" * 2_000_001, headers={**auth, "Content-Type": "application/json"}
-                        ).status_code,
+            client.post("/generate", data="{not json", headers=as_json).status_code,
+            client.post("/generate", data="x" * 2_000_001, headers=as_json).status_code,
             client.post("/generate", data="hello", headers={**auth, "Content-Type": "text/plain"}).status_code,
             client.post("/v1/completions", json={"model": "tgi", "prompt": 3.5}, headers=auth).status_code,
             client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}}, headers=auth).status_code,
