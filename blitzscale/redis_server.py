@@ -105,6 +105,11 @@ class EmbeddedRedis:
             stop_process(self.process, grace=5)
         return self.start(timeout)
 
+    def halt(self) -> None:
+        """Stop the server as an outage would, keeping its port for a later `start`."""
+        if self.process is not None:
+            stop_process(self.process, grace=5)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, grace=5)

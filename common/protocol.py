@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 EVENT_TOKEN = "token"
@@ -23,20 +23,27 @@ EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or no
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
 
 
+class StrEnum(str, Enum):
+    """`enum.StrEnum` (Python 3.11+) for 3.10: a member is its value, in `str()` and f-strings too."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 class FailureReason(StrEnum):
     """Why a request failed, finer than TGI's `error_type`: the `reason` label of
     `tgi_request_failure` and the web's WARNING line, so that a dashboard can split failures.
     Not shown to clients (their error body is TGI's)."""
 
     OVERLOADED = "overloaded"  # over --max-concurrent-requests (429)
-    VALIDATION = "validation"  # the request itself (400/413/422)
+    VALIDATION = "validation"  # the request itself (400/413/415/422)
+    UNAUTHORIZED = "unauthorized"  # a missing or wrong API key (401)
     TOKENIZER_UNAVAILABLE = "tokenizer_unavailable"  # the web could not load the tokenizer yet
     QUEUE_UNAVAILABLE = "queue_unavailable"  # Redis could not be reached to admit or enqueue
     NO_REPLICA = "no_replica"  # no replica active or loading
     QUEUE_TIMEOUT = "queue_timeout"  # no replica took the job within --queue-timeout
     REQUEST_TIMEOUT = "request_timeout"  # not finished within --request-timeout
     REPLICA_SILENT = "replica_silent"  # no event within --replica-silence-timeout
-    QUEUE_CONNECTION_LOST = "queue_connection_lost"  # the web lost Redis while waiting
     REDELIVERIES_EXHAUSTED = "redeliveries_exhausted"  # its replicas died more than --max-redeliveries times
     RERUN_DIVERGED = "rerun_diverged"  # a failover's re-run generated other tokens than those sent
     PUBLISH_FAILED = "publish_failed"  # the replica could not publish its tokens (the stream had a gap)

@@ -124,8 +124,9 @@ class RedisAdmission(Admission):
 
 
 def make_admission(settings, client) -> Admission:
-    """Held in Redis when the client has a Redis connection, else in this process."""
-    connection = getattr(client, "redis", None)
+    """Held in Redis when the client has a Redis connection (its reserved pool: a burst of
+    requests never delays the renewals), else in this process."""
+    connection = getattr(client, "reserved", None)
     if isinstance(connection, redis.Redis):
         return RedisAdmission(settings.max_concurrent_requests, connection, settings.admission_lease_ttl)
     return Admission(settings.max_concurrent_requests)

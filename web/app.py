@@ -1,7 +1,9 @@
 """The Flask application factory."""
 from __future__ import annotations
 
-from flask import Flask
+import functools
+
+from flask import Flask, request
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
@@ -24,6 +26,7 @@ from web.views import BLUEPRINTS
 from web.vllm.tokenization import write_tokenize_error
 
 MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
+GENERATION_BLUEPRINTS = ("generation", "openai", "responses", "anthropic")  # the routes tgi_request_* count
 
 
 def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
@@ -61,5 +64,12 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     # (first: the first prefix that matches writes) Anthropic's.
     register_error_handlers(app, {MESSAGES_PREFIX: write_anthropic_error, OPENAI_PREFIX: write_error,
                                   "/tokenize": write_tokenize_error, "/detokenize": write_error,
-                                  "/tokenizer_info": write_error})
+                                  "/tokenizer_info": write_error},
+                            on_error=functools.partial(_count_generation_failure, app.extensions[EXTENSION]))
     return app
+
+
+def _count_generation_failure(service: Service, error) -> None:
+    """Errors of generation routes that no view counted (auth, schemas, body size, content type)."""
+    if request.blueprint in GENERATION_BLUEPRINTS:
+        service.metrics.tgi.refused_at_the_edge(error)

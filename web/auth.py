@@ -17,6 +17,7 @@ import hmac
 from flask import g, request
 
 from common.logs import bind_tenant
+from common.protocol import FailureReason
 from web.errors import ApiError
 from web.service import current_service
 
@@ -25,6 +26,7 @@ SCHEME = "bearer"
 
 class Unauthorized(ApiError):
     status, error_type, default = 401, "unauthorized", "Unauthorized"
+    reason = FailureReason.UNAUTHORIZED
 
 
 def presented_token() -> str | None:

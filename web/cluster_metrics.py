@@ -2,14 +2,10 @@
 TGI's `tgi_queue_size`, and the replicas by state."""
 from __future__ import annotations
 
-import logging
-
-import redis
 from prometheus_client.core import GaugeMetricFamily
 
 from common.states import ReplicaState
-
-log = logging.getLogger(__name__)
+from web.redis_collector import RedisReader
 
 # The states a live replica record can show (slots, `dead` included, are `blitz_replica_slots`).
 STATES = tuple(state for state in ReplicaState if state != ReplicaState.DEAD)
@@ -17,15 +13,16 @@ NAMES = ("tgi_queue_size", "blitz_queue_broker", "blitz_replicas", "blitz_replic
          "blitz_replica_running", "blitz_replica_waiting")
 
 
-class ClusterCollector:
-    """`client`: a `tasks.client.generation_client.GenerationClient` (its `queue_size()` and `replicas()`)."""
+class ClusterReader(RedisReader):
+    source = "cluster"
+    needs_redis = False
 
-    def __init__(self, client):
-        self._client = client
+    def read(self, client):
+        """`client`: a `tasks.client.generation_client.GenerationClient` (its raising readers)."""
+        return client.read_replicas(), client.read_queue_size()
 
-    def collect(self):
-        records = _call(self._client, "replicas", [])
-        broker = int(_call(self._client, "queue_size", 0))
+    def families(self, values):
+        records, broker = values
         waiting = sum(int(r.get("waiting") or 0) for r in records)
         yield _gauge("tgi_queue_size", "Requests waiting: jobs in the broker's queue plus requests waiting "
                      "in the replicas' engines for their prefill", broker + waiting)
@@ -66,10 +63,3 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     family.add_metric([], value)
     return family
 
-
-def _call(client, method: str, default):
-    try:
-        return getattr(client, method)()
-    except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with what the web knows
-        log.debug("cluster metrics: %s unavailable: %s", method, error)
-        return default

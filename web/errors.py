@@ -94,10 +94,14 @@ def from_event(event) -> ApiError:
 # (body, status) of an error on the routes of one path prefix, given the error and the route.
 ErrorWriter = Callable[[ApiError, str], tuple[dict, int]]
 _WRITERS = "blitzscale.error_writers"
+_ON_ERROR = "blitzscale.on_error"
 
 
 def error_response(error: ApiError, headers: dict | None = None):
     headers = {**getattr(error, "headers", {}), **(headers or {})}  # e.g. a rate limit's Retry-After
+    on_error = current_app.extensions.get(_ON_ERROR)
+    if on_error is not None:
+        on_error(error)
     for prefix, write in current_app.extensions.get(_WRITERS, {}).items():
         if request.path.startswith(prefix):
             body, status = write(error, request.path)
@@ -148,9 +152,12 @@ def _flatten(messages, path: tuple = ()):
         yield ".".join(path), str(messages)
 
 
-def register_error_handlers(app: Flask, writers: dict[str, ErrorWriter] | None = None) -> None:
-    """`writers`: path prefix -> how the routes under it write their errors (default TGI's)."""
+def register_error_handlers(app: Flask, writers: dict[str, ErrorWriter] | None = None,
+                            on_error: Callable[[ApiError], None] | None = None) -> None:
+    """`writers`: path prefix -> how the routes under it write their errors (default TGI's);
+    `on_error`: called with every error answered (to count it)."""
     app.extensions[_WRITERS] = dict(writers or {})
+    app.extensions[_ON_ERROR] = on_error
     app.register_error_handler(ApiError, error_response)
     # Replaces flask-smorest's handler; unhandled exceptions reach it as InternalServerError.
     app.register_error_handler(HTTPException, _http_error)

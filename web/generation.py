@@ -20,7 +20,9 @@ from common.protocol import (
 )
 from web import sse
 from web.admission import Slot
+from web.disconnect import CHECK_EVERY, ClientDisconnected, disconnect_watch
 from web.errors import ApiError, GenerationError, IncompleteGeneration, from_event
+from web.replay import RerunDiverged, SentTokens
 from web.request_id import request_id
 from web.responses import (
     Outcome,
@@ -44,10 +46,12 @@ def generate_json(body: dict, *, full_text_default: bool, as_list: bool = False)
     slot, valid = _admit(service, body, clock, stream=False, full_text_default=full_text_default)
     try:
         with slot:
-            outcome = _wait_for_final(service, valid, clock)
+            outcome = wait_for_final(service, service.submit(valid.job), clock, disconnect_watch())
     except ApiError as error:
         service.metrics.tgi.request_failed(error)
         raise
+    except ClientDisconnected:
+        return client_went_away()
     service.metrics.tgi.request_succeeded(outcome)
     log_outcome(outcome)
     payload = generate_response(valid, outcome.final)
@@ -110,20 +114,25 @@ def _admit(service: Service, body: dict, clock: RequestClock, **how) -> tuple[Sl
     return slot, valid
 
 
+def client_went_away() -> Response:
+    """Nobody reads it: the client hung up, and its job was cancelled (nginx's 499)."""
+    log.info("request cancelled: the client closed its connection")
+    return Response(b"", status=499)
+
+
 def log_outcome(outcome: Outcome) -> None:
     log.info("generated %d tokens in %.3f s (validation %.3f s, queue %.3f s, inference %.3f s)",
              outcome.generated_tokens, outcome.total_time, outcome.validation_time, outcome.queue_time,
              outcome.inference_time)
 
 
-def _wait_for_final(service: Service, valid: ValidRequest, clock: RequestClock) -> Outcome:
-    return wait_for_final(service, service.submit(valid.job), clock)
-
-
-def wait_for_final(service: Service, events, clock: RequestClock) -> Outcome:
-    """The outcome of a submitted job (its `EventStream`, closed on return)."""
+def wait_for_final(service: Service, events, clock: RequestClock, gone=lambda: False) -> Outcome:
+    """The outcome of a submitted job (its `EventStream`, closed on return). Raises
+    ClientDisconnected when `gone()` says the client hung up (web.disconnect)."""
     try:
-        for event in events.events():
+        for event in events.events(tick=CHECK_EVERY):
+            if gone():
+                raise ClientDisconnected()
             if event is None:
                 continue
             if event.kind in (EVENT_STARTED, EVENT_TOKEN):
@@ -137,9 +146,6 @@ def wait_for_final(service: Service, events, clock: RequestClock) -> Outcome:
         raise IncompleteGeneration()
     finally:
         events.close()
-
-
-RERUN_DIVERGED = "the replica serving this stream stopped, and the replica that took over generated other tokens"
 
 
 class StreamSession:
@@ -158,8 +164,7 @@ class StreamSession:
 
     def _frames(self):
         pending: StreamEvent | None = None
-        last_index = 0
-        token_ids: dict[int, int] = {}  # index -> id of every token taken (a re-run must repeat them)
+        sent = SentTokens()
         try:
             for event in self._events.events():
                 if event is None:
@@ -168,17 +173,13 @@ class StreamSession:
                     self._service.metrics.tgi.request_redelivered()
                 elif event.kind == EVENT_STARTED:
                     self._clock.mark("picked_up")
-                elif event.kind == EVENT_TOKEN and event.index <= last_index:  # a duplicate, or a re-run's replay
-                    if token_ids.get(event.index) != (event.token or {}).get("id"):
-                        yield from self._fail(pending, GenerationError(RERUN_DIVERGED,
-                                                                       reason=FailureReason.RERUN_DIVERGED))
-                        return
+                elif event.kind == EVENT_TOKEN and sent.replayed(event):
+                    continue
                 elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
                     if pending is not None:
                         yield sse.frame(stream_token(self._valid, pending))
-                    pending, last_index = event, event.index
-                    token_ids[event.index] = (event.token or {}).get("id")
+                    pending = event
                 elif event.kind == EVENT_FINAL:
                     yield self._finish(pending or last_token_of(event), event)
                     return
@@ -186,6 +187,8 @@ class StreamSession:
                     yield from self._fail(pending, from_event(event))
                     return
             yield from self._fail(pending, IncompleteGeneration())
+        except RerunDiverged as error:
+            yield from self._fail(pending, error)
         except Exception as error:  # e.g. an unreadable message: end the stream the TGI way
             log.exception("stream %s failed", self._valid.job.request_id)
             yield from self._fail(pending, GenerationError(str(error), reason=FailureReason.BAD_EVENT))

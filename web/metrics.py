@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, has_request_context, request
+import redis
+from flask import Flask, g, has_request_context, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import Metric
@@ -24,18 +25,20 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 from common.keys import replica_metrics_pattern
 from common.settings import Settings
 from web.cluster_metrics import NAMES as CLUSTER_NAMES
+from web.cluster_metrics import ClusterReader
 from web.openai.errors import client_status
-from web.cluster_metrics import ClusterCollector
+from web.redis_collector import STALE, RedisFigures, RedisReader
 from web.scaling_metrics import NAMES as SCALING_NAMES
-from web.scaling_metrics import ScalingCollector
+from web.scaling_metrics import ScalingReader
 from web.weight_metrics import NAMES as WEIGHT_NAMES
-from web.weight_metrics import WeightTransferCollector
+from web.weight_metrics import WeightTransferReader
 
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = tuple(0.0001 * 1.5**i for i in range(1, 36))  # TGI's: 0.15 ms .. ~220 s
 # Families the web itself exports; a replica's family of the same name is not re-exported.
-OWN_PREFIXES = ("tgi_request", "flask_", "process_", "python_", *CLUSTER_NAMES, *SCALING_NAMES, *WEIGHT_NAMES)
+OWN_PREFIXES = ("tgi_request", "flask_", "process_", "python_", STALE, *CLUSTER_NAMES, *SCALING_NAMES,
+                *WEIGHT_NAMES)
 
 
 def multiprocess_mode() -> bool:
@@ -76,6 +79,8 @@ class TgiMetrics:
 
     def request_received(self) -> None:
         self.count.inc()
+        if has_request_context():
+            g.tgi_received = True
 
     def request_validated(self, input_length: int) -> None:
         self.input_length.observe(input_length)
@@ -89,9 +94,19 @@ class TgiMetrics:
         None; a stream's body runs after its request context is gone) and status; the log
         line names the request id (common.logs)."""
         route = route or (request.path if has_request_context() else "-")
+        error.counted = True
         self.failure.labels(err=error.error_type, reason=str(error.reason)).inc()
         log.warning("request failed: %s answered %d %s (%s): %s", route, client_status(error, route),
                     error.error_type, error.reason, error.message)
+
+    def refused_at_the_edge(self, error) -> None:
+        """A generation request that an error handler answers (auth, schemas, body size, content
+        type: before any view counted it): counted and logged as every other failure, once."""
+        if getattr(error, "counted", False):
+            return
+        if not g.get("tgi_received"):
+            self.request_received()
+        self.request_failed(error)
 
     def request_succeeded(self, outcome) -> None:
         """`outcome`: a `web.responses.Outcome`."""
@@ -104,15 +119,20 @@ class TgiMetrics:
         self.generated_tokens.observe(outcome.generated_tokens)
 
 
-class ReplicaMetricsCollector:
+class ReplicaMetricsReader(RedisReader):
     """Merges the replicas' published metrics (text format), adding a `replica` label."""
 
-    def __init__(self, client):
-        self._redis = getattr(client, "redis", None)
+    source = "replica_metrics"
 
-    def collect(self):
+    def read(self, client):
+        connection = client.redis
+        keys = sorted(connection.scan_iter(match=replica_metrics_pattern(), count=100))
+        values = connection.mget(keys) if keys else []
+        return [(_text(key).rsplit(":", 1)[-1], _text(value)) for key, value in zip(keys, values) if value]
+
+    def families(self, values):
         families: dict[str, Metric] = {}
-        for replica, text in self._texts():
+        for replica, text in values:
             try:
                 parsed = list(text_string_to_metric_families(text))
             except ValueError:
@@ -128,18 +148,9 @@ class ReplicaMetricsCollector:
                     merged.add_sample(s.name, labels, s.value, s.timestamp, s.exemplar)
         yield from families.values()
 
-    def _texts(self):
-        if self._redis is None:
-            return []
-        try:
-            keys = sorted(self._redis.scan_iter(match=replica_metrics_pattern(), count=100))
-            values = self._redis.mget(keys) if keys else []
-        except (redis.RedisError, OSError) as error:  # Redis down: /metrics still answers with the web's own
-            log.debug("replica metrics unavailable: %s", error)
-            return []
-        return [
-            (_text(key).rsplit(":", 1)[-1], _text(value)) for key, value in zip(keys, values) if value
-        ]
+
+def redis_figures(client) -> RedisFigures:
+    return RedisFigures(client, [ReplicaMetricsReader(), ClusterReader(), ScalingReader(), WeightTransferReader()])
 
 
 def _text(value) -> str:
@@ -150,7 +161,7 @@ class Metrics:
     """One app's metrics: binds the Flask exporter and renders the /metrics page."""
 
     def __init__(self, app: Flask, settings: Settings, client):
-        self._client = client
+        self._redis_figures = redis_figures(client)  # one, kept: it holds the last figures read
         self._multiprocess = multiprocess_mode()
         if self._multiprocess:
             exporter = GunicornInternalPrometheusMetrics.for_app_factory(path=None, group_by="endpoint")
@@ -159,10 +170,7 @@ class Metrics:
             self.registry = CollectorRegistry()
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
-            self.registry.register(ReplicaMetricsCollector(client))
-            self.registry.register(ClusterCollector(client))
-            self.registry.register(ScalingCollector(client))
-            self.registry.register(WeightTransferCollector(client))
+            self.registry.register(self._redis_figures)
             exporter = PrometheusMetrics.for_app_factory(path=None, group_by="endpoint", registry=self.registry)
         exporter.init_app(app)
         self.exporter = exporter
@@ -173,8 +181,5 @@ class Metrics:
         if self._multiprocess:  # every gunicorn worker's files, then what Redis holds
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-            registry.register(ReplicaMetricsCollector(self._client))
-            registry.register(ClusterCollector(self._client))
-            registry.register(ScalingCollector(self._client))
-            registry.register(WeightTransferCollector(self._client))
+            registry.register(self._redis_figures)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -10,14 +10,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.states import ReplicaState
 from tasks.control.cluster import read_agents, read_counters, read_slots
-from web.redis_collector import RedisCollector
+from web.redis_collector import RedisReader
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
          "blitz_replica_slots")
 
 
-class ScalingCollector(RedisCollector):
-    def read(self, connection):
+class ScalingReader(RedisReader):
+    source = "scaling"
+
+    def read(self, client):
+        connection = client.redis
         return read_counters(connection), read_slots(connection), [a.host for a in read_agents(connection)]
 
     def families(self, values):

@@ -5,14 +5,16 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from tasks.weights.sources import DURATION_BUCKETS, read_transfers
-from web.redis_collector import RedisCollector
+from web.redis_collector import RedisReader
 
 NAMES = ("blitz_weight_transfer_bytes", "blitz_weight_transfer_duration_seconds")
 
 
-class WeightTransferCollector(RedisCollector):
-    def read(self, connection):
-        return read_transfers(connection)
+class WeightTransferReader(RedisReader):
+    source = "weight_transfers"
+
+    def read(self, client):
+        return read_transfers(client.redis)
 
     def families(self, values):
         sent = CounterMetricFamily("blitz_weight_transfer_bytes", "Weight bytes replicas received from each "

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import redis
+from kombu.exceptions import OperationalError
 
 from common.settings import Settings
 from common.states import SERVING_STATES, ReplicaState
@@ -46,16 +47,17 @@ from common.protocol import (
     StreamEvent,
 )
 from tasks.client.affinity import Routing
+from tasks.client.subscriber import Subscription
 
 log = logging.getLogger(__name__)
 
 NO_REPLICA = "no replica is available to serve the request"
-CONNECTION_LOST = "lost the connection to the queue"
 
 
 class ReplicaWatch:
     """What the stream asks about the replicas (GenerationClient implements it)."""
 
+    def settled(self) -> bool: ...  # Redis answers, and has for a heartbeat period (records rewritten)
     def alive(self, name: str) -> bool: ...
     def replica_states(self, max_age: float) -> dict[str, str]: ...  # name -> state of every live replica
     def resubmit(self, job: Job) -> None: ...  # a newer attempt, on the shared queue
@@ -73,11 +75,10 @@ def error(message: str, reason: FailureReason) -> StreamEvent:
 class EventStream:
     """Iterates one request's events; yields None on idle ticks (time for an SSE keep-alive)."""
 
-    def __init__(self, pubsub: redis.client.PubSub, channel: str, settings: Settings,
+    def __init__(self, subscription: Subscription, settings: Settings,
                  job: Job | None = None, watch: ReplicaWatch | None = None, states: dict | None = None,
                  routing: Routing | None = None):
-        self._pubsub = pubsub
-        self._channel = channel
+        self._subscription = subscription
         self._settings = settings
         self._job = job
         self._watch = watch
@@ -113,18 +114,13 @@ class EventStream:
                     if outcome.kind == EVENT_ERROR:
                         return
                     last_event, tokens_seen = time.monotonic(), False
-            try:
-                wait = max(0.0, min(tick - (now - last_idle), next_check - now))
-                message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-            except (redis.ConnectionError, redis.TimeoutError):
-                yield error(CONNECTION_LOST, FailureReason.QUEUE_CONNECTION_LOST)
-                return
-            if message is None:
+            data = self._subscription.get(timeout=max(0.0, min(tick - (now - last_idle), next_check - now)))
+            if data is None:
                 if time.monotonic() - last_idle >= tick:
                     last_idle = time.monotonic()
                     yield None
                 continue
-            event = StreamEvent.decode(message["data"])
+            event = StreamEvent.decode(data)
             if (event.attempt or 0) != self.attempt:
                 continue  # from a run this request gave up on
             last_event = time.monotonic()
@@ -154,6 +150,8 @@ class EventStream:
     def _check(self) -> StreamEvent | None:
         """Fail over when the replica holding the job died; None when all is well."""
         watch = self._watch
+        if not watch.settled():
+            return None  # Redis is down, or just back and empty: judge no replica until heartbeats are in
         try:
             if self.replica is not None:
                 if watch.alive(self.replica):
@@ -170,8 +168,8 @@ class EventStream:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
             if not serving(states):
                 return error(NO_REPLICA, FailureReason.NO_REPLICA)
-        except (redis.RedisError, OSError):
-            return error(CONNECTION_LOST, FailureReason.QUEUE_CONNECTION_LOST)
+        except (redis.RedisError, OSError, OperationalError) as lost:  # an outage: wait it out, within the deadlines
+            log.info("request %s: cannot check its replicas (%s); waiting", self._job and self._job.request_id, lost)
         return None
 
     def _fail_over(self, why: str) -> StreamEvent:
@@ -209,12 +207,6 @@ class EventStream:
         self._candidates = states
 
     def close(self) -> None:
-        if self.closed:
-            return
+        """Unsubscribe: the replica's next PUBLISH reaches no one, and it cancels the request."""
         self.closed = True
-        try:
-            self._pubsub.unsubscribe(self._channel)
-        except redis.RedisError:
-            pass
-        finally:
-            self._pubsub.close()
+        self._subscription.close()

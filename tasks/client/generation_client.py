@@ -1,20 +1,26 @@
 """The web's side of the queue: subscribe to a request's stream, then enqueue its job.
 
-One Redis pub/sub connection per in-flight request; the subscription is confirmed before the
-job is sent, so no event can be published before anyone listens. The process's one connection
-pool is sized for that (`web_connection_pool`): a burst within the admission limit never fails
-for want of a connection. Closing the stream
-unsubscribes, which is how a replica learns that the client went away (its next PUBLISH reaches
-no one, and it cancels the request). A job goes to the shared queue, or to the own queue of the
-replica that served its prompt's prefix (tasks.client.affinity). Deadlines and failover:
-tasks.client.event_stream.
+Connections scale with web processes, never with requests (docs/request-path.md):
+- one pub/sub connection per process (tasks.client.subscriber): its dispatcher thread hands each
+  event to its request's queue; a request holds a subscription, never a connection;
+- a small pool for commands (enqueue, replica checks, /metrics), each held for one command;
+- a reserved pool for the admission leases and /health, so a burst never starves them.
+Every connection is named `blitz-web-<pid>` (`CLIENT LIST` shows a web process's share).
+
+The subscription is confirmed before the job is sent, so no event can be published before
+anyone listens. Closing the stream unsubscribes, which is how a replica learns that the client
+went away (its next PUBLISH reaches no one, and it cancels the request). A job goes to the
+shared queue, or to the own queue of the replica that served its prompt's prefix
+(tasks.client.affinity). Deadlines, failover and outages: tasks.client.event_stream.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import redis
+from kombu.exceptions import OperationalError
 
 from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
@@ -22,9 +28,14 @@ from common.replica_records import live_records
 from common.settings import Settings
 from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
+from tasks.client.subscriber import SubscribeFailed, Subscriber
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
 from tasks.queue.depth import queued_jobs
 from tasks.queue.hygiene import queue_ttl
+
+COMMAND_CONNECTIONS = 16  # one command each (sub-millisecond): thousands of requests a second
+RESERVED_CONNECTIONS = 4  # admission leases (take, renew, release) and /health
+
 
 class QueueUnavailable(RuntimeError):
     """Redis (the broker) cannot be reached."""
@@ -34,54 +45,55 @@ class NoReplica(RuntimeError):
     """No replica is active or loading: a job would wait for nothing."""
 
 
-BACKGROUND_CONNECTIONS = 8  # the admission renewer, /metrics collectors, cluster commands
+def connection_name() -> str:
+    return f"blitz-web-{os.getpid()}"
 
 
-def web_connection_pool(settings: Settings) -> redis.BlockingConnectionPool:
-    """Every thread of a web process may hold its request's pub/sub connection and run one
-    command (admission, enqueue check, replica check) at the same time. redis-py's default pool
-    (100 connections, then `Too many connections`) failed admitted requests under a burst;
-    this one has room for every thread, and were it ever short it would wait its turn (up to
-    `queue_timeout`) rather than fail."""
+def web_connection_pool(settings: Settings, size: int) -> redis.BlockingConnectionPool:
+    """A pool that waits its turn (up to a few seconds) when all its connections are busy, rather
+    than failing (redis-py's default) or growing with the requests."""
     return redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=2 * settings.web_process_threads + BACKGROUND_CONNECTIONS,
-        timeout=settings.queue_timeout, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
+        settings.redis_url, max_connections=size, timeout=5, socket_connect_timeout=2, socket_timeout=10,
+        health_check_interval=30, client_name=connection_name(),
     )
 
 
 class GenerationClient:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.redis = redis.Redis(connection_pool=web_connection_pool(settings))
+        self.redis = redis.Redis(connection_pool=web_connection_pool(settings, COMMAND_CONNECTIONS))
+        self.reserved = redis.Redis(connection_pool=web_connection_pool(settings, RESERVED_CONNECTIONS))
+        self.subscriber = Subscriber(settings.redis_url, client_name=connection_name())
         self.celery = make_celery(settings)
+        self.celery.conf.broker_transport_options = {**self.celery.conf.broker_transport_options,
+                                                     "client_name": connection_name()}
         self.affinity = PrefixAffinity(self.redis, settings.prefix_caching and settings.prefix_affinity,
                                        settings.affinity_wait, settings.heartbeat_interval + settings.replica_check_interval)
         self._records: tuple[float, dict[str, dict]] = (0.0, {})  # (when read, name -> replica record)
-        self._records_lock = threading.Lock()
+        self._records_lock = threading.Lock()  # guards the swap only: no Redis I/O under it
+        self._refreshing = False
 
     def submit(self, job: Job) -> EventStream:
-        """Subscribe to the job's channel, wait for the subscription, then enqueue. Raises
-        NoReplica at once when no replica could take the job."""
-        channel = stream_channel(job.request_id)
-        pubsub = self.redis.pubsub()
+        """Subscribe to the job's channel (confirmed), then enqueue. Raises NoReplica at once when
+        no replica could take the job, QueueUnavailable when Redis cannot be reached."""
         try:
             states = self.replica_states(self.settings.replica_check_interval)
             if not serving(states):
                 raise NoReplica(NO_REPLICA)
-            pubsub.subscribe(channel)
-            confirmation = pubsub.get_message(timeout=5)
-            if not confirmation or confirmation.get("type") != "subscribe":
-                raise QueueUnavailable("stream subscription was not confirmed")
+            subscription = self.subscriber.subscribe(stream_channel(job.request_id))
+        except (redis.RedisError, OSError, SubscribeFailed) as error:
+            raise QueueUnavailable(str(error)) from error
+        try:
             routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
                                           salt=job_salt(job.cache_salt, job.adapter_id), request_id=job.request_id)
             self._send(job, routing.replica)
-        except (redis.RedisError, OSError) as error:
-            pubsub.close()
+        except (redis.RedisError, OSError, OperationalError) as error:
+            subscription.close()
             raise QueueUnavailable(str(error)) from error
-        except Exception:
-            pubsub.close()
+        except BaseException:
+            subscription.close()
             raise
-        return EventStream(pubsub, channel, self.settings, job=job, watch=self, states=states, routing=routing)
+        return EventStream(subscription, self.settings, job=job, watch=self, states=states, routing=routing)
 
     def _send(self, job: Job, replica: str | None = None) -> None:
         """To the shared queue, or to `replica`'s own queue; the queue list expires once nobody
@@ -102,6 +114,12 @@ class GenerationClient:
     def served(self, routing: Routing, replica: str) -> None:
         self.affinity.served(routing, replica)
 
+    def settled(self) -> bool:
+        """Redis answers, and has for a heartbeat period: after a restart (an empty server) the
+        replicas' records are back before any is judged gone."""
+        since = self.subscriber.healthy_since
+        return since is not None and time.monotonic() - since >= self.settings.heartbeat_ttl
+
     def alive(self, name: str) -> bool:
         return bool(self.redis.exists(replica_key(name)))
 
@@ -110,37 +128,49 @@ class GenerationClient:
         return {name: record.get("state") for name, record in self.replica_records(max_age).items()}
 
     def replica_records(self, max_age: float) -> dict[str, dict]:
-        """name -> record of every live replica, read at most every `max_age` seconds for all
-        the requests of this process."""
+        """name -> record of every live replica, read at most every `max_age` seconds for all the
+        requests of this process: one thread reads, the others use the records it read last."""
         with self._records_lock:
             read_at, records = self._records
-            if time.monotonic() - read_at < max_age:
+            fresh = time.monotonic() - read_at < max_age
+            if fresh or (self._refreshing and records):
                 return records
-            records = {r["name"]: r for r in self._replica_records() if r.get("name")}
-            # No serving replica is not kept: a replica scaled up a moment later is seen at once.
-            states = {name: r.get("state") for name, r in records.items()}
+            self._refreshing = True
+        try:
+            records = {r["name"]: r for r in self.read_replicas() if r.get("name")}
+        finally:
+            with self._records_lock:
+                self._refreshing = False
+        # No serving replica is not kept: a replica scaled up a moment later is seen at once.
+        states = {name: r.get("state") for name, r in records.items()}
+        with self._records_lock:
             self._records = (time.monotonic() if serving(states) else 0.0, records)
-            return records
+        return records
 
     def redis_alive(self) -> bool:
         try:
-            return bool(self.redis.ping())
+            return bool(self.reserved.ping())
         except (redis.RedisError, OSError):
             return False
 
     def replicas(self) -> list[dict]:
-        """The records of every replica whose heartbeat has not expired."""
+        """The records of every replica whose heartbeat has not expired; none when Redis is down."""
         try:
-            return self._replica_records()
+            return self.read_replicas()
         except (redis.RedisError, OSError):
             return []
 
-    def _replica_records(self) -> list[dict]:
+    def read_replicas(self) -> list[dict]:
+        """As `replicas`, raising when Redis cannot be read."""
         return live_records(self.redis)
 
     def queue_size(self) -> int:
         try:
-            names = self.replica_records(self.settings.replica_check_interval)
-            return queued_jobs(self.redis, names)  # the live replicas' own queues too
+            return self.read_queue_size()
         except (redis.RedisError, OSError):
             return 0
+
+    def read_queue_size(self) -> int:
+        """Jobs waiting in the shared queue and in the live replicas' own queues, raising when
+        Redis cannot be read."""
+        return queued_jobs(self.redis, self.replica_records(self.settings.replica_check_interval))

@@ -23,7 +23,7 @@ from tasks.queue.celery_app import GENERATE_TASK
 from tasks.runtime.job_params import engine_request_id, engine_requests
 from tasks.runtime.replica import current_replica
 from tasks.runtime.results import Generation, best_of, final_details
-from tasks.runtime.stream_relay import PUBLISH_FAILED
+from tasks.runtime.stream_relay import publish_failed
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,9 @@ def _generate(job: Job) -> None:
         listening = replica.relay.publish_now(job.request_id, started_event)
     except redis.RedisError as error:  # the relay retries the error event until the web can hear it
         log.error("request %s: could not announce the job (%s); failing it", job.request_id, error)
-        replica.relay.send(job.request_id, StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED,
-                                                       error_type="incomplete_generation",
-                                                       reason=FailureReason.PUBLISH_FAILED,
-                                                       attempt=job.attempt or None))
+        # Pending as long as the web waits for a job no replica has announced yet.
+        replica.relay.send(job.request_id, publish_failed(job.attempt or None),
+                           keep_for=replica.settings.queue_timeout)
         return
     if not listening:
         log.info("request %s: client already gone, skipped", job.request_id)

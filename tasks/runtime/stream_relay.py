@@ -19,6 +19,9 @@ Failure policy (docs/failure-policy.md):
   nothing else did for `alive_interval`, so that the web can fail a silent replica within its
   silence deadline, streaming or not; ticks for a held request stop when the engine has not
   stepped for `stall_after` seconds;
+- right after a Redis error (`outage_grace` seconds), a PUBLISH that reaches nobody does not
+  mean the client went away: the web may not have subscribed again yet (after a restart Redis
+  knows no subscriber). A last message stays pending, a held request is not cancelled;
 - any other exception is logged with its traceback, fails the requests of that pass, and the
   relay goes on.
 
@@ -47,6 +50,12 @@ log = logging.getLogger(__name__)
 PUBLISH_FAILED = "the replica could not publish the request's events"
 
 
+def publish_failed(attempt: int | None) -> StreamEvent:
+    """The error event of a request whose events could not go out."""
+    return StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
+                       reason=FailureReason.PUBLISH_FAILED, attempt=attempt)
+
+
 @dataclass
 class _Held:
     """A request the relay speaks for: its channel, attempt, and when it last sent anything."""
@@ -63,6 +72,7 @@ class _Message:
     channel: str
     event: StreamEvent
     engine_id: str | None  # the held request it belongs to (None: a pending last message)
+    keep_for: float | None = None  # a last message: how long it may wait for Redis (None: give_up_after)
 
     @property
     def is_last(self) -> bool:
@@ -81,7 +91,8 @@ class _Pending:
 
 class StreamRelay:
     def __init__(self, connection: redis.Redis, cancel: Callable[[str], None], *, alive_interval: float = 5.0,
-                 stall_after: float = 30.0, retries: int = 4, backoff: float = 0.1, give_up_after: float = 60.0):
+                 stall_after: float = 30.0, retries: int = 4, backoff: float = 0.1, give_up_after: float = 60.0,
+                 outage_grace: float = 5.0):
         self._redis = connection
         self._cancel = cancel
         self._alive_interval = alive_interval
@@ -89,6 +100,8 @@ class StreamRelay:
         self._retries = retries
         self._backoff = backoff
         self._give_up_after = give_up_after  # set it to the web's silence deadline: nobody waits longer
+        self._outage_grace = outage_grace  # the web's time to subscribe again after a Redis outage
+        self._last_error = -float("inf")  # monotonic time of the last failed PUBLISH
         self._held: dict[str, _Held] = {}  # engine request id -> what the relay sends for it
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # channel -> last message not yet out (relay thread)
@@ -134,10 +147,12 @@ class StreamRelay:
             raise error
         return replies[0] > 0
 
-    def send(self, request_id: str, event: StreamEvent, engine_id: str | None = None) -> None:
+    def send(self, request_id: str, event: StreamEvent, engine_id: str | None = None,
+             keep_for: float | None = None) -> None:
         """Queue a final or error event; it goes out after every token queued before it and
-        ends the relaying of `engine_id` (default: `request_id`)."""
-        self._outbox.put((request_id, event, engine_id or request_id))
+        ends the relaying of `engine_id` (default: `request_id`). `keep_for`: how long it may
+        wait for Redis, when the web waits longer than `give_up_after` for it."""
+        self._outbox.put((request_id, event, engine_id or request_id, keep_for))
 
     # ---- the relay thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -167,12 +182,15 @@ class StreamRelay:
             return
         replies, failed, error = self._publish(messages)
         failed_ids = {id(m) for m in failed}
+        just_back = time.monotonic() - self._last_error < self._outage_grace  # nobody may listen yet
         for message, receivers in zip(messages, replies):
             if id(message) in failed_ids:
                 continue
-            if message.is_last:
+            if message.is_last and receivers == 0 and just_back:
+                self._keep_pending(message, "no subscriber yet after an outage")
+            elif message.is_last:
                 self._delivered(message)
-            elif receivers == 0 and message.engine_id is not None:
+            elif receivers == 0 and message.engine_id is not None and not just_back:
                 self._client_gone(message.engine_id)
         for message in failed:
             self._give_up(message, error)
@@ -185,11 +203,11 @@ class StreamRelay:
         with self._lock:
             for item in batch:
                 if isinstance(item, tuple):  # a final or error event: the request's last message
-                    request_id, event, engine_id = item
+                    request_id, event, engine_id, keep_for = item
                     self._held.pop(engine_id, None)
                     if stream_channel(request_id) in self._pending:
                         continue  # already failed (it lost tokens): its error event stands
-                    messages.append(_Message(stream_channel(request_id), event, engine_id))
+                    messages.append(_Message(stream_channel(request_id), event, engine_id, keep_for))
                     continue
                 for event in item:
                     held = self._held.get(event.request_id)
@@ -245,6 +263,7 @@ class StreamRelay:
             remaining = still
             if not remaining:
                 break
+            self._last_error = time.monotonic()
             log.warning("stream relay: %d message(s) not published (try %d of %d): %s",
                         len(remaining), attempt + 1, self._retries + 1, error)
         return replies, [messages[i] for i in remaining], error
@@ -260,16 +279,17 @@ class StreamRelay:
         log.error("request on %s: %s (%s); failing it", message.channel, PUBLISH_FAILED, error)
         self._fail(message.engine_id, message.channel, message.event.attempt)
 
-    def _keep_pending(self, message: _Message, error: Exception | None) -> None:
+    def _keep_pending(self, message: _Message, error) -> None:
         if message.channel in self._pending:
             return  # already waiting; it stays until Redis takes it or it expires
         log.warning("stream relay: the %s event on %s is not published yet (%s); retrying it until Redis "
                     "takes it", message.event.kind, message.channel, error)
-        self._pend(message.channel, message.event)
+        self._pend(message.channel, message.event, message.keep_for)
 
-    def _pend(self, channel: str, event: StreamEvent) -> None:
+    def _pend(self, channel: str, event: StreamEvent, keep_for: float | None = None) -> None:
         now = time.monotonic()
-        self._pending[channel] = _Pending(_Message(channel, event, None), now + self._give_up_after, now)
+        keep_for = self._give_up_after if keep_for is None else keep_for
+        self._pending[channel] = _Pending(_Message(channel, event, None, keep_for), now + keep_for, now)
 
     def _delivered(self, message: _Message) -> None:
         if self._pending.pop(message.channel, None) is not None:
@@ -282,15 +302,14 @@ class StreamRelay:
         if running:
             self._cancel(engine_id)
         if channel not in self._pending:
-            self._pend(channel, StreamEvent(kind=EVENT_ERROR, error=PUBLISH_FAILED, error_type="incomplete_generation",
-                                            reason=FailureReason.PUBLISH_FAILED, attempt=attempt))
+            self._pend(channel, publish_failed(attempt))
 
     def _fail_all(self, batch: list) -> None:
         """After an unexpected error: fail the requests whose events the pass held (never raises)."""
         try:
             for item in batch:
                 if isinstance(item, tuple):
-                    request_id, event, engine_id = item
+                    request_id, event, engine_id, _ = item
                     self._fail(engine_id, stream_channel(request_id), event.attempt)
                     continue
                 with self._lock:

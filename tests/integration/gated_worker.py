@@ -1,6 +1,7 @@
 """A real replica worker (`python -m tests.integration.gated_worker worker --slot N`) whose engine
 holds its next step while the file named by ENGINE_GATE exists: a test pauses generation at a
-point it chooses instead of guessing how fast this machine generates."""
+point it chooses instead of guessing how fast this machine generates. ENGINE_STEP_DELAY (seconds)
+makes every step at least that slow: a long generation lasts long by construction."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ def gated_step(self: Engine) -> None:
     gate = Path(os.environ["ENGINE_GATE"])
     while gate.exists():
         time.sleep(0.01)
+    time.sleep(float(os.environ.get("ENGINE_STEP_DELAY") or 0))
     _step(self)
 
 

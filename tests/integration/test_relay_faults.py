@@ -3,8 +3,11 @@ to Redis as its own ACL user, and the test takes PUBLISH away from that user (a 
 every publish) while the web, its heartbeat and its Celery consumer keep working. Every request
 must end within its deadlines, none waiting for the request timeout: an outage shorter than the
 relay's retries costs nothing, a request that lost no event gets its answer when PUBLISH is back,
-and only a stream that lost tokens fails. A test holds the engine between steps where timing
-matters (PausableService) rather than guess how fast this machine generates."""
+and only a stream that lost tokens fails. The tests control timing rather than guess how fast
+this machine is: every engine step takes at least STEP seconds, so LONG requests are still
+generating when PUBLISH is taken away; a test holds the engine between steps where it matters
+(PausableService); an outage ends when the replica's log shows the relay met it, not after a
+sleep."""
 from __future__ import annotations
 
 import json
@@ -21,7 +24,8 @@ from tests.service import PausableService, Service
 
 SILENCE = 12.0  # REPLICA_SILENCE_TIMEOUT; the relay retries for ~1.5 s (slack for a loaded machine)
 REQUEST_TIMEOUT = 120.0
-LONG = {"max_new_tokens": 1500}
+LONG = {"max_new_tokens": 300}
+STEP = 0.03  # seconds at least per engine step (tests.integration.gated_worker): LONG lasts >= 9 s
 
 
 class ReplicaUserService(PausableService):
@@ -47,7 +51,8 @@ class ReplicaUserService(PausableService):
 def svc(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("relay-faults")
     env = {**FAST, "REPLICA_SILENCE_TIMEOUT": str(SILENCE), "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
-           "XDG_CACHE_HOME": str(workdir / "cache")}
+           "XDG_CACHE_HOME": str(workdir / "cache"), "ENGINE_STEP_DELAY": str(STEP),
+           "HEARTBEAT_TTL": "10"}  # no replica dies here: a late heartbeat on a busy machine must not look like one
     service = ReplicaUserService(str(tiny_model_dir), workdir, env=env)
     try:
         service.start()
@@ -79,7 +84,9 @@ def sse_events_iter(response):
 
 
 def in_flight(svc: Service, pool: ThreadPoolExecutor, running: int = 3):
-    """Two JSON requests and one stream, all generating on the replica."""
+    """Two JSON requests and one stream, all generating on the replica (once those an earlier
+    test gave up on are cancelled: their logs and counts must not be taken for these)."""
+    wait_until(lambda: sum(r.get("running", 0) for r in records(svc).values()) == 0, svc)
     first_token: list = []
     jsons = [pool.submit(generate, svc, f"Once upon a time {n}", **LONG) for n in range(2)]
     sse = pool.submit(stream, svc, "Hello", first_token, **LONG)
@@ -118,11 +125,17 @@ def test_relay_that_cannot_publish_fails_every_request_within_the_silence_deadli
 
 
 def test_an_outage_shorter_than_the_retries_loses_nothing(svc):
+    """PUBLISH comes back as soon as the relay's first try failed: its retries (~1.5 s of backoff)
+    cover the outage."""
+    failed_tries = lambda: replica_log(svc).count("not published (try 1 of")
     with ThreadPoolExecutor(4) as pool:
         jsons, sse = in_flight(svc, pool)
+        before = failed_tries()
         svc.replica_publish(False)
-        time.sleep(0.3)
-        svc.replica_publish(True)
+        try:
+            wait_until(lambda: failed_tries() > before, svc)
+        finally:
+            svc.replica_publish(True)
         outcomes = [f.result()[0] for f in jsons]
         events, _ = sse.result()
     assert [r.status_code for r in outcomes] == [200, 200], [r.text for r in outcomes]
@@ -130,7 +143,6 @@ def test_an_outage_shorter_than_the_retries_loses_nothing(svc):
     tokens = [e for e in events if "token" in e]
     assert [e["index"] for e in tokens] == list(range(1, len(tokens) + 1))  # no gap, no duplicate
     assert events[-1]["generated_text"] is not None and "error" not in events[-1]
-    assert "not published (try 1 of" in (svc.workdir / "replica0.log").read_text(errors="replace")
 
 
 def test_an_outage_past_the_retries_fails_what_it_lost_with_the_relays_error(svc):
@@ -146,9 +158,13 @@ def test_an_outage_past_the_retries_fails_what_it_lost_with_the_relays_error(svc
             cut = time.monotonic()
         finally:
             svc.resume_engine()
+        log_before = replica_log(svc)
         during = pool.submit(generate, svc, "Hello there", max_new_tokens=4)
-        time.sleep(3.5)  # past the relay's retries, under SILENCE
-        svc.replica_publish(True)
+        try:  # past the relay's retries: it failed the stream and the job it could not announce
+            wait_until(lambda: all(replica_log(svc).count(line) > log_before.count(line)
+                                   for line in ("; failing it", "could not announce the job")), svc)
+        finally:
+            svc.replica_publish(True)
         events, stream_ended = sse.result()
         late, late_ended = during.result()
         outcomes = [f.result()[0] for f in jsons]
@@ -190,6 +206,10 @@ def test_a_json_request_that_finishes_during_an_outage_gets_its_answer_when_publ
     assert body["generated_text"] == reference["generated_text"]
     assert body["details"]["generated_tokens"] == 64
     assert [t["id"] for t in body["details"]["tokens"]] == [t["id"] for t in reference["details"]["tokens"]]
+
+
+def replica_log(svc: Service) -> str:
+    return (svc.workdir / "replica0.log").read_text(errors="replace")
 
 
 def wait_until(condition, svc: Service, timeout: float = 30) -> None:

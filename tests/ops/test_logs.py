@@ -25,6 +25,8 @@ class QuietCluster:
     def queue_size(self):
         return 4
 
+    read_replicas, read_queue_size = replicas, queue_size  # what /metrics reads (raising when Redis is down)
+
 
 @pytest.fixture
 def app(tmp_path):

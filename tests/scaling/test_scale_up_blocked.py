@@ -16,7 +16,8 @@ from common.fleet import AgentRecord, Place, StartCommand
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key
 from common.settings import Settings
 from tasks.control.autoscaler import Autoscaler
-from web.scaling_metrics import ScalingCollector
+from web.redis_collector import RedisFigures
+from web.scaling_metrics import ScalingReader
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def advertise(connection, *places: Place) -> None:
 
 def metrics(connection) -> str:
     registry = CollectorRegistry()
-    registry.register(ScalingCollector(SimpleNamespace(redis=connection)))
+    registry.register(RedisFigures(SimpleNamespace(redis=connection), [ScalingReader()]))
     return generate_latest(registry).decode()
 
 

@@ -149,3 +149,21 @@ def test_unsubscribes_when_done(client, redis_url, redis_client):
     from common.keys import stream_channel
 
     assert redis_client.pubsub_numsub(stream_channel(replica.jobs[0].request_id))[0][1] == 0
+
+
+def test_a_broker_that_refuses_the_job_is_the_queue_unavailable_error(settings, redis_url, redis_client):
+    """kombu's OperationalError from send_task (the broker unreachable) is a clear 424, counted
+    under queue_unavailable, and the request's subscription is let go."""
+    app = create_app(settings)
+    client = app.extensions["blitzscale"].client
+    client.celery.conf.broker_url = "redis://127.0.0.1:1/0"  # nothing listens there
+    client.celery.conf.broker_connection_max_retries = 0
+    client.celery.conf.task_publish_retry = False
+    register_replica(redis_url)
+    response = app.test_client().post("/generate", json={"inputs": "hello"})
+    assert response.status_code == 424, response.get_json()
+    assert response.get_json()["error"].startswith("Request failed during generation: the queue is unavailable")
+    deadline = time.monotonic() + 5
+    while client.subscriber.channel_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.subscriber.channel_count == 0

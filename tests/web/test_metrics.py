@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from blitzscale.redis_server import EmbeddedRedis
 from common.keys import replica_metrics_key
+from common.settings import Settings
+from web.app import create_app
 from tests.web.fake_replica import FakeReplica, reply
 
 
@@ -99,3 +103,48 @@ def test_each_failure_is_logged_once_with_the_status_the_client_got(client, capl
     assert len(lines) == 2
     assert lines[0].startswith("request failed: /generate answered 422 validation (validation): ")
     assert lines[1].startswith("request failed: /v1/completions answered 400 validation (validation): ")
+
+
+def test_metrics_answer_through_a_redis_outage_with_stale_cluster_figures(model_dir):
+    """A real Redis server stopped and started again on its port: /metrics answers 200 throughout,
+    the cluster figures of the last read kept and marked stale while Redis is down."""
+    with EmbeddedRedis() as server:
+        redis.Redis.from_url(server.url).lpush("generation", b"x", b"y")
+        client = create_app(Settings(model_id=str(model_dir), redis_url=server.url)).test_client()
+        before = scrape(client)
+        assert value(before, "tgi_queue_size") == 2
+        assert value(before, "blitz_cluster_figures_stale", source="cluster") == 0
+        server.halt()
+        during = scrape(client)
+        assert value(during, "tgi_queue_size") == 2  # the last figures read
+        for source in ("cluster", "scaling", "replica_metrics", "weight_transfers"):
+            assert value(during, "blitz_cluster_figures_stale", source=source) == 1
+        server.start()  # empty: nothing is persisted
+        after = scrape(client)
+        assert value(after, "tgi_queue_size") == 0
+        assert value(after, "blitz_cluster_figures_stale", source="cluster") == 0
+
+
+def test_requests_refused_before_any_view_are_counted_and_logged_once(settings, caplog):
+    """Auth, body parsing, body size, content type and schema errors happen before the views: each
+    is still one tgi_request_count, one tgi_request_failure and one WARNING line."""
+    client = create_app(settings.replace(api_key="k")).test_client()
+    auth = {"Authorization": "Bearer k"}
+    as_json = {**auth, "Content-Type": "application/json"}
+    with caplog.at_level(logging.WARNING, logger="web.metrics"):
+        statuses = [
+            client.post("/generate", json={"inputs": "hello"}).status_code,  # no key
+            client.post("/generate", data="{not json", headers=as_json).status_code,
+            client.post("/generate", data="x" * 2_000_001, headers=as_json).status_code,
+            client.post("/generate", data="hello", headers={**auth, "Content-Type": "text/plain"}).status_code,
+            client.post("/v1/completions", json={"model": "tgi", "prompt": 3.5}, headers=auth).status_code,
+            client.post("/generate", json={"inputs": "hello", "parameters": {"top_k": 0}}, headers=auth).status_code,
+        ]
+    assert statuses == [401, 400, 413, 415, 400, 422]
+    samples = scrape(client)
+    assert value(samples, "tgi_request_count_total") == 6
+    failures = {labels: v for (name, labels), v in samples.items() if name == "tgi_request_failure_total"}
+    assert sum(failures.values()) == 6, failures
+    assert failures[(("err", "unauthorized"), ("reason", "unauthorized"))] == 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request failed")]
+    assert [int(line.split(" answered ")[1].split()[0]) for line in lines] == statuses

@@ -25,12 +25,14 @@ from common.protocol import (
 from web import sse
 from web.admission import Slot
 from web.errors import ApiError, ContextLengthError, GenerationError, IncompleteGeneration, from_event
-from web.generation import RERUN_DIVERGED, admit, log_outcome, wait_for_final
+from web.disconnect import ClientDisconnected, disconnect_watch
+from web.generation import admit, client_went_away, log_outcome, wait_for_final
 from web.openai.chunks import Chunker
 from web.openai.errors import context_length_exceeded, error_body
 from web.openai.params import GenerationPlan
 from web.openai.responses import (ChoiceResult, Envelope, best_of, cached_prompt_tokens, chat_completion, completion,
                                   finish_reason)
+from web.replay import RerunDiverged, SentTokens
 from web.request_id import request_id
 from web.responses import Outcome, RequestClock
 from web.service import Service, current_service
@@ -126,18 +128,21 @@ def _submit_all(service: Service, choices: list[Choice]) -> list:
 
 def _json(service: Service, admitted: Admitted, slot: Slot, clock: RequestClock, envelope: Envelope) -> Response:
     tgi = service.metrics.tgi
+    gone = disconnect_watch()
     try:
         with slot:
             streams = _submit_all(service, admitted.choices)
             try:
                 # Each choice on its own copy of the clock: its queue and inference times are its own.
-                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock)) for stream in streams]
+                outcomes = [wait_for_final(service, stream, dataclasses.replace(clock), gone) for stream in streams]
             finally:
                 for stream in streams:
                     stream.close()
     except ApiError as error:
         tgi.request_failed(error)
         raise
+    except ClientDisconnected:
+        return client_went_away()
     slowest = max(outcomes, key=lambda outcome: outcome.total_time)  # the request ends with its last choice
     tgi.request_succeeded(slowest)
     log_outcome(slowest)
@@ -177,8 +182,7 @@ class ChoiceProgress:
     """One choice of a stream: the tokens sent (a re-run after failover must repeat them)."""
 
     def __init__(self):
-        self.token_ids: dict[int, int] = {}
-        self.last_index = 0
+        self.sent = SentTokens()
         self.generated_tokens = 0
         self.cached_tokens = 0
         self.finished = False
@@ -213,14 +217,10 @@ class OpenAIStreamSession:
                     self._service.metrics.tgi.request_redelivered()
                 elif event.kind == EVENT_STARTED:
                     self._clock.mark("picked_up")
-                elif event.kind == EVENT_TOKEN and event.index <= choice.last_index:  # a re-run's replay
-                    if choice.token_ids.get(event.index) != (event.token or {}).get("id"):
-                        yield from self._fail(GenerationError(RERUN_DIVERGED, reason=FailureReason.RERUN_DIVERGED))
-                        return
+                elif event.kind == EVENT_TOKEN and choice.sent.replayed(event):
+                    continue
                 elif event.kind == EVENT_TOKEN:
                     self._clock.mark("picked_up")
-                    choice.last_index = event.index
-                    choice.token_ids[event.index] = (event.token or {}).get("id")
                     for chunk in self._chunker.token(number, event.token or {}, event.top_tokens, event.prefill,
                                                      event.prefill_top_tokens):
                         yield sse.frame(chunk)
@@ -238,6 +238,8 @@ class OpenAIStreamSession:
                     yield from self._fail(from_event(event))
                     return
             yield from self._fail(IncompleteGeneration())
+        except RerunDiverged as error:
+            yield from self._fail(error)
         except Exception as error:  # e.g. an unreadable message: end the stream with an error chunk
             log.exception("stream of %s failed", self._chunker.envelope.id)
             yield from self._fail(GenerationError(str(error), reason=FailureReason.BAD_EVENT))

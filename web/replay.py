@@ -1,0 +1,33 @@
+"""The tokens a stream has sent, by index. After a failover the new run replays the request's
+tokens from index 1 (same seed and input): a replayed token is dropped if it repeats the one sent,
+and fails the stream if it does not (the client holds text the new run would contradict)."""
+from __future__ import annotations
+
+from common.protocol import FailureReason, StreamEvent
+from web.errors import GenerationError
+
+RERUN_DIVERGED = "the replica serving this stream stopped, and the replica that took over generated other tokens"
+
+
+class RerunDiverged(GenerationError):
+    reason = FailureReason.RERUN_DIVERGED
+
+    def __init__(self):
+        super().__init__(RERUN_DIVERGED, reason=FailureReason.RERUN_DIVERGED)
+
+
+class SentTokens:
+    def __init__(self):
+        self._ids: dict[int, int | None] = {}  # index -> token id sent
+        self.last_index = 0
+
+    def replayed(self, event: StreamEvent) -> bool:
+        """True for a token sent already (a duplicate, or a re-run's replay): drop it; False for a
+        new one (now counted as sent). Raises RerunDiverged when a replay differs from what was sent."""
+        token_id = (event.token or {}).get("id")
+        if event.index > self.last_index:
+            self._ids[event.index], self.last_index = token_id, event.index
+            return False
+        if self._ids.get(event.index) != token_id:
+            raise RerunDiverged()
+        return True
