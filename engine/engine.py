@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -86,6 +87,7 @@ class Engine:
             overlap = False
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
+        self._unsettled: deque[str] = deque()  # methods of the forwards run, not yet completed or dropped
         self.scheduler = Scheduler(scheduler_config, slots)
         self.metrics = metrics or EngineMetrics()
         self.metrics.watch_prefix_cache(self.scheduler.table)
@@ -111,9 +113,13 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its step: every request not finished ends with an error."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is None:  # never started (stepped by hand): nothing else runs it
+            self._fail_all(EngineError("the engine is shutting down"))
+        else:
+            self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its stream yields token events (the last one carries `finish`) and
@@ -173,6 +179,8 @@ class Engine:
                 self.step()
             except Exception as error:  # a failed forward fails its batch, not the replica
                 log.exception("engine step failed")
+                for method in self._unsettled:
+                    self.metrics.count_failure(method)
                 self._fail_all(EngineError(f"{type(error).__name__}: {error}"))
         self._fail_all(EngineError("the engine is shutting down"))
 
@@ -206,9 +214,11 @@ class Engine:
     def _run_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
         if pending.sampler.needs_host:
             return self._forward_ahead(pending)
-        launched = self._launch(successor(pending))  # runs on the device while N completes
-        self._complete(pending)
-        return launched
+        try:
+            return self._launch(successor(pending))  # runs on the device while N completes
+        finally:  # N's tokens stand even if N+1 could not be launched
+            self._complete(pending)
+            _end_finished(pending.sequences)  # over now; their slots are released after N+1
 
     def _forward_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
         """A batch whose sampling reads what the previous token changes on the host (a grammar's
@@ -217,9 +227,12 @@ class Engine:
         the next step writes those positions again) and the finished rows leave."""
         started = time.perf_counter()
         batch = successor(pending)
-        output = self._run(batch)
-        self._complete(pending)
+        try:
+            output = self._run(batch)
+        finally:  # N's tokens stand even if N+1's forward failed
+            self._complete(pending)
         if pending.has_finished_rows:
+            self._unsettled.pop()  # N+1's forward, dropped: neither a success nor a failure
             self._release_finished()
             return None
         return self._sample(batch, output, started)
@@ -247,6 +260,7 @@ class Engine:
         batch = launched.batch
         host = [t.tolist() if t is not None else None for t in launched.results.wait()] if launched.results else None
         self.scheduler.postprocess(batch)
+        self._unsettled.popleft()
         events = self._emit(launched.sequences, *host) if host else []
         size = len(batch.decoding) + len(batch.prefill)
         self.metrics.observe_step(_method(batch), size, time.perf_counter() - launched.started)
@@ -262,7 +276,7 @@ class Engine:
             for chunk in batch.prefill:  # the end of their queue time, the start of their inference time
                 chunk.sequence.stream.started_at = chunk.sequence.stream.started_at or now
         method = _method(batch)
-        self.metrics.count_forward(method)
+        self._unsettled.append(method)
         started = time.perf_counter()
         output = self.runner.forward(batch)
         self.metrics.observe_forward(method, time.perf_counter() - started)
@@ -356,10 +370,9 @@ class Engine:
         return text
 
     def _release_finished(self) -> None:
-        for sequence in self.scheduler.release_finished():
-            if sequence.status is SequenceStatus.FINISHED:
-                sequence.stream.end()  # cancelled and failed ones ended when they failed
+        released = self.scheduler.release_finished()
         self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)  # what is left
+        _end_finished(released)
 
     # ---- cancellation and failure -----------------------------------------------------------
     def _take_inbox(self) -> None:
@@ -379,13 +392,17 @@ class Engine:
             sequence.fail(RequestCancelled(f"request {sequence.request_id} was cancelled"))
         self._release_finished()
 
+    @torch.inference_mode()  # resets the cache, an inference tensor
     def _fail_all(self, error: EngineError) -> None:
         self._take_inbox()
-        for sequence in self.scheduler.drain():
+        drained = self.scheduler.drain()
+        for sequence in drained:
             if not sequence.status.is_finished:
                 sequence.fail(error)
+        _end_finished(drained)  # whose final is out: never silence
         self.runner.reset()
         self._pending = None
+        self._unsettled.clear()
         self._sampler, self._sampler_rows = None, ()
         self.metrics.set_batch(0, 0)
 
@@ -394,6 +411,14 @@ def _method(batch: ScheduledBatch) -> str:
     """TGI's forward label: a step that carries prompt tokens is a prefill (its running rows
     decode in the same forward, as in TGI's chunked prefill), one with none a decode."""
     return "prefill" if batch.prefill else "decode"
+
+
+def _end_finished(sequences: list[Sequence]) -> None:
+    """End the streams of the requests that finished (their final is out; cancelled and failed
+    ones ended when they failed)."""
+    for sequence in sequences:
+        if sequence.status is SequenceStatus.FINISHED:
+            sequence.stream.end()
 
 
 def _top_n(sequences: list[Sequence]) -> int:
