@@ -96,10 +96,12 @@ def test_stop_between_steps_ends_every_stream(model_and_tokenizer, overlap):
 
 
 def test_stop_ends_every_stream_of_a_running_engine(model_and_tokenizer):
+    """Stopped while its loop runs: once stop() returns, every stream has ended; the long running
+    request and the queued one with an error (the short one with its final or an error)."""
     model, tokenizer = model_and_tokenizer
-    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=2, max_total_tokens=256), overlap=True).start()
-    streams = [engine.submit(request(tokenizer, f"r{n}", "Hello", max_new_tokens=3 + 40 * n)) for n in range(3)]
+    engine = Engine(model, tokenizer, SchedulerConfig(max_batch_size=2, max_total_tokens=512), overlap=True).start()
+    streams = [engine.submit(request(tokenizer, f"r{n}", "Hello", max_new_tokens=3 + 200 * n)) for n in range(3)]
     next(streams[1])
-    engine.stop()
+    engine.stop(timeout=60)
     assert all(stream.wait(0) for stream in streams)
     assert [outcome(stream)[1] for stream in streams][1:] == ["error", "error"]
