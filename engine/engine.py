@@ -3,10 +3,10 @@
 Each step reads schedule → launch → complete: the scheduler picks the batch (every decoding
 request, plus prompt chunks within the prefill budget), the runner runs them all in one forward
 and the batch sampler picks every row's token on the device (`launch`); then the tokens reach
-the host, where each request detokenizes, checks its stop conditions and emits one event, and
-finished requests give their KV slot back (`complete`). With overlap on (CUDA), a decode step
-whose batch is unchanged is launched before the previous step completes (`engine/overlap.py`).
-See docs/engine.md.
+the host, where each request detokenizes, checks its stop conditions and emits one event
+(`engine/token_events.py`), and finished requests end their streams and give their KV slot back
+(`complete`). With overlap on (CUDA), a decode step whose batch is unchanged is launched before
+the previous step completes (`engine/overlap.py`). See docs/engine.md.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -26,12 +27,13 @@ from engine.lora import LoraLayers
 from engine.lora_files import LoraAdapter
 from engine.metrics import EngineMetrics
 from engine.model_runner import ModelRunner, StepOutput, slot_path_refusal, supports_slots
-from engine.outputs import EngineError, RequestCancelled, Token, TokenEvent
+from engine.outputs import EngineError, RequestCancelled, TokenEvent
 from engine.overlap import LaunchedStep, successor
 from engine.params import GenerationRequest
 from engine.sampling import BatchSampler
-from engine.scheduler import PrefillChunk, ScheduledBatch, Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import RequestStream, Sequence, SequenceStatus
+from engine.token_events import TokenEvents
 from engine.watermark import Watermark
 
 log = logging.getLogger(__name__)
@@ -87,13 +89,13 @@ class Engine:
             overlap = False
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
+        self._unsettled: deque[str] = deque()  # methods of the forwards run, not yet completed or dropped
         self.scheduler = Scheduler(scheduler_config, slots)
         self.metrics = metrics or EngineMetrics()
         self.metrics.watch_prefix_cache(self.scheduler.table)
         self.step_listener = step_listener
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
-        self._token_texts: dict[int, str] = {}  # one token's text, decoded once (alternatives, prompt tokens)
+        self.events = TokenEvents(tokenizer)
         self.watermark = watermark or Watermark()
         self._sampler: BatchSampler | None = None
         self._sampler_rows: tuple[str, ...] = ()  # the request ids `_sampler` was built for
@@ -112,9 +114,13 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its step: every request not finished ends with an error."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is None:  # never started (stepped by hand): nothing else runs it
+            self._fail_all(EngineError("the engine is shutting down"))
+        else:
+            self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its stream yields token events (the last one carries `finish`) and
@@ -174,100 +180,106 @@ class Engine:
                 self.step()
             except Exception as error:  # a failed forward fails its batch, not the replica
                 log.exception("engine step failed")
+                for method in self._unsettled:
+                    self.metrics.count_failure(method)
                 self._fail_all(EngineError(f"{type(error).__name__}: {error}"))
         self._fail_all(EngineError("the engine is shutting down"))
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One step (the loop thread's, or a test's driving an engine it never started)."""
+        """One step: launch a batch, complete the step launched before it, release the finished.
+        With overlap, a decode batch whose rows continue is launched before the previous step is
+        completed (docs/engine.md, "Overlapping host and device")."""
         self._take_inbox()
-        pending, self._pending = self._pending, None
-        if pending is not None and self._continues(pending):
-            self._pending = self._run_ahead(pending)  # N+1 is launched before N's tokens become events
+        previous, self._pending = self._pending, None
+        if previous is not None and not self._continues(previous):
+            self._complete(previous, release=True)
+            previous = None
+        launched = self._launch_next(previous)
+        if launched is None:
             return
-        if pending is not None:
-            self._complete(pending)
-            self._release_finished()
-        self._apply_cancellations()
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return
-        launched = self._launch(batch)
         if self.overlap and launched.may_run_ahead:
             self._pending = launched  # completed at the next step, after its successor is launched
-            return
-        self._complete(launched)
-        self._release_finished()
+        else:
+            self._complete(launched, release=True)
 
     def _continues(self, pending: LaunchedStep) -> bool:
         """Whether the next step is `pending`'s rows again, with nothing for the host to decide first."""
         return (pending.may_run_ahead and not pending.has_finished_rows and not self._cancelled
                 and not (self.scheduler.waiting and self.scheduler.table.can_allocate()))
 
-    def _run_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
-        if pending.sampler.needs_host:
-            return self._forward_ahead(pending)
-        launched = self._launch(successor(pending))  # runs on the device while N completes
-        self._complete(pending)
-        return launched
-
-    def _forward_ahead(self, pending: LaunchedStep) -> LaunchedStep | None:
-        """A batch whose sampling reads what the previous token changes on the host (a grammar's
-        mask, a watermark's green list): N+1's forward runs while N completes, its sampling is
-        launched after. If a row ended at N, N+1's forward is dropped (nothing was recorded of it:
-        the next step writes those positions again) and the finished rows leave."""
-        started = time.perf_counter()
-        batch = successor(pending)
-        output = self._run(batch)
-        self._complete(pending)
-        if pending.has_finished_rows:
+    def _launch_next(self, previous: LaunchedStep | None) -> LaunchedStep | None:
+        """The scheduler's next batch; or, launched before `previous` is completed, its rows one
+        position further. A batch whose sampling reads what `previous`'s tokens change on the host
+        (a grammar's mask, a watermark's previous token) runs its forward first and is sampled once
+        `previous` is completed, unless a row ended there: then its forward is dropped (nothing of
+        it is recorded; the next step writes those positions again) and the finished rows leave."""
+        if previous is None:
+            self._apply_cancellations()
+            batch = self.scheduler.schedule()
+            return None if batch.is_empty else self._sample(self._run(batch))
+        sample_later = previous.sampler.needs_host
+        try:
+            launched = self._run(successor(previous))  # on the device while `previous` completes
+            if not sample_later:
+                launched = self._sample(launched)
+        finally:  # `previous`'s tokens stand even if this step could not be launched
+            self._complete(previous, release=False)
+        if not sample_later:
+            return launched
+        if previous.has_finished_rows:
+            self._unsettled.pop()  # the dropped forward: neither a success nor a failure
             self._release_finished()
             return None
-        return self._sample(batch, output, started)
+        return self._sample(launched)
 
-    def _launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """The step's forward and sampling, queued on the device; its tokens start for the host."""
-        started = time.perf_counter()
-        return self._sample(batch, self._run(batch), started)
-
-    def _sample(self, batch: ScheduledBatch, output: StepOutput, started: float) -> LaunchedStep:
-        sequences, logits = self._rows_to_sample(batch, output)
-        if not sequences:
-            return LaunchedStep(batch, [], started=started)
+    def _sample(self, launched: LaunchedStep) -> LaunchedStep:
+        """The step's sampling queued on the device after its forward; its tokens start for the host."""
+        sequences, logits = self._rows_to_sample(launched.batch, launched.output)
+        if not sequences:  # a prompt chunk that does not end its prompt
+            return replace(launched, output=None)
         sampler = self._sampler_for(sequences)
         sampled = sampler(logits, [s.token_ids for s in sequences], _top_n(sequences))
         results = HostCopy((sampled.next_ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs), self._fence)
-        return LaunchedStep(batch, sequences, sampled.next_ids, results, sampler, started)
+        return replace(launched, sequences=sequences, next_ids=sampled.next_ids, results=results, sampler=sampler,
+                       output=None)
 
     def _fence(self) -> Fence:
         fence = getattr(self.runner, "fence", None)  # a simulated device brings its own (bench/)
         return fence() if fence is not None else Fence(self.device)
 
-    def _complete(self, launched: LaunchedStep) -> None:
-        """The step's tokens on the host: positions written, one event per row still running."""
+    def _complete(self, launched: LaunchedStep, release: bool) -> None:
+        """The step's tokens on the host: positions written, one event per row still running, the
+        finished requests' streams ended. `release`: their slots are given back now (else after
+        the step launched meanwhile, which still computes their rows)."""
         batch = launched.batch
-        host = [t.tolist() if t is not None else None for t in launched.results.wait()] if launched.results else None
-        self.scheduler.postprocess(batch)
-        events = self._emit(launched.sequences, *host) if host else []
+        sequences, host = launched.read()
+        self.scheduler.postprocess(batch, sequences)
+        self._unsettled.popleft()
+        events = self.events.emit(sequences, *host) if sequences else []
         size = len(batch.decoding) + len(batch.prefill)
         self.metrics.observe_step(_method(batch), size, time.perf_counter() - launched.started)
         if events and self.step_listener is not None:
             self.step_listener(events)
-        self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)
+        if release:
+            self._release_finished()
+        else:
+            self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)
+        _end_finished(sequences)  # the listener has seen their last event
 
-    def _run(self, batch: ScheduledBatch) -> StepOutput:
-        """The step's one forward: the running rows' next tokens and the prompt chunks."""
+    def _run(self, batch: ScheduledBatch) -> LaunchedStep:
+        """The step's one forward, queued: the running rows' next tokens and the prompt chunks."""
         self.runner.apply_copies(batch.copies)
         if batch.prefill:
             now = time.time()
             for chunk in batch.prefill:  # the end of their queue time, the start of their inference time
                 chunk.sequence.stream.started_at = chunk.sequence.stream.started_at or now
         method = _method(batch)
-        self.metrics.count_forward(method)
+        self._unsettled.append(method)
         started = time.perf_counter()
         output = self.runner.forward(batch)
         self.metrics.observe_forward(method, time.perf_counter() - started)
-        return output
+        return LaunchedStep(batch, [], output=output, started=started)
 
     def _rows_to_sample(self, batch: ScheduledBatch, output: StepOutput) -> tuple[list[Sequence], torch.Tensor | None]:
         """Every decode row and every prompt that was completed, and their logits [n, V]."""
@@ -275,7 +287,7 @@ class Engine:
         completed = [row for row, c in enumerate(batch.prefill) if c.completes_prompt]
         for chunk, logits in zip(batch.prefill, output.prompt_logits):
             if logits is not None:
-                self._gather_prefill_tokens(chunk, logits)
+                self.events.gather_prompt_logprobs(chunk, logits)
         parts = []
         if decoding:
             live = [s.slot for s in decoding]
@@ -296,70 +308,9 @@ class Engine:
             self._sampler_rows = rows
         return self._sampler
 
-    def _emit(self, sequences: list[Sequence], ids: list[int], logprobs: list[float] | None,
-              top_ids: list[list[int]] | None, top_logprobs: list[list[float]] | None) -> list[TokenEvent]:
-        """One event per row; a row that finished at the step before (it ran one step ahead) is skipped."""
-        events = []
-        for row, sequence in enumerate(sequences):
-            if sequence.status.is_finished:
-                continue
-            token_id = ids[row]
-            special = token_id in self.special_ids
-            text = sequence.detokenizer.step(token_id)
-            shown = self._token_text(token_id) if special else text
-            top = []
-            if top_ids is not None and sequence.request.top_n_tokens:
-                n = sequence.request.top_n_tokens
-                top = [self._token(i, lp) for i, lp in zip(top_ids[row][:n], top_logprobs[row][:n])]
-            prefill, prefill_top = self._prefill_details(sequence)
-            logprob = logprobs[row] if logprobs is not None and sequence.request.token_logprobs else None
-            events.append(sequence.append(Token(token_id, shown, logprob, special), "" if special else text, top,
-                                          prefill, prefill_top))
-        return events
-
-    @staticmethod
-    def _prefill_details(sequence: Sequence) -> tuple[tuple | None, tuple | None]:
-        """(prompt tokens, their alternatives) for the first token's event, when asked."""
-        request = sequence.request
-        if not request.prefill_logprobs or sequence.generated_count != 0:
-            return None, None
-        top = tuple(sequence.prefill_top_tokens) if request.prefill_top_n_tokens else None
-        return tuple(sequence.prefill_tokens), top
-
-    def _gather_prefill_tokens(self, chunk: PrefillChunk, logits: torch.Tensor) -> None:
-        """decoder_input_details: each prompt token with the logprob the model gave it (and its
-        most likely alternatives when asked). A chunk's logits [C, V] at positions start..end-1
-        score the prompt tokens start+1..end."""
-        sequence = chunk.sequence
-        ids = sequence.request.input_ids
-        targets = ids[chunk.start + 1 : chunk.end + 1]
-        target_ids = torch.tensor(targets, device=logits.device).view(-1, 1)
-        logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)  # [T, V]
-        scored = logprobs.gather(1, target_ids).view(-1).tolist()
-        if chunk.start == 0:
-            sequence.prefill_tokens.append(self._token(ids[0], None))
-            sequence.prefill_top_tokens.append(())
-        sequence.prefill_tokens.extend(self._token(i, lp) for i, lp in zip(targets, scored))
-        top_n = sequence.request.prefill_top_n_tokens
-        if top_n:
-            top_logprobs, top_ids = (t.tolist() for t in logprobs.topk(top_n, dim=-1))
-            sequence.prefill_top_tokens.extend(tuple(self._token(i, lp) for i, lp in zip(row_ids, row_lps))
-                                               for row_ids, row_lps in zip(top_ids, top_logprobs))
-
-    def _token(self, token_id: int, logprob: float | None) -> Token:
-        return Token(token_id, self._token_text(token_id), logprob, token_id in self.special_ids)
-
-    def _token_text(self, token_id: int) -> str:
-        """A token's own text, decoded once per id: alternatives repeat from step to step."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
     def _release_finished(self) -> None:
-        for sequence in self.scheduler.release_finished():
-            if sequence.status is SequenceStatus.FINISHED:
-                sequence.stream.end()  # cancelled and failed ones ended when they failed
+        """Give the finished requests' slots back (their streams ended when they finished)."""
+        self.scheduler.release_finished()
         self.metrics.set_batch(len(self.scheduler.running), self.scheduler.kv_tokens)  # what is left
 
     # ---- cancellation and failure -----------------------------------------------------------
@@ -380,13 +331,17 @@ class Engine:
             sequence.fail(RequestCancelled(f"request {sequence.request_id} was cancelled"))
         self._release_finished()
 
+    @torch.inference_mode()  # resets the cache, an inference tensor
     def _fail_all(self, error: EngineError) -> None:
         self._take_inbox()
-        for sequence in self.scheduler.drain():
+        drained = self.scheduler.drain()
+        for sequence in drained:
             if not sequence.status.is_finished:
                 sequence.fail(error)
+        _end_finished(drained)  # whose final is out: never silence
         self.runner.reset()
         self._pending = None
+        self._unsettled.clear()
         self._sampler, self._sampler_rows = None, ()
         self.metrics.set_batch(0, 0)
 
@@ -395,6 +350,14 @@ def _method(batch: ScheduledBatch) -> str:
     """TGI's forward label: a step that carries prompt tokens is a prefill (its running rows
     decode in the same forward, as in TGI's chunked prefill), one with none a decode."""
     return "prefill" if batch.prefill else "decode"
+
+
+def _end_finished(sequences: list[Sequence]) -> None:
+    """End the streams of the requests that finished (their final is out; cancelled and failed
+    ones ended when they failed)."""
+    for sequence in sequences:
+        if sequence.status is SequenceStatus.FINISHED:
+            sequence.stream.end()
 
 
 def _top_n(sequences: list[Sequence]) -> int:

@@ -103,14 +103,15 @@ class SlotKVCache(Cache):
 
     def copy(self, source: int, target: int, length: int, swap: bool = False) -> None:
         """Copy slot `source`'s first `length` columns into slot `target` (compaction, a cached
-        prefix); `swap`: exchange them. In place: captured graphs keep their addresses."""
-        rows = [source, target]
+        prefix); `swap`: exchange them. In place: captured graphs keep their addresses. Views and
+        copies only: an index list would go to the device by a copy the host waits for."""
         for store in (self.keys, self.values):
             for tensor in store:
+                moving = tensor[source, :, :length]
                 if swap:
-                    tensor[rows, :, :length] = tensor[rows[::-1], :, :length]  # the gather copies first
-                else:
-                    tensor[target, :, :length] = tensor[source, :, :length]
+                    moving = moving.clone()
+                    tensor[source, :, :length] = tensor[target, :, :length]
+                tensor[target, :, :length] = moving
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

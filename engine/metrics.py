@@ -38,8 +38,9 @@ class EngineMetrics:
                            self.forward_duration):
                 family.labels(replica, method)
 
-    def count_forward(self, method: str) -> None:
-        """A forward pass starts; it counts as a success only once its whole step went through."""
+    def count_failure(self, method: str) -> None:
+        """A step whose forward or sampling failed counts without success. (A step dropped
+        unread, its batch changed meanwhile, counts as neither.)"""
         self.inference_count.labels(self._replica, method).inc()
 
     def observe_forward(self, method: str, seconds: float) -> None:
@@ -47,7 +48,8 @@ class EngineMetrics:
 
     def observe_step(self, method: str, size: int, seconds: float) -> None:
         """A whole step (forward, sampling, detokenization, stop checks) for `size` requests went
-        through: its forward succeeded. A failed step counts without success."""
+        through: it counts, as a success."""
+        self.inference_count.labels(self._replica, method).inc()
         self.inference_success.labels(self._replica, method).inc()
         self.inference_duration.labels(self._replica, method).observe(seconds)
         self.batch_size.labels(self._replica).set(size)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.host_transfer import HostCopy
+from engine.model_runner import StepOutput
 from engine.sampling import BatchSampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -30,14 +31,28 @@ from engine.sequence import Sequence
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward and sampling are queued on the device, its results on their way."""
+    """A step whose forward (then sampling) is queued on the device, its results on their way."""
 
     batch: ScheduledBatch
     sequences: list[Sequence]  # the rows sampled, in the sampler's order
     next_ids: torch.Tensor | None = None  # [rows] on the device: the successor's input ids
     results: HostCopy | None = None  # ids, logprobs, top ids, top logprobs
     sampler: BatchSampler | None = None
+    output: StepOutput | None = None  # the forward's logits, until its sampling is queued
     started: float = field(default_factory=time.perf_counter)
+
+    def read(self) -> tuple[list[Sequence], list[list | None]]:
+        """The rows still running and their results on the host (ids, logprobs, top ids, top
+        logprobs). The overlap's one rule: a row that finished at the step before this one (this
+        step was launched before that row's last token was read) computed a token too many; it is
+        dropped here: no event, no KV position (what it wrote lies past what its slot keeps)."""
+        if self.results is None:
+            return [], []
+        host = [t.tolist() if t is not None else None for t in self.results.wait()]
+        running = [row for row, s in enumerate(self.sequences) if not s.status.is_finished]
+        if len(running) < len(self.sequences):
+            host = [None if column is None else [column[row] for row in running] for column in host]
+        return [self.sequences[row] for row in running], host
 
     @property
     def may_run_ahead(self) -> bool:

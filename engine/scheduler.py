@@ -159,11 +159,12 @@ class Scheduler:
                 break
         return chunks
 
-    def postprocess(self, batch: ScheduledBatch) -> None:
-        """Account for what the forward wrote: one position per decode row, each chunk's prompt part.
-        A row that finished before (its step ran ahead of its last token) keeps its length."""
+    def postprocess(self, batch: ScheduledBatch, read: list[Sequence] | None = None) -> None:
+        """Account for what the forward wrote: one position per decode row whose token was `read`
+        (None: every row's; a row dropped from it keeps its length), each chunk's prompt part."""
+        kept = set(batch.decoding if read is None else read)
         for sequence in batch.decoding:
-            if not sequence.status.is_finished:
+            if sequence in kept:
                 sequence.kv_len += 1
         for chunk in batch.prefill:
             chunk.sequence.kv_len = chunk.end

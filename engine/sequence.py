@@ -51,8 +51,10 @@ class RequestStream:
         self._queue.put(item)
 
     def end(self) -> None:
-        self._queue.put(_END)
-        self._ended.set()
+        """No event follows (called once the last one is known; again is harmless)."""
+        if not self._ended.is_set():
+            self._queue.put(_END)
+            self._ended.set()
 
     # submitter side
     def wait(self, timeout: float | None = None) -> bool:

@@ -8,15 +8,20 @@ with `15485863 × previous token` draws `randperm(vocab)`, whose first `int(voca
 green. We draw it on the CPU whatever the device (TGI draws on the logits' device, and CUDA's
 generator gives other permutations), so a text scores the same wherever it was generated, and as
 under TGI on a CPU. `vocab` is the width of the model's logits (its config's `vocab_size`).
+Drawn once per previous token and kept on the logits' device (`GreenLists`), so a step's
+watermarked rows read their lists there by index; text repeats its tokens, so most rows draw none.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from engine.host_transfer import device_longs, to_device
 
 HASH_KEY = 15485863  # TGI's: a large prime, so that the seeds of neighbouring tokens differ widely
 DEFAULT_GAMMA = 0.5  # TGI's WATERMARK_GAMMA: the green share of the vocabulary
@@ -36,12 +41,45 @@ def green_mask(previous_token: int, vocab_size: int, gamma: float) -> Tensor:
     return mask
 
 
+class GreenLists:
+    """The green masks of the previous tokens seen lately, on the device ([capacity, V] bool, the
+    least recently used row given to a new token). A step's lookup is host bookkeeping and one
+    pinned index copy; a token's first lookup draws its list on the CPU and copies it, pinned."""
+
+    def __init__(self, vocab_size: int, gamma: float, device: torch.device, capacity: int = 512):
+        self.vocab_size, self.gamma, self.device = vocab_size, gamma, device
+        self.masks = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)  # [capacity, V]
+        self._rows: OrderedDict[int, int] = OrderedDict()  # token -> its row of `masks`, least recent first
+
+    def of(self, previous_tokens: Sequence[int]) -> Tensor:
+        """The green masks after `previous_tokens`: [W, V] bool on the device."""
+        capacity = self.masks.shape[0]
+        if len(set(previous_tokens)) > capacity:
+            raise ValueError(f"{len(set(previous_tokens))} previous tokens in one step, more than {capacity}")
+        index, drawn_tokens, drawn_rows = [], [], []
+        for token in previous_tokens:
+            row = self._rows.get(token)
+            if row is None:  # this step's tokens are the most recent: never the one evicted
+                row = len(self._rows) if len(self._rows) < capacity else self._rows.popitem(last=False)[1]
+                drawn_tokens.append(token)
+                drawn_rows.append(row)
+            self._rows[token] = row
+            self._rows.move_to_end(token)
+            index.append(row)
+        if drawn_tokens:
+            drawn = torch.stack([green_mask(t, self.vocab_size, self.gamma) for t in drawn_tokens])
+            self.masks.index_copy_(0, device_longs(drawn_rows, self.device), to_device(drawn, self.device))
+        return self.masks[device_longs(index, self.device)]
+
+
 @dataclass(frozen=True)
 class Watermark:
-    """The engine's watermark settings (TGI's `--watermark-gamma`, `--watermark-delta`)."""
+    """The engine's watermark settings (TGI's `--watermark-gamma`, `--watermark-delta`), and the
+    green lists drawn under them so far."""
 
     gamma: float = DEFAULT_GAMMA
     delta: float = DEFAULT_DELTA
+    _lists: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (device, V) -> GreenLists
 
     def __post_init__(self):
         if not 0.0 < self.gamma < 1.0:
@@ -52,9 +90,11 @@ class Watermark:
     def apply(self, logits: Tensor, rows: Tensor, previous_tokens: Sequence[int]) -> Tensor:
         """`logits` [B, V] with `delta` added to the green tokens of each row in `rows` [W],
         whose previous tokens are `previous_tokens` [W]; the other rows untouched."""
-        vocab_size = logits.shape[1]
-        green = torch.stack([green_mask(t, vocab_size, self.gamma) for t in previous_tokens])  # [W, V]
-        bias = green.to(device=logits.device, dtype=logits.dtype) * self.delta
+        key = (logits.device, logits.shape[1])
+        lists = self._lists.get(key)
+        if lists is None:
+            lists = self._lists[key] = GreenLists(logits.shape[1], self.gamma, logits.device)
+        bias = lists.of(previous_tokens).to(logits.dtype) * self.delta  # [W, V]
         return logits.index_add(0, rows, bias)
 
 

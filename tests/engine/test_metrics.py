@@ -50,3 +50,24 @@ def test_the_batch_gauges_read_zero_once_every_request_has_ended(model_and_token
         engine.step()
     assert [len(list(s)) for s in streams] == [3, 4, 5]
     assert metrics.registry.get_sample_value("tgi_batch_current_size", {"replica": "r0"}) == 0
+
+
+def test_a_dropped_forward_ahead_step_counts_neither_as_success_nor_as_failure(model_and_tokenizer):
+    """Watermarked rows run each forward ahead of the previous step's tokens; when "short" ends,
+    the forward already run for its next token is dropped, unread (and so when "long" ends).
+    Every step counted is one whose tokens reached the streams."""
+    model, tokenizer = model_and_tokenizer
+    metrics = EngineMetrics(replica="r0")
+    engine = Engine(model, tokenizer, SchedulerConfig(), metrics, overlap=True)
+    forwards = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda batch: forwards.append(1) or forward(batch)
+    streams = [engine.submit(request(tokenizer, rid, "Hello", max_new_tokens=n, watermark=True))
+               for rid, n in (("short", 3), ("long", 10))]
+    while not all(stream.wait(0) for stream in streams):
+        engine.step()
+    assert [len(list(s)) for s in streams] == [3, 10]
+    assert len(forwards) == 1 + 9 + 2  # the prompts, long's 9 decode steps, one dropped after each end
+    for name in ("tgi_batch_inference_count_total", "tgi_batch_inference_success_total"):
+        assert value(metrics, name, "prefill") == 1
+        assert value(metrics, name, "decode") == 9

@@ -85,3 +85,30 @@ def test_sampled_text_scores_high_only_when_watermarked(tiny_reference):
         engine.stop()
     assert all(scores[(True, seed)] > 4 for seed in (1, 2)), scores
     assert all(scores[(False, seed)] < 2 for seed in (1, 2)), scores
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_green_lists_kept_on_the_device_are_tgis_and_each_is_drawn_once_while_kept(device, monkeypatch):
+    """Three rows of lists for a run of previous tokens (repeats, a token twice in one step, the
+    least recently used evicted): every list read is the one drawn from the token itself, and a
+    token's list is drawn again only after it was evicted. On CUDA the lookups never make the
+    host wait for the device (scripts/gpu_check.sh)."""
+    import engine.watermark as watermark_module
+
+    drawn = []
+    draw = watermark_module.green_mask
+    monkeypatch.setattr(watermark_module, "green_mask", lambda token, *args: drawn.append(token) or draw(token, *args))
+    lists = watermark_module.GreenLists(VOCAB, 0.5, torch.device(device), capacity=3)
+    steps = [[5, 9], [9, 5], [7, 7, 5], [11], [9, 5], [7]]
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        masks = [lists.of(tokens) for tokens in steps]
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    for tokens, mask in zip(steps, masks):
+        assert torch.equal(mask.cpu(), torch.stack([draw(t, VOCAB, 0.5) for t in tokens]))
+    # 11 evicts 9 (least recent after step 3), then 9 evicts 7, then 7 evicts 11.
+    assert drawn == [5, 9, 7, 11, 9, 7]
