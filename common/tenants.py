@@ -61,8 +61,10 @@ def single(api_key: str) -> Tenants:
 def load(path: str | Path) -> Tenants:
     try:
         document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise TenantsError(f"--tenants-file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+        # any of these must reach the caller as TenantsError: a SIGHUP reload that raised anything
+        # else would stop the new gunicorn worker from booting, and gunicorn with it
+        raise TenantsError(f"--tenants-file {path}: {type(error).__name__}: {error}") from error
     entries = (document or {}).get("tenants") if isinstance(document, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise TenantsError(f"--tenants-file {path}: expected `tenants:` mapping names to their key and limits")

@@ -115,3 +115,19 @@ def test_a_broken_file_stops_the_start_in_one_line(tmp_path):
                             env=os.environ)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "tenant acme: `key_sha256` must be 64 hex" in lines[0]
+
+
+@pytest.mark.parametrize("content", [
+    f"tenants:\n  acme: {{key_sha256: {digest(ACME)}}}  # caf\xe9\n".encode("latin-1"),  # not UTF-8
+    b"tenants: " + b"[" * 100_000 + b"]" * 100_000 + b"\n",  # nested past Python's recursion limit
+])
+def test_a_file_that_cannot_be_parsed_is_refused_not_raised(settings, tmp_path, caplog, content):
+    """Adversarial review: such files raised UnicodeDecodeError or RecursionError past TenantsError;
+    at a SIGHUP reload the new gunicorn worker could not boot and gunicorn stopped the web."""
+    path = tmp_path / "tenants.yaml"
+    path.write_bytes(content)
+    with pytest.raises(TenantsError, match="tenants.yaml"):
+        load(path)
+    client = create_app(settings.replace(tenants_file=str(path))).test_client()  # the web stays up
+    response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {ACME}"})
+    assert response.status_code == 401 and "every API key is refused" in caplog.text
