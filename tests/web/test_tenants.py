@@ -131,3 +131,17 @@ def test_a_file_that_cannot_be_parsed_is_refused_not_raised(settings, tmp_path, 
     client = create_app(settings.replace(tenants_file=str(path))).test_client()  # the web stays up
     response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {ACME}"})
     assert response.status_code == 401 and "every API key is refused" in caplog.text
+
+
+def test_the_api_key_beside_the_file_is_a_tenant_key_not_an_operator_key(settings, tenants_file):
+    """Adversarial review: beside a tenants file `--api-key` is tenant `default`'s key, yet it opened
+    /cluster_state and /modify_cluster_state: one tenant could read the data planes and scale the fleet."""
+    client = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key")).test_client()
+    auth = {"Authorization": "Bearer plain-key"}
+    assert client.get("/cluster_state?celery=false", headers=auth).status_code == 401
+    response = client.post("/modify_cluster_state", json={"type": "TriggerNormalUp", "data": {
+        "old_stub_indices": [0], "new_stub_indices": [1]}}, headers=auth)
+    assert response.status_code == 401 and "--admin-api-key" in response.get_json()["error"]
+    admin = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key", admin_api_key="root"))
+    assert admin.test_client().get("/cluster_state?celery=false",
+                                   headers={"Authorization": "Bearer root"}).status_code == 200
