@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 EVENT_TOKEN = "token"
@@ -23,7 +23,7 @@ EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or no
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
 
 
-class FailureReason(StrEnum):
+class FailureReason(str, Enum):
     """Why a request failed, finer than TGI's `error_type`: the `reason` label of
     `tgi_request_failure` and the web's WARNING line, so that a dashboard can split failures.
     Not shown to clients (their error body is TGI's)."""
@@ -45,6 +45,10 @@ class FailureReason(StrEnum):
     INCOMPLETE = "incomplete"  # the events ended without a final one
     BAD_EVENT = "bad_event"  # an event the web could not read
     INTERNAL = "internal"  # anything else (a bug)
+
+    # its value in labels, logs and f-strings, as 3.11's StrEnum (we support 3.10: pyproject.toml)
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: derived seeds spread over the whole range
