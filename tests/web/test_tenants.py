@@ -145,3 +145,18 @@ def test_the_api_key_beside_the_file_is_a_tenant_key_not_an_operator_key(setting
     admin = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key", admin_api_key="root"))
     assert admin.test_client().get("/cluster_state?celery=false",
                                    headers={"Authorization": "Bearer root"}).status_code == 200
+
+
+@pytest.mark.parametrize("admin_key", [ACME, "plain-key"])
+def test_an_admin_key_that_is_also_a_tenants_key_stops_the_start(tenants_file, admin_key):
+    """Adversarial review: `--admin-api-key` equal to a tenant's key (or to `--api-key`, tenant
+    `default` beside a file) started, and that tenant could read /cluster_state and scale the fleet."""
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "blitzscale.cli", "web", "--tenants-file", str(tenants_file),
+                             "--redis-url", "redis://127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "API_KEY": "plain-key", "ADMIN_API_KEY": admin_key})
+    last = result.stderr.strip().splitlines()[-1]  # after the file's warning about globex's plain key
+    assert result.returncode != 0 and last.startswith("refusing to start: --admin-api-key is also an API key")
+    assert admin_key not in result.stderr
