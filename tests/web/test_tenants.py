@@ -160,3 +160,18 @@ def test_an_admin_key_that_is_also_a_tenants_key_stops_the_start(tenants_file, a
     last = result.stderr.strip().splitlines()[-1]  # after the file's warning about globex's plain key
     assert result.returncode != 0 and last.startswith("refusing to start: --admin-api-key is also an API key")
     assert admin_key not in result.stderr
+
+
+def test_a_file_tenant_named_default_beside_the_api_key_is_refused(settings, tmp_path, caplog):
+    """Adversarial review: `--api-key` is tenant `default`; a file's own `default` (another key)
+    shared its name, so the two shared one prefix-cache namespace (`cached_tokens` told one what
+    the other sent), their limits' counters and their metrics."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants:\n  default: {{key_sha256: {digest(ACME)}}}\n")
+    with pytest.raises(TenantsError, match="tenant default: the name of --api-key's tenant"):
+        load(path, api_key="plain-key")
+    client = create_app(settings.replace(tenants_file=str(path), api_key="plain-key")).test_client()
+    for key in (ACME, "plain-key"):  # fails closed, as any broken file does
+        response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 401
+    assert "every API key is refused" in caplog.text
