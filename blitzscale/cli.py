@@ -232,9 +232,13 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(exposure(settings))  # one line, before Redis or the model is touched
     if args.command in ("serve", "web") and settings.tenants_file:
         try:
-            tenants.load(settings.tenants_file)  # a broken file stops the start, in one line
+            loaded = tenants.load(settings.tenants_file, api_key=settings.api_key)  # a broken file: one line
         except tenants.TenantsError as error:
             raise SystemExit(str(error)) from error
+        if settings.admin_api_key and tenants.key_digest(settings.admin_api_key) in loaded.by_digest:
+            # that tenant would open the operator routes (and the data plane's derived secret)
+            raise SystemExit("refusing to start: --admin-api-key is also an API key (--api-key or a key in "
+                             f"--tenants-file {settings.tenants_file}); give the operator a key of its own")
     if args.command in STARTS_REPLICAS:
         os.environ.update(DEVICE_ORDER)  # CUDA numbers GPUs as nvidia-smi does (agent, replicas)
     if settings.ignored_settings():

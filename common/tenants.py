@@ -58,11 +58,14 @@ def single(api_key: str) -> Tenants:
     return Tenants({key_digest(api_key): Tenant(DEFAULT_TENANT, key_digest(api_key))})
 
 
-def load(path: str | Path) -> Tenants:
+def load(path: str | Path, api_key: str | None = None) -> Tenants:
+    """The file's tenants, with `api_key` (`--api-key` beside the file) as tenant `default`."""
     try:
         document = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise TenantsError(f"--tenants-file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:
+        # any of these must reach the caller as TenantsError: a SIGHUP reload that raised anything
+        # else would stop the new gunicorn worker from booting, and gunicorn with it
+        raise TenantsError(f"--tenants-file {path}: {type(error).__name__}: {error}") from error
     entries = (document or {}).get("tenants") if isinstance(document, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise TenantsError(f"--tenants-file {path}: expected `tenants:` mapping names to their key and limits")
@@ -73,6 +76,13 @@ def load(path: str | Path) -> Tenants:
             raise TenantsError(f"--tenants-file {path}: tenants {by_digest[tenant.key_sha256].name} and {name} "
                                "have the same key")
         by_digest[tenant.key_sha256] = tenant
+    if api_key:
+        named = next((t for t in by_digest.values() if t.name == DEFAULT_TENANT), None)
+        if named is not None and named.key_sha256 != key_digest(api_key):
+            # one name would be two tenants: one prefix-cache namespace, one set of limits and metrics
+            raise TenantsError(f"--tenants-file {path}: tenant {DEFAULT_TENANT}: the name of --api-key's tenant, "
+                               "with another key; rename it")
+        by_digest = {**single(api_key).by_digest, **by_digest}
     return Tenants(by_digest)
 
 

@@ -1,7 +1,8 @@
 """Optional API keys, as TGI's `--api-key`: with `api_key` set, the generation routes answer
 401 unless the request carries `Authorization: Bearer <api_key>`. A separate `admin_api_key`
 protects the operator routes (`require_admin`: /modify_cluster_state and /cluster_state); without
-one, those routes take the API key; with neither key set, every route is open (TGI's default).
+one, those routes take the API key, unless a tenants file makes it a tenant's; with neither key
+set, every route is open (TGI's default).
 /health, /ping, GET /, /info and /metrics stay open for probes and Prometheus, as in TGI.
 
 Several keys, each a tenant's: `--tenants-file` (common/tenants.py, web/tenancy.py); an API key is
@@ -66,13 +67,14 @@ def require_api_key() -> None:
 
 
 def require_admin(view):
-    """Decorator for the operator views: the admin key, else the API key; with only a tenants
-    file, no tenant's key opens them (closed until --admin-api-key is set)."""
+    """Decorator for the operator views: the admin key, else the API key; with a tenants file,
+    no tenant's key opens them, `--api-key` included (it is tenant `default`'s there): closed
+    until --admin-api-key is set."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         settings = current_service().settings
-        if settings.tenants_file and not (settings.admin_api_key or settings.api_key):
+        if settings.tenants_file and not settings.admin_api_key:
             raise Unauthorized("Unauthorized: this route needs the admin API key (set --admin-api-key)")
         check(settings.admin_api_key or settings.api_key, "the admin API key")
         return view(*args, **kwargs)

@@ -37,9 +37,11 @@ class Service:
     limits: TenantLimits = field(default_factory=lambda: TenantLimits(None, 0.0))  # per tenant, in Redis
 
     def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
-                 cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None) -> ValidRequest:
+                 cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None,
+                 samples: int = 1) -> ValidRequest:
         """`add_special_tokens=False` for a chat template's text (it holds them already);
-        `input_ids`: a prompt sent as token ids (not encoded again)."""
+        `input_ids`: a prompt sent as token ids (not encoded again); `samples`: the jobs that will
+        generate from this prompt (OpenAI's `n`/`best_of`), each charged to tokens per minute."""
         try:
             valid = validate_request(
                 body, settings=self.settings, stream=stream, full_text_default=full_text_default,
@@ -50,7 +52,7 @@ class Service:
             raise GenerationError(f"the tokenizer is not available yet: {error}",
                                   reason=FailureReason.TOKENIZER_UNAVAILABLE) from error
         self.limits.charge_tokens(current_tenant(), valid.input_length + valid.parameters["max_new_tokens"] *
-                                  valid.parameters["best_of"])
+                                  valid.parameters["best_of"] * samples)
         valid.job.cache_salt = cache_namespace(isolation(self.settings, self.tenants), current_tenant(),
                                                valid.parameters["cache_salt"])
         return valid

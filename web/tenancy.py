@@ -21,15 +21,13 @@ def load_tenants(settings: Settings) -> Tenants | None:
     """`--tenants-file` (with `--api-key` as tenant `default` too, when both are set), else
     `--api-key` alone, else None. A file that became unreadable after the start (a SIGHUP reload)
     refuses every key rather than stopping the web: the start itself checked it (blitzscale/cli.py)."""
-    tenants = single(settings.api_key) if settings.api_key else None
     if settings.tenants_file:
         try:
-            loaded = load(settings.tenants_file)
+            return load(settings.tenants_file, api_key=settings.api_key)
         except TenantsError as error:
             log.error("%s: every API key is refused until the file is fixed and reloaded (SIGHUP)", error)
             return Tenants({})
-        tenants = Tenants({**(tenants.by_digest if tenants else {}), **loaded.by_digest})
-    return tenants
+    return single(settings.api_key) if settings.api_key else None
 
 
 def current_tenant() -> Tenant | None:

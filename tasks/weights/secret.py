@@ -20,8 +20,10 @@ import socket
 
 import redis
 
+from common import tenants
 from common.keys import WEIGHT_SECRET_KEY
 from common.settings import Settings
+from common.tenants import key_digest
 
 DERIVATION_LABEL = b"blitzscale weights data plane v1"
 
@@ -60,15 +62,28 @@ def listens_on_loopback(host_setting: str) -> bool:
     return address.is_loopback
 
 
+def api_key_digests(settings: Settings) -> set[str]:
+    """The sha256 of every key an API user may hold: `--api-key` and each tenant's key (a file
+    that cannot be read adds none: `serve` and `web` refuse it at their start)."""
+    held = {key_digest(settings.api_key)} if settings.api_key else set()
+    if settings.tenants_file:
+        try:
+            held |= set(tenants.load(settings.tenants_file).by_digest)
+        except tenants.TenantsError:
+            pass
+    return held
+
+
 def exposure(settings: Settings) -> str | None:
     """One line when a replica would serve weights to other machines under a secret an API user
-    holds (`--weights-secret` equal to the API key, or the admin key equal to it); else None."""
-    if not settings.api_key or listens_on_loopback(settings.weights_host):
+    holds (`--weights-secret` equal to the API key or a tenant's, or the admin key equal to one,
+    the secret being derived from it); else None."""
+    held = api_key_digests(settings)
+    if not held or listens_on_loopback(settings.weights_host):
         return None
-    known = settings.weights_secret == settings.api_key or (
-        not settings.weights_secret and settings.admin_api_key == settings.api_key)
-    if not known:
+    source = settings.weights_secret or settings.admin_api_key  # what the secret is, or comes from
+    if not source or key_digest(source) not in held:
         return None
     return (f"refusing to start: the weights data plane listens on {settings.weights_host} (--weights-host) "
             "with a secret any API-key holder knows, so they could download the model; set --weights-secret "
-            "(or --admin-api-key) to a value distinct from --api-key")
+            "(or --admin-api-key) to a value distinct from --api-key and every tenant's key")

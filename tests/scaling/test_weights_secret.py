@@ -79,3 +79,16 @@ def test_a_routable_data_plane_under_the_api_key_refuses_to_start(keys):
 ])
 def test_starts_when_the_secret_is_not_the_api_key(settings):
     assert exposure(settings) is None
+
+
+@pytest.mark.parametrize("keys", [{"weights_secret": "tenant-k3y"}, {"admin_api_key": "tenant-k3y"}])
+def test_a_tenants_key_is_an_api_key_too(tmp_path, keys):
+    """Adversarial review: only --api-key was compared, so a data plane whose secret was (or was
+    derived from) a tenant's key in --tenants-file started, and that tenant could download the model."""
+    import hashlib
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants: {{acme: {{key_sha256: {hashlib.sha256(b'tenant-k3y').hexdigest()}}}}}\n")
+    line = exposure(Settings(tenants_file=str(path), weights_host="0.0.0.0", **keys))
+    assert line is not None and line.startswith("refusing to start: the weights data plane listens on 0.0.0.0")
+    assert "tenant-k3y" not in line
+    assert exposure(Settings(tenants_file=str(path), weights_host="0.0.0.0", weights_secret="w-secret")) is None

@@ -104,3 +104,16 @@ def test_the_tenant_labels_request_metrics_and_log_lines(settings, tmp_path, red
     assert refusal.tenant == "acme" and refusal.tenant_suffix == " tenant=acme"
     assert '"tenant": "acme"' in logs.JsonFormatter().format(refusal)
     assert KEY not in caplog.text
+
+
+def test_tokens_per_minute_count_every_openai_choice(settings, tmp_path, redis_url):
+    """Adversarial review: `n` choices are n generations of up to `max_tokens` each, but only one
+    was charged, so `n: 2` generated twice a tenant's tokens per minute."""
+    first, second = apps(settings, tenants_file(tmp_path, tokens_per_minute=30))
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 10, "n": 2}  # 2 + 2 × 10 tokens
+    with FakeReplica(redis_url, reply([" world"])):
+        admitted = first.post("/v1/completions", json=body, headers=AUTH)
+        refused = second.post("/v1/completions", json=body, headers=AUTH)
+    assert admitted.status_code == 200 and len(admitted.get_json()["choices"]) == 2
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "8"
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "rate_limit_exceeded"

@@ -115,3 +115,63 @@ def test_a_broken_file_stops_the_start_in_one_line(tmp_path):
                             env=os.environ)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "tenant acme: `key_sha256` must be 64 hex" in lines[0]
+
+
+@pytest.mark.parametrize("content", [
+    f"tenants:\n  acme: {{key_sha256: {digest(ACME)}}}  # caf\xe9\n".encode("latin-1"),  # not UTF-8
+    b"tenants: " + b"[" * 100_000 + b"]" * 100_000 + b"\n",  # nested past Python's recursion limit
+])
+def test_a_file_that_cannot_be_parsed_is_refused_not_raised(settings, tmp_path, caplog, content):
+    """Adversarial review: such files raised UnicodeDecodeError or RecursionError past TenantsError;
+    at a SIGHUP reload the new gunicorn worker could not boot and gunicorn stopped the web."""
+    path = tmp_path / "tenants.yaml"
+    path.write_bytes(content)
+    with pytest.raises(TenantsError, match="tenants.yaml"):
+        load(path)
+    client = create_app(settings.replace(tenants_file=str(path))).test_client()  # the web stays up
+    response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {ACME}"})
+    assert response.status_code == 401 and "every API key is refused" in caplog.text
+
+
+def test_the_api_key_beside_the_file_is_a_tenant_key_not_an_operator_key(settings, tenants_file):
+    """Adversarial review: beside a tenants file `--api-key` is tenant `default`'s key, yet it opened
+    /cluster_state and /modify_cluster_state: one tenant could read the data planes and scale the fleet."""
+    client = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key")).test_client()
+    auth = {"Authorization": "Bearer plain-key"}
+    assert client.get("/cluster_state?celery=false", headers=auth).status_code == 401
+    response = client.post("/modify_cluster_state", json={"type": "TriggerNormalUp", "data": {
+        "old_stub_indices": [0], "new_stub_indices": [1]}}, headers=auth)
+    assert response.status_code == 401 and "--admin-api-key" in response.get_json()["error"]
+    admin = create_app(settings.replace(tenants_file=str(tenants_file), api_key="plain-key", admin_api_key="root"))
+    assert admin.test_client().get("/cluster_state?celery=false",
+                                   headers={"Authorization": "Bearer root"}).status_code == 200
+
+
+@pytest.mark.parametrize("admin_key", [ACME, "plain-key"])
+def test_an_admin_key_that_is_also_a_tenants_key_stops_the_start(tenants_file, admin_key):
+    """Adversarial review: `--admin-api-key` equal to a tenant's key (or to `--api-key`, tenant
+    `default` beside a file) started, and that tenant could read /cluster_state and scale the fleet."""
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "blitzscale.cli", "web", "--tenants-file", str(tenants_file),
+                             "--redis-url", "redis://127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "API_KEY": "plain-key", "ADMIN_API_KEY": admin_key})
+    last = result.stderr.strip().splitlines()[-1]  # after the file's warning about globex's plain key
+    assert result.returncode != 0 and last.startswith("refusing to start: --admin-api-key is also an API key")
+    assert admin_key not in result.stderr
+
+
+def test_a_file_tenant_named_default_beside_the_api_key_is_refused(settings, tmp_path, caplog):
+    """Adversarial review: `--api-key` is tenant `default`; a file's own `default` (another key)
+    shared its name, so the two shared one prefix-cache namespace (`cached_tokens` told one what
+    the other sent), their limits' counters and their metrics."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"tenants:\n  default: {{key_sha256: {digest(ACME)}}}\n")
+    with pytest.raises(TenantsError, match="tenant default: the name of --api-key's tenant"):
+        load(path, api_key="plain-key")
+    client = create_app(settings.replace(tenants_file=str(path), api_key="plain-key")).test_client()
+    for key in (ACME, "plain-key"):  # fails closed, as any broken file does
+        response = client.post("/generate", json={"inputs": "hello"}, headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 401
+    assert "every API key is refused" in caplog.text

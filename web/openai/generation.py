@@ -88,7 +88,7 @@ def _validate(service: Service, make_plan: Callable[[Service], GenerationPlan]) 
         try:
             valid = service.validate({"inputs": prompt.text, "parameters": plan.parameters}, stream=plan.options.stream,
                                      full_text_default=False, add_special_tokens=plan.add_special_tokens,
-                                     cap_new_tokens=True, input_ids=prompt.ids)
+                                     cap_new_tokens=True, input_ids=prompt.ids, samples=plan.options.samples)
         except ContextLengthError as error:
             asked = 0 if plan.options.prompt_only else plan.parameters["max_new_tokens"]
             raise context_length_exceeded(error, asked, request.path) from error
