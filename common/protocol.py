@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 EVENT_TOKEN = "token"
@@ -23,10 +23,17 @@ EVENT_ALIVE = "alive"  # the replica still works on the request (streaming or no
 EVENT_RETRY = "retry"  # web side only: the job was re-enqueued, its tokens will be replayed
 
 
-class FailureReason(StrEnum):
+class FailureReason(str, Enum):
     """Why a request failed, finer than TGI's `error_type`: the `reason` label of
     `tgi_request_failure` and the web's WARNING line, so that a dashboard can split failures.
-    Not shown to clients (their error body is TGI's)."""
+    Not shown to clients (their error body is TGI's). A str Enum printing as its value, as
+    StrEnum does, which Python 3.10 (requires-python) lacks."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     OVERLOADED = "overloaded"  # over --max-concurrent-requests (429)
     VALIDATION = "validation"  # the request itself (400/413/422)
