@@ -37,14 +37,22 @@ class NoReplica(RuntimeError):
 BACKGROUND_CONNECTIONS = 8  # the admission renewer, /metrics collectors, cluster commands
 
 
+def max_choices(settings: Settings) -> int:
+    """The most jobs one request enqueues, each with its own pub/sub connection held until it
+    ends: /v1/completions' prompts x `n` (or `best_of`) candidates (web/openai/params.py)."""
+    return max(1, settings.max_client_batch_size) * max(1, settings.max_best_of)
+
+
 def web_connection_pool(settings: Settings) -> redis.BlockingConnectionPool:
-    """Every thread of a web process may hold its request's pub/sub connection and run one
-    command (admission, enqueue check, replica check) at the same time. redis-py's default pool
-    (100 connections, then `Too many connections`) failed admitted requests under a burst;
-    this one has room for every thread, and were it ever short it would wait its turn (up to
-    `queue_timeout`) rather than fail."""
+    """Every thread of a web process may hold its request's pub/sub connections (one per choice,
+    all held until the last ends) and run one command (admission, enqueue check, replica check)
+    at the same time. redis-py's default pool (100 connections, then `Too many connections`)
+    failed admitted requests under a burst; this one has room for every thread's largest
+    request (connections open only when used), so requests never wait on each other's; were it
+    ever short it would wait its turn (up to `queue_timeout`) rather than fail."""
     return redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=2 * settings.web_process_threads + BACKGROUND_CONNECTIONS,
+        settings.redis_url,
+        max_connections=settings.web_process_threads * (max_choices(settings) + 1) + BACKGROUND_CONNECTIONS,
         timeout=settings.queue_timeout, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30,
     )
 
