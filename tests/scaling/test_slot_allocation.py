@@ -108,3 +108,24 @@ def test_a_child_that_dies_before_registering_frees_its_place_and_slot_at_once(m
     assert read_slots(connection)[0]["state"] == "dead"  # not `loading` for the start timeout (300 s)
     agent_module.worker_argv = lambda slot, standby=False: SLEEPER
     assert agent.start_new() is not None and agent.devices == {0: "cpu:0"}  # the place and the slot again
+
+
+def test_a_child_reaped_after_its_slot_went_to_another_start_leaves_that_start_alone(make_agent, connection):
+    """Its record expired (a hung replica), so the control plane placed the slot on h2; then the
+    hung child is killed and its agent reaps it: the new start's entry and lease stay."""
+    agent = make_agent("h1")
+    make_agent("h2").announce()  # h2's agent is there: the start placed on it is pending, not dead
+    child = agent.start_new()
+    assert child is not None
+    # What the child's heartbeat left (its record has expired: the slot shows dead).
+    connection.hset(SLOTS_KEY, "0", json.dumps({"slot": 0, "name": "replica0@h1", "host": "h1", "pid": child.pid,
+                                                "state": "active", "by": "replica", "updated_at": time.time()}))
+    connection.set(slot_lease_key(0), "replica0@h1", ex=60)
+    placed = {"host": "h2", "state": "loading", "by": "control", "updated_at": time.time()}
+    assert allocate(connection, read_slots(connection), CONTROL_OWNER, placed) == 0
+    child.kill()
+    child.wait(10)
+    assert agent.start_new() is not None  # reaps the exited child (and frees its slot) first
+    assert 0 not in agent.children
+    assert json.loads(connection.hget(SLOTS_KEY, "0")) == {**placed, "slot": 0}
+    assert connection.get(slot_lease_key(0)).decode() == CONTROL_OWNER
