@@ -60,6 +60,15 @@ return 1
 """
 
 
+# KEYS: lease, slot registry. ARGV: owner, slot, the entry to put back ('' none). Only while owner holds it.
+_UNDO = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[3] == '' then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
+"""
+
+
 class NoFreeSlot(RuntimeError):
     """Every candidate slot is held."""
 
@@ -113,3 +122,9 @@ def renew(connection: redis.Redis, slot: int, name: str, entry: dict, ttl: int, 
     heartbeat, it must not take that slot back (two replicas on one slot)."""
     return bool(connection.eval(_RENEW, 2, slot_lease_key(slot), SLOTS_KEY, name, int(ttl), str(slot),
                                 json.dumps(entry), "1" if take else "0"))
+
+
+def undo_claim(connection: redis.Redis, slot: int, owner: str, previous: bytes | str | None) -> bool:
+    """End `owner`'s claim of `slot` and put back the registry entry it replaced (`previous`,
+    raw; None: none), in one step: never someone else's lease or entry."""
+    return bool(connection.eval(_UNDO, 2, slot_lease_key(slot), SLOTS_KEY, owner, str(slot), previous or ""))
