@@ -97,7 +97,10 @@ class Lifecycle:
         return observed_state(loaded, consuming_generation(r.worker), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
-        last_beat = last_sweep = 0.0
+        # The sweep SCANs the keyspace (seconds with millions of affinity keys): in a thread of
+        # its own, never delaying a heartbeat (a late one reads as a dead replica).
+        threading.Thread(target=self._sweep, args=(stop,), name="queue-hygiene", daemon=True).start()
+        last_beat = 0.0
         while not stop.wait(POLL_INTERVAL):
             try:
                 state = self.observe()
@@ -113,11 +116,18 @@ class Lifecycle:
                     self.replica.publish_record()
                     self.register(state)
                     self.stop_when_told(state)
-                if now - last_sweep >= SWEEP_INTERVAL_S:  # no job of an ended request left in Redis
-                    last_sweep = now
-                    sweep(self.replica.redis, self.replica.settings.request_timeout)
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
+
+    def _sweep(self, stop: threading.Event) -> None:
+        """No job of an ended request left in Redis (tasks/queue/hygiene.py), every SWEEP_INTERVAL_S."""
+        while not stop.wait(SWEEP_INTERVAL_S):
+            try:
+                sweep(self.replica.redis, self.replica.settings.request_timeout)
+            except redis.RedisError as error:
+                log.warning("queue hygiene failed: %s", error)
+            except Exception:  # a hint of hygiene: the next pass tries again
+                log.exception("queue hygiene failed")
 
     def register(self, state: str, ttl: int | None = None, **extra) -> None:
         """The slot's lease (`ttl` 0: ended) and registry entry, while this replica holds the slot.
