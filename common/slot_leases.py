@@ -6,6 +6,8 @@ writes the slot's `loading` entry in the same step), and the replica then renews
 (tasks/runtime/lifecycle.py). Two starters asking at the same moment get two slots: two agents
 never both start slot 0. A lease ends with a clean stop, when its holder's heartbeat stops
 (expiry), or at once when the agent sees its child exit before it ever served (`release`).
+A replica whose record expired shows `dead`, and its slot may go to another start at once; if it
+was only late, its next heartbeat finds the lease taken and it drains and exits (`renew`).
 """
 from __future__ import annotations
 
@@ -44,6 +46,26 @@ for _, owner in ipairs(ARGV) do
   if holder == owner then return redis.call('DEL', KEYS[1]) end
 end
 return 0
+"""
+
+
+# KEYS: lease, slot registry. ARGV: replica name, ttl ('0': end the lease), slot, entry JSON, '1' to take the
+# lease whoever holds it. A replica's heartbeat: its lease and entry, unless another start holds the slot now.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if ARGV[5] ~= '1' and holder and holder ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2])) end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+
+# KEYS: lease, slot registry. ARGV: owner, slot, the entry to put back ('' none). Only while owner holds it.
+_UNDO = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[3] == '' then redis.call('HDEL', KEYS[2], ARGV[2]) else redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
 """
 
 
@@ -90,3 +112,19 @@ def allocate(connection: redis.Redis, views: dict[int, dict], owner: str, entry:
 def release(connection: redis.Redis, slot: int, *holders: str) -> bool:
     """End `slot`'s lease if one of `holders` holds it (never someone else's)."""
     return bool(connection.eval(_RELEASE, 1, slot_lease_key(slot), *holders))
+
+
+def renew(connection: redis.Redis, slot: int, name: str, entry: dict, ttl: int, take: bool = False) -> bool:
+    """A replica's heartbeat: hold `slot`'s lease as `name` for `ttl` seconds (0: end it) and write
+    its registry entry, unless someone else holds the lease (False). `take`: whoever holds it, for
+    a replica's first heartbeat (its starter's claim was made for it). A replica whose record
+    expired shows `dead` and its slot may go to another start (`stale_holders`); back from a late
+    heartbeat, it must not take that slot back (two replicas on one slot)."""
+    return bool(connection.eval(_RENEW, 2, slot_lease_key(slot), SLOTS_KEY, name, int(ttl), str(slot),
+                                json.dumps(entry), "1" if take else "0"))
+
+
+def undo_claim(connection: redis.Redis, slot: int, owner: str, previous: bytes | str | None) -> bool:
+    """End `owner`'s claim of `slot` and put back the registry entry it replaced (`previous`,
+    raw; None: none), in one step: never someone else's lease or entry."""
+    return bool(connection.eval(_UNDO, 2, slot_lease_key(slot), SLOTS_KEY, owner, str(slot), previous or ""))

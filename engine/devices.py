@@ -31,9 +31,11 @@ def resolve_device(spelling: str | None, default_index: int, cuda_count: int, vi
     """The device a replica runs on, with an index on CUDA (`torch.cuda.set_device` refuses
     `cuda` without one). None or `cuda`: `cuda:<default_index mod GPUs>` (cpu without CUDA, for
     None); `cuda:N`: N when this process sees more than N GPUs, else the position of GPU N in
-    `visible` (CUDA_VISIBLE_DEVICES: `cuda:3` pinned by `CUDA_VISIBLE_DEVICES=3` is `cuda:0` here)."""
+    `visible` (CUDA_VISIBLE_DEVICES: `cuda:3` pinned by `CUDA_VISIBLE_DEVICES=3` is `cuda:0` here).
+    Any case (`CUDA:1`)."""
     if spelling is None and not cuda_count:
         return torch.device("cpu")
+    spelling = spelling.strip().lower() if spelling is not None else None  # `CUDA:1`, as --devices takes it
     try:
         device = torch.device(spelling or "cuda")
     except RuntimeError as error:

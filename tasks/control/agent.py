@@ -247,12 +247,17 @@ class HostAgent:
 
     def _free_slots(self, exited: list[tuple[int, subprocess.Popen]]) -> None:
         """A child gone without a clean stop (it died loading, or crashed) is `dead` at once and
-        its slot's lease ends: its place and slot are free now, not when its start times out."""
+        its slot's lease ends: its place and slot are free now, not when its start times out.
+        Unless the slot is another start's already (the child hung, its record expired, and the
+        slot was placed elsewhere): its entry names another host or process, and is left alone."""
         for slot, process in exited:
             try:
                 raw = self.redis.hget(SLOTS_KEY, str(slot))
                 entry = json.loads(raw) if raw else {}
-                if entry.get("state") != ReplicaState.STOPPED and entry.get("pid") in (None, process.pid):
+                if entry.get("host", self.host) != self.host or entry.get("pid") not in (None, process.pid):
+                    log.info("agent: slot %d of exited pid %d is another start's now; left alone", slot, process.pid)
+                    continue
+                if entry.get("state") != ReplicaState.STOPPED:
                     self.redis.hset(SLOTS_KEY, str(slot), json.dumps({
                         **entry, "slot": slot, "host": self.host, "state": ReplicaState.DEAD, "by": "agent",
                         "updated_at": time.time(), "error": f"exited with {process.returncode}"}))

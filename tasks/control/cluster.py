@@ -28,7 +28,7 @@ from common.keys import (
 )
 from common.replica_records import live_records
 from common.settings import Settings
-from common.slot_leases import CLAIM_TTL_S, CONTROL_OWNER, claim, release, stale_holders
+from common.slot_leases import CLAIM_TTL_S, CONTROL_OWNER, claim, stale_holders, undo_claim
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.placement import Fleet, NoFreePlace, place
 from tasks.queue.celery_app import make_celery
@@ -252,21 +252,21 @@ class ClusterControl:
 
     def _claim_all(self, placements: dict[int, Placement], slots: dict[int, dict]) -> None:
         """Every start's slot lease (common/slot_leases.py), or none: a slot that an agent took
-        meanwhile is not started twice. Then each slot shows `loading` on its host and device
-        (so the next placement sees the device taken)."""
+        meanwhile is not started twice. Each lease is taken with the slot's `loading` entry on its
+        host and device in one atomic step: the next placement sees the device taken, and an agent
+        allocating between two of these steps sees the slot held (with its old `stopped` or `dead`
+        entry, the control plane's own lease would read as a stale holder's, free to take).
+        Undone, the slots get their previous entries back (a refused command leaves none behind)."""
+        previous = dict(zip(placements, self.redis.hmget(SLOTS_KEY, [str(s) for s in placements]))) if placements else {}
         claimed = []
-        for slot in placements:
-            if not claim(self.redis, slot, CONTROL_OWNER, stale=stale_holders(slots.get(slot))):
+        for slot, placement in placements.items():
+            entry = {"slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
+                     "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}
+            if not claim(self.redis, slot, CONTROL_OWNER, entry, stale=stale_holders(slots.get(slot))):
                 for taken in claimed:
-                    release(self.redis, taken, CONTROL_OWNER)
+                    undo_claim(self.redis, taken, CONTROL_OWNER, previous[taken])
                 raise ClusterError(f"stub {slot} was just taken by another start")
             claimed.append(slot)
-        pipe = self.redis.pipeline()
-        for slot, placement in placements.items():
-            pipe.hset(SLOTS_KEY, str(slot), json.dumps({
-                "slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
-                "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}))
-        pipe.execute()
 
     def _start(self, placement: Placement) -> None:
         """The host's agent gets the start command (its slot is claimed: `_claim_all`)."""

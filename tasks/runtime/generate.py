@@ -71,7 +71,8 @@ def _generate(job: Job) -> None:
         replica.relay.send(job.request_id, _error(job, f"Request failed during generation: {error}",
                                                   FailureReason.MALFORMED_JOB))
         return
-    replica.relay.register(engine_request_id(job), job.request_id, job.attempt, stream=job.stream)
+    replica.relay.register(engine_request_id(job), job.request_id, job.attempt, stream=job.stream,
+                           rows=tuple(r.request_id for r in requests))
     streams = []
     try:
         streams = [replica.engine.submit(r) for r in requests]

@@ -17,7 +17,6 @@ whose heartbeat expired without a clean stop is reported `dead`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -26,8 +25,8 @@ import time
 import redis
 from celery import signals
 
-from common.keys import GENERATION_QUEUE, SLOTS_KEY, slot_lease_key, slot_target_key
-from common.slot_leases import claim
+from common.keys import GENERATION_QUEUE, slot_target_key
+from common.slot_leases import claim, renew
 from common.states import ReplicaState
 from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep
 
@@ -86,6 +85,8 @@ class Lifecycle:
         self.replica = replica
         self._shutdown = shutdown
         self._shutdown_sent = False
+        self._holds_slot = False  # its first heartbeat takes the lease from its starter; later ones only renew it
+        self._lost_slot = False
         self.state = ReplicaState.LOADING
 
     def observe(self) -> str:
@@ -96,7 +97,10 @@ class Lifecycle:
         return observed_state(loaded, consuming_generation(r.worker), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
-        last_beat = last_sweep = 0.0
+        # The sweep SCANs the keyspace (seconds with millions of affinity keys): in a thread of
+        # its own, never delaying a heartbeat (a late one reads as a dead replica).
+        threading.Thread(target=self._sweep, args=(stop,), name="queue-hygiene", daemon=True).start()
+        last_beat = 0.0
         while not stop.wait(POLL_INTERVAL):
             try:
                 state = self.observe()
@@ -112,20 +116,37 @@ class Lifecycle:
                     self.replica.publish_record()
                     self.register(state)
                     self.stop_when_told(state)
-                if now - last_sweep >= SWEEP_INTERVAL_S:  # no job of an ended request left in Redis
-                    last_sweep = now
-                    sweep(self.replica.redis, self.replica.settings.request_timeout)
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
 
-    def register(self, state: str, **extra) -> None:
+    def _sweep(self, stop: threading.Event) -> None:
+        """No job of an ended request left in Redis (tasks/queue/hygiene.py), every SWEEP_INTERVAL_S."""
+        while not stop.wait(SWEEP_INTERVAL_S):
+            try:
+                sweep(self.replica.redis, self.replica.settings.request_timeout)
+            except redis.RedisError as error:
+                log.warning("queue hygiene failed: %s", error)
+            except Exception:  # a hint of hygiene: the next pass tries again
+                log.exception("queue hygiene failed")
+
+    def register(self, state: str, ttl: int | None = None, **extra) -> None:
+        """The slot's lease (`ttl` 0: ended) and registry entry, while this replica holds the slot.
+        One whose slot went to another start (its record expired: a late heartbeat) stops."""
         r = self.replica
+        if self._lost_slot:
+            return
         entry = {"slot": r.slot, "name": r.name, "host": r.settings.host, "device": r.device_name, "pid": os.getpid(),
                  "state": state, "by": "replica", "updated_at": time.time(), **extra}
-        pipe = r.redis.pipeline()
-        pipe.hset(SLOTS_KEY, str(r.slot), json.dumps(entry))
-        pipe.set(slot_lease_key(r.slot), r.name, ex=max(5, int(r.settings.heartbeat_ttl) * 3))
-        pipe.execute()
+        ttl = max(5, int(r.settings.heartbeat_ttl) * 3) if ttl is None else ttl
+        if renew(r.redis, r.slot, r.name, entry, ttl, take=not self._holds_slot):
+            self._holds_slot = True
+            return
+        self._lost_slot = True
+        log.error("replica %s: slot %d was given to another start while this replica's heartbeat was late; "
+                  "draining and stopping", r.name, r.slot)
+        if ttl and not self._shutdown_sent:  # (ttl 0: it is stopping already)
+            self._shutdown_sent = True
+            self._shutdown(r.name)
 
     def stop_when_told(self, state: str) -> None:
         if state != ReplicaState.STANDBY or self._shutdown_sent:
@@ -139,22 +160,18 @@ class Lifecycle:
     def cannot_load(self, message: str) -> None:
         """The model or an adapter cannot load: the slot is `dead` with the reason, marked as a
         configuration error (the autoscaler backs off, `serve` exits: docs/failure-policy.md)."""
-        r = self.replica
         self.state = ReplicaState.DEAD
         try:
-            self.register(ReplicaState.DEAD, error=message, cannot_load=True)
-            r.redis.delete(slot_lease_key(r.slot))
+            self.register(ReplicaState.DEAD, ttl=0, error=message, cannot_load=True)
         except redis.RedisError:
             pass
 
     def stopped(self) -> None:
         """A clean exit: the slot is `stopped`, not `dead`."""
-        r = self.replica
         if self.state == ReplicaState.DEAD:  # it could not load: `cannot_load` had the last word
             return
         self.state = ReplicaState.STOPPED
         try:
-            self.register(ReplicaState.STOPPED)
-            r.redis.delete(slot_lease_key(r.slot))
+            self.register(ReplicaState.STOPPED, ttl=0)
         except redis.RedisError:
             pass

@@ -65,6 +65,7 @@ class _Held:
     stream: bool  # tokens go out; else only `alive` ticks until the final event
     registered: float
     last_sent: float
+    rows: tuple[str, ...]  # the engine requests a cancel stops (best_of runs several: `<id>/<n>`)
 
 
 @dataclass
@@ -120,13 +121,15 @@ class StreamRelay:
 
     # ---- called by the task threads and the engine loop --------------------------------------
     def register(self, request_id: str, channel_id: str | None = None, attempt: int = 0,
-                 stream: bool = True) -> None:
+                 stream: bool = True, rows: tuple[str, ...] = ()) -> None:
         """Speak for engine request `request_id` on `channel_id`'s channel (the same id unless
         the job is a re-run: see tasks.runtime.generate), marked with its attempt: its tokens when it
-        streams, `alive` ticks in any case, until its final event is sent."""
+        streams, `alive` ticks in any case, until its final event is sent. `rows`: the engine
+        requests that cancelling it stops (default: `request_id` alone)."""
         now = time.monotonic()
         with self._lock:
-            self._held[request_id] = _Held(channel_id or request_id, attempt, stream, now, now)
+            self._held[request_id] = _Held(channel_id or request_id, attempt, stream, now, now,
+                                           tuple(rows) or (request_id,))
 
     def forget(self, request_id: str) -> None:
         """The request ended without a final event (cancelled): nothing more to send for it."""
@@ -298,9 +301,9 @@ class StreamRelay:
 
     def _fail(self, engine_id: str, channel: str, attempt: int | None) -> None:
         with self._lock:
-            running = self._held.pop(engine_id, None) is not None
-        if running:
-            self._cancel(engine_id)
+            held = self._held.pop(engine_id, None)
+        if held is not None:
+            self._cancel_rows(held)
         if channel not in self._pending:
             self._pend(channel, publish_failed(attempt))
 
@@ -344,17 +347,23 @@ class StreamRelay:
             if newest is None or int(newest) <= attempt:
                 continue
             with self._lock:
-                if self._held.pop(engine_id, None) is None:
-                    continue
+                superseded = self._held.pop(engine_id, None)
+            if superseded is None:
+                continue
             log.info("request %s: attempt %d superseded by attempt %d; cancelling it", channel, attempt, int(newest))
-            self._cancel(engine_id)
+            self._cancel_rows(superseded)
 
     def _client_gone(self, request_id: str) -> None:
         with self._lock:
-            if self._held.pop(request_id, None) is None:
-                return
+            held = self._held.pop(request_id, None)
+        if held is None:
+            return
         log.info("request %s: client went away, cancelling", request_id)
-        self._cancel(request_id)
+        self._cancel_rows(held)
+
+    def _cancel_rows(self, held: _Held) -> None:
+        for row in held.rows:
+            self._cancel(row)
 
 
 def _token_event(event: TokenEvent, attempt: int) -> StreamEvent:

@@ -19,6 +19,9 @@ from engine.devices import DeviceError, resolve_device
     ("cuda:1", 0, 2, None, "cuda:1"),
     ("cuda:3", 0, 1, "3", "cuda:0"),  # pinned by the agent: GPU 3 is this process's only one
     ("cuda:3", 0, 2, "1,3", "cuda:1"),
+    ("CUDA:1", 0, 2, None, "cuda:1"),  # as --devices takes it (tasks/control/devices.py)
+    (" Cuda ", 1, 2, None, "cuda:1"),
+    ("CPU", 0, 2, None, "cpu"),
 ])
 def test_every_spelling_resolves_to_an_indexed_device(spelling, slot, count, visible, expected):
     device = resolve_device(spelling, slot, count, visible)

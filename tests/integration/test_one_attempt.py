@@ -54,27 +54,31 @@ def fresh_record(connection: redis.Redis, name: str, since: float) -> dict | Non
     return record if record and record["updated_at"] > since else None
 
 
-def test_an_older_attempt_that_runs_stops_within_one_step_when_a_newer_one_starts(svc):
+# TGI's best_of runs `best_of` engine rows for one job (`<id>/<n>`): every one of them stops.
+@pytest.mark.parametrize("parameters, held_rows", [({}, 1), ({"best_of": 2, "do_sample": True}, 2)],
+                         ids=["one row", "best_of 2"])
+def test_an_older_attempt_that_runs_stops_within_one_step_when_a_newer_one_starts(svc, parameters, held_rows):
     connection = redis.Redis.from_url(svc.env["REDIS_URL"])
     for slot in svc.replicas:
         grant(svc.steps(slot), 0)  # every engine waits for the test from now on
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(requests.post, f"{svc.base_url}/generate",
-                             json={"inputs": "one live attempt", "parameters": {"max_new_tokens": 30}}, timeout=120)
-        holder = wait_until(lambda: next((n for n, r in records(connection).items() if rows(r) == 1), None),
+                             json={"inputs": "one live attempt", "parameters": {"max_new_tokens": 30, **parameters}},
+                             timeout=120)
+        holder = wait_until(lambda: next((n for n, r in records(connection).items() if rows(r) == held_rows), None),
                             "a replica holds the request")
         slot = int(holder[len("replica"):].split("@")[0])
         other = next(s for s in svc.replicas if s != slot)
         grant(svc.steps(slot), 3)  # its prefill and two decode steps: the older attempt runs
         wait_until(lambda: granted(svc.steps(slot)) == 0, "the holder took its steps")
         stepped = time.time()
-        assert wait_until(lambda: fresh_record(connection, holder, stepped), "a heartbeat")["running"] == 1
+        assert wait_until(lambda: fresh_record(connection, holder, stepped), "a heartbeat")["running"] == held_rows
 
         # Frozen past its heartbeat's TTL, it looks dead: the web sends the job again (attempt 1),
         # and the other replica starts it.
         os.kill(svc.replicas[slot].pid, signal.SIGSTOP)
         try:
-            wait_until(lambda: rows(records(connection).get(_name(svc, other, connection))) == 1,
+            wait_until(lambda: rows(records(connection).get(_name(svc, other, connection))) == held_rows,
                        "the other replica holds the newer attempt")
         finally:
             os.kill(svc.replicas[slot].pid, signal.SIGCONT)

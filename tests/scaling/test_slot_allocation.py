@@ -19,7 +19,8 @@ from common.settings import Settings
 from common.slot_leases import CONTROL_OWNER, agent_owner, allocate, claim
 from tasks.control import agent as agent_module
 from tasks.control.agent import HostAgent
-from tasks.control.cluster import read_slots
+from tasks.control import cluster as cluster_module
+from tasks.control.cluster import ClusterControl, ClusterError, read_slots
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 CRASHER = [sys.executable, "-c", "raise SystemExit(7)"]
@@ -108,3 +109,63 @@ def test_a_child_that_dies_before_registering_frees_its_place_and_slot_at_once(m
     assert read_slots(connection)[0]["state"] == "dead"  # not `loading` for the start timeout (300 s)
     agent_module.worker_argv = lambda slot, standby=False: SLEEPER
     assert agent.start_new() is not None and agent.devices == {0: "cpu:0"}  # the place and the slot again
+
+
+def test_a_child_reaped_after_its_slot_went_to_another_start_leaves_that_start_alone(make_agent, connection):
+    """Its record expired (a hung replica), so the control plane placed the slot on h2; then the
+    hung child is killed and its agent reaps it: the new start's entry and lease stay."""
+    agent = make_agent("h1")
+    make_agent("h2").announce()  # h2's agent is there: the start placed on it is pending, not dead
+    child = agent.start_new()
+    assert child is not None
+    # What the child's heartbeat left (its record has expired: the slot shows dead).
+    connection.hset(SLOTS_KEY, "0", json.dumps({"slot": 0, "name": "replica0@h1", "host": "h1", "pid": child.pid,
+                                                "state": "active", "by": "replica", "updated_at": time.time()}))
+    connection.set(slot_lease_key(0), "replica0@h1", ex=60)
+    placed = {"host": "h2", "state": "loading", "by": "control", "updated_at": time.time()}
+    assert allocate(connection, read_slots(connection), CONTROL_OWNER, placed) == 0
+    child.kill()
+    child.wait(10)
+    assert agent.start_new() is not None  # reaps the exited child (and frees its slot) first
+    assert 0 not in agent.children
+    assert json.loads(connection.hget(SLOTS_KEY, "0")) == {**placed, "slot": 0}
+    assert connection.get(slot_lease_key(0)).decode() == CONTROL_OWNER
+
+
+def test_an_agent_starting_while_the_control_plane_claims_a_stopped_slot_takes_another(make_agent, connection,
+                                                                                       redis_url, monkeypatch):
+    """The control plane's claim and its `loading` entry are one step: an agent that allocates
+    right after the claim (here: exactly then) sees the slot taken, not a stopped slot whose lease
+    only a stale holder (the control plane itself) has."""
+    make_agent("h1").announce()
+    rival = make_agent("h2")
+    connection.hset(SLOTS_KEY, "0", json.dumps({"slot": 0, "name": "replica0@h1", "host": "h1", "state": "stopped",
+                                                "by": "replica", "updated_at": time.time()}))
+    rivals = []
+
+    def claim_then_rival_starts(*args, **kwargs):
+        taken = claim(*args, **kwargs)
+        if not rivals:
+            rivals.append(rival.start_new())
+        return taken
+
+    monkeypatch.setattr(cluster_module, "claim", claim_then_rival_starts)
+    ClusterControl(Settings(redis_url=redis_url, manually_scale=True)).scale_up([0])
+    assert rivals and rivals[0] is not None
+    assert 0 not in rival.children  # the rival took another slot
+    entry = json.loads(connection.hget(SLOTS_KEY, "0"))
+    assert (entry["host"], entry["by"], entry["state"]) == ("h1", "control", "loading")
+    assert connection.get(slot_lease_key(0)).decode() == CONTROL_OWNER
+
+
+def test_a_scale_up_refused_for_one_slot_gives_the_others_back_as_they_were(make_agent, connection, redis_url):
+    make_agent("h1").announce()
+    make_agent("h3").announce()
+    stopped = json.dumps({"slot": 0, "name": "replica0@h1", "host": "h1", "state": "stopped", "by": "replica",
+                          "updated_at": time.time()})
+    connection.hset(SLOTS_KEY, "0", stopped)
+    connection.set(slot_lease_key(1), agent_owner("h2"), ex=60)  # an agent's start took slot 1 a moment ago
+    with pytest.raises(ClusterError, match="stub 1 was just taken by another start"):
+        ClusterControl(Settings(redis_url=redis_url, manually_scale=True, max_replicas=2)).scale_up([0, 1])
+    assert connection.hget(SLOTS_KEY, "0").decode() == stopped and connection.get(slot_lease_key(0)) is None
+    assert not connection.hexists(SLOTS_KEY, "1") and connection.get(slot_lease_key(1)).decode() == agent_owner("h2")
