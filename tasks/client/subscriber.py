@@ -50,6 +50,9 @@ class Subscription:
         self._messages: queue.SimpleQueue = queue.SimpleQueue()
         self.confirmed = threading.Event()
         self.closed = False
+        # Set when the connection came back: events published while it was away reached nobody
+        # (a final dropped, a request its replica cancelled), which only silence will show.
+        self.interrupted = False
 
     def get(self, timeout: float) -> bytes | None:
         """The next message's data, or None when none came within `timeout` seconds."""
@@ -190,6 +193,8 @@ class Subscriber:
 
     def _recovered(self) -> None:
         self.healthy_since = time.monotonic()
+        for subscription in self._channels.values():
+            subscription.interrupted = True
         log.warning("redis subscriber: connected again; %d request(s) subscribed again", len(self._channels))
 
 
