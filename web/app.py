@@ -27,6 +27,10 @@ from web.vllm.tokenization import write_tokenize_error
 
 MAX_CONTENT_LENGTH = 2_000_000  # TGI's default --payload-limit (bytes)
 GENERATION_BLUEPRINTS = ("generation", "openai", "responses", "anthropic")  # the routes tgi_request_* count
+# ... except those that generate nothing (their successes are not counted either): a stored
+# response read or deleted, a token count.
+NOT_GENERATION = ("responses.stored_response", "responses.delete_stored_response",
+                  "anthropic.messages_count_tokens")
 
 
 def create_app(settings: Settings | None = None, client=None, *, tokenizer=None) -> Flask:
@@ -71,5 +75,5 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
 
 def _count_generation_failure(service: Service, error) -> None:
     """Errors of generation routes that no view counted (auth, schemas, body size, content type)."""
-    if request.blueprint in GENERATION_BLUEPRINTS:
+    if request.blueprint in GENERATION_BLUEPRINTS and request.endpoint not in NOT_GENERATION:
         service.metrics.tgi.refused_at_the_edge(error)

@@ -25,9 +25,14 @@ def disconnect_watch() -> Callable[[], bool]:
     if not isinstance(sock, socket.socket) or hasattr(sock, "context"):  # TLS: MSG_PEEK cannot see its EOF
         return lambda: False
 
+    # poll, not select: a busy process serves connections on descriptors past select's 1,024,
+    # where select raises (and every such client would be taken as gone).
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+
     def gone() -> bool:
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
+            readable = poller.poll(0)
             return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
             return False

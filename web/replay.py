@@ -4,7 +4,7 @@ and fails the stream if it does not (the client holds text the new run would con
 from __future__ import annotations
 
 from common.protocol import FailureReason, StreamEvent
-from web.errors import GenerationError
+from web.errors import GenerationError, IncompleteGeneration
 
 RERUN_DIVERGED = "the replica serving this stream stopped, and the replica that took over generated other tokens"
 
@@ -16,6 +16,19 @@ class RerunDiverged(GenerationError):
         super().__init__(RERUN_DIVERGED, reason=FailureReason.RERUN_DIVERGED)
 
 
+TOKENS_LOST = "the stream lost tokens on their way from the replica"
+
+
+class TokensLost(IncompleteGeneration):
+    """A token index past the next one: the ones between reached nobody (the relay goes on, right
+    after a Redis outage, when a PUBLISH reaches nobody). Sending on would hide a hole in the text.
+    The relay's own error for tokens it could not publish is this one too."""
+    reason = FailureReason.PUBLISH_FAILED
+
+    def __init__(self, expected: int, got: int):
+        super().__init__(f"{TOKENS_LOST} (token {got} came after {expected - 1})")
+
+
 class SentTokens:
     def __init__(self):
         self._ids: dict[int, int | None] = {}  # index -> token id sent
@@ -25,6 +38,8 @@ class SentTokens:
         """True for a token sent already (a duplicate, or a re-run's replay): drop it; False for a
         new one (now counted as sent). Raises RerunDiverged when a replay differs from what was sent."""
         token_id = (event.token or {}).get("id")
+        if event.index > self.last_index + 1:
+            raise TokensLost(self.last_index + 1, event.index)
         if event.index > self.last_index:
             self._ids[event.index], self.last_index = token_id, event.index
             return False

@@ -104,8 +104,12 @@ class EventStream:
             now = time.monotonic()
             deadline = self._deadline(now, started_at, last_event, tokens_seen)
             if deadline is not None:
-                yield deadline
-                return
+                retry = self._after_interruption(deadline)
+                yield retry or deadline
+                if retry is None or retry.kind == EVENT_ERROR:
+                    return
+                last_event, tokens_seen = time.monotonic(), False
+                continue
             if self._watch is not None and now >= next_check:
                 next_check = now + check_every
                 outcome = self._check()
@@ -123,6 +127,7 @@ class EventStream:
             event = StreamEvent.decode(data)
             if (event.attempt or 0) != self.attempt:
                 continue  # from a run this request gave up on
+            self._subscription.interrupted = False  # its run is heard again: nothing was lost for good
             last_event = time.monotonic()
             if event.kind == EVENT_ALIVE:
                 continue  # only resets the silence deadline
@@ -146,6 +151,21 @@ class EventStream:
         if picked_up and now - last_event > s.replica_silence_timeout:
             return error("replica stopped responding", FailureReason.REPLICA_SILENT)
         return None
+
+    def _after_interruption(self, deadline: StreamEvent) -> StreamEvent | None:
+        """A request silent past its queue or silence deadline since the web's subscription came
+        back may have lost its events while it was away, with Redis up all along (the connection
+        killed, cut): the replica saw nobody listening, and dropped its final or cancelled it. It
+        is sent again (the failover's retry), not failed; None when that does not apply."""
+        if not self._subscription.interrupted or self._watch is None or \
+                deadline.reason not in (FailureReason.QUEUE_TIMEOUT, FailureReason.REPLICA_SILENT):
+            return None
+        self._subscription.interrupted = False
+        try:
+            return self._fail_over("its events were lost while the web's subscription reconnected")
+        except (redis.RedisError, OSError, OperationalError) as lost:
+            log.info("request %s: cannot send it again (%s)", self._job and self._job.request_id, lost)
+            return None
 
     def _check(self) -> StreamEvent | None:
         """Fail over when the replica holding the job died; None when all is well."""

@@ -12,7 +12,8 @@ and no request thread ever blocks another on Redis.
 - A lost connection (Redis restarted, network cut) is an outage, not a failure: the dispatcher
   reconnects with backoff and subscribes every live channel again; the waiting requests keep
   waiting within their own deadlines (docs/failure-policy.md). `healthy_since` says since when
-  the connection is up again (None while it is down, -inf if it never went).
+  the connection is up again (None while it is down, -inf if it never went). A connection that
+  went silent (cut without a FIN or RST) is lost too: a PING it does not answer says so.
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 TICK = 0.05  # seconds between looks at the command queue while no message comes
 MAX_BACKOFF = 2.0  # seconds between reconnection tries during an outage
+# A connection cut without a FIN or RST (a Redis host gone, a failover that moved its address)
+# never fails a read, and TCP keepalive notices it after hours: after QUIET seconds with nothing
+# heard the dispatcher PINGs, and a PING unanswered for PONG_TIMEOUT seconds is a lost connection
+# (the command connections' socket_timeout: a Redis that stalls less long is not given up on).
+QUIET = 1.0
+PONG_TIMEOUT = 10.0
 
 
 class SubscribeFailed(RuntimeError):
@@ -43,6 +50,9 @@ class Subscription:
         self._messages: queue.SimpleQueue = queue.SimpleQueue()
         self.confirmed = threading.Event()
         self.closed = False
+        # Set when the connection came back: events published while it was away reached nobody
+        # (a final dropped, a request its replica cancelled), which only silence will show.
+        self.interrupted = False
 
     def get(self, timeout: float) -> bytes | None:
         """The next message's data, or None when none came within `timeout` seconds."""
@@ -68,6 +78,8 @@ class Subscriber:
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.healthy_since: float | None = -math.inf  # monotonic time it came back; never lost: -inf
+        self._heard_at = time.monotonic()  # dispatcher thread only: when Redis last sent anything
+        self._pinged_at: float | None = None  # when a PING still unanswered was sent
 
     def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
         """Subscribed and confirmed by Redis; raises SubscribeFailed after `timeout` seconds."""
@@ -132,11 +144,19 @@ class Subscriber:
     def _read(self) -> None:
         """Hand over the next message (waiting up to a tick for one)."""
         if not self._pubsub.subscribed:
+            self._heard_at, self._pinged_at = time.monotonic(), None  # nothing to hear while idle
             time.sleep(TICK)
             return
         message = self._pubsub.get_message(timeout=TICK)
+        now = time.monotonic()
         if message is not None:
+            self._heard_at, self._pinged_at = now, None
             self._dispatch(message)
+        elif self._pinged_at is not None and now - self._pinged_at > PONG_TIMEOUT:
+            raise redis.TimeoutError(f"no answer to a PING in {PONG_TIMEOUT:g} s")
+        elif self._pinged_at is None and now - self._heard_at > QUIET:
+            self._pubsub.ping()  # its pong is a message like any other
+            self._pinged_at = now
 
     def _dispatch(self, message: dict) -> None:
         channel = _text(message.get("channel"))
@@ -162,6 +182,7 @@ class Subscriber:
         connection = self._pubsub.connection
         if connection is None:
             return
+        self._heard_at, self._pinged_at = time.monotonic(), None
         try:
             connection.disconnect()
             connection.connect()
@@ -172,6 +193,8 @@ class Subscriber:
 
     def _recovered(self) -> None:
         self.healthy_since = time.monotonic()
+        for subscription in self._channels.values():
+            subscription.interrupted = True
         log.warning("redis subscriber: connected again; %d request(s) subscribed again", len(self._channels))
 
 

@@ -148,3 +148,21 @@ def test_requests_refused_before_any_view_are_counted_and_logged_once(settings, 
     assert failures[(("err", "unauthorized"), ("reason", "unauthorized"))] == 1
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request failed")]
     assert [int(line.split(" answered ")[1].split()[0]) for line in lines] == statuses
+
+
+def test_reads_of_stored_responses_and_token_counts_are_not_generation_requests(client, caplog):
+    """GET and DELETE /v1/responses/{id} and /v1/messages/count_tokens generate nothing: their
+    errors (an unknown id, a bad body) are no tgi_request_* failure and no `request failed` line,
+    as their successes are no tgi_request_* success (a client polling an expired id would
+    otherwise raise the generation failure rate)."""
+    with caplog.at_level(logging.WARNING, logger="web.metrics"):
+        statuses = [
+            client.get("/v1/responses/resp_unknown").status_code,
+            client.delete("/v1/responses/resp_unknown").status_code,
+            client.post("/v1/messages/count_tokens", json={"messages": "x"}).status_code,
+        ]
+    assert statuses == [404, 404, 400]
+    samples = scrape(client)
+    assert not value(samples, "tgi_request_count_total")
+    assert not [name for name, _ in samples if name == "tgi_request_failure_total"]
+    assert not [r for r in caplog.records if r.getMessage().startswith("request failed")]
