@@ -1,15 +1,15 @@
 """Stored /v1/responses answers: the response object and its conversation (chat messages), in Redis
 under `stored_response_key`, expiring after `STORED_RESPONSE_TTL`. Each is owned by the API key
-that made it (a SHA-256 of the key; one owner for every request when the service has no key): a
+that made it (a SHA-256 of the bearer token presented, also when the service checks no key, so two
+clients with different tokens never see each other's; requests with no token share one owner): a
 request with another key finds nothing (404), as if it did not exist.
 
 Without a Redis connection (a test's stand-in client) the store is this process's memory."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-
-import functools
 
 import redis
 from flask import current_app
