@@ -34,8 +34,11 @@ def resolve_device(spelling: str | None, default_index: int, cuda_count: int, vi
     `visible` (CUDA_VISIBLE_DEVICES: `cuda:3` pinned by `CUDA_VISIBLE_DEVICES=3` is `cuda:0` here)."""
     if spelling is None and not cuda_count:
         return torch.device("cpu")
+    # Blanks (a quoted environment variable), capitals, a bare index: meant as torch means them
+    # (torch.device(0) is cuda:0), which its parser of strings refuses.
+    spelled = (spelling or "cuda").strip().lower()
     try:
-        device = torch.device(spelling or "cuda")
+        device = torch.device(f"cuda:{spelled}" if spelled.isdigit() else spelled)
     except RuntimeError as error:
         raise DeviceError(f"--device {spelling!r} is not a device torch knows") from error
     if device.type != "cuda":
