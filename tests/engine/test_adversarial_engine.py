@@ -117,3 +117,18 @@ def test_stop_at_any_step_ends_every_stream_with_its_own_tokens(model_and_tokeni
         assert tokens == solo[rid][0][: len(tokens)], rid
         if end == "final":
             assert (tokens, end) == solo[rid], rid
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_that_fill_their_slot_exactly_are_their_solo_runs(model_and_tokenizer, overlap, slots):
+    """Prompt + max_new_tokens = the slot's 64 positions: with overlap the step after a row's last
+    token writes its last position, never past the slot."""
+    _, tokenizer = model_and_tokenizer
+    prompt = tuple((list(tokenizer("Hello there").input_ids) * 40)[:60])
+    stopping = StoppingParams(max_new_tokens=4, ignore_eos=True)
+    requests = [GenerationRequest("full", prompt, SamplingParams(), stopping),
+                GenerationRequest("one", prompt[:63], SamplingParams(), StoppingParams(max_new_tokens=1, ignore_eos=True)),
+                req(tokenizer, "o", "Hello", 8)]
+    solo = {r.request_id: run(model_and_tokenizer, False, [r])[r.request_id] for r in requests}
+    assert run(model_and_tokenizer, overlap, requests, slots=slots) == solo
