@@ -35,9 +35,11 @@ def resolve_device(spelling: str | None, default_index: int, cuda_count: int, vi
     Any case (`CUDA:1`)."""
     if spelling is None and not cuda_count:
         return torch.device("cpu")
-    spelling = spelling.strip().lower() if spelling is not None else None  # `CUDA:1`, as --devices takes it
+    # Blanks (a quoted environment variable), capitals, a bare index: meant as torch means them
+    # (torch.device(0) is cuda:0), which its parser of strings refuses.
+    spelled = (spelling or "cuda").strip().lower()
     try:
-        device = torch.device(spelling or "cuda")
+        device = torch.device(f"cuda:{spelled}" if spelled.isdigit() else spelled)
     except RuntimeError as error:
         raise DeviceError(f"--device {spelling!r} is not a device torch knows") from error
     if device.type != "cuda":

@@ -43,7 +43,8 @@ def green_mask(previous_token: int, vocab_size: int, gamma: float) -> Tensor:
 
 class GreenLists:
     """The green masks of the previous tokens seen lately, on the device ([capacity, V] bool, the
-    least recently used row given to a new token). A step's lookup is host bookkeeping and one
+    least recently used row given to a new token; more rows when one step's previous tokens
+    outnumber them). A step's lookup is host bookkeeping and one
     pinned index copy; a token's first lookup draws its list on the CPU and copies it, pinned."""
 
     def __init__(self, vocab_size: int, gamma: float, device: torch.device, capacity: int = 512):
@@ -53,9 +54,11 @@ class GreenLists:
 
     def of(self, previous_tokens: Sequence[int]) -> Tensor:
         """The green masks after `previous_tokens`: [W, V] bool on the device."""
+        distinct = len(set(previous_tokens))
+        if distinct > self.masks.shape[0]:  # a batch wider than the lists kept: keep more, never fail the step
+            grown = torch.zeros(distinct - self.masks.shape[0], self.vocab_size, dtype=torch.bool, device=self.device)
+            self.masks = torch.cat([self.masks, grown])
         capacity = self.masks.shape[0]
-        if len(set(previous_tokens)) > capacity:
-            raise ValueError(f"{len(set(previous_tokens))} previous tokens in one step, more than {capacity}")
         index, drawn_tokens, drawn_rows = [], [], []
         for token in previous_tokens:
             row = self._rows.get(token)

@@ -38,3 +38,27 @@ def test_every_spelling_resolves_to_an_indexed_device(spelling, slot, count, vis
 def test_a_device_this_process_cannot_use_is_one_clear_line(spelling, count, visible, message):
     with pytest.raises(DeviceError, match=message):
         resolve_device(spelling, 0, count, visible)
+
+
+@pytest.mark.parametrize("spelling, expected", [
+    (" cuda:1 ", "cuda:1"),  # from a quoted environment variable or a config file
+    ("CUDA:0", "cuda:0"),
+    ("Cuda", "cuda:0"),
+    ("0", "cuda:0"),  # a bare index: torch.device(0) is cuda:0
+    ("1", "cuda:1"),
+    (" CPU", "cpu"),
+])
+def test_case_blanks_and_a_bare_index_resolve_as_torch_would_mean_them(spelling, expected):
+    assert resolve_device(spelling, 0, 2, None) == torch.device(expected)
+
+
+@pytest.mark.parametrize("spelling", ["cuda:-1", "cuda:01", "cuda:x", "-1"])
+def test_a_malformed_index_is_one_clear_line_never_another_gpu(spelling):
+    with pytest.raises(DeviceError, match="is not a device torch knows"):
+        resolve_device(spelling, 0, 2, "GPU-0a1b,GPU-2c3d")
+
+
+def test_uuids_in_cuda_visible_devices_never_pick_a_gpu_by_a_number_they_do_not_hold():
+    assert resolve_device("cuda:1", 0, 2, "GPU-0a1b,GPU-2c3d") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match=r"sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=GPU-0a1b,GPU-2c3d\)"):
+        resolve_device("cuda:3", 0, 2, "GPU-0a1b,GPU-2c3d")

@@ -112,3 +112,14 @@ def test_green_lists_kept_on_the_device_are_tgis_and_each_is_drawn_once_while_ke
         assert torch.equal(mask.cpu(), torch.stack([draw(t, VOCAB, 0.5) for t in tokens]))
     # 11 evicts 9 (least recent after step 3), then 9 evicts 7, then 7 evicts 11.
     assert drawn == [5, 9, 7, 11, 9, 7]
+
+
+def test_a_step_with_more_distinct_previous_tokens_than_lists_kept_still_gets_each_rows_list():
+    """A batch larger than the lists kept (max_batch_size may exceed it), every watermarked row
+    after another previous token: the step must not fail (it would fail the whole batch), and
+    every row reads its own token's list, also in the steps after."""
+    from engine.watermark import GreenLists, green_mask
+
+    lists = GreenLists(VOCAB, 0.5, torch.device("cpu"), capacity=3)
+    for tokens in ([1, 2, 3, 4, 5], [5, 6], [2, 7, 8, 9, 1, 3]):
+        assert torch.equal(lists.of(tokens), torch.stack([green_mask(t, VOCAB, 0.5) for t in tokens]))
