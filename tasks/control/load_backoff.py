@@ -28,7 +28,9 @@ class LoadBackoff:
     failures: int = 0
     retry_at: float = 0.0
     reason: str | None = None
-    _seen: set[tuple[int, float]] = field(default_factory=set)  # (slot, updated_at) of the failures counted
+    # slot -> `updated_at` of the last failure counted there: one entry per slot, so it stays as
+    # small as the cluster however long the autoscaler runs
+    _counted: dict[int, float] = field(default_factory=dict)
     _failed_slots: set[int] = field(default_factory=set)
 
     def observe(self, slots: dict[int, dict], now: float) -> None:
@@ -37,10 +39,10 @@ class LoadBackoff:
             self.failures, self.retry_at, self.reason = 0, 0.0, None
             self._failed_slots.clear()
         for slot, view in sorted(slots.items()):
-            key = (slot, view.get("updated_at", 0.0))
-            if not view.get("cannot_load") or key in self._seen:
+            updated_at = view.get("updated_at", 0.0)
+            if not view.get("cannot_load") or self._counted.get(slot) == updated_at:
                 continue
-            self._seen.add(key)
+            self._counted[slot] = updated_at
             self._failed_slots.add(slot)
             self.failures += 1
             self.reason = view.get("error") or "the replica could not load"

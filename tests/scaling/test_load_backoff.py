@@ -43,6 +43,14 @@ def test_each_failure_doubles_the_wait_up_to_the_cap():
     assert backoff.view(121) is None and not backoff.holds(121)
 
 
+def test_what_it_remembers_stays_one_entry_per_slot_however_long_it_runs():
+    backoff = LoadBackoff(base_s=5, cap_s=60)
+    for n in range(1, 1001):  # a replica failing again and again, for days
+        backoff.observe({0: failed(0, float(n)), 1: failed(1, float(n))}, now=float(n))
+    assert backoff.view(1000.0)["failures"] == 2000
+    assert len(backoff._counted) == 2
+
+
 def test_serve_sees_only_failures_of_its_own_run():
     assert load_failure({0: failed(0, 50.0)}, since=100.0) is None
     assert load_failure({0: {"slot": 0, "state": "dead", "updated_at": 150.0}}, since=100.0) is None
