@@ -9,7 +9,9 @@ the free memory, less a 10% margin, less each part, every part logged:
 - CUDA graph outputs: exact (each captured graph keeps its [batch, V] logits in the pool), plus
   its activations, estimated as 8 hidden-sized rows per batch row for the largest graph;
 - sampler buffers: estimated as six float32 [slots, V] tensors (the logits in float32, scaled,
-  softmax, penalties' counts and two processed copies).
+  softmax, penalties' counts and two processed copies);
+- watermark green lists: exact, [rows, V] bool, rows being the lists kept between steps or, when
+  every slot's previous token differs in one step, one per slot (engine/watermark.py grows to it).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from engine.kv_slots import KVGeometry
 from engine.lora import stack_bytes
 from engine.lora_files import LoraAdapter
+from engine.watermark import GREEN_LISTS_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def engine_parts(model, slots: int, slot_length: int, adapters: Sequence[LoraAda
         width = max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
         parts["CUDA graph pool"] = outputs + slots * GRAPH_ACTIVATION_ROWS * width * element
     parts["sampler buffers"] = SAMPLER_BUFFERS * slots * vocab * 4
+    parts["watermark green lists"] = max(GREEN_LISTS_KEPT, slots) * vocab  # any request may ask for one
     return {name: size for name, size in parts.items() if size}
 
 

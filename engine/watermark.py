@@ -41,13 +41,16 @@ def green_mask(previous_token: int, vocab_size: int, gamma: float) -> Tensor:
     return mask
 
 
+GREEN_LISTS_KEPT = 512  # green masks kept on the device between steps (engine/kv_budget.py counts them)
+
+
 class GreenLists:
     """The green masks of the previous tokens seen lately, on the device ([capacity, V] bool, the
     least recently used row given to a new token; more rows when one step's previous tokens
     outnumber them). A step's lookup is host bookkeeping and one
     pinned index copy; a token's first lookup draws its list on the CPU and copies it, pinned."""
 
-    def __init__(self, vocab_size: int, gamma: float, device: torch.device, capacity: int = 512):
+    def __init__(self, vocab_size: int, gamma: float, device: torch.device, capacity: int = GREEN_LISTS_KEPT):
         self.vocab_size, self.gamma, self.device = vocab_size, gamma, device
         self.masks = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)  # [capacity, V]
         self._rows: OrderedDict[int, int] = OrderedDict()  # token -> its row of `masks`, least recent first

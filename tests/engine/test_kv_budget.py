@@ -56,3 +56,19 @@ def test_graphs_take_their_pool_out_of_the_budget(model):
 def test_a_budget_smaller_than_its_parts_holds_no_slot(model, adapters):
     budget = kv_budget(model, 4096, 8, 256, adapters)
     assert budget.kv_bytes == 0 and budget.slots == 0
+
+
+@pytest.mark.parametrize("slots", [8, 1024])
+def test_the_watermark_green_lists_are_counted_as_large_as_they_can_grow(model, slots):
+    """A step whose every row asks for a watermark with a different previous token grows the lists
+    to one per row (engine/watermark.py): the budget counts the larger of that and the lists kept."""
+    import torch
+
+    from engine.watermark import GreenLists
+
+    vocab = model.config.vocab_size
+    lists = GreenLists(vocab, 0.25, torch.device("cpu"))
+    lists.of(list(range(slots)))  # one step, every slot a different previous token
+    budget = kv_budget(model, GIB, slots, 256)
+    assert budget.parts["watermark green lists"] == lists.masks.nbytes
+    assert "watermark green lists" in budget.describe()
