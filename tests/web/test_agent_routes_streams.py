@@ -3,10 +3,17 @@ stream began ends it in the route's own shape (never a hang), a keep-alive passe
 the TGI metrics, and Anthropic's stop sequence split across tokens is cut and named."""
 from __future__ import annotations
 
+import hashlib
 import json
 
+import pytest
+import redis
+
+from common.protocol import FailureReason
 from tests.web.fake_replica import FakeReplica, fail_after, reply
 from tests.web.test_openai_routes import chat_model_dir, client  # noqa: F401  (fixtures)
+from web.errors import GenerationError
+from web.openai.responses_store import ResponseStore
 
 ASK = [{"role": "user", "content": "hello world"}]
 
@@ -74,3 +81,17 @@ def test_both_routes_count_in_tgi_metrics(client, redis_url):  # noqa: F811
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "tgi_request_count_total 3.0" in metrics and "tgi_request_success_total 2.0" in metrics
     assert 'tgi_request_failure_total{err="validation",reason="validation"} 1.0' in metrics
+
+
+def test_a_stored_response_is_visible_to_another_web_process_and_never_kept_in_memory(client, redis_url):  # noqa: F811
+    """Stored answers live in Redis only: any web process reads what another stored (through its
+    own connection), and a client without Redis has no store (the queue's 503), never a
+    process-local one."""
+    with FakeReplica(redis_url, reply(["Hi", "!"])):
+        answer = client.post("/v1/responses", json={"input": "hello world"}).get_json()
+    no_token = hashlib.sha256(b"").hexdigest()  # the owner of requests made without a key
+    stored = ResponseStore(redis.Redis.from_url(redis_url)).get(no_token, answer["id"])
+    assert stored["response"]["id"] == answer["id"]
+    with pytest.raises(GenerationError) as failure:
+        ResponseStore(None).put("owner", {"id": "resp_x"}, [])
+    assert failure.value.reason == FailureReason.QUEUE_UNAVAILABLE

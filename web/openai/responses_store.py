@@ -4,7 +4,8 @@ that made it (a SHA-256 of the bearer token presented, also when the service che
 clients with different tokens never see each other's; requests with no token share one owner): a
 request with another key finds nothing (404), as if it did not exist.
 
-Without a Redis connection (a test's stand-in client) the store is this process's memory."""
+The store lives in Redis only, so every web process sees the same answers; a generation client
+without a Redis connection has no store (each use is the queue's 503, as when Redis is down)."""
 from __future__ import annotations
 
 import functools
@@ -51,21 +52,22 @@ def _redis_call(method):
 class ResponseStore:
     def __init__(self, connection: redis.Redis | None):
         self._redis = connection
-        self._memory: dict[str, str] = {}
+
+    @property
+    def _connection(self) -> redis.Redis:
+        if self._redis is None:
+            raise redis.ConnectionError("the generation client has no Redis connection")
+        return self._redis
 
     @_redis_call
     def put(self, owner: str, response: dict, messages: list[dict]) -> None:
         record = json.dumps({"owner": owner, "response": response, "messages": messages}, ensure_ascii=False)
-        if self._redis is None:
-            self._memory[response["id"]] = record
-        else:
-            self._redis.set(stored_response_key(response["id"]), record, ex=STORED_RESPONSE_TTL)
+        self._connection.set(stored_response_key(response["id"]), record, ex=STORED_RESPONSE_TTL)
 
     @_redis_call
     def get(self, owner: str, response_id: str) -> dict:
         """{"response", "messages"} of a response this owner stored; else ResponseNotFound."""
-        raw = self._memory.get(response_id) if self._redis is None \
-            else self._redis.get(stored_response_key(response_id))
+        raw = self._connection.get(stored_response_key(response_id))
         record = json.loads(raw) if raw else None
         if record is None or record["owner"] != owner:
             raise ResponseNotFound(response_id)
@@ -74,10 +76,7 @@ class ResponseStore:
     @_redis_call
     def delete(self, owner: str, response_id: str) -> None:
         self.get(owner, response_id)
-        if self._redis is None:
-            self._memory.pop(response_id, None)
-        else:
-            self._redis.delete(stored_response_key(response_id))
+        self._connection.delete(stored_response_key(response_id))
 
 
 def response_store() -> ResponseStore:
