@@ -92,6 +92,10 @@ CLUSTER_LOCK_KEY = f"{KEY_PREFIX}cluster-lock"
 """Held while a scaling command plans and applies its steps (one command at a time)."""
 
 
+SWEEP_TURN_KEY = f"{KEY_PREFIX}sweep-turn"
+"""Held for most of a sweep interval by the replica whose turn it is to sweep (tasks/queue/hygiene.py)."""
+
+
 def attempt_key(request_id: str) -> str:
     """The current attempt number of a request that the web re-enqueued after its replica
     died; a replica that takes an older attempt's job skips it (see tasks.client.event_stream)."""

@@ -8,7 +8,9 @@ the replicas do so that none is left behind (docs/failure-policy.md, "Queue hygi
 - every send gives its queue list a TTL of the request timeout, renewed by the next send: a
   list nobody consumes (no replica left, or a replica that died) is gone once every request that
   could wait for its jobs has ended (tasks/client/generation_client.py);
-- `sweep` (each replica runs it every SWEEP_INTERVAL_S) deletes the own queue of a replica whose
+- `sweep` (one replica of the cluster runs it every SWEEP_INTERVAL_S: each replica tries every
+  interval, and the one that takes the turn (`take_sweep_turn`) sweeps, so the keyspace is
+  scanned once per interval however many replicas there are) deletes the own queue of a replica whose
   record expired (the web has already sent its jobs to the shared queue as newer attempts), and
   the `unacked` entries of jobs enqueued longer than the request timeout ago (a replica that
   was killed while it held them never acknowledges them; nobody waits for them any more).
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
-from common.keys import GENERATION_QUEUE, replica_key
+from common.keys import GENERATION_QUEUE, SWEEP_TURN_KEY, replica_key
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,12 @@ class Swept:
 
 def queue_ttl(request_timeout: float) -> int:
     return max(1, int(request_timeout) + 1)
+
+
+def take_sweep_turn(connection: redis.Redis, holder: str) -> bool:
+    """Whether `holder` sweeps this interval: the first replica to ask in an interval does."""
+    turn_ms = int(SWEEP_INTERVAL_S * 1000 * 0.9)  # gone before the next interval's askers come
+    return bool(connection.set(SWEEP_TURN_KEY, holder, nx=True, px=turn_ms))
 
 
 def sweep(connection: redis.Redis, request_timeout: float, now: float | None = None) -> Swept:

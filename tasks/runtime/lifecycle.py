@@ -28,7 +28,7 @@ from celery import signals
 from common.keys import GENERATION_QUEUE, slot_target_key
 from common.slot_leases import claim, renew
 from common.states import ReplicaState
-from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep
+from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep, take_sweep_turn
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,12 @@ class Lifecycle:
                 log.warning("heartbeat failed: %s", error)
 
     def _sweep(self, stop: threading.Event) -> None:
-        """No job of an ended request left in Redis (tasks/queue/hygiene.py), every SWEEP_INTERVAL_S."""
+        """No job of an ended request left in Redis (tasks/queue/hygiene.py): every SWEEP_INTERVAL_S,
+        by whichever replica takes the turn."""
         while not stop.wait(SWEEP_INTERVAL_S):
             try:
-                sweep(self.replica.redis, self.replica.settings.request_timeout)
+                if take_sweep_turn(self.replica.redis, self.replica.name):
+                    sweep(self.replica.redis, self.replica.settings.request_timeout)
             except redis.RedisError as error:
                 log.warning("queue hygiene failed: %s", error)
             except Exception:  # a hint of hygiene: the next pass tries again

@@ -61,3 +61,16 @@ def test_the_heartbeat_goes_on_while_a_sweep_is_slow(connection, monkeypatch):
         release.set()
         stop.set()
         beating.join(10)
+
+
+def test_one_replica_of_the_cluster_sweeps_each_interval(connection):
+    """Eight replicas whose sweeps all come due at once: one scans the keyspace; the next
+    interval, a turn is free again."""
+    from tasks.queue.hygiene import SWEEP_INTERVAL_S, take_sweep_turn
+
+    turns = [take_sweep_turn(connection, f"replica{n}@t") for n in range(8)]
+    assert turns.count(True) == 1 and turns[0]
+    ttl_ms = connection.pttl("blitz:sweep-turn")
+    assert 0 < ttl_ms < SWEEP_INTERVAL_S * 1000  # free before the next interval's askers come
+    connection.delete("blitz:sweep-turn")  # the interval has passed
+    assert take_sweep_turn(connection, "replica5@t")
