@@ -27,6 +27,7 @@ from common.settings import Settings
 from tasks.runtime.lifecycle import Lifecycle
 from tasks.runtime.peer_weights import ReplicaWeights
 from tasks.runtime.stream_relay import StreamRelay
+from tasks.weights.sources import cold_start_source
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Replica:
             "torch_device": str(device),
             "device_type": device.type,
             "weight_source": prepared.source,
+            "weight_origin": cold_start_source(prepared.source),  # replica | host-cache | source
+            "weight_host": prepared.host,
             "weight_seconds": round(prepared.seconds, 3),
             "load_seconds": round(time.perf_counter() - started, 3),
             "kv_slots": stats.kv_slots,
@@ -101,8 +104,8 @@ class Replica:
             "graph_capture_seconds": round(stats.graph_capture_seconds, 3),
             "lora_adapters": [adapter.name for adapter in adapters],
         }
-        log.info("replica %s loaded %s on %s in %.1f s (%s)", self.name, s.model_id, device,
-                 self.facts["load_seconds"], prepared.source)
+        log.info("replica %s loaded %s on %s in %.1f s (weights: %s from %s)", self.name, s.model_id, device,
+                 self.facts["load_seconds"], prepared.source, prepared.host)
 
     def record(self) -> dict:
         stats = self.engine.stats() if self.engine else None
