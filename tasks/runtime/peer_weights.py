@@ -10,9 +10,10 @@ and served to peers by its data plane (docs/peer-weights.md, docs/host-cache.md)
                        pull its chunks in parallel into a staging directory next to the cache
                        entry, forwarding each verified chunk to our own successor; all there and
                        verified: rename into the cache ("peer", or "host-cache" from that host)
-                  ─► else prepare it from its source as before ("gguf-conversion", "directory");
-                     a directory on slow storage (`--weight-peers prefer`) is copied into this
-                     host's cache too, so that the cluster holds it once
+                  ─► else prepare it from its source as before ("gguf-conversion", "download",
+                     "directory"); a download, or a directory on slow storage (`--weight-peers
+                     prefer`), is copied into this host's cache too, so that the cluster holds it
+                     once
 
 A partial or corrupt copy is never renamed into the cache: the staging directory is deleted when
 the transfer fails, and one left by a killed process is swept by the next one that takes the
@@ -52,7 +53,7 @@ PEER = "peer"
 @dataclass(frozen=True)
 class Obtained:
     directory: Path
-    source: str  # host-cache | peer | gguf-conversion | directory (sources.COLD_START_SOURCES: the coarse name)
+    source: str  # host-cache | peer | gguf-conversion | download | directory (sources.COLD_START_SOURCES: the coarse name)
     seconds: float
     host: str | None = None  # the host it came from (a host cache's, a peer's; ours for the local cache)
 
@@ -132,7 +133,7 @@ class ReplicaWeights:
         self._serve(prepared.directory, writable=prepared.directory == entry)
         if prepared.directory != entry:
             self._pin.release()  # loaded from the source itself
-            if self.settings.weight_peers == "prefer":
+            if self.settings.weight_peers == "prefer" or source.is_download:
                 self._keep_in_host_cache(prepared.directory, entry)
         return Obtained(prepared.directory, prepared.source, prepared.seconds, self.settings.host)
 
@@ -150,7 +151,7 @@ class ReplicaWeights:
 
     def _peers_allowed(self, source: model_files.ModelSource) -> bool:
         policy = self.settings.weight_peers
-        return policy == "prefer" or (policy == "auto" and source.is_gguf)
+        return policy == "prefer" or (policy == "auto" and (source.is_gguf or source.is_download))
 
     def _serve(self, directory: Path, writable: bool) -> None:
         """Serve a complete directory once its manifest is built (in the background: hashing a

@@ -25,7 +25,7 @@ from common import hub, model_files
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
 from tasks.runtime.lifecycle import Lifecycle
-from tasks.runtime.peer_weights import ReplicaWeights
+from tasks.runtime.peer_weights import Obtained, ReplicaWeights
 from tasks.runtime.stream_relay import StreamRelay
 from tasks.weights.sources import cold_start_source
 
@@ -75,10 +75,17 @@ class Replica:
 
         s = self.settings
         started = time.perf_counter()
-        hub.ensure_model(s.model_id, s.revision)  # a hub model missing here: downloaded first
-        source = model_files.resolve(s)
+        source = model_files.resolve_for_start(s)  # a hub model missing here: its commit, not yet its files
         target = model_files.prepared_dir(s, source)
-        prepared = self.weights.obtain(source, lambda: prepare_weights(source, target))
+
+        def prepare_locally():
+            if not source.is_download:
+                return prepare_weights(source, target)
+            started_download = time.perf_counter()  # no peer or host cache has it: from the hub
+            hub.ensure_model(s.model_id, s.revision)
+            return Obtained(model_files.resolve(s).path, model_files.DOWNLOAD, time.perf_counter() - started_download)
+
+        prepared = self.weights.obtain(source, prepare_locally)
         self.relay = StreamRelay(
             _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
             alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),

@@ -40,7 +40,7 @@ HOST_CACHE = "host-cache"
 # A replica's `weight_source` (the fine name) → the cold start's source for metrics and reports:
 # a live replica, a host cache (this host's, mapped, or another's over the network), the source.
 COLD_START_SOURCES = {"peer": "replica", HOST_CACHE: HOST_CACHE, "gguf-conversion": "source",
-                      "directory": "source"}
+                      "download": "source", "directory": "source"}
 
 
 def cold_start_source(weight_source: str) -> str:
