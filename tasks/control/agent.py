@@ -236,8 +236,10 @@ class HostAgent:
         return self
 
     def _cached_elsewhere(self) -> set[str]:
-        """The models another host's cache serves too (evicted first here: the cluster keeps one)."""
-        return {sha for agent in read_agents(self.redis) if agent.host != self.host for sha in agent.cache_shas}
+        """The models a host named before this one also serves from its cache: evicted first here,
+        so the cluster keeps one copy. Only the hosts after the first holder do so, so two hosts
+        over their bounds at once never both drop the cluster's last copies."""
+        return {sha for agent in read_agents(self.redis) if agent.host < self.host for sha in agent.cache_shas}
 
     def _resolve_model(self) -> None:
         """The model its replicas load (hashing a GGUF file the first time: not on the loop)."""

@@ -37,7 +37,7 @@ from common import model_files
 from common.settings import Settings
 from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
 from tasks.weights.host_cache import Pin, entry_lock, keep_copy, write_identity
-from tasks.weights.manifest import Manifest, cached_manifest, memo_name
+from tasks.weights.manifest import Manifest, cached_manifest, memo_name, served_files
 from tasks.weights.server import WeightServer
 from tasks.weights.sources import (
     COMPLETE, FETCHING, HOST_CACHE, INDEXING, PREPARING, STARTING, PeerChooser, advertised_host, count_transfer,
@@ -130,6 +130,12 @@ class ReplicaWeights:
                 return fetched
         self.state = PREPARING
         prepared = prepare_locally()
+        if prepared.directory == entry:
+            try:
+                write_identity(entry, self.sha)  # a conversion: the agent serves the entry by this hash
+            except OSError as error:
+                log.warning("weights: cannot name %s's hash in its entry (%s): its agent will not serve it",
+                            entry.name, error)
         self._serve(prepared.directory, writable=prepared.directory == entry)
         if prepared.directory != entry:
             self._pin.release()  # loaded from the source itself
@@ -140,6 +146,11 @@ class ReplicaWeights:
     def _keep_in_host_cache(self, directory: Path, entry: Path) -> None:
         """A model read from slow storage: a copy in this host's cache serves the cluster's next
         cold starts (in the background: our own load reads the source meanwhile)."""
+        size = sum(p.stat().st_size for p in served_files(directory))
+        if 0 < self.settings.host_cache_bytes < size:
+            log.info("weights: %s (%d MB) is larger than the host cache's bound; not kept", self.sha[:12], size >> 20)
+            return
+
         def copy():
             try:
                 if keep_copy(directory, entry, self.sha, self.settings.weights_chunk_size,

@@ -18,6 +18,7 @@ from common.keys import SLOTS_KEY, agent_commands_key, agent_key, replica_key
 from common.settings import Settings
 from tasks.control import agent as agent_module
 from tasks.control.agent import HostAgent
+from tasks.weights.host_cache import keep_copy
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 
@@ -93,6 +94,29 @@ def test_the_record_says_what_the_host_has(make_agent, tmp_path):
     assert record.models == ("ab" * 12,) and record.holds_model("ab" * 32) and not record.holds_model("cd" * 32)
     assert record.weights_host == "127.0.0.5" and record.pid == os.getpid()
     assert 0 < agent.redis.ttl(agent_key("test-host")) <= agent_module.PRESENCE_TTL_S
+
+
+def test_the_agent_serves_its_cache_and_only_later_hosts_evict_shared_copies_first(make_agent, tmp_path):
+    """Its record advertises its cache's data plane and models; a model that hosts `a-host` and
+    `z-host` also cache counts as duplicated here only through `a-host` (named before us): `z-host`
+    evicts it first, we do not, so the cluster never drops both copies at once."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"weights")
+    keep_copy(source, tmp_path / "cache" / "models" / ("ef" * 12), "ef" * 32, 4096, "xxh3_128")
+    agent = make_agent()
+    agent.cache.start()
+    try:
+        agent.cache.refresh()
+        agent.announce()
+        record = AgentRecord.from_json(agent.redis.get(agent_key("test-host")))
+        assert record.cache_shas == ("ef" * 32,) and record.serves_model("ef" * 32)
+        assert record.cache_addr.startswith("http://127.0.0.5:") and record.cache_bytes > len(b"weights")
+        for host, shas in (("a-host", ("11" * 32,)), ("z-host", ("22" * 32,))):
+            agent.redis.set(agent_key(host), AgentRecord(host, cache_addr="http://x", cache_shas=shas).to_json())
+        assert agent._cached_elsewhere() == {"11" * 32}
+    finally:
+        agent.cache.stop()
 
 
 def test_commands_start_on_the_place_asked_and_stale_ones_are_ignored(make_agent):

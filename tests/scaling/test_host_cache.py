@@ -211,3 +211,25 @@ def test_a_corrupt_entry_never_becomes_a_copy(plane, tmp_path):
     assert fetch_manifest(source, sha_of(1), SECRET) == manifest
     with pytest.raises(NoSource):
         ChunkFetcher(manifest, tmp_path / "copy", SECRET).run(lambda failed: None if failed else source)
+
+
+def test_a_replica_keeps_its_source_in_the_cache_only_within_the_bound(tmp_path):
+    """A model read from its source is kept in the host cache for the next cold start, unless it
+    is larger than the bound (it would be evicted at once, after a wasted copy)."""
+    from tasks.runtime.peer_weights import ReplicaWeights  # noqa: PLC0415 (the replica runtime: its one case here)
+
+    source = tmp_path / "source-9"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(os.urandom(MB))
+    for limit, kept in ((MB // 2, False), (2 * MB, True)):
+        cache_dir = tmp_path / f"cache-{limit}"
+        weights = ReplicaWeights(Settings(weight_cache_dir=str(cache_dir), host_cache_bytes=limit,
+                                          weights_chunk_size=CHUNK), 0, "replica0@a", None)
+        weights.sha = sha_of(9)
+        entry = cache_dir / "models" / sha_of(9)[:24]
+        weights._keep_in_host_cache(source, entry)
+        deadline = time.monotonic() + (10 if kept else 1)  # not kept: a copy would be done well within 1 s
+        while not model_files.entry_complete(entry) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert model_files.entry_complete(entry) == kept
+        assert not kept or (entry_sha(entry) == sha_of(9) and tree(entry) == tree(source))
