@@ -119,7 +119,7 @@ class ReplicaWeights:
         started = time.perf_counter()
         self.sha = source.sha
         entry = model_files.cache_entry(self.settings, source.sha)
-        self._pin = Pin(entry)  # for this process's life: the entry is mapped from now on
+        self._pin = _pin(entry)  # for this process's life: the entry is mapped from now on
         if model_files.entry_complete(entry):
             self._serve(entry, writable=True)
             log.info("weights: %s from this host's cache", source.sha[:12])
@@ -138,7 +138,8 @@ class ReplicaWeights:
                             entry.name, error)
         self._serve(prepared.directory, writable=prepared.directory == entry)
         if prepared.directory != entry:
-            self._pin.release()  # loaded from the source itself
+            if self._pin is not None:
+                self._pin.release()  # loaded from the source itself
             if self.settings.weight_peers == "prefer" or source.is_download:
                 self._keep_in_host_cache(prepared.directory, entry)
         return Obtained(prepared.directory, prepared.source, prepared.seconds, self.settings.host)
@@ -254,6 +255,16 @@ class ReplicaWeights:
                                  failed_sources=list(fetcher.stats.failed_sources))
             self.transfer["source"] = next(iter(fetcher.stats.bytes_by_source), None)
         self._fetcher = None
+
+
+def _pin(entry: Path) -> Pin | None:
+    """The entry pinned, or None where the cache cannot be written (a read-only volume, which no
+    agent can evict from either): the replica still loads, from the cache or the source."""
+    try:
+        return Pin(entry)
+    except OSError as error:
+        log.warning("weights: cannot pin %s in the host cache: %s", entry.name, error)
+        return None
 
 
 class _Remembering:
