@@ -18,7 +18,7 @@ from bench.serverless.replay import Sampler, replay
 from bench.serverless.report import cold_starts_from_metrics, compare, summarize
 from bench.serverless.trace import TraceShape, make_trace, save_trace
 from common.settings import Settings
-from tests.hub_server import StandInHub
+from tests.hub_server import StandInHub  # the tests' stand-in hub: a real local HTTP server, here the slow source
 
 MODELS = {"m0": "tiny-s", "m1": "tiny-s", "m2": "tiny-m", "m3": "tiny-m", "m4": "tiny-l", "m5": "tiny-l"}
 NEEDED = ("models", "scale_to_zero_after", "queue_timeout")  # settings of the multi-model service
@@ -61,9 +61,8 @@ def main() -> None:
                 started = time.monotonic()
                 outcomes = replay(fleet.base_url, trace, timeout_s=args.queue_timeout + 60, sampler=sampler)
                 end = time.monotonic() - started
-                first = sampler.samples[0].t if sampler.samples else 0.0
-                cold = [r for r in sampler.replicas.values() if r["seen_at"] > first]
-                results[policy.name] = {"title": policy.title, **summarize(outcomes, sampler.samples, cold, end),
+                results[policy.name] = {"title": policy.title,
+                                        **summarize(outcomes, sampler.samples, sampler.cold_starts(), end),
                                         "cold_start_metric": cold_starts_from_metrics(fleet.metrics())}
                 series[policy.name] = (outcomes, sampler.samples)
             finally:

@@ -34,6 +34,8 @@ def plot(results: dict[str, tuple[list[Outcome], list[Sample]]], path: Path, tit
         replicas.step([s.t for s in samples], [sum(s.replicas.values()) for s in samples], where="post",
                       color="tab:red", linewidth=1)
         replicas.set_ylabel("live replicas", color="tab:red")
+        replicas.set_ylim(0, max([sum(s.replicas.values()) for s in samples] + [1]) + 1)
+        replicas.yaxis.get_major_locator().set_params(integer=True)
     axes[-1, 0].set_xlabel("time (s)")
     axes[0, 0].legend(loc="upper left", fontsize=7, ncol=4)
     figure.tight_layout()

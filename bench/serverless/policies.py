@@ -68,6 +68,7 @@ class Fleet:
                     "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "3", "MAX_REPLICAS": "2", "LOG_LEVEL": "INFO",
                     **policy.env}
         self.processes: dict[str, subprocess.Popen] = {}
+        self.ready_replicas = len(served) if policy.pinned else 0  # (a) starts warm; (b), (c) at zero
 
     def start(self, timeout: float = 600) -> "Fleet":
         self.spawn("web", ["web"])
@@ -77,7 +78,15 @@ class Fleet:
                        HF_HOME=str(self.workdir / f"hf-{host}"))
         self.spawn("autoscaler", ["autoscaler"])
         self.wait(lambda: self._get("/health") == 200, "the web healthy", timeout)
+        self.wait(lambda: self.active_replicas() >= self.ready_replicas, "the pinned replicas active", timeout)
         return self
+
+    def active_replicas(self) -> int:
+        try:
+            state = requests.get(f"{self.base_url}/cluster_state", params={"celery": "false"}, timeout=10).json()
+        except (requests.RequestException, ValueError):
+            return 0
+        return sum(replica.get("state") == "active" for replica in state.get("replicas", []))
 
     def spawn(self, name: str, args: list[str], **env) -> None:
         log = open(self.workdir / f"{name}.log", "ab")

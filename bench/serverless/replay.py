@@ -137,3 +137,8 @@ class Sampler:
             if replica.get("state") == "active" and replica.get("pid"):
                 self.replicas.setdefault((replica.get("name"), replica["pid"]), {**replica, "seen_at": t})
         self.samples.append(Sample(round(t, 3), counts))
+
+    def cold_starts(self) -> list[dict]:
+        """The replicas that became active during the replay (not those active at its start)."""
+        first = self.samples[0].t if self.samples else 0.0
+        return [replica for replica in self.replicas.values() if replica["seen_at"] > first]

@@ -116,6 +116,10 @@ def test_the_sampler_counts_live_replicas_per_model_and_each_replica_once():
     sampler.record(2.0, views)
     assert sampler.samples == [Sample(1.0, {"m0": 1, "m1": 1}), Sample(2.0, {"m0": 1, "m1": 1})]
     assert list(sampler.replicas) == [("replica0@h0", 10)] and sampler.replicas[("replica0@h0", 10)]["seen_at"] == 1.0
+    assert sampler.cold_starts() == []  # active from the first sample: no cold start of the replay
+    sampler.record(3.0, [*views, {"name": "replica1@h1", "pid": 11, "state": "active", "model": "m1",
+                                  "weight_origin": "host-cache"}])
+    assert [(r["name"], r["weight_origin"]) for r in sampler.cold_starts()] == [("replica1@h1", "host-cache")]
 
 
 def test_the_replay_streams_each_arrival_through_the_service(service):
