@@ -51,6 +51,7 @@ class HostCache:
         """`limit`: bytes (0: no bound)."""
         self.models = Path(cache_dir) / "models"
         self.limit = limit
+        self._over = False
 
     def entries(self) -> list[CacheEntry]:
         """Every complete entry, least recently used first."""
@@ -99,8 +100,10 @@ class HostCache:
             if self._evict_one(entry, may_evict):
                 evicted.append(entry.name)
                 excess -= entry.size
-        if excess > 0:
-            log.info("host cache: %d bytes over its bound of %d; every other entry is in use", excess, self.limit)
+        if (excess > 0) != self._over:  # said once when it goes over, once when it is back under
+            self._over = excess > 0
+            log.info("host cache: %s", f"{excess} bytes over its bound of {self.limit}: every entry left is in use"
+                     if self._over else "back within its bound")
         return evicted
 
     def _evict_one(self, entry: CacheEntry, may_evict: Callable[[CacheEntry], bool]) -> bool:
