@@ -1,7 +1,9 @@
 """O(1) host caching, end to end on two simulated hosts: the model is in host B's cache only (no
 replica of it runs anywhere, host A's cache is empty); a cold start on host A takes the weights
 from B's agent over its data plane, reports source `host-cache` from B (not `source`), and
-answers with the model's own tokens. Real Redis, agent, Celery worker and web."""
+answers with the model's own tokens. With no cache anywhere, a cold start reads the source and its
+host keeps a copy; a hub model found in B's cache is never downloaded. Real Redis, agent, Celery
+worker and web (and a stand-in hub)."""
 from __future__ import annotations
 
 import hashlib
