@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from blitzscale.redis_server import EmbeddedRedis
 from common import model_files
@@ -171,6 +172,8 @@ def test_the_agent_serves_every_complete_entry_only_with_the_secret(plane, tmp_p
         fetch_manifest(source, sha_of(1), "wrong")
     with pytest.raises(SourceGone, match="401"):
         fetch_manifest(source, sha_of(1), "")
+    for path in ("manifest", "data"):  # no key at all, as a curl from anyone on the network would ask
+        assert requests.get(f"{plane.address}/weights/{sha_of(1)}/{path}", timeout=5).status_code == 401
     with pytest.raises(SourceGone, match="404"):
         fetch_manifest(source, sha_of(2), SECRET)
     manifest = fetch_manifest(source, sha_of(1), SECRET)
