@@ -20,6 +20,16 @@ ARCHITECTURES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                          rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    # bench/serverless: three sizes of tiny model (~4, ~45 and ~210 MB in float32)
+    "tiny-s": dict(vocab_size=4096, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "tiny-m": dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "tiny-l": dict(vocab_size=4096, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
 }
 
 

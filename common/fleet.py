@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+import redis
+
+from common.keys import agent_key_pattern
+
 CPU, CUDA = "cpu", "cuda"
 
 
@@ -43,12 +47,21 @@ class AgentRecord:
     model_sha: str | None = None  # the model its replicas load
     weights_host: str | None = None  # the address its replicas' weight data planes listen on
     updated_at: float = 0.0
+    # Its host cache, served by its own data plane (tasks/weights/host_cache.py)
+    cache_addr: str | None = None  # http://host:port
+    cache_shas: tuple[str, ...] = ()  # full model hashes it serves now
+    cache_bytes: int = 0  # what the cache holds
+    cache_limit: int = 0  # --host-cache-bytes (0: no bound)
 
     def free_places(self) -> list[Place]:
         return [place for place in self.places if place.slot is None]
 
     def holds_model(self, sha: str | None) -> bool:
         return bool(sha) and any(sha.startswith(prefix) for prefix in self.models)
+
+    def serves_model(self, sha: str | None) -> bool:
+        """Its data plane serves the model from its host cache now."""
+        return bool(sha) and bool(self.cache_addr) and sha in self.cache_shas
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -58,7 +71,20 @@ class AgentRecord:
         data = _known(cls, json.loads(raw))
         data["places"] = tuple(Place(**_known(Place, p)) for p in data.get("places", ()))
         data["models"] = tuple(data.get("models", ()))
+        data["cache_shas"] = tuple(data.get("cache_shas", ()))
         return cls(**data)
+
+
+def read_agents(connection: redis.Redis) -> list[AgentRecord]:
+    """Every present host agent's record (its key expires when the agent is gone), by host name."""
+    keys = sorted(connection.scan_iter(match=agent_key_pattern(), count=100))
+    agents = []
+    for raw in connection.mget(keys) if keys else []:
+        try:
+            agents.append(AgentRecord.from_json(raw))
+        except (TypeError, ValueError):  # expired meanwhile (None), or not a record we can read
+            continue
+    return sorted(agents, key=lambda agent: agent.host)
 
 
 @dataclass(frozen=True)

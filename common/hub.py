@@ -82,6 +82,23 @@ def ensure_model(model_id: str, revision: str | None, *, weights: bool = True,
     return download(model_id, revision, weights=weights, extension=extension)
 
 
+def remote_commit(model_id: str, revision: str | None) -> str:
+    """The commit a hub model's revision names, asked of the hub (metadata only, no file): its
+    identity before it is downloaded, the same as its snapshot directory's name after."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailable(
+            f"model {model_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            "HF_HUB_OFFLINE=1 forbids asking the hub for it: download it where the hub is reachable "
+            f"(`blitzscale download-weights {model_id}`) or unset HF_HUB_OFFLINE")
+    try:
+        return HfApi().model_info(model_id, revision=revision).sha
+    except Exception as error:  # the hub's and the network's errors alike, whichever version: say what failed
+        raise ModelUnavailable(f"could not ask {constants.ENDPOINT} for model {model_id!r} "
+                               f"(revision {revision or 'main'}): {type(error).__name__}: {error}") from error
+
+
 def download(model_id: str, revision: str | None = None, *, weights: bool = True,
              extension: str = SAFETENSORS) -> Path:
     """Download the files a replica (or, without `weights`, the web) needs; returns the snapshot."""

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import hub
 from common.hub import ModelUnavailable, cached_snapshot
 from common.settings import Settings
 
@@ -21,16 +22,23 @@ _HASH_CHUNK = 8 << 20
 PEER_MARKER = ".peer.json"  # in a host-cache entry copied from a peer: where from, its root hash
 
 
+DOWNLOAD = "download"
+
+
 @dataclass(frozen=True)
 class ModelSource:
     model_id: str  # as the user gave it (shown in /info)
-    kind: str  # "directory" | "gguf"
+    kind: str  # "directory" | "gguf" | "download" (a hub model this host has not downloaded: no path yet)
     path: Path  # the directory, or the .gguf file
-    sha: str  # content hash of a gguf file; a snapshot/file-set hash for a directory
+    sha: str  # content hash of a gguf file; a snapshot/file-set hash for a directory; a hub model's commit
 
     @property
     def is_gguf(self) -> bool:
         return self.kind == "gguf"
+
+    @property
+    def is_download(self) -> bool:
+        return self.kind == DOWNLOAD
 
 
 def resolve(settings: Settings) -> ModelSource:
@@ -47,6 +55,18 @@ def resolve(settings: Settings) -> ModelSource:
         f"model {model_id!r} is neither a local directory, a .gguf file, nor in the local Hugging Face "
         f"cache: `blitzscale download-weights {model_id}` (or `serve`, `prepare`) downloads a hub model"
     )
+
+
+def resolve_for_start(settings: Settings) -> ModelSource:
+    """`resolve`, except for a hub model whose weights this host lacks: named by its commit (asked
+    of the hub, no file downloaded), so that a replica can take the weights from a peer or a host
+    cache before it downloads them (docs/host-cache.md)."""
+    if hub.is_hub_id(settings.model_id):
+        snapshot = cached_snapshot(settings.model_id, settings.revision)
+        if snapshot is None or not hub.has_weights(snapshot):
+            return ModelSource(settings.model_id, DOWNLOAD, Path(), hub.remote_commit(settings.model_id,
+                                                                                      settings.revision))
+    return resolve(settings)
 
 
 def prepared_dir(settings: Settings, source: ModelSource | None = None) -> Path:

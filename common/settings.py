@@ -122,6 +122,9 @@ class Settings:
     weights_max_send_rate: float = 0.0  # MB/s a replica sends to peers, all together (0: no limit)
     weights_peer_wait: float = 60.0  # how long to wait for a chain predecessor to start serving
     weights_secret: str | None = field(default=None, repr=False)  # default: admin key, API key, else per cluster
+    # The host cache each agent keeps and serves (tasks/weights/host_cache.py, docs/host-cache.md)
+    host_cache_bytes: int = 0  # bound on a host's cache of prepared models, LRU (0: no bound)
+    host_cache_port: int = 0  # the agent's data plane over its cache (0: a free port)
     # Operations
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line)

@@ -7,7 +7,8 @@ serves model repositories from local directories, answering exactly what hugging
   reads (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`/`X-Linked-Size` for LFS files), and byte ranges.
 
 `cut_first_download` makes the first GET of a file send half of it and drop the connection, as a
-flaky network does; `requests` records every request (method, path, Range) for the tests.
+flaky network does; `rate` (bytes/s per download, 0: no limit) makes it a slow source (the
+benchmarks' remote hub); `requests` records every request (method, path, Range) for the tests.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +38,7 @@ class StandInHub:
     repos: dict[str, Path]  # repo id -> the directory whose files it holds
     cut_first_download: set[str] = field(default_factory=set)  # file names
     requests: list[Seen] = field(default_factory=list)
+    rate: float = 0.0  # bytes/s per download (0: no limit)
 
     def __post_init__(self):
         self._cut_done: set[str] = set()
@@ -138,7 +141,14 @@ def _handler(hub: StandInHub):
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            self.wfile.write(data[start:])
+            self._send_paced(memoryview(data)[start:])
+
+        def _send_paced(self, data: memoryview) -> None:
+            piece = max(1, int(hub.rate / 20)) if hub.rate else len(data) or 1
+            for offset in range(0, len(data), piece):
+                self.wfile.write(data[offset:offset + piece])
+                if hub.rate:
+                    time.sleep(piece / hub.rate)
 
         def _json(self, status: int, payload, headers: dict | None = None) -> None:
             raw = json.dumps(payload).encode()

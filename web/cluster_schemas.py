@@ -90,6 +90,10 @@ class ReplicaStateSchema(Schema):
     batch_occupancy = fields.Float(metadata={"description": "running / max_batch_size"})
     weight_source = fields.String(allow_none=True, metadata={"description": "directory | host-cache | peer | "
                                                              "gguf-conversion"})
+    weight_origin = fields.String(allow_none=True, metadata={"description": "where its weights came from, coarsely: "
+                                                             "replica | host-cache | source (docs/host-cache.md)"})
+    weight_host = fields.String(allow_none=True, metadata={"description": "the host they came from (a peer's, a "
+                                                           "host cache's; its own for its host's cache or the source)"})
     weights = fields.Dict(allow_none=True, metadata={"description": "what its data plane serves: model hash, state "
                                                      "(starting | fetching | preparing | indexing | complete), "
                                                      "bytes sent to peers"})
@@ -122,6 +126,10 @@ class HostSchema(Schema):
     models = fields.List(fields.String(), metadata={"description": "model hashes (prefixes) its host cache holds"})
     model_sha = fields.String(allow_none=True, metadata={"description": "the model its replicas load"})
     weights_host = fields.String(allow_none=True, metadata={"description": "its replicas' data-plane address"})
+    cache_addr = fields.String(allow_none=True, metadata={"description": "the agent's data plane over its host cache"})
+    cache_shas = fields.List(fields.String(), metadata={"description": "the models (full hashes) that data plane serves"})
+    cache_bytes = fields.Integer(metadata={"description": "bytes its host cache holds"})
+    cache_limit = fields.Integer(metadata={"description": "--host-cache-bytes (0: no bound)"})
     updated_at = fields.Float()
 
 

@@ -3,8 +3,9 @@
 Celery's remote control can attach, detach and shut down a worker, but cannot create one; that
 is the host's job (here), or the orchestrator's (`docker compose --scale worker=N`, Kubernetes).
 The agent advertises its host in Redis, renewed like a heartbeat (`common.fleet.AgentRecord`: its
-places with their memory and the slot holding each, its host cache's models, its data plane's
-address), takes start commands from its host's list (`common.fleet.StartCommand`: a slot and the
+places with their memory and the slot holding each, its host cache's models, its replicas' data
+plane address), runs the data plane over its host cache and keeps that cache within
+`--host-cache-bytes` (tasks/weights/cache_plane.py, docs/host-cache.md), takes start commands from its host's list (`common.fleet.StartCommand`: a slot and the
 place the control plane chose for it), and owns the processes it starts: each gets exactly its
 one device (tasks/control/devices.py), and the agent stops them when it stops.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import redis
 
 from common import model_files
-from common.fleet import CUDA, AgentRecord, Place, StartCommand
+from common.fleet import CUDA, AgentRecord, Place, StartCommand, read_agents
 from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 from common.processes import stop_processes
 from common.replica_records import live_records
@@ -36,6 +37,7 @@ from common.slot_leases import CONTROL_OWNER, NoFreeSlot, agent_owner, allocate,
 from common.states import ReplicaState
 from tasks.control.cluster import read_slots
 from tasks.control.devices import host_places, replica_device_env, visible_gpus, with_memory
+from tasks.weights.cache_plane import CachePlane, run_forever
 from tasks.weights.sources import advertised_host
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class HostAgent:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cache = CachePlane(settings, self.redis)
 
     # -- starting replicas
 
@@ -191,7 +194,9 @@ class HostAgent:
             held = self.held()
         places = with_memory([replace(p, slot=held.get(p.name)) for p in self.places], self._gpus)
         return AgentRecord(self.host, os.getpid(), tuple(places), tuple(cached_models(self.settings)),
-                           self.model_sha, self.weights_host, time.time())
+                           self.model_sha, self.weights_host, time.time(), cache_addr=self.cache.address,
+                           cache_shas=tuple(self.cache.served()), cache_bytes=self.cache.cache.usage(),
+                           cache_limit=self.cache.cache.limit)
 
     def announce(self) -> None:
         self._adopt()
@@ -223,9 +228,18 @@ class HostAgent:
 
     def start(self) -> "HostAgent":
         threading.Thread(target=self._resolve_model, name="agent-model", daemon=True).start()
+        self.cache.start()
+        threading.Thread(target=run_forever, args=(self.cache, self._stop, self._cached_elsewhere),
+                         name="host-cache", daemon=True).start()
         self._thread = threading.Thread(target=self.serve_forever, name="host-agent", daemon=True)
         self._thread.start()
         return self
+
+    def _cached_elsewhere(self) -> set[str]:
+        """The models a host named before this one also serves from its cache: evicted first here,
+        so the cluster keeps one copy. Only the hosts after the first holder do so, so two hosts
+        over their bounds at once never both drop the cluster's last copies."""
+        return {sha for agent in read_agents(self.redis) if agent.host < self.host for sha in agent.cache_shas}
 
     def _resolve_model(self) -> None:
         """The model its replicas load (hashing a GGUF file the first time: not on the loop)."""
@@ -271,6 +285,7 @@ class HostAgent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(3)
+        self.cache.stop()
         try:
             self.redis.delete(agent_key(self.host))
         except redis.RedisError:

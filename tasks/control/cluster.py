@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import redis
 
-from common.fleet import AgentRecord, Placement, StartCommand
+from common.fleet import AgentRecord, Placement, StartCommand, read_agents
 from common.keys import (
     AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
-    agent_commands_key, agent_key_pattern, slot_target_key,
+    agent_commands_key, slot_target_key,
 )
 from common.replica_records import live_records
 from common.settings import Settings
@@ -293,18 +293,6 @@ def read_slots(connection: redis.Redis) -> dict[int, dict]:
     for slot, target in zip(ordered, targets):
         slots[slot]["target"] = target.decode() if target else None
     return slots
-
-
-def read_agents(connection: redis.Redis) -> list[AgentRecord]:
-    """Every present host agent's record (its key expires when the agent is gone), by host name."""
-    keys = sorted(connection.scan_iter(match=agent_key_pattern(), count=100))
-    agents = []
-    for raw in connection.mget(keys) if keys else []:
-        try:
-            agents.append(AgentRecord.from_json(raw))
-        except (TypeError, ValueError):  # expired meanwhile (None), or not a record we can read
-            continue
-    return sorted(agents, key=lambda agent: agent.host)
 
 
 def read_counters(connection: redis.Redis) -> dict[str, int]:

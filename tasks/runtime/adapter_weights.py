@@ -23,8 +23,9 @@ from pathlib import Path
 from common import hub
 from common.adapters import AdapterSpec
 from common.hub import ADAPTER_FILES, ModelUnavailable
-from tasks.runtime.peer_weights import ReplicaWeights, entry_lock, sweep_staging
+from tasks.runtime.peer_weights import ReplicaWeights, sweep_staging
 from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
+from tasks.weights.host_cache import entry_lock
 from tasks.weights.manifest import cached_manifest
 from common.replica_records import live_records
 

@@ -1,13 +1,19 @@
-"""A replica's weights, BlitzScale's way: from the host cache, else from a live peer over the
-network, else prepared from the model's source; and served to peers by its data plane.
+"""A replica's weights, BlitzScale's way: from this host's cache, else from a live peer over the
+network, else from another host's cache over the network, else prepared from the model's source;
+and served to peers by its data plane (docs/peer-weights.md, docs/host-cache.md).
 
     replica start ─► data plane up (advertised in the replica's record: `weights`)
-                  ─► host cache has the model?  yes: map it ("host-cache")
-                  ─► a peer has it (the command's old stubs, the chain predecessor, anyone)?
+                  ─► pin the host-cache entry (never evicted while this replica maps it)
+                  ─► this host's cache has the model?  yes: map it ("host-cache", this host)
+                  ─► a peer has it (the command's old stubs, the chain predecessor, anyone), or
+                     else another host's agent serves it from its cache?
                        pull its chunks in parallel into a staging directory next to the cache
                        entry, forwarding each verified chunk to our own successor; all there and
-                       verified: rename into the cache ("peer")
-                  ─► else prepare it from its source as before ("gguf-conversion", "directory")
+                       verified: rename into the cache ("peer", or "host-cache" from that host)
+                  ─► else prepare it from its source as before ("gguf-conversion", "download",
+                     "directory"); a download, or a directory on slow storage (`--weight-peers
+                     prefer`), is copied into this host's cache too, so that the cluster holds it
+                     once
 
 A partial or corrupt copy is never renamed into the cache: the staging directory is deleted when
 the transfer fails, and one left by a killed process is swept by the next one that takes the
@@ -15,14 +21,12 @@ entry's lock. The record's `transfer` shows the source and progress while it run
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,11 +35,13 @@ import redis
 
 from common import model_files
 from common.settings import Settings
-from tasks.weights.fetch import ChunkFetcher, SourceGone, fetch_manifest
-from tasks.weights.manifest import Manifest, cached_manifest, memo_name
+from tasks.weights.fetch import ChunkFetcher, Source, SourceGone, fetch_manifest
+from tasks.weights.host_cache import Pin, entry_lock, keep_copy, write_identity
+from tasks.weights.manifest import Manifest, cached_manifest, memo_name, served_files
 from tasks.weights.server import WeightServer
 from tasks.weights.sources import (
-    COMPLETE, FETCHING, INDEXING, PREPARING, STARTING, PeerChooser, advertised_host, count_transfer, planned_sources,
+    COMPLETE, FETCHING, HOST_CACHE, INDEXING, PREPARING, STARTING, PeerChooser, advertised_host, count_transfer,
+    planned_sources,
 )
 from tasks.weights.secret import weights_secret
 
@@ -47,8 +53,9 @@ PEER = "peer"
 @dataclass(frozen=True)
 class Obtained:
     directory: Path
-    source: str  # host-cache | peer | gguf-conversion | directory
+    source: str  # host-cache | peer | gguf-conversion | download | directory (sources.COLD_START_SOURCES: the coarse name)
     seconds: float
+    host: str | None = None  # the host it came from (a host cache's, a peer's; ours for the local cache)
 
 
 class ReplicaWeights:
@@ -65,6 +72,7 @@ class ReplicaWeights:
         self.adapters: dict[str, str] = {}  # LoRA adapters served too: name -> content hash (adapter_weights.py)
         self._holding = None
         self._fetcher: ChunkFetcher | None = None
+        self._pin: Pin | None = None
         self._lock = threading.Lock()
 
     # -- the data plane
@@ -85,6 +93,8 @@ class ReplicaWeights:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self._pin is not None:
+            self._pin.release()
 
     def record(self) -> dict:
         """What the replica's record advertises (and /cluster_state shows)."""
@@ -109,21 +119,51 @@ class ReplicaWeights:
         started = time.perf_counter()
         self.sha = source.sha
         entry = model_files.cache_entry(self.settings, source.sha)
+        self._pin = _pin(entry)  # for this process's life: the entry is mapped from now on
         if model_files.entry_complete(entry):
             self._serve(entry, writable=True)
-            return Obtained(entry, "host-cache", time.perf_counter() - started)
+            log.info("weights: %s from this host's cache", source.sha[:12])
+            return Obtained(entry, HOST_CACHE, time.perf_counter() - started, self.settings.host)
         if self.server is not None and self._peers_allowed(source):
             fetched = self._from_peers(entry, started)
             if fetched is not None:
                 return fetched
         self.state = PREPARING
         prepared = prepare_locally()
+        if prepared.directory == entry:
+            try:
+                write_identity(entry, self.sha)  # a conversion: the agent serves the entry by this hash
+            except OSError as error:
+                log.warning("weights: cannot name %s's hash in its entry (%s): its agent will not serve it",
+                            entry.name, error)
         self._serve(prepared.directory, writable=prepared.directory == entry)
-        return Obtained(prepared.directory, prepared.source, prepared.seconds)
+        if prepared.directory != entry:
+            if self._pin is not None:
+                self._pin.release()  # loaded from the source itself
+            if self.settings.weight_peers == "prefer" or source.is_download:
+                self._keep_in_host_cache(prepared.directory, entry)
+        return Obtained(prepared.directory, prepared.source, prepared.seconds, self.settings.host)
+
+    def _keep_in_host_cache(self, directory: Path, entry: Path) -> None:
+        """A model read from slow storage: a copy in this host's cache serves the cluster's next
+        cold starts (in the background: our own load reads the source meanwhile)."""
+        size = sum(p.stat().st_size for p in served_files(directory))
+        if 0 < self.settings.host_cache_bytes < size:
+            log.info("weights: %s (%d MB) is larger than the host cache's bound; not kept", self.sha[:12], size >> 20)
+            return
+
+        def copy():
+            try:
+                if keep_copy(directory, entry, self.sha, self.settings.weights_chunk_size,
+                             self.settings.weights_checksum):
+                    log.info("weights: %s kept in this host's cache", self.sha[:12])
+            except OSError as error:
+                log.warning("weights: cannot keep %s in the host cache: %s", directory, error)
+        threading.Thread(target=copy, name="weights-keep", daemon=True).start()
 
     def _peers_allowed(self, source: model_files.ModelSource) -> bool:
         policy = self.settings.weight_peers
-        return policy == "prefer" or (policy == "auto" and source.is_gguf)
+        return policy == "prefer" or (policy == "auto" and (source.is_gguf or source.is_download))
 
     def _serve(self, directory: Path, writable: bool) -> None:
         """Serve a complete directory once its manifest is built (in the background: hashing a
@@ -143,12 +183,12 @@ class ReplicaWeights:
         threading.Thread(target=index, name="weights-index", daemon=True).start()
 
     def _from_peers(self, entry: Path, started: float) -> Obtained | None:
-        chooser = PeerChooser(self.redis, self.sha, self.name, planned_sources(self.redis, self.slot),
-                              self.settings.weights_peer_wait)
+        chooser = _Remembering(PeerChooser(self.redis, self.sha, self.name, planned_sources(self.redis, self.slot),
+                                           self.settings.weights_peer_wait, host=self.settings.host))
         with entry_lock(entry):
             if model_files.entry_complete(entry):  # another replica of this host copied it meanwhile
                 self._serve(entry, writable=True)
-                return Obtained(entry, "host-cache", time.perf_counter() - started)
+                return Obtained(entry, HOST_CACHE, time.perf_counter() - started, self.settings.host)
             sweep_staging(entry)
             first = _first_manifest(chooser, self.sha, self.secret)
             if first is None:
@@ -161,7 +201,7 @@ class ReplicaWeights:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # renamed when it worked
 
-    def _fetch(self, manifest: Manifest, excluded: set[str], chooser: PeerChooser, staging: Path, entry: Path,
+    def _fetch(self, manifest: Manifest, excluded: set[str], chooser: "_Remembering", staging: Path, entry: Path,
                started: float) -> Obtained | None:
         fetcher = ChunkFetcher(manifest, staging, self.secret, self.settings.weights_parallel, self._on_chunk)
         fetcher.create_files()
@@ -181,6 +221,7 @@ class ReplicaWeights:
             self._end_transfer("failed", fetcher)
             return None
         (staging / memo_name(manifest.checksum, manifest.chunk_size)).write_text(manifest.to_json())
+        write_identity(staging, self.sha)
         (staging / model_files.PEER_MARKER).write_text(json.dumps(
             {"root": manifest.root, "sources": dict(stats.bytes_by_source), "copied_at": time.time()}))
         shutil.rmtree(entry, ignore_errors=True)  # a tokenizer-only entry is superseded
@@ -188,9 +229,12 @@ class ReplicaWeights:
         self.state = COMPLETE
         count_transfer(self.redis, stats.bytes_by_source, stats.seconds)
         self._end_transfer("done", fetcher)
-        log.info("weights: %d MB from %s in %.2f s (%d corrupt chunks fetched again)", manifest.total // 10**6,
-                 ", ".join(stats.bytes_by_source), stats.seconds, stats.corrupt_chunks)
-        return Obtained(entry, PEER, time.perf_counter() - started)
+        main = chooser.seen[max(stats.bytes_by_source, key=stats.bytes_by_source.get)]
+        kind = HOST_CACHE if main.name.startswith(HOST_CACHE + "@") else PEER
+        log.info("weights: %d MB from %s (%s on host %s) in %.2f s (%d corrupt chunks fetched again)",
+                 manifest.total // 10**6, ", ".join(stats.bytes_by_source), kind, main.host, stats.seconds,
+                 stats.corrupt_chunks)
+        return Obtained(entry, kind, time.perf_counter() - started, main.host)
 
     def _on_chunk(self, index: int, nbytes: int, _source: str) -> None:
         self._holding.mark(index)
@@ -213,7 +257,31 @@ class ReplicaWeights:
         self._fetcher = None
 
 
-def _first_manifest(chooser: PeerChooser, sha: str, secret: str) -> tuple[Manifest, set[str]] | None:
+def _pin(entry: Path) -> Pin | None:
+    """The entry pinned, or None where the cache cannot be written (a read-only volume, which no
+    agent can evict from either): the replica still loads, from the cache or the source."""
+    try:
+        return Pin(entry)
+    except OSError as error:
+        log.warning("weights: cannot pin %s in the host cache: %s", entry.name, error)
+        return None
+
+
+class _Remembering:
+    """A chooser that remembers every source it gave (by name: the transfer's stats name them)."""
+
+    def __init__(self, chooser: PeerChooser):
+        self.chooser = chooser
+        self.seen: dict[str, Source] = {}
+
+    def __call__(self, excluded: set[str]) -> Source | None:
+        source = self.chooser(excluded)
+        if source is not None:
+            self.seen[source.name] = source
+        return source
+
+
+def _first_manifest(chooser: _Remembering, sha: str, secret: str) -> tuple[Manifest, set[str]] | None:
     """The manifest from the first source that answers; the sources that did not are excluded."""
     excluded: set[str] = set()
     while (source := chooser(excluded)) is not None:
@@ -232,16 +300,4 @@ def sweep_staging(entry: Path) -> None:
         log.info("weights: removing %s (left by a process that died)", leftover.name)
         shutil.rmtree(leftover, ignore_errors=True)
 
-
-@contextmanager
-def entry_lock(entry: Path):
-    """The lock that GGUF conversion takes too (engine.weights): one writer per entry per host
-    (a model's entry, an adapter's, or the adapters' name index)."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.with_name(entry.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 

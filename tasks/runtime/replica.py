@@ -25,8 +25,9 @@ from common import hub, model_files
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
 from tasks.runtime.lifecycle import Lifecycle
-from tasks.runtime.peer_weights import ReplicaWeights
+from tasks.runtime.peer_weights import Obtained, ReplicaWeights
 from tasks.runtime.stream_relay import StreamRelay
+from tasks.weights.sources import cold_start_source
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,17 @@ class Replica:
 
         s = self.settings
         started = time.perf_counter()
-        hub.ensure_model(s.model_id, s.revision)  # a hub model missing here: downloaded first
-        source = model_files.resolve(s)
+        source = model_files.resolve_for_start(s)  # a hub model missing here: its commit, not yet its files
         target = model_files.prepared_dir(s, source)
-        prepared = self.weights.obtain(source, lambda: prepare_weights(source, target))
+
+        def prepare_locally():
+            if not source.is_download:
+                return prepare_weights(source, target)
+            started_download = time.perf_counter()  # no peer or host cache has it: from the hub
+            hub.ensure_model(s.model_id, s.revision)
+            return Obtained(model_files.resolve(s).path, model_files.DOWNLOAD, time.perf_counter() - started_download)
+
+        prepared = self.weights.obtain(source, prepare_locally)
         self.relay = StreamRelay(
             _relay_connection(s), cancel=lambda request_id: self.engine.cancel(request_id),
             alive_interval=min(s.keep_alive_interval, s.replica_silence_timeout / 4),
@@ -94,6 +102,8 @@ class Replica:
             "torch_device": str(device),
             "device_type": device.type,
             "weight_source": prepared.source,
+            "weight_origin": cold_start_source(prepared.source),  # replica | host-cache | source
+            "weight_host": prepared.host,
             "weight_seconds": round(prepared.seconds, 3),
             "load_seconds": round(time.perf_counter() - started, 3),
             "kv_slots": stats.kv_slots,
@@ -101,8 +111,8 @@ class Replica:
             "graph_capture_seconds": round(stats.graph_capture_seconds, 3),
             "lora_adapters": [adapter.name for adapter in adapters],
         }
-        log.info("replica %s loaded %s on %s in %.1f s (%s)", self.name, s.model_id, device,
-                 self.facts["load_seconds"], prepared.source)
+        log.info("replica %s loaded %s on %s in %.1f s (weights: %s from %s)", self.name, s.model_id, device,
+                 self.facts["load_seconds"], prepared.source, prepared.host)
 
     def record(self) -> dict:
         stats = self.engine.stats() if self.engine else None

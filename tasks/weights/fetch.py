@@ -38,8 +38,9 @@ class NoSource(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    name: str  # a replica name, for logs and metrics
+    name: str  # a replica's name, or `host-cache@<host>` for an agent's cache: for logs and metrics
     url: str  # its data plane, http://host:port
+    host: str | None = None  # the host it runs on
 
 
 @dataclass

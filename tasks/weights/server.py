@@ -44,6 +44,8 @@ class Holding:
         self._changed = threading.Condition()
         self.released = False
         self.sent_bytes = 0  # bytes served to peers (what a chain saves the source)
+        self.readers = 0  # requests being answered now (WeightServer.begin/end)
+        self.last_read = 0.0  # monotonic time of the last request's start or end
 
     @property
     def complete(self) -> bool:
@@ -149,9 +151,39 @@ class WeightServer:
         if holding is not None:
             holding.release()
 
-    def holding(self, sha: str) -> Holding | None:
+    def begin(self, sha: str) -> Holding | None:
+        """The holding a request reads, counted as read until `end` (see `release_if_idle`)."""
         with self._lock:
-            return self._holdings.get(sha)
+            holding = self._holdings.get(sha)
+            if holding is None or holding.released:
+                return None
+            holding.readers += 1
+            holding.last_read = time.monotonic()
+            return holding
+
+    def end(self, holding: Holding) -> None:
+        with self._lock:
+            holding.readers -= 1
+            holding.last_read = time.monotonic()
+
+    def release_if_idle(self, sha: str, idle_s: float) -> bool:
+        """Stop serving `sha` unless a request reads it now or did in the last `idle_s` seconds
+        (a transfer between two chunks); True when it is not served (any more)."""
+        with self._lock:
+            holding = self._holdings.get(sha)
+            if holding is None:
+                return True
+            if holding.readers or time.monotonic() - holding.last_read < idle_s:
+                return False
+            del self._holdings[sha]
+        holding.release()
+        return True
+
+    def last_read(self, sha: str) -> float | None:
+        """Monotonic time of the last request for `sha` (None: not served, or never read)."""
+        with self._lock:
+            holding = self._holdings.get(sha)
+            return holding.last_read or None if holding is not None else None
 
     def authorized(self, key: str | None) -> bool:
         return key is not None and hmac.compare_digest(key.encode(), self.secret)
@@ -176,12 +208,15 @@ class _WeightHandler(BaseHTTPRequestHandler):
         match = _PATH.match(self.path)
         if not match:
             return self._error(404, "no such path")
-        holding = self.weights.holding(match.group(1))
-        if holding is None or holding.released:
+        holding = self.weights.begin(match.group(1))
+        if holding is None:
             return self._error(404, "this replica holds no such model")
-        if match.group(2) == "manifest":
-            return self._send(200, holding.manifest.to_json().encode(), "application/json")
-        return self._data(holding)
+        try:
+            if match.group(2) == "manifest":
+                return self._send(200, holding.manifest.to_json().encode(), "application/json")
+            return self._data(holding)
+        finally:
+            self.weights.end(holding)
 
     def _data(self, holding: Holding) -> None:
         total = holding.manifest.total

@@ -5,7 +5,10 @@
   (or the replicas holding the model), each next one from its predecessor first (which forwards
   the chunks as they arrive), so the source sends each byte once.
 - The peers: every replica advertises its data plane in its record (`weights`: address, model
-  hash, state); `PeerChooser` picks the planned slots first, then any replica holding the model.
+  hash, state), every host agent its host cache's (`AgentRecord.cache_addr`); `PeerChooser`
+  picks the planned slots first, then any replica holding the model, then a host cache of
+  another host that holds it (docs/host-cache.md).
+- The names of where a cold start's weights came from (`COLD_START_SOURCES`).
 - The transfer counters read by /metrics (the data plane's secret: tasks/weights/secret.py).
 No torch, no Celery: the web imports this.
 """
@@ -18,6 +21,7 @@ import time
 
 import redis
 
+from common.fleet import read_agents
 from common.keys import WEIGHT_TRANSFERS_KEY, weight_sources_key
 from common.replica_records import live_records
 from common.settings import Settings
@@ -32,6 +36,19 @@ SERVING = (FETCHING, COMPLETE)  # chunks can be pulled from it now
 COMING = (STARTING, INDEXING)  # worth waiting for
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PLAN_TTL_S = 300
+HOST_CACHE = "host-cache"
+# A replica's `weight_source` (the fine name) → the cold start's source for metrics and reports:
+# a live replica, a host cache (this host's, mapped, or another's over the network), the source.
+COLD_START_SOURCES = {"peer": "replica", HOST_CACHE: HOST_CACHE, "gguf-conversion": "source",
+                      "download": "source", "directory": "source"}
+
+
+def cold_start_source(weight_source: str) -> str:
+    return COLD_START_SOURCES.get(weight_source, "source")
+
+
+def host_cache_source_name(host: str) -> str:
+    return f"{HOST_CACHE}@{host}"
 
 
 def store_sources(connection: redis.Redis, plan: dict[int, list[int]]) -> None:
@@ -56,13 +73,16 @@ def advertised_host(setting: str) -> str:
 class PeerChooser:
     """`choose(excluded)` for `ChunkFetcher`: the planned slots in order (waiting up to `wait_s`
     for one that is still starting), then any live replica that holds or is receiving the model
-    (complete first). None when nobody is left."""
+    (complete first), then the host cache of another host that serves it. None when nobody is
+    left."""
 
     def __init__(self, connection: redis.Redis, sha: str, me: str, planned: list[int], wait_s: float = 60.0,
-                 poll_s: float = 0.2):
+                 poll_s: float = 0.2, host: str | None = None):
+        """`host`: ours (its cache is no source over the network: a replica maps it)."""
         self.redis = connection
         self.sha = sha
         self.me = me
+        self.host = host
         self.planned = list(planned)
         self.wait_s = wait_s
         self.poll_s = poll_s
@@ -77,7 +97,11 @@ class PeerChooser:
                 self._given_up.add(slot)
         holders = [r for r in live_records(self.redis) if self._usable(r, excluded)]
         holders.sort(key=lambda r: (r["weights"]["state"] != COMPLETE, r.get("state") != ReplicaState.ACTIVE, r.get("slot", 0)))
-        return self._source(holders[0]) if holders else None
+        if holders:
+            return self._source(holders[0])
+        return next((Source(host_cache_source_name(a.host), a.cache_addr, a.host) for a in read_agents(self.redis)
+                     if a.host != self.host and a.serves_model(self.sha)
+                     and host_cache_source_name(a.host) not in excluded), None)
 
     def _wait_for_slot(self, slot: int, excluded: set[str]) -> Source | None:
         deadline = time.monotonic() + self.wait_s
@@ -98,7 +122,7 @@ class PeerChooser:
 
     @staticmethod
     def _source(record: dict) -> Source:
-        return Source(record["name"], record["weights"]["addr"])
+        return Source(record["name"], record["weights"]["addr"], record.get("host"))
 
 
 def count_transfer(connection: redis.Redis, bytes_by_source: dict[str, int], seconds: float | None) -> None:

@@ -18,6 +18,7 @@ from common.keys import SLOTS_KEY, agent_commands_key, agent_key, replica_key
 from common.settings import Settings
 from tasks.control import agent as agent_module
 from tasks.control.agent import HostAgent
+from tasks.weights.host_cache import Pin, keep_copy, pin_path
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 
@@ -35,9 +36,10 @@ def make_agent(redis_url, monkeypatch, tmp_path):
     redis.Redis.from_url(redis_url).flushall()
     agents = []
 
-    def make(devices: str = "cpu,cpu", **kwargs) -> HostAgent:
+    def make(devices: str = "cpu,cpu", host_cache_bytes: int = 0, **kwargs) -> HostAgent:
         settings = Settings(redis_url=redis_url, devices=devices, weight_cache_dir=str(tmp_path / "cache"),
-                            weights_host="127.0.0.5", model_id=str(tmp_path / "no-model"))
+                            weights_host="127.0.0.5", model_id=str(tmp_path / "no-model"),
+                            host_cache_bytes=host_cache_bytes)
         agents.append(HostAgent(settings, host="test-host", env={"PATH": os.environ["PATH"], "DEVICES": "x"}, **kwargs))
         return agents[-1]
 
@@ -93,6 +95,53 @@ def test_the_record_says_what_the_host_has(make_agent, tmp_path):
     assert record.models == ("ab" * 12,) and record.holds_model("ab" * 32) and not record.holds_model("cd" * 32)
     assert record.weights_host == "127.0.0.5" and record.pid == os.getpid()
     assert 0 < agent.redis.ttl(agent_key("test-host")) <= agent_module.PRESENCE_TTL_S
+
+
+def test_the_agent_serves_its_cache_and_only_later_hosts_evict_shared_copies_first(make_agent, tmp_path):
+    """Its record advertises its cache's data plane and models; a model that hosts `a-host` and
+    `z-host` also cache counts as duplicated here only through `a-host` (named before us): `z-host`
+    evicts it first, we do not, so the cluster never drops both copies at once."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"weights")
+    keep_copy(source, tmp_path / "cache" / "models" / ("ef" * 12), "ef" * 32, 4096, "xxh3_128")
+    agent = make_agent()
+    agent.cache.start()
+    try:
+        agent.cache.refresh()
+        agent.announce()
+        record = AgentRecord.from_json(agent.redis.get(agent_key("test-host")))
+        assert record.cache_shas == ("ef" * 32,) and record.serves_model("ef" * 32)
+        assert record.cache_addr.startswith("http://127.0.0.5:") and record.cache_bytes > len(b"weights")
+        for host, shas in (("a-host", ("11" * 32,)), ("z-host", ("22" * 32,))):
+            agent.redis.set(agent_key(host), AgentRecord(host, cache_addr="http://x", cache_shas=shas).to_json())
+        assert agent._cached_elsewhere() == {"11" * 32}
+    finally:
+        agent.cache.stop()
+
+
+def test_a_running_agent_keeps_its_cache_within_the_bound_sparing_what_a_replica_maps(make_agent, tmp_path):
+    """The agent's own loop (started, not driven by the test): of three 100 kB entries under a
+    250 kB bound, the oldest unmapped one goes; the oldest, mapped by a replica (its pin), stays."""
+    now = time.time()
+    entries = {}
+    for index, age in ((1, 300), (2, 200), (3, 100)):
+        source = tmp_path / f"source-{index}"
+        source.mkdir()
+        (source / "model.safetensors").write_bytes(os.urandom(100_000))
+        entries[index] = tmp_path / "cache" / "models" / (f"{index:02d}" * 12)
+        keep_copy(source, entries[index], f"{index:02d}" * 32, 4096, "xxh3_128")
+        os.utime(pin_path(entries[index]), (now - age, now - age))
+    mapped = Pin(entries[1])
+    os.utime(pin_path(entries[1]), (now - 300, now - 300))
+    try:
+        agent = make_agent(host_cache_bytes=250_000).start()
+        assert wait_for(lambda: not entries[2].exists(), timeout=10)
+        assert entries[1].exists() and entries[3].exists()
+        assert wait_for(lambda: AgentRecord.from_json(agent.redis.get(agent_key("test-host"))).cache_shas == (
+            "01" * 32, "03" * 32))
+    finally:
+        mapped.release()
 
 
 def test_commands_start_on_the_place_asked_and_stale_ones_are_ignored(make_agent):

@@ -111,7 +111,7 @@ def cluster_state():
 def _replica(view: dict, celery: dict | None) -> dict:
     max_batch = view.get("max_batch_size") or 0
     out = {key: view.get(key) for key in ("slot", "state", "target", "name", "host", "pid", "device", "torch_device",
-                                          "weight_source",
+                                          "weight_source", "weight_origin", "weight_host",
                                           "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
                                           "graph_capture_seconds", "updated_at", "transfer", "prefix_cache",
                                           "error")}

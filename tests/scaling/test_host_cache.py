@@ -1,0 +1,238 @@
+"""The host cache (tasks/weights/host_cache.py) and the agent's data plane over it
+(tasks/weights/cache_plane.py), on real files, real locks, real processes and real HTTP: the
+least recently used entry goes first; an entry a live replica maps (even one that then dies
+holding it), one being written, or one a transfer is reading is never evicted; a partial entry is
+neither served nor evicted; the data plane refuses a request without the cluster's secret and a
+corrupt entry never becomes a copy."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from blitzscale.redis_server import EmbeddedRedis
+from common import model_files
+from common.settings import Settings
+from tasks.weights import cache_plane as cache_plane_module
+from tasks.weights.cache_plane import CachePlane
+from tasks.weights.fetch import ChunkFetcher, NoSource, Source, SourceGone, fetch_manifest
+from tasks.weights.host_cache import HostCache, Pin, entry_lock, entry_sha, keep_copy, pin_path
+from tasks.weights.manifest import build_manifest
+
+CHUNK = 4096
+SECRET = "cache-s3cret"
+MB = 1 << 20
+
+
+def sha_of(index: int) -> str:
+    return f"{index:02d}" * 32
+
+
+def add_entry(root: Path, index: int, size: int, used_at: float | None = None) -> Path:
+    """A complete entry of `size` bytes, its full hash in its identity file, last used at `used_at`."""
+    source = root / f"source-{index}"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text('{"n": %d}' % index)
+    (source / "model.safetensors").write_bytes(os.urandom(size))
+    entry = root / "cache" / "models" / sha_of(index)[:24]
+    assert keep_copy(source, entry, sha_of(index), CHUNK, "xxh3_128")
+    if used_at is not None:
+        os.utime(pin_path(entry), (used_at, used_at))
+    return entry
+
+
+def names(cache: HostCache) -> list[str]:
+    return [entry.name for entry in cache.entries()]
+
+
+def tree(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def test_keep_copy_makes_a_complete_entry_that_names_its_model(tmp_path):
+    entry = add_entry(tmp_path, 1, 10_000)
+    assert model_files.entry_complete(entry) and entry_sha(entry) == sha_of(1)
+    assert tree(entry) == tree(tmp_path / "source-1")
+    assert not keep_copy(tmp_path / "source-1", entry, sha_of(1), CHUNK, "xxh3_128")  # there already
+    assert not list(entry.parent.glob("*.staging-*"))
+
+
+def test_the_least_recently_used_entry_goes_first_and_the_bound_holds(tmp_path):
+    now = time.time()
+    for index, age in ((1, 300), (2, 100), (3, 200)):
+        add_entry(tmp_path, index, MB, used_at=now - age)
+    cache = HostCache(tmp_path / "cache", limit=2 * MB + MB // 2)
+    assert cache.usage() > cache.limit
+    assert cache.evict() == [sha_of(1)[:24]]
+    assert names(cache) == [sha_of(3)[:24], sha_of(2)[:24]] and cache.usage() <= cache.limit
+    Pin(tmp_path / "cache" / "models" / sha_of(3)[:24]).release()  # used now: 2 is the oldest
+    assert cache.evict(extra=MB) == [sha_of(2)[:24]]  # room for a copy of 1 MB on its way
+
+
+def test_no_bound_evicts_nothing(tmp_path):
+    add_entry(tmp_path, 1, MB)
+    assert HostCache(tmp_path / "cache", limit=0).evict(extra=10 * MB) == []
+
+
+def test_entries_other_hosts_hold_go_before_older_ones(tmp_path):
+    now = time.time()
+    add_entry(tmp_path, 1, MB, used_at=now - 300)
+    add_entry(tmp_path, 2, MB, used_at=now - 10)
+    cache = HostCache(tmp_path / "cache", limit=MB + MB // 2)
+    assert cache.evict(duplicated={sha_of(2)}) == [sha_of(2)[:24]]  # the cluster keeps 1 once, here
+
+
+def test_a_pinned_entry_is_never_evicted_until_its_replica_dies(tmp_path):
+    """A replica process maps entry 1 (its pin held) and is killed: the kernel drops its lock."""
+    now = time.time()
+    old = add_entry(tmp_path, 1, MB, used_at=now - 300)
+    add_entry(tmp_path, 2, MB, used_at=now - 100)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from tasks.weights.host_cache import Pin; "
+        f"pin = Pin(Path({str(old)!r})); print('pinned', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == b"pinned"
+        os.utime(pin_path(old), (now - 300, now - 300))
+        cache = HostCache(tmp_path / "cache", limit=MB + MB // 2)
+        assert cache.evict() == [sha_of(2)[:24]]  # the younger one, since the oldest is mapped
+        assert cache.evict(extra=MB) == [] and cache.usage() + MB > cache.limit  # over: everything is in use
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert cache.evict(extra=MB) == [sha_of(1)[:24]] and not old.exists()
+
+
+def test_an_entry_being_written_is_not_evicted_and_a_partial_one_is_not_an_entry(tmp_path):
+    entry = add_entry(tmp_path, 1, MB)
+    staging = entry.with_name(f"{sha_of(4)[:24]}.staging-123")  # a copy in progress: counted, never listed
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * MB)
+    cache = HostCache(tmp_path / "cache", limit=MB + MB // 2)
+    assert names(cache) == [entry.name]
+    assert cache.usage() == sum(p.stat().st_size for p in entry.iterdir()) + MB
+    with entry_lock(entry):
+        assert cache.evict() == []
+    assert cache.evict() == [entry.name] and staging.is_dir()
+
+
+def test_a_replica_pinning_during_an_eviction_finds_no_entry(tmp_path):
+    """Eviction holds the pin exclusively while it renames the entry away: a replica that pins
+    meanwhile waits, then sees no entry (and fetches the model) rather than a half-deleted one."""
+    entry = add_entry(tmp_path, 1, MB)
+    cache = HostCache(tmp_path / "cache", limit=1)
+    seen = []
+    with open(pin_path(entry), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # as _evict_one holds it
+        replica = threading.Thread(target=lambda: (Pin(entry), seen.append(model_files.entry_complete(entry))))
+        replica.start()
+        time.sleep(0.2)
+        assert seen == []  # waiting for the pin
+        shutil.rmtree(entry)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    replica.join(5)
+    assert seen == [False] and cache.evict() == []
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def plane(redis_url, tmp_path):
+    settings = Settings(redis_url=redis_url, weight_cache_dir=str(tmp_path / "cache"), weights_secret=SECRET,
+                        weights_chunk_size=CHUNK, host_cache_bytes=MB + MB // 2, weights_host="127.0.0.1")
+    made = CachePlane(settings, redis.Redis.from_url(redis_url)).start()
+    yield made
+    made.stop()
+
+
+def test_the_agent_serves_every_complete_entry_only_with_the_secret(plane, tmp_path):
+    entry = add_entry(tmp_path, 1, 10 * CHUNK + 5)
+    partial = entry.with_name(f"{sha_of(2)[:24]}.staging-77")
+    shutil.copytree(entry, partial)
+    plane.refresh()
+    assert plane.served() == [sha_of(1)]
+    source = Source("host-cache@b", plane.address, "b")
+    with pytest.raises(SourceGone, match="401"):
+        fetch_manifest(source, sha_of(1), "wrong")
+    with pytest.raises(SourceGone, match="401"):
+        fetch_manifest(source, sha_of(1), "")
+    for path in ("manifest", "data"):  # no key at all, as a curl from anyone on the network would ask
+        assert requests.get(f"{plane.address}/weights/{sha_of(1)}/{path}", timeout=5).status_code == 401
+    with pytest.raises(SourceGone, match="404"):
+        fetch_manifest(source, sha_of(2), SECRET)
+    manifest = fetch_manifest(source, sha_of(1), SECRET)
+    ChunkFetcher(manifest, tmp_path / "copy", SECRET).run(lambda failed: None if failed else source)
+    assert tree(tmp_path / "copy") == tree(entry)
+
+
+def test_an_entry_being_read_by_a_transfer_is_not_evicted(plane, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_plane_module, "READ_GRACE_S", 0.5)
+    now = time.time()
+    read = add_entry(tmp_path, 1, MB, used_at=now - 300)
+    add_entry(tmp_path, 2, MB, used_at=now + 600)  # younger than 1 even once 1's reading marks it used
+    plane.cache.limit = 0
+    plane.refresh()  # serve both, evict nothing
+    plane.cache.limit = MB + MB // 2
+    source = Source("host-cache@b", plane.address, "b")
+    fetch_manifest(source, sha_of(1), SECRET)  # a transfer of 1 starts
+    assert plane.refresh() == [sha_of(2)[:24]]  # 1 is older, but a transfer reads it
+    assert read.exists() and plane.served() == [sha_of(1)]
+    time.sleep(0.6)
+    plane.cache.limit = MB // 2
+    assert plane.refresh() == [sha_of(1)[:24]] and plane.served() == []
+    with pytest.raises(SourceGone, match="404"):
+        fetch_manifest(source, sha_of(1), SECRET)
+
+
+def test_a_corrupt_entry_never_becomes_a_copy(plane, tmp_path):
+    entry = add_entry(tmp_path, 1, 10 * CHUNK)
+    manifest = build_manifest(entry, sha_of(1), CHUNK)
+    plane.refresh()
+    with open(entry / "model.safetensors", "r+b") as handle:  # bit rot after the manifest was made
+        handle.write(b"\xff\xff\xff\xff")
+        handle.seek(6 * CHUNK)
+        handle.write(b"\xff\xff\xff\xff")
+        handle.seek(9 * CHUNK)
+        handle.write(b"\xff\xff\xff\xff")
+    source = Source("host-cache@b", plane.address, "b")
+    assert fetch_manifest(source, sha_of(1), SECRET) == manifest
+    with pytest.raises(NoSource):
+        ChunkFetcher(manifest, tmp_path / "copy", SECRET).run(lambda failed: None if failed else source)
+
+
+def test_a_replica_keeps_its_source_in_the_cache_only_within_the_bound(tmp_path):
+    """A model read from its source is kept in the host cache for the next cold start, unless it
+    is larger than the bound (it would be evicted at once, after a wasted copy)."""
+    from tasks.runtime.peer_weights import ReplicaWeights  # noqa: PLC0415 (the replica runtime: its one case here)
+
+    source = tmp_path / "source-9"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(os.urandom(MB))
+    for limit, kept in ((MB // 2, False), (2 * MB, True)):
+        cache_dir = tmp_path / f"cache-{limit}"
+        weights = ReplicaWeights(Settings(weight_cache_dir=str(cache_dir), host_cache_bytes=limit,
+                                          weights_chunk_size=CHUNK), 0, "replica0@a", None)
+        weights.sha = sha_of(9)
+        entry = cache_dir / "models" / sha_of(9)[:24]
+        weights._keep_in_host_cache(source, entry)
+        deadline = time.monotonic() + (10 if kept else 1)  # not kept: a copy would be done well within 1 s
+        while not model_files.entry_complete(entry) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert model_files.entry_complete(entry) == kept
+        assert not kept or (entry_sha(entry) == sha_of(9) and tree(entry) == tree(source))
