@@ -1,6 +1,7 @@
 """The Flask application factory."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from flask import Flask, request
@@ -13,6 +14,7 @@ from web.anthropic.errors import MESSAGES_PREFIX
 from web.anthropic.errors import write_error as write_anthropic_error
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
+from web.cold_start import ColdStarter
 from web.errors import register_error_handlers
 from web.metrics import Metrics
 from web.openai.errors import OPENAI_PREFIX, write_error
@@ -46,17 +48,24 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     app.json.ensure_ascii = False
     request_id.init_app(app)  # first: every other hook and view logs with the request id
 
-    app.extensions[EXTENSION] = Service(
+    service = app.extensions[EXTENSION] = Service(
         settings=settings,
         client=client,
         tokens=TokenCounter(settings, tokenizer),
         admission=make_admission(settings, client),
-        cluster=ClusterView(client),
+        cluster=ClusterView(client, settings=settings),
         metrics=Metrics(app, settings, client),
         chat_template=ChatTemplate(settings),
         tenants=load_tenants(settings),
         limits=TenantLimits(redis_connection(client), lease_s=settings.request_timeout + 60),
+        cold_start=ColdStarter(client, settings) if settings.cold_starts and hasattr(client, "celery") else None,
     )
+    if settings.catalog.several:  # each model's own settings, tokenizer and chat template (web/model_routing.py)
+        for model in settings.catalog.models:
+            own = model.settings
+            service.models[model.name] = dataclasses.replace(
+                service, settings=own, tokens=TokenCounter(own, tokenizer if model.index == 0 else None),
+                chat_template=ChatTemplate(own), cluster=ClusterView(client, settings=settings, model=model.name))
     tenant_metrics.init_app(app, app.extensions[EXTENSION].metrics.registry)
     api = make_api()
     api.init_app(app)

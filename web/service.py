@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from flask import current_app
+from flask import current_app, g, has_request_context, request
 
 from common.protocol import FailureReason, Job
 from common.settings import Settings
@@ -16,6 +16,7 @@ from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
 from web.errors import GenerationError
 from web.metrics import Metrics
+from web.model_routing import MODEL_BLUEPRINTS, requested_model
 from web.rate_limits import TenantLimits
 from web.tenancy import cache_namespace, current_tenant, isolation
 from web.tokenizer import TokenCounter, TokenizerUnavailable
@@ -35,6 +36,14 @@ class Service:
     chat_template: ChatTemplate
     tenants: Tenants | None = None  # None: no key configured, every route open (web/tenancy.py)
     limits: TenantLimits = field(default_factory=lambda: TenantLimits(None, 0.0))  # per tenant, in Redis
+    # With several models or --min-replicas 0: `cold_start(model)` gets a replica of a model that has
+    # none on its way (tasks/control/cold_start.py); raises NoReplica when nothing can be freed.
+    cold_start: Callable[[str], None] | None = None
+    models: dict[str, "Service"] = field(default_factory=dict)  # name -> this service for that model
+
+    def for_model(self, name: str) -> "Service":
+        """This service with the settings, tokenizer and chat template of model `name`."""
+        return self.models.get(name, self)
 
     def validate(self, body: dict, *, stream: bool, full_text_default: bool, add_special_tokens: bool = True,
                  cap_new_tokens: bool = False, input_ids: Sequence[int] | None = None,
@@ -55,10 +64,14 @@ class Service:
                                   valid.parameters["best_of"] * samples)
         valid.job.cache_salt = cache_namespace(isolation(self.settings, self.tenants), current_tenant(),
                                                valid.parameters["cache_salt"])
+        if self.settings.catalog.several:
+            valid.job.model = self.settings.served_model
         return valid
 
     def submit(self, job: Job) -> EventStream:
         try:
+            if self.cold_start is not None:
+                self.cold_start(job.model or self.settings.served_model)
             return self.client.submit(job)
         except QueueUnavailable as error:
             raise GenerationError(f"the queue is unavailable: {error}", reason=FailureReason.QUEUE_UNAVAILABLE) from error
@@ -67,4 +80,11 @@ class Service:
 
 
 def current_service() -> Service:
-    return current_app.extensions[EXTENSION]
+    """The app's service; on a route about one model, with several models, that model's
+    (web/model_routing.py: 404 for an unknown one)."""
+    service = current_app.extensions[EXTENSION]
+    if not service.models or not has_request_context() or request.blueprint not in MODEL_BLUEPRINTS:
+        return service
+    if "blitz_model" not in g:
+        g.blitz_model = requested_model(service.settings.catalog).name
+    return service.for_model(g.blitz_model)

@@ -57,6 +57,11 @@ class Replica:
         return self.lifecycle.state
 
     @property
+    def queue(self) -> str:
+        """Its model's shared queue (what it consumes while active)."""
+        return self.settings.catalog.for_slot(self.slot).queue
+
+    @property
     def device_name(self) -> str | None:
         """Its place as its host agent names it (`cuda:3`), else the device it loaded on."""
         return self.settings.device_name or self.facts.get("device")
@@ -109,6 +114,7 @@ class Replica:
         return {
             "slot": self.slot,
             "name": self.name,
+            "model": self.settings.served_model,
             "host": self.settings.host,
             "device": self.device_name,
             "pid": os.getpid(),
