@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        settings.catalog  # --models and --models-file read now: a broken one is one line, not a traceback
+    except (ValueError, OSError) as error:
+        raise SystemExit(str(error)) from error
     if settings.devices:
         try:
             places = parse_devices(settings.devices)

@@ -48,11 +48,17 @@ def read_models_file(path: str) -> list[ModelSpec]:
     if path.lower().endswith(".toml"):
         import tomli  # tomllib is 3.11's; tomli is the same parser on 3.10
 
-        data = tomli.loads(text)
+        try:
+            data = tomli.loads(text)
+        except tomli.TOMLDecodeError as error:
+            raise ValueError(f"`models_file` {path}: {error}") from error
     else:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"`models_file` {path}: {error}") from error
     entries = data.get("models") if isinstance(data, dict) else None
     if isinstance(entries, dict):
         entries = [{"name": name, **(entry or {})} for name, entry in entries.items()]

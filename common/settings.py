@@ -244,6 +244,11 @@ class Settings:
             own = self.replace(model_id=spec.model_id, served_model_name=spec.name, **dict(spec.overrides))
             served.append(ServedModel(index, spec.name, own, range(start, start + own.model_slot_count)))
             start += own.model_slot_count
+        names = [name for m in served for name in (m.name, *m.settings.adapter_names)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # a request's `model` must name one model: an adapter fits one base model
+            raise ValueError(f"`models`: {', '.join(twice)} named twice (a model's or a LoRA adapter's name); "
+                             "give each model its own adapters in --models-file")
         catalog = ModelCatalog(served)
         for model in served:  # a model's overrides are not the flags: it reads the cluster's catalog
             model.settings.__dict__["catalog"] = catalog

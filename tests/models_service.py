@@ -24,7 +24,10 @@ class ModelsService(ScalingService, PausableService):
         super().__init__(next(iter(models.values())), workdir, replicas=0, env={
             "MODELS_FILE": str(models_file), "DEVICES": ",".join(["cpu"] * places), "MIN_REPLICAS": "0",
             "MAX_REPLICAS": "1", "NUM_REPLICAS": "0", "SCALE_INTERVAL": "0.2", "HEARTBEAT_TTL": "2",
-            "MAX_INPUT_TOKENS": "256", "MAX_TOTAL_TOKENS": "512", "QUEUE_TIMEOUT": "120", **(env or {})})
+            "MAX_INPUT_TOKENS": "256", "MAX_TOTAL_TOKENS": "512", "QUEUE_TIMEOUT": "120",
+            # its own host cache: a GGUF model's tokenizer is prepared by its first replica, while
+            # its first request waits (web.service.Service.await_tokenizer)
+            "WEIGHT_CACHE_DIR": str(workdir / "cache"), **(env or {})})
         self.autoscaler: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "ModelsService":

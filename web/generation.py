@@ -95,6 +95,7 @@ def admit(service: Service, clock: RequestClock, validate: Callable[[], T]) -> t
         tgi.request_failed(error)
         raise
     try:
+        service.await_tokenizer()  # a cold model's files may be on their way (docs/models.md)
         valid = validate()
     except BaseException as error:
         slot.release()

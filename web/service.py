@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flask import current_app, g, has_request_context, request
@@ -14,6 +15,7 @@ from tasks.client.generation_client import EventStream, NoReplica, QueueUnavaila
 from web.admission import Admission
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
+from web.cold_start import ColdStarter
 from web.errors import GenerationError
 from web.metrics import Metrics
 from web.model_routing import MODEL_BLUEPRINTS, requested_model
@@ -23,6 +25,7 @@ from web.tokenizer import TokenCounter, TokenizerUnavailable
 from web.validation import ValidRequest, validate_request
 
 EXTENSION = "blitzscale"
+TOKENIZER_POLL_S = 0.25  # how often a request for a cold model looks for its prepared tokenizer
 
 
 @dataclass
@@ -36,9 +39,9 @@ class Service:
     chat_template: ChatTemplate
     tenants: Tenants | None = None  # None: no key configured, every route open (web/tenancy.py)
     limits: TenantLimits = field(default_factory=lambda: TenantLimits(None, 0.0))  # per tenant, in Redis
-    # With several models or --min-replicas 0: `cold_start(model)` gets a replica of a model that has
-    # none on its way (tasks/control/cold_start.py); raises NoReplica when nothing can be freed.
-    cold_start: Callable[[str], None] | None = None
+    # With several models or --min-replicas 0: gets a replica of a model that has none on its way
+    # (web.cold_start.ColdStarter); raises NoReplica when nothing can be freed.
+    cold_start: ColdStarter | None = None
     models: dict[str, "Service"] = field(default_factory=dict)  # name -> this service for that model
 
     def for_model(self, name: str) -> "Service":
@@ -68,11 +71,26 @@ class Service:
             valid.job.model = self.settings.served_model
         return valid
 
+    def await_tokenizer(self) -> None:
+        """A cold model's tokenizer may not be prepared yet (a GGUF file or a hub model that never
+        started here): a replica placed for it prepares it, and the request waits for it as it would
+        in the queue, until `--queue-timeout` (then validation says the tokenizer is unavailable)."""
+        if self.cold_start is None or self.tokens.warm() is None:
+            return
+        try:
+            self.cold_start(self.settings.served_model)
+        except NoReplica as error:
+            raise GenerationError(str(error), reason=FailureReason.NO_REPLICA) from error
+        deadline = time.monotonic() + self.settings.queue_timeout
+        while self.tokens.warm() is not None and time.monotonic() < deadline:
+            time.sleep(TOKENIZER_POLL_S)
+
     def submit(self, job: Job) -> EventStream:
         try:
-            if self.cold_start is not None:
-                self.cold_start(job.model or self.settings.served_model)
-            return self.client.submit(job)
+            model, arrived = job.model or self.settings.served_model, time.monotonic()
+            started = self.cold_start is not None and self.cold_start(model)
+            stream = self.client.submit(job)
+            return self.cold_start.timed(stream, model, arrived) if started else stream
         except QueueUnavailable as error:
             raise GenerationError(f"the queue is unavailable: {error}", reason=FailureReason.QUEUE_UNAVAILABLE) from error
         except NoReplica as error:

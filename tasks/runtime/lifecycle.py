@@ -83,6 +83,7 @@ class Lifecycle:
     def __init__(self, replica, shutdown):
         """`shutdown(name)`: sends Celery's shutdown to the named worker."""
         self.replica = replica
+        self.queue = replica.settings.catalog.for_slot(replica.slot).queue  # its model's shared queue
         self._shutdown = shutdown
         self._shutdown_sent = False
         self._holds_slot = False  # its first heartbeat takes the lease from its starter; later ones only renew it
@@ -94,7 +95,7 @@ class Lifecycle:
         stats = r.engine.stats() if r.engine is not None else None
         in_flight = reserved_jobs() + (stats.running + stats.waiting if stats else 0)
         loaded = r.engine is not None and r.loaded and (_worker_ready.is_set() or r.worker is None)
-        return observed_state(loaded, consuming_generation(r.worker, r.queue), in_flight)
+        return observed_state(loaded, consuming_generation(r.worker, self.queue), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
         # The sweep SCANs the keyspace (seconds with millions of affinity keys): in a thread of

@@ -57,11 +57,6 @@ class Replica:
         return self.lifecycle.state
 
     @property
-    def queue(self) -> str:
-        """Its model's shared queue (what it consumes while active)."""
-        return self.settings.catalog.for_slot(self.slot).queue
-
-    @property
     def device_name(self) -> str | None:
         """Its place as its host agent names it (`cuda:3`), else the device it loaded on."""
         return self.settings.device_name or self.facts.get("device")

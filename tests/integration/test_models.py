@@ -4,6 +4,8 @@ first request placing the model's replica at once; an idle model drops to zero r
 answers again; an unknown model is a 404 in each route's own shape."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import requests
 
@@ -68,3 +70,13 @@ def test_an_idle_model_drops_to_zero_and_answers_again(two_models):
     again = svc.chat("tiny")
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["message"]["content"] is not None
+    metrics = requests.get(f"{svc.base_url}/metrics", timeout=10).text
+    # Two cold starts of tiny at least (its first request, and this one), timed to the first token.
+    starts = re.findall(r'^blitz_cold_starts_total\{model="tiny",source="(replica|host-cache|source)"\} (\S+)$',
+                        metrics, re.M)
+    assert sum(float(count) for _, count in starts) >= 2, metrics
+    assert re.search(r'^blitz_cold_start_seconds_count\{model="tiny",source="[a-z-]+"\} [1-9]', metrics, re.M)
+    assert re.search(r'^blitz_model_replicas\{model="smol",state="active"\} \d', metrics, re.M)
+    # The request metrics, by model.
+    assert re.search(r'^tgi_request_success_total\{model="tiny"\} [1-9]', metrics, re.M)
+    assert re.search(r'^tgi_request_success_total\{model="smol"\} [1-9]', metrics, re.M)

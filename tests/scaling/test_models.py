@@ -82,3 +82,19 @@ def test_eviction_takes_the_least_recently_used_idle_model_never_a_busy_one():
     assert evictable(Control(settings), {1: view("b")}, "b", {}) == []  # never its own model's
     kept = Settings(models="a=/m/a,b=/m/b", min_replicas=1)
     assert evictable(Control(kept), {0: view("a")}, "b", {}) == []  # its minimum keeps it
+
+
+def test_a_models_requests_see_only_its_replicas_and_prefixes(monkeypatch):
+    """No model's queue, replicas or prefix affinity leak into another's (tasks/client)."""
+    from common.protocol import Job, SamplingParameters, StoppingParameters
+    from tasks.client.generation_client import GenerationClient
+
+    client = GenerationClient(Settings(models="a=/m/a,b=/m/b", redis_url="redis://127.0.0.1:9/0"))
+    records = {"replica0@h": {"model": "a", "state": "active"}, "replica1@h": {"model": "b", "state": "loading"}}
+    monkeypatch.setattr(client, "replica_records", lambda max_age: records)
+    assert client.replica_states(1, "b") == {"replica1@h": "loading"}
+    assert client.replica_states(1, None) == client.replica_states(1, "a") == {"replica0@h": "active"}
+    assert set(client.model_records("b")) == {"replica1@h"}
+    job = Job("r1", [1, 2, 3], SamplingParameters(), StoppingParameters(max_new_tokens=1), model="a")
+    other = Job("r2", [1, 2, 3], SamplingParameters(), StoppingParameters(max_new_tokens=1), model="b")
+    assert client._salt(job) != client._salt(other)  # the same prompt's affinity keys differ by model
