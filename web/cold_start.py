@@ -14,11 +14,11 @@ import time
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from common.protocol import EVENT_FINAL, EVENT_TOKEN
+from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, FailureReason
 from tasks.client.event_stream import serving
 from tasks.client.generation_client import NoReplica
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
-from tasks.control.cold_start import NoPlace, ensure_replica, touch
+from tasks.control.cold_start import NoPlace, ensure_replica, holders, touch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,13 @@ class ColdStarter:
         return True
 
     def timed(self, stream, model: str, arrived: float) -> "FirstToken":
-        return FirstToken(stream, lambda replica: self._observe(model, replica, time.monotonic() - arrived))
+        return FirstToken(stream, lambda replica: self._observe(model, replica, time.monotonic() - arrived),
+                          self.places)
+
+    def places(self) -> str:
+        """What holds every place now (for a cold request that timed out in its queue)."""
+        control = self.control()
+        return holders(control, control.slots())
 
     def _observe(self, model: str, replica: str | None, seconds: float) -> None:
         record = self._client.replica_records(0).get(replica or "", {})
@@ -84,14 +90,22 @@ class ColdStarter:
 
 
 class FirstToken:
-    """A request's event stream that reports its first token (or its final answer) once."""
+    """A cold request's event stream: reports its first token (or its final answer) once; a queue
+    timeout's error names what held every place meanwhile."""
 
-    def __init__(self, stream, on_first):
+    def __init__(self, stream, on_first, places=None):
         self._stream = stream
         self._on_first = on_first
+        self._places = places
 
     def events(self, *args, **kwargs):
         for event in self._stream.events(*args, **kwargs):
+            if event is not None and event.kind == EVENT_ERROR and event.reason == FailureReason.QUEUE_TIMEOUT \
+                    and self._places is not None:
+                try:
+                    event.error = f"{event.error}; its model had no replica, and the places were held: {self._places()}"
+                except Exception:  # the message stays as it was
+                    log.exception("cannot name the places")
             if self._on_first is not None and event is not None and event.kind in (EVENT_TOKEN, EVENT_FINAL):
                 on_first, self._on_first = self._on_first, None
                 try:

@@ -4,8 +4,9 @@ The web calls `ensure_replica` when a request's model has no serving replica: a 
 the model is activated, else a new one is placed on a free place, else the least-recently-used
 idle model's replica is stopped to make room (`evictable`: never one with running, waiting or
 queued work, nor one its model's `--min-replicas` keeps) and the request waits in its queue until
-the place is free (the autoscaler places the model then). When nothing can be freed,
-`NoPlace` names what holds every place. The autoscaler uses the same eviction when it scales a
+the place is free (the autoscaler places the model then). Every place busy: the request waits
+too, and the autoscaler evicts the first replica that goes idle. When no place can ever be freed
+(each held by its model's minimum), `NoPlace` names what holds every place. The autoscaler uses the same eviction when it scales a
 model up and the places are taken. No torch here.
 """
 from __future__ import annotations
@@ -44,10 +45,11 @@ def serving(slots: dict[int, dict], model: str) -> list[int]:
             and not (v["state"] == ReplicaState.LOADING and v.get("target") == ReplicaState.STANDBY)]
 
 
-def evictable(control: ClusterControl, slots: dict[int, dict], model: str, used: dict[str, float]) -> list[int]:
+def evictable(control: ClusterControl, slots: dict[int, dict], model: str, used: dict[str, float],
+              busy_too: bool = False) -> list[int]:
     """Replicas of other models that may be stopped to free a place, least recently used first:
-    idle (nothing running or waiting in it, nothing queued for its model), not already on its way
-    out, and above its model's `--min-replicas`."""
+    idle (nothing running or waiting in it, nothing queued for its model; `busy_too`: or not),
+    not already on its way out, and above its model's `--min-replicas`."""
     catalog = control.settings.catalog
     candidates = []
     for other in catalog.models:
@@ -55,9 +57,10 @@ def evictable(control: ClusterControl, slots: dict[int, dict], model: str, used:
             continue
         own = {s: v for s, v in slots.items() if v.get("model") == other.name and v["state"] in LIVE_STATES}
         leaving = [s for s, v in own.items() if v.get("target") == ReplicaState.STOPPED]
-        idle = [s for s, v in own.items() if s not in leaving and v["state"] in (ReplicaState.ACTIVE, ReplicaState.STANDBY)
-                and v.get("alive") and not v.get("running") and not v.get("waiting")]
-        if not idle or control.queue_size(slots, other.name):
+        idle = [s for s, v in own.items() if s not in leaving and (busy_too or (
+                v["state"] in (ReplicaState.ACTIVE, ReplicaState.STANDBY) and v.get("alive")
+                and not v.get("running") and not v.get("waiting")))]
+        if not idle or (not busy_too and control.queue_size(slots, other.name)):
             continue
         spare = len(own) - len(leaving) - other.settings.min_replicas
         # the standby ones first (they serve nothing), then the highest slot
@@ -97,9 +100,10 @@ def evict(control: ClusterControl, slots: dict[int, dict], model: str, count: in
 
 
 def ensure_replica(control: ClusterControl, model: str, trigger: str = "request") -> str:
-    """One replica of `model` serving or on its way, at once: `serving`, `activated`, `started`
-    or `evicting` (a place is being freed: the autoscaler places it once free). Raises NoPlace
-    naming what holds every place when nothing can be freed."""
+    """One replica of `model` serving or on its way, at once: `serving`, `activated`, `started`,
+    `evicting` (a place is being freed: the autoscaler places it once free) or `waiting` (every
+    place is busy now; the autoscaler evicts the first that goes idle). Raises NoPlace naming
+    what holds every place when none can ever be freed (each held by its model's minimum)."""
     served = control.settings.catalog.get(model)
     with control.locked():
         slots = control.slots()
@@ -117,4 +121,6 @@ def ensure_replica(control: ClusterControl, model: str, trigger: str = "request"
             return "started"
         if leaving(slots, model) or evict(control, slots, model, 1, trigger):
             return "evicting"
-        raise NoPlace(f"no place for a replica of model {model}, and none can be freed now: {holders(control, slots)}")
+        if evictable(control, slots, model, {}, busy_too=True):
+            return "waiting"
+        raise NoPlace(f"no place for a replica of model {model}, and none can be freed: {holders(control, slots)}")

@@ -98,3 +98,12 @@ def test_a_models_requests_see_only_its_replicas_and_prefixes(monkeypatch):
     job = Job("r1", [1, 2, 3], SamplingParameters(), StoppingParameters(max_new_tokens=1), model="a")
     other = Job("r2", [1, 2, 3], SamplingParameters(), StoppingParameters(max_new_tokens=1), model="b")
     assert client._salt(job) != client._salt(other)  # the same prompt's affinity keys differ by model
+
+
+def test_a_busy_replica_is_not_evictable_now_but_will_be():
+    """`busy_too`: whether a place can ever be freed (a request then waits instead of failing)."""
+    settings = Settings(models="a=/m/a,b=/m/b", min_replicas=0)
+    assert evictable(Control(settings), {0: view("a", running=1)}, "b", {}) == []
+    assert evictable(Control(settings), {0: view("a", running=1)}, "b", {}, busy_too=True) == [0]
+    kept = Settings(models="a=/m/a,b=/m/b", min_replicas=1)
+    assert evictable(Control(kept), {0: view("a", running=1)}, "b", {}, busy_too=True) == []  # never: min 1
