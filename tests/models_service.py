@@ -25,8 +25,7 @@ class ModelsService(ScalingService, PausableService):
             "MODELS_FILE": str(models_file), "DEVICES": ",".join(["cpu"] * places), "MIN_REPLICAS": "0",
             "MAX_REPLICAS": "1", "NUM_REPLICAS": "0", "SCALE_INTERVAL": "0.2", "HEARTBEAT_TTL": "2",
             "MAX_INPUT_TOKENS": "256", "MAX_TOTAL_TOKENS": "512", "QUEUE_TIMEOUT": "120",
-            # its own host cache: a GGUF model's tokenizer is prepared by its first replica, while
-            # its first request waits (web.service.Service.await_tokenizer)
+            # its own host cache: the web prepares every model's tokenizer at start, replicas or not
             "WEIGHT_CACHE_DIR": str(workdir / "cache"), **(env or {})})
         self.autoscaler: subprocess.Popen | None = None
 

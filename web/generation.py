@@ -95,7 +95,6 @@ def admit(service: Service, clock: RequestClock, validate: Callable[[], T]) -> t
         tgi.request_failed(error)
         raise
     try:
-        service.await_tokenizer()  # a cold model's files may be on their way (docs/models.md)
         valid = validate()
     except BaseException as error:
         slot.release()

@@ -25,7 +25,6 @@ from web.tokenizer import TokenCounter, TokenizerUnavailable
 from web.validation import ValidRequest, validate_request
 
 EXTENSION = "blitzscale"
-TOKENIZER_POLL_S = 0.25  # how often a request for a cold model looks for its prepared tokenizer
 
 
 @dataclass
@@ -70,20 +69,6 @@ class Service:
         if self.settings.catalog.several:
             valid.job.model = self.settings.served_model
         return valid
-
-    def await_tokenizer(self) -> None:
-        """A cold model's tokenizer may not be prepared yet (a GGUF file or a hub model that never
-        started here): a replica placed for it prepares it, and the request waits for it as it would
-        in the queue, until `--queue-timeout` (then validation says the tokenizer is unavailable)."""
-        if self.cold_start is None or self.tokens.warm() is None:
-            return
-        try:
-            self.cold_start(self.settings.served_model)
-        except NoReplica as error:
-            raise GenerationError(str(error), reason=FailureReason.NO_REPLICA) from error
-        deadline = time.monotonic() + self.settings.queue_timeout
-        while self.tokens.warm() is not None and time.monotonic() < deadline:
-            time.sleep(TOKENIZER_POLL_S)
 
     def submit(self, job: Job) -> EventStream:
         try:

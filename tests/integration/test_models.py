@@ -15,7 +15,8 @@ from tests.models_service import TARGET, ModelsService
 
 @pytest.fixture(scope="module")
 def two_models(tiny_model_dir, tmp_path_factory):
-    svc = ModelsService({"smol": default_model_id(), "tiny": str(tiny_model_dir)},
+    # smol second: a GGUF model that is not the first still has its tokenizer, queue and slots
+    svc = ModelsService({"tiny": str(tiny_model_dir), "smol": default_model_id()},
                         tmp_path_factory.mktemp("models"), places=2, env={"SCALE_TO_ZERO_AFTER": "4"})
     try:
         yield svc.start()
@@ -35,23 +36,25 @@ def test_both_models_answer_through_v1_and_tgi(two_models, tiny_model_dir):
     assert svc.chat("smol").json()["model"] == "smol"
     info = requests.get(f"{svc.base_url}/info", headers={TARGET: "tiny"}, timeout=10).json()
     assert info["model_id"] == str(tiny_model_dir)
-    assert requests.get(f"{svc.base_url}/info", timeout=10).json()["model_id"] == default_model_id()
+    assert requests.get(f"{svc.base_url}/info", timeout=10).json()["model_id"] == str(tiny_model_dir)  # the first
+    assert requests.get(f"{svc.base_url}/info", headers={TARGET: "smol"}, timeout=10).json()["model_id"] == \
+        default_model_id()
     state = svc.cluster(False)
     # Each model's replica in its own slot (either may have scaled to zero already: 4 s idle).
-    assert {r["slot"]: r["model"] for r in state["replicas"]} == {0: "smol", 1: "tiny"}
+    assert {r["slot"]: r["model"] for r in state["replicas"]} == {0: "tiny", 1: "smol"}
     assert set(state["models"]) == {"smol", "tiny"}
     listed = requests.get(f"{svc.base_url}/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in listed] == ["smol", "tiny"]
+    assert [m["id"] for m in listed] == ["tiny", "smol"]
 
 
 def test_unknown_model_is_404_naming_the_served_ones(two_models):
     svc = two_models
     chat = svc.chat("nope")
     assert chat.status_code == 404
-    assert chat.json()["error"]["code"] == "model_not_found" and "smol, tiny" in chat.json()["error"]["message"]
+    assert chat.json()["error"]["code"] == "model_not_found" and "tiny, smol" in chat.json()["error"]["message"]
     tgi = svc.generate("nope")
     assert tgi.status_code == 404 and set(tgi.json()) == {"error", "error_type"}
-    assert "smol, tiny" in tgi.json()["error"]
+    assert "tiny, smol" in tgi.json()["error"]
     messages = requests.post(f"{svc.base_url}/v1/messages", timeout=10, json={
         "model": "nope", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert messages.status_code == 404 and messages.json()["error"]["type"] == "not_found_error"
