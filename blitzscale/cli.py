@@ -148,7 +148,8 @@ def _announce_when_ready(settings: Settings) -> None:
 def cmd_web(settings: Settings) -> int:
     if not settings.redis_url:
         raise SystemExit("blitzscale web needs REDIS_URL (or --redis-url): the queue the replicas consume")
-    prepare(settings, tokenizer_only=True)
+    for model in settings.catalog.models:  # every served model's tokenizer, replicas or not (docs/models.md)
+        prepare(model.settings, tokenizer_only=True)
     os.environ.update(settings.to_env())
     if settings.web_workers > 1:  # request metrics of every gunicorn worker in one /metrics
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="blitzscale-metrics-"))
@@ -220,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        settings.catalog  # --models and --models-file read now: a broken one is one line, not a traceback
+    except (ValueError, OSError) as error:
+        raise SystemExit(str(error)) from error
     if settings.devices:
         try:
             places = parse_devices(settings.devices)

@@ -15,7 +15,7 @@ log = logging.getLogger("blitzscale")
 
 
 class Scaling:
-    """A host agent (starting `num_replicas` replicas, then `standby_replicas` in standby) and,
+    """A host agent (starting `num_replicas` replicas of each model, then `standby_replicas` in standby) and,
     unless manual scaling is on, the autoscaler; both threads of the calling process."""
 
     def __init__(self, settings: Settings, env: dict | None = None, autoscale: bool | None = None,
@@ -27,10 +27,13 @@ class Scaling:
 
     def start(self, replicas: int) -> "Scaling":
         # Each in a slot allocated cluster-wide: another host's agent may start its own at once.
-        for _ in range(replicas):
-            self.agent.start_new()
-        for _ in range(self.settings.standby_replicas):
-            self.agent.start_new(standby=True)
+        catalog = self.settings.catalog
+        for model in catalog.models:  # with several models, each in its own slots (common/models.py)
+            own = model.slots if catalog.several else None
+            for _ in range(replicas):
+                self.agent.start_new(slots=own)
+            for _ in range(self.settings.standby_replicas):
+                self.agent.start_new(standby=True, slots=own)
         self.agent.start()
         if self.autoscale:
             self.autoscaler = Autoscaler(self.settings).start()

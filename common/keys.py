@@ -132,3 +132,8 @@ def tenant_limit_key(tenant: str, what: str) -> str:
 def stored_response_key(response_id: str) -> str:
     """A stored /v1/responses answer and its conversation (JSON, expires; see web.openai.responses_store)."""
     return f"{KEY_PREFIX}response:{response_id}"
+
+
+MODEL_USED_KEY = f"{KEY_PREFIX}model-used"
+"""Hash: model name -> when the web last took a request for it (scale to zero, LRU eviction:
+tasks/control/cold_start.py)."""

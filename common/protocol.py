@@ -120,6 +120,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.time)
     attempt: int = 0  # 1, 2, ...: re-enqueued by the web after the replica running it died
     trace_id: str | None = None  # the request's x-request-id: named in every log line about it
+    model: str | None = None  # with several models (common/models.py): the one that runs it; None: the first
 
     def to_dict(self) -> dict:
         return asdict(self)

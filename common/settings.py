@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from common.adapters import AdapterSpec, parse_lora_adapters
+from common.models import ModelCatalog, ServedModel, check_name, parse_models, read_models_file
 
 
 def default_model_id() -> str:
@@ -42,6 +43,10 @@ class Settings:
     device: str | None = None  # None: cuda:<slot> when CUDA is present, else cpu (a host agent sets it per replica)
     device_name: str | None = None  # set by a host agent: its name for the replica's place (cuda:3, cpu:1)
     weight_cache_dir: str = field(default_factory=_default_cache_dir)
+    # Several models on one fleet (common/models.py, docs/models.md): `NAME=ID,...`, and a TOML or
+    # YAML file with per-model settings; None: the one model of `model_id`
+    models: str | None = None
+    models_file: str | None = None
     # TGI's --lora-adapters: `name=path` or adapter ids, comma-separated (common/adapters.py);
     # requests pick one with `adapter_id` (TGI) or `model` (OpenAI)
     lora_adapters: str | None = None
@@ -94,6 +99,9 @@ class Settings:
     scale_down_threshold: float = 0.3
     scale_down_hold: float = 30.0  # seconds under the lower bound before a replica goes
     scale_interval: float = 0.5  # the autoscaler's period (seconds)
+    # With --min-replicas 0: a model without a request for this long stops its replicas (0: never);
+    # its next request starts one at once (docs/models.md)
+    scale_to_zero_after: float = 0.0
     # Deadlines (seconds)
     request_timeout: float = 600.0  # the whole request
     replica_silence_timeout: float = 30.0  # no event from the replica for this long: give up
@@ -217,7 +225,47 @@ class Settings:
 
     @property
     def slot_count(self) -> int:
+        """Replica slots of the whole cluster: every model's range (common/models.py)."""
+        return self.catalog.slot_count if self.models or self.models_file else self.model_slot_count
+
+    @property
+    def model_slot_count(self) -> int:
+        """Replica slots of this model."""
         return max(self.replica_range[1], self.num_replicas + self.standby_replicas)
+
+    @cached_property
+    def catalog(self) -> ModelCatalog:
+        """The served models, each with its settings and slots; one (this) without `models`."""
+        if not (self.models or self.models_file):
+            return ModelCatalog([ServedModel(0, self.served_model, self, range(self.model_slot_count))])
+        specs = (read_models_file(self.models_file) if self.models_file else []) + parse_models(self.models)
+        names = [check_name(spec.name) for spec in specs]
+        if not specs or len(set(names)) != len(names):
+            raise ValueError("`models`: " + ("no model given" if not specs else "a model name is given twice"))
+        served, start = [], 0
+        for index, spec in enumerate(specs):
+            own = self.replace(model_id=spec.model_id, served_model_name=spec.name, **dict(spec.overrides))
+            served.append(ServedModel(index, spec.name, own, range(start, start + own.model_slot_count)))
+            start += own.model_slot_count
+        names = [name for m in served for name in (m.name, *m.settings.adapter_names)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # a request's `model` must name one model: an adapter fits one base model
+            raise ValueError(f"`models`: {', '.join(twice)} named twice (a model's or a LoRA adapter's name); "
+                             "give each model its own adapters in --models-file")
+        catalog = ModelCatalog(served)
+        for model in served:  # a model's overrides are not the flags: it reads the cluster's catalog
+            model.settings.__dict__["catalog"] = catalog
+        return catalog
+
+    @property
+    def cold_starts(self) -> bool:
+        """Whether a model may have no replica and start one for a request (several models, or
+        `--min-replicas 0`): a request for it then waits in its queue instead of failing at once."""
+        return self.catalog.several or any(m.settings.min_replicas == 0 for m in self.catalog.models)
+
+    def for_slot(self, slot: int) -> "Settings":
+        """The settings of the model whose replicas run in `slot` (these, with one model)."""
+        return self.catalog.for_slot(slot).settings if self.models or self.models_file else self
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -96,17 +96,18 @@ def claim(connection: redis.Redis, slot: int, owner: str, entry: dict | None = N
 
 
 def allocate(connection: redis.Redis, views: dict[int, dict], owner: str, entry: dict | None = None,
-             limit: int = 1024, ttl: int = CLAIM_TTL_S) -> int:
-    """The lowest slot that the cluster view (`views`: slot -> its view) shows free and this call
-    could take (see `claim`)."""
-    for slot in range(limit):
+             limit: int = 1024, ttl: int = CLAIM_TTL_S, slots: range | None = None) -> int:
+    """The lowest slot (of `slots`: a model's range; default 0..limit-1) that the cluster view
+    (`views`: slot -> its view) shows free and this call could take (see `claim`)."""
+    for slot in range(limit) if slots is None else slots:
         view = views.get(slot)
         if view is not None and view.get("state") in LIVE_STATES:
             continue
         if claim(connection, slot, owner, {**entry, "slot": slot} if entry is not None else None,
                  stale_holders(view), ttl):
             return slot
-    raise NoFreeSlot(f"no free replica slot below {limit}")
+    raise NoFreeSlot(f"no free replica slot below {limit}" if slots is None else
+                     f"no free replica slot in {slots.start}..{slots.stop - 1}")
 
 
 def release(connection: redis.Redis, slot: int, *holders: str) -> bool:

@@ -1,9 +1,10 @@
 """The Flask application factory."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
-from flask import Flask, request
+from flask import Flask, g, request
 
 from common.settings import Settings
 from tasks.client.generation_client import GenerationClient
@@ -13,6 +14,7 @@ from web.anthropic.errors import MESSAGES_PREFIX
 from web.anthropic.errors import write_error as write_anthropic_error
 from web.chat_template import ChatTemplate
 from web.cluster import ClusterView
+from web.cold_start import ColdStarter
 from web.errors import register_error_handlers
 from web.metrics import Metrics
 from web.openai.errors import OPENAI_PREFIX, write_error
@@ -46,17 +48,26 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
     app.json.ensure_ascii = False
     request_id.init_app(app)  # first: every other hook and view logs with the request id
 
-    app.extensions[EXTENSION] = Service(
+    service = app.extensions[EXTENSION] = Service(
         settings=settings,
         client=client,
         tokens=TokenCounter(settings, tokenizer),
         admission=make_admission(settings, client),
-        cluster=ClusterView(client),
+        cluster=ClusterView(client, settings=settings),
         metrics=Metrics(app, settings, client),
         chat_template=ChatTemplate(settings),
         tenants=load_tenants(settings),
         limits=TenantLimits(redis_connection(client), lease_s=settings.request_timeout + 60),
     )
+    if settings.cold_starts and hasattr(client, "celery"):  # a test's client double starts nothing
+        service.cold_start = ColdStarter(client, settings, service.metrics.registry)
+    if settings.catalog.several:  # each model's own settings, tokenizer and chat template (web/model_routing.py)
+        for model in settings.catalog.models:
+            own = model.settings
+            service.models[model.name] = dataclasses.replace(
+                service, settings=own, tokens=TokenCounter(own, tokenizer if model.index == 0 else None),
+                chat_template=ChatTemplate(own), cluster=ClusterView(client, settings=settings, model=model.name),
+                metrics=service.metrics.for_model(model.name))
     tenant_metrics.init_app(app, app.extensions[EXTENSION].metrics.registry)
     api = make_api()
     api.init_app(app)
@@ -76,4 +87,5 @@ def create_app(settings: Settings | None = None, client=None, *, tokenizer=None)
 def _count_generation_failure(service: Service, error) -> None:
     """Errors of generation routes that no view counted (auth, schemas, body size, content type)."""
     if request.blueprint in GENERATION_BLUEPRINTS and request.endpoint not in NOT_GENERATION:
-        service.metrics.tgi.refused_at_the_edge(error)
+        # under the request's model when it was resolved (an unknown one counts under the first)
+        service.for_model(g.get("blitz_model", "")).metrics.tgi.refused_at_the_edge(error)

@@ -76,6 +76,7 @@ class PrefixCacheSchema(Schema):
 
 class ReplicaStateSchema(Schema):
     slot = fields.Integer(required=True)
+    model = fields.String(allow_none=True, metadata={"description": "the model its replica serves (--models)"})
     state = fields.String(required=True, metadata={"description": "loading | active | draining | standby | stopped | dead"})
     target = fields.String(allow_none=True, metadata={"description": "what the slot was last told to become"})
     name = fields.String(allow_none=True, metadata={"description": "Celery worker name, replica<slot>@<host>"})
@@ -140,6 +141,8 @@ class ClusterStateSchema(Schema):
     down_target = fields.String()
     queue_size = fields.Integer(metadata={"description": "jobs waiting in the broker: the shared generation queue and the replicas' own queues"})
     counts = fields.Dict(keys=fields.String(), values=fields.Integer(), metadata={"description": "slots by state"})
+    models = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
+        "description": "each served model (--models): its `queue_size` and its slots by state (`counts`)"})
     agents = fields.List(fields.String(), metadata={"description": "hosts whose agent can start replicas"})
     hosts = fields.List(fields.Nested(HostSchema), metadata={"description": "what each host's agent advertises"})
     placement = fields.Dict(allow_none=True, metadata={"description": "the last placement executed: `at`, `trigger`, "

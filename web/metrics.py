@@ -9,6 +9,7 @@ shared by the workers (see web/gunicorn_conf.py for the dead-worker hook).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -50,18 +51,22 @@ def _linear_buckets(top: int, count: int = 20) -> tuple[float, ...]:
 
 
 class TgiMetrics:
-    """The request metrics TGI's router exports, under its names."""
+    """The request metrics TGI's router exports, under its names. With several models each has a
+    `model` label (`for_model`: this object for one model's requests); with one, none, as TGI's."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None):
-        def histogram(name, doc, buckets=DURATION_BUCKETS):
-            return Histogram(name, doc, buckets=buckets, registry=registry)
+        model = ["model"] if settings.catalog.several else []
+        self.model = settings.catalog.first.name if model else None
 
-        self.count = Counter("tgi_request_count", "Generation requests received", registry=registry)
-        self.success = Counter("tgi_request_success", "Generation requests that succeeded", registry=registry)
+        def histogram(name, doc, buckets=DURATION_BUCKETS):
+            return Histogram(name, doc, model, buckets=buckets, registry=registry)
+
+        self.count = Counter("tgi_request_count", "Generation requests received", model, registry=registry)
+        self.success = Counter("tgi_request_success", "Generation requests that succeeded", model, registry=registry)
         self.failure = Counter("tgi_request_failure", "Generation requests that failed, by TGI error type and reason",
-                               ["err", "reason"], registry=registry)
+                               ["err", "reason", *model], registry=registry)
         self.redeliveries = Counter(
-            "blitz_request_redeliveries", "Requests re-enqueued because their replica died", registry=registry
+            "blitz_request_redeliveries", "Requests re-enqueued because their replica died", model, registry=registry
         )
         self.duration = histogram("tgi_request_duration", "Request duration (seconds)")
         self.validation = histogram("tgi_request_validation_duration", "Validation duration (seconds)")
@@ -77,16 +82,30 @@ class TgiMetrics:
             "tgi_request_generated_tokens", "Generated tokens", _linear_buckets(settings.max_total_tokens)
         )
 
+    def for_model(self, name: str) -> "TgiMetrics":
+        """The same metrics, counting under model `name`."""
+        if self.model is None:
+            return self
+        bound = copy.copy(self)
+        bound.model = name
+        return bound
+
+    def _of(self, metric, **labels):
+        """`metric`, labelled with this object's model when the metrics have one."""
+        if self.model is not None:
+            labels["model"] = self.model
+        return metric.labels(**labels) if labels else metric
+
     def request_received(self) -> None:
-        self.count.inc()
+        self._of(self.count).inc()
         if has_request_context():
             g.tgi_received = True
 
     def request_validated(self, input_length: int) -> None:
-        self.input_length.observe(input_length)
+        self._of(self.input_length).observe(input_length)
 
     def request_redelivered(self) -> None:
-        self.redeliveries.inc()
+        self._of(self.redeliveries).inc()
 
     def request_failed(self, error, route: str | None = None) -> None:
         """Count a failed request (`error`: a web.errors.ApiError) under its error type and reason,
@@ -95,7 +114,7 @@ class TgiMetrics:
         line names the request id (common.logs)."""
         route = route or (request.path if has_request_context() else "-")
         error.counted = True
-        self.failure.labels(err=error.error_type, reason=str(error.reason)).inc()
+        self._of(self.failure, err=error.error_type, reason=str(error.reason)).inc()
         log.warning("request failed: %s answered %d %s (%s): %s", route, client_status(error, route),
                     error.error_type, error.reason, error.message)
 
@@ -110,13 +129,13 @@ class TgiMetrics:
 
     def request_succeeded(self, outcome) -> None:
         """`outcome`: a `web.responses.Outcome`."""
-        self.success.inc()
-        self.duration.observe(outcome.total_time)
-        self.validation.observe(outcome.validation_time)
-        self.queue.observe(outcome.queue_time)
-        self.inference.observe(outcome.inference_time)
-        self.time_per_token.observe(outcome.time_per_token)
-        self.generated_tokens.observe(outcome.generated_tokens)
+        self._of(self.success).inc()
+        self._of(self.duration).observe(outcome.total_time)
+        self._of(self.validation).observe(outcome.validation_time)
+        self._of(self.queue).observe(outcome.queue_time)
+        self._of(self.inference).observe(outcome.inference_time)
+        self._of(self.time_per_token).observe(outcome.time_per_token)
+        self._of(self.generated_tokens).observe(outcome.generated_tokens)
 
 
 class ReplicaMetricsReader(RedisReader):
@@ -175,6 +194,12 @@ class Metrics:
         exporter.init_app(app)
         self.exporter = exporter
         self.tgi = TgiMetrics(settings, self.registry)
+
+    def for_model(self, name: str) -> "Metrics":
+        """These metrics, with the request metrics counting under model `name` (several models)."""
+        bound = copy.copy(self)
+        bound.tgi = self.tgi.for_model(name)
+        return bound
 
     def render(self) -> tuple[bytes, str]:
         registry = self.registry

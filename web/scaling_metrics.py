@@ -1,7 +1,8 @@
 """Scaling metrics read at scrape time from Redis: how often replicas were scaled up and down
 (`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, its scale-ups blocked
 (`blitz_scale_up_blocked`, by reason), and every slot by host and state, `dead` and `stopped`
-included (`blitz_replica_slots`)."""
+included (`blitz_replica_slots`), and by model (`blitz_model_replicas`, every served model, 0
+included: a model scaled to zero shows 0 active)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -13,7 +14,7 @@ from tasks.control.cluster import read_agents, read_counters, read_slots
 from web.redis_collector import RedisReader
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
-         "blitz_replica_slots")
+         "blitz_replica_slots", "blitz_model_replicas")
 
 
 class ScalingReader(RedisReader):
@@ -21,10 +22,16 @@ class ScalingReader(RedisReader):
 
     def read(self, client):
         connection = client.redis
-        return read_counters(connection), read_slots(connection), [a.host for a in read_agents(connection)]
+        settings = getattr(client, "settings", None)
+        catalog = settings.catalog if settings is not None else None
+        slots = read_slots(connection)
+        models = catalog.names if catalog is not None else []
+        for slot, view in slots.items():
+            view["model"] = catalog.for_slot(slot).name if catalog is not None else ""
+        return read_counters(connection), slots, [a.host for a in read_agents(connection)], models
 
     def families(self, values):
-        counters, slots, hosts = values
+        counters, slots, hosts, models = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
@@ -41,6 +48,16 @@ class ScalingReader(RedisReader):
                 family.add_metric(labels, value)
         yield from (up, down, decisions, blocked)
         yield _slots_by_host(slots, hosts)
+        yield _replicas_by_model(slots, models)
+
+
+def _replicas_by_model(slots: dict[int, dict], models: list[str]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily("blitz_model_replicas", "Replicas of each served model by state", labels=["model", "state"])
+    counts = Counter((v["model"], str(v["state"])) for v in slots.values())
+    for model in models:
+        for state in ReplicaState:
+            family.add_metric([model, state], counts[(model, str(state))])
+    return family
 
 
 def _slots_by_host(slots: dict[int, dict], agents: list[str]) -> GaugeMetricFamily:

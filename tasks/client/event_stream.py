@@ -186,7 +186,7 @@ class EventStream:
             self._candidates = states
             if lost:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
-            if not serving(states):
+            if not serving(states) and not self._settings.cold_starts:  # else a replica is on its way
                 return error(NO_REPLICA, FailureReason.NO_REPLICA)
         except (redis.RedisError, OSError, OperationalError) as lost:  # an outage: wait it out, within the deadlines
             log.info("request %s: cannot check its replicas (%s); waiting", self._job and self._job.request_id, lost)
@@ -194,7 +194,7 @@ class EventStream:
 
     def _fail_over(self, why: str) -> StreamEvent:
         states = self._watch.replica_states(0)
-        if not serving(states):
+        if not serving(states) and not self._settings.cold_starts:
             return error(f"{why} and {NO_REPLICA}", FailureReason.NO_REPLICA)
         if self._job is None or self.redeliveries >= self._settings.max_redeliveries:
             return error(f"{why} and the request was retried {self.redeliveries} time(s) already",

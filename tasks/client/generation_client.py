@@ -22,7 +22,7 @@ import time
 import redis
 from kombu.exceptions import OperationalError
 
-from common.keys import GENERATION_QUEUE, attempt_key, replica_key, replica_queue, stream_channel
+from common.keys import attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
 from common.replica_records import live_records
 from common.settings import Settings
@@ -75,17 +75,18 @@ class GenerationClient:
 
     def submit(self, job: Job) -> EventStream:
         """Subscribe to the job's channel (confirmed), then enqueue. Raises NoReplica at once when
-        no replica could take the job, QueueUnavailable when Redis cannot be reached."""
+        no replica could take the job (unless its model starts replicas on demand: it waits in the
+        queue meanwhile), QueueUnavailable when Redis cannot be reached."""
         try:
-            states = self.replica_states(self.settings.replica_check_interval)
-            if not serving(states):
+            states = self.replica_states(self.settings.replica_check_interval, job.model)
+            if not serving(states) and not self.settings.cold_starts:
                 raise NoReplica(NO_REPLICA)
             subscription = self.subscriber.subscribe(stream_channel(job.request_id))
         except (redis.RedisError, OSError, SubscribeFailed) as error:
             raise QueueUnavailable(str(error)) from error
         try:
-            routing = self.affinity.route(job.input_ids, self.replica_records(self.settings.replica_check_interval),
-                                          salt=job_salt(job.cache_salt, job.adapter_id), request_id=job.request_id)
+            routing = self.affinity.route(job.input_ids, self.model_records(job.model), salt=self._salt(job),
+                                          request_id=job.request_id)
             self._send(job, routing.replica)
         except (redis.RedisError, OSError, OperationalError) as error:
             subscription.close()
@@ -93,13 +94,28 @@ class GenerationClient:
         except BaseException:
             subscription.close()
             raise
-        return EventStream(subscription, self.settings, job=job, watch=self, states=states, routing=routing)
+        return EventStream(subscription, self.settings, job=job, watch=ModelWatch(self, job.model), states=states,
+                           routing=routing)
+
+    def _salt(self, job: Job) -> str:
+        """The prefix-affinity salt: with several models, each model's prefixes are its own."""
+        salt = job_salt(job.cache_salt, job.adapter_id)
+        return f"{job.model}\0{salt}" if job.model else salt
+
+    def model_records(self, model: str | None) -> dict[str, dict]:
+        """The live replicas serving `model` (None: the first model, or the only one)."""
+        records = self.replica_records(self.settings.replica_check_interval)
+        if not self.settings.catalog.several:
+            return records
+        name = model or self.settings.catalog.first.name
+        return {n: r for n, r in records.items() if r.get("model", self.settings.catalog.first.name) == name}
 
     def _send(self, job: Job, replica: str | None = None) -> None:
-        """To the shared queue, or to `replica`'s own queue; the queue list expires once nobody
-        consumed it for a request timeout (tasks/queue/hygiene.py)."""
+        """To its model's shared queue, or to `replica`'s own queue; the queue list expires once
+        nobody consumed it for a request timeout (tasks/queue/hygiene.py)."""
         task_id = f"{job.request_id}.{job.attempt}" if job.attempt else job.request_id
-        queue = replica_queue(replica) if replica else GENERATION_QUEUE
+        served = self.settings.catalog.get(job.model) or self.settings.catalog.first
+        queue = replica_queue(replica) if replica else served.queue
         self.celery.send_task(GENERATE_TASK, args=[job.to_dict()], queue=queue, task_id=task_id)
         self.redis.expire(queue, queue_ttl(self.settings.request_timeout))
 
@@ -123,9 +139,13 @@ class GenerationClient:
     def alive(self, name: str) -> bool:
         return bool(self.redis.exists(replica_key(name)))
 
-    def replica_states(self, max_age: float) -> dict[str, str]:
-        """name -> state of every live replica."""
-        return {name: record.get("state") for name, record in self.replica_records(max_age).items()}
+    def replica_states(self, max_age: float, model: str | None = None) -> dict[str, str]:
+        """name -> state of every live replica (of `model`'s, with several models)."""
+        records = self.replica_records(max_age)
+        if self.settings.catalog.several:
+            first = self.settings.catalog.first.name
+            records = {n: r for n, r in records.items() if r.get("model", first) == (model or first)}
+        return {name: record.get("state") for name, record in records.items()}
 
     def replica_records(self, max_age: float) -> dict[str, dict]:
         """name -> record of every live replica, read at most every `max_age` seconds for all the
@@ -173,4 +193,28 @@ class GenerationClient:
     def read_queue_size(self) -> int:
         """Jobs waiting in the shared queue and in the live replicas' own queues, raising when
         Redis cannot be read."""
-        return queued_jobs(self.redis, self.replica_records(self.settings.replica_check_interval))
+        return queued_jobs(self.redis, self.replica_records(self.settings.replica_check_interval),
+                           [m.queue for m in self.settings.catalog.models])
+
+
+class ModelWatch:
+    """What a waiting request asks about the replicas (tasks.client.event_stream.ReplicaWatch),
+    narrowed to the replicas of its model."""
+
+    def __init__(self, client: GenerationClient, model: str | None):
+        self._client, self._model = client, model
+
+    def settled(self) -> bool:
+        return self._client.settled()
+
+    def alive(self, name: str) -> bool:
+        return self._client.alive(name)
+
+    def replica_states(self, max_age: float) -> dict[str, str]:
+        return self._client.replica_states(max_age, self._model)
+
+    def resubmit(self, job: Job) -> None:
+        self._client.resubmit(job)
+
+    def served(self, routing: Routing, replica: str) -> None:
+        self._client.served(routing, replica)

@@ -81,14 +81,15 @@ class HostAgent:
 
     # -- starting replicas
 
-    def start_new(self, standby: bool = False) -> subprocess.Popen | None:
+    def start_new(self, standby: bool = False, slots: range | None = None) -> subprocess.Popen | None:
         """A replica in a slot allocated cluster-wide (common/slot_leases.py): the lowest slot
-        that no replica, agent or start command holds, claimed with its `loading` entry in one
-        atomic step, so that agents starting at once never share a slot."""
+        (of `slots`: a model's, with several models) that no replica, agent or start command
+        holds, claimed with its `loading` entry in one atomic step, so that agents starting at
+        once never share a slot."""
         entry = {"host": self.host, "state": ReplicaState.LOADING, "by": "agent", "updated_at": time.time()}
         self.announce()  # first: a start on a host with no agent present reads as dead, free to take
         try:
-            slot = allocate(self.redis, read_slots(self.redis), agent_owner(self.host), entry)
+            slot = allocate(self.redis, read_slots(self.redis), agent_owner(self.host), entry, slots=slots)
         except NoFreeSlot as error:
             log.error("agent: %s; not starting a replica", error)
             return None

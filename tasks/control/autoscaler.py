@@ -26,6 +26,8 @@ from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
 from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
+from tasks.control.cold_start import evict, last_used
+from tasks.control.cold_start import serving as serving_slots
 from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places
 
@@ -39,11 +41,12 @@ class Policy:
     up_threshold: float = 0.8
     down_threshold: float = 0.3
     hold_s: float = 30.0
+    zero_after_s: float = 0.0  # with min_replicas 0: idle this long (no request), down to zero (0: never)
 
     @classmethod
     def from_settings(cls, s: Settings) -> "Policy":
         low, high = s.replica_range
-        return cls(low, high, s.scale_up_threshold, s.scale_down_threshold, s.scale_down_hold)
+        return cls(low, high, s.scale_up_threshold, s.scale_down_threshold, s.scale_down_hold, s.scale_to_zero_after)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Observation:
     in_flight: int  # running + waiting in the replicas
     serving: int  # active + loading replicas
     capacity_per_replica: int  # batch slots of one replica
+    idle_s: float = 0.0  # since the model's last request (scale to zero)
 
     @property
     def load(self) -> float:
@@ -77,6 +81,11 @@ class Decision:
 
 def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, Memory]:
     n, load = obs.serving, obs.load
+    if n and policy.min_replicas == 0 and policy.zero_after_s and not obs.queued + obs.in_flight \
+            and obs.idle_s >= policy.zero_after_s:
+        return Decision("down", n, f"no request for {obs.idle_s:.0f} s: scale to zero", load), Memory()
+    # Without a request for `zero_after_s`, the last replica stays (min_replicas 0 or not).
+    floor = max(policy.min_replicas, 1)
     if n < policy.min_replicas:
         return Decision("up", policy.min_replicas - n, f"{n} serving < min {policy.min_replicas}", load), Memory()
     if n > policy.max_replicas:
@@ -85,7 +94,7 @@ def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, 
         needed = math.ceil((obs.queued + obs.in_flight) / (policy.up_threshold * obs.capacity_per_replica))
         count = max(1, min(needed, policy.max_replicas) - n)
         return Decision("up", count, f"load {load:.2f} > {policy.up_threshold}", load), Memory()
-    if load < policy.down_threshold and n > policy.min_replicas:
+    if load < policy.down_threshold and n > floor:
         low_since = memory.low_since if memory.low_since is not None else obs.now
         if obs.now - low_since >= policy.hold_s:
             reason = f"load {load:.2f} < {policy.down_threshold} for {obs.now - low_since:.0f} s"
@@ -94,11 +103,12 @@ def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, 
     return Decision("hold", 0, f"load {load:.2f}", load), Memory()
 
 
-def pick_up(slots: dict[int, dict], count: int, slot_count: int, can_start: bool = True) -> list[int]:
+def pick_up(slots: dict[int, dict], count: int, slot_count: int | range, can_start: bool = True) -> list[int]:
     """Standby (or draining) replicas first, then free slots (no process, stopped or dead) when
-    a host agent can start processes."""
-    warm = [s for s, v in sorted(slots.items()) if v["state"] in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
-    free = [s for s in range(slot_count) if slots.get(s, {}).get("state") not in LIVE_STATES]
+    a host agent can start processes. `slot_count`: the slots (a model's range, or 0..count-1)."""
+    own = range(slot_count) if isinstance(slot_count, int) else slot_count
+    warm = [s for s, v in sorted(slots.items()) if s in own and v["state"] in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
+    free = [s for s in own if slots.get(s, {}).get("state") not in LIVE_STATES]
     return (warm + (free if can_start else []))[:count]
 
 
@@ -108,13 +118,13 @@ def pick_down(slots: dict[int, dict], count: int) -> list[int]:
     return [s for _, _, s in sorted(active)[:count]]
 
 
-def observe(slots: dict[int, dict], queued: int, settings: Settings, now: float) -> Observation:
+def observe(slots: dict[int, dict], queued: int, settings: Settings, now: float, idle_s: float = 0.0) -> Observation:
     """Serving: active replicas, and loading ones that load to serve (not those loading for standby)."""
     active, loading = ReplicaState.ACTIVE, ReplicaState.LOADING
     serving = [v for v in slots.values()
                if v["state"] == active or (v["state"] == loading and v.get("target") != ReplicaState.STANDBY)]
     in_flight = sum(_in_flight(v) for v in slots.values() if v["state"] == active)
-    return Observation(now, queued, in_flight, len(serving), settings.max_batch_size)
+    return Observation(now, queued, in_flight, len(serving), settings.max_batch_size, idle_s)
 
 
 def _in_flight(view: dict) -> int:
@@ -125,28 +135,52 @@ class Autoscaler:
     def __init__(self, settings: Settings, control: ClusterControl | None = None, backoff: LoadBackoff | None = None):
         self.settings = settings
         self.control = control or ClusterControl(settings)
-        self.policy = Policy.from_settings(settings)
-        self.memory = Memory()
+        self.models = settings.catalog.models
+        self.policies = {m.name: Policy.from_settings(m.settings) for m in self.models}
+        self.policy = self.policies[self.models[0].name]  # the first model's (the only one's, by default)
+        self.memories = {m.name: Memory() for m in self.models}
+        self._started = time.time()  # a model never asked for is idle since the autoscaler started
         self.backoff = backoff or LoadBackoff()
         self._blocked: str | None = None  # the last scale-up block logged
         self._stop = threading.Event()
 
-    def tick(self) -> Decision:
-        slots = self.control.slots()
-        obs = observe(slots, self.control.queue_size(slots), self.settings, time.time())
-        self.backoff.observe(slots, obs.now)
-        decision, self.memory = decide(obs, self.policy, self.memory)
-        state = {**asdict(decision), "at": obs.now, "serving": obs.serving, "backoff": self.backoff.view(obs.now)}
-        self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
-        if decision.action != "hold":
-            self.act(decision, slots, obs.now)
-        return decision
+    @property
+    def memory(self) -> Memory:
+        return self.memories[self.models[0].name]
 
-    def act(self, decision: Decision, slots: dict[int, dict], now: float | None = None) -> None:
+    def tick(self) -> Decision:
+        """Each model decided on its own replicas, queue and idle time; the first model's decision."""
+        slots = self.control.slots()
+        now = time.time()
+        self.backoff.observe(slots, now)
+        several = len(self.models) > 1
+        used = last_used(self.control.redis) if several or self.policy.zero_after_s else {}
+        decisions, serving = {}, {}
+        for model in self.models:
+            own = {s: v for s, v in slots.items() if v.get("model", model.name) == model.name} if several else slots
+            idle = now - max(used.get(model.name, 0.0), self._started)
+            obs = observe(own, self.control.queue_size(slots, model.name if several else None), model.settings, now, idle)
+            decision, self.memories[model.name] = decide(obs, self.policies[model.name], self.memories[model.name])
+            decisions[model.name], serving[model.name] = decision, obs.serving
+            if decision.action != "hold":
+                self.act(decision, slots, now, model)
+        first = self.models[0].name
+        state = {**asdict(decisions[first]), "at": now, "serving": serving[first], "backoff": self.backoff.view(now)}
+        if several:
+            state["models"] = {name: {**asdict(d), "serving": serving[name]} for name, d in decisions.items()}
+        self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
+        return decisions[first]
+
+    def act(self, decision: Decision, slots: dict[int, dict], now: float | None = None, model=None) -> None:
+        """`model`: the catalog's model it is about (None: the first, the only one by default)."""
+        model = model or self.models[0]
+        own = {s: v for s, v in slots.items() if v.get("model", model.name) == model.name}
+        # Down to no replica: their places go to other models, so the processes stop.
+        to_zero = decision.action == "down" and decision.count >= len(serving_slots(own, model.name))
         if decision.action == "up":
-            chosen = self._up_within_places(decision, slots, time.time() if now is None else now)
+            chosen = self._up_within_places(decision, slots, time.time() if now is None else now, model)
         else:
-            chosen = pick_down(slots, decision.count)
+            chosen = pick_down(own, decision.count)
         if not chosen:
             if self._blocked:  # the block was logged (once per change); not again at every tick
                 return
@@ -157,6 +191,8 @@ class Autoscaler:
         try:
             if decision.action == "up":
                 self.control.scale_up(chosen, trigger="autoscaler")
+            elif to_zero:
+                self.control.scale_down(chosen, ReplicaState.STOPPED, trigger="scale_to_zero")
             else:
                 self.control.scale_down(chosen, trigger="autoscaler")
         except ScaleUpBlocked as error:  # the places went meanwhile
@@ -164,11 +200,13 @@ class Autoscaler:
         except ClusterError as error:
             log.warning("autoscaler: %s", error)
 
-    def _up_within_places(self, decision: Decision, slots: dict[int, dict], now: float) -> list[int]:
+    def _up_within_places(self, decision: Decision, slots: dict[int, dict], now: float, model=None) -> list[int]:
         """Standby replicas first, then as many new processes as there are free places (none
-        while replicas that cannot load hold them back); the rest is blocked (logged once per
-        change, counted every time)."""
-        chosen = pick_up(slots, decision.count, self.settings.slot_count)
+        while replicas that cannot load hold them back); with several models, idle replicas of
+        the least recently used other models are stopped to free more (tasks/control/cold_start.py);
+        the rest is blocked (logged once per change, counted every time)."""
+        model = model or self.models[0]
+        chosen = pick_up(slots, decision.count, model.slots if len(self.models) > 1 else self.settings.slot_count)
         warm = [s for s in chosen if slots.get(s, {}).get("state") in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
         new = [s for s in chosen if s not in warm]
         if new and self.backoff.holds(now):
@@ -177,8 +215,11 @@ class Autoscaler:
                         f"{len(new)} new replicas wanted ({decision.reason}); replicas cannot load "
                         f"({backoff.reason}); next start in {backoff.retry_at - now:.0f} s (failure {backoff.failures})")
             return warm
-        fleet = self.control.fleet(slots)
+        fleet = self.control.fleet(slots, model.name)
         free = sum(len(places) for places in free_places(fleet).values())
+        if len(new) > free and len(self.models) > 1:
+            with self.control.locked():
+                evict(self.control, self.control.slots(), model.name, len(new) - free, "autoscaler")
         if len(new) > free:
             reason = "no_agent" if not fleet.agents else "no_free_device"
             hosts = len(fleet.agents)

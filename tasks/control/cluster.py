@@ -23,7 +23,7 @@ import redis
 
 from common.fleet import AgentRecord, Placement, StartCommand, read_agents
 from common.keys import (
-    AUTOSCALER_KEY, CLUSTER_LOCK_KEY, GENERATION_QUEUE, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
+    AUTOSCALER_KEY, CLUSTER_LOCK_KEY, PLACEMENT_KEY, SCALE_COUNTERS_KEY, SLOTS_KEY,
     agent_commands_key, slot_target_key,
 )
 from common.replica_records import live_records
@@ -94,18 +94,26 @@ class ClusterControl:
     # -- reading
 
     def slots(self) -> dict[int, dict]:
-        return read_slots(self.redis)
+        """Every slot's view, with the model its replica serves (its slot's: common/models.py)."""
+        slots = read_slots(self.redis)
+        for slot, view in slots.items():
+            view["model"] = self.settings.catalog.for_slot(slot).name
+        return slots
 
     def hosts(self) -> list[AgentRecord]:
         """Every present host agent's record, by host name."""
         return read_agents(self.redis)
 
-    def fleet(self, slots: dict[int, dict] | None = None) -> Fleet:
-        """What placement reads: the agents, the slots, and the model their replicas load."""
+    def fleet(self, slots: dict[int, dict] | None = None, model: str | None = None) -> Fleet:
+        """What placement reads: the agents, the slots, and the model their replicas load
+        (`model`'s, with several models: the agents advertise the first model's only)."""
         slots = self.slots() if slots is None else slots
         agents = self.hosts()
-        shas = Counter(v["model_sha"] for v in slots.values() if v.get("alive") and v.get("model_sha"))
-        sha = shas.most_common(1)[0][0] if shas else next((a.model_sha for a in agents if a.model_sha), None)
+        first = self.settings.catalog.first.name
+        shas = Counter(v["model_sha"] for v in slots.values() if v.get("alive") and v.get("model_sha")
+                       and v.get("model", first) == (model or first))
+        sha = shas.most_common(1)[0][0] if shas else next(
+            (a.model_sha for a in agents if a.model_sha and (model or first) == first), None)
         return Fleet(agents, slots, sha)
 
     def placement(self) -> dict | None:
@@ -132,10 +140,12 @@ class ClusterControl:
             counts[view["state"]] = counts.get(view["state"], 0) + 1
         return counts
 
-    def queue_size(self, slots: dict[int, dict] | None = None) -> int:
-        """Jobs waiting in the shared queue and in the live replicas' own queues."""
+    def queue_size(self, slots: dict[int, dict] | None = None, model: str | None = None) -> int:
+        """Jobs waiting in the shared queues and in the live replicas' own queues (`model`'s only)."""
         slots = self.slots() if slots is None else slots
-        return queued_jobs(self.redis, [v["name"] for v in slots.values() if v.get("alive") and v.get("name")])
+        models = [m for m in self.settings.catalog.models if model is None or m.name == model]
+        return queued_jobs(self.redis, [v["name"] for v in slots.values() if v.get("alive") and v.get("name")
+                                        and (model is None or v.get("model") == model)], [m.queue for m in models])
 
     def agents(self) -> list[str]:
         return [agent.host for agent in self.hosts()]
@@ -157,8 +167,18 @@ class ClusterControl:
         with self._locked():
             return self._scale_down(slots_down, target, trigger)
 
-    def _locked(self):
+    def locked(self):
+        """The cluster lock: one scaling command plans and applies its steps at a time."""
         return self.redis.lock(CLUSTER_LOCK_KEY, timeout=30, blocking_timeout=10)
+
+    _locked = locked
+
+    def scale_up_locked(self, new_slots: list[int], trigger: str) -> list[Step]:
+        """`scale_up`, for a caller that holds `locked()` already (tasks/control/cold_start.py)."""
+        return self._scale_up(new_slots, [], trigger)
+
+    def scale_down_locked(self, slots_down: list[int], target: str, trigger: str) -> list[Step]:
+        return self._scale_down(slots_down, target, trigger)
 
     def _scale_up(self, new_slots: list[int], sources: list[int], trigger: str) -> list[Step]:
         slots = self.slots()
@@ -211,7 +231,7 @@ class ClusterControl:
         return Step("start", slot)
 
     def _place(self, new_slots: list[int], slots: dict[int, dict], sources: list[int]) -> list[Placement]:
-        fleet = self.fleet(slots)
+        fleet = self.fleet(slots, self.settings.catalog.for_slot(new_slots[0]).name)
         stubs = f"stub{'s' if len(new_slots) > 1 else ''} {', '.join(map(str, new_slots))}"
         if not fleet.agents:
             raise ScaleUpBlocked("no_agent", f"{stubs} {'have' if len(new_slots) > 1 else 'has'} no process and no "
@@ -246,7 +266,8 @@ class ClusterControl:
 
     def _consumer_control(self, step: Step) -> None:
         control = getattr(self.celery.control, step.op)
-        replies = control(GENERATION_QUEUE, destination=[step.name], reply=True, timeout=2.0)
+        queue = self.settings.catalog.for_slot(step.slot).queue  # its model's shared queue
+        replies = control(queue, destination=[step.name], reply=True, timeout=2.0)
         if not any(step.name in reply for reply in replies or []):
             raise ClusterError(f"stub {step.slot}: {step.name} did not answer {step.op}")
 
@@ -261,7 +282,8 @@ class ClusterControl:
         claimed = []
         for slot, placement in placements.items():
             entry = {"slot": slot, "host": placement.host, "device": placement.device, "state": ReplicaState.LOADING,
-                     "by": "control", "updated_at": time.time(), "placement": placement.to_dict()}
+                     "by": "control", "updated_at": time.time(), "placement": placement.to_dict(),
+                     "model": self.settings.catalog.for_slot(slot).name}
             if not claim(self.redis, slot, CONTROL_OWNER, entry, stale=stale_holders(slots.get(slot))):
                 for taken in claimed:
                     undo_claim(self.redis, taken, CONTROL_OWNER, previous[taken])

@@ -12,9 +12,9 @@ import redis
 from common.keys import GENERATION_QUEUE, replica_queue
 
 
-def queued_jobs(connection: redis.Redis, replicas: Iterable[str]) -> int:
-    """`replicas`: the names of the live replicas."""
+def queued_jobs(connection: redis.Redis, replicas: Iterable[str], shared: Iterable[str] = (GENERATION_QUEUE,)) -> int:
+    """`replicas`: the names of the live replicas; `shared`: the models' shared queues."""
     pipe = connection.pipeline(transaction=False)
-    for queue in [GENERATION_QUEUE, *(replica_queue(name) for name in replicas)]:
+    for queue in [*shared, *(replica_queue(name) for name in replicas)]:
         pipe.llen(queue)
     return sum(int(n) for n in pipe.execute())

@@ -49,14 +49,14 @@ def observed_state(loaded: bool, consuming: bool, in_flight: int) -> ReplicaStat
     return ReplicaState.DRAINING if in_flight else ReplicaState.STANDBY
 
 
-def consuming_generation(worker) -> bool:
-    """Whether a Celery WorkController's consumer takes jobs from the generation queue now."""
+def consuming_generation(worker, queue: str = GENERATION_QUEUE) -> bool:
+    """Whether a Celery WorkController's consumer takes jobs from the (model's) generation queue now."""
     consumer = getattr(worker, "consumer", None)
     task_consumer = getattr(consumer, "task_consumer", None)
     if task_consumer is None:
         return False
     try:
-        return bool(task_consumer.consuming_from(GENERATION_QUEUE))
+        return bool(task_consumer.consuming_from(queue))
     except Exception:  # the consumer is being rebuilt (reconnect): not consuming this instant
         return False
 
@@ -83,6 +83,7 @@ class Lifecycle:
     def __init__(self, replica, shutdown):
         """`shutdown(name)`: sends Celery's shutdown to the named worker."""
         self.replica = replica
+        self.queue = replica.settings.catalog.for_slot(replica.slot).queue  # its model's shared queue
         self._shutdown = shutdown
         self._shutdown_sent = False
         self._holds_slot = False  # its first heartbeat takes the lease from its starter; later ones only renew it
@@ -94,7 +95,7 @@ class Lifecycle:
         stats = r.engine.stats() if r.engine is not None else None
         in_flight = reserved_jobs() + (stats.running + stats.waiting if stats else 0)
         loaded = r.engine is not None and r.loaded and (_worker_ready.is_set() or r.worker is None)
-        return observed_state(loaded, consuming_generation(r.worker), in_flight)
+        return observed_state(loaded, consuming_generation(r.worker, self.queue), in_flight)
 
     def run(self, stop: threading.Event, heartbeat_interval: float) -> None:
         # The sweep SCANs the keyspace (seconds with millions of affinity keys): in a thread of

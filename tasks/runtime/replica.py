@@ -119,6 +119,7 @@ class Replica:
         return {
             "slot": self.slot,
             "name": self.name,
+            "model": self.settings.served_model,
             "host": self.settings.host,
             "device": self.device_name,
             "pid": os.getpid(),

@@ -1,6 +1,6 @@
 """Run one replica: a Celery worker named `replica<slot>@<host>` (`<host>`: `--host-name`, which a
-host agent passes on, else the machine's name) consuming the shared generation queue (while
-active) and its own queue (always: the jobs prefix affinity sends it; the web moves them to the
+host agent passes on, else the machine's name) consuming its model's shared queue (`generation`, or
+`generation:<model>` with several models: common/models.py; while active) and its own queue (always: the jobs prefix affinity sends it; the web moves them to the
 shared queue when this replica is not active; tasks/client/affinity.py)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import redis
 from celery import signals
 from celery.exceptions import CPendingDeprecationWarning, SecurityWarning
 
-from common.keys import GENERATION_QUEUE, replica_queue, slot_target_key
+from common.keys import replica_queue, slot_target_key
 from common.settings import Settings
 from common.states import ReplicaState
 from tasks.queue.celery_app import make_celery
@@ -30,6 +30,8 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     if slot is None:
         slot = claim_slot(redis.Redis.from_url(settings.redis_url), owner=f"{socket.gethostname()}:{os.getpid()}")
     _set_target(settings, slot, ReplicaState.STANDBY if standby else ReplicaState.ACTIVE)
+    model = settings.catalog.for_slot(slot)  # the slot's number says which model it serves (common/models.py)
+    settings = settings.for_slot(slot)
     app = make_celery(settings)
     generate.register(app)
     run_in_worker(app, settings, slot)
@@ -38,7 +40,7 @@ def run_worker(settings: Settings, slot: int | None, loglevel: str = "INFO", sta
     # of ours (celery.app.log.Logging.setup): ours go in front again once it has run.
     signals.celeryd_after_setup.connect(lambda **_: _quiet_celery_warnings(), weak=False)
     name = f"replica{slot}@{settings.host}"  # what Celery names the worker, and its replica record
-    queues = [replica_queue(name)] + ([] if standby else [GENERATION_QUEUE])  # add_consumer adds the shared one
+    queues = [replica_queue(name)] + ([] if standby else [model.queue])  # add_consumer adds the shared one
     app.worker_main([
         "--quiet",  # no banner: an operator's terminal shows our own lines (the replica's load line)
         "worker",

@@ -16,7 +16,7 @@ import redis
 from blitzscale.redis_server import EmbeddedRedis
 from common.keys import SLOTS_KEY, slot_lease_key
 from common.settings import Settings
-from common.slot_leases import CONTROL_OWNER, agent_owner, allocate, claim
+from common.slot_leases import CONTROL_OWNER, NoFreeSlot, agent_owner, allocate, claim
 from tasks.control import agent as agent_module
 from tasks.control.agent import HostAgent
 from tasks.control import cluster as cluster_module
@@ -169,3 +169,14 @@ def test_a_scale_up_refused_for_one_slot_gives_the_others_back_as_they_were(make
         ClusterControl(Settings(redis_url=redis_url, manually_scale=True, max_replicas=2)).scale_up([0, 1])
     assert connection.hget(SLOTS_KEY, "0").decode() == stopped and connection.get(slot_lease_key(0)) is None
     assert not connection.hexists(SLOTS_KEY, "1") and connection.get(slot_lease_key(1)).decode() == agent_owner("h2")
+
+
+def test_a_models_start_takes_a_slot_in_its_own_range(make_agent, connection):
+    """With several models (common/models.py), a model's replica goes in a slot of its range only."""
+    make_agent("h1").announce()  # its starts are pending, not dead
+    entry = {"host": "h1", "state": "loading", "by": "agent", "updated_at": time.time()}
+    assert allocate(connection, read_slots(connection), agent_owner("h1"), entry, slots=range(2, 4)) == 2
+    assert allocate(connection, read_slots(connection), agent_owner("h1"), entry, slots=range(2, 4)) == 3
+    with pytest.raises(NoFreeSlot, match="2..3"):
+        allocate(connection, read_slots(connection), agent_owner("h1"), entry, slots=range(2, 4))
+    assert allocate(connection, read_slots(connection), agent_owner("h1"), entry) == 0

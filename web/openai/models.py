@@ -24,15 +24,16 @@ def model_object(settings: Settings, adapter: str | None = None) -> dict:
 
 
 def model_objects(settings: Settings) -> list[dict]:
-    return [model_object(settings)] + [model_object(settings, name) for name in settings.adapter_names]
+    """Every served model (with several: each, replicas or not), each followed by its adapters."""
+    return [obj for own in (m.settings for m in settings.catalog.models)
+            for obj in [model_object(own)] + [model_object(own, name) for name in own.adapter_names]]
 
 
 def find_model(model: str, settings: Settings) -> dict:
-    if model == settings.served_model:
-        return model_object(settings)
-    if model in settings.adapter_names:
-        return model_object(settings, model)
-    raise ModelNotFound(model)
+    found = next((obj for obj in model_objects(settings) if obj["id"] == model), None)
+    if found is None:
+        raise ModelNotFound(model)
+    return found
 
 
 def adapter_for(model: str | None, settings: Settings) -> str | None:

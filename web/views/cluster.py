@@ -97,6 +97,9 @@ def cluster_state():
             "down_target": settings.down_target,
             "queue_size": control.queue_size(slots),
             "counts": control.state_counts(slots),
+            "models": {m.name: {"queue_size": control.queue_size(slots, m.name),
+                                "counts": control.state_counts({s: v for s, v in slots.items() if v["model"] == m.name})}
+                       for m in settings.catalog.models},
             "agents": [agent.host for agent in hosts],
             "hosts": [asdict(agent) for agent in hosts],
             "placement": control.placement(),
@@ -110,8 +113,8 @@ def cluster_state():
 
 def _replica(view: dict, celery: dict | None) -> dict:
     max_batch = view.get("max_batch_size") or 0
-    out = {key: view.get(key) for key in ("slot", "state", "target", "name", "host", "pid", "device", "torch_device",
-                                          "weight_source", "weight_origin", "weight_host",
+    out = {key: view.get(key) for key in ("slot", "model", "state", "target", "name", "host", "pid", "device",
+                                          "torch_device", "weight_source", "weight_origin", "weight_host",
                                           "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
                                           "graph_capture_seconds", "updated_at", "transfer", "prefix_cache",
                                           "error")}
