@@ -1,19 +1,24 @@
 """Scaling metrics read at scrape time from Redis: how often replicas were scaled up and down
 (`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, its scale-ups blocked
 (`blitz_scale_up_blocked`, by reason), and every slot by host and state, `dead` and `stopped`
-included (`blitz_replica_slots`)."""
+included (`blitz_replica_slots`); with the SLO policy, its desired replicas and the estimate
+behind them (`blitz_autoscaler_desired_replicas{model}`, `blitz_autoscaler_ttft_estimate_seconds{model}`,
+`blitz_autoscaler_add_replica_seconds{model}`), for a KEDA ScaledObject to follow."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.states import ReplicaState
+from common.keys import AUTOSCALER_KEY
 from tasks.control.cluster import read_agents, read_counters, read_slots
 from web.redis_collector import RedisReader
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
-         "blitz_replica_slots")
+         "blitz_replica_slots", "blitz_autoscaler_desired_replicas", "blitz_autoscaler_ttft_estimate_seconds",
+         "blitz_autoscaler_add_replica_seconds")
 
 
 class ScalingReader(RedisReader):
@@ -21,10 +26,12 @@ class ScalingReader(RedisReader):
 
     def read(self, client):
         connection = client.redis
-        return read_counters(connection), read_slots(connection), [a.host for a in read_agents(connection)]
+        raw = connection.get(AUTOSCALER_KEY)
+        autoscaler = json.loads(raw) if raw else {}
+        return read_counters(connection), read_slots(connection), [a.host for a in read_agents(connection)], autoscaler
 
     def families(self, values):
-        counters, slots, hosts = values
+        counters, slots, hosts, autoscaler = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
@@ -41,6 +48,24 @@ class ScalingReader(RedisReader):
                 family.add_metric(labels, value)
         yield from (up, down, decisions, blocked)
         yield _slots_by_host(slots, hosts)
+        yield from _slo_estimate(autoscaler)
+
+
+def _slo_estimate(state: dict):
+    """The SLO policy's last decision (none under the queue policy, or with the autoscaler away:
+    its state expires after ten ticks)."""
+    if "desired" not in state:
+        return
+    model = [str(state.get("model") or "")]
+    estimate = state.get("estimate") or {}
+    for name, help_text, value in (
+            ("blitz_autoscaler_desired_replicas", "Replicas the SLO policy wants", state["desired"]),
+            ("blitz_autoscaler_ttft_estimate_seconds", "TTFT of the waiting prompt tokens at the serving replicas' "
+             "measured prefill rate (queueing included)", estimate.get("ttft_estimate_s", 0.0)),
+            ("blitz_autoscaler_add_replica_seconds", "Expected seconds to add a replica", estimate.get("add_replica_s", 0.0))):
+        family = GaugeMetricFamily(name, help_text, labels=["model"])
+        family.add_metric(model, value)
+        yield family
 
 
 def _slots_by_host(slots: dict[int, dict], agents: list[str]) -> GaugeMetricFamily:

@@ -10,6 +10,8 @@ no free device (or no agent) starts what fits, logs the rest once per change and
 (`scale_up_blocked:<reason>`). Replicas that cannot load (a misconfigured model or adapter) hold
 new processes back with growing delays (tasks/control/load_backoff.py), the reason shown in the
 autoscaler's state. Every decision that acts is logged, counted in Redis and shown in metrics.
+With `--autoscale-policy slo` the count comes from tasks/control/slo_policy.py instead (TTFT and
+ITL targets), its desired count and estimate written to the state (exported in /metrics).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
 from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places
+from tasks.control.slo_observe import SloObserver
+from tasks.control.slo_policy import SloMemory, SloTargets, decide_slo
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,11 @@ def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, 
     return Decision("hold", 0, f"load {load:.2f}", load), Memory()
 
 
+def slo_targets(s: Settings) -> SloTargets:
+    low, high = s.replica_range
+    return SloTargets(s.ttft_slo, s.itl_slo, low, high, hold_s=s.scale_down_hold)
+
+
 def pick_up(slots: dict[int, dict], count: int, slot_count: int, can_start: bool = True) -> list[int]:
     """Standby (or draining) replicas first, then free slots (no process, stopped or dead) when
     a host agent can start processes."""
@@ -127,6 +136,9 @@ class Autoscaler:
         self.control = control or ClusterControl(settings)
         self.policy = Policy.from_settings(settings)
         self.memory = Memory()
+        self.slo = slo_targets(settings) if settings.autoscale_policy == "slo" else None
+        self.slo_memory, self.slo_observer = SloMemory(), SloObserver(settings.model_id)
+        self._desired: int | None = None  # the SLO policy's last count, logged when it changes
         self.backoff = backoff or LoadBackoff()
         self._blocked: str | None = None  # the last scale-up block logged
         self._stop = threading.Event()
@@ -135,12 +147,30 @@ class Autoscaler:
         slots = self.control.slots()
         obs = observe(slots, self.control.queue_size(slots), self.settings, time.time())
         self.backoff.observe(slots, obs.now)
-        decision, self.memory = decide(obs, self.policy, self.memory)
-        state = {**asdict(decision), "at": obs.now, "serving": obs.serving, "backoff": self.backoff.view(obs.now)}
+        extra = {}
+        if self.slo is not None:
+            decision, extra = self._decide_slo(slots, obs)
+        else:
+            decision, self.memory = decide(obs, self.policy, self.memory)
+        state = {**asdict(decision), "at": obs.now, "serving": obs.serving, "backoff": self.backoff.view(obs.now),
+                 "policy": self.settings.autoscale_policy, **extra}
         self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
         if decision.action != "hold":
             self.act(decision, slots, obs.now)
         return decision
+
+    def _decide_slo(self, slots: dict[int, dict], obs: Observation) -> tuple[Decision, dict]:
+        """The SLO policy's count as the queue policy's kind of decision; its inputs logged when the
+        count changes (and at debug level every tick)."""
+        seen = self.slo_observer.observe(slots, obs.queued, obs.now, self.settings.max_batch_size)
+        slo, self.slo_memory = decide_slo(seen, self.slo, self.slo_memory)
+        logged = log.info if slo.desired != self._desired else log.debug
+        logged("autoscaler (slo): %d → %d replicas: %s; inputs %s", slo.current, slo.desired, slo.reason,
+               json.dumps({**slo.estimate, "running": seen.running, "kv_slots": seen.kv_slots,
+                           "decode_step_s": round(seen.decode_step_s, 4)}))
+        self._desired = slo.desired
+        decision = Decision(slo.action, abs(slo.desired - slo.current), slo.reason, obs.load)
+        return decision, {"model": seen.model, "desired": slo.desired, "estimate": slo.estimate}
 
     def act(self, decision: Decision, slots: dict[int, dict], now: float | None = None) -> None:
         if decision.action == "up":

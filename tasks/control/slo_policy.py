@@ -13,7 +13,8 @@ measured link from the placement's source, plus its start), T the TTFT SLO:
 - decode: the running requests fill KV slots (k per replica) up to the target occupancy:
   n_decode = ⌈running / (o·k)⌉; and when the measured decode step exceeds the ITL SLO, the
   batch per replica must shrink in proportion: ⌈n_active · step / ITL⌉;
-- never below the replicas that the running requests need (⌈running / k⌉), nor outside
+- never below the replicas that the running requests need (⌈running / k⌉), never zero while a
+  request waits (a model scaled to zero comes back for its first request), nor outside
   [--min-replicas, --max-replicas].
 
 Up: at once, to the count wanted. Down: only while the count wanted *with a margin*
@@ -52,6 +53,7 @@ class ModelObservation:
     running: int  # requests holding KV slots
     kv_slots: int  # KV slots (concurrent requests) of one replica
     decode_step_s: float = 0.0  # recent mean decode step of the active replicas (0: none)
+    waiting_requests: int = 0  # requests waiting (queued jobs included): one replica at least while any
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def wanted(obs: ModelObservation, targets: SloTargets, margin: float = 1.0) -> t
     decode = math.ceil(obs.running / (occupancy * slots))
     if obs.decode_step_s > targets.itl_s * margin and obs.active:
         decode = max(decode, math.ceil(obs.active * obs.decode_step_s / (targets.itl_s * margin)))
-    floor = math.ceil(obs.running / slots)
+    floor = max(math.ceil(obs.running / slots), 1 if obs.waiting_requests else 0)
     count = min(max(prefill, decode, floor, targets.min_replicas), targets.max_replicas)
     estimate = {"ttft_estimate_s": round(obs.waiting_tokens / (n * rate), 3), "prefill_rate": round(rate, 1),
                 "arrival_tokens_per_s": round(obs.arrival_tokens_per_s, 1), "waiting_tokens": obs.waiting_tokens,

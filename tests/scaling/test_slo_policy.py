@@ -111,3 +111,10 @@ def test_never_below_the_running_work(running):
     memory = SloMemory(low_since=obs.now - 1000)
     decision, _ = decide(obs, memory, floor_targets)
     assert decision.desired == 3 and decision.estimate["running_floor"] == 3
+
+
+def test_a_model_at_zero_comes_back_for_one_waiting_request():
+    targets = replace(TARGETS, min_replicas=0)
+    zero = replace(QUIET, replicas=0, active=0)
+    assert decide(zero, targets=targets)[0].desired == 0
+    assert decide(replace(zero, waiting_requests=1, waiting_tokens=5), targets=targets)[0].desired == 1
