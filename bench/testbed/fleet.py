@@ -40,8 +40,9 @@ def _start_time(pid: int) -> str | None:
 class Testbed:
     def __init__(self, hosts: int, rate: str, model_dir: str | Path, delay: str | None = None,
                  places: int = 1, replicas: dict[str, int] | None = None, env: dict | None = None,
-                 workdir: Path | None = None):
-        """`places`: CPU places per host; `replicas`: host → replicas its agent starts at once."""
+                 workdir: Path | None = None, agent_module: str = "blitzscale.cli"):
+        """`places`: CPU places per host; `replicas`: host → replicas its agent starts at once;
+        `agent_module`: what runs the agents (tests run theirs through a gated engine)."""
         self.run = secrets.token_hex(2)
         self.network = Network(self.run, hosts, rate, delay)
         self.model_dir, self.places, self.replicas = str(model_dir), places, replicas or {}
@@ -53,6 +54,7 @@ class Testbed:
         self.env: dict[str, str] = dict(os.environ)
         self.redis: EmbeddedRedis | None = None
         self.extra_env = env or {}
+        self.agent_module = agent_module
         self.base_url = ""
         self._down = False
 
@@ -145,7 +147,7 @@ class Testbed:
     def start_agent(self, host: Host, replicas: int = 0) -> subprocess.Popen:
         devices = ",".join(["cpu"] * self.places)
         return self.spawn(f"agent-{host.name}", ["agent", "--host-name", host.name, "--devices", devices,
-                                                 "--replicas", str(replicas)], host,
+                                                 "--replicas", str(replicas)], host, self.agent_module,
                           WEIGHT_CACHE_DIR=str(self.cache(host)), WEIGHTS_HOST=host.address)
 
     def cache(self, host: Host) -> Path:
