@@ -14,7 +14,7 @@ new host's cache emptied first:
 - star: N commands of one replica each, sent at once: each new replica pulls from replica 0.
 
 Measured: command → every new replica active, the bytes each source sent (the data planes'
-counters in Redis). Writes bench/results/chain_vs_star.json.
+counters in Redis). Writes bench/results/chain_vs_star-<rate>.json.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def main() -> int:
           f"({summary['chain_over_one']}x one; target <= 1.3), star {median['star']:.2f} s ({summary['star_over_one']}x)")
     print(f"the source sent the model {summary['chain_source_sends_model_times']}x (chain), "
           f"{summary['star_source_sends_model_times']}x (star)")
-    path = save("chain_vs_star", {"rate": args.rate, "model_mb": round(size / 1e6, 1), "new": args.new,
+    path = save(f"chain_vs_star-{args.rate}", {"rate": args.rate, "model_mb": round(size / 1e6, 1), "new": args.new,
                                   "rounds": rows, "median_s": median, "summary": summary})
     print(f"wrote {path}")
     return 0

@@ -90,3 +90,31 @@ def test_cleanup_spares_a_live_run_and_ctrl_c_tears_it_down(tiny_model_dir):
         runner.kill()
     assert run_things(state["run"]) == [] and alive(state) == []
     assert not (STATE_DIR / f"{state['run']}.json").exists()
+
+
+def test_a_failure_half_way_up_takes_everything_down(tiny_model_dir, monkeypatch):
+    """The second host's shaping fails after the bridge, the first host, Redis and nothing else
+    exist: up() raises, and nothing of the run is left."""
+    from bench.testbed import netns
+
+    shaped = []
+
+    def failing_shape(device, rate, delay, namespace=None):
+        shaped.append(device)
+        if len(shaped) == 3:  # the second host's veth
+            raise RuntimeError("tc refused")
+        real_shape(device, rate, delay, namespace)
+
+    real_shape = netns.shape
+    monkeypatch.setattr(netns, "shape", failing_shape)
+    testbed = fleet.Testbed(2, "1gbit", tiny_model_dir)
+    with pytest.raises(RuntimeError, match="tc refused"):
+        testbed.up()
+    assert testbed.left_behind() == [] and run_things(testbed.run) == [] and not testbed.state_file.exists()
+
+    monkeypatch.setattr(netns, "shape", real_shape)
+    later = fleet.Testbed(1, "1gbit", tiny_model_dir)
+    monkeypatch.setattr(later, "start_agent", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        later.up()  # after the network, Redis and the web
+    assert later.left_behind() == [] and run_things(later.run) == []
