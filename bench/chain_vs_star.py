@@ -54,6 +54,10 @@ def scale_up(testbed: Testbed, connection: redis.Redis, mode: str, new: int) -> 
     slots = list(range(1, (1 if mode == "one" else new) + 1))
     for host in testbed.hosts[1:]:
         shutil.rmtree(testbed.cache(host) / "models", ignore_errors=True)
+    # placement reads the caches from the agents' records (renewed every second): a stale one
+    # would place every new replica on "its" cache, and no chain would form
+    testbed.wait(lambda: all(not h["models"] for h in testbed.cluster()["hosts"] if h["host"] != "h0"),
+                 "the new hosts' caches empty in their agents' records", timeout=30)
     before = read_transfers(connection)
     started = time.perf_counter()
     if mode == "star":

@@ -30,6 +30,8 @@ class SloObserver:
     _last_at: float | None = None
     _arrival: float = 0.0
     _prompt_tokens: float = ASSUMED_PROMPT_TOKENS
+    _loading_since: dict = field(default_factory=dict)  # slot → when this observer first saw it loading
+    _add_samples: list = field(default_factory=list)  # seconds from loading to active, the last few
 
     def observe(self, slots: dict[int, dict], queued: int, now: float, batch_slots: int) -> ModelObservation:
         active = [v for v in slots.values() if v["state"] == ReplicaState.ACTIVE and v.get("alive")]
@@ -57,23 +59,38 @@ class SloObserver:
             self._arrival += weight * (arrived / elapsed - self._arrival)
         self._last_at, self._last_waiting = now, waiting_tokens
 
+        self._time_starts(slots, now)
         tokens = sum(v["prefill_tokens"] for v in records)
         seconds = sum(v["prefill_seconds"] for v in records)
         return ModelObservation(
             now=now, model=self.model, replicas=len(serving), active=len(active), waiting_tokens=waiting_tokens,
             waiting_requests=waiting_requests + queued, arrival_tokens_per_s=self._arrival,
             prefill_tokens_per_s=tokens / seconds if tokens and seconds > 0 else 0.0,
-            add_replica_s=add_replica_seconds(slots), running=sum(v.get("running", 0) for v in active),
+            add_replica_s=add_replica_seconds(slots, self._add_samples), running=sum(v.get("running", 0) for v in active),
             kv_slots=next((v["kv_slots"] for v in active if v.get("kv_slots")), batch_slots),
             decode_step_s=decode_s / decode_steps if decode_steps else 0.0)
 
 
-def add_replica_seconds(slots: dict[int, dict]) -> float:
+    def _time_starts(self, slots: dict[int, dict], now: float) -> None:
+        """Seconds from a slot seen `loading` to `active`: what adding a replica takes here, the
+        process start and its weights (a peer copy over the link, the host cache, the source)."""
+        for slot, view in slots.items():
+            if view["state"] == ReplicaState.LOADING:
+                self._loading_since.setdefault(slot, now)
+            elif slot in self._loading_since:
+                since = self._loading_since.pop(slot)
+                if view["state"] == ReplicaState.ACTIVE:
+                    self._add_samples[:] = [*self._add_samples[-4:], now - since]
+
+
+def add_replica_seconds(slots: dict[int, dict], measured: list[float] = ()) -> float:
     """The expected time from a scale-up to the new replica serving: an add_consumer when a
-    standby replica waits; else what starting one took here, as measured by the live replicas
-    (the median of their start-to-loaded seconds, weights included: a peer copy over the
-    measured link, the host cache, or the model's source)."""
+    standby replica waits; else the median of the last starts measured (loading → active); else
+    the live replicas' own start-to-loaded seconds (weights included, the process start not);
+    else a slow start assumed."""
     if any(v["state"] == ReplicaState.STANDBY and v.get("alive") for v in slots.values()):
         return STANDBY_ADD_S
+    if measured:
+        return statistics.median(measured)
     loads = [v["load_seconds"] for v in slots.values() if v.get("alive") and v.get("load_seconds")]
     return statistics.median(loads) if loads else UNKNOWN_ADD_S

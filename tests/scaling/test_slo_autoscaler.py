@@ -93,3 +93,12 @@ def test_a_standby_replica_makes_adding_one_quick():
     live = {0: {**record(0, load_seconds=12.0), "alive": True}}
     assert add_replica_seconds(live) == 12.0
     assert add_replica_seconds({**live, 1: {**record(1, state="standby"), "alive": True}}) == STANDBY_ADD_S
+
+
+def test_the_time_to_add_a_replica_is_measured_from_loading_to_active():
+    observer = SloObserver("m")
+    serving = {0: {**record(0), "alive": True}}
+    observer.observe({**serving, 1: {"slot": 1, "state": "loading", "alive": False}}, 0, now=10.0, batch_slots=4)
+    observer.observe({**serving, 1: {"slot": 1, "state": "loading", "alive": False}}, 0, now=20.0, batch_slots=4)
+    seen = observer.observe({**serving, 1: {**record(1), "alive": True}}, 0, now=32.5, batch_slots=4)
+    assert seen.add_replica_s == 22.5  # not the records' 2 s of loading weights
