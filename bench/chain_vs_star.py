@@ -91,6 +91,20 @@ def scale_up(testbed: Testbed, connection: redis.Redis, mode: str, new: int) -> 
             "from": {f"{s}": (views[s].get("transfer") or {}).get("source") for s in slots}}
 
 
+def summarise(rows: list[dict], size: int) -> tuple[dict, dict]:
+    """Medians over the rounds: time to all active, the slowest copy, the bytes the source sent."""
+    modes = ("one", "chain", "star")
+    median = {m: statistics.median(r["all_active_s"] for r in rows if r["mode"] == m) for m in modes}
+    copy = {m: statistics.median(max(r["copy_s"]) for r in rows if r["mode"] == m) for m in modes}
+    sent = {m: statistics.median(r["source_sent_mb"] for r in rows if r["mode"] == m) for m in modes}
+    return median, {"chain_over_one": round(median["chain"] / median["one"], 3),
+                    "star_over_one": round(median["star"] / median["one"], 3),
+                    "chain_copy_over_one": round(copy["chain"] / copy["one"], 3),
+                    "star_copy_over_one": round(copy["star"] / copy["one"], 3),
+                    "chain_source_sends_model_times": round(sent["chain"] * 1e6 / size, 2),
+                    "star_source_sends_model_times": round(sent["star"] * 1e6 / size, 2)}
+
+
 def _interrupt(signum, _frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -128,14 +142,11 @@ def main() -> int:
         testbed.down()
     print(f"\nmodel {size / 1e6:.0f} MB, links {args.rate}, {args.new} new replicas\n")
     print_table(rows, ["round", "mode", "new", "all_active_s", "each_s", "copy_s", "load_s", "source_sent_mb", "copied_mb"])
-    median = {mode: statistics.median(r["all_active_s"] for r in rows if r["mode"] == mode) for mode in ("one", "chain", "star")}
-    sent = {mode: statistics.median(r["source_sent_mb"] for r in rows if r["mode"] == mode) for mode in ("one", "chain", "star")}
-    summary = {"chain_over_one": round(median["chain"] / median["one"], 3),
-               "star_over_one": round(median["star"] / median["one"], 3),
-               "chain_source_sends_model_times": round(sent["chain"] * 1e6 / size, 2),
-               "star_source_sends_model_times": round(sent["star"] * 1e6 / size, 2)}
+    median, summary = summarise(rows, size)
     print(f"\nmedian time to all active: one {median['one']:.2f} s, chain {median['chain']:.2f} s "
           f"({summary['chain_over_one']}x one; target <= 1.3), star {median['star']:.2f} s ({summary['star_over_one']}x)")
+    print(f"the weights alone (the slowest copy): chain {summary['chain_copy_over_one']}x one copy, "
+          f"star {summary['star_copy_over_one']}x")
     print(f"the source sent the model {summary['chain_source_sends_model_times']}x (chain), "
           f"{summary['star_source_sends_model_times']}x (star)")
     path = save(f"chain_vs_star-{args.rate}", {"rate": args.rate, "model_mb": round(size / 1e6, 1), "new": args.new,
