@@ -43,7 +43,7 @@ class Testbed:
                  workdir: Path | None = None, agent_module: str = "blitzscale.cli"):
         """`places`: CPU places per host; `replicas`: host → replicas its agent starts at once;
         `agent_module`: what runs the agents (tests run theirs through a gated engine)."""
-        self.run = secrets.token_hex(2)
+        self.run = _unused_run_id()
         self.network = Network(self.run, hosts, rate, delay)
         self.model_dir, self.places, self.replicas = str(model_dir), places, replicas or {}
         self.own_workdir = workdir is None
@@ -203,6 +203,17 @@ class Testbed:
                     raise RuntimeError(f"{name} exited ({process.returncode}) waiting for {what}; see {self.workdir}/{name}.log")
             time.sleep(poll)
         raise TimeoutError(f"{what} not reached in {timeout:.0f} s; see {self.workdir}")
+
+
+def _unused_run_id() -> str:
+    """Four hex digits no namespace, link or state file uses yet: a clash would make this run's
+    teardown remove another run's namespace."""
+    taken = leftovers(set())
+    names = " ".join(taken["namespaces"] + taken["links"])
+    while True:
+        run = secrets.token_hex(2)
+        if f"-{run}-" not in names and not (STATE_DIR / f"{run}.json").exists():
+            return run
 
 
 def _signal_group(pid: int, signum: int) -> None:

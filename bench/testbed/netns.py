@@ -68,7 +68,7 @@ class Network:
         self.run, self.rate, self.delay = run, rate, delay
         rate_bits(rate)  # a bad spelling fails before anything is made
         self.bridge = f"{PREFIX}{run}-br"
-        self.subnet = _free_subnet()
+        self.subnet = _free_subnet(int(run, 16))
         self.gateway = str(self.subnet.network_address + 1)  # the bridge: Redis and the web
         self.hosts = [Host(f"h{i}", f"{PREFIX}{run}-h{i}", f"{PREFIX}{run}-h{i}", str(self.subnet.network_address + 10 + i))
                       for i in range(hosts)]
@@ -160,10 +160,14 @@ def remove_leftovers(runs_alive: set[str] = frozenset()) -> dict[str, list[str]]
     return found
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
+def _free_subnet(seed: int) -> ipaddress.IPv4Network:
+    """The first /24 not on a link, searched from one the run id picks (two runs starting at the
+    same moment then rarely race for the same one)."""
     used = ip("-o", "-4", "addr", "show", check=False).stdout
     taken = {ipaddress.ip_interface(m).network for m in re.findall(r"inet (\S+)", used)}
-    for subnet in SUBNETS.subnets(new_prefix=24):
-        if subnet.network_address.packed[2] and not any(subnet.overlaps(t) for t in taken):
+    subnets = list(SUBNETS.subnets(new_prefix=24))[1:]  # 10.231.0.0/24 left out
+    start = seed % len(subnets)
+    for subnet in subnets[start:] + subnets[:start]:
+        if not any(subnet.overlaps(t) for t in taken):
             return subnet
     raise RuntimeError(f"no free /24 in {SUBNETS}")
