@@ -115,12 +115,18 @@ class Testbed:
         if self.own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def left_behind(self) -> list[str]:
-        """After `down`: whatever of this run still exists (namespaces, links, processes)."""
-        names = [f"netns {n}" for n in leftovers()["namespaces"] if f"-{self.run}-" in n]
-        names += [f"link {n}" for n in leftovers()["links"] if f"-{self.run}-" in n]
-        names += [f"process {pid}" for pid in sorted(self.pids) if _start_time(pid) and not _zombie(pid)]
-        return names
+    def left_behind(self, settle_s: float = 5.0) -> list[str]:
+        """After `down`: whatever of this run still exists (namespaces, links, processes), given
+        `settle_s` for a SIGKILLed process to be gone."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            found = leftovers()
+            names = [f"netns {n}" for n in found["namespaces"] if f"-{self.run}-" in n]
+            names += [f"link {n}" for n in found["links"] if f"-{self.run}-" in n]
+            names += [f"process {pid}" for pid in sorted(self.pids) if _start_time(pid) and not _zombie(pid)]
+            if not names or time.monotonic() > deadline:
+                return names
+            time.sleep(0.1)
 
     def __enter__(self) -> "Testbed":
         return self.up()
