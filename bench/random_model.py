@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = {
+    # ~1 MB: for testbeds whose processes only need something to load and generate with
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     # SmolLM2-135M-Instruct's config (the default model)
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

@@ -102,6 +102,9 @@ class Settings:
     # With --min-replicas 0: a model without a request for this long stops its replicas (0: never);
     # its next request starts one at once (docs/models.md)
     scale_to_zero_after: float = 0.0
+    autoscale_policy: str = "queue"  # queue: load thresholds | slo: tasks/control/slo_policy.py
+    ttft_slo: float = 2.0  # slo policy: p99 time-to-first-token target (seconds)
+    itl_slo: float = 0.2  # slo policy: p99 inter-token latency target (seconds)
     # Deadlines (seconds)
     request_timeout: float = 600.0  # the whole request
     replica_silence_timeout: float = 30.0  # no event from the replica for this long: give up
@@ -152,6 +155,8 @@ class Settings:
             raise ValueError("`prefix_cache_isolation` must be `tenant` or `shared`")
         if self.weight_peers not in ("auto", "prefer", "off"):
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
+        if self.autoscale_policy not in ("queue", "slo") or self.ttft_slo <= 0 or self.itl_slo <= 0:
+            raise ValueError("`autoscale_policy` must be `queue` or `slo`, `ttft_slo` and `itl_slo` > 0")
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):

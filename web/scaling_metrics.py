@@ -2,19 +2,25 @@
 (`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, its scale-ups blocked
 (`blitz_scale_up_blocked`, by reason), and every slot by host and state, `dead` and `stopped`
 included (`blitz_replica_slots`), and by model (`blitz_model_replicas`, every served model, 0
-included: a model scaled to zero shows 0 active)."""
+included: a model scaled to zero shows 0 active); with the SLO policy, each model's desired replicas
+and the estimate behind them (`blitz_autoscaler_desired_replicas{model}`,
+`blitz_autoscaler_ttft_estimate_seconds{model}`, `blitz_autoscaler_add_replica_seconds{model}`),
+for a KEDA ScaledObject to follow."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.states import ReplicaState
+from common.keys import AUTOSCALER_KEY
 from tasks.control.cluster import read_agents, read_counters, read_slots
 from web.redis_collector import RedisReader
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
-         "blitz_replica_slots", "blitz_model_replicas")
+         "blitz_replica_slots", "blitz_model_replicas", "blitz_autoscaler_desired_replicas",
+         "blitz_autoscaler_ttft_estimate_seconds", "blitz_autoscaler_add_replica_seconds")
 
 
 class ScalingReader(RedisReader):
@@ -28,10 +34,12 @@ class ScalingReader(RedisReader):
         models = catalog.names if catalog is not None else []
         for slot, view in slots.items():
             view["model"] = catalog.for_slot(slot).name if catalog is not None else ""
-        return read_counters(connection), slots, [a.host for a in read_agents(connection)], models
+        raw = connection.get(AUTOSCALER_KEY)
+        autoscaler = json.loads(raw) if raw else {}
+        return read_counters(connection), slots, [a.host for a in read_agents(connection)], models, autoscaler
 
     def families(self, values):
-        counters, slots, hosts, models = values
+        counters, slots, hosts, models, autoscaler = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
@@ -49,6 +57,7 @@ class ScalingReader(RedisReader):
         yield from (up, down, decisions, blocked)
         yield _slots_by_host(slots, hosts)
         yield _replicas_by_model(slots, models)
+        yield from _slo_estimate(autoscaler)
 
 
 def _replicas_by_model(slots: dict[int, dict], models: list[str]) -> GaugeMetricFamily:
@@ -58,6 +67,24 @@ def _replicas_by_model(slots: dict[int, dict], models: list[str]) -> GaugeMetric
         for state in ReplicaState:
             family.add_metric([model, state], counts[(model, str(state))])
     return family
+
+
+def _slo_estimate(state: dict):
+    """The SLO policy's last decision for each model (none under the queue policy, or with the
+    autoscaler away: its state expires after ten ticks)."""
+    decided = [m for m in (state.get("models") or {state.get("model"): state}).values() if "desired" in m]
+    if not decided:
+        return
+    for name, help_text, value in (
+            ("blitz_autoscaler_desired_replicas", "Replicas the SLO policy wants", lambda m: m["desired"]),
+            ("blitz_autoscaler_ttft_estimate_seconds", "TTFT of the waiting prompt tokens at the serving replicas' "
+             "measured prefill rate (queueing included)", lambda m: (m.get("estimate") or {}).get("ttft_estimate_s", 0.0)),
+            ("blitz_autoscaler_add_replica_seconds", "Expected seconds to add a replica",
+             lambda m: (m.get("estimate") or {}).get("add_replica_s", 0.0))):
+        family = GaugeMetricFamily(name, help_text, labels=["model"])
+        for model in decided:
+            family.add_metric([str(model.get("model") or "")], value(model))
+        yield family
 
 
 def _slots_by_host(slots: dict[int, dict], agents: list[str]) -> GaugeMetricFamily:

@@ -10,6 +10,8 @@ no free device (or no agent) starts what fits, logs the rest once per change and
 (`scale_up_blocked:<reason>`). Replicas that cannot load (a misconfigured model or adapter) hold
 new processes back with growing delays (tasks/control/load_backoff.py), the reason shown in the
 autoscaler's state. Every decision that acts is logged, counted in Redis and shown in metrics.
+With `--autoscale-policy slo` the count comes from tasks/control/slo_policy.py instead (TTFT and
+ITL targets), its desired count and estimate written to the state (exported in /metrics).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from tasks.control.cold_start import evict, last_used
 from tasks.control.cold_start import serving as serving_slots
 from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places
+from tasks.control.slo_observe import SloObserver
+from tasks.control.slo_policy import SloMemory, SloTargets, decide_slo
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,20 @@ class Decision:
     load: float
 
 
-def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, Memory]:
-    n, load = obs.serving, obs.load
+def scale_to_zero(obs: Observation, policy: Policy) -> Decision | None:
+    """Every replica down, with --min-replicas 0, once no request came for `zero_after_s`."""
+    n = obs.serving
     if n and policy.min_replicas == 0 and policy.zero_after_s and not obs.queued + obs.in_flight \
             and obs.idle_s >= policy.zero_after_s:
-        return Decision("down", n, f"no request for {obs.idle_s:.0f} s: scale to zero", load), Memory()
+        return Decision("down", n, f"no request for {obs.idle_s:.0f} s: scale to zero", obs.load)
+    return None
+
+
+def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, Memory]:
+    n, load = obs.serving, obs.load
+    zero = scale_to_zero(obs, policy)
+    if zero is not None:
+        return zero, Memory()
     # Without a request for `zero_after_s`, the last replica stays (min_replicas 0 or not).
     floor = max(policy.min_replicas, 1)
     if n < policy.min_replicas:
@@ -101,6 +114,13 @@ def decide(obs: Observation, policy: Policy, memory: Memory) -> tuple[Decision, 
             return Decision("down", 1, reason, load), Memory()
         return Decision("hold", 0, f"load {load:.2f} low for {obs.now - low_since:.1f} s", load), replace(memory, low_since=low_since)
     return Decision("hold", 0, f"load {load:.2f}", load), Memory()
+
+
+def slo_targets(s: Settings) -> SloTargets:
+    """One model's SLO targets. Its floor is one replica: going to zero is scale-to-zero's call
+    (no request for --scale-to-zero-after), never the SLO policy's."""
+    low, high = s.replica_range
+    return SloTargets(s.ttft_slo, s.itl_slo, max(low, 1), high, hold_s=s.scale_down_hold)
 
 
 def pick_up(slots: dict[int, dict], count: int, slot_count: int | range, can_start: bool = True) -> list[int]:
@@ -140,6 +160,10 @@ class Autoscaler:
         self.policy = self.policies[self.models[0].name]  # the first model's (the only one's, by default)
         self.memories = {m.name: Memory() for m in self.models}
         self._started = time.time()  # a model never asked for is idle since the autoscaler started
+        self.slo = settings.autoscale_policy == "slo"
+        self.slo_memories = {m.name: SloMemory() for m in self.models}
+        self.slo_observers = {m.name: SloObserver(m.name) for m in self.models}
+        self._desired: dict[str, int] = {}  # the SLO policy's last count per model, logged when it changes
         self.backoff = backoff or LoadBackoff()
         self._blocked: str | None = None  # the last scale-up block logged
         self._stop = threading.Event()
@@ -155,21 +179,42 @@ class Autoscaler:
         self.backoff.observe(slots, now)
         several = len(self.models) > 1
         used = last_used(self.control.redis) if several or self.policy.zero_after_s else {}
-        decisions, serving = {}, {}
+        decisions, serving, slo_state = {}, {}, {}
         for model in self.models:
             own = {s: v for s, v in slots.items() if v.get("model", model.name) == model.name} if several else slots
             idle = now - max(used.get(model.name, 0.0), self._started)
             obs = observe(own, self.control.queue_size(slots, model.name if several else None), model.settings, now, idle)
-            decision, self.memories[model.name] = decide(obs, self.policies[model.name], self.memories[model.name])
+            if self.slo:
+                decision, slo_state[model.name] = self._decide_slo(model, own, obs)
+            else:
+                decision, self.memories[model.name] = decide(obs, self.policies[model.name], self.memories[model.name])
             decisions[model.name], serving[model.name] = decision, obs.serving
             if decision.action != "hold":
                 self.act(decision, slots, now, model)
         first = self.models[0].name
-        state = {**asdict(decisions[first]), "at": now, "serving": serving[first], "backoff": self.backoff.view(now)}
+        state = {**asdict(decisions[first]), "at": now, "serving": serving[first], "backoff": self.backoff.view(now),
+                 "policy": self.settings.autoscale_policy, **slo_state.get(first, {})}
         if several:
-            state["models"] = {name: {**asdict(d), "serving": serving[name]} for name, d in decisions.items()}
+            state["models"] = {name: {**asdict(d), "serving": serving[name], **slo_state.get(name, {})}
+                               for name, d in decisions.items()}
         self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
         return decisions[first]
+
+    def _decide_slo(self, model, own: dict[int, dict], obs: Observation) -> tuple[Decision, dict]:
+        """One model's SLO count as the queue policy's kind of decision (scale to zero first, as
+        the queue policy has it); its inputs logged when the count changes (debug every tick)."""
+        zero = scale_to_zero(obs, self.policies[model.name])
+        if zero is not None:
+            return zero, {}
+        seen = self.slo_observers[model.name].observe(own, obs.queued, obs.now, model.settings.max_batch_size)
+        slo, self.slo_memories[model.name] = decide_slo(seen, slo_targets(model.settings), self.slo_memories[model.name])
+        logged = log.info if slo.desired != self._desired.get(model.name) else log.debug
+        logged("autoscaler (slo) %s: %d → %d replicas: %s; inputs %s", model.name, slo.current, slo.desired, slo.reason,
+               json.dumps({**slo.estimate, "running": seen.running, "kv_slots": seen.kv_slots,
+                           "decode_step_s": round(seen.decode_step_s, 4)}))
+        self._desired[model.name] = slo.desired
+        decision = Decision(slo.action, abs(slo.desired - slo.current), slo.reason, obs.load)
+        return decision, {"model": model.name, "desired": slo.desired, "estimate": slo.estimate}
 
     def act(self, decision: Decision, slots: dict[int, dict], now: float | None = None, model=None) -> None:
         """`model`: the catalog's model it is about (None: the first, the only one by default)."""

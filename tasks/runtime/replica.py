@@ -131,6 +131,7 @@ class Replica:
             "max_batch_total_tokens": stats.max_batch_total_tokens if stats else self.settings.max_batch_total_tokens,
             "updated_at": time.time(),
             "prefix_cache": _prefix_cache(stats) if stats else None,
+            **(_slo_inputs(stats, self.engine.metrics.registry, self.name) if stats else {}),
             **self.weights.record(),
             **self.facts,
         }
@@ -226,3 +227,15 @@ def load_error_line(error: BaseException) -> str:
 
 def _cannot_shut_down(name: str) -> None:
     log.warning("replica %s was told to stop, but runs without a Celery worker to shut down", name)
+
+
+def _slo_inputs(stats, registry, name: str) -> dict:
+    """What the SLO autoscaler measures from (tasks/control/slo_observe.py): prompt tokens waiting,
+    and since the start the prompt tokens prefilled and the seconds and steps spent on prefill
+    and on decode (the autoscaler takes rates from the differences between heartbeats)."""
+    def total(suffix: str, method: str) -> float:
+        return registry.get_sample_value(f"tgi_batch_inference_duration_{suffix}", {"replica": name, "method": method}) or 0.0
+
+    return {"waiting_tokens": stats.waiting_tokens, "prefill_tokens": stats.prefix_miss_tokens,
+            "prefill_seconds": round(total("sum", "prefill"), 4), "decode_seconds": round(total("sum", "decode"), 4),
+            "decode_steps": int(total("count", "decode"))}

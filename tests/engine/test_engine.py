@@ -177,6 +177,8 @@ def test_requests_over_the_token_budget_wait_in_the_replica(model_and_tokenizer,
         for _ in range(20):  # the first keeps generating; the second keeps waiting
             next(first)
             assert engine.stats().running == 1 and engine.stats().waiting == 1
+        # its prompt is what waits to be prefilled (the SLO autoscaler's demand)
+        assert engine.stats().waiting_tokens == len(tokenizer("Hello").input_ids)
         first.close()  # the first leaves: the second now fits and runs to the end
         assert len(list(second)) == 2000
         with pytest.raises(EngineError, match="batch budget"):

@@ -1,0 +1,120 @@
+"""bench.testbed: hosts as network namespaces with shaped links, real Redis, web, agents and
+replicas. Up and down twice in a row leaves nothing; a run killed with SIGKILL leaves its
+namespaces and processes to `--cleanup`, which removes them all; Ctrl-C tears a run down.
+Skipped where `ip netns` is not permitted (no root)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from bench.testbed import fleet
+from bench.testbed.fleet import STATE_DIR, _start_time
+from bench.testbed.netns import NetnsUnavailable, check_permitted, ip, leftovers
+
+try:
+    check_permitted()
+except NetnsUnavailable as reason:
+    pytestmark = pytest.mark.skip(reason=str(reason))
+
+
+def run_things(run: str) -> list[str]:
+    found = leftovers()
+    return [name for name in found["namespaces"] + found["links"] if f"-{run}-" in name]
+
+
+def test_up_and_down_twice_leaves_nothing(tiny_model_dir):
+    for _ in range(2):
+        testbed = fleet.Testbed(2, "1gbit", tiny_model_dir, replicas={"h0": 1, "h1": 1})
+        with testbed:
+            by_host = testbed.replicas_by_host()
+            assert sorted(by_host) == ["h0", "h1"]  # a replica in each host's namespace
+            namespaces = {h.name: h.namespace for h in testbed.hosts}
+            for host, replicas in by_host.items():  # each really runs inside its host's namespace
+                in_namespace = ip("netns", "pids", namespaces[host]).stdout.split()
+                assert str(replicas[0]["pid"]) in in_namespace
+            assert run_things(testbed.run)
+            answer = requests.post(f"{testbed.base_url}/generate", json={"inputs": "Hello", "parameters": {
+                "max_new_tokens": 3}}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["generated_text"]
+        assert testbed.left_behind() == []
+        assert run_things(testbed.run) == [] and not testbed.state_file.exists()
+
+
+def start_runner(tiny_model_dir) -> tuple[subprocess.Popen, dict]:
+    """`python -m bench.testbed` held up; returns it and its state file once it is up."""
+    runner = subprocess.Popen([sys.executable, "-m", "bench.testbed", "--hosts", "1", "--rate", "100mbit",
+                               "--model-id", str(tiny_model_dir), "--max-seconds", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = runner.stdout.readline()
+    assert line.startswith("testbed up"), line
+    state = next(json.loads(p.read_text()) for p in STATE_DIR.glob("*.json")
+                 if json.loads(p.read_text())["owner"][0] == runner.pid)
+    return runner, state
+
+
+def alive(state: dict) -> list[int]:
+    return [pid for pid, started in state["processes"] if _start_time(pid) == started]
+
+
+def test_a_killed_run_is_removed_by_cleanup(tiny_model_dir):
+    runner, state = start_runner(tiny_model_dir)
+    runner.kill()  # SIGKILL: no handler, no atexit
+    runner.wait(10)
+    assert run_things(state["run"]) and alive(state)  # left behind
+    cleaned = subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], capture_output=True, text=True,
+                             timeout=60)
+    assert cleaned.returncode == 0 and cleaned.stdout.startswith("testbed cleanup:"), cleaned
+    assert run_things(state["run"]) == []
+    deadline = time.monotonic() + 10
+    while alive(state) and time.monotonic() < deadline:  # SIGKILLed; gone once reaped by init
+        time.sleep(0.1)
+    assert alive(state) == [] and not Path(state["workdir"]).exists()
+
+
+def test_cleanup_spares_a_live_run_and_ctrl_c_tears_it_down(tiny_model_dir):
+    runner, state = start_runner(tiny_model_dir)
+    try:
+        subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
+        assert run_things(state["run"]) and len(alive(state)) == len(state["processes"])  # its owner lives
+        runner.send_signal(signal.SIGINT)
+        assert "testbed down" in runner.stdout.read()
+        assert runner.wait(60) == 0
+    finally:
+        runner.kill()
+    assert run_things(state["run"]) == [] and alive(state) == []
+    assert not (STATE_DIR / f"{state['run']}.json").exists()
+
+
+def test_a_failure_half_way_up_takes_everything_down(tiny_model_dir, monkeypatch):
+    """The second host's shaping fails after the bridge, the first host, Redis and nothing else
+    exist: up() raises, and nothing of the run is left."""
+    from bench.testbed import netns
+
+    shaped = []
+
+    def failing_shape(device, rate, delay, namespace=None):
+        shaped.append(device)
+        if len(shaped) == 3:  # the second host's veth
+            raise RuntimeError("tc refused")
+        real_shape(device, rate, delay, namespace)
+
+    real_shape = netns.shape
+    monkeypatch.setattr(netns, "shape", failing_shape)
+    testbed = fleet.Testbed(2, "1gbit", tiny_model_dir)
+    with pytest.raises(RuntimeError, match="tc refused"):
+        testbed.up()
+    assert testbed.left_behind() == [] and run_things(testbed.run) == [] and not testbed.state_file.exists()
+
+    monkeypatch.setattr(netns, "shape", real_shape)
+    later = fleet.Testbed(1, "1gbit", tiny_model_dir)
+    monkeypatch.setattr(later, "start_agent", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        later.up()  # after the network, Redis and the web
+    assert later.left_behind() == [] and run_things(later.run) == []

@@ -1,0 +1,28 @@
+"""Where `ip netns` is not permitted, `python -m bench.testbed` says so in one line and exits 77
+(skipped), touching nothing. As root, the test drops every capability first (setpriv)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.testbed.netns import NetnsUnavailable, check_permitted
+
+
+def unprivileged() -> list[str]:
+    try:
+        check_permitted()
+    except NetnsUnavailable:
+        return []  # already without the right
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop the capabilities")
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
+
+
+def test_without_the_right_it_says_so_in_one_line_and_skips():
+    done = subprocess.run([*unprivileged(), sys.executable, "-m", "bench.testbed", "--hosts", "2", "--selftest"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 77, done
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("testbed skipped: bench.testbed needs root"), done
