@@ -57,7 +57,7 @@ def test_waiting_tokens_past_the_ttft_slo_add_a_replica_logged_and_exported(conn
     assert (decision.action, decision.count) == ("up", 1)  # 2 wanted, the upper bound
     assert StartCommand.from_json(connection.lpop(agent_commands_key("h1"))) == StartCommand(1, "cpu:1")
     logged = [r.getMessage() for r in caplog.records if "(slo)" in r.getMessage()]
-    assert len(logged) == 1 and logged[0].startswith("autoscaler (slo): 1 → 2 replicas")
+    assert len(logged) == 1 and logged[0].startswith("autoscaler (slo) m: 1 → 2 replicas")
     assert '"waiting_tokens": 4000' in logged[0] and '"prefill_rate": 1000.0' in logged[0]
     text = metrics(connection)
     assert 'blitz_autoscaler_desired_replicas{model="m"} 2.0' in text
@@ -102,3 +102,24 @@ def test_the_time_to_add_a_replica_is_measured_from_loading_to_active():
     observer.observe({**serving, 1: {"slot": 1, "state": "loading", "alive": False}}, 0, now=20.0, batch_slots=4)
     seen = observer.observe({**serving, 1: {**record(1), "alive": True}}, 0, now=32.5, batch_slots=4)
     assert seen.add_replica_s == 22.5  # not the records' 2 s of loading weights
+
+
+def test_with_two_models_each_is_decided_and_exported_on_its_own(connection):
+    """Prompt tokens pile up for model a only: a gets a replica, b holds, and each model's estimate
+    is its own series."""
+    url = connection.connection_pool.connection_kwargs
+    settings = Settings(redis_url=f"redis://{url['host']}:{url['port']}/0", models="a=/m/a,b=/m/b",
+                        autoscale_policy="slo", ttft_slo=1.0, min_replicas=1, max_replicas=2)
+    a, b = settings.catalog.models
+    places = (Place("cpu:0", slot=a.slots[0]), Place("cpu:1", slot=b.slots[0]), Place("cpu:2"))
+    connection.set(agent_key("h1"), AgentRecord("h1", 1, places).to_json(), ex=30)
+    busy = record(a.slots[0], waiting=4, waiting_tokens=4000, model="a")
+    idle = {**record(b.slots[0], model="b"), "name": f"replica{b.slots[0]}@h1", "device": "cpu:1"}
+    publish(connection, busy, idle)
+    Autoscaler(settings).tick()
+    assert StartCommand.from_json(connection.lpop(agent_commands_key("h1"))).slot in a.slots
+    assert connection.lpop(agent_commands_key("h1")) is None  # nothing for b
+    text = metrics(connection)
+    assert 'blitz_autoscaler_desired_replicas{model="a"} 2.0' in text
+    assert 'blitz_autoscaler_desired_replicas{model="b"} 1.0' in text
+    assert 'blitz_autoscaler_ttft_estimate_seconds{model="a"} 4.0' in text
