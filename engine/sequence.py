@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import replace
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from engine.detokenize import IncrementalDetokenizer
 from engine.grammar import GrammarError, grammar_matcher
@@ -14,6 +15,9 @@ from engine.outputs import EngineError, Finish, FinishReason, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
 from engine.stopping import StopChecker
+
+if TYPE_CHECKING:
+    from engine.speculative import RowAcceptance
 
 
 class SequenceStatus(IntEnum):
@@ -101,6 +105,7 @@ class Sequence:
         self.cached_len = 0  # prompt positions found in the prefix cache, never prefilled
         self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
         self.prefill_top_tokens: list[tuple[Token, ...]] = []  # their alternatives (prefill_top_n_tokens)
+        self.speculation: RowAcceptance | None = None  # its drafting state, once it drafts (engine/speculative.py)
 
     @property
     def request_id(self) -> str:

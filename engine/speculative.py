@@ -1,0 +1,213 @@
+"""Speculative decoding: which rows get draft tokens this step, and what a verify step accepts.
+
+A decode row with k drafts goes through the forward as k + 1 tokens (its last token, then the
+drafts) and gets k + 1 logits rows; each of them is sampled exactly as plain decoding would
+sample that position had the drafts before it been accepted (its history, grammar state and
+draw counter are those of that position). The row accepts its drafts while the token sampled
+equals the draft, and takes the first token that differs as well: every token it emits is the
+one plain decoding gives for the same logits, greedy or sampled, and a seeded row draws the
+same tokens with or without speculation, alone or in any batch. (For a drafter that proposes
+one token, accepting when the draw equals it is rejection sampling with acceptance p(draft):
+the target distribution is kept exactly.) The KV written for rejected drafts lies past the
+row's new length and is overwritten by its next step: the rollback is a number, not a copy.
+
+It pays or it steps aside: a row whose drafts were mostly rejected lately stops drafting for a
+while (`RowAcceptance`), and `SpeculationGate` measures, per batch size, the time per emitted
+token of verify steps against plain ones and drafts only where verifying is faster.
+See docs/engine.md ("Speculative decoding").
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.ngram import NgramDrafter
+from engine.sampling import RequestSampler
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    tokens: int = 0  # TGI's --speculate: drafts per row per step (0: off)
+    ngram_min: int = 2  # vLLM's prompt_lookup_min
+    ngram_max: int = 4  # vLLM's prompt_lookup_max
+    min_acceptance: float = 0.25  # a row whose recent acceptance falls below this rests
+    rest_steps: int = 16  # how long it rests before it drafts again
+
+    def __post_init__(self):
+        if self.tokens < 0:
+            raise ValueError("speculate must be >= 0")
+        if self.tokens and not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("speculative n-gram sizes must satisfy 1 <= min <= max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+
+class Drafter(Protocol):
+    """What proposes a row's drafts: `engine.ngram.NgramDrafter`, or any object made per row
+    by `Speculator.new_drafter` (tests use an oracle)."""
+
+    def propose(self, tokens: list[int], count: int) -> tuple[int, ...]: ...
+
+
+@dataclass
+class RowAcceptance:
+    """A row's drafting state: its drafter and how well its drafts did lately."""
+
+    drafter: Drafter
+    rate: float = 1.0  # moving average of accepted / drafted, per verify
+    resting: int = 0  # steps left before it drafts again
+    skipped_tokens: int = 0  # tokens it emitted beyond one per step (TGI's tgi_request_skipped_tokens)
+
+    def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
+        self.rate = 0.7 * self.rate + 0.3 * (accepted / drafted)
+        if self.rate < config.min_acceptance:
+            self.resting = config.rest_steps
+            self.rate = config.min_acceptance  # back on probation after the rest, not condemned
+
+
+def accepted_tokens(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:
+    """The tokens a row emits: `sampled[j]` is the token sampled after drafts[:j]; they stand
+    while each equals the next draft, and the first that differs ends them (it is emitted)."""
+    for j, draft in enumerate(drafts):
+        if sampled[j] != draft:
+            return sampled[: j + 1]
+    return sampled[: len(drafts) + 1]
+
+
+def batch_bucket(rows: int) -> int:
+    """Batch sizes are measured in power-of-two buckets (1, 2, 4, ...)."""
+    return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+
+
+@dataclass
+class _Timing:
+    seconds_per_token: float | None = None
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        value = seconds / max(tokens, 1)
+        self.seconds_per_token = value if self.seconds_per_token is None else 0.8 * self.seconds_per_token + 0.2 * value
+
+
+@dataclass
+class _Bucket:
+    plain: _Timing = field(default_factory=_Timing)
+    verify: _Timing = field(default_factory=_Timing)
+    drafting: bool = True
+    since_probe: int = 0
+
+
+class SpeculationGate:
+    """Whether a batch of a given size drafts, from the measured time per emitted token of its
+    plain and verify steps. A bucket where verifying is slower stops drafting and probes again
+    every `probe_every` steps (a workload turns repetitive, or the other way round); each
+    change is logged with the numbers behind it."""
+
+    def __init__(self, probe_every: int = 64):
+        self.probe_every = probe_every
+        self._buckets: dict[int, _Bucket] = {}
+
+    def drafts(self, rows: int) -> bool:
+        bucket = self._bucket(rows)
+        if bucket.drafting:
+            return True
+        bucket.since_probe += 1
+        if bucket.since_probe >= self.probe_every:
+            bucket.since_probe = 0
+            return True  # one verify step, measured again
+        return False
+
+    def observe(self, rows: int, seconds: float, tokens: int, verified: bool) -> None:
+        bucket = self._bucket(rows)
+        (bucket.verify if verified else bucket.plain).observe(seconds, tokens)
+        plain, verify = bucket.plain.seconds_per_token, bucket.verify.seconds_per_token
+        if plain is None or verify is None:
+            return
+        drafting = verify < plain
+        if drafting != bucket.drafting:
+            bucket.drafting = drafting
+            log.info("speculation %s for batches of %d rows or fewer (bucket): %.2f ms per token verifying, "
+                     "%.2f ms plain", "on" if drafting else "off", batch_bucket(rows), 1e3 * verify, 1e3 * plain)
+
+    def decisions(self) -> dict[int, bool]:
+        """Bucket -> whether it drafts now (for stats and tests)."""
+        return {size: bucket.drafting for size, bucket in sorted(self._buckets.items())}
+
+    def _bucket(self, rows: int) -> _Bucket:
+        return self._buckets.setdefault(batch_bucket(rows), _Bucket())
+
+
+class Speculator:
+    """Drafts for a decode batch, and the per-position samplers that verify them."""
+
+    def __init__(self, config: SpeculativeConfig, slot_length: int):
+        self.config = config
+        self.new_drafter: Callable[[Sequence], Drafter] = lambda _sequence: NgramDrafter(config.ngram_min,
+                                                                                         config.ngram_max)
+        self.slot_length = slot_length
+        self.gate = SpeculationGate()
+        self.drafts = 0  # verify rows with at least one draft, since start
+        self.draft_tokens = 0
+        self.accepted = 0
+
+    def propose(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
+        """Each row's drafts (empty for a row without a match or resting), or None when no row
+        drafts or the gate keeps this batch size plain."""
+        if not self.gate.drafts(len(rows)):
+            return None
+        drafts = [self._draft(sequence) for sequence in rows]
+        return drafts if any(drafts) else None
+
+    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+        state = sequence.speculation
+        if state is None:
+            state = sequence.speculation = RowAcceptance(self.new_drafter(sequence))
+        if state.resting:
+            state.resting -= 1
+            return ()
+        # Never past the last token it may emit, nor past its KV slot (draft j is written at kv_len + j).
+        count = min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len)
+        drafts = state.drafter.propose(sequence.token_ids, count)
+        eos = sequence.stop_checker.eos_token_ids
+        for j, token in enumerate(drafts):
+            if token in eos:  # nothing follows an EOS; a grammar row never drafts one (its mask decides)
+                drafts = drafts[: j if sequence.grammar is not None else j + 1]
+                break
+        if sequence.grammar is not None:
+            drafts = drafts[: sequence.grammar.valid_prefix(drafts)]
+        return drafts
+
+    def verify_rows(self, rows: list[Sequence], drafts: list[tuple[int, ...]]
+                    ) -> tuple[list[RequestSampler], list[list[int]]]:
+        """One sampler row per position to verify (row r's last token, then each draft), each
+        in the state plain decoding would reach there: its history, grammar and draw counter."""
+        samplers, histories = [], []
+        for sequence, own in zip(rows, drafts):
+            real = sequence.sampler
+            for j in range(len(own) + 1):
+                grammar = real.grammar if real.grammar is None or j == 0 else real.grammar.after(own[:j])
+                position = RequestSampler(real.params, grammar=grammar, prompt_len=real.prompt_len,
+                                          logprobs=real.logprobs)
+                position.draws = real.draws + j
+                samplers.append(position)
+                histories.append(sequence.token_ids + list(own[:j]) if j else sequence.token_ids)
+        return samplers, histories
+
+    def record(self, sequence: Sequence, drafted: int, accepted: int, emitted: int) -> None:
+        """A row's verify outcome: `accepted` of its `drafted` tokens matched, it emitted `emitted`."""
+        if drafted:
+            self.drafts += 1
+            self.draft_tokens += drafted
+            self.accepted += accepted
+            sequence.speculation.record(drafted, accepted, self.config)
+        if emitted:
+            sequence.speculation.skipped_tokens += emitted - 1
+        if not sequence.sampler.params.is_greedy:
+            sequence.sampler.draws += emitted  # its host counter, for the next sampler built
