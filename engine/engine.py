@@ -299,19 +299,20 @@ class Engine:
             tokens = accepted_tokens(ids[offset : offset + len(own) + 1], own)
             rows.append((sequence, own, range(offset, offset + len(tokens))))
             offset += len(own) + 1
-        events = []
+        events, emitted = [], [0] * len(rows)
         for position in range(max(len(taken) for _, _, taken in rows)):
-            wave = [(sequence, taken[position]) for sequence, _, taken in rows
+            wave = [row for row, (sequence, _, taken) in enumerate(rows)
                     if position < len(taken) and not sequence.status.is_finished]
-            picked = [None if column is None else [column[i] for _, i in wave] for column in columns]
-            events += self.events.emit([sequence for sequence, _ in wave], [ids[i] for _, i in wave], *picked)
-            for sequence, _ in wave:
+            indices = [rows[row][2][position] for row in wave]
+            picked = [None if column is None else [column[i] for i in indices] for column in columns]
+            for row in wave:
+                sequence = rows[row][0]
                 sequence.kv_len += 1  # the token it was fed at this position stands
-        emitted = {}
-        for event in events:
-            emitted[event.request_id] = emitted.get(event.request_id, 0) + 1
-        for sequence, own, taken in rows:
-            self.speculator.record(sequence, len(own), len(taken) - 1, emitted.get(sequence.request_id, 0))
+                sequence.skipped_tokens += 1 if position else 0  # a drafted token (counted before its final)
+                emitted[row] += 1
+            events += self.events.emit([rows[row][0] for row in wave], [ids[i] for i in indices], *picked)
+        for (sequence, own, taken), count in zip(rows, emitted):
+            self.speculator.record(sequence, len(own), len(taken) - 1, count)
         self.metrics.observe_drafts(sum(1 for _, own, _ in rows if own), sum(len(own) for _, own, _ in rows),
                                     sum(len(taken) - 1 for _, own, taken in rows if own))
         return events
@@ -337,9 +338,6 @@ class Engine:
         self.metrics.observe_step(_method(batch), size, seconds)
         if self.speculator is not None and not batch.prefill:
             self.speculator.gate.observe(size, seconds, len(events), verified=launched.drafts is not None)
-        for sequence in sequences:
-            if sequence.status is SequenceStatus.FINISHED:
-                self.metrics.observe_skipped(sequence.speculation.skipped_tokens if sequence.speculation else 0)
         if events and self.step_listener is not None:
             self.step_listener(events)
         if release:

@@ -7,7 +7,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_SKIPPED_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class EngineMetrics:
@@ -33,17 +32,13 @@ class EngineMetrics:
             "tgi_batch_forward_duration", "Model forward duration, seconds",
             labels + ["method"], buckets=_DURATION_BUCKETS, registry=self.registry,
         )
-        self.skipped_tokens = Histogram(
-            "tgi_request_skipped_tokens", "Tokens a request emitted beyond one per step (accepted speculative "
-            "drafts)", labels, buckets=_SKIPPED_BUCKETS, registry=self.registry,
-        )
         self.spec_drafts = Counter("blitz_spec_decode_num_drafts", "Rows verified with draft tokens", labels,
                                    registry=self.registry)
         self.spec_draft_tokens = Counter("blitz_spec_decode_num_draft_tokens", "Draft tokens verified", labels,
                                          registry=self.registry)
         self.spec_accepted_tokens = Counter("blitz_spec_decode_num_accepted_tokens", "Draft tokens accepted",
                                             labels, registry=self.registry)
-        for family in (self.skipped_tokens, self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens):
+        for family in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens):
             family.labels(replica)
         self.set_batch(0, 0)  # every series exists from the start: an idle replica shows zeros
         for method in ("prefill", "decode"):
@@ -72,10 +67,6 @@ class EngineMetrics:
         self.spec_drafts.labels(self._replica).inc(drafts)
         self.spec_draft_tokens.labels(self._replica).inc(draft_tokens)
         self.spec_accepted_tokens.labels(self._replica).inc(accepted)
-
-    def observe_skipped(self, tokens: int) -> None:
-        """A request finished having emitted `tokens` more than one per step (TGI records it for each)."""
-        self.skipped_tokens.labels(self._replica).observe(tokens)
 
     def set_batch(self, size: int, tokens: int) -> None:
         self.batch_size.labels(self._replica).set(size)

@@ -106,6 +106,7 @@ class Sequence:
         self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
         self.prefill_top_tokens: list[tuple[Token, ...]] = []  # their alternatives (prefill_top_n_tokens)
         self.speculation: RowAcceptance | None = None  # its drafting state, once it drafts (engine/speculative.py)
+        self.skipped_tokens = 0  # tokens it emitted beyond the first of a verify step (accepted drafts)
 
     @property
     def request_id(self) -> str:
@@ -155,7 +156,8 @@ class Sequence:
                 self.text_parts.append(held_back)
                 if not token.special:  # keep "token texts join to generated_text" true
                     token = replace(token, text=token.text + held_back)
-            finish = Finish(reason, "".join(self.text_parts), self.generated_count, self.cached_len)
+            finish = Finish(reason, "".join(self.text_parts), self.generated_count, self.cached_len,
+                            self.skipped_tokens)
             self.status = SequenceStatus.FINISHED
         event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, prefill_top, finish)
         self.stream.put(event)

@@ -64,7 +64,6 @@ class RowAcceptance:
     drafter: Drafter
     rate: float = 1.0  # moving average of accepted / drafted, per verify
     resting: int = 0  # steps left before it drafts again
-    skipped_tokens: int = 0  # tokens it emitted beyond one per step (TGI's tgi_request_skipped_tokens)
 
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
         self.rate = 0.7 * self.rate + 0.3 * (accepted / drafted)
@@ -207,7 +206,5 @@ class Speculator:
             self.draft_tokens += drafted
             self.accepted += accepted
             sequence.speculation.record(drafted, accepted, self.config)
-        if emitted:
-            sequence.speculation.skipped_tokens += emitted - 1
         if not sequence.sampler.params.is_greedy:
             sequence.sampler.draws += emitted  # its host counter, for the next sampler built

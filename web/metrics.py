@@ -76,6 +76,9 @@ class TgiMetrics:
         self.generated_tokens = histogram(
             "tgi_request_generated_tokens", "Generated tokens", _linear_buckets(settings.max_total_tokens)
         )
+        self.skipped_tokens = histogram(  # TGI's: tokens that came from accepted speculative drafts
+            "tgi_request_skipped_tokens", "Speculated tokens", _linear_buckets(settings.max_total_tokens)
+        )
 
     def request_received(self) -> None:
         self.count.inc()
@@ -117,6 +120,7 @@ class TgiMetrics:
         self.inference.observe(outcome.inference_time)
         self.time_per_token.observe(outcome.time_per_token)
         self.generated_tokens.observe(outcome.generated_tokens)
+        self.skipped_tokens.observe(outcome.skipped_tokens)
 
 
 class ReplicaMetricsReader(RedisReader):
