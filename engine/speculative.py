@@ -37,7 +37,7 @@ class SpeculativeConfig:
     ngram_min: int = 2  # vLLM's prompt_lookup_min
     ngram_max: int = 4  # vLLM's prompt_lookup_max
     min_acceptance: float = 0.25  # a row whose recent acceptance falls below this rests
-    rest_steps: int = 16  # how long it rests before it drafts again
+    rest_steps: int = 16  # how long it rests the first time; each rest in a row doubles it (to 16×)
 
     def __post_init__(self):
         if self.tokens < 0:
@@ -64,12 +64,16 @@ class RowAcceptance:
     drafter: Drafter
     rate: float = 1.0  # moving average of accepted / drafted, per verify
     resting: int = 0  # steps left before it drafts again
+    rests: int = 0  # rests since its drafts last paid: open-ended text drafts less and less often
 
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
         self.rate = 0.7 * self.rate + 0.3 * (accepted / drafted)
         if self.rate < config.min_acceptance:
-            self.resting = config.rest_steps
+            self.resting = config.rest_steps << min(self.rests, 4)
+            self.rests += 1
             self.rate = config.min_acceptance  # back on probation after the rest, not condemned
+        elif accepted:
+            self.rests = 0
 
 
 def accepted_tokens(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:
