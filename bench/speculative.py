@@ -106,18 +106,18 @@ def llama_generate(llama, prompt: list[int], new_tokens: int) -> tuple[int, floa
     return tokens, time.perf_counter() - started
 
 
-def compare(name: str, prompts: list[list[int]], engines: dict, args, llama=None) -> dict:
+def compare(name: str, prompts: list[list[int]], engines: dict, args, new_tokens: int, llama=None) -> dict:
     """Alternated rounds of plain and speculated (and llama.cpp) runs of the same prompts."""
     rates = {mode: [] for mode in engines}
     llama_rates = []
     outputs = {}
     for _ in range(args.rounds):
         for mode, engine in engines.items():
-            tokens, seconds = generate(engine, prompts, args.new_tokens)
+            tokens, seconds = generate(engine, prompts, new_tokens)
             rates[mode].append(sum(map(len, tokens)) / seconds)
             outputs[mode] = tokens
         if llama is not None:
-            count, seconds = llama_generate(llama, prompts[0], args.new_tokens)
+            count, seconds = llama_generate(llama, prompts[0], new_tokens)
             llama_rates.append(count / seconds)
     ratios = [s / p for p, s in zip(rates["plain"], rates["speculate"])]
     row = {"workload": name, "streams": len(prompts), "tokens": sum(map(len, outputs["plain"])),
@@ -140,12 +140,13 @@ def main() -> None:
     parser.add_argument("--ngram-max", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--stream-tokens", type=int, default=32, help="new tokens of each of the streams")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="cpu")
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.streams, args.rounds = 48, 8, 1
+        args.new_tokens, args.streams, args.stream_tokens, args.rounds = 48, 8, 16, 1
     from transformers import AutoTokenizer
 
     from common.settings import default_model_id
@@ -162,12 +163,12 @@ def main() -> None:
     try:
         generate(engines["plain"], [chat(tokenizer, "Hello")], 8)  # warm both up
         generate(engines["speculate"], [chat(tokenizer, "Hello")], 8)
-        rows = [compare(f"batch 1 {kind}: {name}", [chat(tokenizer, text)], engines, args, llama)
+        rows = [compare(f"batch 1 {kind}: {name}", [chat(tokenizer, text)], engines, args, args.new_tokens, llama)
                 for kind, prompts in (("grounded", GROUNDED), ("open-ended", OPEN_ENDED))
                 for name, text in prompts.items()]
         texts = list(OPEN_ENDED.values()) + list(GROUNDED.values())
         streams = [chat(tokenizer, f"{texts[n % len(texts)]} (#{n})") for n in range(args.streams)]
-        rows.append(compare(f"{args.streams} streams", streams, engines, args))
+        rows.append(compare(f"{args.streams} streams", streams, engines, args, args.stream_tokens))
     finally:
         for engine in engines.values():
             engine.stop()

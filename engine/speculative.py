@@ -109,9 +109,10 @@ class _Bucket:
 
 class SpeculationGate:
     """Whether a batch of a given size drafts, from the measured time per emitted token of its
-    plain and verify steps. A bucket where verifying is slower stops drafting and probes again
-    every `probe_every` steps (a workload turns repetitive, or the other way round); each
-    change is logged with the numbers behind it."""
+    plain and verify steps. Every `probe_every` steps a bucket takes one step of the other kind,
+    so both figures stay current (a workload turns repetitive, or the other way round, the
+    machine gets busier); until it has both it drafts, with one plain step to measure first.
+    Each change of decision is logged with the numbers behind it."""
 
     def __init__(self, probe_every: int = 64):
         self.probe_every = probe_every
@@ -119,13 +120,13 @@ class SpeculationGate:
 
     def drafts(self, rows: int) -> bool:
         bucket = self._bucket(rows)
-        if bucket.drafting:
-            return True
+        if bucket.plain.seconds_per_token is None:
+            return bucket.verify.seconds_per_token is None  # a verify step, then a plain one, measured
         bucket.since_probe += 1
         if bucket.since_probe >= self.probe_every:
             bucket.since_probe = 0
-            return True  # one verify step, measured again
-        return False
+            return not bucket.drafting  # one step of the other kind, measured again
+        return bucket.drafting
 
     def observe(self, rows: int, seconds: float, tokens: int, verified: bool) -> None:
         bucket = self._bucket(rows)

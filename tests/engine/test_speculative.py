@@ -173,11 +173,12 @@ def test_drafts_never_pass_the_kv_slot(model_and_tokenizer):
     assert engine.stats().spec_accepted_tokens > 0
 
 
-def test_seeded_sampled_rows_draw_the_same_tokens_alone_in_a_batch_and_without_speculation(model_and_tokenizer):
+def test_seeded_penalized_and_watermarked_rows_give_the_same_tokens_alone_in_a_batch_and_unspeculated(model_and_tokenizer):
     tokenizer = model_and_tokenizer[1]
     sampled = dict(do_sample=True, temperature=0.7, top_k=40, repetition_penalty=1.2)
     requests = [request(tokenizer, f"s{n}", text, max_new_tokens=16, seed=n, **sampled) for n, text in enumerate(TEXTS)]
     requests.append(request(tokenizer, "greedy", TEXTS[0], max_new_tokens=16, frequency_penalty=0.5))
+    requests.append(request(tokenizer, "marked", TEXTS[1], max_new_tokens=16, watermark=True, do_sample=True, seed=9))
     plain, _ = run(make_engine(model_and_tokenizer), requests)
     spoil = {"s1": (2, 7), "s3": range(0, 16, 2)}
     for together in (True, False):
@@ -280,10 +281,13 @@ def test_accepted_tokens_are_the_matching_drafts_and_the_token_after_them():
 
 def test_gate_turns_speculation_off_where_verifying_is_slower_and_probes_again():
     gate = SpeculationGate(probe_every=4)
+    assert gate.drafts(1)  # nothing measured: a verify step
+    gate.observe(1, 0.012, 3, verified=True)
+    assert not gate.drafts(1)  # then a plain one
     gate.observe(1, 0.010, 1, verified=False)
     gate.observe(1, 0.012, 3, verified=True)  # 4 ms per token: drafting pays at batch 1
     gate.observe(32, 0.020, 32, verified=False)
     gate.observe(32, 0.060, 34, verified=True)  # slower per token at 32 rows
     assert gate.decisions() == {1: True, 32: False}
     assert [gate.drafts(32) for _ in range(4)] == [False, False, False, True]
-    assert gate.drafts(1)
+    assert [gate.drafts(1) for _ in range(4)] == [True, True, True, False]  # plain measured again
