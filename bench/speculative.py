@@ -176,8 +176,8 @@ def main() -> None:
     if llama is not None:
         columns += ["llama_tok_s", "vs_llama", "plain_vs_llama"]
     print_table(rows, columns)
-    gate = engines["speculate"].speculator.gate.decisions()
-    print(f"gate (batch bucket -> drafting): {gate}")
+    gate = engines["speculate"].speculator.gate.ratios()
+    print(f"measured cost of a verify step in plain steps, per batch bucket: {gate}")
     path = save(f"speculative-{args.name}", {"args": vars(args), "rows": rows, "gate": gate})
     print(f"saved {path}")
 

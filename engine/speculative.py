@@ -12,8 +12,9 @@ the target distribution is kept exactly.) The KV written for rejected drafts lie
 row's new length and is overwritten by its next step: the rollback is a number, not a copy.
 
 It pays or it steps aside: a row whose drafts were mostly rejected lately stops drafting for a
-while (`RowAcceptance`), and `SpeculationGate` measures, per batch size, the time per emitted
-token of verify steps against plain ones and drafts only where verifying is faster.
+while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
+own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
+on this machine (`SpeculationGate`).
 See docs/engine.md ("Speculative decoding").
 """
 from __future__ import annotations
@@ -91,58 +92,64 @@ def batch_bucket(rows: int) -> int:
 
 
 @dataclass
-class _Timing:
-    seconds_per_token: float | None = None
-
-    def observe(self, seconds: float, tokens: int) -> None:
-        value = seconds / max(tokens, 1)
-        self.seconds_per_token = value if self.seconds_per_token is None else 0.8 * self.seconds_per_token + 0.2 * value
-
-
-@dataclass
 class _Bucket:
-    plain: _Timing = field(default_factory=_Timing)
-    verify: _Timing = field(default_factory=_Timing)
-    drafting: bool = True
-    since_probe: int = 0
+    plain: float | None = None  # moving average of a plain step's seconds
+    verify: float | None = None  # of a verify step's
+    logged_ratio: float | None = None
+    steps: int = 0
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
 
 
 class SpeculationGate:
-    """Whether a batch of a given size drafts, from the measured time per emitted token of its
-    plain and verify steps. Every `probe_every` steps a bucket takes one step of the other kind,
-    so both figures stay current (a workload turns repetitive, or the other way round, the
-    machine gets busier); until it has both it drafts, with one plain step to measure first.
-    Each change of decision is logged with the numbers behind it."""
+    """Whether a batch drafts this step: when the tokens its rows expect from their drafts (one
+    each, plus each row's recent acceptance times its drafts) beat what a verify step costs in
+    plain steps, a ratio measured per batch-size bucket on this machine (a CPU's multi-token
+    matmul costs several one-token ones, a GPU's about one). Until a bucket has both timings it
+    drafts, with one plain step to measure first; every `probe_every` steps it takes one step of
+    the kind it is not taking, so both timings follow a machine that gets busier. The ratio is
+    logged when it is first known and whenever it moves by a quarter."""
 
     def __init__(self, probe_every: int = 64):
         self.probe_every = probe_every
         self._buckets: dict[int, _Bucket] = {}
 
-    def drafts(self, rows: int) -> bool:
+    def drafts(self, rows: int, expected_tokens: float) -> bool:
+        """`expected_tokens`: what the rows would emit by verifying their drafts (plain: `rows`)."""
         bucket = self._bucket(rows)
-        if bucket.plain.seconds_per_token is None:
-            return bucket.verify.seconds_per_token is None  # a verify step, then a plain one, measured
-        bucket.since_probe += 1
-        if bucket.since_probe >= self.probe_every:
-            bucket.since_probe = 0
-            return not bucket.drafting  # one step of the other kind, measured again
-        return bucket.drafting
+        ratio = self.cost_ratio(rows)
+        if ratio is None:
+            return bucket.plain is not None or bucket.verify is None  # a verify step, then a plain one
+        worth = expected_tokens > rows * ratio
+        bucket.steps += 1
+        if bucket.steps % self.probe_every == 0:
+            return not worth  # the other kind, measured again
+        return worth
 
-    def observe(self, rows: int, seconds: float, tokens: int, verified: bool) -> None:
+    def observe(self, rows: int, seconds: float, verified: bool) -> None:
         bucket = self._bucket(rows)
-        (bucket.verify if verified else bucket.plain).observe(seconds, tokens)
-        plain, verify = bucket.plain.seconds_per_token, bucket.verify.seconds_per_token
-        if plain is None or verify is None:
-            return
-        drafting = verify < plain
-        if drafting != bucket.drafting:
-            bucket.drafting = drafting
-            log.info("speculation %s for batches of %d rows or fewer (bucket): %.2f ms per token verifying, "
-                     "%.2f ms plain", "on" if drafting else "off", batch_bucket(rows), 1e3 * verify, 1e3 * plain)
+        if verified:
+            bucket.verify = _average(bucket.verify, seconds)
+        else:
+            bucket.plain = _average(bucket.plain, seconds)
+        ratio = self.cost_ratio(rows)
+        if ratio is not None and (bucket.logged_ratio is None or abs(ratio / bucket.logged_ratio - 1) > 0.25):
+            bucket.logged_ratio = ratio
+            log.info("speculation: a verify step costs %.2f plain steps for batches of up to %d rows (%.1f ms, "
+                     "%.1f ms): rows draft when they expect more than %.2f tokens each", ratio, batch_bucket(rows),
+                     1e3 * bucket.verify, 1e3 * bucket.plain, ratio)
 
-    def decisions(self) -> dict[int, bool]:
-        """Bucket -> whether it drafts now (for stats and tests)."""
-        return {size: bucket.drafting for size, bucket in sorted(self._buckets.items())}
+    def cost_ratio(self, rows: int) -> float | None:
+        """A verify step's seconds over a plain step's, for this batch size (None: not measured yet)."""
+        bucket = self._bucket(rows)
+        return None if bucket.plain is None or bucket.verify is None else bucket.verify / bucket.plain
+
+    def ratios(self) -> dict[int, float]:
+        """Bucket -> measured cost ratio (for stats, logs and benchmarks)."""
+        return {size: round(b.verify / b.plain, 3) for size, b in sorted(self._buckets.items())
+                if b.plain and b.verify}
 
     def _bucket(self, rows: int) -> _Bucket:
         return self._buckets.setdefault(batch_bucket(rows), _Bucket())
@@ -163,11 +170,12 @@ class Speculator:
 
     def propose(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
         """Each row's drafts (empty for a row without a match or resting), or None when no row
-        drafts or the gate keeps this batch size plain."""
-        if not self.gate.drafts(len(rows)):
-            return None
+        drafts or they are not worth a verify step (`SpeculationGate`)."""
         drafts = [self._draft(sequence) for sequence in rows]
-        return drafts if any(drafts) else None
+        if not any(drafts):
+            return None
+        expected = sum(1 + sequence.speculation.rate * len(own) for sequence, own in zip(rows, drafts))
+        return drafts if self.gate.drafts(len(rows), expected) else None
 
     def _draft(self, sequence: Sequence) -> tuple[int, ...]:
         state = sequence.speculation

@@ -141,22 +141,24 @@ def test_a_row_ending_inside_an_accepted_draft_ends_exactly_there(model_and_toke
         r = request(tokenizer, "r", EOS_PROMPT, max_new_tokens=20, ignore_eos=False)
     elif case == "length":
         r = request(tokenizer, "r", TEXTS[0], max_new_tokens=6)
-    else:
+    else:  # the first token from the 4th on whose text has not appeared before: the stop string
         full, _ = run(make_engine(model_and_tokenizer), [request(tokenizer, "r", TEXTS[3], max_new_tokens=12)])
-        text = "".join(e.token.text for e in full["r"])
-        stop = next(text[i - 2 : i] for i in range(4, len(text)) if text[i - 2 : i].strip() and text.find(text[i - 2 : i]) == i - 2 and i > len(full["r"][2].token.text))
-        r = request(tokenizer, "r", TEXTS[3], max_new_tokens=12, stop=[stop])
+        texts = [e.token.text for e in full["r"]]
+        at = next(i for i in range(3, 12) if texts[i].strip() and texts[i] not in "".join(texts[: i + 1])[:-1])
+        r = request(tokenizer, "r", TEXTS[3], max_new_tokens=12, stop=[texts[at]])
     plain, _ = run(make_engine(model_and_tokenizer), [r])
     references = {"r": plain["r"] + [plain["r"][-1]] * 8}  # drafts run on past the end
     engine = with_oracle(make_engine(model_and_tokenizer, speculate=4), references)
-    speculated, steps = run(engine, [r])
+    speculated, _ = run(engine, [r])
     assert_same(speculated, plain)
     assert speculated["r"][-1].finish.generated_text == plain["r"][-1].finish.generated_text
     want = {"eos": FinishReason.EOS_TOKEN, "length": FinishReason.LENGTH, "stop": FinishReason.STOP_SEQUENCE}[case]
     assert speculated["r"][-1].finish.reason is want
     if case == "eos":
         assert len(speculated["r"]) == EOS_AFTER
-    assert steps < len(plain["r"]) + 1  # some tokens came from accepted drafts
+    if case == "stop":
+        assert len(speculated["r"]) == at + 1
+    assert speculated["r"][-1].finish.skipped_tokens > 0  # the end came inside a verify step's accepted drafts
 
 
 def test_drafts_never_pass_the_kv_slot(model_and_tokenizer):
@@ -279,15 +281,16 @@ def test_accepted_tokens_are_the_matching_drafts_and_the_token_after_them():
     assert accepted_tokens([4], ()) == [4]
 
 
-def test_gate_turns_speculation_off_where_verifying_is_slower_and_probes_again():
+def test_gate_drafts_when_the_expected_tokens_beat_the_measured_cost_of_verifying():
     gate = SpeculationGate(probe_every=4)
-    assert gate.drafts(1)  # nothing measured: a verify step
-    gate.observe(1, 0.012, 3, verified=True)
-    assert not gate.drafts(1)  # then a plain one
-    gate.observe(1, 0.010, 1, verified=False)
-    gate.observe(1, 0.012, 3, verified=True)  # 4 ms per token: drafting pays at batch 1
-    gate.observe(32, 0.020, 32, verified=False)
-    gate.observe(32, 0.060, 34, verified=True)  # slower per token at 32 rows
-    assert gate.decisions() == {1: True, 32: False}
-    assert [gate.drafts(32) for _ in range(4)] == [False, False, False, True]
-    assert [gate.drafts(1) for _ in range(4)] == [True, True, True, False]  # plain measured again
+    assert gate.drafts(1, expected_tokens=5)  # nothing measured: a verify step
+    gate.observe(1, 0.030, verified=True)
+    assert not gate.drafts(1, expected_tokens=5)  # then a plain one
+    gate.observe(1, 0.010, verified=False)
+    assert gate.cost_ratio(1) == pytest.approx(3.0)  # a verify step costs three plain ones here
+    assert [gate.drafts(1, expected_tokens=4) for _ in range(4)] == [True, True, True, False]  # the 4th: a probe
+    assert [gate.drafts(1, expected_tokens=2) for _ in range(4)] == [False, False, False, True]
+    gate.observe(32, 0.020, verified=False)
+    gate.observe(32, 0.030, verified=True)  # 32 rows: 1.5 plain steps
+    assert gate.drafts(32, expected_tokens=32 * 1.6) and not gate.drafts(32, expected_tokens=32 * 1.4)
+    assert gate.ratios() == {1: 3.0, 32: 1.5}
