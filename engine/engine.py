@@ -6,7 +6,9 @@ and the batch sampler picks every row's token on the device (`launch`); then the
 the host, where each request detokenizes, checks its stop conditions and emits one event
 (`engine/token_events.py`), and finished requests end their streams and give their KV slot back
 (`complete`). With overlap on (CUDA), a decode step whose batch is unchanged is launched before
-the previous step completes (`engine/overlap.py`). See docs/engine.md.
+the previous step completes (`engine/overlap.py`). With `--speculate`, a decode step whose rows
+have n-gram drafts verifies them all in its one forward and each row emits what it accepted
+(`engine/speculative.py`, `_verify` and `_accept`). See docs/engine.md.
 """
 from __future__ import annotations
 
