@@ -45,3 +45,21 @@ def test_speculated_answers_are_plain_decodings_and_the_drafts_are_counted(specu
     assert 0 <= speculation["acceptance_rate"] <= 1
     skipped = re.search(r"^tgi_request_skipped_tokens_sum (\S+)$", metrics, re.M)
     assert skipped and float(skipped.group(1)) <= speculation["accepted_tokens"]  # a stop may cut a draft short
+
+
+def test_speculate_flags_and_environment_set_the_settings():
+    import argparse
+
+    from blitzscale.cli import _add_settings_flags, _settings
+    from common.settings import Settings
+
+    parser = argparse.ArgumentParser()
+    _add_settings_flags(parser)
+    args = parser.parse_args(["--speculate", "3", "--speculate-ngram-max", "5"])
+    settings = _settings(args)
+    assert (settings.speculate, settings.speculate_ngram_min, settings.speculate_ngram_max) == (3, 2, 5)
+    assert Settings.from_env({"SPECULATE": "2"}).speculate == 2
+    for bad in ({"SPECULATE": "-1"}, {"SPECULATE_NGRAM_MIN": "4", "SPECULATE_NGRAM_MAX": "2"},
+                {"SPECULATE_NGRAM_MIN": "0"}):
+        with pytest.raises(ValueError, match="speculate"):
+            Settings.from_env(bad)
