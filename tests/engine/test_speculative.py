@@ -294,3 +294,11 @@ def test_gate_drafts_when_the_expected_tokens_beat_the_measured_cost_of_verifyin
     gate.observe(32, 0.030, verified=True)  # 32 rows: 1.5 plain steps
     assert gate.drafts(32, expected_tokens=32 * 1.6) and not gate.drafts(32, expected_tokens=32 * 1.4)
     assert gate.ratios() == {1: 3.0, 32: 1.5}
+
+
+def test_speculation_turns_overlap_off(model_and_tokenizer):
+    """A verify step's successor depends on how many drafts were accepted: nothing runs ahead."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, SchedulerConfig(), overlap=True, speculative=SpeculativeConfig(tokens=2))
+    assert not engine.overlap and engine.speculator is not None
+    assert Engine(model, tokenizer, SchedulerConfig(), overlap=True).overlap  # unchanged without it
