@@ -177,7 +177,7 @@ def main() -> None:
         columns += ["llama_tok_s", "vs_llama", "plain_vs_llama"]
     print_table(rows, columns)
     gate = engines["speculate"].speculator.gate.ratios()
-    print(f"measured cost of a verify step in plain steps, per batch bucket: {gate}")
+    print(f"measured cost of a verify step in plain steps (rows bucket x drafts a row): {gate}")
     path = save(f"speculative-{args.name}", {"args": vars(args), "rows": rows, "gate": gate})
     print(f"saved {path}")
 

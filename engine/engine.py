@@ -339,7 +339,7 @@ class Engine:
         seconds = time.perf_counter() - launched.started
         self.metrics.observe_step(_method(batch), size, seconds)
         if self.speculator is not None and not batch.prefill:
-            self.speculator.gate.observe(size, seconds, verified=launched.drafts is not None)
+            self.speculator.gate.observe(size, seconds, sum(map(len, launched.drafts or ())))
         if events and self.step_listener is not None:
             self.step_listener(events)
         if release:

@@ -94,8 +94,8 @@ def batch_bucket(rows: int) -> int:
 @dataclass
 class _Bucket:
     plain: float | None = None  # moving average of a plain step's seconds
-    verify: float | None = None  # of a verify step's
-    logged_ratio: float | None = None
+    verify: dict[int, float] = field(default_factory=dict)  # drafts per row (bucketed) -> a verify step's
+    logged: dict[int, float] = field(default_factory=dict)  # the ratios last logged
     steps: int = 0
 
 
@@ -103,56 +103,74 @@ def _average(old: float | None, new: float) -> float:
     return new if old is None else 0.8 * old + 0.2 * new
 
 
+PAYOFF = 1.1  # a verify step must promise 10% more tokens than it costs: a near-even bet loses to noise
+
+
 class SpeculationGate:
     """Whether a batch drafts this step: when the tokens its rows expect from their drafts (one
-    each, plus each row's recent acceptance times its drafts) beat what a verify step costs in
-    plain steps, a ratio measured per batch-size bucket on this machine (a CPU's multi-token
-    matmul costs several one-token ones, a GPU's about one). Until a bucket has both timings it
-    drafts, with one plain step to measure first; every `probe_every` steps it takes one step of
-    the kind it is not taking, so both timings follow a machine that gets busier. The ratio is
-    logged when it is first known and whenever it moves by a quarter."""
+    each, plus each row's recent acceptance times its drafts) beat, by `PAYOFF`, what a verify
+    step costs in plain steps: a ratio measured on this machine per batch-size bucket and per
+    drafts a row (a CPU's multi-token matmul costs several one-token ones, a GPU's about one).
+    A width not measured yet is tried; a bucket measures a plain step after its first verify
+    step, and every `probe_every` steps takes one step of the kind it is not taking, so both
+    timings follow a machine that gets busier. Each ratio is logged when it is first known and
+    whenever it moves by a quarter."""
 
     def __init__(self, probe_every: int = 64):
         self.probe_every = probe_every
         self._buckets: dict[int, _Bucket] = {}
 
-    def drafts(self, rows: int, expected_tokens: float) -> bool:
-        """`expected_tokens`: what the rows would emit by verifying their drafts (plain: `rows`)."""
+    def drafts(self, rows: int, expected_tokens: float, draft_tokens: int) -> bool:
+        """`expected_tokens`: what the rows would emit by verifying their `draft_tokens` drafts
+        (a plain step: `rows`)."""
         bucket = self._bucket(rows)
-        ratio = self.cost_ratio(rows)
+        if bucket.plain is None:
+            return not bucket.verify  # a verify step, then a plain one, measured
+        ratio = self.cost_ratio(rows, draft_tokens)
         if ratio is None:
-            return bucket.plain is not None or bucket.verify is None  # a verify step, then a plain one
-        worth = expected_tokens > rows * ratio
+            return True  # this many drafts a row: measured now
+        worth = expected_tokens > PAYOFF * rows * ratio
         bucket.steps += 1
         if bucket.steps % self.probe_every == 0:
             return not worth  # the other kind, measured again
         return worth
 
-    def observe(self, rows: int, seconds: float, verified: bool) -> None:
+    def observe(self, rows: int, seconds: float, draft_tokens: int = 0) -> None:
+        """A decode step's seconds: a plain one (no drafts) or a verify one."""
         bucket = self._bucket(rows)
-        if verified:
-            bucket.verify = _average(bucket.verify, seconds)
-        else:
+        if not draft_tokens:
             bucket.plain = _average(bucket.plain, seconds)
-        ratio = self.cost_ratio(rows)
-        if ratio is not None and (bucket.logged_ratio is None or abs(ratio / bucket.logged_ratio - 1) > 0.25):
-            bucket.logged_ratio = ratio
-            log.info("speculation: a verify step costs %.2f plain steps for batches of up to %d rows (%.1f ms, "
-                     "%.1f ms): rows draft when they expect more than %.2f tokens each", ratio, batch_bucket(rows),
-                     1e3 * bucket.verify, 1e3 * bucket.plain, ratio)
+            return
+        width = _width(rows, draft_tokens)
+        bucket.verify[width] = _average(bucket.verify.get(width), seconds)
+        ratio = self.cost_ratio(rows, draft_tokens)
+        logged = bucket.logged.get(width)
+        if ratio is not None and (logged is None or abs(ratio / logged - 1) > 0.25):
+            bucket.logged[width] = ratio
+            log.info("speculation: a verify step of up to %d drafts a row costs %.2f plain steps for batches of up "
+                     "to %d rows (%.1f ms, %.1f ms): rows draft when they expect more than %.2f tokens each",
+                     width, ratio, batch_bucket(rows), 1e3 * bucket.verify[width], 1e3 * bucket.plain,
+                     PAYOFF * ratio)
 
-    def cost_ratio(self, rows: int) -> float | None:
-        """A verify step's seconds over a plain step's, for this batch size (None: not measured yet)."""
+    def cost_ratio(self, rows: int, draft_tokens: int) -> float | None:
+        """A verify step's seconds over a plain step's, for this batch size and drafts (None: not
+        measured yet)."""
         bucket = self._bucket(rows)
-        return None if bucket.plain is None or bucket.verify is None else bucket.verify / bucket.plain
+        verify = bucket.verify.get(_width(rows, draft_tokens))
+        return None if bucket.plain is None or verify is None else verify / bucket.plain
 
-    def ratios(self) -> dict[int, float]:
-        """Bucket -> measured cost ratio (for stats, logs and benchmarks)."""
-        return {size: round(b.verify / b.plain, 3) for size, b in sorted(self._buckets.items())
-                if b.plain and b.verify}
+    def ratios(self) -> dict[str, float]:
+        """"rows bucket x drafts a row" -> measured cost ratio (for logs and benchmarks)."""
+        return {f"{size}x{width}": round(verify / b.plain, 3) for size, b in sorted(self._buckets.items())
+                for width, verify in sorted(b.verify.items()) if b.plain}
 
     def _bucket(self, rows: int) -> _Bucket:
         return self._buckets.setdefault(batch_bucket(rows), _Bucket())
+
+
+def _width(rows: int, draft_tokens: int) -> int:
+    """Drafts a row, bucketed (1, 2, 4, 8, ...)."""
+    return batch_bucket(-(-draft_tokens // rows))
 
 
 class Speculator:
@@ -175,7 +193,7 @@ class Speculator:
         if not any(drafts):
             return None
         expected = sum(1 + sequence.speculation.rate * len(own) for sequence, own in zip(rows, drafts))
-        return drafts if self.gate.drafts(len(rows), expected) else None
+        return drafts if self.gate.drafts(len(rows), expected, sum(map(len, drafts))) else None
 
     def _draft(self, sequence: Sequence) -> tuple[int, ...]:
         state = sequence.speculation

@@ -283,17 +283,19 @@ def test_accepted_tokens_are_the_matching_drafts_and_the_token_after_them():
 
 def test_gate_drafts_when_the_expected_tokens_beat_the_measured_cost_of_verifying():
     gate = SpeculationGate(probe_every=4)
-    assert gate.drafts(1, expected_tokens=5)  # nothing measured: a verify step
-    gate.observe(1, 0.030, verified=True)
-    assert not gate.drafts(1, expected_tokens=5)  # then a plain one
-    gate.observe(1, 0.010, verified=False)
-    assert gate.cost_ratio(1) == pytest.approx(3.0)  # a verify step costs three plain ones here
-    assert [gate.drafts(1, expected_tokens=4) for _ in range(4)] == [True, True, True, False]  # the 4th: a probe
-    assert [gate.drafts(1, expected_tokens=2) for _ in range(4)] == [False, False, False, True]
-    gate.observe(32, 0.020, verified=False)
-    gate.observe(32, 0.030, verified=True)  # 32 rows: 1.5 plain steps
-    assert gate.drafts(32, expected_tokens=32 * 1.6) and not gate.drafts(32, expected_tokens=32 * 1.4)
-    assert gate.ratios() == {1: 3.0, 32: 1.5}
+    assert gate.drafts(1, expected_tokens=5, draft_tokens=4)  # nothing measured: a verify step
+    gate.observe(1, 0.030, draft_tokens=4)
+    assert not gate.drafts(1, expected_tokens=5, draft_tokens=4)  # then a plain one
+    gate.observe(1, 0.010)
+    assert gate.cost_ratio(1, 4) == pytest.approx(3.0)  # a verify step costs three plain ones here
+    assert [gate.drafts(1, expected_tokens=4, draft_tokens=3) for _ in range(4)] == [True, True, True, False]
+    assert [gate.drafts(1, expected_tokens=3.2, draft_tokens=4) for _ in range(4)] == [False, False, False, True]
+    assert gate.drafts(1, expected_tokens=1.5, draft_tokens=8)  # 8 drafts a row: not measured yet, tried
+    gate.observe(32, 0.020)
+    gate.observe(32, 0.030, draft_tokens=40)  # 32 rows, 2 drafts a row: 1.5 plain steps
+    assert gate.drafts(32, expected_tokens=32 * 1.7, draft_tokens=40)
+    assert not gate.drafts(32, expected_tokens=32 * 1.6, draft_tokens=40)  # not 10% better
+    assert gate.ratios() == {"1x4": 3.0, "32x2": 1.5}
 
 
 def test_speculation_turns_overlap_off(model_and_tokenizer):
