@@ -6,9 +6,11 @@ sees must not change: every row's tokens, logprobs, alternatives and finish equa
 without speculation; only the number of steps drops."""
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
+import torch
 
 from engine.engine import Engine
 from engine.grammar import grammar_matcher
@@ -304,3 +306,22 @@ def test_speculation_turns_overlap_off(model_and_tokenizer):
     engine = Engine(model, tokenizer, SchedulerConfig(), overlap=True, speculative=SpeculativeConfig(tokens=2))
     assert not engine.overlap and engine.speculator is not None
     assert Engine(model, tokenizer, SchedulerConfig(), overlap=True).overlap  # unchanged without it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_verify_steps_on_cuda_give_what_graph_replayed_plain_steps_give(model_and_tokenizer):
+    """On a GPU the plain steps replay CUDA graphs (and overlap); verify steps run eagerly beside
+    them in the same engine: every row's tokens are the plain engine's (scripts/gpu_check.sh)."""
+    model, tokenizer = model_and_tokenizer
+    cuda_model = copy.deepcopy(model).to("cuda")
+    requests = [request(tokenizer, f"r{n}", text, max_new_tokens=20, top_n=2) for n, text in enumerate(TEXTS)]
+    requests.append(request(tokenizer, "s", TEXTS[2], max_new_tokens=20, do_sample=True, seed=3, top_k=20))
+    plain_engine = Engine(cuda_model, tokenizer, SchedulerConfig(max_total_tokens=128, max_batch_total_tokens=1024))
+    plain, _ = run(plain_engine, requests)
+    engine = Engine(cuda_model, tokenizer, SchedulerConfig(max_total_tokens=128, max_batch_total_tokens=1024),
+                    speculative=SpeculativeConfig(tokens=4))
+    with_oracle(engine, plain, {"r0": (2, 9), "s": (4,)})
+    speculated, _ = run(engine, requests)
+    assert {rid: [e.token.id for e in events] for rid, events in speculated.items()} == \
+        {rid: [e.token.id for e in events] for rid, events in plain.items()}
+    assert engine.stats().spec_accepted_tokens > 0
