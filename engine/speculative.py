@@ -63,12 +63,14 @@ class RowAcceptance:
     """A row's drafting state: its drafter and how well its drafts did lately."""
 
     drafter: Drafter
-    rate: float = 1.0  # moving average of accepted / drafted, per verify
+    # Moving average of accepted / drafted, per verify; a new row starts at even odds, so that a
+    # row of open-ended text stops paying for drafts after one or two misses, not four.
+    rate: float = 0.5
     resting: int = 0  # steps left before it drafts again
     rests: int = 0  # rests since its drafts last paid: open-ended text drafts less and less often
 
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
-        self.rate = 0.7 * self.rate + 0.3 * (accepted / drafted)
+        self.rate = 0.5 * self.rate + 0.5 * (accepted / drafted)
         if self.rate < config.min_acceptance:
             self.resting = config.rest_steps << min(self.rests, 4)
             self.rests += 1
