@@ -153,7 +153,8 @@ class StreamEvent:
                   (TGI Details: finish_reason, generated_tokens, seed, prefill, tokens,
                   top_tokens, best_of_sequences), `timings` (queue/inference seconds),
                   `device_type` of the replica that served it (`x-compute-type`),
-                  `cached_tokens` of the prompt reused from its prefix cache (OpenAI's usage).
+                  `cached_tokens` of the prompt reused from its prefix cache (OpenAI's usage),
+                  `skipped_tokens` that came from accepted speculative drafts (absent: none).
     kind=error:   `error`, `error_type` (TGI's ErrorResponse fields), `reason` (a FailureReason:
                   for metrics and logs, not shown to the client).
     Every event a replica publishes carries the job's `attempt` (absent for the first), so that
@@ -176,6 +177,7 @@ class StreamEvent:
     reason: str | None = None
     attempt: int | None = None
     cached_tokens: int | None = None  # final: prompt tokens whose KV the replica found in its prefix cache
+    skipped_tokens: int | None = None  # final: its tokens that came from accepted speculative drafts
 
     def encode(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, separators=(",", ":"))

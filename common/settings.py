@@ -74,6 +74,11 @@ class Settings:
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
     prefix_caching: bool = True  # finished requests' KV kept in free slots; a prompt reuses its cached prefix
+    # TGI's --speculate: up to this many draft tokens per row per step, from an n-gram of the row's
+    # prompt and output (vLLM's prompt_lookup_min/max), verified in the batch (engine/speculative.py)
+    speculate: int = 0
+    speculate_ngram_min: int = 2
+    speculate_ngram_max: int = 4
     # Prefix affinity (tasks/client/affinity.py): a job whose prompt starts like one a live, not
     # overloaded replica served recently goes to that replica's own queue; after `affinity_wait`
     # seconds there untaken (or when that replica stops serving) it goes to the shared queue.
@@ -161,6 +166,8 @@ class Settings:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
             raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
+        if self.speculate < 0 or not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max:
+            raise ValueError("`speculate` must be >= 0 and 1 <= `speculate_ngram_min` <= `speculate_ngram_max`")
         self.adapters  # parsed now: a malformed list stops the start
 
     @cached_property

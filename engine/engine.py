@@ -6,7 +6,9 @@ and the batch sampler picks every row's token on the device (`launch`); then the
 the host, where each request detokenizes, checks its stop conditions and emits one event
 (`engine/token_events.py`), and finished requests end their streams and give their KV slot back
 (`complete`). With overlap on (CUDA), a decode step whose batch is unchanged is launched before
-the previous step completes (`engine/overlap.py`). See docs/engine.md.
+the previous step completes (`engine/overlap.py`). With `--speculate`, a decode step whose rows
+have n-gram drafts verifies them all in its one forward and each row emits what it accepted
+(`engine/speculative.py`, `_verify` and `_accept`). See docs/engine.md.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from engine.params import GenerationRequest
 from engine.sampling import BatchSampler
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import RequestStream, Sequence, SequenceStatus
+from engine.speculative import SpeculativeConfig, Speculator, accepted_tokens
 from engine.token_events import TokenEvents
 from engine.watermark import Watermark
 
@@ -55,13 +58,18 @@ class EngineStats:
     prefix_cached_tokens: int = 0  # KV positions the free slots hold as cache now
     prefix_cached_slots: int = 0  # free slots holding a cached prefix now
     waiting_tokens: int = 0  # prompt positions the waiting requests have yet to prefill (the SLO autoscaler's demand)
+    speculate: int = 0  # draft tokens per row per step (0: no speculation)
+    spec_drafts: int = 0  # rows verified with drafts, since start
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class Engine:
     def __init__(self, model, tokenizer, scheduler_config: SchedulerConfig, metrics: EngineMetrics | None = None,
                  step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
                  watermark: Watermark | None = None, overlap: bool | None = None,
-                 adapters: tuple[LoraAdapter, ...] | list[LoraAdapter] = ()):
+                 adapters: tuple[LoraAdapter, ...] | list[LoraAdapter] = (),
+                 speculative: SpeculativeConfig | None = None):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
         before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
@@ -69,7 +77,9 @@ class Engine:
         `overlap`: launch a decode step before the previous one's tokens become events (default: on
         CUDA, where the device runs while the host works; a CPU's forward and host work share the cores).
         `adapters`: the LoRA adapters requests may name (`GenerationRequest.adapter`), checked
-        against the model already (engine/lora_files.py); many of them run in one batch."""
+        against the model already (engine/lora_files.py); many of them run in one batch.
+        `speculative`: n-gram drafts verified in the batch (engine/speculative.py); its steps are
+        synchronous, so it turns overlap off."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
@@ -88,6 +98,13 @@ class Engine:
             self.runner = GenericRunner(model, self.device)
             scheduler_config = replace(scheduler_config, prefix_caching=False)
             overlap = False
+        self.speculator = None
+        if speculative is not None and speculative.enabled:
+            if isinstance(self.runner, GenericRunner):
+                log.warning("speculative decoding needs the slot path: off")
+            else:
+                self.speculator = Speculator(speculative, scheduler_config.slot_length)
+                overlap = False  # a verify step's successor depends on how many drafts were accepted
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
         self._unsettled: deque[str] = deque()  # methods of the forwards run, not yet completed or dropped
@@ -163,6 +180,10 @@ class Engine:
             prefix_cached_tokens=table.cached_tokens,
             prefix_cached_slots=table.cached_slots,
             waiting_tokens=self._waiting_tokens(),
+            speculate=self.speculator.config.tokens if self.speculator else 0,
+            spec_drafts=self.speculator.drafts if self.speculator else 0,
+            spec_draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
+            spec_accepted_tokens=self.speculator.accepted if self.speculator else 0,
         )
 
     def _waiting_tokens(self) -> int:
@@ -224,7 +245,10 @@ class Engine:
         if previous is None:
             self._apply_cancellations()
             batch = self.scheduler.schedule()
-            return None if batch.is_empty else self._sample(self._run(batch))
+            if batch.is_empty:
+                return None
+            drafts = self._drafts(batch)
+            return self._verify(batch, drafts) if drafts else self._sample(self._run(batch))
         sample_later = previous.sampler.needs_host
         try:
             launched = self._run(successor(previous))  # on the device while `previous` completes
@@ -251,6 +275,57 @@ class Engine:
         return replace(launched, sequences=sequences, next_ids=sampled.next_ids, results=results, sampler=sampler,
                        output=None)
 
+    def _drafts(self, batch: ScheduledBatch) -> list[tuple[int, ...]] | None:
+        """Each decode row's draft tokens, when speculation is on and the step is decode only."""
+        if self.speculator is None or batch.prefill or None in batch.decode:
+            return None
+        return self.speculator.propose(batch.decode)
+
+    def _verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]]) -> LaunchedStep:
+        """A decode step whose rows carry drafts: one forward scores every position, each sampled
+        as plain decoding would sample it (engine/speculative.py); accepted in `_accept`."""
+        self.runner.apply_copies(batch.copies)
+        self._unsettled.append("decode")
+        started = time.perf_counter()
+        logits = self.runner.verify(batch, drafts)
+        self.metrics.observe_forward("decode", time.perf_counter() - started)
+        samplers, histories = self.speculator.verify_rows(batch.decode, drafts)
+        sampler = BatchSampler(samplers, self.device, self.watermark)
+        self._sampler, self._sampler_rows = None, ()  # the batch's own sampler missed these tokens
+        sampled = sampler(logits, histories, _top_n(batch.decode))
+        results = HostCopy((sampled.next_ids, sampled.logprobs, sampled.top_ids, sampled.top_logprobs), self._fence)
+        return LaunchedStep(batch, list(batch.decode), results=results, sampler=sampler, started=started,
+                            drafts=drafts)
+
+    def _accept(self, launched: LaunchedStep) -> list[TokenEvent]:
+        """A verify step's tokens: each row emits its accepted drafts and the token after them,
+        one position at a time (a row that stops on one emits nothing after it); its KV length
+        grows by what it emitted, leaving the rejected drafts' columns to be overwritten."""
+        ids, *columns = [t.tolist() if t is not None else None for t in launched.results.wait()]
+        self._unsettled.popleft()
+        rows, offset = [], 0
+        for sequence, own in zip(launched.sequences, launched.drafts):
+            tokens = accepted_tokens(ids[offset : offset + len(own) + 1], own)
+            rows.append((sequence, own, range(offset, offset + len(tokens))))
+            offset += len(own) + 1
+        events, emitted = [], [0] * len(rows)
+        for position in range(max(len(taken) for _, _, taken in rows)):
+            wave = [row for row, (sequence, _, taken) in enumerate(rows)
+                    if position < len(taken) and not sequence.status.is_finished]
+            indices = [rows[row][2][position] for row in wave]
+            picked = [None if column is None else [column[i] for i in indices] for column in columns]
+            for row in wave:
+                sequence = rows[row][0]
+                sequence.kv_len += 1  # the token it was fed at this position stands
+                sequence.skipped_tokens += 1 if position else 0  # a drafted token (counted before its final)
+                emitted[row] += 1
+            events += self.events.emit([rows[row][0] for row in wave], [ids[i] for i in indices], *picked)
+        for (sequence, own, taken), count in zip(rows, emitted):
+            self.speculator.record(sequence, len(own), len(taken) - 1, count)
+        self.metrics.observe_drafts(sum(1 for _, own, _ in rows if own), sum(len(own) for _, own, _ in rows),
+                                    sum(len(taken) - 1 for _, own, taken in rows if own))
+        return events
+
     def _fence(self) -> Fence:
         fence = getattr(self.runner, "fence", None)  # a simulated device brings its own (bench/)
         return fence() if fence is not None else Fence(self.device)
@@ -260,12 +335,18 @@ class Engine:
         finished requests' streams ended. `release`: their slots are given back now (else after
         the step launched meanwhile, which still computes their rows)."""
         batch = launched.batch
-        sequences, host = launched.read()
-        self.scheduler.postprocess(batch, sequences)
-        self._unsettled.popleft()
-        events = self.events.emit(sequences, *host) if sequences else []
+        if launched.drafts is None:
+            sequences, host = launched.read()
+            self.scheduler.postprocess(batch, sequences)
+            self._unsettled.popleft()
+            events = self.events.emit(sequences, *host) if sequences else []
+        else:
+            sequences, events = launched.sequences, self._accept(launched)
         size = len(batch.decoding) + len(batch.prefill)
-        self.metrics.observe_step(_method(batch), size, time.perf_counter() - launched.started)
+        seconds = time.perf_counter() - launched.started
+        self.metrics.observe_step(_method(batch), size, seconds)
+        if self.speculator is not None and not batch.prefill:
+            self.speculator.gate.observe(size, seconds, sum(map(len, launched.drafts or ())))
         if events and self.step_listener is not None:
             self.step_listener(events)
         if release:

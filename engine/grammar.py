@@ -64,6 +64,20 @@ class GrammarMatcher:
         self.finished = self._matcher.is_stopped() or self._matcher.is_error()
         return self.finished
 
+    def valid_prefix(self, tokens: tuple[int, ...]) -> int:
+        """How many of `tokens` (draft tokens, without EOS) the grammar would take from here."""
+        if self.finished or not tokens:
+            return 0
+        return self._matcher.validate_tokens(list(tokens))
+
+    def after(self, tokens: tuple[int, ...]) -> "GrammarMatcher":
+        """A copy of this matcher advanced by `tokens` (a prefix `valid_prefix` allowed): the
+        state a draft position is sampled in. The row's own matcher does not move."""
+        copy = GrammarMatcher(self._matcher.deep_copy(), self._eos_token_ids, self.vocab_size)
+        if tokens:
+            copy._matcher.consume_tokens(list(tokens))
+        return copy
+
     @property
     def error(self) -> str | None:
         """Why the matcher failed (a lexer grown past the library's limits), else None."""

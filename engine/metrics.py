@@ -32,6 +32,14 @@ class EngineMetrics:
             "tgi_batch_forward_duration", "Model forward duration, seconds",
             labels + ["method"], buckets=_DURATION_BUCKETS, registry=self.registry,
         )
+        self.spec_drafts = Counter("blitz_spec_decode_num_drafts", "Rows verified with draft tokens", labels,
+                                   registry=self.registry)
+        self.spec_draft_tokens = Counter("blitz_spec_decode_num_draft_tokens", "Draft tokens verified", labels,
+                                         registry=self.registry)
+        self.spec_accepted_tokens = Counter("blitz_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                            labels, registry=self.registry)
+        for family in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens):
+            family.labels(replica)
         self.set_batch(0, 0)  # every series exists from the start: an idle replica shows zeros
         for method in ("prefill", "decode"):
             for family in (self.inference_count, self.inference_success, self.inference_duration,
@@ -53,6 +61,12 @@ class EngineMetrics:
         self.inference_success.labels(self._replica, method).inc()
         self.inference_duration.labels(self._replica, method).observe(seconds)
         self.batch_size.labels(self._replica).set(size)
+
+    def observe_drafts(self, drafts: int, draft_tokens: int, accepted: int) -> None:
+        """A verify step: `drafts` rows carried `draft_tokens` drafts, `accepted` of them matched."""
+        self.spec_drafts.labels(self._replica).inc(drafts)
+        self.spec_draft_tokens.labels(self._replica).inc(draft_tokens)
+        self.spec_accepted_tokens.labels(self._replica).inc(accepted)
 
     def set_batch(self, size: int, tokens: int) -> None:
         self.batch_size.labels(self._replica).set(size)

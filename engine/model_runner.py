@@ -124,6 +124,19 @@ class ModelRunner:
             logits = self._forward(step.ids, step.positions, step.plan(self._columns), step.keep).float()
         return step.split(logits)
 
+    @torch.inference_mode()
+    def verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]]) -> torch.Tensor:
+        """A decode batch whose rows carry draft tokens, in one forward: [Σ (k_r + 1), V] float32
+        logits, row r's k_r + 1 positions in turn (engine/speculative.py reads them)."""
+        step = VerifyStep(batch, drafts, self.device)
+        self.cache.ensure_capacity(step.columns_needed)
+        adapters = self._adapters(batch.decode)
+        if adapters is not None:  # each draft token under its row's adapter, in packed order
+            adapters += [adapters[row] for row, own in enumerate(drafts) for _ in own]
+        with self._lora_tokens(adapters):
+            logits = self._forward(step.ids, step.positions, step.plan(self._columns), 0)
+        return logits.index_select(0, step.order).float()
+
     def _decode(self, ids: list[int] | torch.Tensor, positions: list[int],
                 adapters: list[int] | None) -> torch.Tensor:
         """`ids`: host ints, or the previous step's sampled ids still on the device (overlap)."""
@@ -248,3 +261,38 @@ class PackedStep:
                 prompt.append(None)
                 last.append(logits[first])
         return StepOutput(decode, torch.stack(last), prompt)
+
+
+class VerifyStep:
+    """A verify step laid out as one packed row: first every decode row's last token (row i =
+    slot i, the decode span as in a plain step), then each row's drafts as a span continuing
+    its slot (positions kv_len + 1 ...), attending its columns up to itself, the last token's
+    written by this same forward. Every packed token's logits are kept."""
+
+    def __init__(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]], device: torch.device):
+        self.device = device
+        self.rows = len(batch.decode)
+        starts = batch.decode_positions
+        ids, positions, slots = list(batch.decode_ids), list(starts), list(range(self.rows))
+        self.spans: list[tuple[int, int, int, int]] = []  # (offset, slot, start, end) per drafting row
+        order = []  # logits rows in verify order: row r's last token, then its drafts
+        for row, own in enumerate(drafts):
+            order.append(row)
+            if own:
+                offset, start = len(ids), starts[row] + 1
+                self.spans.append((offset, row, start, start + len(own)))
+                order += range(offset, offset + len(own))
+                ids += own
+                positions += range(start, start + len(own))
+                slots += [row] * len(own)
+        self.decode_length = max(starts) + 1
+        self.columns_needed = max(positions) + 1
+        packed = device_longs(ids + positions + slots + order, device)
+        self.ids, self.positions, self.slots, self.order = packed.split([len(ids)] * 3 + [len(order)])
+
+    def plan(self, columns: torch.Tensor) -> StepPlan:
+        decode = DecodeSpan(self.rows, self.decode_length,
+                            decode_mask(self.positions[: self.rows], columns[: self.decode_length]))
+        spans = tuple(ContinuedPrompt(offset, slot, start, end, continuation_mask(start, end, self.device))
+                      for offset, slot, start, end in self.spans)
+        return StepPlan(self.slots, self.positions, decode, spans)

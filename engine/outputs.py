@@ -30,6 +30,7 @@ class Finish:
     generated_text: str  # the whole output, special tokens skipped
     generated_tokens: int
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache (not prefilled)
+    skipped_tokens: int = 0  # tokens that came from accepted drafts, beyond one per step (engine/speculative.py)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class LaunchedStep:
     results: HostCopy | None = None  # ids, logprobs, top ids, top logprobs
     sampler: BatchSampler | None = None
     output: StepOutput | None = None  # the forward's logits, until its sampling is queued
+    drafts: list[tuple[int, ...]] | None = None  # a verify step's drafts per row (engine/speculative.py)
     started: float = field(default_factory=time.perf_counter)
 
     def read(self) -> tuple[list[Sequence], list[list | None]]:
@@ -57,7 +58,8 @@ class LaunchedStep:
     @property
     def may_run_ahead(self) -> bool:
         """Whether the next step's forward could be launched before this one's results are read."""
-        return not self.batch.prefill and self.sampler is not None and len(self.sequences) == len(self.batch.decode)
+        return (not self.batch.prefill and self.sampler is not None and self.drafts is None
+                and len(self.sequences) == len(self.batch.decode))
 
     @property
     def has_finished_rows(self) -> bool:

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import replace
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from engine.detokenize import IncrementalDetokenizer
 from engine.grammar import GrammarError, grammar_matcher
@@ -14,6 +15,9 @@ from engine.outputs import EngineError, Finish, FinishReason, Token, TokenEvent
 from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
 from engine.stopping import StopChecker
+
+if TYPE_CHECKING:
+    from engine.speculative import RowAcceptance
 
 
 class SequenceStatus(IntEnum):
@@ -101,6 +105,8 @@ class Sequence:
         self.cached_len = 0  # prompt positions found in the prefix cache, never prefilled
         self.prefill_tokens: list[Token] = []  # decoder_input_details, gathered chunk by chunk
         self.prefill_top_tokens: list[tuple[Token, ...]] = []  # their alternatives (prefill_top_n_tokens)
+        self.speculation: RowAcceptance | None = None  # its drafting state, once it drafts (engine/speculative.py)
+        self.skipped_tokens = 0  # tokens it emitted beyond the first of a verify step (accepted drafts)
 
     @property
     def request_id(self) -> str:
@@ -150,7 +156,8 @@ class Sequence:
                 self.text_parts.append(held_back)
                 if not token.special:  # keep "token texts join to generated_text" true
                     token = replace(token, text=token.text + held_back)
-            finish = Finish(reason, "".join(self.text_parts), self.generated_count, self.cached_len)
+            finish = Finish(reason, "".join(self.text_parts), self.generated_count, self.cached_len,
+                            self.skipped_tokens)
             self.status = SequenceStatus.FINISHED
         event = TokenEvent(self.request_id, self.generated_count, token, tuple(top_tokens), prefill, prefill_top, finish)
         self.stream.put(event)

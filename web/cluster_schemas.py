@@ -74,6 +74,14 @@ class PrefixCacheSchema(Schema):
     cached_slots = fields.Integer(metadata={"description": "free KV slots holding a cached prefix now"})
 
 
+class SpeculationSchema(Schema):
+    speculate = fields.Integer(metadata={"description": "--speculate: draft tokens per row per step (0: off)"})
+    drafts = fields.Integer(metadata={"description": "rows verified with drafts since the replica started"})
+    draft_tokens = fields.Integer(metadata={"description": "draft tokens verified since the replica started"})
+    accepted_tokens = fields.Integer(metadata={"description": "draft tokens accepted since the replica started"})
+    acceptance_rate = fields.Float(metadata={"description": "accepted_tokens / draft_tokens"})
+
+
 class ReplicaStateSchema(Schema):
     slot = fields.Integer(required=True)
     model = fields.String(allow_none=True, metadata={"description": "the model its replica serves (--models)"})
@@ -109,6 +117,7 @@ class ReplicaStateSchema(Schema):
     error = fields.String(allow_none=True, metadata={"description": "why the slot is dead: its replica could not "
                                                      "load (the model or an adapter), or had no free device"})
     prefix_cache = fields.Nested(PrefixCacheSchema, allow_none=True)
+    speculation = fields.Nested(SpeculationSchema, allow_none=True)
     celery = fields.Nested(CeleryViewSchema, allow_none=True)
 
 

@@ -81,6 +81,9 @@ class TgiMetrics:
         self.generated_tokens = histogram(
             "tgi_request_generated_tokens", "Generated tokens", _linear_buckets(settings.max_total_tokens)
         )
+        self.skipped_tokens = histogram(  # TGI's: tokens that came from accepted speculative drafts
+            "tgi_request_skipped_tokens", "Speculated tokens", _linear_buckets(settings.max_total_tokens)
+        )
 
     def for_model(self, name: str) -> "TgiMetrics":
         """The same metrics, counting under model `name`."""
@@ -136,6 +139,7 @@ class TgiMetrics:
         self._of(self.inference).observe(outcome.inference_time)
         self._of(self.time_per_token).observe(outcome.time_per_token)
         self._of(self.generated_tokens).observe(outcome.generated_tokens)
+        self._of(self.skipped_tokens).observe(outcome.skipped_tokens)
 
 
 class ReplicaMetricsReader(RedisReader):

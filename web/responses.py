@@ -62,6 +62,11 @@ class Outcome:
         return int(details.get("generated_tokens") or self.final.index or 0)
 
     @property
+    def skipped_tokens(self) -> int:
+        """Tokens that came from accepted speculative drafts (TGI's `tgi_request_skipped_tokens`)."""
+        return int(self.final.skipped_tokens or 0)
+
+    @property
     def time_per_token(self) -> float:
         return self.inference_time / self.generated_tokens if self.generated_tokens else 0.0
 

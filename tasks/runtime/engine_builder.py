@@ -17,6 +17,7 @@ from engine.lora_files import LoraAdapter
 from engine.metrics import EngineMetrics
 from engine.outputs import TokenEvent
 from engine.scheduler import SchedulerConfig
+from engine.speculative import SpeculativeConfig
 from engine.watermark import Watermark
 from engine.weights import PreparedWeights, load_model, prepare_gguf
 from tasks.runtime.adapters import load_adapters
@@ -57,6 +58,7 @@ def build_engine(settings: Settings, slot: int, directory, weights: ReplicaWeigh
     )
     engine = Engine(model, tokenizer, config, EngineMetrics(replica=metrics_name), step_listener=step_listener,
                     cuda_graphs=s.cuda_graphs, watermark=Watermark(s.watermark_gamma, s.watermark_delta),
-                    adapters=adapters).start()
+                    adapters=adapters, speculative=SpeculativeConfig(
+                        tokens=s.speculate, ngram_min=s.speculate_ngram_min, ngram_max=s.speculate_ngram_max)).start()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return BuiltEngine(engine, device, dtype, adapters)

@@ -101,6 +101,7 @@ def _generate(job: Job) -> None:
         device_type=device_type,
         attempt=job.attempt or None,
         cached_tokens=generations[0].finish.cached_tokens,  # of the job's prompt, when its first request began
+        skipped_tokens=winner.finish.skipped_tokens or None,
     ), engine_request_id(job))
 
 

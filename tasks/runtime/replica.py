@@ -132,6 +132,7 @@ class Replica:
             "updated_at": time.time(),
             "prefix_cache": _prefix_cache(stats) if stats else None,
             **(_slo_inputs(stats, self.engine.metrics.registry, self.name) if stats else {}),
+            "speculation": _speculation(stats) if stats else None,
             **self.weights.record(),
             **self.facts,
         }
@@ -176,6 +177,13 @@ def _prefix_cache(stats) -> dict:
             "miss_tokens": stats.prefix_miss_tokens,
             "hit_rate": round(stats.prefix_hit_tokens / looked_up, 4) if looked_up else 0.0,
             "cached_tokens": stats.prefix_cached_tokens, "cached_slots": stats.prefix_cached_slots}
+
+
+def _speculation(stats) -> dict:
+    """Speculative decoding's counts for /cluster_state (since start)."""
+    drafted, accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
+    return {"speculate": stats.speculate, "drafts": stats.spec_drafts, "draft_tokens": drafted,
+            "accepted_tokens": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
 
 
 def _relay_connection(settings: Settings) -> redis.Redis:

@@ -37,8 +37,10 @@ def token(index: int, text: str, top_n: int = 0, logprob: bool = True) -> Stream
     return StreamEvent(kind=EVENT_TOKEN, index=index, token=tok, top_tokens=top or None)
 
 
-def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0, cached_tokens: int | None = None) -> Script:
-    """started, one token event per word, then final (with details, timings and `cached_tokens`)."""
+def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0, cached_tokens: int | None = None,
+          skipped_tokens: int | None = None) -> Script:
+    """started, one token event per word, then final (with details, timings, `cached_tokens` and
+    `skipped_tokens`)."""
 
     def script(job: Job):
         yield StreamEvent(kind=EVENT_STARTED, replica="replica0@test")
@@ -65,7 +67,8 @@ def reply(words: list[str], *, finish_reason: str = "length", delay: float = 0.0
         if job.prefill_top_n_tokens:
             details["prefill_top_tokens"] = prefill_top
         yield StreamEvent(kind=EVENT_FINAL, index=len(words), generated_text="".join(words), details=details,
-                          timings={"queue": 0.25, "inference": 0.5}, cached_tokens=cached_tokens)
+                          timings={"queue": 0.25, "inference": 0.5}, cached_tokens=cached_tokens,
+                          skipped_tokens=skipped_tokens)
 
     return script
 

@@ -49,6 +49,17 @@ def test_tgi_metrics(client, redis_url, redis_client):
     assert any(name == "flask_http_request_total" for name, _ in samples)
 
 
+def test_skipped_tokens_are_the_final_events_speculated_tokens(client, redis_url):
+    """TGI's tgi_request_skipped_tokens: per request, its tokens that came from accepted drafts."""
+    with FakeReplica(redis_url, reply([" a", " b", " c"], skipped_tokens=2)):
+        assert client.post("/generate", json={"inputs": "hello"}).status_code == 200
+    with FakeReplica(redis_url, reply([" a"])):  # a replica without speculation sends none
+        assert client.post("/generate", json={"inputs": "hello"}).status_code == 200
+    samples = scrape(client)
+    assert value(samples, "tgi_request_skipped_tokens_count") == 2
+    assert value(samples, "tgi_request_skipped_tokens_sum") == 2
+
+
 def test_replica_metrics_are_merged_with_a_replica_label(client, redis_client):
     text = "# HELP tgi_batch_current_size Batch size\n# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 3\n"
     redis_client.set(replica_metrics_key("replica0@a"), text)

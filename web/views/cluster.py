@@ -117,6 +117,7 @@ def _replica(view: dict, celery: dict | None) -> dict:
                                           "torch_device", "weight_source", "weight_origin", "weight_host",
                                           "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
                                           "graph_capture_seconds", "updated_at", "transfer", "prefix_cache",
+                                          "speculation",
                                           "error")}
     out["weights"] = view.get("weights")  # its data plane: address, model hash, state, bytes sent
     out.update(running=view.get("running", 0), waiting=view.get("waiting", 0),

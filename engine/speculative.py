@@ -1,0 +1,243 @@
+"""Speculative decoding: which rows get draft tokens this step, and what a verify step accepts.
+
+A decode row with k drafts goes through the forward as k + 1 tokens (its last token, then the
+drafts) and gets k + 1 logits rows; each of them is sampled exactly as plain decoding would
+sample that position had the drafts before it been accepted (its history, grammar state and
+draw counter are those of that position). The row accepts its drafts while the token sampled
+equals the draft, and takes the first token that differs as well: every token it emits is the
+one plain decoding gives for the same logits, greedy or sampled, and a seeded row draws the
+same tokens with or without speculation, alone or in any batch. (For a drafter that proposes
+one token, accepting when the draw equals it is rejection sampling with acceptance p(draft):
+the target distribution is kept exactly.) The KV written for rejected drafts lies past the
+row's new length and is overwritten by its next step: the rollback is a number, not a copy.
+
+It pays or it steps aside: a row whose drafts were mostly rejected lately stops drafting for a
+while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
+own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
+on this machine (`SpeculationGate`).
+See docs/engine.md ("Speculative decoding").
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.ngram import NgramDrafter
+from engine.sampling import RequestSampler
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    tokens: int = 0  # TGI's --speculate: drafts per row per step (0: off)
+    ngram_min: int = 2  # vLLM's prompt_lookup_min
+    ngram_max: int = 4  # vLLM's prompt_lookup_max
+    min_acceptance: float = 0.25  # a row whose recent acceptance falls below this rests
+    rest_steps: int = 16  # how long it rests the first time; each rest in a row doubles it (to 16×)
+
+    def __post_init__(self):
+        if self.tokens < 0:
+            raise ValueError("speculate must be >= 0")
+        if self.tokens and not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("speculative n-gram sizes must satisfy 1 <= min <= max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0
+
+
+class Drafter(Protocol):
+    """What proposes a row's drafts: `engine.ngram.NgramDrafter`, or any object made per row
+    by `Speculator.new_drafter` (tests use an oracle)."""
+
+    def propose(self, tokens: list[int], count: int) -> tuple[int, ...]: ...
+
+
+@dataclass
+class RowAcceptance:
+    """A row's drafting state: its drafter and how well its drafts did lately."""
+
+    drafter: Drafter
+    # Moving average of accepted / drafted, per verify; a new row starts at even odds, so that a
+    # row of open-ended text stops paying for drafts after one or two misses, not four.
+    rate: float = 0.5
+    resting: int = 0  # steps left before it drafts again
+    rests: int = 0  # rests since its drafts last paid: open-ended text drafts less and less often
+
+    def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
+        self.rate = 0.5 * self.rate + 0.5 * (accepted / drafted)
+        if self.rate < config.min_acceptance:
+            self.resting = config.rest_steps << min(self.rests, 4)
+            self.rests += 1
+            self.rate = config.min_acceptance  # back on probation after the rest, not condemned
+        elif accepted:
+            self.rests = 0
+
+
+def accepted_tokens(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:
+    """The tokens a row emits: `sampled[j]` is the token sampled after drafts[:j]; they stand
+    while each equals the next draft, and the first that differs ends them (it is emitted)."""
+    for j, draft in enumerate(drafts):
+        if sampled[j] != draft:
+            return sampled[: j + 1]
+    return sampled[: len(drafts) + 1]
+
+
+def batch_bucket(rows: int) -> int:
+    """Batch sizes are measured in power-of-two buckets (1, 2, 4, ...)."""
+    return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+
+
+@dataclass
+class _Bucket:
+    plain: float | None = None  # moving average of a plain step's seconds
+    verify: dict[int, float] = field(default_factory=dict)  # drafts per row (bucketed) -> a verify step's
+    logged: dict[int, float] = field(default_factory=dict)  # the ratios last logged
+    steps: int = 0
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
+
+
+PAYOFF = 1.1  # a verify step must promise 10% more tokens than it costs: a near-even bet loses to noise
+
+
+class SpeculationGate:
+    """Whether a batch drafts this step: when the tokens its rows expect from their drafts (one
+    each, plus each row's recent acceptance times its drafts) beat, by `PAYOFF`, what a verify
+    step costs in plain steps: a ratio measured on this machine per batch-size bucket and per
+    drafts a row (a CPU's multi-token matmul costs several one-token ones, a GPU's about one).
+    A width not measured yet is tried; a bucket measures a plain step after its first verify
+    step, and every `probe_every` steps takes one step of the kind it is not taking, so both
+    timings follow a machine that gets busier. Each ratio is logged when it is first known and
+    whenever it moves by a quarter."""
+
+    def __init__(self, probe_every: int = 64):
+        self.probe_every = probe_every
+        self._buckets: dict[int, _Bucket] = {}
+
+    def drafts(self, rows: int, expected_tokens: float, draft_tokens: int) -> bool:
+        """`expected_tokens`: what the rows would emit by verifying their `draft_tokens` drafts
+        (a plain step: `rows`)."""
+        bucket = self._bucket(rows)
+        if bucket.plain is None:
+            return not bucket.verify  # a verify step, then a plain one, measured
+        ratio = self.cost_ratio(rows, draft_tokens)
+        if ratio is None:
+            return True  # this many drafts a row: measured now
+        worth = expected_tokens > PAYOFF * rows * ratio
+        bucket.steps += 1
+        if bucket.steps % self.probe_every == 0:
+            return not worth  # the other kind, measured again
+        return worth
+
+    def observe(self, rows: int, seconds: float, draft_tokens: int = 0) -> None:
+        """A decode step's seconds: a plain one (no drafts) or a verify one."""
+        bucket = self._bucket(rows)
+        if not draft_tokens:
+            bucket.plain = _average(bucket.plain, seconds)
+            return
+        width = _width(rows, draft_tokens)
+        bucket.verify[width] = _average(bucket.verify.get(width), seconds)
+        ratio = self.cost_ratio(rows, draft_tokens)
+        logged = bucket.logged.get(width)
+        if ratio is not None and (logged is None or abs(ratio / logged - 1) > 0.25):
+            bucket.logged[width] = ratio
+            log.info("speculation: a verify step of up to %d drafts a row costs %.2f plain steps for batches of up "
+                     "to %d rows (%.1f ms, %.1f ms): rows draft when they expect more than %.2f tokens each",
+                     width, ratio, batch_bucket(rows), 1e3 * bucket.verify[width], 1e3 * bucket.plain,
+                     PAYOFF * ratio)
+
+    def cost_ratio(self, rows: int, draft_tokens: int) -> float | None:
+        """A verify step's seconds over a plain step's, for this batch size and drafts (None: not
+        measured yet)."""
+        bucket = self._bucket(rows)
+        verify = bucket.verify.get(_width(rows, draft_tokens))
+        return None if bucket.plain is None or verify is None else verify / bucket.plain
+
+    def ratios(self) -> dict[str, float]:
+        """"rows bucket x drafts a row" -> measured cost ratio (for logs and benchmarks)."""
+        return {f"{size}x{width}": round(verify / b.plain, 3) for size, b in sorted(self._buckets.items())
+                for width, verify in sorted(b.verify.items()) if b.plain}
+
+    def _bucket(self, rows: int) -> _Bucket:
+        return self._buckets.setdefault(batch_bucket(rows), _Bucket())
+
+
+def _width(rows: int, draft_tokens: int) -> int:
+    """Drafts a row, bucketed (1, 2, 4, 8, ...)."""
+    return batch_bucket(-(-draft_tokens // rows))
+
+
+class Speculator:
+    """Drafts for a decode batch, and the per-position samplers that verify them."""
+
+    def __init__(self, config: SpeculativeConfig, slot_length: int):
+        self.config = config
+        self.new_drafter: Callable[[Sequence], Drafter] = lambda _sequence: NgramDrafter(config.ngram_min,
+                                                                                         config.ngram_max)
+        self.slot_length = slot_length
+        self.gate = SpeculationGate()
+        self.drafts = 0  # verify rows with at least one draft, since start
+        self.draft_tokens = 0
+        self.accepted = 0
+
+    def propose(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
+        """Each row's drafts (empty for a row without a match or resting), or None when no row
+        drafts or they are not worth a verify step (`SpeculationGate`)."""
+        drafts = [self._draft(sequence) for sequence in rows]
+        if not any(drafts):
+            return None
+        expected = sum(1 + sequence.speculation.rate * len(own) for sequence, own in zip(rows, drafts))
+        return drafts if self.gate.drafts(len(rows), expected, sum(map(len, drafts))) else None
+
+    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+        state = sequence.speculation
+        if state is None:
+            state = sequence.speculation = RowAcceptance(self.new_drafter(sequence))
+        if state.resting:
+            state.resting -= 1
+            return ()
+        # Never past the last token it may emit, nor past its KV slot (draft j is written at kv_len + j).
+        count = min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len)
+        drafts = state.drafter.propose(sequence.token_ids, count)
+        eos = sequence.stop_checker.eos_token_ids
+        for j, token in enumerate(drafts):
+            if token in eos:  # nothing follows an EOS; a grammar row never drafts one (its mask decides)
+                drafts = drafts[: j if sequence.grammar is not None else j + 1]
+                break
+        if sequence.grammar is not None:
+            drafts = drafts[: sequence.grammar.valid_prefix(drafts)]
+        return drafts
+
+    def verify_rows(self, rows: list[Sequence], drafts: list[tuple[int, ...]]
+                    ) -> tuple[list[RequestSampler], list[list[int]]]:
+        """One sampler row per position to verify (row r's last token, then each draft), each
+        in the state plain decoding would reach there: its history, grammar and draw counter."""
+        samplers, histories = [], []
+        for sequence, own in zip(rows, drafts):
+            real = sequence.sampler
+            for j in range(len(own) + 1):
+                grammar = real.grammar if real.grammar is None or j == 0 else real.grammar.after(own[:j])
+                position = RequestSampler(real.params, grammar=grammar, prompt_len=real.prompt_len,
+                                          logprobs=real.logprobs)
+                position.draws = real.draws + j
+                samplers.append(position)
+                histories.append(sequence.token_ids + list(own[:j]) if j else sequence.token_ids)
+        return samplers, histories
+
+    def record(self, sequence: Sequence, drafted: int, accepted: int, emitted: int) -> None:
+        """A row's verify outcome: `accepted` of its `drafted` tokens matched, it emitted `emitted`."""
+        if drafted:
+            self.drafts += 1
+            self.draft_tokens += drafted
+            self.accepted += accepted
+            sequence.speculation.record(drafted, accepted, self.config)
+        if not sequence.sampler.params.is_greedy:
+            sequence.sampler.draws += emitted  # its host counter, for the next sampler built
