@@ -3,11 +3,12 @@ entry of the cache is served to other hosts (the same `WeightServer`, the same s
 replicas' data planes), so that a model cached on any one host is a source for a cold start on
 every other, and the cache is kept within its bound.
 
-Each `refresh()` (the agent runs one a second): serve the entries that appeared (their manifests
-are built once, in this thread, and remembered in the entry), stop serving those that went,
-mark the entries read since the last pass as used, and evict down to the bound. An entry a
-transfer reads (a request in flight, or one in the last `READ_GRACE_S` seconds: between two
-chunks) is never evicted: the server stops serving it only when idle, under its own lock.
+Each `refresh()` (the agent runs one a second): sweep what killed writers left, serve the entries
+that appeared (their manifests are built once, in this thread, and remembered in the entry), stop
+serving those that went, mark the entries read since the last pass as used, and evict down to
+the bound. An entry a transfer reads (a request in flight, or one in the last `READ_GRACE_S`
+seconds: between two chunks) is never evicted: the server stops serving it only when idle,
+under its own lock.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class CachePlane:
     def refresh(self, duplicated: set[str] = frozenset()) -> list[str]:
         """One pass: serve, mark used, evict (entries other hosts hold too, `duplicated`, first).
         Returns the entries evicted."""
+        self.cache.sweep()
         entries = self.cache.entries()
         if self.server is not None:
             self._serve(entries)

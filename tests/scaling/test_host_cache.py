@@ -236,3 +236,28 @@ def test_a_replica_keeps_its_source_in_the_cache_only_within_the_bound(tmp_path)
             time.sleep(0.05)
         assert model_files.entry_complete(entry) == kept
         assert not kept or (entry_sha(entry) == sha_of(9) and tree(entry) == tree(source))
+
+
+def test_a_copy_killed_midway_is_swept_and_does_not_hold_the_bound(tmp_path):
+    """A replica copying a model into the cache is SIGKILLed: its staging directory is no copy in
+    progress any more (its writer lock died with it), so the agent's pass removes it rather than
+    counting it for ever and evicting a good entry to make room for it."""
+    kept = add_entry(tmp_path, 1, MB)
+    entry = kept.with_name(sha_of(2)[:24])
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, time; from pathlib import Path; from tasks.weights.host_cache import entry_lock; "
+        f"entry = Path({str(entry)!r}); lock = entry_lock(entry); lock.__enter__(); "
+        "staging = entry.with_name(f'{entry.name}.staging-{os.getpid()}'); staging.mkdir(); "
+        f"(staging / 'model.safetensors').write_bytes(b'\\0' * {MB}); print('copying', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert writer.stdout.readline().strip() == b"copying"
+        cache = HostCache(tmp_path / "cache", limit=MB + MB // 2)
+        cache.sweep()
+        assert list(kept.parent.glob("*.staging-*")) and cache.usage() > 2 * MB  # alive: a copy in progress
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    cache.sweep()
+    assert cache.evict() == [] and names(cache) == [kept.name]
+    assert not list(kept.parent.glob("*.staging-*")) and cache.usage() <= cache.limit
