@@ -9,6 +9,10 @@ time; 401 otherwise). A holding may be partial: a replica that is still receivin
 serves each chunk as soon as it has verified it, so the replicas of one scale-up form a chain (a
 request for a chunk not yet there waits for it, up to `wait_s`, then 503). The server binds to
 the replica's advertised address only (loopback by default).
+
+Anyone who reaches the port can connect before the key is checked, so connections are bounded:
+at most `max_connections` at once (past it, one is closed at once), and one that sends or takes
+nothing for `idle_timeout_s` is closed; neither threads nor descriptors run out.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import re
+import select
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +32,8 @@ from tasks.weights.manifest import Manifest
 log = logging.getLogger(__name__)
 
 KEY_HEADER = "X-Blitz-Weights-Key"
+MAX_CONNECTIONS = 256  # a scale-up's receivers × their parallel fetches, with room to spare
+IDLE_TIMEOUT_S = 60.0  # a peer's connection between two requests (its fetcher waits as long)
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _PATH = re.compile(r"^/weights/([0-9a-zA-Z]{8,128})/(manifest|data)$")
 
@@ -107,15 +114,16 @@ class Pacer:
 
 
 class WeightServer:
-    def __init__(self, host: str, port: int, secret: str, wait_s: float = 30.0, max_rate: float = 0.0):
+    def __init__(self, host: str, port: int, secret: str, wait_s: float = 30.0, max_rate: float = 0.0,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S):
         """`max_rate`: bytes/s over all peers (0: no limit)."""
         self.secret = secret.encode()
         self.wait_s = wait_s
+        self.idle_timeout_s = idle_timeout_s
         self.pacer = Pacer(max_rate)
         self._holdings: dict[str, Holding] = {}
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), _handler_class(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedHTTPServer((host, port), _handler_class(self), max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -189,9 +197,42 @@ class WeightServer:
         return key is not None and hmac.compare_digest(key.encode(), self.secret)
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refused += 1
+            if self._refused in (1, 100) or self._refused % 10_000 == 0:  # a flood says so, not per connection
+                log.warning("weights: %d connections refused: all %s places busy", self._refused,
+                            self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _handler_class(server: WeightServer):
     class Handler(_WeightHandler):
         weights = server
+        timeout = server.idle_timeout_s  # on every read and write of the connection
     return Handler
 
 
@@ -242,12 +283,22 @@ class _WeightHandler(BaseHTTPRequestHandler):
         sock = self.connection.fileno()
         pacer = self.weights.pacer
         while length > 0:
-            sent = os.sendfile(sock, fd, offset, pacer.piece(length))
+            try:
+                sent = os.sendfile(sock, fd, offset, pacer.piece(length))
+            except BlockingIOError:  # the idle timeout makes the socket non-blocking: wait until it drains
+                self._wait_writable(sock)
+                continue
             pacer.wait(sent)
             if sent == 0:
                 raise ConnectionError("file shorter than its manifest says")
             offset += sent
             length -= sent
+
+    def _wait_writable(self, sock: int) -> None:
+        poller = select.poll()  # not select(): descriptors past 1024
+        poller.register(sock, select.POLLOUT)
+        if not poller.poll(self.timeout * 1000):
+            raise TimeoutError(f"the peer took nothing for {self.timeout:.0f} s")
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, json.dumps({"error": message}).encode(), "application/json")
