@@ -39,6 +39,7 @@ class CachePlane:
         self.server: WeightServer | None = None
         self._entries: dict[str, Path] = {}  # sha → the entry served
         self._read_at: dict[str, float] = {}  # sha → its holding's last read, as of the last pass
+        self._corrupt: set[str] = set()  # found corrupt, not yet removed (a replica maps it): not served
         self._lock = threading.Lock()
 
     def start(self) -> "CachePlane":
@@ -73,9 +74,24 @@ class CachePlane:
         self.cache.sweep()
         entries = self.cache.entries()
         if self.server is not None:
+            entries = self._remove_corrupt(entries)
             self._serve(entries)
             self._mark_read()
         return self.cache.evict(duplicated=set(duplicated), may_evict=self._may_evict)
+
+    def _remove_corrupt(self, entries: list[CacheEntry]) -> list[CacheEntry]:
+        """Entries whose files rotted (the server found a chunk that fails its checksum): removed,
+        unless a replica of this host maps one (then it is only no longer served). The others."""
+        self._corrupt.update(self.server.corrupt())
+        kept = []
+        for entry in entries:
+            if entry.sha not in self._corrupt:
+                kept.append(entry)
+            elif self.cache.remove(entry, may_remove=self._may_remove_corrupt):
+                log.error("host cache: removed %s: a chunk failed its checksum", entry.name)
+                self._corrupt.discard(entry.sha)  # a good copy may come back under its name
+        self._corrupt.intersection_update(entry.sha for entry in entries)  # evicted meanwhile: forgotten too
+        return kept
 
     def _serve(self, entries: list[CacheEntry]) -> None:
         present = {e.sha: e.path for e in entries if e.sha}
@@ -83,14 +99,14 @@ class CachePlane:
             gone = [sha for sha in self._entries if sha not in present]
             new = {sha: path for sha, path in present.items() if sha not in self._entries}
         for sha in gone:
-            self.server.release(sha)
-            with self._lock:
-                self._entries.pop(sha, None)
+            if self.server.release_if_idle(sha, 0.0):  # a transfer under way finishes from its open files
+                with self._lock:
+                    self._entries.pop(sha, None)
         for sha, path in new.items():
             try:
                 manifest = cached_manifest(path, sha, self.settings.weights_chunk_size, True,
                                            self.settings.weights_checksum)
-                self.server.hold(manifest, path, complete=True)
+                self.server.hold(manifest, path, complete=True, verify=True)
             except OSError as error:  # evicted or being replaced meanwhile: the next pass sees
                 log.warning("host cache: cannot serve %s: %s", path.name, error)
                 continue
@@ -107,6 +123,14 @@ class CachePlane:
             if read_at and read_at != self._read_at.get(sha):
                 self._read_at[sha] = read_at
                 touch(path)
+
+    def _may_remove_corrupt(self, entry: CacheEntry) -> bool:
+        """No request starts on a corrupt holding: once those under way are done, it goes."""
+        if not self.server.release_if_idle(entry.sha, 0.0):
+            return False
+        with self._lock:
+            self._entries.pop(entry.sha, None)
+        return True
 
     def _may_evict(self, entry: CacheEntry) -> bool:
         """Called with the entry's locks held: stop serving it, unless a transfer reads it."""

@@ -107,6 +107,10 @@ class HostCache:
                      if self._over else "back within its bound")
         return evicted
 
+    def remove(self, entry: CacheEntry, may_remove: Callable[[CacheEntry], bool] = lambda entry: True) -> bool:
+        """Remove one entry whatever the bound (a corrupt one), on the same terms as eviction."""
+        return self._evict_one(entry, may_remove)
+
     def _evict_one(self, entry: CacheEntry, may_evict: Callable[[CacheEntry], bool]) -> bool:
         with _try_lock(pin_path(entry.path)) as unpinned, _try_lock(lock_path(entry.path)) as unwritten:
             if not (unpinned and unwritten) or not model_files.entry_complete(entry.path) or not may_evict(entry):

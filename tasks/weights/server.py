@@ -7,8 +7,10 @@ content hash, to replicas on other hosts.
 Every request carries the cluster's shared secret in `X-Blitz-Weights-Key` (compared in constant
 time; 401 otherwise). A holding may be partial: a replica that is still receiving the weights
 serves each chunk as soon as it has verified it, so the replicas of one scale-up form a chain (a
-request for a chunk not yet there waits for it, up to `wait_s`, then 503). The server binds to
-the replica's advertised address only (loopback by default).
+request for a chunk not yet there waits for it, up to `wait_s`, then 503). A holding of files at
+rest (a host cache's, `verify`) has each chunk checked before it is sent: a corrupt one answers
+500 and the model is served no more. The server binds to the replica's advertised address only
+(loopback by default).
 
 Anyone who reaches the port can connect before the key is checked, so connections are bounded:
 at most `max_connections` at once (past it, one is closed at once), and one that sends or takes
@@ -27,11 +29,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tasks.weights.manifest import Manifest
+from tasks.weights.manifest import CHECKSUMS, Manifest
 
 log = logging.getLogger(__name__)
 
 KEY_HEADER = "X-Blitz-Weights-Key"
+_VERIFY_PIECE = 1 << 20
 MAX_CONNECTIONS = 256  # a scale-up's receivers × their parallel fetches, with room to spare
 IDLE_TIMEOUT_S = 60.0  # a peer's connection between two requests (its fetcher waits as long)
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -42,8 +45,12 @@ class Holding:
     """One model's bytes that this process serves: the files of a directory (opened once, so a
     rename of the directory while serving changes nothing) and which chunks are verified."""
 
-    def __init__(self, manifest: Manifest, directory: Path, complete: bool):
+    def __init__(self, manifest: Manifest, directory: Path, complete: bool, verify: bool = False):
+        """`verify`: check each chunk against the manifest before sending it (files at rest, which
+        may rot: a host cache's)."""
         self.manifest = manifest
+        self.verify = verify
+        self.corrupt: int | None = None  # the first chunk found corrupt: the holding is served no more
         self.directory = directory
         self._fds = [os.open(directory / name, os.O_RDONLY) for name, _ in manifest.files]
         self._have = bytearray([1 if complete else 0]) * len(manifest.chunks)
@@ -70,6 +77,19 @@ class Holding:
         with self._changed:
             return self._changed.wait_for(
                 lambda: self.released or all(self._have[i] for i in chunks), timeout) and not self.released
+
+    def first_corrupt(self, chunks: range) -> int | None:
+        """The first of these chunks whose bytes no longer match the manifest (then `corrupt`)."""
+        for index in chunks:
+            digest = CHECKSUMS[self.manifest.checksum]()
+            for segment in self.manifest.segments(*self.manifest.chunk_span(index)):
+                for offset in range(segment.offset, segment.offset + segment.length, _VERIFY_PIECE):
+                    length = min(_VERIFY_PIECE, segment.offset + segment.length - offset)
+                    digest.update(os.pread(self._fds[segment.file], length, offset))
+            if digest.hexdigest() != self.manifest.chunks[index]:
+                self.corrupt = index
+                return index
+        return None
 
     def count_sent(self, nbytes: int) -> None:
         with self._changed:
@@ -144,8 +164,8 @@ class WeightServer:
         for holding in holdings:
             holding.release()
 
-    def hold(self, manifest: Manifest, directory: Path, complete: bool = True) -> Holding:
-        holding = Holding(manifest, directory, complete)
+    def hold(self, manifest: Manifest, directory: Path, complete: bool = True, verify: bool = False) -> Holding:
+        holding = Holding(manifest, directory, complete, verify)
         with self._lock:
             previous = self._holdings.get(manifest.sha)
             self._holdings[manifest.sha] = holding
@@ -163,7 +183,7 @@ class WeightServer:
         """The holding a request reads, counted as read until `end` (see `release_if_idle`)."""
         with self._lock:
             holding = self._holdings.get(sha)
-            if holding is None or holding.released:
+            if holding is None or holding.released or holding.corrupt is not None:
                 return None
             holding.readers += 1
             holding.last_read = time.monotonic()
@@ -186,6 +206,11 @@ class WeightServer:
             del self._holdings[sha]
         holding.release()
         return True
+
+    def corrupt(self) -> list[str]:
+        """The models found corrupt while serving them (no longer served: see `Holding.verify`)."""
+        with self._lock:
+            return [sha for sha, holding in self._holdings.items() if holding.corrupt is not None]
 
     def last_read(self, sha: str) -> float | None:
         """Monotonic time of the last request for `sha` (None: not served, or never read)."""
@@ -270,6 +295,9 @@ class _WeightHandler(BaseHTTPRequestHandler):
             return self._error(416, f"range outside 0-{total - 1}")
         if not holding.wait_for(holding.manifest.chunks_of(start, end), self.weights.wait_s):
             return self._error(503, "those chunks are not here (yet)")
+        if holding.verify and (bad := holding.first_corrupt(holding.manifest.chunks_of(start, end))) is not None:
+            log.error("weights: chunk %d of %s is corrupt here; no longer served", bad, holding.manifest.sha[:12])
+            return self._error(500, f"chunk {bad} is corrupt here; this model is no longer served")
         self.send_response(206)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start))

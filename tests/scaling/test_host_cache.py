@@ -261,3 +261,24 @@ def test_a_copy_killed_midway_is_swept_and_does_not_hold_the_bound(tmp_path):
     cache.sweep()
     assert cache.evict() == [] and names(cache) == [kept.name]
     assert not list(kept.parent.glob("*.staging-*")) and cache.usage() <= cache.limit
+
+
+def test_a_corrupt_entry_is_found_by_its_agent_and_never_served_again(plane, tmp_path):
+    """Bit rot in a cached file after its manifest was made: the agent checks what it sends, so the
+    first request of a bad chunk is refused (the receiver drops it as a source at once, and takes
+    the model elsewhere), and the agent's next pass removes the entry: no other host asks it again."""
+    entry = add_entry(tmp_path, 1, 10 * CHUNK)
+    plane.refresh()
+    with open(entry / "model.safetensors", "r+b") as handle:
+        handle.seek(6 * CHUNK)
+        handle.write(b"\xff\xff\xff\xff")
+    source = Source("host-cache@b", plane.address, "b")
+    manifest = fetch_manifest(source, sha_of(1), SECRET)
+    fetcher = ChunkFetcher(manifest, tmp_path / "copy", SECRET, parallel=1)
+    with pytest.raises(NoSource):
+        fetcher.run(lambda failed: None if failed else source)
+    assert fetcher.stats.corrupt_chunks == 0 and fetcher.stats.failed_sources == ["host-cache@b"]
+    plane.refresh()
+    assert plane.served() == [] and not entry.exists()
+    with pytest.raises(SourceGone, match="404"):
+        fetch_manifest(source, sha_of(1), SECRET)
