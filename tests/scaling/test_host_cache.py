@@ -282,3 +282,38 @@ def test_a_corrupt_entry_is_found_by_its_agent_and_never_served_again(plane, tmp
     assert plane.served() == [] and not entry.exists()
     with pytest.raises(SourceGone, match="404"):
         fetch_manifest(source, sha_of(1), SECRET)
+
+
+def test_a_download_is_of_the_commit_the_replica_named_even_if_its_branch_moved(tmp_path):
+    """A replica names a hub model by the commit `main` points at (so peers and host caches can
+    give it), and downloads only when none has it, maybe a minute later: if `main` moved on
+    meanwhile, what it loads (and keeps in the cache under that commit's name) must still be that
+    commit's files, or the cluster would serve another commit's weights under its name."""
+    from tests.hub_server import StandInHub  # noqa: PLC0415 (the stand-in hub: this one case here)
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for directory in (old, new):
+        directory.mkdir()
+        (directory / "config.json").write_text('{"model_type": "llama"}')
+        (directory / "model.safetensors").write_bytes(os.urandom(4096))
+    first, second = "1" * 40, "2" * 40
+    with StandInHub({"blitz-test/moving": old}, commit=first) as hub:
+        starter = subprocess.Popen([sys.executable, "-c", (
+            "from common import model_files; from common.settings import Settings; "
+            "from tasks.runtime.replica import download_weights; "
+            f"settings = Settings(model_id='blitz-test/moving', weight_cache_dir={str(tmp_path / 'cache')!r}); "
+            "source = model_files.resolve_for_start(settings); print(source.sha, flush=True); input(); "
+            "print(download_weights(settings, source).directory, flush=True)")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={
+                **os.environ, "PYTHONPATH": os.getcwd(), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+                "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"})
+        try:
+            assert starter.stdout.readline().strip() == first
+            hub.repos["blitz-test/moving"], hub.history, hub.commit = new, {first: old}, second  # main moves on
+            starter.stdin.write("\n")
+            starter.stdin.flush()
+            loaded = Path(starter.stdout.readline().strip())
+        finally:
+            starter.kill()
+            starter.wait(10)
+    assert loaded.name == first and tree(loaded) == tree(old)
