@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from common.keys import host_cache_eviction_key
 from common.settings import Settings
 from tasks.weights.host_cache import CacheEntry, HostCache, touch
 from tasks.weights.manifest import cached_manifest
@@ -29,12 +30,14 @@ from tasks.weights.sources import advertised_host
 log = logging.getLogger(__name__)
 
 READ_GRACE_S = 10.0  # a transfer's pause between two requests, at most
+EVICTION_CLAIM_S = 30.0  # > the time an agent's record takes to stop naming what it evicted
 
 
 class CachePlane:
-    def __init__(self, settings: Settings, connection: redis.Redis):
+    def __init__(self, settings: Settings, connection: redis.Redis, host: str | None = None):
         self.settings = settings
         self.redis = connection
+        self.host = host or settings.host
         self.cache = HostCache(settings.weight_cache_dir, settings.host_cache_bytes)
         self.server: WeightServer | None = None
         self._entries: dict[str, Path] = {}  # sha → the entry served
@@ -133,14 +136,36 @@ class CachePlane:
         return True
 
     def _may_evict(self, entry: CacheEntry) -> bool:
-        """Called with the entry's locks held: stop serving it, unless a transfer reads it."""
+        """Called with the entry's locks held: stop serving it, unless a transfer reads it or
+        another host is evicting the same model (its claim)."""
         if self.server is None or entry.sha is None:
             return True
+        if not self._claim(entry.sha):
+            return False
         if not self.server.release_if_idle(entry.sha, READ_GRACE_S):
+            self._unclaim(entry.sha)
             return False
         with self._lock:
             self._entries.pop(entry.sha, None)
         return True
+
+    def _claim(self, sha: str) -> bool:
+        """The cluster-wide right to evict `sha` for a while (kept after the eviction: until our
+        record stops naming the model, another host would count on our copy)."""
+        try:
+            key = host_cache_eviction_key(sha)
+            return bool(self.redis.set(key, self.host, nx=True, ex=int(EVICTION_CLAIM_S))) or \
+                self.redis.get(key) == self.host.encode()
+        except redis.RedisError:  # no records to decide by either: the bound comes first
+            return True
+
+    def _unclaim(self, sha: str) -> None:
+        try:
+            key = host_cache_eviction_key(sha)
+            if self.redis.get(key) == self.host.encode():
+                self.redis.delete(key)
+        except redis.RedisError:
+            pass
 
 
 def run_forever(plane: CachePlane, stop: threading.Event, duplicated, period: float = 1.0) -> None:

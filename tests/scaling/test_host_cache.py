@@ -317,3 +317,32 @@ def test_a_download_is_of_the_commit_the_replica_named_even_if_its_branch_moved(
             starter.kill()
             starter.wait(10)
     assert loaded.name == first and tree(loaded) == tree(old)
+
+
+def test_two_hosts_over_their_bounds_never_both_drop_a_model(redis_url, tmp_path):
+    """Hosts a and b both cache model 1 and are over their bounds at once: b drops it first because
+    a holds it too, and a, for which it is the least recently used, must not drop it as well in
+    the same moment (each deciding by the other's record, the cluster would lose its last copy)."""
+    redis.Redis.from_url(redis_url).flushall()
+    planes, now = {}, time.time()
+    for host in ("a", "b"):
+        root = tmp_path / host
+        add_entry(root, 1, MB, used_at=now - (300 if host == "a" else 200))  # the older on both
+        add_entry(root, 2, MB, used_at=now - 100)
+        planes[host] = CachePlane(Settings(redis_url=redis_url, weight_cache_dir=str(root / "cache"),
+                                           weights_secret=SECRET, weights_chunk_size=CHUNK,
+                                           host_cache_bytes=MB + MB // 2, weights_host="127.0.0.1", host_name=host),
+                                  redis.Redis.from_url(redis_url)).start()
+    try:
+        for plane in planes.values():  # both serve 1 and 2, as their records will say
+            plane.cache.limit, limit = 0, plane.cache.limit
+            plane.refresh()
+            plane.cache.limit = limit
+        evicted = {"a": planes["a"].refresh(duplicated=set()),  # a is named first: nothing counts as shared
+                   "b": planes["b"].refresh(duplicated={sha_of(1), sha_of(2)})}  # from a's record, not yet updated
+        assert any(sha_of(1) in plane.served() for plane in planes.values()), evicted
+        assert any(sha_of(2) in plane.served() for plane in planes.values()), evicted
+    finally:
+        for plane in planes.values():
+            plane.stop()
+        redis.Redis.from_url(redis_url).flushall()  # the claims: other tests evict these models
