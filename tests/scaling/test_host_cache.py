@@ -23,6 +23,8 @@ import requests
 
 from blitzscale.redis_server import EmbeddedRedis
 from common import model_files
+from common.fleet import AgentRecord
+from common.keys import agent_key
 from common.settings import Settings
 from tasks.weights import cache_plane as cache_plane_module
 from tasks.weights.cache_plane import CachePlane
@@ -346,3 +348,41 @@ def test_two_hosts_over_their_bounds_never_both_drop_a_model(redis_url, tmp_path
         for plane in planes.values():
             plane.stop()
         redis.Redis.from_url(redis_url).flushall()  # the claims: other tests evict these models
+
+
+def test_a_stale_record_of_an_evicted_entry_costs_a_start_one_refused_request(redis_url, tmp_path):
+    """Host b's record still names model 1, which b just evicted; host c serves it. A cold start on
+    host a asks b, is refused at once (404), and copies the model from c's cache: no wait, no
+    download, the right bytes."""
+    from tasks.runtime.peer_weights import Obtained, ReplicaWeights  # noqa: PLC0415 (the replica side: one case)
+
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushall()
+    planes = {}
+    for host in ("b", "c"):
+        add_entry(tmp_path / host, 1, 20 * CHUNK)
+        planes[host] = CachePlane(Settings(redis_url=redis_url, weight_cache_dir=str(tmp_path / host / "cache"),
+                                           weights_secret=SECRET, weights_chunk_size=CHUNK, host_name=host,
+                                           weights_host="127.0.0.1"), connection).start()
+        planes[host].refresh()
+        connection.set(agent_key(host), AgentRecord(host, cache_addr=planes[host].address,
+                                                    cache_shas=tuple(planes[host].served())).to_json())
+    weights = None
+    try:
+        planes["b"].cache.limit = 1
+        assert planes["b"].refresh() == [sha_of(1)[:24]]  # evicted; its record, not yet renewed, says otherwise
+        assert AgentRecord.from_json(connection.get(agent_key("b"))).serves_model(sha_of(1))
+        settings = Settings(redis_url=redis_url, weight_cache_dir=str(tmp_path / "a" / "cache"), weights_secret=SECRET,
+                            weights_chunk_size=CHUNK, host_name="a", weights_host="127.0.0.1", weight_peers="prefer",
+                            weights_peer_wait=0)
+        weights = ReplicaWeights(settings, 0, "replica0@a", connection).start()
+        source = model_files.ModelSource("m", "directory", tmp_path / "no-such-source", sha_of(1))
+        got = weights.obtain(source, lambda: pytest.fail("prepared from the source"))
+        assert isinstance(got, Obtained) and (got.source, got.host) == ("host-cache", "c")
+        assert tree(got.directory) == tree(tmp_path / "c" / "cache" / "models" / sha_of(1)[:24])
+    finally:
+        if weights is not None:
+            weights.stop()
+        for plane in planes.values():
+            plane.stop()
+        connection.flushall()
