@@ -109,7 +109,7 @@ class CachePlane:
             try:
                 manifest = cached_manifest(path, sha, self.settings.weights_chunk_size, True,
                                            self.settings.weights_checksum)
-                self.server.hold(manifest, path, complete=True, verify=True)
+                self.server.hold(manifest, path, complete=True, verify=True, keep_open=False)
             except OSError as error:  # evicted or being replaced meanwhile: the next pass sees
                 log.warning("host cache: cannot serve %s: %s", path.name, error)
                 continue

@@ -45,14 +45,17 @@ class Holding:
     """One model's bytes that this process serves: the files of a directory (opened once, so a
     rename of the directory while serving changes nothing) and which chunks are verified."""
 
-    def __init__(self, manifest: Manifest, directory: Path, complete: bool, verify: bool = False):
+    def __init__(self, manifest: Manifest, directory: Path, complete: bool, verify: bool = False,
+                 keep_open: bool = True):
         """`verify`: check each chunk against the manifest before sending it (files at rest, which
-        may rot: a host cache's)."""
+        may rot: a host cache's). Without `keep_open`, each request opens the files it reads (a
+        host cache serves many models: a descriptor per file of each would run the process out),
+        so the directory must stay where it is while served."""
         self.manifest = manifest
         self.verify = verify
         self.corrupt: int | None = None  # the first chunk found corrupt: the holding is served no more
         self.directory = directory
-        self._fds = [os.open(directory / name, os.O_RDONLY) for name, _ in manifest.files]
+        self._fds = [os.open(directory / name, os.O_RDONLY) for name, _ in manifest.files] if keep_open else None
         self._have = bytearray([1 if complete else 0]) * len(manifest.chunks)
         self._missing = 0 if complete else len(manifest.chunks)
         self._changed = threading.Condition()
@@ -78,14 +81,36 @@ class Holding:
             return self._changed.wait_for(
                 lambda: self.released or all(self._have[i] for i in chunks), timeout) and not self.released
 
-    def first_corrupt(self, chunks: range) -> int | None:
+    def open_files(self, chunks: range) -> dict[int, int]:
+        """Descriptors of the files these chunks span, by file index (`close_files` after)."""
+        if not chunks:
+            return {}
+        files = {s.file for s in self.manifest.segments(self.manifest.chunk_span(chunks[0])[0],
+                                                         self.manifest.chunk_span(chunks[-1])[1])}
+        if self._fds is not None:
+            return {index: self._fds[index] for index in files}
+        opened: dict[int, int] = {}
+        try:
+            for index in sorted(files):
+                opened[index] = os.open(self.directory / self.manifest.files[index][0], os.O_RDONLY)
+        except OSError:
+            self.close_files(opened)
+            raise
+        return opened
+
+    def close_files(self, fds: dict[int, int]) -> None:
+        if self._fds is None:
+            for fd in fds.values():
+                os.close(fd)
+
+    def first_corrupt(self, chunks: range, fds: dict[int, int]) -> int | None:
         """The first of these chunks whose bytes no longer match the manifest (then `corrupt`)."""
         for index in chunks:
             digest = CHECKSUMS[self.manifest.checksum]()
             for segment in self.manifest.segments(*self.manifest.chunk_span(index)):
                 for offset in range(segment.offset, segment.offset + segment.length, _VERIFY_PIECE):
                     length = min(_VERIFY_PIECE, segment.offset + segment.length - offset)
-                    digest.update(os.pread(self._fds[segment.file], length, offset))
+                    digest.update(os.pread(fds[segment.file], length, offset))
             if digest.hexdigest() != self.manifest.chunks[index]:
                 self.corrupt = index
                 return index
@@ -95,14 +120,11 @@ class Holding:
         with self._changed:
             self.sent_bytes += nbytes
 
-    def fd(self, file_index: int) -> int:
-        return self._fds[file_index]
-
     def release(self) -> None:
         with self._changed:
             self.released = True
             self._changed.notify_all()
-        for fd in self._fds:
+        for fd in self._fds or ():
             try:
                 os.close(fd)
             except OSError:
@@ -164,8 +186,9 @@ class WeightServer:
         for holding in holdings:
             holding.release()
 
-    def hold(self, manifest: Manifest, directory: Path, complete: bool = True, verify: bool = False) -> Holding:
-        holding = Holding(manifest, directory, complete, verify)
+    def hold(self, manifest: Manifest, directory: Path, complete: bool = True, verify: bool = False,
+             keep_open: bool = True) -> Holding:
+        holding = Holding(manifest, directory, complete, verify, keep_open)
         with self._lock:
             previous = self._holdings.get(manifest.sha)
             self._holdings[manifest.sha] = holding
@@ -293,18 +316,26 @@ class _WeightHandler(BaseHTTPRequestHandler):
         if not 0 <= start < end <= total:
             self.close_connection = True
             return self._error(416, f"range outside 0-{total - 1}")
-        if not holding.wait_for(holding.manifest.chunks_of(start, end), self.weights.wait_s):
+        chunks = holding.manifest.chunks_of(start, end)
+        if not holding.wait_for(chunks, self.weights.wait_s):
             return self._error(503, "those chunks are not here (yet)")
-        if holding.verify and (bad := holding.first_corrupt(holding.manifest.chunks_of(start, end))) is not None:
-            log.error("weights: chunk %d of %s is corrupt here; no longer served", bad, holding.manifest.sha[:12])
-            return self._error(500, f"chunk {bad} is corrupt here; this model is no longer served")
-        self.send_response(206)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(end - start))
-        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
-        self.end_headers()
-        for segment in holding.manifest.segments(start, end):
-            self._sendfile(holding.fd(segment.file), segment.offset, segment.length)
+        try:
+            fds = holding.open_files(chunks)
+        except OSError as error:
+            return self._error(404, f"this model's files are gone here: {error.strerror}")
+        try:
+            if holding.verify and (bad := holding.first_corrupt(chunks, fds)) is not None:
+                log.error("weights: chunk %d of %s is corrupt here; no longer served", bad, holding.manifest.sha[:12])
+                return self._error(500, f"chunk {bad} is corrupt here; this model is no longer served")
+            self.send_response(206)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(end - start))
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
+            self.end_headers()
+            for segment in holding.manifest.segments(start, end):
+                self._sendfile(fds[segment.file], segment.offset, segment.length)
+        finally:
+            holding.close_files(fds)
         holding.count_sent(end - start)
 
     def _sendfile(self, fd: int, offset: int, length: int) -> None:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -386,3 +387,41 @@ def test_a_stale_record_of_an_evicted_entry_costs_a_start_one_refused_request(re
         for plane in planes.values():
             plane.stop()
         connection.flushall()
+
+
+def test_a_cache_of_many_models_does_not_hold_a_descriptor_per_file(redis_url, tmp_path):
+    """The agent serves every entry of its cache: one open descriptor per file of every entry would
+    run a host with many cached models (a serverless fleet's) out of descriptors, under the usual
+    soft limit of 1024, so that it could neither serve them nor reach Redis. Here: 40 models of 8
+    files under a limit of 200 descriptors; every one is served, and copied."""
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        import redis
+        from common.settings import Settings
+        from tasks.weights.cache_plane import CachePlane
+        from tasks.weights.fetch import ChunkFetcher, Source, fetch_manifest
+        from tasks.weights.host_cache import keep_copy
+        root = Path({str(tmp_path)!r})
+        for index in range(40):
+            source = root / f"source-{{index}}"
+            source.mkdir()
+            for name in range(8):
+                (source / f"file-{{name}}.json").write_text(str(index) * 100)
+            keep_copy(source, root / "cache" / "models" / (f"{{index:02d}}" * 12), f"{{index:02d}}" * 32, 4096, "xxh3_128")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        connection = redis.Redis.from_url({redis_url!r})
+        plane = CachePlane(Settings(redis_url={redis_url!r}, weight_cache_dir=str(root / "cache"),
+                                    weights_secret="s", weights_chunk_size=4096, host_name="many",
+                                    weights_host="127.0.0.1"), connection).start()
+        plane.refresh()
+        print(len(plane.served()), connection.ping(), flush=True)
+        source = Source("host-cache@many", plane.address, "many")
+        sha = "39" * 32
+        ChunkFetcher(fetch_manifest(source, sha, "s"), root / "copy", "s").run(lambda failed: None if failed else source)
+        print(sorted(p.name for p in (root / "copy").iterdir()) == [f"file-{{n}}.json" for n in range(8)], flush=True)
+        plane.stop()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.stdout.split() == ["40", "True", "True"], done.stderr[-2000:]
