@@ -174,7 +174,7 @@ def test_idle_connections_cannot_exhaust_the_data_plane(model_dir, tmp_path):
             assert connection.recv(1) == b""  # closed by the server once idle (within the 10 s wait)
             connection.close()
         ChunkFetcher(fetch_manifest(Source("peer0", server.address), SHA, SECRET), tmp_path / "copy",
-                     SECRET).run(sources(server))
+                     SECRET, parallel=2).run(sources(server))  # within the cap even while 2 manifest asks wind up
         assert tree(tmp_path / "copy") == tree(model_dir)
     finally:
         server.stop()
