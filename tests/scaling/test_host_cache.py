@@ -425,3 +425,12 @@ def test_a_cache_of_many_models_does_not_hold_a_descriptor_per_file(redis_url, t
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.stdout.split() == ["40", "True", "True"], done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("field, value", [("host_cache_bytes", -1), ("host_cache_port", -1),
+                                          ("host_cache_port", 70000)])
+def test_a_bad_bound_or_port_is_refused_at_start(field, value):
+    """`--host-cache-bytes -1` was taken as a bound that every cache exceeds: the agent evicted
+    every entry nobody mapped, each second, silently. Refused, naming the setting."""
+    with pytest.raises(ValueError, match=field):
+        Settings(**{field: value})
