@@ -123,6 +123,13 @@ def weight_sources_key(slot: int) -> str:
     return f"{KEY_PREFIX}weight-sources:{slot}"
 
 
+def host_cache_eviction_key(sha: str) -> str:
+    """Held (the evicting host's name, a short TTL) by a host evicting a model from its host cache:
+    no other host evicts that model meanwhile, so two hosts never both drop the cluster's last
+    copies, each because the other's record still names it (tasks/weights/cache_plane.py)."""
+    return f"{KEY_PREFIX}host-cache-eviction:{sha}"
+
+
 def tenant_limit_key(tenant: str, what: str) -> str:
     """A sorted set of one tenant's recent requests (`rpm`), token charges (`tpm`) or leases
     (`concurrent`), shared by every web process (web/rate_limits.py)."""

@@ -162,6 +162,10 @@ class Settings:
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if self.autoscale_policy not in ("queue", "slo") or self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("`autoscale_policy` must be `queue` or `slo`, `ttft_slo` and `itl_slo` > 0")
+        if self.host_cache_bytes < 0:
+            raise ValueError("`host_cache_bytes` must be >= 0 (0: no bound)")
+        if not 0 <= self.host_cache_port <= 65535:
+            raise ValueError("`host_cache_port` must be a port, 0-65535 (0: a free one)")
         if not 0 <= self.scale_down_threshold < self.scale_up_threshold:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):

@@ -6,7 +6,8 @@ serves model repositories from local directories, answering exactly what hugging
 - `HEAD` and `GET /{repo}/resolve/{revision}/{file}`: the file, with the headers huggingface_hub
   reads (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`/`X-Linked-Size` for LFS files), and byte ranges.
 
-`cut_first_download` makes the first GET of a file send half of it and drop the connection, as a
+`commit` is the commit every revision names, except the older commits of `history` (each with its
+own files: a branch that moved on). `cut_first_download` makes the first GET of a file send half of it and drop the connection, as a
 flaky network does; `rate` (bytes/s per download, 0: no limit) makes it a slow source (the
 benchmarks' remote hub); `requests` records every request (method, path, Range) for the tests.
 """
@@ -39,6 +40,8 @@ class StandInHub:
     cut_first_download: set[str] = field(default_factory=set)  # file names
     requests: list[Seen] = field(default_factory=list)
     rate: float = 0.0  # bytes/s per download (0: no limit)
+    commit: str = COMMIT  # what every revision but those of `history` names
+    history: dict[str, Path] = field(default_factory=dict)  # older commits → their files (a branch that moved)
 
     def __post_init__(self):
         self._cut_done: set[str] = set()
@@ -97,17 +100,19 @@ def _handler(hub: StandInHub):
         def _serve(self, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             hub.requests.append(Seen(self.command, path, self.headers.get("Range")))
-            api = re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/[^/]+|/tree/[^/]+)?", path)
+            api = re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?:revision|tree)/(?P<rev>[^/]+))?", path)
             resolve = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
             repo = (api or resolve).group("repo") if (api or resolve) else None
             if repo not in hub.repos:
                 return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-            directory = hub.repos[repo]
+            revision = (api or resolve).group("rev")
+            self.commit = revision if revision in hub.history else hub.commit
+            directory = hub.history.get(revision, hub.repos[repo])
             files = sorted(p.name for p in directory.iterdir() if p.is_file())
             if api and "/tree/" in path:
                 return self._json(200, [_file_entry(directory / f, f) for f in files])
             if api:
-                return self._json(200, {"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
+                return self._json(200, {"id": repo, "modelId": repo, "sha": self.commit, "private": False,
                                         "siblings": [{"rfilename": f} for f in files]})
             name = resolve.group("file")
             if name not in files:
@@ -123,7 +128,7 @@ def _handler(hub: StandInHub):
             if match:
                 start = int(match.group(1))
             self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", self.commit)
             self.send_header("ETag", f'"{etag}"')
             if "lfs" in entry:
                 self.send_header("X-Linked-Etag", f'"{etag}"')

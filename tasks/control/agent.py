@@ -77,7 +77,7 @@ class HostAgent:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.cache = CachePlane(settings, self.redis)
+        self.cache = CachePlane(settings, self.redis, self.host)
 
     # -- starting replicas
 

@@ -79,11 +79,7 @@ class Replica:
         target = model_files.prepared_dir(s, source)
 
         def prepare_locally():
-            if not source.is_download:
-                return prepare_weights(source, target)
-            started_download = time.perf_counter()  # no peer or host cache has it: from the hub
-            hub.ensure_model(s.model_id, s.revision)
-            return Obtained(model_files.resolve(s).path, model_files.DOWNLOAD, time.perf_counter() - started_download)
+            return download_weights(s, source) if source.is_download else prepare_weights(source, target)
 
         prepared = self.weights.obtain(source, prepare_locally)
         self.relay = StreamRelay(
@@ -184,6 +180,19 @@ def _speculation(stats) -> dict:
     drafted, accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
     return {"speculate": stats.speculate, "drafts": stats.spec_drafts, "draft_tokens": drafted,
             "accepted_tokens": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
+
+
+def download_weights(settings: Settings, source: model_files.ModelSource) -> Obtained:
+    """A hub model that no peer or host cache had: downloaded from the hub, at the commit the
+    replica is named by (`source.sha`, its identity for peers and host caches) even if its branch
+    moved on since; by the branch first, so that an offline restart finds the model by it."""
+    started = time.perf_counter()
+    snapshot = hub.ensure_model(settings.model_id, settings.revision)
+    if snapshot.name != source.sha:  # a snapshot directory is named by its commit
+        log.warning("%s moved from %s to %s while this replica started: downloading %s", settings.revision or "main",
+                    source.sha[:12], snapshot.name[:12], source.sha[:12])
+        snapshot = hub.ensure_model(settings.model_id, source.sha)
+    return Obtained(snapshot, model_files.DOWNLOAD, time.perf_counter() - started)
 
 
 def _relay_connection(settings: Settings) -> redis.Redis:

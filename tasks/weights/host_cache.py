@@ -12,8 +12,9 @@ entry that nobody uses. No torch, no Celery: the host agent runs it.
   skipped. Holding both, it renames the entry away (a replica starting meanwhile waits for the
   pin, then finds no entry and fetches the model) and deletes it. The pin files stay (a lock
   file deleted while someone waits on it would let two processes hold "the" lock).
-- **The bound** counts complete entries and copies in progress (staging directories). Pinned
-  entries are never evicted, so the cache exceeds the bound only by what live replicas map.
+- **The bound** counts complete entries and copies in progress (staging directories; one left by
+  a killed writer is swept, its writer lock being free). Pinned entries are never evicted, so the
+  cache exceeds the bound only by what live replicas map.
 """
 from __future__ import annotations
 
@@ -106,6 +107,10 @@ class HostCache:
                      if self._over else "back within its bound")
         return evicted
 
+    def remove(self, entry: CacheEntry, may_remove: Callable[[CacheEntry], bool] = lambda entry: True) -> bool:
+        """Remove one entry whatever the bound (a corrupt one), on the same terms as eviction."""
+        return self._evict_one(entry, may_remove)
+
     def _evict_one(self, entry: CacheEntry, may_evict: Callable[[CacheEntry], bool]) -> bool:
         with _try_lock(pin_path(entry.path)) as unpinned, _try_lock(lock_path(entry.path)) as unwritten:
             if not (unpinned and unwritten) or not model_files.entry_complete(entry.path) or not may_evict(entry):
@@ -118,9 +123,17 @@ class HostCache:
         return True
 
     def sweep(self) -> None:
-        """Directories left by an eviction that was killed midway."""
+        """Directories left by a process killed midway: an eviction's, and a copy's or a
+        conversion's staging directory whose writer lock nobody holds (the bound counts a copy
+        in progress; one whose writer died would hold its room for ever)."""
         for leftover in self.models.glob("*.evicted-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for staging in self.models.glob("*.staging-*"):
+            entry = staging.with_name(staging.name.split(".staging-")[0])
+            with _try_lock(lock_path(entry)) as unwritten:
+                if unwritten:
+                    log.info("host cache: removing %s (left by a process that died)", staging.name)
+                    shutil.rmtree(staging, ignore_errors=True)
 
 
 class Pin:

@@ -151,9 +151,12 @@ def test_a_receiver_killed_midway_leaves_nothing_in_the_cache(hosts, tiny_model_
     os.kill(receiver["pid"], signal.SIGKILL)
     hosts.wait_state(1, "dead", timeout=20)
     assert not hosts.entry_b.exists()  # a partial copy never becomes a cache entry
-    assert list(hosts.host_b_cache.glob("models/*.staging-*"))  # only its staging directory is left
+    deadline = time.monotonic() + 20  # its staging directory, its writer dead, is swept by host B's agent
+    while list(hosts.host_b_cache.glob("models/*.staging-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(hosts.host_b_cache.glob("models/*.staging-*")) and not hosts.entry_b.exists()
 
     assert hosts.modify("TriggerNormalUp", old_stub_indices=[2], new_stub_indices=[1]).status_code == 200
     replica = hosts.wait_state(1, "active", timeout=90)
     assert replica["weight_source"] == "peer" and files(hosts.entry_b) == files(tiny_model_dir)
-    assert not list(hosts.host_b_cache.glob("models/*.staging-*"))  # swept by the next copy
+    assert not list(hosts.host_b_cache.glob("models/*.staging-*"))

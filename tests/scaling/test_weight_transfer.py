@@ -4,16 +4,19 @@ replaced, and a chain forwards chunks so that the source sends each byte once.""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tasks.weights.fetch import ChunkFetcher, NoSource, Source, SourceGone, fetch_manifest
 from tasks.weights.manifest import Manifest, build_manifest
-from tasks.weights.server import WeightServer
+from tasks.weights.server import KEY_HEADER, WeightServer
 
 SECRET = "s3cret"
 CHUNK = 4096
@@ -151,3 +154,47 @@ def test_chain_forwards_chunks_as_they_arrive(model_dir, tmp_path, servers):
     assert tree(tmp_path / "b") == tree(model_dir) == tree(tmp_path / "c")
     assert c_result["stats"].bytes_by_source == {"peer0": manifest.total}  # all of it from B
     assert a_holding.sent_bytes == manifest.total and b_holding.sent_bytes == manifest.total
+
+
+def test_idle_connections_cannot_exhaust_the_data_plane(model_dir, tmp_path):
+    """Anyone who can reach the port, secret or not, may open connections and send nothing: each
+    used to hold a thread and a descriptor for ever. Past the cap a connection is closed at once;
+    an idle one is closed after the idle timeout; then a peer with the secret copies the model."""
+    server = WeightServer("127.0.0.1", 0, SECRET, max_connections=4, idle_timeout_s=1.0).start()
+    try:
+        server.hold(build_manifest(model_dir, SHA, CHUNK), model_dir)
+        host, port = server.address.removeprefix("http://").split(":")
+        threads = threading.active_count()
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        for _ in range(20):
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                assert extra.recv(1) == b""  # closed at once: no thread, no descriptor held
+        assert threading.active_count() <= threads + 4  # one per connection held, the cap
+        for connection in idle:
+            assert connection.recv(1) == b""  # closed by the server once idle (within the 10 s wait)
+            connection.close()
+        ChunkFetcher(fetch_manifest(Source("peer0", server.address), SHA, SECRET), tmp_path / "copy",
+                     SECRET, parallel=2).run(sources(server))  # within the cap even while 2 manifest asks wind up
+        assert tree(tmp_path / "copy") == tree(model_dir)
+    finally:
+        server.stop()
+
+
+def test_a_slow_reader_still_gets_every_byte(tmp_path):
+    """With an idle timeout the socket is non-blocking under sendfile: a reader that lets the
+    socket buffer fill gets the whole range all the same."""
+    directory = tmp_path / "big"
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(os.urandom(16 << 20))
+    server = WeightServer("127.0.0.1", 0, SECRET, idle_timeout_s=10.0).start()
+    try:
+        manifest = server.hold(build_manifest(directory, SHA, 1 << 20), directory).manifest
+        connection = http.client.HTTPConnection(*server.address.removeprefix("http://").split(":"), timeout=10)
+        connection.request("GET", f"/weights/{SHA}/data", headers={KEY_HEADER: SECRET})
+        response = connection.getresponse()
+        time.sleep(0.3)  # the server meets a full socket buffer (the outcome is the same either way)
+        body = response.read()
+        assert response.status == 206 and len(body) == manifest.total
+        assert hashlib.sha256(body).digest() == hashlib.sha256((directory / "model.safetensors").read_bytes()).digest()
+    finally:
+        server.stop()
