@@ -37,7 +37,7 @@ COMING = (STARTING, INDEXING)  # worth waiting for
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PLAN_TTL_S = 300
 HOST_CACHE = "host-cache"
-# A replica's `weight_source` (the fine name) → the cold start's source for its record and reports:
+# A replica's `weight_source` (the fine name) → the cold start's source for its record, metrics and reports:
 # a live replica, a host cache (this host's, mapped, or another's over the network), the source.
 COLD_START_SOURCES = {"peer": "replica", HOST_CACHE: HOST_CACHE, "gguf-conversion": "source",
                       "download": "source", "directory": "source"}
