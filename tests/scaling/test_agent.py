@@ -65,7 +65,9 @@ def test_each_replica_gets_one_place_and_exactly_that_device(make_agent):
     first, second = agent.start_replica(1), agent.start_replica(2)
     assert agent.devices == {1: "cpu:0", 2: "cpu:1"}
     for process, place in ((first, "cpu:0"), (second, "cpu:1")):
-        env = environment(process.pid)
+        # /proc/<pid>/environ was seen once without the child's own variables on a loaded machine:
+        # read it until the child's environment is there (bounded), then check every variable
+        env = wait_for(lambda: (e := environment(process.pid)) and "DEVICE" in e and e) or environment(process.pid)
         assert (env["DEVICE"], env["DEVICE_NAME"], env["CUDA_VISIBLE_DEVICES"]) == ("cpu", place, "")
         assert env["HOST_NAME"] == "test-host" and "DEVICES" not in env  # its place, not the host's list
     entry = json.loads(agent.redis.hget(SLOTS_KEY, "2"))
