@@ -29,6 +29,8 @@ from common.settings import Settings
 from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.client.subscriber import SubscribeFailed, Subscriber
+from tasks.control.cluster import read_slots
+from tasks.control.load_backoff import load_failure
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
 from tasks.queue.depth import queued_jobs
 from tasks.queue.hygiene import queue_ttl
@@ -218,3 +220,10 @@ class ModelWatch:
 
     def served(self, routing: Routing, replica: str) -> None:
         self._client.served(routing, replica)
+
+    def load_failure(self, since: float) -> str | None:
+        """Why a replica of this model could not load after `since` (a timestamp), if one did:
+        a request waiting for a cold start then fails saying so, not at the queue timeout."""
+        catalog = self._client.settings.catalog
+        own = (catalog.get(self._model) or catalog.first).slots
+        return load_failure({s: v for s, v in read_slots(self._client.redis).items() if s in own}, since)
