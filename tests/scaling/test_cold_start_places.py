@@ -1,6 +1,6 @@
 """`ensure_replica` (tasks/control/cold_start.py) over a real Redis: a model whose only replica is
 still loading for standby makes its request wait (the autoscaler activates it once loaded), not
-fail at once."""
+fail at once; and a model declared with no replica at start still has a slot to start one in."""
 from __future__ import annotations
 
 import json
@@ -33,3 +33,9 @@ def test_a_replica_loading_for_standby_is_waited_for_not_refused(redis_url):
     connection.set(slot_target_key(1), "standby")  # b's one slot: its standby replica, loading
     assert ensure_replica(ClusterControl(settings), "b") == "waiting"
 
+
+def test_models_declared_with_no_replica_at_start_each_have_a_slot():
+    # --num-replicas 0 --min-replicas 0: nothing runs at start, every model starts on demand
+    a, b = Settings(models="a=/m/a,b=/m/b", min_replicas=0, num_replicas=0).catalog.models
+    assert (a.slots, b.slots) == (range(0, 1), range(1, 2))
+    assert b.settings.replica_range == (0, 1)  # the autoscaler keeps the replica a request started
