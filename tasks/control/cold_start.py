@@ -19,11 +19,15 @@ import redis
 from common.keys import MODEL_USED_KEY
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError
+from tasks.control.load_backoff import LoadBackoff, load_failure
 from tasks.control.placement import free_places, used_places
 
 log = logging.getLogger(__name__)
 
 SERVING = (ReplicaState.ACTIVE, ReplicaState.LOADING)
+# A model whose replica could not load this recently is not started again for a request (the
+# first request after it tries again; the autoscaler keeps its own growing backoff).
+LOAD_RETRY_S = LoadBackoff.base_s
 
 
 class NoPlace(ClusterError):
@@ -114,6 +118,9 @@ def ensure_replica(control: ClusterControl, model: str, trigger: str = "request"
         if warm:
             control.scale_up_locked(warm[:1], trigger=f"cold_start:{trigger}")
             return "activated"
+        failed = load_failure({s: slots[s] for s in served.slots if s in slots}, time.time() - LOAD_RETRY_S)
+        if failed:  # a new process would fail the same way (and might evict a healthy model's for it)
+            raise NoPlace(f"model {model}: {failed}; not started again for {LOAD_RETRY_S:g} s")
         free_slots = [s for s in served.slots if slots.get(s, {}).get("state") not in LIVE_STATES]
         if not served.slots:
             raise NoPlace(f"model {model} has no replica slot (--max-replicas, --num-replicas)")

@@ -39,3 +39,21 @@ def test_models_declared_with_no_replica_at_start_each_have_a_slot():
     a, b = Settings(models="a=/m/a,b=/m/b", min_replicas=0, num_replicas=0).catalog.models
     assert (a.slots, b.slots) == (range(0, 1), range(1, 2))
     assert b.settings.replica_range == (0, 1)  # the autoscaler keeps the replica a request started
+
+
+def test_a_model_whose_replica_just_failed_to_load_is_not_started_again_per_request(redis_url):
+    # Each request for a broken model started (or evicted a healthy model's replica for) a process
+    # that fails the same way; the autoscaler backs off, the cold start did not.
+    from common.keys import agent_commands_key
+    from tasks.control.cold_start import NoPlace
+
+    settings = Settings(models="a=/m/a,b=/m/b", min_replicas=0, redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    connection.set(agent_key("h1"), AgentRecord("h1", 2, (Place("cpu:0"), Place("cpu:1"))).to_json(), ex=60)
+    connection.hset(SLOTS_KEY, "1", json.dumps({"slot": 1, "host": "h1", "device": "cpu:1", "state": "dead",
+                                                 "by": "replica", "updated_at": time.time(),
+                                                 "error": "no weights found", "cannot_load": True}))
+    with pytest.raises(NoPlace, match="replica1 cannot load: no weights found"):
+        ensure_replica(ClusterControl(settings), "b")
+    assert not connection.llen(agent_commands_key("h1"))
+    assert ensure_replica(ClusterControl(settings), "a") == "started"  # the healthy model starts as ever
