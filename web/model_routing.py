@@ -1,7 +1,8 @@
 """Which served model a request is for, with several models (common/models.py, docs/models.md).
 
-- OpenAI and Anthropic routes (`/v1/...`): the body's `model`, a model's name or one of its LoRA
-  adapters (`tgi` and an absent `model`: the header's, else the first model);
+- OpenAI and Anthropic routes (`/v1/...`) and TGI's `/chat_tokenize` (a chat body): the body's
+  `model`, a model's name or one of its LoRA adapters (`tgi` and an absent `model`: the header's,
+  else the first model);
 - every other route (TGI's, `/invocations`, `/info`, `/tokenize`): SageMaker's multi-model header
   `X-Amzn-SageMaker-Target-Model: NAME`, absent: the first model.
 
@@ -20,6 +21,8 @@ from web.openai.errors import OPENAI_PREFIX, ModelNotFound
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
 # The blueprints whose routes run on one model; the others (health, metrics, cluster, /v1/models)
 # are about every model.
+# TGI's routes whose body is a chat request: its `model` picks, as on /v1.
+CHAT_BODY_ROUTES = ("/chat_tokenize",)
 MODEL_BLUEPRINTS = ("generation", "openai", "responses", "anthropic", "tokenize", "tokenize_public", "info")
 
 
@@ -29,13 +32,16 @@ class UnknownModel(ApiError):
 
 def requested_model(catalog: ModelCatalog) -> ServedModel:
     header = request.headers.get(TARGET_MODEL_HEADER) or None
-    if request.path.startswith(OPENAI_PREFIX):
+    if request.path.startswith(OPENAI_PREFIX) or request.path in CHAT_BODY_ROUTES:
         body = request.get_json(silent=True)
         name = body.get("model") if isinstance(body, dict) else None
         if isinstance(name, str) and name and name not in BASE_ALIASES:
             found = catalog.get(name) or catalog.owner_of_adapter(name)
-            if found is None:
+            if found is None and request.path.startswith(OPENAI_PREFIX):
                 raise ModelNotFound(name, served_names(catalog))
+            if found is None:
+                raise UnknownModel(f"model {name!r} is not served here; the models served here: "
+                                   f"{', '.join(served_names(catalog))}")
             return found
     if header is None:
         return catalog.first

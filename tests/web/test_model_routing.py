@@ -62,3 +62,14 @@ def test_unknown_names_are_404_in_each_routes_shape(pick):
         pick("/generate", header="nope")
     assert tgi.value.status == 404 and tgi.value.to_dict()["error_type"] == "model_not_found"
     assert "a, b" in tgi.value.message
+
+
+def test_chat_tokenize_picks_by_its_chat_bodys_model(pick):
+    # TGI's /chat_tokenize takes a chat body: its `model` named b was refused as "does not exist"
+    # by the first model (listing only a's names) while b is served.
+    assert pick("/chat_tokenize", {"model": "b"}) == "b"
+    assert pick("/chat_tokenize", {"model": "sql"}) == "a"
+    assert pick("/chat_tokenize", {"model": "tgi"}, header="b") == "b"
+    with pytest.raises(UnknownModel) as unknown:
+        pick("/chat_tokenize", {"model": "nope"})
+    assert unknown.value.status == 404 and "a, sql, b" in unknown.value.message
