@@ -1,9 +1,9 @@
 """Which served model a request is for, with several models (common/models.py, docs/models.md).
 
-- OpenAI and Anthropic routes (`/v1/...`) and TGI's `/chat_tokenize` (a chat body): the body's
-  `model`, a model's name or one of its LoRA adapters (`tgi` and an absent `model`: the header's,
-  else the first model);
-- every other route (TGI's, `/invocations`, `/info`, `/tokenize`): SageMaker's multi-model header
+- OpenAI and Anthropic routes (`/v1/...`), TGI's `/chat_tokenize` (a chat body) and vLLM's
+  `/tokenize` and `/detokenize` bodies: the body's `model`, a model's name or one of its LoRA
+  adapters (`tgi` and an absent `model`: the header's, else the first model);
+- every other route (TGI's, `/invocations`, `/info`, TGI's `/tokenize` body): SageMaker's multi-model header
   `X-Amzn-SageMaker-Target-Model: NAME`, absent: the first model.
 
 An unknown name is a 404 naming the served models: `model_not_found` on `/v1`, TGI's error shape
@@ -19,10 +19,10 @@ from web.errors import ApiError
 from web.openai.errors import OPENAI_PREFIX, ModelNotFound
 
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
+# Routes off /v1 whose body may name its `model` (a chat body; vLLM's tokenizer bodies): it picks, as on /v1.
+BODY_MODEL_ROUTES = ("/chat_tokenize", "/tokenize", "/detokenize")
 # The blueprints whose routes run on one model; the others (health, metrics, cluster, /v1/models)
 # are about every model.
-# TGI's routes whose body is a chat request: its `model` picks, as on /v1.
-CHAT_BODY_ROUTES = ("/chat_tokenize",)
 MODEL_BLUEPRINTS = ("generation", "openai", "responses", "anthropic", "tokenize", "tokenize_public", "info")
 
 
@@ -32,7 +32,7 @@ class UnknownModel(ApiError):
 
 def requested_model(catalog: ModelCatalog) -> ServedModel:
     header = request.headers.get(TARGET_MODEL_HEADER) or None
-    if request.path.startswith(OPENAI_PREFIX) or request.path in CHAT_BODY_ROUTES:
+    if request.path.startswith(OPENAI_PREFIX) or request.path in BODY_MODEL_ROUTES:
         body = request.get_json(silent=True)
         name = body.get("model") if isinstance(body, dict) else None
         if isinstance(name, str) and name and name not in BASE_ALIASES:

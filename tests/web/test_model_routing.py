@@ -73,3 +73,12 @@ def test_chat_tokenize_picks_by_its_chat_bodys_model(pick):
     with pytest.raises(UnknownModel) as unknown:
         pick("/chat_tokenize", {"model": "nope"})
     assert unknown.value.status == 404 and "a, sql, b" in unknown.value.message
+
+
+def test_vllm_tokenize_bodies_pick_by_their_model(pick):
+    # vLLM's /tokenize and /detokenize bodies name a model: b's was tokenized by a's tokenizer
+    assert pick("/tokenize", {"model": "b", "prompt": "hi"}) == "b"
+    assert pick("/detokenize", {"model": "b", "tokens": [1]}) == "b"
+    assert pick("/tokenize", {"inputs": "hi"}, header="b") == "b"  # TGI's body: the header
+    with pytest.raises(UnknownModel):
+        pick("/tokenize", {"model": "nope", "prompt": "hi"})
