@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.adapters import BASE_ALIASES
 from common.keys import GENERATION_QUEUE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")  # no `/` and no `@`: it is part of queue names
@@ -152,4 +153,6 @@ class ModelCatalog:
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"`models`: {name!r} is not a usable model name (letters, digits, . _ - :)")
+    if name in BASE_ALIASES:  # OpenAI's `model: tgi` means the default model: this one would be unreachable
+        raise ValueError(f"`models`: {name!r} means the default model in a request's `model`; name it otherwise")
     return name

@@ -82,3 +82,9 @@ def test_vllm_tokenize_bodies_pick_by_their_model(pick):
     assert pick("/tokenize", {"inputs": "hi"}, header="b") == "b"  # TGI's body: the header
     with pytest.raises(UnknownModel):
         pick("/tokenize", {"model": "nope", "prompt": "hi"})
+
+
+def test_a_model_named_as_the_base_alias_is_refused():
+    # `model: tgi` means "the default model": a second model named tgi could never be picked by it
+    with pytest.raises(ValueError, match="'tgi'"):
+        Settings(models="a=/m/a,tgi=/m/b").catalog
