@@ -26,11 +26,10 @@ from common.keys import attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
 from common.replica_records import live_records
 from common.settings import Settings
+from common.slot_leases import load_failure, registry_entries
 from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.client.subscriber import SubscribeFailed, Subscriber
-from tasks.control.cluster import read_slots
-from tasks.control.load_backoff import load_failure
 from tasks.queue.celery_app import GENERATE_TASK, make_celery
 from tasks.queue.depth import queued_jobs
 from tasks.queue.hygiene import queue_ttl
@@ -226,4 +225,4 @@ class ModelWatch:
         a request waiting for a cold start then fails saying so, not at the queue timeout."""
         catalog = self._client.settings.catalog
         own = (catalog.get(self._model) or catalog.first).slots
-        return load_failure({s: v for s, v in read_slots(self._client.redis).items() if s in own}, since)
+        return load_failure(registry_entries(self._client.redis, own), since)

@@ -17,9 +17,10 @@ import time
 import redis
 
 from common.keys import MODEL_USED_KEY
+from common.slot_leases import load_failure
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError
-from tasks.control.load_backoff import LoadBackoff, load_failure
+from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places, used_places
 
 log = logging.getLogger(__name__)

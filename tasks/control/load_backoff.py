@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from common.slot_leases import load_failure
 from common.states import ReplicaState
 from tasks.control.cluster import read_slots
 
@@ -56,14 +57,6 @@ class LoadBackoff:
         if not self.failures:
             return None
         return {"failures": self.failures, "reason": self.reason, "retry_in_s": round(max(0.0, self.retry_at - now), 1)}
-
-
-def load_failure(slots: dict[int, dict], since: float) -> str | None:
-    """The reason of a slot that could not load after `since` (a timestamp), if any."""
-    for _, view in sorted(slots.items()):
-        if view.get("cannot_load") and view.get("updated_at", 0.0) >= since:
-            return f"replica{view.get('slot')} cannot load: {view.get('error')}"
-    return None
 
 
 def replica_cannot_load(settings, since: float):
