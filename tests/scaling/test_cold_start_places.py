@@ -57,3 +57,26 @@ def test_a_model_whose_replica_just_failed_to_load_is_not_started_again_per_requ
         ensure_replica(ClusterControl(settings), "b")
     assert not connection.llen(agent_commands_key("h1"))
     assert ensure_replica(ClusterControl(settings), "a") == "started"  # the healthy model starts as ever
+
+
+def test_two_webs_cold_starting_one_model_at_once_start_one_replica(redis_url):
+    import threading
+
+    from common.keys import agent_commands_key
+
+    settings = Settings(models="a=/m/a,b=/m/b", min_replicas=0, max_replicas=2, redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    connection.set(agent_key("h1"), AgentRecord("h1", 2, (Place("cpu:0"), Place("cpu:1"))).to_json(), ex=60)
+    webs, outcomes, ready = [ClusterControl(settings) for _ in range(4)], [], threading.Barrier(4)
+
+    def first_request(control):
+        ready.wait()
+        outcomes.append(ensure_replica(control, "b"))
+
+    threads = [threading.Thread(target=first_request, args=(web,)) for web in webs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes) == ["serving", "serving", "serving", "started"]
+    assert connection.llen(agent_commands_key("h1")) == 1
