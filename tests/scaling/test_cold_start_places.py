@@ -80,3 +80,20 @@ def test_two_webs_cold_starting_one_model_at_once_start_one_replica(redis_url):
         thread.join(30)
     assert sorted(outcomes) == ["serving", "serving", "serving", "started"]
     assert connection.llen(agent_commands_key("h1")) == 1
+
+
+def test_one_eviction_per_place_wanted_however_many_requests_ask(redis_url):
+    from common.keys import replica_key
+
+    settings = Settings(models="a=/m/a,b=/m/b,c=/m/c", min_replicas=0, redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    connection.set(agent_key("h1"), AgentRecord("h1", 2, (Place("cpu:0"), Place("cpu:1"))).to_json(), ex=60)
+    for slot, device in ((0, "cpu:0"), (2, "cpu:1")):  # a and c hold both places, idle in standby
+        name = f"replica{slot}@h1"
+        connection.set(replica_key(name), json.dumps({"slot": slot, "name": name, "host": "h1", "device": device,
+                                                      "state": "standby", "running": 0, "waiting": 0,
+                                                      "updated_at": time.time()}), ex=60)
+    control = ClusterControl(settings)
+    assert [ensure_replica(control, "b") for _ in range(3)] == ["evicting"] * 3
+    targets = [connection.get(slot_target_key(s)) for s in (0, 2)]
+    assert sorted(t or b"" for t in targets) == [b"", b"stopped"], targets  # one place freed, not both
