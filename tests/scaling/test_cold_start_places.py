@@ -97,3 +97,18 @@ def test_one_eviction_per_place_wanted_however_many_requests_ask(redis_url):
     assert [ensure_replica(control, "b") for _ in range(3)] == ["evicting"] * 3
     targets = [connection.get(slot_target_key(s)) for s in (0, 2)]
     assert sorted(t or b"" for t in targets) == [b"", b"stopped"], targets  # one place freed, not both
+
+
+def test_a_job_queued_for_a_model_at_zero_is_never_stranded(redis_url):
+    # It arrived as its model went to zero (no cold start asked): the autoscaler's next tick places one.
+    from common.keys import agent_commands_key
+    from tasks.control.autoscaler import Autoscaler
+
+    settings = Settings(models="a=/m/a,b=/m/b", min_replicas=0, redis_url=redis_url)
+    connection = redis.Redis.from_url(redis_url)
+    connection.set(agent_key("h1"), AgentRecord("h1", 2, (Place("cpu:0"), Place("cpu:1"))).to_json(), ex=60)
+    connection.lpush("generation:b", "a job")
+    decision = Autoscaler(settings).tick()
+    assert decision.action == "hold"  # a: nothing to do
+    started = [json.loads(c)["slot"] for c in connection.lrange(agent_commands_key("h1"), 0, -1)]
+    assert started == [1]  # b's slot
