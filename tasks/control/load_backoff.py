@@ -61,7 +61,11 @@ class LoadBackoff:
 
 def replica_cannot_load(settings, since: float):
     """For `serve`: a check that names a replica of this run that could not load (a configuration
-    error: restarting it would fail the same way), else None; Redis away counts as nothing."""
+    error: restarting it would fail the same way), else None; Redis away counts as nothing. With
+    several models that failure is one model's (maybe at a cold start hours in): its requests fail
+    naming why (docs/models.md) and the other models keep serving, so it never stops the service."""
+    if settings.catalog.several:
+        return lambda: None
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
 
     def check() -> str | None:

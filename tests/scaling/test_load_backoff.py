@@ -99,3 +99,17 @@ def test_a_model_that_cannot_load_holds_back_only_its_own_replicas(connection):
     assert started == [0], "model a's replica was held back by model b's load failure"
     state = autoscaler.control.autoscaler_state()
     assert state["models"]["b"]["backoff"]["reason"] == REASON and state["models"]["a"]["backoff"] is None
+
+
+def test_serve_keeps_serving_the_other_models_when_one_cannot_load(connection):
+    # `serve` stops on a replica that cannot load (a configuration error); with several models
+    # that is one model's, possibly at a cold start hours in: its requests fail naming why, and
+    # the other models must keep serving, not go down with it.
+    from tasks.control.load_backoff import replica_cannot_load
+
+    url = connection.connection_pool.connection_kwargs
+    redis_url = f"redis://{url['host']}:{url['port']}/0"
+    connection.hset(SLOTS_KEY, "1", json.dumps(failed(1, time.time())))
+    assert replica_cannot_load(Settings(redis_url=redis_url, models="a=/m/a,b=/m/b"), since=0.0)() is None
+    assert replica_cannot_load(Settings(redis_url=redis_url, num_replicas=2), since=0.0)() == \
+        f"replica1 cannot load: {REASON}"  # one model: the service stops, saying why, as before
