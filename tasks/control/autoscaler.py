@@ -168,7 +168,7 @@ class Autoscaler:
         template = backoff or LoadBackoff()
         self.backoffs = {m.name: template if m.index == 0 else LoadBackoff(template.base_s, template.cap_s)
                          for m in self.models}
-        self._blocked: str | None = None  # the last scale-up block logged
+        self._blocked: dict[str, str] = {}  # model -> its last scale-up block logged
         self._stop = threading.Event()
 
     @property
@@ -234,7 +234,7 @@ class Autoscaler:
         else:
             chosen = pick_down(own, decision.count)
         if not chosen:
-            if self._blocked:  # the block was logged (once per change); not again at every tick
+            if self._blocked.get(model.name):  # the block was logged (once per change); not again at every tick
                 return
             log.info("autoscaler: %s %d wanted (%s) but no slot can", decision.action, decision.count, decision.reason)
             return
@@ -248,7 +248,7 @@ class Autoscaler:
             else:
                 self.control.scale_down(chosen, trigger="autoscaler")
         except ScaleUpBlocked as error:  # the places went meanwhile
-            self._block(error.reason, str(error), str(error))
+            self._block(model, error.reason, str(error), str(error))
         except ClusterError as error:
             log.warning("autoscaler: %s", error)
 
@@ -263,7 +263,7 @@ class Autoscaler:
         new = [s for s in chosen if s not in warm]
         backoff = self.backoffs[model.name]
         if new and backoff.holds(now):
-            self._block("cannot_load", f"failure {backoff.failures}",
+            self._block(model, "cannot_load", f"failure {backoff.failures}",
                         f"{len(new)} new replicas wanted ({decision.reason}); replicas cannot load "
                         f"({backoff.reason}); next start in {backoff.retry_at - now:.0f} s (failure {backoff.failures})")
             return warm
@@ -275,20 +275,21 @@ class Autoscaler:
         if len(new) > free:
             reason = "no_agent" if not fleet.agents else "no_free_device"
             hosts = len(fleet.agents)
-            self._block(reason, f"{free} free on {hosts}",
+            self._block(model, reason, f"{free} free on {hosts}",
                         f"{len(new)} new replicas wanted ({decision.reason}); {free} free devices on {hosts} hosts")
             new = new[:free]
         else:
-            self._blocked = None
+            self._blocked.pop(model.name, None)
         return warm + new
 
-    def _block(self, reason: str, what: str, message: str) -> None:
+    def _block(self, model, reason: str, what: str, message: str) -> None:
         """Counted at every tick it happens; logged when `what` (the reason, the free places, the
-        hosts) differs from the last block logged."""
+        hosts) differs from the last block logged for `model` (each model's own)."""
         self.control.redis.hincrby(SCALE_COUNTERS_KEY, f"scale_up_blocked:{reason}", 1)
-        if f"{reason}: {what}" != self._blocked:
-            log.warning("autoscaler: scale-up blocked (%s): %s", reason, message)
-            self._blocked = f"{reason}: {what}"
+        if f"{reason}: {what}" != self._blocked.get(model.name):
+            whose = f"model {model.name}: " if len(self.models) > 1 else ""
+            log.warning("autoscaler: scale-up blocked (%s): %s%s", reason, whose, message)
+            self._blocked[model.name] = f"{reason}: {what}"
 
     def run(self) -> None:
         log.info("autoscaler: replicas %d..%d, up over %.2f, down under %.2f after %.0f s",
