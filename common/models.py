@@ -16,10 +16,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.adapters import BASE_ALIASES
 from common.keys import GENERATION_QUEUE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")  # no `/` and no `@`: it is part of queue names
 OVERRIDABLE = ("min_replicas", "max_replicas", "max_batch_size", "lora_adapters", "revision", "dtype")
+# What each override may be: a file is read as written (YAML `3` is an int, `"3"` a string, TOML
+# `1e400` a float): a wrong kind or a number past these is one clear line at start, never a
+# TypeError later or a slot range of a trillion slots that the control plane walks.
+MAX_SLOTS_PER_MODEL = 4096
+_INTEGERS = {"min_replicas": 0, "max_replicas": 0, "max_batch_size": 1}  # name -> least value
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ def read_models_file(path: str) -> list[ModelSpec]:
             raise ValueError(f"`models_file` {path}: {error}") from error
     entries = data.get("models") if isinstance(data, dict) else None
     if isinstance(entries, dict):
-        entries = [{"name": name, **(entry or {})} for name, entry in entries.items()]
+        entries = [{"name": name, **(entry or {})} if isinstance(entry or {}, dict) else entry
+                   for name, entry in entries.items()]
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"`models_file` {path}: no `models` list")
     specs = []
@@ -72,9 +79,23 @@ def read_models_file(path: str) -> list[ModelSpec]:
         if unknown:
             raise ValueError(f"`models_file` {path}: model {entry['name']!r}: unknown settings {sorted(unknown)} "
                              f"(per model: {', '.join(OVERRIDABLE)})")
-        overrides = tuple((k, entry[k]) for k in OVERRIDABLE if k in entry)
-        specs.append(ModelSpec(str(entry["name"]), str(entry["model_id"]), overrides))
+        if not isinstance(entry["model_id"], str):
+            raise ValueError(f"`models_file` {path}: model {entry['name']!r}: `model_id` must be a string")
+        overrides = tuple((k, _checked(path, entry["name"], k, entry[k])) for k in OVERRIDABLE if k in entry)
+        specs.append(ModelSpec(str(entry["name"]), entry["model_id"], overrides))
     return specs
+
+
+def _checked(path: str, name: object, key: str, value: object) -> object:
+    """One per-model setting of a models file, as the flag takes it; ValueError naming it."""
+    where = f"`models_file` {path}: model {name!r}: `{key}`"
+    if key in _INTEGERS:
+        least = _INTEGERS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_SLOTS_PER_MODEL:
+            raise ValueError(f"{where} must be a whole number from {least} to {MAX_SLOTS_PER_MODEL} ({value!r})")
+    elif value is not None and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string ({value!r})")
+    return value
 
 
 def model_queue(index: int, name: str) -> str:
@@ -132,4 +153,6 @@ class ModelCatalog:
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"`models`: {name!r} is not a usable model name (letters, digits, . _ - :)")
+    if name in BASE_ALIASES:  # OpenAI's `model: tgi` means the default model: this one would be unreachable
+        raise ValueError(f"`models`: {name!r} means the default model in a request's `model`; name it otherwise")
     return name

@@ -261,6 +261,8 @@ class Settings:
         served, start = [], 0
         for index, spec in enumerate(specs):
             own = self.replace(model_id=spec.model_id, served_model_name=spec.name, **dict(spec.overrides))
+            if not own.model_slot_count:  # --num-replicas 0 --min-replicas 0: one replica on demand, not none ever
+                own = own.replace(max_replicas=1)
             served.append(ServedModel(index, spec.name, own, range(start, start + own.model_slot_count)))
             start += own.model_slot_count
         names = [name for m in served for name in (m.name, *m.settings.adapter_names)]

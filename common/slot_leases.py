@@ -129,3 +129,18 @@ def undo_claim(connection: redis.Redis, slot: int, owner: str, previous: bytes |
     """End `owner`'s claim of `slot` and put back the registry entry it replaced (`previous`,
     raw; None: none), in one step: never someone else's lease or entry."""
     return bool(connection.eval(_UNDO, 2, slot_lease_key(slot), SLOTS_KEY, owner, str(slot), previous or ""))
+
+
+def registry_entries(connection: redis.Redis, slots: Iterable[int]) -> dict[int, dict]:
+    """What the starters and replicas of `slots` last wrote in the registry (no live records)."""
+    slots = list(slots)
+    raw = connection.hmget(SLOTS_KEY, [str(s) for s in slots]) if slots else []
+    return {slot: json.loads(entry) for slot, entry in zip(slots, raw) if entry}
+
+
+def load_failure(slots: dict[int, dict], since: float) -> str | None:
+    """The reason of a slot that could not load after `since` (a timestamp), if any."""
+    for _, view in sorted(slots.items()):
+        if view.get("cannot_load") and view.get("updated_at", 0.0) >= since:
+            return f"replica{view.get('slot')} cannot load: {view.get('error')}"
+    return None

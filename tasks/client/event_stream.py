@@ -188,9 +188,17 @@ class EventStream:
                 return self._fail_over(f"replica {lost[0]} stopped while the request was queued")
             if not serving(states) and not self._settings.cold_starts:  # else a replica is on its way
                 return error(NO_REPLICA, FailureReason.NO_REPLICA)
+            if not serving(states):  # unless the one on its way could not load: no point waiting on
+                return self._cold_start_failed()
         except (redis.RedisError, OSError, OperationalError) as lost:  # an outage: wait it out, within the deadlines
             log.info("request %s: cannot check its replicas (%s); waiting", self._job and self._job.request_id, lost)
         return None
+
+    def _cold_start_failed(self) -> StreamEvent | None:
+        """An error naming why its model's replica could not load since the request was queued."""
+        load_failure = getattr(self._watch, "load_failure", None)
+        reason = load_failure(self._job.enqueued_at) if load_failure and self._job is not None else None
+        return error(f"{NO_REPLICA}: {reason}", FailureReason.NO_REPLICA) if reason else None
 
     def _fail_over(self, why: str) -> StreamEvent:
         states = self._watch.replica_states(0)

@@ -26,6 +26,7 @@ from common.keys import attempt_key, replica_key, replica_queue, stream_channel
 from common.protocol import Job
 from common.replica_records import live_records
 from common.settings import Settings
+from common.slot_leases import load_failure, registry_entries
 from tasks.client.affinity import PrefixAffinity, Routing, job_salt
 from tasks.client.event_stream import NO_REPLICA, EventStream, serving
 from tasks.client.subscriber import SubscribeFailed, Subscriber
@@ -218,3 +219,10 @@ class ModelWatch:
 
     def served(self, routing: Routing, replica: str) -> None:
         self._client.served(routing, replica)
+
+    def load_failure(self, since: float) -> str | None:
+        """Why a replica of this model could not load after `since` (a timestamp), if one did:
+        a request waiting for a cold start then fails saying so, not at the queue timeout."""
+        catalog = self._client.settings.catalog
+        own = (catalog.get(self._model) or catalog.first).slots
+        return load_failure(registry_entries(self._client.redis, own), since)

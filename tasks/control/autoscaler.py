@@ -164,24 +164,31 @@ class Autoscaler:
         self.slo_memories = {m.name: SloMemory() for m in self.models}
         self.slo_observers = {m.name: SloObserver(m.name) for m in self.models}
         self._desired: dict[str, int] = {}  # the SLO policy's last count per model, logged when it changes
-        self.backoff = backoff or LoadBackoff()
-        self._blocked: str | None = None  # the last scale-up block logged
+        # Each model's own: one model that cannot load holds back only its own new replicas.
+        template = backoff or LoadBackoff()
+        self.backoffs = {m.name: template if m.index == 0 else LoadBackoff(template.base_s, template.cap_s)
+                         for m in self.models}
+        self._blocked: dict[str, str] = {}  # model -> its last scale-up block logged
         self._stop = threading.Event()
 
     @property
     def memory(self) -> Memory:
         return self.memories[self.models[0].name]
 
+    @property
+    def backoff(self) -> LoadBackoff:
+        return self.backoffs[self.models[0].name]
+
     def tick(self) -> Decision:
         """Each model decided on its own replicas, queue and idle time; the first model's decision."""
         slots = self.control.slots()
         now = time.time()
-        self.backoff.observe(slots, now)
         several = len(self.models) > 1
         used = last_used(self.control.redis) if several or self.policy.zero_after_s else {}
         decisions, serving, slo_state = {}, {}, {}
         for model in self.models:
             own = {s: v for s, v in slots.items() if v.get("model", model.name) == model.name} if several else slots
+            self.backoffs[model.name].observe(own, now)
             idle = now - max(used.get(model.name, 0.0), self._started)
             obs = observe(own, self.control.queue_size(slots, model.name if several else None), model.settings, now, idle)
             if self.slo:
@@ -195,8 +202,8 @@ class Autoscaler:
         state = {**asdict(decisions[first]), "at": now, "serving": serving[first], "backoff": self.backoff.view(now),
                  "policy": self.settings.autoscale_policy, **slo_state.get(first, {})}
         if several:
-            state["models"] = {name: {**asdict(d), "serving": serving[name], **slo_state.get(name, {})}
-                               for name, d in decisions.items()}
+            state["models"] = {name: {**asdict(d), "serving": serving[name], "backoff": self.backoffs[name].view(now),
+                                      **slo_state.get(name, {})} for name, d in decisions.items()}
         self.control.redis.set(AUTOSCALER_KEY, json.dumps(state), ex=max(5, int(self.settings.scale_interval * 10)))
         return decisions[first]
 
@@ -227,7 +234,7 @@ class Autoscaler:
         else:
             chosen = pick_down(own, decision.count)
         if not chosen:
-            if self._blocked:  # the block was logged (once per change); not again at every tick
+            if self._blocked.get(model.name):  # the block was logged (once per change); not again at every tick
                 return
             log.info("autoscaler: %s %d wanted (%s) but no slot can", decision.action, decision.count, decision.reason)
             return
@@ -241,7 +248,7 @@ class Autoscaler:
             else:
                 self.control.scale_down(chosen, trigger="autoscaler")
         except ScaleUpBlocked as error:  # the places went meanwhile
-            self._block(error.reason, str(error), str(error))
+            self._block(model, error.reason, str(error), str(error))
         except ClusterError as error:
             log.warning("autoscaler: %s", error)
 
@@ -254,9 +261,9 @@ class Autoscaler:
         chosen = pick_up(slots, decision.count, model.slots if len(self.models) > 1 else self.settings.slot_count)
         warm = [s for s in chosen if slots.get(s, {}).get("state") in (ReplicaState.STANDBY, ReplicaState.DRAINING)]
         new = [s for s in chosen if s not in warm]
-        if new and self.backoff.holds(now):
-            backoff = self.backoff
-            self._block("cannot_load", f"failure {backoff.failures}",
+        backoff = self.backoffs[model.name]
+        if new and backoff.holds(now):
+            self._block(model, "cannot_load", f"failure {backoff.failures}",
                         f"{len(new)} new replicas wanted ({decision.reason}); replicas cannot load "
                         f"({backoff.reason}); next start in {backoff.retry_at - now:.0f} s (failure {backoff.failures})")
             return warm
@@ -268,20 +275,21 @@ class Autoscaler:
         if len(new) > free:
             reason = "no_agent" if not fleet.agents else "no_free_device"
             hosts = len(fleet.agents)
-            self._block(reason, f"{free} free on {hosts}",
+            self._block(model, reason, f"{free} free on {hosts}",
                         f"{len(new)} new replicas wanted ({decision.reason}); {free} free devices on {hosts} hosts")
             new = new[:free]
         else:
-            self._blocked = None
+            self._blocked.pop(model.name, None)
         return warm + new
 
-    def _block(self, reason: str, what: str, message: str) -> None:
+    def _block(self, model, reason: str, what: str, message: str) -> None:
         """Counted at every tick it happens; logged when `what` (the reason, the free places, the
-        hosts) differs from the last block logged."""
+        hosts) differs from the last block logged for `model` (each model's own)."""
         self.control.redis.hincrby(SCALE_COUNTERS_KEY, f"scale_up_blocked:{reason}", 1)
-        if f"{reason}: {what}" != self._blocked:
-            log.warning("autoscaler: scale-up blocked (%s): %s", reason, message)
-            self._blocked = f"{reason}: {what}"
+        if f"{reason}: {what}" != self._blocked.get(model.name):
+            whose = f"model {model.name}: " if len(self.models) > 1 else ""
+            log.warning("autoscaler: scale-up blocked (%s): %s%s", reason, whose, message)
+            self._blocked[model.name] = f"{reason}: {what}"
 
     def run(self) -> None:
         log.info("autoscaler: replicas %d..%d, up over %.2f, down under %.2f after %.0f s",

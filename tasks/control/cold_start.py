@@ -17,13 +17,18 @@ import time
 import redis
 
 from common.keys import MODEL_USED_KEY
+from common.slot_leases import load_failure
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError
+from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places, used_places
 
 log = logging.getLogger(__name__)
 
 SERVING = (ReplicaState.ACTIVE, ReplicaState.LOADING)
+# A model whose replica could not load this recently is not started again for a request (the
+# first request after it tries again; the autoscaler keeps its own growing backoff).
+LOAD_RETRY_S = LoadBackoff.base_s
 
 
 class NoPlace(ClusterError):
@@ -102,7 +107,8 @@ def evict(control: ClusterControl, slots: dict[int, dict], model: str, count: in
 def ensure_replica(control: ClusterControl, model: str, trigger: str = "request") -> str:
     """One replica of `model` serving or on its way, at once: `serving`, `activated`, `started`,
     `evicting` (a place is being freed: the autoscaler places it once free) or `waiting` (every
-    place is busy now; the autoscaler evicts the first that goes idle). Raises NoPlace naming
+    place is busy now, the autoscaler evicts the first that goes idle; or the model's replica
+    still loads for standby, the autoscaler activates it once loaded). Raises NoPlace naming
     what holds every place when none can ever be freed (each held by its model's minimum)."""
     served = control.settings.catalog.get(model)
     with control.locked():
@@ -113,9 +119,14 @@ def ensure_replica(control: ClusterControl, model: str, trigger: str = "request"
         if warm:
             control.scale_up_locked(warm[:1], trigger=f"cold_start:{trigger}")
             return "activated"
+        failed = load_failure({s: slots[s] for s in served.slots if s in slots}, time.time() - LOAD_RETRY_S)
+        if failed:  # a new process would fail the same way (and might evict a healthy model's for it)
+            raise NoPlace(f"model {model}: {failed}; not started again for {LOAD_RETRY_S:g} s")
         free_slots = [s for s in served.slots if slots.get(s, {}).get("state") not in LIVE_STATES]
-        if not free_slots:
-            raise NoPlace(f"model {model} has no free replica slot ({len(served.slots)} in all: --max-replicas)")
+        if not served.slots:
+            raise NoPlace(f"model {model} has no replica slot (--max-replicas, --num-replicas)")
+        if not free_slots:  # each slot's replica is live, none serving: loading for standby
+            return "waiting"  # once loaded, the autoscaler activates it for the queued request
         if sum(len(p) for p in free_places(control.fleet(slots, model)).values()):
             control.scale_up_locked(free_slots[:1], trigger=f"cold_start:{trigger}")
             return "started"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from common.slot_leases import load_failure
 from common.states import ReplicaState
 from tasks.control.cluster import read_slots
 
@@ -58,17 +59,13 @@ class LoadBackoff:
         return {"failures": self.failures, "reason": self.reason, "retry_in_s": round(max(0.0, self.retry_at - now), 1)}
 
 
-def load_failure(slots: dict[int, dict], since: float) -> str | None:
-    """The reason of a slot that could not load after `since` (a timestamp), if any."""
-    for _, view in sorted(slots.items()):
-        if view.get("cannot_load") and view.get("updated_at", 0.0) >= since:
-            return f"replica{view.get('slot')} cannot load: {view.get('error')}"
-    return None
-
-
 def replica_cannot_load(settings, since: float):
     """For `serve`: a check that names a replica of this run that could not load (a configuration
-    error: restarting it would fail the same way), else None; Redis away counts as nothing."""
+    error: restarting it would fail the same way), else None; Redis away counts as nothing. With
+    several models that failure is one model's (maybe at a cold start hours in): its requests fail
+    naming why (docs/models.md) and the other models keep serving, so it never stops the service."""
+    if settings.catalog.several:
+        return lambda: None
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
 
     def check() -> str | None:

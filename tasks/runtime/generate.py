@@ -48,6 +48,9 @@ def _generate(job: Job) -> None:
     if _superseded(replica, job):
         log.info("request %s: attempt %d was superseded by a newer one, skipped", job.request_id, job.attempt)
         return
+    if job.model is not None and job.model != replica.settings.served_model:
+        _wrong_model(replica, job)
+        return
     started = time.time()
     queue_time = max(0.0, started - job.enqueued_at)
     device_type = replica.facts.get("device_type")
@@ -113,6 +116,17 @@ def _refuse(job_dict: dict, error: Exception) -> None:
         current_replica().relay.send(request_id, StreamEvent(
             kind=EVENT_ERROR, error=f"Request failed during generation: malformed job ({error!r})",
             error_type="generation", reason=FailureReason.MALFORMED_JOB, attempt=job_dict.get("attempt") or None))
+
+
+def _wrong_model(replica, job: Job) -> None:
+    """A job for another model (the web's and this worker's `--models` differ, e.g. in order: each
+    slot's and queue's model shifts) fails saying so; answering it with this model would look right."""
+    message = (f"Request failed during generation: the job is for model {job.model!r} but reached replica "
+               f"{replica.name} of model {replica.settings.served_model!r}: the web's and the workers' "
+               "--models / --models-file differ")
+    log.error("request %s: %s", job.request_id, message)
+    replica.relay.send(job.request_id, StreamEvent(kind=EVENT_ERROR, error=message, error_type="generation",
+                                                   reason=FailureReason.MALFORMED_JOB, attempt=job.attempt or None))
 
 
 def _superseded(replica, job: Job) -> bool:

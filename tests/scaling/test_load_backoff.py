@@ -83,3 +83,33 @@ def test_the_autoscaler_backs_off_a_replica_that_cannot_load_and_shows_why(conne
     state = autoscaler.control.autoscaler_state()
     assert state["backoff"]["failures"] == 2 and state["backoff"]["retry_in_s"] == 1.0
     assert not connection.llen(agent_commands_key("h1"))
+
+
+def test_a_model_that_cannot_load_holds_back_only_its_own_replicas(connection):
+    # Two models on two places: b's replica cannot load; a's first replica must still start.
+    url = connection.connection_pool.connection_kwargs
+    settings = Settings(redis_url=f"redis://{url['host']}:{url['port']}/0", models="a=/m/a,b=/m/b",
+                        min_replicas=1, max_replicas=1)
+    connection.set(agent_key("h1"), AgentRecord("h1", 2, (Place("cpu:0"), Place("cpu:1"))).to_json(), ex=60)
+    connection.hset(SLOTS_KEY, "1", json.dumps({**failed(1, time.time()), "device": "cpu:1"}))
+    autoscaler = Autoscaler(settings, backoff=LoadBackoff(base_s=60, cap_s=60))
+
+    autoscaler.tick()
+    started = [json.loads(c)["slot"] for c in connection.lrange(agent_commands_key("h1"), 0, -1)]
+    assert started == [0], "model a's replica was held back by model b's load failure"
+    state = autoscaler.control.autoscaler_state()
+    assert state["models"]["b"]["backoff"]["reason"] == REASON and state["models"]["a"]["backoff"] is None
+
+
+def test_serve_keeps_serving_the_other_models_when_one_cannot_load(connection):
+    # `serve` stops on a replica that cannot load (a configuration error); with several models
+    # that is one model's, possibly at a cold start hours in: its requests fail naming why, and
+    # the other models must keep serving, not go down with it.
+    from tasks.control.load_backoff import replica_cannot_load
+
+    url = connection.connection_pool.connection_kwargs
+    redis_url = f"redis://{url['host']}:{url['port']}/0"
+    connection.hset(SLOTS_KEY, "1", json.dumps(failed(1, time.time())))
+    assert replica_cannot_load(Settings(redis_url=redis_url, models="a=/m/a,b=/m/b"), since=0.0)() is None
+    assert replica_cannot_load(Settings(redis_url=redis_url, num_replicas=2), since=0.0)() == \
+        f"replica1 cannot load: {REASON}"  # one model: the service stops, saying why, as before

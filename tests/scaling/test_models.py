@@ -107,3 +107,27 @@ def test_a_busy_replica_is_not_evictable_now_but_will_be():
     assert evictable(Control(settings), {0: view("a", running=1)}, "b", {}, busy_too=True) == [0]
     kept = Settings(models="a=/m/a,b=/m/b", min_replicas=1)
     assert evictable(Control(kept), {0: view("a", running=1)}, "b", {}, busy_too=True) == []  # never: min 1
+
+
+@pytest.mark.parametrize("entry,named", [
+    ("{name: a, model_id: /m/a, max_replicas: 1000000000000}", "max_replicas"),  # a trillion slots walked
+    ("{name: a, model_id: /m/a, min_replicas: -3}", "min_replicas"),
+    ("{name: a, model_id: /m/a, max_replicas: '3'}", "max_replicas"),  # was a TypeError traceback
+    ("{name: a, model_id: /m/a, max_batch_size: 0}", "max_batch_size"),
+    ("{name: a, model_id: /m/a, max_batch_size: 2.5}", "max_batch_size"),
+    ("{name: a, model_id: /m/a, max_replicas: true}", "max_replicas"),
+    ("{name: a, model_id: /m/a, lora_adapters: 5}", "lora_adapters"),  # was an AttributeError traceback
+    ("{name: a, model_id: [1, 2]}", "model_id"),
+])
+def test_models_file_hostile_values_are_one_clear_error(tmp_path, entry, named):
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  - {entry}\n")
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        Settings(models_file=str(path)).catalog
+
+
+def test_models_file_table_entry_that_is_not_a_table(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("models: {a: {model_id: /m/a}, b: 3}\n")
+    with pytest.raises(ValueError, match="needs `name` and `model_id`"):
+        Settings(models_file=str(path)).catalog

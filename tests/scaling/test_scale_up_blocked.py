@@ -70,3 +70,18 @@ def test_no_agent_is_a_reason_of_its_own(connection):
     autoscaler = Autoscaler(Settings(redis_url=f"redis://{url['host']}:{url['port']}/0", min_replicas=1))
     autoscaler.tick()
     assert 'blitz_scale_up_blocked_total{reason="no_agent"} 1.0' in metrics(connection)
+
+
+def test_two_blocked_models_each_log_their_block_once(connection, caplog):
+    # One block memory for every model: two blocked models replaced each other's every tick, so
+    # each block was logged again at every tick (twice a second), naming no model.
+    url = connection.connection_pool.connection_kwargs
+    settings = Settings(redis_url=f"redis://{url['host']}:{url['port']}/0", models="a=/m/a,b=/m/b",
+                        min_replicas=1, max_replicas=1)
+    autoscaler = Autoscaler(settings)  # no agent: neither model's replica can start
+    with caplog.at_level(logging.WARNING, logger="tasks.control.autoscaler"):
+        for _ in range(4):
+            autoscaler.tick()
+    blocks = [r.getMessage() for r in caplog.records if "scale-up blocked" in r.getMessage()]
+    assert len(blocks) == 2, blocks
+    assert any("model a" in line for line in blocks) and any("model b" in line for line in blocks), blocks

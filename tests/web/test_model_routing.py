@@ -62,3 +62,29 @@ def test_unknown_names_are_404_in_each_routes_shape(pick):
         pick("/generate", header="nope")
     assert tgi.value.status == 404 and tgi.value.to_dict()["error_type"] == "model_not_found"
     assert "a, b" in tgi.value.message
+
+
+def test_chat_tokenize_picks_by_its_chat_bodys_model(pick):
+    # TGI's /chat_tokenize takes a chat body: its `model` named b was refused as "does not exist"
+    # by the first model (listing only a's names) while b is served.
+    assert pick("/chat_tokenize", {"model": "b"}) == "b"
+    assert pick("/chat_tokenize", {"model": "sql"}) == "a"
+    assert pick("/chat_tokenize", {"model": "tgi"}, header="b") == "b"
+    with pytest.raises(UnknownModel) as unknown:
+        pick("/chat_tokenize", {"model": "nope"})
+    assert unknown.value.status == 404 and "a, sql, b" in unknown.value.message
+
+
+def test_vllm_tokenize_bodies_pick_by_their_model(pick):
+    # vLLM's /tokenize and /detokenize bodies name a model: b's was tokenized by a's tokenizer
+    assert pick("/tokenize", {"model": "b", "prompt": "hi"}) == "b"
+    assert pick("/detokenize", {"model": "b", "tokens": [1]}) == "b"
+    assert pick("/tokenize", {"inputs": "hi"}, header="b") == "b"  # TGI's body: the header
+    with pytest.raises(UnknownModel):
+        pick("/tokenize", {"model": "nope", "prompt": "hi"})
+
+
+def test_a_model_named_as_the_base_alias_is_refused():
+    # `model: tgi` means "the default model": a second model named tgi could never be picked by it
+    with pytest.raises(ValueError, match="'tgi'"):
+        Settings(models="a=/m/a,tgi=/m/b").catalog

@@ -15,14 +15,14 @@ from web.schemas import Schema, StrictBoolean, StrictInteger, optional
 
 
 class VllmTokenizeRequestSchema(Schema):
-    model = optional(fields.String, "Ignored (the service serves one model).")
+    model = optional(fields.String, "With several models, the one it is for (docs/models.md); else ignored.")
     prompt = fields.String(required=True, metadata={"example": "The capital of France is"})
     add_special_tokens = optional(StrictBoolean, "Add the tokenizer's special tokens (BOS...); default true.")
     return_token_strs = optional(StrictBoolean, "Also return each token's vocabulary string; default false.")
 
 
 class VllmChatTokenizeRequestSchema(Schema):
-    model = optional(fields.String, "Ignored (the service serves one model).")
+    model = optional(fields.String, "With several models, the one it is for (docs/models.md); else ignored.")
     messages = fields.List(fields.Nested(MessageSchema), required=True,
                            metadata={"example": [{"role": "user", "content": "What is deep learning?"}]})
     add_generation_prompt = optional(StrictBoolean, "End with the assistant's turn opening; default true.")
@@ -70,7 +70,7 @@ TOKENIZE_RESPONSE_DOC = {"200": {
 
 
 class DetokenizeRequestSchema(Schema):
-    model = optional(fields.String, "Ignored (the service serves one model).")
+    model = optional(fields.String, "With several models, the one it is for (docs/models.md); else ignored.")
     tokens = fields.List(StrictInteger(validate=validate.Range(min=0)), required=True,
                          metadata={"example": [504, 3575, 282, 4649, 314]})
 
