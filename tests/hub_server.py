@@ -22,7 +22,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # salts each repository's commit
+
+
+def commit_of(repo: str) -> str:
+    """A repository's commit: its own (a commit names one tree; the host cache keys a hub model by it)."""
+    return hashlib.sha1(f"{COMMIT}:{repo}".encode()).hexdigest()
 LFS_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -107,14 +112,14 @@ def _handler(hub: StandInHub):
             if api and "/tree/" in path:
                 return self._json(200, [_file_entry(directory / f, f) for f in files])
             if api:
-                return self._json(200, {"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
+                return self._json(200, {"id": repo, "modelId": repo, "sha": commit_of(repo), "private": False,
                                         "siblings": [{"rfilename": f} for f in files]})
             name = resolve.group("file")
             if name not in files:
                 return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
-            self._file(directory / name, name, body)
+            self._file(directory / name, name, body, commit_of(repo))
 
-        def _file(self, path: Path, name: str, body: bool) -> None:
+        def _file(self, path: Path, name: str, body: bool, commit: str) -> None:
             data = path.read_bytes()
             entry = _file_entry(path, name)
             etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
@@ -123,7 +128,7 @@ def _handler(hub: StandInHub):
             if match:
                 start = int(match.group(1))
             self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
             if "lfs" in entry:
                 self.send_header("X-Linked-Etag", f'"{etag}"')
