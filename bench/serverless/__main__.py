@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import tempfile
 import time
@@ -71,11 +72,16 @@ def main() -> None:
                                                      if k not in ("title", "errors", "cold_starts", "cold_start_metric")}}],
                         ["policy", "requests", "served", "failed", "ttft_p50_s", "ttft_p99_s", "slo_attainment",
                          "replica_seconds"])
+            print(f"cold starts by source (process start → loaded): {results[policy.name]['cold_starts']}; "
+                  f"the web's (arrival → first token): {results[policy.name]['cold_start_metric']}; "
+                  f"errors: {results[policy.name]['errors']}", flush=True)
     checks = compare(results)
     print(checks)
     path = save("serverless", {"args": vars(args), "models": MODELS, "requests": len(trace), "policies": results,
                                "checks": checks})
     picture = plot(series, RESULTS_DIR / "serverless.png", {p.name: p.title for p in chosen})
+    for bulky in [workdir / "models", *workdir.glob("*/cache-*"), *workdir.glob("*/hf-*")]:
+        shutil.rmtree(bulky, ignore_errors=True)  # the models and their copies; the logs stay
     print(f"wrote {path} and {picture}; logs in {workdir}")
 
 
