@@ -6,8 +6,8 @@ serves model repositories from local directories, answering exactly what hugging
 - `HEAD` and `GET /{repo}/resolve/{revision}/{file}`: the file, with the headers huggingface_hub
   reads (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`/`X-Linked-Size` for LFS files), and byte ranges.
 
-`commit` is the commit every revision names, except the older commits of `history` (each with its
-own files: a branch that moved on). `cut_first_download` makes the first GET of a file send half of it and drop the connection, as a
+Each repository names its own commit (`commit_of`), or `commit` when set; the older commits of
+`history` have their own files (a branch that moved on). `cut_first_download` makes the first GET of a file send half of it and drop the connection, as a
 flaky network does; `rate` (bytes/s per download, 0: no limit) makes it a slow source (the
 benchmarks' remote hub); `requests` records every request (method, path, Range) for the tests.
 """
@@ -23,7 +23,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # salts each repository's commit
+
+
+def commit_of(repo: str) -> str:
+    """A repository's commit: its own (a commit names one tree; the host cache keys a hub model by it)."""
+    return hashlib.sha1(f"{COMMIT}:{repo}".encode()).hexdigest()
+
+
 LFS_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -40,7 +47,7 @@ class StandInHub:
     cut_first_download: set[str] = field(default_factory=set)  # file names
     requests: list[Seen] = field(default_factory=list)
     rate: float = 0.0  # bytes/s per download (0: no limit)
-    commit: str = COMMIT  # what every revision but those of `history` names
+    commit: str | None = None  # what every revision but those of `history` names (None: each repo's own)
     history: dict[str, Path] = field(default_factory=dict)  # older commits → their files (a branch that moved)
 
     def __post_init__(self):
@@ -106,7 +113,7 @@ def _handler(hub: StandInHub):
             if repo not in hub.repos:
                 return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
             revision = (api or resolve).group("rev")
-            self.commit = revision if revision in hub.history else hub.commit
+            self.commit = revision if revision in hub.history else hub.commit or commit_of(repo)
             directory = hub.history.get(revision, hub.repos[repo])
             files = sorted(p.name for p in directory.iterdir() if p.is_file())
             if api and "/tree/" in path:
@@ -117,9 +124,9 @@ def _handler(hub: StandInHub):
             name = resolve.group("file")
             if name not in files:
                 return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
-            self._file(directory / name, name, body)
+            self._file(directory / name, name, body, self.commit)
 
-        def _file(self, path: Path, name: str, body: bool) -> None:
+        def _file(self, path: Path, name: str, body: bool, commit: str) -> None:
             data = path.read_bytes()
             entry = _file_entry(path, name)
             etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
@@ -128,7 +135,7 @@ def _handler(hub: StandInHub):
             if match:
                 start = int(match.group(1))
             self.send_response(206 if start else 200)
-            self.send_header("X-Repo-Commit", self.commit)
+            self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
             if "lfs" in entry:
                 self.send_header("X-Linked-Etag", f'"{etag}"')

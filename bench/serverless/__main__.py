@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +36,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=180.0, help="the trace's length, seconds")
     parser.add_argument("--rate", type=float, default=1.0, help="mean requests/s over all models")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--policies", default="a,b,c")
+    parser.add_argument("--policies", default="a,b,c", help="which, in this order (reverse it on a repeat: "
+                        "the shared machine's load then falls on each alike)")
+    parser.add_argument("--tag", default="", help="results as serverless-TAG.json/.png (a repeat keeps the first)")
     parser.add_argument("--scale-to-zero-after", type=float, default=20.0)
     parser.add_argument("--host-cache-mb", type=int, default=300, help="each host's --host-cache-bytes, MB")
     parser.add_argument("--hub-mbps", type=float, default=40.0, help="the source's bandwidth per download, MB/s")
@@ -50,7 +54,8 @@ def main() -> None:
     trace = make_trace(list(MODELS), args.seed, TraceShape(duration_s=args.duration, rate=args.rate))
     save_trace(trace, workdir / "trace.json")
     print(f"{len(trace)} requests over {args.duration:.0f} s; models: {MODELS}; workdir {workdir}")
-    chosen = [p for p in policies(args.scale_to_zero_after, args.host_cache_mb << 20) if p.name in args.policies]
+    by_name = {p.name: p for p in policies(args.scale_to_zero_after, args.host_cache_mb << 20)}
+    chosen = [by_name[name] for name in args.policies.split(",")]
     results, series = {}, {}
     with StandInHub({repos[name]: directory for name, directory in directories.items()},
                     rate=args.hub_mbps * 1e6) as hub:
@@ -58,24 +63,34 @@ def main() -> None:
             fleet = Fleet(policy, repos, hub.url, workdir / policy.name, args.queue_timeout).start()
             try:
                 sampler = Sampler(fleet.base_url)
+                load_before = os.getloadavg()[0]  # the machine is shared: its load goes with the numbers
                 started = time.monotonic()
                 outcomes = replay(fleet.base_url, trace, timeout_s=args.queue_timeout + 60, sampler=sampler)
                 end = time.monotonic() - started
                 results[policy.name] = {"title": policy.title,
                                         **summarize(outcomes, sampler.samples, sampler.cold_starts(), end),
-                                        "cold_start_metric": cold_starts_from_metrics(fleet.metrics())}
+                                        "cold_start_metric": cold_starts_from_metrics(fleet.metrics()),
+                                        "load_average_1m": {"start": round(load_before, 2),
+                                                            "end": round(os.getloadavg()[0], 2)}}
                 series[policy.name] = (outcomes, sampler.samples)
             finally:
                 fleet.close()
             print_table([{"policy": policy.name, **{k: v for k, v in results[policy.name].items()
-                                                     if k not in ("title", "errors", "cold_starts", "cold_start_metric")}}],
+                                                     if k not in ("title", "errors", "cold_starts", "cold_start_metric",
+                                                                  "load_average_1m")}}],
                         ["policy", "requests", "served", "failed", "ttft_p50_s", "ttft_p99_s", "slo_attainment",
                          "replica_seconds"])
+            print(f"cold starts by source (process start → loaded): {results[policy.name]['cold_starts']}; "
+                  f"the web's (arrival → first token): {results[policy.name]['cold_start_metric']}; "
+                  f"errors: {results[policy.name]['errors']}", flush=True)
     checks = compare(results)
     print(checks)
-    path = save("serverless", {"args": vars(args), "models": MODELS, "requests": len(trace), "policies": results,
+    name = f"serverless-{args.tag}" if args.tag else "serverless"
+    path = save(name, {"args": vars(args), "models": MODELS, "requests": len(trace), "policies": results,
                                "checks": checks})
-    picture = plot(series, RESULTS_DIR / "serverless.png", {p.name: p.title for p in chosen})
+    picture = plot(series, RESULTS_DIR / f"{name}.png", {p.name: p.title for p in chosen})
+    for bulky in [workdir / "models", *workdir.glob("*/cache-*"), *workdir.glob("*/hf-*")]:
+        shutil.rmtree(bulky, ignore_errors=True)  # the models and their copies; the logs stay
     print(f"wrote {path} and {picture}; logs in {workdir}")
 
 

@@ -160,6 +160,7 @@ class Autoscaler:
         self.policy = self.policies[self.models[0].name]  # the first model's (the only one's, by default)
         self.memories = {m.name: Memory() for m in self.models}
         self._started = time.time()  # a model never asked for is idle since the autoscaler started
+        self._loading_seen: dict[str, float] = {}  # per model: when a replica of it was last seen loading
         self.slo = settings.autoscale_policy == "slo"
         self.slo_memories = {m.name: SloMemory() for m in self.models}
         self.slo_observers = {m.name: SloObserver(m.name) for m in self.models}
@@ -189,7 +190,11 @@ class Autoscaler:
         for model in self.models:
             own = {s: v for s, v in slots.items() if v.get("model", model.name) == model.name} if several else slots
             self.backoffs[model.name].observe(own, now)
-            idle = now - max(used.get(model.name, 0.0), self._started)
+            if any(v.get("state") == ReplicaState.LOADING for v in own.values()):
+                self._loading_seen[model.name] = now
+            # Idle since its last request or its replica's start, whichever is later: a cold start
+            # slower than zero_after_s must not drain the new replica as it turns active.
+            idle = now - max(used.get(model.name, 0.0), self._started, self._loading_seen.get(model.name, 0.0))
             obs = observe(own, self.control.queue_size(slots, model.name if several else None), model.settings, now, idle)
             if self.slo:
                 decision, slo_state[model.name] = self._decide_slo(model, own, obs)

@@ -21,7 +21,7 @@ from common.fleet import read_agents
 from common.processes import stop_process
 from common.settings import Settings
 from tasks.weights.host_cache import keep_copy
-from tests.hub_server import COMMIT, StandInHub
+from tests.hub_server import StandInHub, commit_of
 from tests.service import Service
 
 CHUNK = 32 << 10  # the tiny model is ~540 kB: 17 chunks
@@ -138,7 +138,7 @@ def test_a_hub_model_in_another_hosts_cache_is_not_downloaded(tiny_model_dir, ti
     with StandInHub({model: tiny_model_dir}) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
                "HF_HUB_DISABLE_TELEMETRY": "1"}
-        with model_only_in_b(model, COMMIT, tiny_model_dir, tmp_path, env) as svc:
+        with model_only_in_b(model, commit_of(model), tiny_model_dir, tmp_path, env) as svc:
             replica = svc_wait(lambda: (v := replica_view(svc, 0))["state"] == "active" and v, svc, "replica active")
             assert (replica["weight_origin"], replica["weight_host"]) == ("host-cache", "host-b")
             body = {"inputs": "The capital of France", "parameters": {"max_new_tokens": 8, "details": True}}

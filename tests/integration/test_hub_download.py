@@ -89,3 +89,16 @@ def test_download_weights_refuses_a_repository_with_only_bin_weights(hub, tmp_pa
                         env=hub_env(hub, tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     assert len(hub.downloads("pytorch_model.bin")) == 1
+
+
+def test_each_repository_of_the_stand_in_hub_has_its_own_commit(hub, tmp_path):
+    """A hub model is named by its commit before it is downloaded (the host-cache key): two repos
+    with one commit would share a cache entry, and a replica would serve another model's weights."""
+    from huggingface_hub import HfApi  # noqa: PLC0415
+
+    api = HfApi(endpoint=hub.url)
+    commits = {repo: api.model_info(repo).sha for repo in (MODEL, "blitz-test/only-bin")}
+    assert len(set(commits.values())) == 2 and all(len(sha) == 40 for sha in commits.values())
+    assert commits[MODEL] == api.model_info(MODEL).sha  # stable
+    head = requests.head(f"{hub.url}/{MODEL}/resolve/main/config.json", timeout=10)
+    assert head.headers["X-Repo-Commit"] == commits[MODEL]

@@ -56,15 +56,19 @@ def test_the_report_counts_every_request_and_misses_the_unserved():
                 outcome(4, status=404, ttft=None, tokens=0, error="model not found"),
                 outcome(5, status=None, ttft=None, tokens=0, error="ReadTimeout")]
     samples = [Sample(0.0, {"m0": 1}), Sample(10.0, {"m0": 2, "m1": 1}), Sample(20.0, {})]
-    cold = [{"weight_origin": "host-cache", "load_seconds": 3.0}, {"weight_origin": "source", "load_seconds": 9.0},
-            {"weight_origin": "host-cache", "load_seconds": 5.0}]
+    cold = [{"weight_origin": "host-cache", "host": "h0", "weight_host": "h0", "load_seconds": 3.0},
+            {"weight_origin": "source", "load_seconds": 9.0},
+            {"weight_origin": "host-cache", "host": "h0", "weight_host": "h1", "load_seconds": 5.0, "weight_seconds": 1.0},
+            {"weight_origin": "host-cache", "host": "h1", "weight_host": "h0", "load_seconds": 7.0, "weight_seconds": 2.0}]
     summary = summarize(outcomes, samples, cold, end_s=30.0)
     assert (summary["requests"], summary["served"], summary["failed"]) == (6, 4, 2)
     assert summary["slo_attainment"] == round(2 / 6, 4)  # two of six within 2 s: the failures miss
     assert summary["ttft_p50_s"] in (1.0, 3.0) and summary["ttft_p99_s"] == 9.0
     assert summary["replica_seconds"] == 1 * 10 + 3 * 10 + 0 * 10
-    assert summary["cold_starts"] == {"host-cache": {"count": 2, "median_s": 4.0, "max_s": 5.0},
-                                      "source": {"count": 1, "median_s": 9.0, "max_s": 9.0}}
+    assert summary["cold_starts"] == {  # a host cache: this host's (mapped) apart from another's (copied)
+        "host-cache-local": {"count": 1, "median_s": 3.0, "max_s": 3.0, "weights_median_s": 0.0},
+        "host-cache-remote": {"count": 2, "median_s": 6.0, "max_s": 7.0, "weights_median_s": 1.5},
+        "source": {"count": 1, "median_s": 9.0, "max_s": 9.0, "weights_median_s": 0.0}}
     assert sum(summary["errors"].values()) == 2
 
 
@@ -75,13 +79,20 @@ def test_replica_seconds_hold_each_sample_until_the_next():
 
 def test_the_comparison_states_the_issues_targets():
     b = {"requests": 10, "served": 10, "ttft_p99_s": 8.0, "replica_seconds": 100.0}
-    c = {"requests": 10, "served": 10, "ttft_p99_s": 3.0, "replica_seconds": 90.0}
+    c = {"requests": 10, "served": 10, "ttft_p99_s": 3.0, "replica_seconds": 90.0,
+         "cold_starts": {"host-cache-local": {"count": 2, "median_s": 4.0}, "host-cache-remote": {"count": 1, "median_s": 5.0}}}
     assert compare({"b": b, "c": c}) == {"c_serves_every_request": True, "ttft_p99_b_over_c": 2.67,
                                          "ttft_p99_target_met": True, "replica_seconds_c_over_b": 0.9,
-                                         "replica_seconds_target_met": True}
+                                         "replica_seconds_target_met": True, "cold_start_remote_over_local": 1.25,
+                                         "cold_start_target_met": True}
     worse = compare({"b": b, "c": {**c, "served": 9, "ttft_p99_s": 5.0, "replica_seconds": 120.0}})
     assert not worse["c_serves_every_request"] and not worse["ttft_p99_target_met"]
     assert not worse["replica_seconds_target_met"]
+    slow = compare({"b": b, "c": {**c, "cold_starts": {"host-cache-local": {"median_s": 4.0},
+                                                       "host-cache-remote": {"median_s": 7.0}}}})
+    assert (slow["cold_start_remote_over_local"], slow["cold_start_target_met"]) == (1.75, False)
+    unmeasured = compare({"b": b, "c": {**c, "cold_starts": {"source": {"median_s": 9.0}}}})
+    assert unmeasured["cold_start_remote_over_local"] is None and unmeasured["cold_start_target_met"] is None
     assert compare({"a": b}) == {}
 
 
