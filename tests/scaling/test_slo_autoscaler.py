@@ -123,3 +123,17 @@ def test_with_two_models_each_is_decided_and_exported_on_its_own(connection):
     assert 'blitz_autoscaler_desired_replicas{model="a"} 2.0' in text
     assert 'blitz_autoscaler_desired_replicas{model="b"} 1.0' in text
     assert 'blitz_autoscaler_ttft_estimate_seconds{model="a"} 4.0' in text
+
+
+@pytest.mark.parametrize("state", ["{not json", "[1, 2]", '"text"', '{"models": [1]}', '{"model": "m", "desired": "x"}',
+                                   '{"model": "m", "desired": 2, "estimate": [1]}',
+                                   '{"model": "m", "desired": 2, "estimate": {"ttft_estimate_s": "soon"}}', '{"models": {"m": {"desired": null}}}'])
+def test_a_malformed_autoscaler_state_never_breaks_metrics(connection, state):
+    """/metrics answers whatever the autoscaler key holds (an older version's state, a hand edit):
+    the SLO figures are left out, the rest is exported."""
+    from common.keys import AUTOSCALER_KEY
+
+    publish(connection, record(0))
+    connection.set(AUTOSCALER_KEY, state)
+    text = metrics(connection)
+    assert "blitz_replica_slots" in text and "blitz_autoscaler_desired_replicas{" not in text
