@@ -20,7 +20,7 @@ _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
 class NetnsUnavailable(RuntimeError):
-    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2)."""
+    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2), or links cannot be shaped (no `tc`, no tbf)."""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -48,7 +48,14 @@ def check_permitted() -> None:
         raise NetnsUnavailable("bench.testbed needs iproute2 (`ip`): not installed") from None
     if made.returncode != 0:
         raise NetnsUnavailable(f"bench.testbed needs root (ip netns add: {made.stderr.strip() or 'not permitted'})")
-    ip("netns", "del", probe, check=False)
+    try:  # every link is shaped: without `tc` or tbf, bring-up would fail half-way
+        tc("-n", probe, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "32kbit", "latency", "100ms")
+    except FileNotFoundError:
+        raise NetnsUnavailable("bench.testbed needs iproute2's `tc`: not installed") from None
+    except subprocess.CalledProcessError as error:
+        raise NetnsUnavailable(f"bench.testbed needs tc's tbf qdisc: {error.stderr.strip()}") from None
+    finally:
+        ip("netns", "del", probe, check=False)
 
 
 @dataclass(frozen=True)
