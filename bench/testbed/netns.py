@@ -20,7 +20,8 @@ _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
 class NetnsUnavailable(RuntimeError):
-    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2), or links cannot be shaped (no `tc`, no tbf)."""
+    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2), or links
+    cannot be shaped (no `tc`, no tbf)."""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
