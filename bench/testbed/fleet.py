@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from bench.testbed.netns import Host, Network, check_permitted, leftovers, remove_leftovers
+from bench.testbed.netns import PREFIX, Host, Network, check_permitted, leftovers, remove_leftovers
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
 
@@ -248,20 +248,36 @@ def cleanup_dead_runs() -> dict:
     state files and workdirs; then any `bzt-` namespace or link no live run owns."""
     alive, killed = set(), 0
     for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+        state = _read_state(path)
+        if state is None:  # cut short, another version's, edited: nothing in it can be trusted
             path.unlink(missing_ok=True)
             continue
-        if _alive(*state["owner"]):
-            alive.add(state["run"])
+        run, owner, processes, workdir = state
+        if _alive(*owner):
+            alive.add(run)
             continue
-        for pid, started in state["processes"]:
+        for pid, started in processes:
             if _alive(pid, started):
                 _signal_group(pid, signal.SIGKILL)
                 killed += 1
-        if state.get("own_workdir"):
-            shutil.rmtree(state["workdir"], ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
         path.unlink(missing_ok=True)
     removed = remove_leftovers(alive)
     return {"processes": killed, **removed}
+
+
+def _read_state(path: Path) -> tuple[str, tuple[int, str], list[tuple[int, str]], Path | None] | None:
+    """A state file's run, owner, processes and the workdir to remove with it (only one this run
+    made: `bzt-<run>-…`); None when it cannot be read as a state file."""
+    try:
+        state = json.loads(path.read_text())
+        run, (owner, owner_started) = str(state["run"]), state["owner"]
+        processes = [(int(pid), str(started)) for pid, started in state["processes"]]
+        owner = (int(owner), str(owner_started))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    workdir = Path(str(state.get("workdir", ""))) if state.get("own_workdir") else None
+    if workdir is not None and not workdir.name.startswith(f"{PREFIX}{run}-"):
+        workdir = None
+    return run, owner, processes, workdir

@@ -118,3 +118,36 @@ def test_a_failure_half_way_up_takes_everything_down(tiny_model_dir, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         later.up()  # after the network, Redis and the web
     assert later.left_behind() == [] and run_things(later.run) == []
+
+
+@pytest.mark.parametrize("content", ["{trunc", "[]", '{"run": "zz"}', '{"run": "zz", "owner": [1]}',
+                                     '{"run": "zz", "owner": [999999999, "1"], "processes": [[1]]}'])
+def test_cleanup_survives_a_state_file_it_cannot_read(content):
+    """A state file cut short (a full disk), from another version or edited by hand: `--cleanup`
+    removes it and goes on to the rest, it does not die with a traceback."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    broken = STATE_DIR / "zzzz-broken.json"
+    broken.write_text(content)
+    try:
+        cleaned = subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], capture_output=True, text=True,
+                                 timeout=60)
+        assert cleaned.returncode == 0 and cleaned.stdout.startswith("testbed cleanup:"), cleaned
+        assert not broken.exists()
+    finally:
+        broken.unlink(missing_ok=True)
+
+
+def test_cleanup_removes_only_a_workdir_a_run_made(tmp_path):
+    """A dead run's state file naming a directory no run made (edited, or another tool's): the
+    directory stays; only `bzt-<run>-…` workdirs go."""
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    state = STATE_DIR / "zzzz-foreign.json"
+    state.write_text(json.dumps({"run": "zzzz", "owner": [999999999, "1"], "processes": [], "workdir": str(keep),
+                                 "own_workdir": True}))
+    try:
+        subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
+        assert keep.exists() and not state.exists()
+    finally:
+        state.unlink(missing_ok=True)
