@@ -57,6 +57,8 @@ class Testbed:
         self.agent_module = agent_module
         self.base_url = ""
         self._down = False
+        if self.own_workdir:  # recorded from its birth: a run SIGKILLed before up() leaves it to --cleanup
+            self._record()
 
     @property
     def hosts(self) -> list[Host]:

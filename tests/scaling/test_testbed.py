@@ -151,3 +151,33 @@ def test_cleanup_removes_only_a_workdir_a_run_made(tmp_path):
         assert keep.exists() and not state.exists()
     finally:
         state.unlink(missing_ok=True)
+
+
+def test_a_run_killed_mid_bring_up_leaves_not_even_its_model():
+    """`python -m bench.testbed` without --model-id writes a random model; SIGKILLed as soon as
+    its web starts (the replica still loading), `--cleanup` removes that model too."""
+    runner = subprocess.Popen([sys.executable, "-m", "bench.testbed", "--hosts", "1", "--max-seconds", "120"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def web_model():
+            for path in STATE_DIR.glob("*.json"):
+                try:
+                    state = json.loads(path.read_text())
+                    if state["owner"][0] == runner.pid and len(state["processes"]) >= 2:  # Redis, the web
+                        environ = Path(f"/proc/{state['processes'][1][0]}/environ").read_bytes().split(b"\0")
+                        return state, next(v[9:].decode() for v in environ if v.startswith(b"MODEL_ID="))
+                except (OSError, ValueError, KeyError, StopIteration):
+                    pass
+            return None
+        deadline = time.monotonic() + 90
+        while not (found := web_model()) and runner.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert found, "the runner's web never started"
+    finally:
+        runner.kill()  # SIGKILL: no handler, no atexit
+        runner.wait(10)
+    state, model = found
+    assert Path(model, "config.json").exists()
+    subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
+    assert run_things(state["run"]) == [] and not Path(state["workdir"]).exists()
+    assert not Path(model).exists()
