@@ -150,6 +150,8 @@ def remove_namespace(namespace: str) -> None:
 def leftovers(runs_alive: set[str] = frozenset()) -> dict[str, list[str]]:
     """`bzt-` namespaces and links that belong to no live run."""
     def dead(name: str) -> bool:
+        if probe := re.fullmatch(rf"{PREFIX}probe-(\d+)", name):  # check_permitted's, while its process lives
+            return not os.path.exists(f"/proc/{probe[1]}")
         match = re.match(rf"{PREFIX}([0-9a-f]+)-", name)
         return not match or match[1] not in runs_alive
 

@@ -181,3 +181,20 @@ def test_a_run_killed_mid_bring_up_leaves_not_even_its_model():
     subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
     assert run_things(state["run"]) == [] and not Path(state["workdir"]).exists()
     assert not Path(model).exists()
+
+
+def test_cleanup_spares_the_permission_probe_of_a_live_process():
+    """Every run and test first probes with a `bzt-probe-<pid>` namespace: a `--cleanup` at that
+    moment must not delete it (the prober would report a missing tc or root); a dead prober's goes."""
+    import os
+
+    live, dead = f"bzt-probe-{os.getpid()}", "bzt-probe-999999999"
+    for name in (live, dead):
+        ip("netns", "add", name)
+    try:
+        subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
+        namespaces = ip("netns", "list").stdout
+        assert live in namespaces and dead not in namespaces
+    finally:
+        for name in (live, dead):
+            ip("netns", "del", name, check=False)
