@@ -22,12 +22,9 @@ from pathlib import Path
 
 import requests
 
-from bench.testbed.netns import PREFIX, Host, Network, check_permitted, leftovers, remove_leftovers
+from bench.testbed.netns import PREFIX, STATE_DIR, Host, Network, check_permitted, leftovers, remove_leftovers
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
-
-STATE_DIR = Path(tempfile.gettempdir()) / "bzt-testbed"
-
 
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot), None when it is gone."""

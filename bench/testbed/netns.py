@@ -7,14 +7,19 @@ characters (IFNAMSIZ): `bzt-<4 hex>-h<i>` does up to 99 hosts.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import re
 import signal
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "bzt-"
+STATE_DIR = Path(tempfile.gettempdir()) / "bzt-testbed"  # the runs' state files (bench/testbed/fleet.py)
 SUBNETS = ipaddress.ip_network("10.231.0.0/16")  # one /24 per run, the first not already on a link
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
@@ -76,16 +81,21 @@ class Network:
         self.run, self.rate, self.delay = run, rate, delay
         rate_bits(rate)  # a bad spelling fails before anything is made
         self.bridge = f"{PREFIX}{run}-br"
-        self.subnet = _free_subnet(int(run, 16))
-        self.gateway = str(self.subnet.network_address + 1)  # the bridge: Redis and the web
-        self.hosts = [Host(f"h{i}", f"{PREFIX}{run}-h{i}", f"{PREFIX}{run}-h{i}", str(self.subnet.network_address + 10 + i))
-                      for i in range(hosts)]
+        self._place(hosts, _free_subnet(int(run, 16)))  # a first guess: up() takes the one free then
+
+    def _place(self, hosts: int, subnet: ipaddress.IPv4Network) -> None:
+        self.subnet = subnet
+        self.gateway = str(subnet.network_address + 1)  # the bridge: Redis and the web
+        self.hosts = [Host(f"h{i}", f"{PREFIX}{self.run}-h{i}", f"{PREFIX}{self.run}-h{i}",
+                           str(subnet.network_address + 10 + i)) for i in range(hosts)]
 
     def up(self) -> "Network":
         """Make everything; on any failure, remove what was made and raise."""
         try:
-            ip("link", "add", self.bridge, "type", "bridge")
-            ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+            with _subnet_lock():  # from the choice to the bridge's address: no other run takes it meanwhile
+                self._place(len(self.hosts), _free_subnet(int(self.run, 16)))
+                ip("link", "add", self.bridge, "type", "bridge")
+                ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
             for host in self.hosts:
                 self._add_host(host)
@@ -168,6 +178,18 @@ def remove_leftovers(runs_alive: set[str] = frozenset()) -> dict[str, list[str]]
     for link in found["links"]:
         ip("link", "del", link, check=False)  # a veth's peer goes with it
     return found
+
+
+@contextmanager
+def _subnet_lock():
+    """An exclusive lock among the runs of this machine, on a directory (nothing left behind)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(STATE_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _free_subnet(seed: int) -> ipaddress.IPv4Network:

@@ -198,3 +198,21 @@ def test_cleanup_spares_the_permission_probe_of_a_live_process():
     finally:
         for name in (live, dead):
             ip("netns", "del", name, check=False)
+
+
+def test_two_runs_made_at_once_get_different_subnets():
+    """Two runs whose ids pick the same first /24 (0x0001 and 0x0100: 1 and 256, 255 subnets),
+    both made before either is up: the second must not put its bridge on the first's subnet."""
+    from bench.testbed.netns import Network
+
+    first, second = Network("0001", 1, "1gbit"), Network("0100", 1, "1gbit")
+    try:
+        first.up()
+        second.up()
+        assert first.subnet != second.subnet
+        assert second.gateway in ip("-o", "-4", "addr", "show", "dev", second.bridge).stdout
+        assert second.hosts[0].address in ip("netns", "exec", second.hosts[0].namespace, "ip", "-o", "-4", "addr").stdout
+    finally:
+        first.down()
+        second.down()
+    assert run_things("0001") == run_things("0100") == []
