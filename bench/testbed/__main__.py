@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=int, default=900, help="tear down after this long, whatever happens")
     args = parser.parse_args(argv)
     try:
-        check_permitted()
+        check_permitted(args.delay)
     except NetnsUnavailable as error:
         print(f"testbed skipped: {error}")
         return SKIPPED

@@ -45,8 +45,9 @@ def rate_bits(rate: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
-def check_permitted() -> None:
-    """Raise NetnsUnavailable with one line when namespaces cannot be made here."""
+def check_permitted(delay: str | None = None) -> None:
+    """Raise NetnsUnavailable with one line when namespaces cannot be made here (or links
+    shaped, or given `delay`, when netem is missing)."""
     probe = f"{PREFIX}probe-{os.getpid()}"
     try:
         made = ip("netns", "add", probe, check=False)
@@ -54,8 +55,15 @@ def check_permitted() -> None:
         raise NetnsUnavailable("bench.testbed needs iproute2 (`ip`): not installed") from None
     if made.returncode != 0:
         raise NetnsUnavailable(f"bench.testbed needs root (ip netns add: {made.stderr.strip() or 'not permitted'})")
-    try:  # every link is shaped: without `tc` or tbf, bring-up would fail half-way
-        tc("-n", probe, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "32kbit", "latency", "100ms")
+    try:  # every link is shaped: without `tc` or tbf (or netem, for a delay), bring-up would fail half-way
+        tc("-n", probe, "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf", "rate", "1mbit", "burst", "32kbit",
+           "latency", "100ms")
+        if delay:
+            shape_delay = ("-n", probe, "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem", "delay")
+            try:
+                tc(*shape_delay, delay)
+            except subprocess.CalledProcessError as error:
+                raise NetnsUnavailable(f"--delay needs netem, which this kernel refuses: {error.stderr.strip()}") from None
     except FileNotFoundError:
         raise NetnsUnavailable("bench.testbed needs iproute2's `tc`: not installed") from None
     except subprocess.CalledProcessError as error:
