@@ -17,7 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -96,9 +98,13 @@ class Testbed:
     def down(self) -> None:
         """Stop every process (agents first: they stop their replicas), then the network; the
         namespaces' removal kills whatever is left in them. Idempotent."""
-        if self._down:
-            return
-        self._down = True
+        with _uninterrupted():
+            if self._down:
+                return
+            self._down = True
+            self._tear_down()
+
+    def _tear_down(self) -> None:
         agents = [p for name, p in self.processes.items() if name.startswith("agent-")]
         stop_processes(agents, grace=15)
         others = [p for name, p in self.processes.items() if not name.startswith("agent-")]
@@ -219,6 +225,22 @@ def _unused_run_id() -> str:
         run = secrets.token_hex(2)
         if f"-{run}-" not in names and not (STATE_DIR / f"{run}.json").exists():
             return run
+
+
+@contextmanager
+def _uninterrupted():
+    """Ctrl-C, SIGTERM, SIGHUP and --max-seconds' alarm ignored while tearing down: down() runs
+    once, and a teardown cut half-way by a second Ctrl-C would leave the rest behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_IGN)
+             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -216,3 +216,22 @@ def test_two_runs_made_at_once_get_different_subnets():
         first.down()
         second.down()
     assert run_things("0001") == run_things("0100") == []
+
+
+def test_a_second_ctrl_c_during_teardown_still_leaves_nothing(tiny_model_dir):
+    """The impatient operator: Ctrl-C, then Ctrl-C and SIGTERM again while the teardown stops the
+    agents. The teardown finishes anyway; nothing is left for `--cleanup`."""
+    runner, state = start_runner(tiny_model_dir)
+    try:
+        runner.send_signal(signal.SIGINT)
+        assert runner.stdout.readline().startswith("testbed down")  # printed as the teardown starts
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            runner.send_signal(signum)
+        runner.wait(60)
+    finally:
+        runner.kill()
+    assert run_things(state["run"]) == [] and not (STATE_DIR / f"{state['run']}.json").exists()
+    deadline = time.monotonic() + 10
+    while alive(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(state) == []
