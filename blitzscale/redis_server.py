@@ -41,12 +41,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None,
+                 directory: str | os.PathLike | None = None):
+        """`directory`: its working directory (made; removed by `stop`), a temporary one by default."""
         self.host = host
         self.port = port or free_port(host)
         self.password = password
         self.process: subprocess.Popen | None = None
-        self._dir = tempfile.mkdtemp(prefix="blitzscale-redis-")
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        self._dir = str(directory) if directory is not None else tempfile.mkdtemp(prefix="blitzscale-redis-")
 
     @property
     def url(self) -> str:

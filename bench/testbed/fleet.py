@@ -72,7 +72,8 @@ class Testbed:
         try:
             self.network.up()
             gateway = self.network.gateway
-            self.redis = EmbeddedRedis(host=gateway).start()
+            # its directory in the workdir: a SIGKILLed run's goes with it at --cleanup
+            self.redis = EmbeddedRedis(host=gateway, directory=self.workdir / "redis").start()
             self.pids.add(self.redis.process.pid)
             self._record()
             port = free_port(gateway)

@@ -5,6 +5,7 @@ Skipped where `ip netns` is not permitted (no root)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -63,9 +64,21 @@ def alive(state: dict) -> list[int]:
     return [pid for pid, started in state["processes"] if _start_time(pid) == started]
 
 
+def redis_dir(state: dict) -> Path:
+    """The run's redis-server's --dir (its working directory: it sets its own process title)."""
+    for pid, _ in state["processes"]:
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "redis-server":
+            return Path(os.readlink(f"/proc/{pid}/cwd"))
+    raise AssertionError("no redis-server among the run's processes")
+
+
 def test_a_killed_run_is_removed_by_cleanup(tiny_model_dir):
     runner, state = start_runner(tiny_model_dir)
-    runner.kill()  # SIGKILL: no handler, no atexit
+    try:
+        redis_files = redis_dir(state)
+        assert redis_files.is_dir()
+    finally:
+        runner.kill()  # SIGKILL: no handler, no atexit
     runner.wait(10)
     assert run_things(state["run"]) and alive(state)  # left behind
     cleaned = subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], capture_output=True, text=True,
@@ -76,6 +89,7 @@ def test_a_killed_run_is_removed_by_cleanup(tiny_model_dir):
     while alive(state) and time.monotonic() < deadline:  # SIGKILLed; gone once reaped by init
         time.sleep(0.1)
     assert alive(state) == [] and not Path(state["workdir"]).exists()
+    assert not redis_files.exists()  # Redis's directory too
 
 
 def test_cleanup_spares_a_live_run_and_ctrl_c_tears_it_down(tiny_model_dir):
@@ -186,8 +200,6 @@ def test_a_run_killed_mid_bring_up_leaves_not_even_its_model():
 def test_cleanup_spares_the_permission_probe_of_a_live_process():
     """Every run and test first probes with a `bzt-probe-<pid>` namespace: a `--cleanup` at that
     moment must not delete it (the prober would report a missing tc or root); a dead prober's goes."""
-    import os
-
     live, dead = f"bzt-probe-{os.getpid()}", "bzt-probe-999999999"
     for name in (live, dead):
         ip("netns", "add", name)
