@@ -247,3 +247,19 @@ def test_a_second_ctrl_c_during_teardown_still_leaves_nothing(tiny_model_dir):
     while alive(state) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert alive(state) == []
+
+
+def test_cleanup_never_signals_a_reused_pid():
+    """A dead run's state file naming a pid that now belongs to another process (its start time
+    differs): `--cleanup` leaves that process alone."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    state = STATE_DIR / "zzzz-reused.json"
+    state.write_text(json.dumps({"run": "zzzz", "owner": [999999999, "1"], "processes": [[bystander.pid, "1"]]}))
+    try:
+        subprocess.run([sys.executable, "-m", "bench.testbed", "--cleanup"], check=True, capture_output=True, timeout=60)
+        assert bystander.poll() is None and not state.exists()
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+        state.unlink(missing_ok=True)
