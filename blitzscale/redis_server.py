@@ -79,13 +79,16 @@ class EmbeddedRedis:
     def _command(self) -> list[str]:
         return [redis_executable(), *self._config(), "--port", str(self.port)]
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 10.0, on_spawn=None) -> "EmbeddedRedis":
+        """`on_spawn()`: called once the process exists, before it answers (to record its pid)."""
         self.process = subprocess.Popen(
             [*self._command(), "--bind", self.host, "--save", "", "--appendonly", "no", "--dir", self._dir,
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us last
         )
+        if on_spawn is not None:
+            on_spawn()
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:

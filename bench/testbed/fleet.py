@@ -73,9 +73,8 @@ class Testbed:
             self.network.up()
             gateway = self.network.gateway
             # its directory in the workdir: a SIGKILLed run's goes with it at --cleanup
-            self.redis = EmbeddedRedis(host=gateway, directory=self.workdir / "redis").start()
-            self.pids.add(self.redis.process.pid)
-            self._record()
+            self.redis = EmbeddedRedis(host=gateway, directory=self.workdir / "redis")
+            self.redis.start(on_spawn=self._redis_spawned)
             port = free_port(gateway)
             self.base_url = f"http://{gateway}:{port}"
             slots = max(1, len(self.hosts) * self.places)
@@ -164,6 +163,11 @@ class Testbed:
 
     def cache(self, host: Host) -> Path:
         return self.workdir / f"cache-{host.name}"
+
+    def _redis_spawned(self) -> None:
+        """Recorded before it answers: a run killed meanwhile leaves it to --cleanup (and down())."""
+        self.pids.add(self.redis.process.pid)
+        self._record()
 
     def _record(self) -> None:
         """The state file: our run, our pid, every process we started (written on each change)."""

@@ -263,3 +263,21 @@ def test_cleanup_never_signals_a_reused_pid():
         bystander.kill()
         bystander.wait(10)
         state.unlink(missing_ok=True)
+
+
+def test_redis_is_in_the_state_file_before_it_answers(tiny_model_dir, monkeypatch):
+    """A run SIGKILLed while its Redis starts (before the first PING answers) must have recorded
+    that redis-server, or `--cleanup` could never stop it."""
+    import redis as redis_client
+
+    testbed = fleet.Testbed(1, "1gbit", tiny_model_dir)
+    recorded = []
+
+    def ping_after_looking(client, *args, **kwargs):
+        recorded.extend(pid for pid, _ in json.loads(testbed.state_file.read_text())["processes"])
+        raise KeyboardInterrupt  # the run stops here, as a SIGKILL would have
+    monkeypatch.setattr(redis_client.Redis, "ping", ping_after_looking)
+    with pytest.raises(KeyboardInterrupt):
+        testbed.up()
+    assert testbed.redis is not None and testbed.redis.process.pid in recorded
+    assert testbed.left_behind() == [] and run_things(testbed.run) == []
