@@ -41,12 +41,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", password: str | None = None,
+                 directory: str | os.PathLike | None = None):
+        """`directory`: its working directory (made; removed by `stop`), a temporary one by default."""
         self.host = host
         self.port = port or free_port(host)
         self.password = password
         self.process: subprocess.Popen | None = None
-        self._dir = tempfile.mkdtemp(prefix="blitzscale-redis-")
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        self._dir = str(directory) if directory is not None else tempfile.mkdtemp(prefix="blitzscale-redis-")
 
     @property
     def url(self) -> str:
@@ -75,13 +79,16 @@ class EmbeddedRedis:
     def _command(self) -> list[str]:
         return [redis_executable(), *self._config(), "--port", str(self.port)]
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+    def start(self, timeout: float = 10.0, on_spawn=None) -> "EmbeddedRedis":
+        """`on_spawn()`: called once the process exists, before it answers (to record its pid)."""
         self.process = subprocess.Popen(
             [*self._command(), "--bind", self.host, "--save", "", "--appendonly", "no", "--dir", self._dir,
              "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us last
         )
+        if on_spawn is not None:
+            on_spawn()
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:

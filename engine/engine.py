@@ -57,7 +57,7 @@ class EngineStats:
     prefix_miss_tokens: int = 0  # prompt positions prefilled, since start
     prefix_cached_tokens: int = 0  # KV positions the free slots hold as cache now
     prefix_cached_slots: int = 0  # free slots holding a cached prefix now
-    waiting_tokens: int = 0  # prompt positions the waiting requests have yet to prefill (the SLO autoscaler's demand)
+    waiting_tokens: int = 0  # prompt positions yet to prefill, a long prompt's chunks included (the SLO autoscaler's demand)
     speculate: int = 0  # draft tokens per row per step (0: no speculation)
     spec_drafts: int = 0  # rows verified with drafts, since start
     spec_draft_tokens: int = 0
@@ -179,17 +179,12 @@ class Engine:
             prefix_miss_tokens=table.miss_tokens,
             prefix_cached_tokens=table.cached_tokens,
             prefix_cached_slots=table.cached_slots,
-            waiting_tokens=self._waiting_tokens(),
+            waiting_tokens=self.scheduler.prompt_tokens_to_prefill(),  # the inbox's join at the next step
             speculate=self.speculator.config.tokens if self.speculator else 0,
             spec_drafts=self.speculator.drafts if self.speculator else 0,
             spec_draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
             spec_accepted_tokens=self.speculator.accepted if self.speculator else 0,
         )
-
-    def _waiting_tokens(self) -> int:
-        """Of the scheduler's waiting requests (those still in the inbox join it at the next step)."""
-        waiting = list(self.scheduler.waiting)  # one C-level copy under the GIL: the loop thread may be changing it
-        return sum(s.prompt_len - s.kv_len for s in waiting)
 
     # ---- the loop thread --------------------------------------------------------------------
     def _loop_on_device(self) -> None:

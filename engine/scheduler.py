@@ -104,6 +104,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def prompt_tokens_to_prefill(self) -> int:
+        """The waiting prompts' positions and the rest of a prompt being prefilled in chunks. Read
+        from other threads: one C-level copy of each collection under the GIL, not an iteration
+        over the loop thread's."""
+        waiting, running = list(self.waiting), list(self.running)
+        return sum(s.prompt_len - s.kv_len for s in waiting + running if s.kv_len < s.prompt_len)
+
     @property
     def kv_tokens(self) -> int:
         """KV positions the running requests hold now."""

@@ -34,12 +34,11 @@ class ScalingReader(RedisReader):
         models = catalog.names if catalog is not None else []
         for slot, view in slots.items():
             view["model"] = catalog.for_slot(slot).name if catalog is not None else ""
-        raw = connection.get(AUTOSCALER_KEY)
-        autoscaler = json.loads(raw) if raw else {}
-        return read_counters(connection), slots, [a.host for a in read_agents(connection)], models, autoscaler
+        decided = slo_decisions(connection.get(AUTOSCALER_KEY))
+        return read_counters(connection), slots, [a.host for a in read_agents(connection)], models, decided
 
     def families(self, values):
-        counters, slots, hosts, models, autoscaler = values
+        counters, slots, hosts, models, decided = values
         up = CounterMetricFamily("blitz_scale_up_times", "Replicas scaled up (path: standby = add_consumer to a "
                                  "standby replica, process = a new worker process)", labels=["trigger", "path"])
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
@@ -57,7 +56,7 @@ class ScalingReader(RedisReader):
         yield from (up, down, decisions, blocked)
         yield _slots_by_host(slots, hosts)
         yield _replicas_by_model(slots, models)
-        yield from _slo_estimate(autoscaler)
+        yield from _slo_estimate(decided)
 
 
 def _replicas_by_model(slots: dict[int, dict], models: list[str]) -> GaugeMetricFamily:
@@ -69,21 +68,40 @@ def _replicas_by_model(slots: dict[int, dict], models: list[str]) -> GaugeMetric
     return family
 
 
-def _slo_estimate(state: dict):
-    """The SLO policy's last decision for each model (none under the queue policy, or with the
-    autoscaler away: its state expires after ten ticks)."""
-    decided = [m for m in (state.get("models") or {state.get("model"): state}).values() if "desired" in m]
+def slo_decisions(raw: bytes | str | None) -> list[dict]:
+    """The SLO policy's last decision for each model, from the autoscaler's state (none under the
+    queue policy, or with the autoscaler away: its state expires after ten ticks). A state this
+    version cannot read (an older one's, a hand edit) gives none: /metrics must still answer."""
+    try:
+        state = json.loads(raw) if raw else {}
+    except ValueError:
+        return []
+    if not isinstance(state, dict):
+        return []
+    models = state.get("models") if isinstance(state.get("models"), dict) else {state.get("model"): state}
+    decided = []
+    for view in models.values():
+        try:
+            estimate = view.get("estimate") or {}
+            decided.append({"model": str(view.get("model") or ""), "desired": float(view["desired"]),
+                            "ttft_estimate_s": float(estimate.get("ttft_estimate_s", 0.0)),
+                            "add_replica_s": float(estimate.get("add_replica_s", 0.0))})
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+    return decided
+
+
+def _slo_estimate(decided: list[dict]):
     if not decided:
         return
-    for name, help_text, value in (
-            ("blitz_autoscaler_desired_replicas", "Replicas the SLO policy wants", lambda m: m["desired"]),
+    for name, help_text, key in (
+            ("blitz_autoscaler_desired_replicas", "Replicas the SLO policy wants", "desired"),
             ("blitz_autoscaler_ttft_estimate_seconds", "TTFT of the waiting prompt tokens at the serving replicas' "
-             "measured prefill rate (queueing included)", lambda m: (m.get("estimate") or {}).get("ttft_estimate_s", 0.0)),
-            ("blitz_autoscaler_add_replica_seconds", "Expected seconds to add a replica",
-             lambda m: (m.get("estimate") or {}).get("add_replica_s", 0.0))):
+             "measured prefill rate (queueing included)", "ttft_estimate_s"),
+            ("blitz_autoscaler_add_replica_seconds", "Expected seconds to add a replica", "add_replica_s")):
         family = GaugeMetricFamily(name, help_text, labels=["model"])
         for model in decided:
-            family.add_metric([str(model.get("model") or "")], value(model))
+            family.add_metric([model["model"]], model[key])
         yield family
 
 

@@ -12,7 +12,6 @@ import argparse
 import atexit
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=int, default=900, help="tear down after this long, whatever happens")
     args = parser.parse_args(argv)
     try:
-        check_permitted()
+        check_permitted(args.delay)
     except NetnsUnavailable as error:
         print(f"testbed skipped: {error}")
         return SKIPPED
@@ -64,27 +63,27 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _interrupt)
     signal.signal(signal.SIGALRM, _out_of_time)
     signal.alarm(args.max_seconds)
-    with tempfile.TemporaryDirectory(prefix="bzt-model-") as scratch:
-        model = args.model_id or str(tiny_model(Path(scratch)))
-        replicas = {f"h{i}": 1 for i in range(args.hosts)} if args.selftest else {"h0": 1}
-        testbed = Testbed(args.hosts, args.rate, model, args.delay, args.places, replicas,
-                          env={"DOWN_TARGET": "standby"} if args.selftest else None)
-        atexit.register(testbed.down)  # whatever ends us (but SIGKILL: --cleanup, or the next run)
-        if args.selftest:
-            ok, line = selftest(testbed)
-            print(line)
-            return 0 if ok else 1
-        try:
-            testbed.up()
-            print(f"testbed up: web {testbed.base_url}, Redis {testbed.redis.public_url}, hosts "
-                  + ", ".join(f"{h.name} {h.address} ({h.namespace})" for h in testbed.hosts)
-                  + f"; Ctrl-C tears it down (or in {args.max_seconds} s)", flush=True)
-            while True:
-                time.sleep(3600)
-        except (KeyboardInterrupt, TimeoutError) as stop:
-            print(f"testbed down ({stop or 'interrupted'})")
-        finally:
-            testbed.down()
+    replicas = {f"h{i}": 1 for i in range(args.hosts)} if args.selftest else {"h0": 1}
+    testbed = Testbed(args.hosts, args.rate, args.model_id or "", args.delay, args.places, replicas,
+                      env={"DOWN_TARGET": "standby"} if args.selftest else None)
+    atexit.register(testbed.down)  # whatever ends us (but SIGKILL: --cleanup, or the next run)
+    if not args.model_id:  # in the run's workdir: a SIGKILLed run's model goes with it at --cleanup
+        testbed.model_dir = str(tiny_model(testbed.workdir / "model"))
+    if args.selftest:
+        ok, line = selftest(testbed)
+        print(line)
+        return 0 if ok else 1
+    try:
+        testbed.up()
+        print(f"testbed up: web {testbed.base_url}, Redis {testbed.redis.public_url}, hosts "
+              + ", ".join(f"{h.name} {h.address} ({h.namespace})" for h in testbed.hosts)
+              + f"; Ctrl-C tears it down (or in {args.max_seconds} s)", flush=True)
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, TimeoutError) as stop:
+        print(f"testbed down ({stop or 'interrupted'})")
+    finally:
+        testbed.down()
     return 0
 
 

@@ -17,17 +17,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
-from bench.testbed.netns import Host, Network, check_permitted, leftovers, remove_leftovers
+from bench.testbed.netns import PREFIX, STATE_DIR, Host, Network, check_permitted, leftovers, remove_leftovers
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
-
-STATE_DIR = Path(tempfile.gettempdir()) / "bzt-testbed"
-
 
 def _start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot), None when it is gone."""
@@ -57,6 +56,8 @@ class Testbed:
         self.agent_module = agent_module
         self.base_url = ""
         self._down = False
+        if self.own_workdir:  # recorded from its birth: a run SIGKILLed before up() leaves it to --cleanup
+            self._record()
 
     @property
     def hosts(self) -> list[Host]:
@@ -71,9 +72,9 @@ class Testbed:
         try:
             self.network.up()
             gateway = self.network.gateway
-            self.redis = EmbeddedRedis(host=gateway).start()
-            self.pids.add(self.redis.process.pid)
-            self._record()
+            # its directory in the workdir: a SIGKILLed run's goes with it at --cleanup
+            self.redis = EmbeddedRedis(host=gateway, directory=self.workdir / "redis")
+            self.redis.start(on_spawn=self._redis_spawned)
             port = free_port(gateway)
             self.base_url = f"http://{gateway}:{port}"
             slots = max(1, len(self.hosts) * self.places)
@@ -97,9 +98,13 @@ class Testbed:
     def down(self) -> None:
         """Stop every process (agents first: they stop their replicas), then the network; the
         namespaces' removal kills whatever is left in them. Idempotent."""
-        if self._down:
-            return
-        self._down = True
+        with _uninterrupted():
+            if self._down:
+                return
+            self._down = True
+            self._tear_down()
+
+    def _tear_down(self) -> None:
         agents = [p for name, p in self.processes.items() if name.startswith("agent-")]
         stop_processes(agents, grace=15)
         others = [p for name, p in self.processes.items() if not name.startswith("agent-")]
@@ -158,6 +163,11 @@ class Testbed:
 
     def cache(self, host: Host) -> Path:
         return self.workdir / f"cache-{host.name}"
+
+    def _redis_spawned(self) -> None:
+        """Recorded before it answers: a run killed meanwhile leaves it to --cleanup (and down())."""
+        self.pids.add(self.redis.process.pid)
+        self._record()
 
     def _record(self) -> None:
         """The state file: our run, our pid, every process we started (written on each change)."""
@@ -222,6 +232,22 @@ def _unused_run_id() -> str:
             return run
 
 
+@contextmanager
+def _uninterrupted():
+    """Ctrl-C, SIGTERM, SIGHUP and --max-seconds' alarm ignored while tearing down: down() runs
+    once, and a teardown cut half-way by a second Ctrl-C would leave the rest behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_IGN)
+             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def _signal_group(pid: int, signum: int) -> None:
     """The process and, when it leads one, its process group."""
     for kill in (os.killpg, os.kill):
@@ -248,20 +274,36 @@ def cleanup_dead_runs() -> dict:
     state files and workdirs; then any `bzt-` namespace or link no live run owns."""
     alive, killed = set(), 0
     for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+        state = _read_state(path)
+        if state is None:  # cut short, another version's, edited: nothing in it can be trusted
             path.unlink(missing_ok=True)
             continue
-        if _alive(*state["owner"]):
-            alive.add(state["run"])
+        run, owner, processes, workdir = state
+        if _alive(*owner):
+            alive.add(run)
             continue
-        for pid, started in state["processes"]:
+        for pid, started in processes:
             if _alive(pid, started):
                 _signal_group(pid, signal.SIGKILL)
                 killed += 1
-        if state.get("own_workdir"):
-            shutil.rmtree(state["workdir"], ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
         path.unlink(missing_ok=True)
     removed = remove_leftovers(alive)
     return {"processes": killed, **removed}
+
+
+def _read_state(path: Path) -> tuple[str, tuple[int, str], list[tuple[int, str]], Path | None] | None:
+    """A state file's run, owner, processes and the workdir to remove with it (only one this run
+    made: `bzt-<run>-…`); None when it cannot be read as a state file."""
+    try:
+        state = json.loads(path.read_text())
+        run, (owner, owner_started) = str(state["run"]), state["owner"]
+        processes = [(int(pid), str(started)) for pid, started in state["processes"]]
+        owner = (int(owner), str(owner_started))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    workdir = Path(str(state.get("workdir", ""))) if state.get("own_workdir") else None
+    if workdir is not None and not workdir.name.startswith(f"{PREFIX}{run}-"):
+        workdir = None
+    return run, owner, processes, workdir

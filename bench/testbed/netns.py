@@ -7,20 +7,26 @@ characters (IFNAMSIZ): `bzt-<4 hex>-h<i>` does up to 99 hosts.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import re
 import signal
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "bzt-"
+STATE_DIR = Path(tempfile.gettempdir()) / "bzt-testbed"  # the runs' state files (bench/testbed/fleet.py)
 SUBNETS = ipaddress.ip_network("10.231.0.0/16")  # one /24 per run, the first not already on a link
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
 class NetnsUnavailable(RuntimeError):
-    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2)."""
+    """`ip netns` is not permitted here (no root, no CAP_NET_ADMIN, no iproute2), or links
+    cannot be shaped (no `tc`, no tbf)."""
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,8 +45,9 @@ def rate_bits(rate: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
-def check_permitted() -> None:
-    """Raise NetnsUnavailable with one line when namespaces cannot be made here."""
+def check_permitted(delay: str | None = None) -> None:
+    """Raise NetnsUnavailable with one line when namespaces cannot be made here (or links
+    shaped, or given `delay`, when netem is missing)."""
     probe = f"{PREFIX}probe-{os.getpid()}"
     try:
         made = ip("netns", "add", probe, check=False)
@@ -48,7 +55,21 @@ def check_permitted() -> None:
         raise NetnsUnavailable("bench.testbed needs iproute2 (`ip`): not installed") from None
     if made.returncode != 0:
         raise NetnsUnavailable(f"bench.testbed needs root (ip netns add: {made.stderr.strip() or 'not permitted'})")
-    ip("netns", "del", probe, check=False)
+    try:  # every link is shaped: without `tc` or tbf (or netem, for a delay), bring-up would fail half-way
+        tc("-n", probe, "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf", "rate", "1mbit", "burst", "32kbit",
+           "latency", "100ms")
+        if delay:
+            shape_delay = ("-n", probe, "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem", "delay")
+            try:
+                tc(*shape_delay, delay)
+            except subprocess.CalledProcessError as error:
+                raise NetnsUnavailable(f"--delay needs netem, which this kernel refuses: {error.stderr.strip()}") from None
+    except FileNotFoundError:
+        raise NetnsUnavailable("bench.testbed needs iproute2's `tc`: not installed") from None
+    except subprocess.CalledProcessError as error:
+        raise NetnsUnavailable(f"bench.testbed needs tc's tbf qdisc: {error.stderr.strip()}") from None
+    finally:
+        ip("netns", "del", probe, check=False)
 
 
 @dataclass(frozen=True)
@@ -68,16 +89,21 @@ class Network:
         self.run, self.rate, self.delay = run, rate, delay
         rate_bits(rate)  # a bad spelling fails before anything is made
         self.bridge = f"{PREFIX}{run}-br"
-        self.subnet = _free_subnet(int(run, 16))
-        self.gateway = str(self.subnet.network_address + 1)  # the bridge: Redis and the web
-        self.hosts = [Host(f"h{i}", f"{PREFIX}{run}-h{i}", f"{PREFIX}{run}-h{i}", str(self.subnet.network_address + 10 + i))
-                      for i in range(hosts)]
+        self._place(hosts, _free_subnet(int(run, 16)))  # a first guess: up() takes the one free then
+
+    def _place(self, hosts: int, subnet: ipaddress.IPv4Network) -> None:
+        self.subnet = subnet
+        self.gateway = str(subnet.network_address + 1)  # the bridge: Redis and the web
+        self.hosts = [Host(f"h{i}", f"{PREFIX}{self.run}-h{i}", f"{PREFIX}{self.run}-h{i}",
+                           str(subnet.network_address + 10 + i)) for i in range(hosts)]
 
     def up(self) -> "Network":
         """Make everything; on any failure, remove what was made and raise."""
         try:
-            ip("link", "add", self.bridge, "type", "bridge")
-            ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+            with _subnet_lock():  # from the choice to the bridge's address: no other run takes it meanwhile
+                self._place(len(self.hosts), _free_subnet(int(self.run, 16)))
+                ip("link", "add", self.bridge, "type", "bridge")
+                ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
             for host in self.hosts:
                 self._add_host(host)
@@ -142,6 +168,8 @@ def remove_namespace(namespace: str) -> None:
 def leftovers(runs_alive: set[str] = frozenset()) -> dict[str, list[str]]:
     """`bzt-` namespaces and links that belong to no live run."""
     def dead(name: str) -> bool:
+        if probe := re.fullmatch(rf"{PREFIX}probe-(\d+)", name):  # check_permitted's, while its process lives
+            return not os.path.exists(f"/proc/{probe[1]}")
         match = re.match(rf"{PREFIX}([0-9a-f]+)-", name)
         return not match or match[1] not in runs_alive
 
@@ -158,6 +186,18 @@ def remove_leftovers(runs_alive: set[str] = frozenset()) -> dict[str, list[str]]
     for link in found["links"]:
         ip("link", "del", link, check=False)  # a veth's peer goes with it
     return found
+
+
+@contextmanager
+def _subnet_lock():
+    """An exclusive lock among the runs of this machine, on a directory (nothing left behind)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(STATE_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _free_subnet(seed: int) -> ipaddress.IPv4Network:

@@ -24,7 +24,7 @@ def generate_on_each_host(testbed: Testbed) -> dict[str, str]:
             testbed.wait_states({s: "standby" for s in others} | {slot: "active"})
         response = requests.post(f"{testbed.base_url}/generate",
                                  json={"inputs": "w5 w6 w7", "parameters": {"max_new_tokens": 4}}, timeout=60)
-        response
+        response.raise_for_status()  # a 5xx reported as such, not as a missing key
         texts[host] = response.json()["generated_text"]
         if others:
             testbed.modify("TriggerNormalUp", old_stub_indices=[], new_stub_indices=others)

@@ -218,6 +218,9 @@ class Autoscaler:
         zero = scale_to_zero(obs, self.policies[model.name])
         if zero is not None:
             return zero, {}
+        if not obs.serving and not obs.queued + obs.in_flight and self.policies[model.name].min_replicas == 0:
+            # at zero (the idle rule's doing, or --min-replicas 0): back for the first request, not before
+            return Decision("hold", 0, "no replica, no request", obs.load), {"model": model.name, "desired": 0}
         seen = self.slo_observers[model.name].observe(own, obs.queued, obs.now, model.settings.max_batch_size)
         slo, self.slo_memories[model.name] = decide_slo(seen, slo_targets(model.settings), self.slo_memories[model.name])
         logged = log.info if slo.desired != self._desired.get(model.name) else log.debug

@@ -105,7 +105,8 @@ def decide_slo(obs: ModelObservation, targets: SloTargets, memory: SloMemory) ->
         return SloDecision(count, n, reason, estimate), SloMemory()
     if n > targets.max_replicas:  # the bound came down: one at a time, like any scale-down
         return SloDecision(n - 1, n, f"{n} serving > max {targets.max_replicas}", estimate), SloMemory()
-    strict, _ = wanted(obs, targets, targets.down_margin)
+    # judged with one replica fewer: it drains the waiting tokens more slowly while a new one loads
+    strict, _ = wanted(replace(obs, replicas=n - 1), targets, targets.down_margin)
     if strict >= n or n <= max(targets.min_replicas, estimate["running_floor"]):
         return SloDecision(n, n, f"hold: {count} wanted", estimate), SloMemory()
     low_since = memory.low_since if memory.low_since is not None else obs.now

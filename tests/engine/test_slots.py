@@ -249,3 +249,16 @@ def test_a_prompt_over_the_prefill_budget_is_split_into_chunks(model_and_tokeniz
         chunks += [[c.start, c.end] for c in batch.prefill]
         scheduler.postprocess(batch)
     assert chunks == expected
+
+
+def test_the_prompt_tokens_to_prefill_include_a_long_prompt_in_chunks(model_and_tokenizer):
+    """What the SLO autoscaler reads as `waiting_tokens`: the waiting prompts, and the rest of a
+    long prompt being prefilled in chunks (it delays every waiting request as much)."""
+    _, tokenizer = model_and_tokenizer
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=3, max_batch_prefill_tokens=4))
+    long, waiting = _sequence(tokenizer, "long", 10), _sequence(tokenizer, "waiting", 6)
+    scheduler.add(long)
+    scheduler.postprocess(scheduler.schedule())  # its first chunk: 4 of 10
+    scheduler.add(waiting)
+    assert long.kv_len == 4 and list(scheduler.waiting) == [waiting]
+    assert scheduler.prompt_tokens_to_prefill() == 6 + 6

@@ -118,3 +118,13 @@ def test_a_model_at_zero_comes_back_for_one_waiting_request():
     zero = replace(QUIET, replicas=0, active=0)
     assert decide(zero, targets=targets)[0].desired == 0
     assert decide(replace(zero, waiting_requests=1, waiting_tokens=5), targets=targets)[0].desired == 1
+
+
+def test_a_scale_down_is_not_undone_by_the_same_observation():
+    """One replica fewer drains the waiting tokens more slowly while the new one loads: the margin
+    must be judged with n - 1 replicas, else the policy goes 2 → 1 → 3 on an unchanged load."""
+    obs = replace(QUIET, waiting_tokens=3500, arrival_tokens_per_s=500.0, add_replica_s=2.0)
+    _, memory = decide(obs)
+    down, _ = decide(replace(obs, now=obs.now + TARGETS.hold_s), memory)
+    after, _ = decide(replace(obs, now=obs.now + TARGETS.hold_s, replicas=down.desired, active=down.desired))
+    assert not (down.action == "down" and after.action == "up"), (down.reason, after.reason)
