@@ -300,6 +300,26 @@ def test_gate_drafts_when_the_expected_tokens_beat_the_measured_cost_of_verifyin
     assert gate.ratios() == {"1x4": 3.0, "32x2": 1.5}
 
 
+@pytest.mark.parametrize("when", ["first", "steady"])
+def test_one_slow_verify_step_keeps_speculation_off_no_longer_than_a_probe(when):
+    """A warm-up or a pause makes one verify step 100 times slower: drafting resumes at the
+    next probe, not after the outlier has decayed over hundreds of steps."""
+    gate = SpeculationGate(probe_every=8)
+    if when == "steady":
+        gate.observe(1, 0.012, draft_tokens=4)
+        gate.observe(1, 0.010)
+        assert all(gate.drafts(1, expected_tokens=3, draft_tokens=4) for _ in range(3))
+    gate.observe(1, 1.2, draft_tokens=4)  # the outlier
+    gate.observe(1, 0.010)
+    steps = 0
+    while not gate.drafts(1, expected_tokens=3, draft_tokens=4):
+        gate.observe(1, 0.010)
+        steps += 1
+        assert steps <= gate.probe_every, "still off"
+    gate.observe(1, 0.012, draft_tokens=4)  # the probe's verify step, at its usual cost
+    assert gate.drafts(1, expected_tokens=3, draft_tokens=4)
+
+
 def test_speculation_turns_overlap_off(model_and_tokenizer):
     """A verify step's successor depends on how many drafts were accepted: nothing runs ahead."""
     model, tokenizer = model_and_tokenizer
