@@ -43,10 +43,24 @@ def request(tokenizer, rid, text, max_new_tokens=16, stop=(), ignore_eos=True, t
                              adapter=adapter)
 
 
+class VerifyWhenDrafted(SpeculationGate):
+    """The gate weighs measured step times; these tests must not depend on the machine's speed
+    (a verify step slower than its tokens' worth would silently turn them into plain runs)."""
+
+    def drafts(self, rows, expected_tokens, draft_tokens):
+        return True
+
+    def observe(self, rows, seconds, draft_tokens=0):
+        pass
+
+
 def make_engine(model_and_tokenizer, speculate=0, adapters=(), **config):
     model, tokenizer = model_and_tokenizer
-    return Engine(model, tokenizer, SchedulerConfig(**config), adapters=adapters,
-                  speculative=SpeculativeConfig(tokens=speculate, ngram_min=1) if speculate else None)
+    engine = Engine(model, tokenizer, SchedulerConfig(**config), adapters=adapters,
+                    speculative=SpeculativeConfig(tokens=speculate, ngram_min=1) if speculate else None)
+    if engine.speculator is not None:
+        engine.speculator.gate = VerifyWhenDrafted()
+    return engine
 
 
 def run(engine, requests, together=True) -> tuple[dict, int]:
