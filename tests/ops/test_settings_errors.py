@@ -1,0 +1,21 @@
+"""A malformed or out-of-range setting stops `blitzscale` with one line naming it, not a traceback."""
+from __future__ import annotations
+
+import pytest
+
+from blitzscale.cli import main
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["--speculate", "-1"], {}, "--speculate"),
+    (["--speculate", "4", "--speculate-ngram-min", "5", "--speculate-ngram-max", "2"], {}, "--speculate-ngram-min"),
+    ([], {"SPECULATE": "four"}, "SPECULATE"),
+    ([], {"SPECULATE_NGRAM_MAX": "0"}, "--speculate-ngram-max"),
+])
+def test_a_bad_speculate_setting_is_one_line_naming_it(monkeypatch, argv, env, named):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        main(["worker", *argv])
+    message = str(stopped.value.code)
+    assert named in message and "\n" not in message
