@@ -33,6 +33,11 @@ def _default_cache_dir() -> str:
     return os.path.join(root, "blitzscale")
 
 
+# engine/speculative.py's MAX_SPECULATE and MAX_NGRAM (common cannot import the engine; a test
+# keeps them equal): what a verify step and a row's n-gram index can be asked to hold.
+MAX_SPECULATE = 64
+MAX_NGRAM = 16
+
 @dataclass
 class Settings:
     # Model
@@ -166,11 +171,11 @@ class Settings:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
             raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
-        if self.speculate < 0:
-            raise ValueError(f"--speculate must be >= 0 (0: off), got {self.speculate}")
-        if not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max:
-            raise ValueError("--speculate-ngram-min and --speculate-ngram-max must satisfy 1 <= min <= max, got "
-                             f"{self.speculate_ngram_min} and {self.speculate_ngram_max}")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValueError(f"--speculate must be in 0..{MAX_SPECULATE} (0: off), got {self.speculate}")
+        if not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max <= MAX_NGRAM:
+            raise ValueError("--speculate-ngram-min and --speculate-ngram-max must satisfy 1 <= min <= max <= "
+                             f"{MAX_NGRAM}, got {self.speculate_ngram_min} and {self.speculate_ngram_max}")
         self.adapters  # parsed now: a malformed list stops the start
 
     @cached_property

@@ -19,7 +19,7 @@ from engine.ngram import NgramDrafter
 from engine.outputs import FinishReason
 from engine.params import GenerationRequest, Grammar, SamplingParams, StoppingParams
 from engine.scheduler import SchedulerConfig
-from engine.speculative import SpeculationGate, SpeculativeConfig, accepted_tokens
+from engine.speculative import MAX_NGRAM, MAX_SPECULATE, SpeculationGate, SpeculativeConfig, accepted_tokens
 from tests.lora_adapters import build_adapter
 from tests.tiny_model import EOS_AFTER, EOS_PROMPT
 
@@ -332,6 +332,13 @@ def test_one_slow_verify_step_keeps_speculation_off_no_longer_than_a_probe(when)
         assert steps <= gate.probe_every, "still off"
     gate.observe(1, 0.012, draft_tokens=4)  # the probe's verify step, at its usual cost
     assert gate.drafts(1, expected_tokens=3, draft_tokens=4)
+
+
+@pytest.mark.parametrize("settings", [dict(tokens=-1), dict(tokens=MAX_SPECULATE + 1), dict(tokens=2, ngram_min=3, ngram_max=2),
+                                      dict(tokens=2, ngram_max=MAX_NGRAM + 1)])
+def test_speculative_config_refuses_what_it_cannot_serve(settings):
+    with pytest.raises(ValueError):
+        SpeculativeConfig(**settings)
 
 
 def test_speculation_turns_overlap_off(model_and_tokenizer):
