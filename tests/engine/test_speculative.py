@@ -231,6 +231,17 @@ def test_grammar_cuts_a_draft_at_its_first_invalid_token(model_and_tokenizer):
     assert matcher.valid_prefix((b,)) == 0  # the row's own matcher did not move
 
 
+def test_a_draft_outside_the_tokenizers_vocabulary_is_cut_and_leaves_the_grammar_intact(model_and_tokenizer):
+    """A prompt may hold ids the model has and the tokenizer lacks (a padded embedding; the
+    engine takes ids): drafted, such an id put llguidance's matcher in error, and the row then
+    ended early with EOS, its output outside the grammar."""
+    tokenizer = model_and_tokenizer[1]
+    matcher = grammar_matcher(Grammar("regex", "a+b"), tokenizer, frozenset({tokenizer.eos_token_id}))
+    a, b = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b"))
+    assert matcher.valid_prefix((a, matcher.vocab_size, b)) == 1
+    assert matcher.valid_prefix((a, b)) == 2 and not matcher.is_complete  # the row's own matcher is unharmed
+
+
 def test_prefix_cache_holds_only_accepted_positions(model_and_tokenizer):
     """A follow-up turn reuses the KV of a speculated request whose drafts were partly rejected:
     its tokens equal a fresh run's."""
