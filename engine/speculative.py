@@ -135,8 +135,8 @@ class SpeculationGate:
     A width not measured yet is tried; a bucket measures a plain step after its first verify
     step, and every `probe_every` steps takes one step of the kind it is not taking, so both
     timings follow a machine that gets busier. Each timing is the median of its last `WINDOW`:
-    one slow step (a warm-up, a pause) is outvoted at the next probe, never averaged in. Each ratio is logged when it is first known and
-    whenever it moves by a quarter."""
+    one slow step (a warm-up, a pause) is outvoted at the next probe, never averaged in. Each
+    ratio is logged when it is first known and whenever it moves by a quarter."""
 
     def __init__(self, probe_every: int = 64):
         self.probe_every = probe_every

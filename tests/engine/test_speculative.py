@@ -345,8 +345,8 @@ def test_one_slow_verify_step_keeps_speculation_off_no_longer_than_a_probe(when)
     assert gate.drafts(1, expected_tokens=3, draft_tokens=4)
 
 
-@pytest.mark.parametrize("settings", [dict(tokens=-1), dict(tokens=MAX_SPECULATE + 1), dict(tokens=2, ngram_min=3, ngram_max=2),
-                                      dict(tokens=2, ngram_max=MAX_NGRAM + 1)])
+@pytest.mark.parametrize("settings", [dict(tokens=-1), dict(tokens=MAX_SPECULATE + 1),
+                                      dict(tokens=2, ngram_min=3, ngram_max=2), dict(tokens=2, ngram_max=MAX_NGRAM + 1)])
 def test_speculative_config_refuses_what_it_cannot_serve(settings):
     with pytest.raises(ValueError):
         SpeculativeConfig(**settings)
