@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValueError as error:  # a malformed or out-of-range setting: one line naming it
+        raise SystemExit(str(error)) from error
     logs.configure(settings.log_level, settings.log_format)
     try:
         settings.catalog  # --models and --models-file read now: a broken one is one line, not a traceback

@@ -33,6 +33,11 @@ def _default_cache_dir() -> str:
     return os.path.join(root, "blitzscale")
 
 
+# engine/speculative.py's MAX_SPECULATE and MAX_NGRAM (common cannot import the engine; a test
+# keeps them equal): what a verify step and a row's n-gram index can be asked to hold.
+MAX_SPECULATE = 64
+MAX_NGRAM = 16
+
 @dataclass
 class Settings:
     # Model
@@ -170,8 +175,11 @@ class Settings:
             raise ValueError("`scale_down_threshold` must be >= 0 and < `scale_up_threshold`")
         if not 0 < self.watermark_gamma < 1 or not 0 <= self.watermark_delta < float("inf"):
             raise ValueError("`watermark_gamma` must be in (0, 1) and `watermark_delta` >= 0")
-        if self.speculate < 0 or not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max:
-            raise ValueError("`speculate` must be >= 0 and 1 <= `speculate_ngram_min` <= `speculate_ngram_max`")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValueError(f"--speculate must be in 0..{MAX_SPECULATE} (0: off), got {self.speculate}")
+        if not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max <= MAX_NGRAM:
+            raise ValueError("--speculate-ngram-min and --speculate-ngram-max must satisfy 1 <= min <= max <= "
+                             f"{MAX_NGRAM}, got {self.speculate_ngram_min} and {self.speculate_ngram_max}")
         self.adapters  # parsed now: a malformed list stops the start
 
     @cached_property
@@ -304,8 +312,12 @@ def _parse(f: dataclasses.Field, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind.startswith("bool"):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    if kind.startswith("int"):
-        return int(raw)
-    if kind.startswith("float"):
-        return float(raw)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:  # the variable's name, not int()'s "invalid literal for int() with base 10"
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not {'an integer' if kind.startswith('int') else 'a number'}"
+                         ) from None
     return raw

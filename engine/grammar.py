@@ -66,9 +66,12 @@ class GrammarMatcher:
 
     def valid_prefix(self, tokens: tuple[int, ...]) -> int:
         """How many of `tokens` (draft tokens, without EOS) the grammar would take from here."""
-        if self.finished or not tokens:
+        # An id past the tokenizer's vocabulary (a model's padded embedding) is never valid, and
+        # llguidance would put this very matcher in error on it: cut the draft there first.
+        known = next((j for j, token in enumerate(tokens) if not 0 <= token < self.vocab_size), len(tokens))
+        if self.finished or not known:
             return 0
-        return self._matcher.validate_tokens(list(tokens))
+        return self._matcher.validate_tokens(list(tokens[:known]))
 
     def after(self, tokens: tuple[int, ...]) -> "GrammarMatcher":
         """A copy of this matcher advanced by `tokens` (a prefix `valid_prefix` allowed): the

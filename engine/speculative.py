@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +34,13 @@ from engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+# Bounds a setting can ask for: a verify step scores rows x (drafts + 1) positions outside the
+# prefill token budget, and the n-gram index holds every n-gram up to the largest n of each row
+# (n = 256 took 4 s of the loop thread and 0.5 GB for one 2,000-token prompt).
+MAX_SPECULATE = 64
+MAX_NGRAM = 16
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     tokens: int = 0  # TGI's --speculate: drafts per row per step (0: off)
@@ -41,10 +50,11 @@ class SpeculativeConfig:
     rest_steps: int = 16  # how long it rests the first time; each rest in a row doubles it (to 16×)
 
     def __post_init__(self):
-        if self.tokens < 0:
-            raise ValueError("speculate must be >= 0")
-        if self.tokens and not 1 <= self.ngram_min <= self.ngram_max:
-            raise ValueError("speculative n-gram sizes must satisfy 1 <= min <= max")
+        if not 0 <= self.tokens <= MAX_SPECULATE:
+            raise ValueError(f"speculate must be in 0..{MAX_SPECULATE}, got {self.tokens}")
+        if self.tokens and not 1 <= self.ngram_min <= self.ngram_max <= MAX_NGRAM:
+            raise ValueError(f"speculative n-gram sizes must satisfy 1 <= min <= max <= {MAX_NGRAM}, "
+                             f"got {self.ngram_min}..{self.ngram_max}")
 
     @property
     def enabled(self) -> bool:
@@ -93,16 +103,25 @@ def batch_bucket(rows: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
 
 
+WINDOW = 5  # a step kind's cost is the median of its last 5 timings: one outlier never moves it
+
+
+def _typical(samples: deque[float]) -> float:
+    """The lower median: with two timings, a warm-up or a pause is outvoted by the other one."""
+    return statistics.median_low(samples)
+
+
 @dataclass
 class _Bucket:
-    plain: float | None = None  # moving average of a plain step's seconds
-    verify: dict[int, float] = field(default_factory=dict)  # drafts per row (bucketed) -> a verify step's
+    plain: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))  # a plain step's seconds
+    verify: dict[int, deque[float]] = field(default_factory=dict)  # drafts per row (bucketed) -> a verify step's
     logged: dict[int, float] = field(default_factory=dict)  # the ratios last logged
     steps: int = 0
 
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else 0.8 * old + 0.2 * new
+    def cost(self, width: int) -> tuple[float, float] | None:
+        """(a verify step's, a plain step's) typical seconds, or None until both were measured."""
+        verify = self.verify.get(width)
+        return (_typical(verify), _typical(self.plain)) if verify and self.plain else None
 
 
 PAYOFF = 1.1  # a verify step must promise 10% more tokens than it costs: a near-even bet loses to noise
@@ -115,8 +134,9 @@ class SpeculationGate:
     drafts a row (a CPU's multi-token matmul costs several one-token ones, a GPU's about one).
     A width not measured yet is tried; a bucket measures a plain step after its first verify
     step, and every `probe_every` steps takes one step of the kind it is not taking, so both
-    timings follow a machine that gets busier. Each ratio is logged when it is first known and
-    whenever it moves by a quarter."""
+    timings follow a machine that gets busier. Each timing is the median of its last `WINDOW`:
+    one slow step (a warm-up, a pause) is outvoted at the next probe, never averaged in. Each
+    ratio is logged when it is first known and whenever it moves by a quarter."""
 
     def __init__(self, probe_every: int = 64):
         self.probe_every = probe_every
@@ -126,7 +146,7 @@ class SpeculationGate:
         """`expected_tokens`: what the rows would emit by verifying their `draft_tokens` drafts
         (a plain step: `rows`)."""
         bucket = self._bucket(rows)
-        if bucket.plain is None:
+        if not bucket.plain:
             return not bucket.verify  # a verify step, then a plain one, measured
         ratio = self.cost_ratio(rows, draft_tokens)
         if ratio is None:
@@ -141,30 +161,31 @@ class SpeculationGate:
         """A decode step's seconds: a plain one (no drafts) or a verify one."""
         bucket = self._bucket(rows)
         if not draft_tokens:
-            bucket.plain = _average(bucket.plain, seconds)
+            bucket.plain.append(seconds)
             return
         width = _width(rows, draft_tokens)
-        bucket.verify[width] = _average(bucket.verify.get(width), seconds)
-        ratio = self.cost_ratio(rows, draft_tokens)
-        logged = bucket.logged.get(width)
-        if ratio is not None and (logged is None or abs(ratio / logged - 1) > 0.25):
+        bucket.verify.setdefault(width, deque(maxlen=WINDOW)).append(seconds)
+        cost = bucket.cost(width)
+        if cost is None:
+            return
+        ratio, logged = cost[0] / cost[1], bucket.logged.get(width)
+        if logged is None or abs(ratio / logged - 1) > 0.25:
             bucket.logged[width] = ratio
             log.info("speculation: a verify step of up to %d drafts a row costs %.2f plain steps for batches of up "
                      "to %d rows (%.1f ms, %.1f ms): rows draft when they expect more than %.2f tokens each",
-                     width, ratio, batch_bucket(rows), 1e3 * bucket.verify[width], 1e3 * bucket.plain,
+                     width, ratio, batch_bucket(rows), 1e3 * cost[0], 1e3 * cost[1],
                      PAYOFF * ratio)
 
     def cost_ratio(self, rows: int, draft_tokens: int) -> float | None:
         """A verify step's seconds over a plain step's, for this batch size and drafts (None: not
         measured yet)."""
-        bucket = self._bucket(rows)
-        verify = bucket.verify.get(_width(rows, draft_tokens))
-        return None if bucket.plain is None or verify is None else verify / bucket.plain
+        cost = self._bucket(rows).cost(_width(rows, draft_tokens))
+        return None if cost is None else cost[0] / cost[1]
 
     def ratios(self) -> dict[str, float]:
         """"rows bucket x drafts a row" -> measured cost ratio (for logs and benchmarks)."""
-        return {f"{size}x{width}": round(verify / b.plain, 3) for size, b in sorted(self._buckets.items())
-                for width, verify in sorted(b.verify.items()) if b.plain}
+        return {f"{size}x{width}": round(cost[0] / cost[1], 3) for size, b in sorted(self._buckets.items())
+                for width in sorted(b.verify) if (cost := b.cost(width)) is not None}
 
     def _bucket(self, rows: int) -> _Bucket:
         return self._buckets.setdefault(batch_bucket(rows), _Bucket())

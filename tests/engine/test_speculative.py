@@ -19,7 +19,7 @@ from engine.ngram import NgramDrafter
 from engine.outputs import FinishReason
 from engine.params import GenerationRequest, Grammar, SamplingParams, StoppingParams
 from engine.scheduler import SchedulerConfig
-from engine.speculative import SpeculationGate, SpeculativeConfig, accepted_tokens
+from engine.speculative import MAX_NGRAM, MAX_SPECULATE, SpeculationGate, SpeculativeConfig, accepted_tokens
 from tests.lora_adapters import build_adapter
 from tests.tiny_model import EOS_AFTER, EOS_PROMPT
 
@@ -43,10 +43,24 @@ def request(tokenizer, rid, text, max_new_tokens=16, stop=(), ignore_eos=True, t
                              adapter=adapter)
 
 
+class VerifyWhenDrafted(SpeculationGate):
+    """The gate weighs measured step times; these tests must not depend on the machine's speed
+    (a verify step slower than its tokens' worth would silently turn them into plain runs)."""
+
+    def drafts(self, rows, expected_tokens, draft_tokens):
+        return True
+
+    def observe(self, rows, seconds, draft_tokens=0):
+        pass
+
+
 def make_engine(model_and_tokenizer, speculate=0, adapters=(), **config):
     model, tokenizer = model_and_tokenizer
-    return Engine(model, tokenizer, SchedulerConfig(**config), adapters=adapters,
-                  speculative=SpeculativeConfig(tokens=speculate, ngram_min=1) if speculate else None)
+    engine = Engine(model, tokenizer, SchedulerConfig(**config), adapters=adapters,
+                    speculative=SpeculativeConfig(tokens=speculate, ngram_min=1) if speculate else None)
+    if engine.speculator is not None:
+        engine.speculator.gate = VerifyWhenDrafted()
+    return engine
 
 
 def run(engine, requests, together=True) -> tuple[dict, int]:
@@ -217,6 +231,17 @@ def test_grammar_cuts_a_draft_at_its_first_invalid_token(model_and_tokenizer):
     assert matcher.valid_prefix((b,)) == 0  # the row's own matcher did not move
 
 
+def test_a_draft_outside_the_tokenizers_vocabulary_is_cut_and_leaves_the_grammar_intact(model_and_tokenizer):
+    """A prompt may hold ids the model has and the tokenizer lacks (a padded embedding; the
+    engine takes ids): drafted, such an id put llguidance's matcher in error, and the row then
+    ended early with EOS, its output outside the grammar."""
+    tokenizer = model_and_tokenizer[1]
+    matcher = grammar_matcher(Grammar("regex", "a+b"), tokenizer, frozenset({tokenizer.eos_token_id}))
+    a, b = (tokenizer.convert_tokens_to_ids(t) for t in ("a", "b"))
+    assert matcher.valid_prefix((a, matcher.vocab_size, b)) == 1
+    assert matcher.valid_prefix((a, b)) == 2 and not matcher.is_complete  # the row's own matcher is unharmed
+
+
 def test_prefix_cache_holds_only_accepted_positions(model_and_tokenizer):
     """A follow-up turn reuses the KV of a speculated request whose drafts were partly rejected:
     its tokens equal a fresh run's."""
@@ -298,6 +323,33 @@ def test_gate_drafts_when_the_expected_tokens_beat_the_measured_cost_of_verifyin
     assert gate.drafts(32, expected_tokens=32 * 1.7, draft_tokens=40)
     assert not gate.drafts(32, expected_tokens=32 * 1.6, draft_tokens=40)  # not 10% better
     assert gate.ratios() == {"1x4": 3.0, "32x2": 1.5}
+
+
+@pytest.mark.parametrize("when", ["first", "steady"])
+def test_one_slow_verify_step_keeps_speculation_off_no_longer_than_a_probe(when):
+    """A warm-up or a pause makes one verify step 100 times slower: drafting resumes at the
+    next probe, not after the outlier has decayed over hundreds of steps."""
+    gate = SpeculationGate(probe_every=8)
+    if when == "steady":
+        gate.observe(1, 0.012, draft_tokens=4)
+        gate.observe(1, 0.010)
+        assert all(gate.drafts(1, expected_tokens=3, draft_tokens=4) for _ in range(3))
+    gate.observe(1, 1.2, draft_tokens=4)  # the outlier
+    gate.observe(1, 0.010)
+    steps = 0
+    while not gate.drafts(1, expected_tokens=3, draft_tokens=4):
+        gate.observe(1, 0.010)
+        steps += 1
+        assert steps <= gate.probe_every, "still off"
+    gate.observe(1, 0.012, draft_tokens=4)  # the probe's verify step, at its usual cost
+    assert gate.drafts(1, expected_tokens=3, draft_tokens=4)
+
+
+@pytest.mark.parametrize("settings", [dict(tokens=-1), dict(tokens=MAX_SPECULATE + 1),
+                                      dict(tokens=2, ngram_min=3, ngram_max=2), dict(tokens=2, ngram_max=MAX_NGRAM + 1)])
+def test_speculative_config_refuses_what_it_cannot_serve(settings):
+    with pytest.raises(ValueError):
+        SpeculativeConfig(**settings)
 
 
 def test_speculation_turns_overlap_off(model_and_tokenizer):
