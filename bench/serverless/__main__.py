@@ -80,7 +80,8 @@ def main() -> None:
                                                                   "load_average_1m")}}],
                         ["policy", "requests", "served", "failed", "ttft_p50_s", "ttft_p99_s", "slo_attainment",
                          "replica_seconds"])
-            print(f"cold starts by source (process start → loaded): {results[policy.name]['cold_starts']}; "
+            print("cold starts by source (load: weights obtained + model built, after the process boot): "
+                  f"{results[policy.name]['cold_starts']}; "
                   f"the web's (arrival → first token): {results[policy.name]['cold_start_metric']}; "
                   f"errors: {results[policy.name]['errors']}", flush=True)
     checks = compare(results)

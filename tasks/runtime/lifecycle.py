@@ -28,6 +28,7 @@ from celery import signals
 from common.keys import GENERATION_QUEUE, slot_target_key
 from common.slot_leases import claim, renew
 from common.states import ReplicaState
+from tasks.control.cold_start import touch
 from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep, take_sweep_turn
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class Lifecycle:
                 if changed:
                     log.info("replica %s: %s -> %s", self.replica.name, self.state, state)
                     self.state = state
+                    if state == ReplicaState.ACTIVE:
+                        self._used_now()
                 now = time.monotonic()
                 if changed or now - last_beat >= heartbeat_interval:
                     last_beat = now
@@ -119,6 +122,12 @@ class Lifecycle:
                     self.stop_when_told(state)
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
+
+    def _used_now(self) -> None:
+        """Turning active counts as a use of its model (docs/models.md): it takes its model's queued
+        requests now, but its record shows them only at its next heartbeat; meanwhile the model
+        must look neither idle to scale to zero nor least recently used to an eviction."""
+        touch(self.replica.redis, self.replica.settings.served_model)
 
     def _sweep(self, stop: threading.Event) -> None:
         """No job of an ended request left in Redis (tasks/queue/hygiene.py): every SWEEP_INTERVAL_S,

@@ -58,8 +58,10 @@ def test_the_report_counts_every_request_and_misses_the_unserved():
     samples = [Sample(0.0, {"m0": 1}), Sample(10.0, {"m0": 2, "m1": 1}), Sample(20.0, {})]
     cold = [{"weight_origin": "host-cache", "host": "h0", "weight_host": "h0", "load_seconds": 3.0},
             {"weight_origin": "source", "load_seconds": 9.0},
-            {"weight_origin": "host-cache", "host": "h0", "weight_host": "h1", "load_seconds": 5.0, "weight_seconds": 1.0},
-            {"weight_origin": "host-cache", "host": "h1", "weight_host": "h0", "load_seconds": 7.0, "weight_seconds": 2.0}]
+            {"weight_origin": "host-cache", "host": "h0", "weight_host": "h1", "load_seconds": 5.0,
+             "weight_seconds": 1.0},
+            {"weight_origin": "host-cache", "host": "h1", "weight_host": "h0", "load_seconds": 7.0,
+             "weight_seconds": 2.0}]
     summary = summarize(outcomes, samples, cold, end_s=30.0)
     assert (summary["requests"], summary["served"], summary["failed"]) == (6, 4, 2)
     assert summary["slo_attainment"] == round(2 / 6, 4)  # two of six within 2 s: the failures miss
@@ -80,7 +82,8 @@ def test_replica_seconds_hold_each_sample_until_the_next():
 def test_the_comparison_states_the_issues_targets():
     b = {"requests": 10, "served": 10, "ttft_p99_s": 8.0, "replica_seconds": 100.0}
     c = {"requests": 10, "served": 10, "ttft_p99_s": 3.0, "replica_seconds": 90.0,
-         "cold_starts": {"host-cache-local": {"count": 2, "median_s": 4.0}, "host-cache-remote": {"count": 1, "median_s": 5.0}}}
+         "cold_starts": {"host-cache-local": {"count": 2, "median_s": 4.0},
+                         "host-cache-remote": {"count": 1, "median_s": 5.0}}}
     assert compare({"b": b, "c": c}) == {"c_serves_every_request": True, "ttft_p99_b_over_c": 2.67,
                                          "ttft_p99_target_met": True, "replica_seconds_c_over_b": 0.9,
                                          "replica_seconds_target_met": True, "cold_start_remote_over_local": 1.25,
