@@ -142,5 +142,5 @@ def stored_response_key(response_id: str) -> str:
 
 
 MODEL_USED_KEY = f"{KEY_PREFIX}model-used"
-"""Hash: model name -> when the web last took a request for it (scale to zero, LRU eviction:
-tasks/control/cold_start.py)."""
+"""Hash: model name -> when it was last used, a request or a replica turning active (scale to zero,
+LRU eviction: common/model_use.py)."""

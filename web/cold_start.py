@@ -18,7 +18,8 @@ from common.protocol import EVENT_ERROR, EVENT_FINAL, EVENT_TOKEN, FailureReason
 from tasks.client.event_stream import serving
 from tasks.client.generation_client import NoReplica
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
-from tasks.control.cold_start import NoPlace, ensure_replica, holders, touch
+from common.model_use import touch
+from tasks.control.cold_start import NoPlace, ensure_replica, holders
 from tasks.weights.sources import cold_start_source
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from common.keys import AUTOSCALER_KEY, SCALE_COUNTERS_KEY
 from common.settings import Settings
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError, ScaleUpBlocked
-from tasks.control.cold_start import evict, last_used
+from common.model_use import last_used
+from tasks.control.cold_start import evict
 from tasks.control.cold_start import serving as serving_slots
 from tasks.control.load_backoff import LoadBackoff
 from tasks.control.placement import free_places

@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
-
-from common.keys import MODEL_USED_KEY
+from common.model_use import last_used
 from common.slot_leases import load_failure
 from common.states import LIVE_STATES, ReplicaState
 from tasks.control.cluster import ClusterControl, ClusterError
@@ -33,15 +31,6 @@ LOAD_RETRY_S = LoadBackoff.base_s
 
 class NoPlace(ClusterError):
     """Every place holds a replica that cannot be stopped now."""
-
-
-def touch(connection: redis.Redis, model: str, now: float | None = None) -> None:
-    """A request for `model` arrived (its idle time starts again)."""
-    connection.hset(MODEL_USED_KEY, model, now or time.time())
-
-
-def last_used(connection: redis.Redis) -> dict[str, float]:
-    return {k.decode(): float(v) for k, v in connection.hgetall(MODEL_USED_KEY).items()}
 
 
 def serving(slots: dict[int, dict], model: str) -> list[int]:

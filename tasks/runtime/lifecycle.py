@@ -28,7 +28,7 @@ from celery import signals
 from common.keys import GENERATION_QUEUE, slot_target_key
 from common.slot_leases import claim, renew
 from common.states import ReplicaState
-from tasks.control.cold_start import touch
+from common.model_use import touch
 from tasks.queue.hygiene import SWEEP_INTERVAL_S, sweep, take_sweep_turn
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import redis
 
 from blitzscale.redis_server import EmbeddedRedis
 from common.settings import Settings
-from tasks.control.cold_start import last_used, touch
+from common.model_use import last_used, touch
 from tasks.runtime.lifecycle import Lifecycle
 
 

@@ -14,7 +14,7 @@ from blitzscale.redis_server import EmbeddedRedis
 from common.keys import replica_key
 from common.settings import Settings
 from tasks.control.autoscaler import Autoscaler
-from tasks.control.cold_start import touch
+from common.model_use import touch
 
 
 @pytest.fixture
