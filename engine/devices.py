@@ -9,16 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_budget import kv_budget
+from engine.lora_files import LoraAdapter
 from engine.outputs import EngineError
-
-if TYPE_CHECKING:
-    from engine.lora_files import LoraAdapter
-    from engine.scheduler import SchedulerConfig
+from engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 

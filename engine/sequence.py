@@ -16,7 +16,7 @@ from engine.params import GenerationRequest
 from engine.sampling import RequestSampler
 from engine.stopping import StopChecker
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a hint only: engine.speculative imports this module (it verifies Sequences)
     from engine.speculative import RowAcceptance
 
 

@@ -22,10 +22,8 @@ See docs/engine.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from engine.sequence import Sequence
+from engine.sequence import Sequence
 
 BLOCK = 16  # tokens per hashed block: a match shorter than one block is not worth a copy
 
