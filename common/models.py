@@ -20,6 +20,7 @@ from common.adapters import BASE_ALIASES
 from common.keys import GENERATION_QUEUE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")  # no `/` and no `@`: it is part of queue names
+MAX_NAME = 64  # a name is part of queue names, Redis keys and metric labels: a name, not a payload
 OVERRIDABLE = ("min_replicas", "max_replicas", "max_batch_size", "lora_adapters", "revision", "dtype")
 # What each override may be: a file is read as written (YAML `3` is an int, `"3"` a string, TOML
 # `1e400` a float): a wrong kind or a number past these is one clear line at start, never a
@@ -151,6 +152,8 @@ class ModelCatalog:
 
 
 def check_name(name: str) -> str:
+    if len(name) > MAX_NAME:
+        raise ValueError(f"`models`: a model name is at most {MAX_NAME} characters ({name[:20]!r}... has {len(name)})")
     if not _NAME.match(name):
         raise ValueError(f"`models`: {name!r} is not a usable model name (letters, digits, . _ - :)")
     if name in BASE_ALIASES:  # OpenAI's `model: tgi` means the default model: this one would be unreachable

@@ -38,7 +38,8 @@ def test_models_file_overrides_per_model(tmp_path, suffix, text):
     assert b.settings.catalog is a.settings.catalog  # a model's overrides never reshape the others' slots
 
 
-@pytest.mark.parametrize("models,words", [("a=/m/a,a=/m/b", "twice"), ("a@x=/m/a", "usable"), ("a", "NAME=ID")])
+@pytest.mark.parametrize("models,words", [("a=/m/a,a=/m/b", "twice"), ("a@x=/m/a", "usable"), ("a", "NAME=ID"),
+                                         ("m" * 65 + "=/m/a", "at most 64")])
 def test_bad_models_are_refused(models, words):
     with pytest.raises(ValueError, match=words):
         Settings(models=models).catalog
