@@ -100,6 +100,9 @@ class Settings:
     host_name: str | None = None  # this host's name in the cluster (agent, replicas); None: the machine's
     devices: str | None = None  # agent: places for replicas (`cuda:0,cuda:1`, `cpu,cpu`); None: every GPU, else cpu × slots
     manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
+    # agent: interpreter processes kept booted (imports done, no model, no device, no Redis) for its
+    # next replica starts, at most one per free place (tasks/control/preboot_pool.py, docs/scaling.md)
+    preboot: int = 1
     # Scaling (tasks/control/cluster.py, tasks/control/autoscaler.py): slots are 0..slot_count-1
     min_replicas: int = 1
     max_replicas: int = 0  # 0: max(num_replicas, min_replicas)
@@ -167,6 +170,8 @@ class Settings:
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if self.autoscale_policy not in ("queue", "slo") or self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("`autoscale_policy` must be `queue` or `slo`, `ttft_slo` and `itl_slo` > 0")
+        if self.preboot < 0:
+            raise ValueError("`preboot` must be >= 0 (0: every replica process boots fresh)")
         if self.host_cache_bytes < 0:
             raise ValueError("`host_cache_bytes` must be >= 0 (0: no bound)")
         if not 0 <= self.host_cache_port <= 65535:

@@ -1,0 +1,150 @@
+"""A host agent's pre-booted replica processes (`--preboot N`, docs/scaling.md, "Pre-booted processes").
+
+A fresh replica process spends seconds importing torch, transformers and Celery before it reads a
+byte of weights: on a loaded host, most of a cold start. The pool keeps up to N interpreters that
+have done those imports (tasks/runtime/preboot.py) and hands the next replica start to one of them
+over its stdin: the replica's module, arguments, environment (its place's device env and the
+settings, read by the replica only then) and log path. The process it hands over is the
+`subprocess.Popen` the agent keeps for the replica, as a fresh one would be: same pid from boot
+to exit, same session (`detach`), same signals.
+
+Never waited for: a start with no ready process gets a fresh one. A pre-booted process exits by
+itself when its command pipe closes (the agent stopped or died) and `stop()` ends them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+
+from common.processes import stop_processes
+
+log = logging.getLogger(__name__)
+
+BOOT_MODULE = "tasks.runtime.preboot"
+
+
+class Prebooted:
+    """One pre-booted process: booting until its ready line arrives."""
+
+    def __init__(self, process: subprocess.Popen, ready_fd: int):
+        self.process = process
+        self.ready_fd = ready_fd
+        self.started = time.monotonic()
+        self.report: dict | None = None  # its ready line: boot_seconds, cuda_initialized, ...
+
+    def check(self) -> bool | None:
+        """True: ready; None: still booting; False: it died or is unusable (and is stopped)."""
+        if self.report is not None:
+            return self.process.poll() is None
+        if self.ready_fd < 0:
+            return False
+        readable, _, _ = select.select([self.ready_fd], [], [], 0)
+        if not readable:
+            return None if self.process.poll() is None else self._discard("exited while booting")
+        line = os.read(self.ready_fd, 65536)
+        os.close(self.ready_fd)
+        self.ready_fd = -1
+        try:
+            self.report = json.loads(line)
+        except ValueError:
+            return self._discard("exited while booting" if not line else f"said {line!r}")
+        if self.report.get("cuda_initialized"):  # it would ignore the place's CUDA_VISIBLE_DEVICES
+            return self._discard("initialised CUDA before its hand-over")
+        return self.process.poll() is None
+
+    def _discard(self, why: str) -> bool:
+        log.warning("agent: pre-booted pid %d %s; not using it", self.process.pid, why)
+        self.close()
+        stop_processes([self.process], 2.0)
+        return False
+
+    def close(self) -> None:
+        if self.ready_fd >= 0:
+            os.close(self.ready_fd)
+            self.ready_fd = -1
+
+    def hand_over(self, module: str, args: list[str], env: dict, log_path: str | None) -> bool:
+        command = {"module": module, "args": args, "env": env, "log": log_path}
+        try:
+            self.process.stdin.write((json.dumps(command) + "\n").encode())
+            self.process.stdin.close()  # its only command
+        except (BrokenPipeError, OSError, ValueError):
+            self._discard("was gone at its hand-over")
+            return False
+        return True
+
+
+class PrebootPool:
+    def __init__(self, size: int, env: dict, detach: bool):
+        """`env`: the replicas' base environment (what the imports see; each replica's own
+        replaces it at hand-over). `detach`: each in a session of its own, as the agent's replicas."""
+        self.size = size
+        self.env = env
+        self.detach = detach
+        self._processes: list[Prebooted] = []
+        self._stopped = False
+
+    def ready(self) -> int:
+        return sum(1 for p in self._sweep() if p.report is not None)
+
+    def _sweep(self) -> list[Prebooted]:
+        self._processes = [p for p in self._processes if p.check() is not False]
+        return self._processes
+
+    def fill(self, room: int) -> None:
+        """Boot processes until min(N, room) are ready or booting: `room` is the places a replica
+        could start on now (a pre-booted process beyond those would only hold memory)."""
+        if self._stopped:
+            return
+        for _ in range(min(self.size, room) - len(self._sweep())):
+            self._processes.append(self._boot())
+
+    def _boot(self) -> Prebooted:
+        read_end, write_end = os.pipe()
+        try:
+            process = subprocess.Popen([sys.executable, "-m", BOOT_MODULE, "--ready-fd", str(write_end)],
+                                       stdin=subprocess.PIPE, env=self.env, pass_fds=(write_end,),
+                                       start_new_session=self.detach)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        log.info("agent: booting a pre-booted replica process (pid %d)", process.pid)
+        return Prebooted(process, read_end)
+
+    @staticmethod
+    def can_run(argv: list[str]) -> bool:
+        """A pre-booted process becomes a module run by this interpreter (`python -m MODULE ...`),
+        nothing else (a test's stand-in command boots fresh, and no process is kept for it)."""
+        return len(argv) >= 3 and argv[0] == sys.executable and argv[1] == "-m"
+
+    def take(self, argv: list[str], env: dict, log_path: str | None) -> tuple[subprocess.Popen, Prebooted] | None:
+        """A ready process, now running `argv` (`python -m MODULE ARGS`) with `env`; None when
+        none is ready (or `argv` is not a module run)."""
+        if not self.can_run(argv):
+            return None
+        for prebooted in self._sweep():
+            if prebooted.report is None:
+                continue
+            self._processes.remove(prebooted)
+            if prebooted.hand_over(argv[2], argv[3:], env, log_path):
+                return prebooted.process, prebooted
+        return None
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._stopped = True
+        processes, self._processes = self._processes, []
+        for prebooted in processes:
+            prebooted.close()
+            if prebooted.process.stdin is not None:
+                try:
+                    prebooted.process.stdin.close()  # EOF: one still importing exits when done
+                except OSError:
+                    pass
+        stop_processes([p.process for p in processes], grace)

@@ -1,0 +1,201 @@
+"""Pre-booted replica processes (tasks/control/preboot_pool.py, tasks/runtime/preboot.py): a
+process booted ahead touches no device and no Redis, becomes exactly the command handed to it
+(its environment replaced, its log, its pid kept), and goes away with its agent (stopped or
+killed). On a real fleet (tests/fleet_service.py: Redis, web, Celery workers, a real agent on h1
+with two CPU places and `PREBOOT=1`): a start is served by the pre-booted process, a replacement
+boots, two starts at once take one pre-booted and one fresh process, and every one serves."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+
+from blitzscale.redis_server import EmbeddedRedis
+from common.fleet import AgentRecord
+from common.keys import agent_key
+from tasks.control.preboot_pool import BOOT_MODULE, PrebootPool
+from tests.fleet_service import FleetService
+
+ENV = {"MANUALLY_SCALE": "true", "MAX_REPLICAS": "3", "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "2",
+       "MAX_BATCH_SIZE": "2", "MAX_INPUT_TOKENS": "512", "MAX_TOTAL_TOKENS": "1024", "REPLICA_CHECK_INTERVAL": "0.5",
+       "PREBOOT": "1"}
+HOSTS = {"h1": ("cpu,cpu", "127.0.0.2")}
+BOOT_S = 90  # a pre-booted process's imports, on a loaded 2-core machine
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not reached in {timeout} s")
+
+
+def preboot_children(parent: int) -> list[int]:
+    """The pre-booted processes still waiting for a command (their stdin the agent's pipe; a
+    replica one became keeps its command line) whose parent is `parent`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and BOOT_MODULE.encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            try:
+                waiting = os.readlink(f"/proc/{entry}/fd/0").startswith("pipe:")
+            except OSError:
+                continue
+            if waiting:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- one pre-booted process, through the pool itself
+
+
+def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_it_is_handed(tmp_path):
+    with EmbeddedRedis() as server:
+        connection = redis.Redis.from_url(server.url)
+        base = {**os.environ, "REDIS_URL": server.url, "MAX_BATCH_SIZE": "7", "BOOT_ONLY": "1"}
+        pool = PrebootPool(1, base, detach=True)
+        try:
+            pool.fill(room=2)
+            wait_for(lambda: pool.ready() == 1, BOOT_S, "a ready pre-booted process")
+            prebooted = pool._processes[0]
+            pid = prebooted.process.pid
+            assert prebooted.report["cuda_initialized"] is False and prebooted.report["pid"] == pid
+            # no socket of any kind (no Redis connection), and Redis has one client: this test
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert not [fd for fd in fds if fd.startswith("socket:")], fds
+            assert [c["name"] for c in connection.client_list()] == [""] and len(connection.client_list()) == 1
+            assert "libcuda" not in open(f"/proc/{pid}/maps").read()
+
+            out, log = tmp_path / "probe.json", tmp_path / "replica.log"
+            env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "MAX_BATCH_SIZE": "3"}
+            process, _ = pool.take([sys.executable, "-m", "tests.scaling.preboot_probe", str(out), "--slot", "4"],
+                                   env, str(log))
+            assert process.pid == pid and process.wait(30) == 0
+            report = json.loads(out.read_text())
+            assert report["pid"] == pid and report["name"] == "__main__"
+            assert report["argv"] == [str(out), "--slot", "4"]
+            assert report["env"]["MAX_BATCH_SIZE"] == "3" and "BOOT_ONLY" not in report["env"]  # hand-over env wins
+            assert report["torch_imported"] and report["celery_worker_imported"]  # booted before the command
+            assert log.read_text() == f"probe {pid} ran\n"
+            assert pool.take([sys.executable, "-m", "tests.scaling.preboot_probe"], env, None) is None  # none ready
+            assert pool.take(["/bin/true"], env, None) is None  # not a module run: boots fresh
+        finally:
+            pool.stop()
+        assert not alive(pid)
+
+
+def test_an_agent_stopped_or_killed_leaves_no_preboot_process(tmp_path, tiny_model_dir):
+    with EmbeddedRedis() as server:
+        env = {**os.environ, "REDIS_URL": server.url, "PREBOOT": "1", "DEVICES": "cpu", "MODEL_ID": str(tiny_model_dir),
+               "WEIGHT_CACHE_DIR": str(tmp_path / "cache"), "HOST_CACHE_PORT": "0"}
+        connection = redis.Redis.from_url(server.url)
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            agent = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "agent", "--host-name", "hp"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                if how == signal.SIGTERM:  # stopped once its process is ready
+                    wait_for(lambda: (raw := connection.get(agent_key("hp"))) and AgentRecord.from_json(raw).prebooted,
+                             BOOT_S, "the agent's pre-booted process ready")
+                children = wait_for(lambda: preboot_children(agent.pid), BOOT_S, "a pre-booted process")
+                agent.send_signal(how)  # killed while its process may still be booting
+                agent.wait(30)
+                wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, f"no pre-booted process after {how!r}")
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.wait()
+
+
+# -- on a real fleet
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("preboot-fleet")
+    svc = FleetService(tiny_model_dir, workdir, HOSTS, env={**ENV, "XDG_CACHE_HOME": str(workdir / "home")})
+    try:
+        yield svc.start()
+    finally:
+        svc.stop()
+
+
+def ready_preboot(fleet) -> list[int]:
+    """The agent's pre-booted pids, once its record says they are ready."""
+    wait_for(lambda: fleet.host("h1")["prebooted"] == 1, BOOT_S, "h1's pre-booted process ready")
+    return preboot_children(fleet.agents["h1"].pid)
+
+
+def generate(fleet, n: int) -> requests.Response:
+    return requests.post(f"{fleet.base_url}/generate", timeout=120,
+                         json={"inputs": f"Story {n}:", "parameters": {"max_new_tokens": 4, "details": True}})
+
+
+def starts(fleet) -> dict[str, float]:
+    metrics = requests.get(f"{fleet.base_url}/metrics", timeout=10).text
+    return {path: float(line.rsplit(" ", 1)[1]) for path in ("preboot", "fresh")
+            for line in metrics.splitlines() if line.startswith(f'blitz_replica_starts_total{{path="{path}"}}')}
+
+
+def test_a_start_is_served_by_the_preboot_process_and_a_replacement_boots(fleet):
+    [prebooted] = ready_preboot(fleet)
+    assert fleet.modify("TriggerNormalUp", old_stub_indices=[0], new_stub_indices=[1]).status_code == 200
+    replica = fleet.wait_state(1, "active", timeout=90)
+    assert (replica["pid"], replica["name"], replica["host"], replica["start_path"]) == (
+        prebooted, "replica1@h1", "h1", "preboot")
+    assert replica["start_seconds"] > 0
+    fleet.stop_slots(0)  # replica 1 is the only one left to serve
+    response = generate(fleet, 1)
+    assert response.status_code == 200 and response.json()["details"]["generated_tokens"] == 4, response.text
+    [replacement] = ready_preboot(fleet)  # one free place left: one process booted for it
+    assert replacement != prebooted
+    assert starts(fleet) == {"preboot": 1.0}
+
+
+def test_two_starts_at_once_take_the_preboot_process_and_a_fresh_one_and_both_serve(fleet):
+    fleet.stop_slots(1)
+    [prebooted] = ready_preboot(fleet)
+    assert fleet.modify("TriggerNormalUp", old_stub_indices=[], new_stub_indices=[1, 2]).status_code == 200
+    replicas = [fleet.wait_state(slot, "active", timeout=120) for slot in (1, 2)]
+    by_path = {r["start_path"]: r for r in replicas}
+    assert set(by_path) == {"preboot", "fresh"} and by_path["preboot"]["pid"] == prebooted
+    assert {r["device"] for r in replicas} == {"cpu:0", "cpu:1"}
+    # each replica holds at most its 2 batch slots of jobs (prefetch 1): 4 jobs held behind the
+    # engine gate are 2 in each, so both serve
+    fleet.pause_engine()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(generate, fleet, n) for n in range(4)]
+            fleet.wait_for(lambda: all(fleet.slot(s)["running"] + fleet.slot(s)["waiting"] > 0 for s in (1, 2)),
+                           timeout=60, what="a request in each replica")
+            fleet.resume_engine()
+            responses = [f.result() for f in futures]
+    finally:
+        fleet.resume_engine()
+    assert [r.status_code for r in responses] == [200] * 4
+    assert starts(fleet) == {"preboot": 2.0, "fresh": 1.0}
+    assert fleet.host("h1")["prebooted"] == 0 and preboot_children(fleet.agents["h1"].pid) == []  # no free place
