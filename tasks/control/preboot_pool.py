@@ -55,6 +55,8 @@ class Prebooted:
             return self._discard("exited while booting" if not line else f"said {line!r}")
         if self.report.get("cuda_initialized"):  # it would ignore the place's CUDA_VISIBLE_DEVICES
             return self._discard("initialised CUDA before its hand-over")
+        log.info("agent: pre-booted pid %d ready (%.1f s of imports)", self.process.pid,
+                 self.report.get("boot_seconds", 0.0))
         return self.process.poll() is None
 
     def _discard(self, why: str) -> bool:

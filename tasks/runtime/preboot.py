@@ -41,18 +41,33 @@ PRELOAD = (
 
 
 def boot() -> dict:
+    # An import that asks torch whether CUDA is there gets NVML's answer, which starts no CUDA
+    # driver (cudaGetDeviceCount would, and fix the devices before the place's are known).
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     started = time.perf_counter()
     for name in PRELOAD:
         importlib.import_module(name)
     torch = sys.modules["torch"]
     return {"pid": os.getpid(), "boot_seconds": round(time.perf_counter() - started, 3),
-            "cuda_initialized": bool(torch.cuda.is_initialized()), "modules": len(sys.modules)}
+            "cuda_initialized": bool(torch.cuda.is_initialized()) or _cuda_driver_loaded(),
+            "modules": len(sys.modules)}
+
+
+def _cuda_driver_loaded() -> bool:
+    """The CUDA driver library mapped: something started CUDA below torch's own bookkeeping."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libcuda.so" in line for line in maps)
+    except OSError:  # no /proc: torch's own answer only
+        return False
 
 
 def become(command: dict) -> None:
     """Become the replica `command` describes, as if started fresh with its argv and env."""
+    booted_with = dict(os.environ)
     os.environ.clear()
     os.environ.update(command["env"])
+    _apply_thread_counts(booted_with)
     sys.stdout.flush()
     sys.stderr.flush()
     if command.get("log"):
@@ -69,6 +84,14 @@ def become(command: dict) -> None:
         # a module this process preloaded runs again as __main__, as `python -m` would run it
         warnings.filterwarnings("ignore", category=RuntimeWarning, message=".*found in sys.modules")
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _apply_thread_counts(booted_with: dict) -> None:
+    """OpenMP read OMP_NUM_THREADS when torch loaded it, at boot: the replica's own value wins.
+    (The agent boots its processes with its replicas' environment, so this is for a changed one.)"""
+    wanted = os.environ.get("OMP_NUM_THREADS")
+    if wanted and wanted != booted_with.get("OMP_NUM_THREADS") and wanted.isdigit() and int(wanted) > 0:
+        sys.modules["torch"].set_num_threads(int(wanted))
 
 
 def main() -> int:

@@ -10,7 +10,8 @@ import sys
 if __name__ == "__main__":
     out = sys.argv[1]
     report = {"pid": os.getpid(), "argv": sys.argv[1:], "env": dict(os.environ), "name": __name__,
-              "torch_imported": "torch" in sys.modules, "celery_worker_imported": "celery.apps.worker" in sys.modules}
+              "torch_imported": "torch" in sys.modules, "celery_worker_imported": "celery.apps.worker" in sys.modules,
+              "threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None}
     print(f"probe {os.getpid()} ran", flush=True)
     with open(out + ".tmp", "w") as f:
         json.dump(report, f)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +20,6 @@ import redis
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis
-from common.fleet import AgentRecord
-from common.keys import agent_key
 from tasks.control.preboot_pool import BOOT_MODULE, PrebootPool
 from tests.fleet_service import FleetService
 
@@ -77,7 +76,8 @@ def alive(pid: int) -> bool:
 def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_it_is_handed(tmp_path):
     with EmbeddedRedis() as server:
         connection = redis.Redis.from_url(server.url)
-        base = {**os.environ, "REDIS_URL": server.url, "MAX_BATCH_SIZE": "7", "BOOT_ONLY": "1"}
+        base = {**os.environ, "REDIS_URL": server.url, "MAX_BATCH_SIZE": "7", "BOOT_ONLY": "1",
+                "OMP_NUM_THREADS": "2"}
         pool = PrebootPool(1, base, detach=True)
         try:
             pool.fill(room=2)
@@ -92,7 +92,8 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
             assert "libcuda" not in open(f"/proc/{pid}/maps").read()
 
             out, log = tmp_path / "probe.json", tmp_path / "replica.log"
-            env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "MAX_BATCH_SIZE": "3"}
+            env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "MAX_BATCH_SIZE": "3",
+                   "OMP_NUM_THREADS": "1"}
             process, _ = pool.take([sys.executable, "-m", "tests.scaling.preboot_probe", str(out), "--slot", "4"],
                                    env, str(log))
             assert process.pid == pid and process.wait(30) == 0
@@ -101,6 +102,7 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
             assert report["argv"] == [str(out), "--slot", "4"]
             assert report["env"]["MAX_BATCH_SIZE"] == "3" and "BOOT_ONLY" not in report["env"]  # hand-over env wins
             assert report["torch_imported"] and report["celery_worker_imported"]  # booted before the command
+            assert report["threads"] == 1  # OpenMP read the boot's 2 when torch loaded: the replica's 1 wins
             assert log.read_text() == f"probe {pid} ran\n"
             assert pool.take([sys.executable, "-m", "tests.scaling.preboot_probe"], env, None) is None  # none ready
             assert pool.take(["/bin/true"], env, None) is None  # not a module run: boots fresh
@@ -109,26 +111,34 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
         assert not alive(pid)
 
 
-def test_an_agent_stopped_or_killed_leaves_no_preboot_process(tmp_path, tiny_model_dir):
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_stopped_or_an_agent_killed_leaves_no_preboot_process(tmp_path, tiny_model_dir):
+    """`blitzscale serve` (its agent in-process; one replica, two places: one pre-booted process
+    once the replica is up) gets SIGTERM; a `blitzscale agent` is killed (-9) with its process
+    perhaps still importing: it exits when its command pipe closes."""
     with EmbeddedRedis() as server:
-        env = {**os.environ, "REDIS_URL": server.url, "PREBOOT": "1", "DEVICES": "cpu", "MODEL_ID": str(tiny_model_dir),
-               "WEIGHT_CACHE_DIR": str(tmp_path / "cache"), "HOST_CACHE_PORT": "0"}
-        connection = redis.Redis.from_url(server.url)
-        for how in (signal.SIGTERM, signal.SIGKILL):
-            agent = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "agent", "--host-name", "hp"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "PREBOOT": "1", "MODEL_ID": str(tiny_model_dir), "WEIGHT_CACHE_DIR": str(tmp_path / "cache"),
+               "XDG_CACHE_HOME": str(tmp_path / "home"), "MAX_REPLICAS": "2", "MANUALLY_SCALE": "true"}
+        env.pop("REDIS_URL", None)
+        serve = ["serve", "--port", str(free_port())]
+        agent = ["agent", "--host-name", "hp", "--devices", "cpu", "--redis-url", server.url]
+        for args, how in ((serve, signal.SIGTERM), (agent, signal.SIGKILL)):
+            process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", *args], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                if how == signal.SIGTERM:  # stopped once its process is ready
-                    wait_for(lambda: (raw := connection.get(agent_key("hp"))) and AgentRecord.from_json(raw).prebooted,
-                             BOOT_S, "the agent's pre-booted process ready")
-                children = wait_for(lambda: preboot_children(agent.pid), BOOT_S, "a pre-booted process")
-                agent.send_signal(how)  # killed while its process may still be booting
-                agent.wait(30)
+                children = wait_for(lambda: preboot_children(process.pid), BOOT_S, f"{args[0]}'s pre-booted process")
+                process.send_signal(how)
+                process.wait(60)
                 wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, f"no pre-booted process after {how!r}")
             finally:
-                if agent.poll() is None:
-                    agent.kill()
-                    agent.wait()
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
 
 
 # -- on a real fleet
