@@ -147,6 +147,7 @@ def run_policy(policy: str, args, model: str, times: list[float]) -> tuple[dict,
         warm = requests.post(f"{testbed.base_url}/generate", json={"inputs": "w5 w6", "parameters": {"max_new_tokens": 2}},
                              timeout=120)  # the first request pays for lazy set-up, in no policy's numbers
         warm.raise_for_status()
+        testbed.wait_prebooted()  # every policy's scale-ups start in pre-booted processes, booted before the trace
         replay = Replay(testbed, times, args.prompt_tokens, args.new_tokens, args.seed)
         elapsed = replay.run()
         return summarise(policy, replay, elapsed, args.ttft_slo), replay

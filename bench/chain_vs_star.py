@@ -58,6 +58,7 @@ def scale_up(testbed: Testbed, connection: redis.Redis, mode: str, new: int) -> 
     # would place every new replica on "its" cache, and no chain would form
     testbed.wait(lambda: all(not h["models"] for h in testbed.cluster()["hosts"] if h["host"] != "h0"),
                  "the new hosts' caches empty in their agents' records", timeout=30)
+    testbed.wait_prebooted()  # each new replica starts in a pre-booted process, booted off the clock
     before = read_transfers(connection)
     started = time.perf_counter()
     if mode == "star":

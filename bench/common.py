@@ -75,3 +75,20 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
+
+
+def prebooted_ready(hosts: list[dict], preboot: int) -> bool:
+    """Every host agent (its /cluster_state record) has its pre-booted processes ready: one per
+    free place up to `preboot` (docs/scaling.md, "Pre-booted processes"). A fleet bench waits for
+    this before it times a start, so no start shares the CPU with an interpreter still importing
+    and every policy starts replicas the same way: the comparison stays about the weights."""
+    return all(h.get("prebooted", 0) >= min(preboot, sum(p.get("slot") is None for p in h.get("places", [])))
+               for h in hosts)
+
+
+def preboot_setting(env: dict) -> int:
+    """The agents' `--preboot` (PREBOOT in their environment, else the default)."""
+    from common.settings import Settings  # noqa: PLC0415
+
+    return int(env.get("PREBOOT") or Settings.__dataclass_fields__["preboot"].default)
+

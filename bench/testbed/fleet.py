@@ -203,6 +203,14 @@ class Testbed:
         if response.status_code != 200:
             raise RuntimeError(f"{kind} {data}: {response.status_code} {response.text.strip()}")
 
+    def wait_prebooted(self, timeout: float = 300) -> None:
+        """Every agent's pre-booted processes ready (bench/common.py): call before timing a start."""
+        from bench.common import preboot_setting, prebooted_ready  # noqa: PLC0415
+
+        preboot = preboot_setting(self.env)
+        self.wait(lambda: (hosts := self.cluster()["hosts"]) and prebooted_ready(hosts, preboot),
+                  "the agents' pre-booted processes ready", timeout)
+
     def wait_states(self, wanted: dict[int, str], timeout: float = 120) -> None:
         def reached() -> bool:
             states = {r["slot"]: r["state"] for r in self.cluster()["replicas"]}
