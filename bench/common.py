@@ -7,13 +7,14 @@ import statistics
 import time
 from pathlib import Path
 
+from common.settings import Settings
+
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")  # a GPU check writes to $OUT
 
 
 def default_model_dir() -> Path:
     """The default model, converted into the host weight cache (once per host)."""
     from blitzscale.cli import prepare
-    from common.settings import Settings
 
     return prepare(Settings.from_env())
 
@@ -88,7 +89,5 @@ def prebooted_ready(hosts: list[dict], preboot: int) -> bool:
 
 def preboot_setting(env: dict) -> int:
     """The agents' `--preboot` (PREBOOT in their environment, else the default)."""
-    from common.settings import Settings  # noqa: PLC0415
-
     return int(env.get("PREBOOT") or Settings.__dataclass_fields__["preboot"].default)
 

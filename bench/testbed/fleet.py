@@ -24,6 +24,7 @@ from pathlib import Path
 
 import requests
 
+from bench.common import preboot_setting, prebooted_ready
 from bench.testbed.netns import PREFIX, STATE_DIR, Host, Network, check_permitted, leftovers, remove_leftovers
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
@@ -205,8 +206,6 @@ class Testbed:
 
     def wait_prebooted(self, timeout: float = 300) -> None:
         """Every agent's pre-booted processes ready (bench/common.py): call before timing a start."""
-        from bench.common import preboot_setting, prebooted_ready  # noqa: PLC0415
-
         preboot = preboot_setting(self.env)
         self.wait(lambda: (hosts := self.cluster()["hosts"]) and prebooted_ready(hosts, preboot),
                   "the agents' pre-booted processes ready", timeout)
