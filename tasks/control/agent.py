@@ -185,7 +185,10 @@ class HostAgent:
         if any(slots.get(slot, {}).get("state") == ReplicaState.LOADING for slot in ours):
             return
         with self._lock:
-            self.preboot.fill(room=sum(1 for p in self.places if p.name not in held))
+            try:
+                self.preboot.fill(room=sum(1 for p in self.places if p.name not in held))
+            except OSError as error:  # no process could be made (memory, file limits): starts boot fresh
+                log.warning("agent: could not boot a pre-booted process: %s", error)
 
     def held(self) -> dict[str, int]:
         """Place → the slot holding it: our processes, and live replicas of this host that a

@@ -20,7 +20,11 @@ import redis
 import requests
 
 from blitzscale.redis_server import EmbeddedRedis
-from tasks.control.preboot_pool import BOOT_MODULE, PrebootPool
+from common.settings import Settings
+from tasks.control import agent as agent_module
+from tasks.control import preboot_pool
+from tasks.control.agent import HostAgent
+from tasks.control.preboot_pool import BOOT_MODULE, PrebootPool, Prebooted
 from tests.fleet_service import FleetService
 
 ENV = {"MANUALLY_SCALE": "true", "MAX_REPLICAS": "3", "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "2",
@@ -209,3 +213,42 @@ def test_two_starts_at_once_take_the_preboot_process_and_a_fresh_one_and_both_se
     assert [r.status_code for r in responses] == [200] * 4
     assert starts(fleet) == {"preboot": 2.0, "fresh": 1.0}
     assert fleet.host("h1")["prebooted"] == 0 and preboot_children(fleet.agents["h1"].pid) == []  # no free place
+
+
+# -- what the agent refuses, without booting a real one
+
+
+def test_a_process_that_started_cuda_before_its_hand_over_is_stopped_and_never_used():
+    read_end, write_end = os.pipe()
+    claims = f"import os, sys; os.write({write_end}, b'{{\"cuda_initialized\": true}}\\n'); sys.stdin.read()"
+    process = subprocess.Popen([sys.executable, "-c", claims], stdin=subprocess.PIPE, pass_fds=(write_end,))
+    os.close(write_end)
+    pool = PrebootPool(1, dict(os.environ), detach=False)
+    pool._processes.append(Prebooted(process, read_end))
+    try:
+        wait_for(lambda: not pool._sweep(), 30, "its ready line read and the process refused")
+        assert process.poll() is not None and pool.ready() == 0  # stopped, never counted ready
+        assert pool.take([sys.executable, "-m", "tests.scaling.preboot_probe"], {}, None) is None
+    finally:
+        pool.stop()
+
+
+def test_an_agent_keeps_none_for_a_command_it_cannot_hand_over_and_survives_a_failed_boot(tmp_path, monkeypatch):
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, devices="cpu,cpu", preboot=1, model_id=str(tmp_path / "none"),
+                            weight_cache_dir=str(tmp_path / "cache"))
+        agent = HostAgent(settings, host="hq", env={"PATH": os.environ["PATH"]})
+        try:
+            monkeypatch.setattr(agent_module, "worker_argv", lambda slot, standby=False: ["/bin/sleep", "30"])
+            agent._fill_preboot()
+            assert agent.preboot._processes == []  # a stand-in command: nothing to pre-boot for
+            monkeypatch.undo()
+
+            def no_process(*args, **kwargs):
+                raise OSError(24, "Too many open files")
+
+            monkeypatch.setattr(preboot_pool.subprocess, "Popen", no_process)
+            agent._fill_preboot()  # logged, not raised: the agent's loop goes on
+            assert agent.preboot._processes == []
+        finally:
+            agent.stop(grace=2)
