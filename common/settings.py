@@ -171,7 +171,7 @@ class Settings:
         if self.autoscale_policy not in ("queue", "slo") or self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("`autoscale_policy` must be `queue` or `slo`, `ttft_slo` and `itl_slo` > 0")
         if self.preboot < 0:
-            raise ValueError("`preboot` must be >= 0 (0: every replica process boots fresh)")
+            raise ValueError(f"--preboot must be >= 0 (0: every replica process boots fresh), got {self.preboot}")
         if self.host_cache_bytes < 0:
             raise ValueError("`host_cache_bytes` must be >= 0 (0: no bound)")
         if not 0 <= self.host_cache_port <= 65535:

@@ -19,6 +19,7 @@ import pytest
 import redis
 import requests
 
+from blitzscale.cli import main
 from blitzscale.redis_server import EmbeddedRedis
 from common.settings import Settings
 from tasks.control import agent as agent_module
@@ -252,3 +253,13 @@ def test_an_agent_keeps_none_for_a_command_it_cannot_hand_over_and_survives_a_fa
             assert agent.preboot._processes == []
         finally:
             agent.stop(grace=2)
+
+
+@pytest.mark.parametrize("argv, env", [(["--preboot", "-1"], {}), ([], {"PREBOOT": "-2"}), ([], {"PREBOOT": "one"})])
+def test_a_bad_preboot_setting_is_one_line_naming_it(monkeypatch, argv, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        main(["agent", *argv])
+    message = str(stopped.value.code)
+    assert ("--preboot" in message or "PREBOOT" in message) and "\n" not in message, message
