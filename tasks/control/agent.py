@@ -81,7 +81,8 @@ class HostAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cache = CachePlane(settings, self.redis, self.host)
-        self.preboot = PrebootPool(settings.preboot, self.env, detach)  # filled once the agent runs
+        # filled once the agent runs, each process for a free place, with that place's environment
+        self.preboot = PrebootPool(settings.preboot, self._place_env, detach)
 
     # -- starting replicas
 
@@ -139,7 +140,10 @@ class HostAgent:
         if wanted is not None and wanted not in free:
             log.warning("agent: %s is %s; taking another place", wanted,
                         f"held by slot {held[wanted]}" if wanted in held else f"not a place of {self.host}")
-        return wanted if wanted in free else (free[0] if free else None)
+        if wanted in free:
+            return wanted
+        ready = self.preboot.ready_places()  # no place asked for: one with a process booted for it
+        return next((name for name in free if name in ready), free[0] if free else None)
 
     def _spawn(self, slot: int, standby: bool, place: str) -> tuple[subprocess.Popen, str, float]:
         """The replica's process: a pre-booted one it is handed to, else a fresh one (never
@@ -150,9 +154,10 @@ class HostAgent:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             log_path = os.path.join(self.log_dir, f"replica{slot}.log")
-        env = {**self.env, **replica_device_env(place, self._gpus)}
+        env = self._place_env(place)
         now = time.time()
-        taken = self.preboot.take(argv, {**env, **replica_start.start_env(replica_start.PREBOOT, now)}, log_path)
+        taken = self.preboot.take(place, argv, {**env, **replica_start.start_env(replica_start.PREBOOT, now)},
+                                  log_path)
         if taken is not None:
             process, prebooted = taken
             return process, replica_start.PREBOOT, time.monotonic() - prebooted.started
@@ -165,6 +170,10 @@ class HostAgent:
             if out is not None:
                 out.close()  # the child holds its own copy
         return process, replica_start.FRESH, 0.0
+
+    def _place_env(self, place: str) -> dict:
+        """A replica's environment on `place`: ours, the settings, and that one device."""
+        return {**self.env, **replica_device_env(place, self._gpus)}
 
     def _count_start(self, path: str) -> None:
         """`blitz_replica_starts_total{path}` (web/scaling_metrics.py)."""
@@ -179,14 +188,14 @@ class HostAgent:
         if self.preboot.size == 0 or not self.preboot.can_run(worker_argv(0)):
             return
         with self._lock:
-            held = self.held()
-            ours = dict(self.devices)
+            ours = list(self.devices)
         slots = read_slots(self.redis)
         if any(slots.get(slot, {}).get("state") == ReplicaState.LOADING for slot in ours):
             return
         with self._lock:
+            held = self.held()
             try:
-                self.preboot.fill(room=sum(1 for p in self.places if p.name not in held))
+                self.preboot.fill([p.name for p in self.places if p.name not in held])
             except OSError as error:  # no process could be made (memory, file limits): starts boot fresh
                 log.warning("agent: could not boot a pre-booted process: %s", error)
 

@@ -2,8 +2,10 @@
 
 A fresh replica process spends seconds importing torch, transformers and Celery before it reads a
 byte of weights: on a loaded host, most of a cold start. The pool keeps up to N interpreters that
-have done those imports (tasks/runtime/preboot.py) and hands the next replica start to one of them
-over its stdin: the replica's module, arguments, environment (its place's device env and the
+have done those imports (tasks/runtime/preboot.py), each booted for one free place with exactly
+the environment a fresh replica there would get (its device variables included: what
+`/proc/<pid>/environ` shows, and what CUDA would read, are the place's from the start), and hands
+a start on that place to it over its stdin: the replica's module, arguments, environment (the
 settings, read by the replica only then) and log path. The process it hands over is the
 `subprocess.Popen` the agent keeps for the replica, as a fresh one would be: same pid from boot
 to exit, same session (`detach`), same signals.
@@ -20,6 +22,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from common.processes import stop_processes
 
@@ -31,8 +34,9 @@ BOOT_MODULE = "tasks.runtime.preboot"
 class Prebooted:
     """One pre-booted process: booting until its ready line arrives."""
 
-    def __init__(self, process: subprocess.Popen, ready_fd: int):
+    def __init__(self, process: subprocess.Popen, ready_fd: int, place: str = ""):
         self.process = process
+        self.place = place  # the place whose environment it was booted with
         self.ready_fd = ready_fd
         self.started = time.monotonic()
         self.report: dict | None = None  # its ready line: boot_seconds, cuda_initialized, ...
@@ -82,11 +86,12 @@ class Prebooted:
 
 
 class PrebootPool:
-    def __init__(self, size: int, env: dict, detach: bool):
-        """`env`: the replicas' base environment (what the imports see; each replica's own
-        replaces it at hand-over). `detach`: each in a session of its own, as the agent's replicas."""
+    def __init__(self, size: int, env_for: Callable[[str], dict], detach: bool):
+        """`env_for(place)`: the environment of a replica on that place (a process booted for it
+        starts with it; the replica's own, the same plus how it was started, replaces it at
+        hand-over). `detach`: each in a session of its own, as the agent's replicas."""
         self.size = size
-        self.env = env
+        self.env_for = env_for
         self.detach = detach
         self._processes: list[Prebooted] = []
         self._stopped = False
@@ -94,31 +99,43 @@ class PrebootPool:
     def ready(self) -> int:
         return sum(1 for p in self._sweep() if p.report is not None)
 
+    def ready_places(self) -> set[str]:
+        return {p.place for p in self._sweep() if p.report is not None}
+
     def _sweep(self) -> list[Prebooted]:
         self._processes = [p for p in self._processes if p.check() is not False]
         return self._processes
 
-    def fill(self, room: int) -> None:
-        """Boot processes until min(N, room) are ready or booting: `room` is the places a replica
-        could start on now (a pre-booted process beyond those would only hold memory)."""
+    def fill(self, free: list[str]) -> None:
+        """Keep a process ready or booting for each of the first min(N, len(free)) free places (one
+        beyond the places a replica could take would only hold memory); one booted for a place
+        taken since is stopped: its environment is that place's."""
         if self._stopped:
             return
-        for _ in range(min(self.size, room) - len(self._sweep())):
-            self._processes.append(self._boot())
+        for prebooted in [p for p in self._sweep() if p.place not in free]:
+            log.info("agent: %s is held now; stopping the process booted for it (pid %d)", prebooted.place,
+                     prebooted.process.pid)
+            self._processes.remove(prebooted)
+            prebooted.close()
+            stop_processes([prebooted.process], 2.0)
+        covered = {p.place for p in self._processes}
+        wanted = min(self.size, len(free)) - len(self._processes)
+        for place in [place for place in free if place not in covered][:max(0, wanted)]:
+            self._processes.append(self._boot(place))
 
-    def _boot(self) -> Prebooted:
+    def _boot(self, place: str) -> Prebooted:
         read_end, write_end = os.pipe()
         try:
             process = subprocess.Popen([sys.executable, "-m", BOOT_MODULE, "--ready-fd", str(write_end)],
-                                       stdin=subprocess.PIPE, env=self.env, pass_fds=(write_end,),
+                                       stdin=subprocess.PIPE, env=self.env_for(place), pass_fds=(write_end,),
                                        start_new_session=self.detach)
         except BaseException:
             os.close(read_end)
             raise
         finally:
             os.close(write_end)
-        log.info("agent: booting a pre-booted replica process (pid %d)", process.pid)
-        return Prebooted(process, read_end)
+        log.info("agent: booting a replica process for %s ahead of its start (pid %d)", place, process.pid)
+        return Prebooted(process, read_end, place)
 
     @staticmethod
     def can_run(argv: list[str]) -> bool:
@@ -126,13 +143,14 @@ class PrebootPool:
         nothing else (a test's stand-in command boots fresh, and no process is kept for it)."""
         return len(argv) >= 3 and argv[0] == sys.executable and argv[1] == "-m"
 
-    def take(self, argv: list[str], env: dict, log_path: str | None) -> tuple[subprocess.Popen, Prebooted] | None:
-        """A ready process, now running `argv` (`python -m MODULE ARGS`) with `env`; None when
-        none is ready (or `argv` is not a module run)."""
+    def take(self, place: str, argv: list[str], env: dict,
+             log_path: str | None) -> tuple[subprocess.Popen, Prebooted] | None:
+        """The process ready for `place`, now running `argv` (`python -m MODULE ARGS`) with `env`;
+        None when none is ready there (or `argv` is not a module run)."""
         if not self.can_run(argv):
             return None
         for prebooted in self._sweep():
-            if prebooted.report is None:
+            if prebooted.report is None or prebooted.place != place:
                 continue
             self._processes.remove(prebooted)
             if prebooted.hand_over(argv[2], argv[3:], env, log_path):

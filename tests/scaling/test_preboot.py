@@ -68,6 +68,12 @@ def preboot_children(parent: int) -> list[int]:
     return found
 
 
+def environment(pid: int) -> dict[str, str]:
+    """What /proc shows of a process's environment: the one it was started with."""
+    raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def alive(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -83,12 +89,13 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
         connection = redis.Redis.from_url(server.url)
         base = {**os.environ, "REDIS_URL": server.url, "MAX_BATCH_SIZE": "7", "BOOT_ONLY": "1",
                 "OMP_NUM_THREADS": "2"}
-        pool = PrebootPool(1, base, detach=True)
+        pool = PrebootPool(1, lambda place: {**base, "DEVICE_NAME": place}, detach=True)
         try:
-            pool.fill(room=2)
+            pool.fill(["cpu:0", "cpu:1"])
             wait_for(lambda: pool.ready() == 1, BOOT_S, "a ready pre-booted process")
             prebooted = pool._processes[0]
             pid = prebooted.process.pid
+            assert prebooted.place == "cpu:0" and environment(pid)["DEVICE_NAME"] == "cpu:0"  # its place's, from exec
             assert prebooted.report["cuda_initialized"] is False and prebooted.report["pid"] == pid
             # no socket of any kind (no Redis connection), and Redis has one client: this test
             fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
@@ -99,8 +106,9 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
             out, log = tmp_path / "probe.json", tmp_path / "replica.log"
             env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "MAX_BATCH_SIZE": "3",
                    "OMP_NUM_THREADS": "1"}
-            process, _ = pool.take([sys.executable, "-m", "tests.scaling.preboot_probe", str(out), "--slot", "4"],
-                                   env, str(log))
+            probe = [sys.executable, "-m", "tests.scaling.preboot_probe", str(out), "--slot", "4"]
+            assert pool.take("cpu:1", probe, env, str(log)) is None  # booted for another place
+            process, _ = pool.take("cpu:0", probe, env, str(log))
             assert process.pid == pid and process.wait(30) == 0
             report = json.loads(out.read_text())
             assert report["pid"] == pid and report["name"] == "__main__"
@@ -109,8 +117,8 @@ def test_a_preboot_process_touches_no_device_nor_redis_and_becomes_the_command_i
             assert report["torch_imported"] and report["celery_worker_imported"]  # booted before the command
             assert report["threads"] == 1  # OpenMP read the boot's 2 when torch loaded: the replica's 1 wins
             assert log.read_text() == f"probe {pid} ran\n"
-            assert pool.take([sys.executable, "-m", "tests.scaling.preboot_probe"], env, None) is None  # none ready
-            assert pool.take(["/bin/true"], env, None) is None  # not a module run: boots fresh
+            assert pool.take("cpu:0", [sys.executable, "-m", "tests.scaling.preboot_probe"], env, None) is None  # none
+            assert pool.take("cpu:0", ["/bin/true"], env, None) is None  # not a module run: boots fresh
         finally:
             pool.stop()
         assert not alive(pid)
@@ -183,6 +191,9 @@ def test_a_start_is_served_by_the_preboot_process_and_a_replacement_boots(fleet)
     assert (replica["pid"], replica["name"], replica["host"], replica["start_path"]) == (
         prebooted, "replica1@h1", "h1", "preboot")
     assert replica["start_seconds"] > 0
+    env = environment(replica["pid"])  # what /proc shows: the place's environment, as a fresh process's
+    assert (env["DEVICE"], env["DEVICE_NAME"], env["CUDA_VISIBLE_DEVICES"], env["HOST_NAME"]) == (
+        "cpu", replica["device"], "", "h1")
     fleet.stop_slots(0)  # replica 1 is the only one left to serve
     response = generate(fleet, 1)
     assert response.status_code == 200 and response.json()["details"]["generated_tokens"] == 4, response.text
@@ -224,12 +235,12 @@ def test_a_process_that_started_cuda_before_its_hand_over_is_stopped_and_never_u
     claims = f"import os, sys; os.write({write_end}, b'{{\"cuda_initialized\": true}}\\n'); sys.stdin.read()"
     process = subprocess.Popen([sys.executable, "-c", claims], stdin=subprocess.PIPE, pass_fds=(write_end,))
     os.close(write_end)
-    pool = PrebootPool(1, dict(os.environ), detach=False)
-    pool._processes.append(Prebooted(process, read_end))
+    pool = PrebootPool(1, lambda place: dict(os.environ), detach=False)
+    pool._processes.append(Prebooted(process, read_end, "cpu:0"))
     try:
         wait_for(lambda: not pool._sweep(), 30, "its ready line read and the process refused")
         assert process.poll() is not None and pool.ready() == 0  # stopped, never counted ready
-        assert pool.take([sys.executable, "-m", "tests.scaling.preboot_probe"], {}, None) is None
+        assert pool.take("cpu:0", [sys.executable, "-m", "tests.scaling.preboot_probe"], {}, None) is None
     finally:
         pool.stop()
 
