@@ -3,10 +3,9 @@ agent (tasks/control/preboot_pool.py) before any replica needs it.
 
 It does the part of a replica's start that does not depend on the replica: importing torch,
 transformers, Celery, kombu's Redis transport, the engine and the replica runtime (most of a
-fresh process's boot; docs/scaling.md, "Pre-booted processes"). It loads no model, touches no
-device (torch initialises CUDA lazily, and nothing here asks it to: CUDA_VISIBLE_DEVICES is read
-when CUDA starts, so the place's value given at hand-over is the one that counts) and opens no
-Redis connection. It says it is ready on the fd `--ready-fd` (one JSON line: boot seconds, and
+fresh process's boot; docs/scaling.md, "Pre-booted processes"). Its agent boots it for one
+place, with that place's environment (CUDA_VISIBLE_DEVICES included). It loads no model, touches no
+device (torch initialises CUDA lazily, and nothing here asks it to) and opens no Redis connection. It says it is ready on the fd `--ready-fd` (one JSON line: boot seconds, and
 whether CUDA was initialised, so the agent can refuse a process that would ignore its place), then
 waits for one command on stdin: the replica's module and arguments, its whole environment and its
 log path. It then becomes that replica: the environment replaced (the settings are read only now,
