@@ -127,7 +127,8 @@ def main() -> int:
     model = model_dir()
     size = model_bytes(model)
     testbed = Testbed(args.new + 1, args.rate, model, replicas={"h0": 1},
-                      env={"MAX_BATCH_SIZE": "2", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
+                      env={"MAX_BATCH_SIZE": "2", "PREBOOT": "1",  # new replicas in pre-booted processes
+                           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
     rows = []
     try:
         testbed.up(timeout=300)

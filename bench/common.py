@@ -88,6 +88,6 @@ def prebooted_ready(hosts: list[dict], preboot: int) -> bool:
 
 
 def preboot_setting(env: dict) -> int:
-    """The agents' `--preboot` (PREBOOT in their environment, else the default)."""
-    return int(env.get("PREBOOT") or Settings.__dataclass_fields__["preboot"].default)
+    """The agents' pre-booted processes per host, from the environment they run with."""
+    return Settings.from_env(env).preboot_processes
 

@@ -82,7 +82,7 @@ class HostAgent:
         self._thread: threading.Thread | None = None
         self.cache = CachePlane(settings, self.redis, self.host)
         # filled once the agent runs, each process for a free place, with that place's environment
-        self.preboot = PrebootPool(settings.preboot, self._place_env, detach)
+        self.preboot = PrebootPool(settings.preboot_processes, self._place_env, detach)
 
     # -- starting replicas
 

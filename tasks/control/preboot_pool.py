@@ -57,7 +57,7 @@ class Prebooted:
             self.report = json.loads(line)
         except ValueError:
             return self._discard("exited while booting" if not line else f"said {line!r}")
-        if self.report.get("cuda_initialized"):  # it would ignore the place's CUDA_VISIBLE_DEVICES
+        if self.report.get("cuda_initialized"):  # a waiting process holds no device (docs/scaling.md)
             return self._discard("initialised CUDA before its hand-over")
         log.info("agent: pre-booted pid %d ready (%.1f s of imports)", self.process.pid,
                  self.report.get("boot_seconds", 0.0))

@@ -274,3 +274,15 @@ def test_a_bad_preboot_setting_is_one_line_naming_it(monkeypatch, argv, env):
         main(["agent", *argv])
     message = str(stopped.value.code)
     assert ("--preboot" in message or "PREBOOT" in message) and "\n" not in message, message
+
+
+def test_by_default_an_agent_preboots_only_where_a_model_scales_to_zero(tmp_path):
+    """A host that keeps its replicas (the default, --min-replicas 1) spends nothing on processes
+    it may never use; one whose model scales to zero keeps one for the cold start; --preboot wins."""
+    assert Settings().preboot_processes == 0
+    assert Settings(min_replicas=0).preboot_processes == 1
+    models = tmp_path / "models.toml"
+    models.write_text('[models.a]\nmodel_id = "a"\n[models.b]\nmodel_id = "b"\nmin_replicas = 0\n')
+    assert Settings(models_file=str(models)).preboot_processes == 1  # one model of several is enough
+    assert Settings(min_replicas=0, preboot=0).preboot_processes == 0
+    assert Settings(preboot=3).preboot_processes == 3
