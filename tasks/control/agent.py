@@ -161,6 +161,7 @@ class HostAgent:
         if taken is not None:
             process, prebooted = taken
             return process, replica_start.PREBOOT, time.monotonic() - prebooted.started
+        self.preboot.stop_booting()  # the imports would compete with this start's
         out = open(log_path, "ab") if log_path else None
         try:
             process = subprocess.Popen(argv, env={**env, **replica_start.start_env(replica_start.FRESH, now)},

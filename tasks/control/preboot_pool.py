@@ -137,6 +137,17 @@ class PrebootPool:
         log.info("agent: booting a replica process for %s ahead of its start (pid %d)", place, process.pid)
         return Prebooted(process, read_end, place)
 
+    def stop_booting(self) -> None:
+        """Stop the processes still importing: a fresh start is under way, and on a small host their
+        imports would slow the start someone waits for (the next `fill` boots them again)."""
+        booting = [p for p in self._sweep() if p.report is None]
+        for prebooted in booting:
+            log.info("agent: a fresh start is under way; stopping pid %d, booting for %s", prebooted.process.pid,
+                     prebooted.place)
+            self._processes.remove(prebooted)
+            prebooted.close()
+        stop_processes([p.process for p in booting], 2.0)
+
     @staticmethod
     def can_run(argv: list[str]) -> bool:
         """A pre-booted process becomes a module run by this interpreter (`python -m MODULE ...`),

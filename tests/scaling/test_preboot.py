@@ -286,3 +286,29 @@ def test_by_default_an_agent_preboots_only_where_a_model_scales_to_zero(tmp_path
     assert Settings(models_file=str(models)).preboot_processes == 1  # one model of several is enough
     assert Settings(min_replicas=0, preboot=0).preboot_processes == 0
     assert Settings(preboot=3).preboot_processes == 3
+
+
+def test_a_fresh_start_stops_the_processes_still_booting_and_keeps_the_ready_ones():
+    """Their imports would share the host's CPU with the start someone waits for."""
+    pool = PrebootPool(2, lambda place: dict(os.environ), detach=False)
+    unsaid = []  # the booting one's ready pipe stays open: it has not said anything yet
+    for place, says in (("cpu:0", None), ("cpu:1", b'{"cuda_initialized": false}\n')):
+        read_end, write_end = os.pipe()
+        if says:
+            os.write(write_end, says)
+            os.close(write_end)
+        else:
+            unsaid.append(write_end)
+        process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        pool._processes.append(Prebooted(process, read_end, place))
+    booting, ready = (p.process for p in pool._processes)
+    try:
+        assert pool.ready_places() == {"cpu:1"} and len(pool._processes) == 2
+        pool.stop_booting()
+        assert booting.poll() is not None and ready.poll() is None
+        assert [p.place for p in pool._processes] == ["cpu:1"]
+    finally:
+        pool.stop()
+        for fd in unsaid:
+            os.close(fd)
+    assert ready.poll() is not None
