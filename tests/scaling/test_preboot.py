@@ -1,9 +1,11 @@
 """Pre-booted replica processes (tasks/control/preboot_pool.py, tasks/runtime/preboot.py): a
-process booted ahead touches no device and no Redis, becomes exactly the command handed to it
-(its environment replaced, its log, its pid kept), and goes away with its agent (stopped or
-killed). On a real fleet (tests/fleet_service.py: Redis, web, Celery workers, a real agent on h1
-with two CPU places and `PREBOOT=1`): a start is served by the pre-booted process, a replacement
-boots, two starts at once take one pre-booted and one fresh process, and every one serves."""
+process booted ahead for a place (with its environment) touches no device and no Redis, becomes
+exactly the command handed to it (its environment replaced, its log, its pid kept), and goes away
+with its agent (`serve` stopped, an agent killed). On a real fleet (tests/fleet_service.py: Redis,
+web, Celery workers, a real agent on h1 with two CPU places and `PREBOOT=1`): a start is served by
+the pre-booted process, a replacement boots, two starts at once take one pre-booted and one fresh
+process, and every one serves. Then what the agent refuses or stops (a process claiming CUDA, one
+still importing when a fresh start begins, a stand-in command, a failed boot) and the default."""
 from __future__ import annotations
 
 import json
