@@ -134,7 +134,8 @@ def run_policy(policy: str, args, model: str, times: list[float]) -> tuple[dict,
     hosts = args.hosts
     env = {"MAX_BATCH_SIZE": str(args.batch), "MAX_INPUT_TOKENS": "1024", "MAX_TOTAL_TOKENS": "1536",
            "SIM_STEP_S": str(args.step_ms / 1000), "SIM_PREFILL_S_PER_TOKEN": str(args.prefill_ms_per_token / 1000),
-           "MAX_REPLICAS": str(hosts), "MIN_REPLICAS": "1", "OMP_NUM_THREADS": "1"}
+           "MAX_REPLICAS": str(hosts), "MIN_REPLICAS": "1", "OMP_NUM_THREADS": "1",
+           "PREBOOT": "1"}  # every policy: scale-ups in pre-booted processes (docs/scaling.md)
     fixed = policy == "fixed"
     testbed = Testbed(hosts, args.rate, model, replicas={f"h{i}": 1 for i in range(hosts if fixed else 1)},
                       env=env, agent_module="bench.trace_worker")
@@ -147,6 +148,7 @@ def run_policy(policy: str, args, model: str, times: list[float]) -> tuple[dict,
         warm = requests.post(f"{testbed.base_url}/generate", json={"inputs": "w5 w6", "parameters": {"max_new_tokens": 2}},
                              timeout=120)  # the first request pays for lazy set-up, in no policy's numbers
         warm.raise_for_status()
+        testbed.wait_prebooted()  # every policy's scale-ups start in pre-booted processes, booted before the trace
         replay = Replay(testbed, times, args.prompt_tokens, args.new_tokens, args.seed)
         elapsed = replay.run()
         return summarise(policy, replay, elapsed, args.ttft_slo), replay

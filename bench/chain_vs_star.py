@@ -58,6 +58,7 @@ def scale_up(testbed: Testbed, connection: redis.Redis, mode: str, new: int) -> 
     # would place every new replica on "its" cache, and no chain would form
     testbed.wait(lambda: all(not h["models"] for h in testbed.cluster()["hosts"] if h["host"] != "h0"),
                  "the new hosts' caches empty in their agents' records", timeout=30)
+    testbed.wait_prebooted()  # each new replica starts in a pre-booted process, booted off the clock
     before = read_transfers(connection)
     started = time.perf_counter()
     if mode == "star":
@@ -126,7 +127,8 @@ def main() -> int:
     model = model_dir()
     size = model_bytes(model)
     testbed = Testbed(args.new + 1, args.rate, model, replicas={"h0": 1},
-                      env={"MAX_BATCH_SIZE": "2", **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
+                      env={"MAX_BATCH_SIZE": "2", "PREBOOT": "1",  # new replicas in pre-booted processes
+                           **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
     rows = []
     try:
         testbed.up(timeout=300)

@@ -7,13 +7,14 @@ import statistics
 import time
 from pathlib import Path
 
+from common.settings import Settings
+
 RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).parent / "results")  # a GPU check writes to $OUT
 
 
 def default_model_dir() -> Path:
     """The default model, converted into the host weight cache (once per host)."""
     from blitzscale.cli import prepare
-    from common.settings import Settings
 
     return prepare(Settings.from_env())
 
@@ -75,3 +76,18 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
+
+
+def prebooted_ready(hosts: list[dict], preboot: int) -> bool:
+    """Every host agent (its /cluster_state record) has its pre-booted processes ready: one per
+    free place up to `preboot` (docs/scaling.md, "Pre-booted processes"). A fleet bench waits for
+    this before it times a start, so no start shares the CPU with an interpreter still importing
+    and every policy starts replicas the same way: the comparison stays about the weights."""
+    return all(h.get("prebooted", 0) >= min(preboot, sum(p.get("slot") is None for p in h.get("places", [])))
+               for h in hosts)
+
+
+def preboot_setting(env: dict) -> int:
+    """The agents' pre-booted processes per host, from the environment they run with."""
+    return Settings.from_env(env).preboot_processes
+

@@ -52,6 +52,7 @@ class AgentRecord:
     cache_shas: tuple[str, ...] = ()  # full model hashes it serves now
     cache_bytes: int = 0  # what the cache holds
     cache_limit: int = 0  # --host-cache-bytes (0: no bound)
+    prebooted: int = 0  # pre-booted replica processes ready for its next starts (tasks/control/preboot_pool.py)
 
     def free_places(self) -> list[Place]:
         return [place for place in self.places if place.slot is None]

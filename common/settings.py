@@ -100,6 +100,10 @@ class Settings:
     host_name: str | None = None  # this host's name in the cluster (agent, replicas); None: the machine's
     devices: str | None = None  # agent: places for replicas (`cuda:0,cuda:1`, `cpu,cpu`); None: every GPU, else cpu × slots
     manually_scale: bool = False  # on: POST /modify_cluster_state scales, the autoscaler is off
+    # agent: interpreter processes kept booted (imports done, no model, no device, no Redis) for its
+    # next replica starts, at most one per free place (tasks/control/preboot_pool.py, docs/scaling.md);
+    # None: `preboot_processes`' default
+    preboot: int | None = None
     # Scaling (tasks/control/cluster.py, tasks/control/autoscaler.py): slots are 0..slot_count-1
     min_replicas: int = 1
     max_replicas: int = 0  # 0: max(num_replicas, min_replicas)
@@ -167,6 +171,8 @@ class Settings:
             raise ValueError("`weight_peers` must be `auto`, `prefer` or `off`")
         if self.autoscale_policy not in ("queue", "slo") or self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("`autoscale_policy` must be `queue` or `slo`, `ttft_slo` and `itl_slo` > 0")
+        if self.preboot is not None and self.preboot < 0:
+            raise ValueError(f"--preboot must be >= 0 (0: every replica process boots fresh), got {self.preboot}")
         if self.host_cache_bytes < 0:
             raise ValueError("`host_cache_bytes` must be >= 0 (0: no bound)")
         if not 0 <= self.host_cache_port <= 65535:
@@ -288,6 +294,15 @@ class Settings:
         """Whether a model may have no replica and start one for a request (several models, or
         `--min-replicas 0`): a request for it then waits in its queue instead of failing at once."""
         return self.catalog.several or any(m.settings.min_replicas == 0 for m in self.catalog.models)
+
+    @property
+    def preboot_processes(self) -> int:
+        """`--preboot`; by default 1 where a model scales to zero (`--min-replicas 0`: its next
+        request is a cold start, the start a pre-booted process is for), else 0: a host that keeps
+        its replicas spends no memory or CPU on processes it may never use (docs/scaling.md)."""
+        if self.preboot is not None:
+            return self.preboot
+        return 1 if any(model.settings.min_replicas == 0 for model in self.catalog.models) else 0
 
     def for_slot(self, slot: int) -> "Settings":
         """The settings of the model whose replicas run in `slot` (these, with one model)."""

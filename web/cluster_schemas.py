@@ -110,6 +110,9 @@ class ReplicaStateSchema(Schema):
                                                       "failed), source, bytes, total, mbps, seconds"})
     weight_seconds = fields.Float(allow_none=True)
     load_seconds = fields.Float(allow_none=True)
+    start_path = fields.String(allow_none=True, metadata={
+        "description": "how its host agent started its process: preboot (a pre-booted process took it) or fresh"})
+    start_seconds = fields.Float(allow_none=True, metadata={"description": "its agent's start to its model loaded"})
     kv_slots = fields.Integer(allow_none=True, metadata={"description": "requests its KV cache holds at once"})
     cuda_graphs = fields.Integer(allow_none=True, metadata={"description": "decode CUDA graphs captured at start (0 on CPU)"})
     graph_capture_seconds = fields.Float(allow_none=True)
@@ -140,6 +143,8 @@ class HostSchema(Schema):
     cache_shas = fields.List(fields.String(), metadata={"description": "the models (full hashes) that data plane serves"})
     cache_bytes = fields.Integer(metadata={"description": "bytes its host cache holds"})
     cache_limit = fields.Integer(metadata={"description": "--host-cache-bytes (0: no bound)"})
+    prebooted = fields.Integer(metadata={"description": "pre-booted replica processes ready for its next starts "
+                                                    "(--preboot)"})
     updated_at = fields.Float()
 
 

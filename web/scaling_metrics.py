@@ -1,5 +1,6 @@
 """Scaling metrics read at scrape time from Redis: how often replicas were scaled up and down
-(`blitz_scale_up_times`, by trigger and path), the autoscaler's decisions, its scale-ups blocked
+(`blitz_scale_up_times`, by trigger and path), replica processes started pre-booted or fresh
+(`blitz_replica_starts`), the autoscaler's decisions, its scale-ups blocked
 (`blitz_scale_up_blocked`, by reason), and every slot by host and state, `dead` and `stopped`
 included (`blitz_replica_slots`), and by model (`blitz_model_replicas`, every served model, 0
 included: a model scaled to zero shows 0 active); with the SLO policy, each model's desired replicas
@@ -20,7 +21,7 @@ from web.redis_collector import RedisReader
 
 NAMES = ("blitz_scale_up_times", "blitz_scale_down_times", "blitz_autoscaler_decisions", "blitz_scale_up_blocked",
          "blitz_replica_slots", "blitz_model_replicas", "blitz_autoscaler_desired_replicas",
-         "blitz_autoscaler_ttft_estimate_seconds", "blitz_autoscaler_add_replica_seconds")
+         "blitz_autoscaler_ttft_estimate_seconds", "blitz_autoscaler_add_replica_seconds", "blitz_replica_starts")
 
 
 class ScalingReader(RedisReader):
@@ -44,16 +45,19 @@ class ScalingReader(RedisReader):
         down = CounterMetricFamily("blitz_scale_down_times", "Replicas scaled down", labels=["trigger", "target"])
         decisions = CounterMetricFamily("blitz_autoscaler_decisions", "Autoscaler decisions that acted",
                                         labels=["action"])
+        starts = CounterMetricFamily("blitz_replica_starts", "Replica processes host agents started, by path "
+                                     "(preboot: handed to a pre-booted process; fresh: a new interpreter)",
+                                     labels=["path"])
         blocked = CounterMetricFamily("blitz_scale_up_blocked", "Autoscaler ticks that wanted new replicas and found "
                                       "no free device (or no host agent)", labels=["reason"])
         families = {"scale_up": (up, 2), "scale_down": (down, 2), "decision": (decisions, 1),
-                    "scale_up_blocked": (blocked, 1)}
+                    "scale_up_blocked": (blocked, 1), "replica_start": (starts, 1)}
         for name, value in sorted(counters.items()):
             kind, *labels = name.split(":")
             family, arity = families.get(kind, (None, 0))
             if family is not None and len(labels) == arity:
                 family.add_metric(labels, value)
-        yield from (up, down, decisions, blocked)
+        yield from (up, down, decisions, blocked, starts)
         yield _slots_by_host(slots, hosts)
         yield _replicas_by_model(slots, models)
         yield from _slo_estimate(decided)

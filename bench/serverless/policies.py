@@ -23,6 +23,7 @@ from pathlib import Path
 
 import requests
 
+from bench.common import preboot_setting, prebooted_ready
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
 
@@ -66,6 +67,7 @@ class Fleet:
                     "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "HF_HOME": str(workdir / "hf-web"), "QUEUE_TIMEOUT": str(queue_timeout),
                     "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "3", "MAX_REPLICAS": "2", "LOG_LEVEL": "INFO",
+                    "PREBOOT": "1",  # every policy: cold starts in pre-booted processes (docs/scaling.md)
                     **policy.env}
         self.processes: dict[str, subprocess.Popen] = {}
         self.ready_replicas = len(served) if policy.pinned else 0  # (a) starts warm; (b), (c) at zero
@@ -79,14 +81,21 @@ class Fleet:
         self.spawn("autoscaler", ["autoscaler"])
         self.wait(lambda: self._get("/health") == 200, "the web healthy", timeout)
         self.wait(lambda: self.active_replicas() >= self.ready_replicas, "the pinned replicas active", timeout)
+        # every policy's cold starts take pre-booted processes (booted before the trace): the
+        # comparison stays about where the weights come from
+        preboot = preboot_setting(self.env)
+        self.wait(lambda: (hosts := self._state().get("hosts")) and prebooted_ready(hosts, preboot),
+                  "the agents' pre-booted processes ready", timeout)
         return self
 
-    def active_replicas(self) -> int:
+    def _state(self) -> dict:
         try:
-            state = requests.get(f"{self.base_url}/cluster_state", params={"celery": "false"}, timeout=10).json()
+            return requests.get(f"{self.base_url}/cluster_state", params={"celery": "false"}, timeout=10).json()
         except (requests.RequestException, ValueError):
-            return 0
-        return sum(replica.get("state") == "active" for replica in state.get("replicas", []))
+            return {}
+
+    def active_replicas(self) -> int:
+        return sum(replica.get("state") == "active" for replica in self._state().get("replicas", []))
 
     def spawn(self, name: str, args: list[str], **env) -> None:
         log = open(self.workdir / f"{name}.log", "ab")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import requests
 
+from bench.common import preboot_setting, prebooted_ready
 from bench.testbed.netns import PREFIX, STATE_DIR, Host, Network, check_permitted, leftovers, remove_leftovers
 from blitzscale.redis_server import EmbeddedRedis, free_port
 from common.processes import stop_processes
@@ -202,6 +203,12 @@ class Testbed:
         response = requests.post(f"{self.base_url}/modify_cluster_state", json={"type": kind, "data": data}, timeout=30)
         if response.status_code != 200:
             raise RuntimeError(f"{kind} {data}: {response.status_code} {response.text.strip()}")
+
+    def wait_prebooted(self, timeout: float = 300) -> None:
+        """Every agent's pre-booted processes ready (bench/common.py): call before timing a start."""
+        preboot = preboot_setting(self.env)
+        self.wait(lambda: (hosts := self.cluster()["hosts"]) and prebooted_ready(hosts, preboot),
+                  "the agents' pre-booted processes ready", timeout)
 
     def wait_states(self, wanted: dict[int, str], timeout: float = 120) -> None:
         def reached() -> bool:

@@ -7,7 +7,9 @@ places with their memory and the slot holding each, its host cache's models, its
 plane address), runs the data plane over its host cache and keeps that cache within
 `--host-cache-bytes` (tasks/weights/cache_plane.py, docs/host-cache.md), takes start commands from its host's list (`common.fleet.StartCommand`: a slot and the
 place the control plane chose for it), and owns the processes it starts: each gets exactly its
-one device (tasks/control/devices.py), and the agent stops them when it stops.
+one device (tasks/control/devices.py), and the agent stops them when it stops. It keeps up to
+`--preboot` interpreters booted for its next starts (tasks/control/preboot_pool.py), one at
+most per free place: a start hands its replica to one, else boots a fresh process.
 
 A restarted agent announces itself again; replicas of its host that it did not start (left by
 its previous run) keep their places, and it never signals them. `blitzscale serve` runs one
@@ -27,9 +29,9 @@ from pathlib import Path
 
 import redis
 
-from common import model_files
+from common import model_files, replica_start
 from common.fleet import CUDA, AgentRecord, Place, StartCommand, read_agents
-from common.keys import SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
+from common.keys import SCALE_COUNTERS_KEY, SLOTS_KEY, agent_commands_key, agent_key, slot_target_key
 from common.processes import stop_processes
 from common.replica_records import live_records
 from common.settings import Settings, env_name
@@ -37,6 +39,7 @@ from common.slot_leases import CONTROL_OWNER, NoFreeSlot, agent_owner, allocate,
 from common.states import ReplicaState
 from tasks.control.cluster import read_slots
 from tasks.control.devices import host_places, replica_device_env, visible_gpus, with_memory
+from tasks.control.preboot_pool import PrebootPool
 from tasks.weights.cache_plane import CachePlane, run_forever
 from tasks.weights.sources import advertised_host
 
@@ -78,6 +81,8 @@ class HostAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cache = CachePlane(settings, self.redis, self.host)
+        # filled once the agent runs, each process for a free place, with that place's environment
+        self.preboot = PrebootPool(settings.preboot_processes, self._place_env, detach)
 
     # -- starting replicas
 
@@ -117,13 +122,16 @@ class HostAgent:
             place = self._claim(device)
             if place is not None:
                 self._register_loading(slot, standby, place)
-                process = self._spawn(slot, standby, place)
+                process, path, booted = self._spawn(slot, standby, place)
                 self.children[slot], self.devices[slot] = process, place
         self._free_slots(exited)
         if place is None:
             self._register_unplaced(slot, device)
             return None
-        log.info("agent: started replica%d on %s (pid %d%s)", slot, place, process.pid, ", standby" if standby else "")
+        self._count_start(path)
+        log.info("agent: started replica%d on %s (pid %d, %s%s)", slot, place, process.pid,
+                 f"pre-booted {booted:.1f} s ago" if path == replica_start.PREBOOT else "fresh process",
+                 ", standby" if standby else "")
         return process
 
     def _claim(self, wanted: str | None) -> str | None:
@@ -132,15 +140,65 @@ class HostAgent:
         if wanted is not None and wanted not in free:
             log.warning("agent: %s is %s; taking another place", wanted,
                         f"held by slot {held[wanted]}" if wanted in held else f"not a place of {self.host}")
-        return wanted if wanted in free else (free[0] if free else None)
+        if wanted in free:
+            return wanted
+        ready = self.preboot.ready_places()  # no place asked for: one with a process booted for it
+        return next((name for name in free if name in ready), free[0] if free else None)
 
-    def _spawn(self, slot: int, standby: bool, place: str) -> subprocess.Popen:
-        out = None
+    def _spawn(self, slot: int, standby: bool, place: str) -> tuple[subprocess.Popen, str, float]:
+        """The replica's process: a pre-booted one it is handed to, else a fresh one (never
+        waiting for one still booting). Returns it, its path (preboot | fresh) and how long ago
+        a pre-booted one was started."""
+        argv = worker_argv(slot, standby)
+        log_path = None
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"replica{slot}.log"), "ab")
-        return subprocess.Popen(worker_argv(slot, standby), env={**self.env, **replica_device_env(place, self._gpus)},
-                                start_new_session=self.detach, stdout=out, stderr=subprocess.STDOUT if out else None)
+            log_path = os.path.join(self.log_dir, f"replica{slot}.log")
+        env = self._place_env(place)
+        now = time.time()
+        taken = self.preboot.take(place, argv, {**env, **replica_start.start_env(replica_start.PREBOOT, now)},
+                                  log_path)
+        if taken is not None:
+            process, prebooted = taken
+            return process, replica_start.PREBOOT, time.monotonic() - prebooted.started
+        self.preboot.stop_booting()  # the imports would compete with this start's
+        out = open(log_path, "ab") if log_path else None
+        try:
+            process = subprocess.Popen(argv, env={**env, **replica_start.start_env(replica_start.FRESH, now)},
+                                       start_new_session=self.detach, stdout=out,
+                                       stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own copy
+        return process, replica_start.FRESH, 0.0
+
+    def _place_env(self, place: str) -> dict:
+        """A replica's environment on `place`: ours, the settings, and that one device."""
+        return {**self.env, **replica_device_env(place, self._gpus)}
+
+    def _count_start(self, path: str) -> None:
+        """`blitz_replica_starts_total{path}` (web/scaling_metrics.py)."""
+        try:
+            self.redis.hincrby(SCALE_COUNTERS_KEY, f"replica_start:{path}", 1)
+        except redis.RedisError as error:
+            log.warning("agent: could not count a replica start: %s", error)
+
+    def _fill_preboot(self) -> None:
+        """Boot pre-booted processes for the free places; not while a replica of ours loads (on a
+        small host their imports would slow its start, the one being waited for)."""
+        if self.preboot.size == 0 or not self.preboot.can_run(worker_argv(0)):
+            return
+        with self._lock:
+            ours = list(self.devices)
+        slots = read_slots(self.redis)
+        if any(slots.get(slot, {}).get("state") == ReplicaState.LOADING for slot in ours):
+            return
+        with self._lock:
+            held = self.held()
+            try:
+                self.preboot.fill([p.name for p in self.places if p.name not in held])
+            except OSError as error:  # no process could be made (memory, file limits): starts boot fresh
+                log.warning("agent: could not boot a pre-booted process: %s", error)
 
     def held(self) -> dict[str, int]:
         """Place → the slot holding it: our processes, and live replicas of this host that a
@@ -193,11 +251,12 @@ class HostAgent:
             self._gpus, self._gpus_at = visible_gpus(), time.monotonic()
         with self._lock:
             held = self.held()
+            prebooted = self.preboot.ready()
         places = with_memory([replace(p, slot=held.get(p.name)) for p in self.places], self._gpus)
         return AgentRecord(self.host, os.getpid(), tuple(places), tuple(cached_models(self.settings)),
                            self.model_sha, self.weights_host, time.time(), cache_addr=self.cache.address,
                            cache_shas=tuple(self.cache.served()), cache_bytes=self.cache.cache.usage(),
-                           cache_limit=self.cache.cache.limit)
+                           cache_limit=self.cache.cache.limit, prebooted=prebooted)
 
     def announce(self) -> None:
         self._adopt()
@@ -220,6 +279,7 @@ class HostAgent:
                 item = self.redis.blpop([commands], timeout=1)
                 if item is not None:
                     self.handle(item[1])
+                self._fill_preboot()
             except (redis.RedisError, ValueError) as error:
                 log.warning("agent: %s", error)
                 self._stop.wait(1)
@@ -286,6 +346,8 @@ class HostAgent:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(3)
+        with self._lock:
+            self.preboot.stop()
         self.cache.stop()
         try:
             self.redis.delete(agent_key(self.host))

@@ -319,5 +319,5 @@ def read_slots(connection: redis.Redis) -> dict[int, dict]:
 
 def read_counters(connection: redis.Redis) -> dict[str, int]:
     """Scaling counters: `scale_up:<trigger>:<standby|process>`, `scale_down:<trigger>:<target>`,
-    `decision:<up|down>`, `scale_up_blocked:<reason>`."""
+    `decision:<up|down>`, `scale_up_blocked:<reason>`, `replica_start:<preboot|fresh>` (host agents)."""
     return {k.decode(): int(v) for k, v in connection.hgetall(SCALE_COUNTERS_KEY).items()}

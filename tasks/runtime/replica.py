@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common import hub, model_files
+from common import hub, model_files, replica_start
 from common.keys import replica_key, replica_metrics_key
 from common.settings import Settings
 from tasks.runtime.lifecycle import Lifecycle
@@ -106,9 +106,13 @@ class Replica:
             "cuda_graphs": stats.cuda_graphs,
             "graph_capture_seconds": round(stats.graph_capture_seconds, 3),
             "lora_adapters": [adapter.name for adapter in adapters],
+            **replica_start.start_facts(),  # start_path (preboot | fresh), start_seconds: the agent's start to now
         }
-        log.info("replica %s loaded %s on %s in %.1f s (weights: %s from %s)", self.name, s.model_id, device,
-                 self.facts["load_seconds"], prepared.source, prepared.host)
+        started_by = self.facts.get("start_path")
+        log.info("replica %s loaded %s on %s in %.1f s (weights: %s from %s)%s", self.name, s.model_id, device,
+                 self.facts["load_seconds"], prepared.source, prepared.host,
+                 f"; {'pre-booted' if started_by == replica_start.PREBOOT else 'fresh'} process, "
+                 f"{self.facts['start_seconds']:.1f} s from its start" if "start_seconds" in self.facts else "")
 
     def record(self) -> dict:
         stats = self.engine.stats() if self.engine else None

@@ -115,7 +115,8 @@ def _replica(view: dict, celery: dict | None) -> dict:
     max_batch = view.get("max_batch_size") or 0
     out = {key: view.get(key) for key in ("slot", "model", "state", "target", "name", "host", "pid", "device",
                                           "torch_device", "weight_source", "weight_origin", "weight_host",
-                                          "weight_seconds", "load_seconds", "kv_slots", "cuda_graphs",
+                                          "weight_seconds", "load_seconds", "start_path", "start_seconds",
+                                          "kv_slots", "cuda_graphs",
                                           "graph_capture_seconds", "updated_at", "transfer", "prefix_cache",
                                           "speculation",
                                           "error")}
