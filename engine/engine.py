@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.devices import affordable_slots, device_context
+from engine.draft_model import DraftModel
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import Fence, HostCopy
 from engine.lora import LoraLayers
@@ -59,6 +60,7 @@ class EngineStats:
     prefix_cached_slots: int = 0  # free slots holding a cached prefix now
     waiting_tokens: int = 0  # prompt positions yet to prefill, a long prompt's chunks included (the SLO autoscaler's demand)
     speculate: int = 0  # draft tokens per row per step (0: no speculation)
+    spec_drafter: str = ""  # what drafts: "ngram" or the draft model's id ("": no speculation)
     spec_drafts: int = 0  # rows verified with drafts, since start
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -69,7 +71,7 @@ class Engine:
                  step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
                  watermark: Watermark | None = None, overlap: bool | None = None,
                  adapters: tuple[LoraAdapter, ...] | list[LoraAdapter] = (),
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, draft_model=None, draft_name: str = ""):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
         before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
@@ -79,12 +81,14 @@ class Engine:
         `adapters`: the LoRA adapters requests may name (`GenerationRequest.adapter`), checked
         against the model already (engine/lora_files.py); many of them run in one batch.
         `speculative`: n-gram drafts verified in the batch (engine/speculative.py); its steps are
-        synchronous, so it turns overlap off."""
+        synchronous, so it turns overlap off. `draft_model`: a small model of the same tokenizer
+        drafts instead of n-grams (`--speculative-model`, engine/draft_model.py), shown as
+        `draft_name`; its KV takes slots as the model's does."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
         slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
-                                 self.device.type == "cuda" and cuda_graphs is not False)
+                                 self.device.type == "cuda" and cuda_graphs is not False, draft_model)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None
@@ -104,6 +108,9 @@ class Engine:
                 log.warning("speculative decoding needs the slot path: off")
             else:
                 self.speculator = Speculator(speculative, scheduler_config.slot_length)
+                if draft_model is not None:
+                    self.speculator.draft_with(DraftModel(draft_model, model, draft_name or draft_model.name_or_path,
+                                                          slots, scheduler_config.slot_length, self.device))
                 overlap = False  # a verify step's successor depends on how many drafts were accepted
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
@@ -181,6 +188,7 @@ class Engine:
             prefix_cached_slots=table.cached_slots,
             waiting_tokens=self.scheduler.prompt_tokens_to_prefill(),  # the inbox's join at the next step
             speculate=self.speculator.config.tokens if self.speculator else 0,
+            spec_drafter=self.speculator.drafter_name if self.speculator else "",
             spec_drafts=self.speculator.drafts if self.speculator else 0,
             spec_draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
             spec_accepted_tokens=self.speculator.accepted if self.speculator else 0,
@@ -242,8 +250,12 @@ class Engine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return None
+            drafter = self.speculator.batch_drafter if self.speculator is not None else None
+            if drafter is not None:
+                drafter.apply_copies(batch.copies)  # its KV follows the slots, drafting or not
+            started = time.perf_counter()  # a verify step's cost includes its drafting
             drafts = self._drafts(batch)
-            return self._verify(batch, drafts) if drafts else self._sample(self._run(batch))
+            return self._verify(batch, drafts, started) if drafts else self._sample(self._run(batch))
         sample_later = previous.sampler.needs_host
         try:
             launched = self._run(successor(previous))  # on the device while `previous` completes
@@ -276,14 +288,14 @@ class Engine:
             return None
         return self.speculator.propose(batch.decode)
 
-    def _verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]]) -> LaunchedStep:
+    def _verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]], started: float) -> LaunchedStep:
         """A decode step whose rows carry drafts: one forward scores every position, each sampled
         as plain decoding would sample it (engine/speculative.py); accepted in `_accept`."""
         self.runner.apply_copies(batch.copies)
         self._unsettled.append("decode")
-        started = time.perf_counter()
+        forward_started = time.perf_counter()
         logits = self.runner.verify(batch, drafts)
-        self.metrics.observe_forward("decode", time.perf_counter() - started)
+        self.metrics.observe_forward("decode", time.perf_counter() - forward_started)
         samplers, histories = self.speculator.verify_rows(batch.decode, drafts)
         sampler = BatchSampler(samplers, self.device, self.watermark)
         self._sampler, self._sampler_rows = None, ()  # the batch's own sampler missed these tokens
@@ -423,6 +435,8 @@ class Engine:
                 sequence.fail(error)
         _end_finished(drained)  # whose final is out: never silence
         self.runner.reset()
+        if self.speculator is not None and self.speculator.batch_drafter is not None:
+            self.speculator.batch_drafter.reset()
         self._pending = None
         self._unsettled.clear()
         self._sampler, self._sampler_rows = None, ()

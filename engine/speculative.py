@@ -68,6 +68,17 @@ class Drafter(Protocol):
     def propose(self, tokens: list[int], count: int) -> tuple[int, ...]: ...
 
 
+class BatchDrafter(Protocol):
+    """What drafts for a whole decode batch at once (`engine.draft_model.DraftModel`): up to
+    counts[r] drafts for row r, with the per-row state `new_row` made (kept as the row's drafter)."""
+
+    name: str
+
+    def new_row(self, sequence: Sequence) -> object: ...
+
+    def propose(self, rows: list[Sequence], counts: list[int]) -> list[tuple[int, ...]]: ...
+
+
 @dataclass
 class RowAcceptance:
     """A row's drafting state: its drafter and how well its drafts did lately."""
@@ -203,6 +214,7 @@ class Speculator:
         self.config = config
         self.new_drafter: Callable[[Sequence], Drafter] = lambda _sequence: NgramDrafter(config.ngram_min,
                                                                                          config.ngram_max)
+        self.batch_drafter: BatchDrafter | None = None  # set by `draft_with`
         self.slot_length = slot_length
         self.gate = SpeculationGate()
         self.drafts = 0  # verify rows with at least one draft, since start
@@ -212,22 +224,58 @@ class Speculator:
     def propose(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
         """Each row's drafts (empty for a row without a match or resting), or None when no row
         drafts or they are not worth a verify step (`SpeculationGate`)."""
+        if self.batch_drafter is not None:
+            return self._propose_batched(rows)
         drafts = [self._draft(sequence) for sequence in rows]
         if not any(drafts):
             return None
         expected = sum(1 + sequence.speculation.rate * len(own) for sequence, own in zip(rows, drafts))
         return drafts if self.gate.drafts(len(rows), expected, sum(map(len, drafts))) else None
 
-    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+    @property
+    def drafter_name(self) -> str:
+        """What drafts: `ngram`, or the draft model's id."""
+        return self.batch_drafter.name if self.batch_drafter is not None else "ngram"
+
+    def draft_with(self, drafter: BatchDrafter) -> None:
+        """Draft every step's rows together with `drafter` (a draft model) instead of per row."""
+        self.batch_drafter = drafter
+        self.new_drafter = drafter.new_row
+
+    def _propose_batched(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
+        """A model's drafts cost its forwards, so the gate decides before drafting, on what the
+        rows expect from the drafts they would ask for; the verify step it measures includes
+        the drafting (engine/engine.py times both)."""
+        counts = [self._count(sequence) for sequence in rows]
+        if not any(counts):
+            return None
+        expected = sum(1 + sequence.speculation.rate * count for sequence, count in zip(rows, counts))
+        if not self.gate.drafts(len(rows), expected, sum(counts)):
+            return None
+        proposed = self.batch_drafter.propose(rows, counts)
+        drafts = [self._checked(sequence, own) for sequence, own in zip(rows, proposed)]
+        return drafts if any(drafts) else None
+
+    def _count(self, sequence: Sequence) -> int:
+        """How many drafts the row may take this step (0: it rests, or has no room)."""
         state = sequence.speculation
         if state is None:
             state = sequence.speculation = RowAcceptance(self.new_drafter(sequence))
         if state.resting:
             state.resting -= 1
-            return ()
+            return 0
         # Never past the last token it may emit, nor past its KV slot (draft j is written at kv_len + j).
-        count = min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len)
-        drafts = state.drafter.propose(sequence.token_ids, count)
+        return max(0, min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len))
+
+    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+        count = self._count(sequence)
+        if not count:
+            return ()
+        return self._checked(sequence, sequence.speculation.drafter.propose(sequence.token_ids, count))
+
+    @staticmethod
+    def _checked(sequence: Sequence, drafts: tuple[int, ...]) -> tuple[int, ...]:
+        """Drafts cut at an EOS, and at the first token the row's grammar refuses."""
         eos = sequence.stop_checker.eos_token_ids
         for j, token in enumerate(drafts):
             if token in eos:  # nothing follows an EOS; a grammar row never drafts one (its mask decides)
