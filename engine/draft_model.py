@@ -77,14 +77,36 @@ class DraftRow:
 class DraftRunner(ModelRunner):
     """The draft model over its own slotted KV cache: no LoRA, no CUDA graphs (yet)."""
 
-    def catch_up(self, spans: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Spans (slot, first position, tokens) in one packed forward; each span's last position's
-        logits [spans, V], in the order given."""
-        order = sorted(range(len(spans)), key=lambda i: (spans[i][1] > 0, len(spans[i][2])))
+    def catch_up(self, spans: list[tuple[int, int, list[int]]], budget: int) -> torch.Tensor:
+        """Spans (slot, first position, tokens), packed into forwards of at most `budget` tokens
+        (a long prompt in chunks, as the target prefills it); each span's last position's logits
+        [spans, V], in the order given."""
+        pieces, last = [], {}
+        for index, (slot, start, tokens) in enumerate(spans):
+            for offset in range(0, len(tokens), budget):
+                pieces.append((index, slot, start + offset, tokens[offset : offset + budget]))
+        logits, batch, size = [], [], 0
+        for piece in pieces + [None]:
+            if piece is None or (batch and size + len(piece[3]) > budget):
+                out = self._packed(batch)
+                for row, (index, slot, start, tokens) in enumerate(batch):
+                    if start + len(tokens) == spans[index][1] + len(spans[index][2]):  # the span's end
+                        last[index] = len(logits)
+                        logits.append(out[row])
+                batch, size = [], 0
+            if piece is not None:
+                batch.append(piece)
+                size += len(piece[3])
+        return torch.stack([logits[last[index]] for index in range(len(spans))])
+
+    def _packed(self, pieces: list[tuple[int, int, int, list[int]]]) -> torch.Tensor:
+        """Pieces (span index, slot, first position, tokens) in one packed forward; the logits of
+        each piece's last position [pieces, V], in the order given."""
+        order = sorted(range(len(pieces)), key=lambda i: (pieces[i][2] > 0, len(pieces[i][3])))
         ids, positions, slots, keep, last = [], [], [], [], {}
         plan_spans: list[PromptGroup | ContinuedPrompt] = []
         for i in order:
-            slot, start, tokens = spans[i]
+            _, slot, start, tokens = pieces[i]
             offset, end = len(ids), start + len(tokens)
             ids += tokens
             positions += range(start, end)
@@ -101,7 +123,7 @@ class DraftRunner(ModelRunner):
         packed = device_longs(ids + positions + slots + keep, self.device)
         ids_t, positions_t, slots_t, keep_t = packed.split([len(ids)] * 3 + [len(keep)])
         logits = self._forward(ids_t, positions_t, StepPlan(slots_t, positions_t, None, tuple(plan_spans)), keep_t)
-        return logits[[last[i] for i in range(len(spans))]]
+        return logits[[last[i] for i in range(len(pieces))]]
 
     def step(self, ids: list[int], positions: list[int]) -> torch.Tensor:
         """One decode forward over slots 0..len(ids)-1: logits [rows, V]."""
@@ -113,14 +135,18 @@ class DraftRunner(ModelRunner):
 class DraftModel:
     """The batch drafter `engine.speculative.Speculator` calls when a draft model is set."""
 
-    def __init__(self, model, target, name: str, slots: int, slot_length: int, device: torch.device):
+    def __init__(self, model, target, name: str, slots: int, slot_length: int, device: torch.device,
+                 prefill_budget: int = 4096):
         refusal = vocabulary_refusal(target, model) or slot_path_refusal(model, slot_length)
         if refusal:
             raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must share the target's "
                               "tokenizer and take the slot path")
         self.name = name
-        self.runner = DraftRunner(model, device, slots, slot_length)
-        self.forwards = 0  # draft forwards run, since start
+        self.prefill_budget = prefill_budget  # tokens a catch-up forward takes at most (--max-batch-prefill-tokens)
+        self.runner = DraftRunner(model.to(device), device, slots, slot_length)
+        # Whether the last drafting caught its rows up by one step's tokens (at most the bonus
+        # token and the last one): its timing is a typical step's, not a prompt's prefill.
+        self.steady = True
 
     def new_row(self, _sequence: Sequence) -> DraftRow:
         return DraftRow()
@@ -145,8 +171,9 @@ class DraftModel:
             assert sequence.slot == r, "a decode batch's row r is slot r"
             seen = states[r].settle(sequence.token_ids, sequence.kv_len)
             spans.append((r, seen, sequence.token_ids[seen : sequence.kv_len + 1]))
-        drafts = {r: [token] for r, token in zip(drafting, self.runner.catch_up(spans).argmax(-1).tolist())}
-        self.forwards += 1
+        self.steady = all(len(tokens) <= 2 for _, _, tokens in spans)
+        first = self.runner.catch_up(spans, self.prefill_budget).argmax(-1).tolist()
+        drafts = {r: [token] for r, token in zip(drafting, first)}
         for j in range(1, max(counts)):
             active = [r for r in drafting if counts[r] > j]
             if not active:
@@ -159,7 +186,6 @@ class DraftModel:
             for r in active:
                 ids[r], positions[r] = drafts[r][-1], rows[r].kv_len + j
             picked = self.runner.step(ids, positions)[active].argmax(-1).tolist()
-            self.forwards += 1
             for r, token in zip(active, picked):
                 drafts[r].append(token)
         for r in drafting:

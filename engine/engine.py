@@ -110,7 +110,8 @@ class Engine:
                 self.speculator = Speculator(speculative, scheduler_config.slot_length)
                 if draft_model is not None:
                     self.speculator.draft_with(DraftModel(draft_model, model, draft_name or draft_model.name_or_path,
-                                                          slots, scheduler_config.slot_length, self.device))
+                                                          slots, scheduler_config.slot_length, self.device,
+                                                          scheduler_config.max_batch_prefill_tokens))
                 overlap = False  # a verify step's successor depends on how many drafts were accepted
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
@@ -352,7 +353,8 @@ class Engine:
         size = len(batch.decoding) + len(batch.prefill)
         seconds = time.perf_counter() - launched.started
         self.metrics.observe_step(_method(batch), size, seconds)
-        if self.speculator is not None and not batch.prefill:
+        if self.speculator is not None and not batch.prefill and (launched.drafts is None or
+                                                                  self.speculator.timing_is_typical):
             self.speculator.gate.observe(size, seconds, sum(map(len, launched.drafts or ())))
         if events and self.step_listener is not None:
             self.step_listener(events)

@@ -73,6 +73,7 @@ class BatchDrafter(Protocol):
     counts[r] drafts for row r, with the per-row state `new_row` made (kept as the row's drafter)."""
 
     name: str
+    steady: bool  # its last drafting cost a typical step's forwards (no long catch-up)
 
     def new_row(self, sequence: Sequence) -> object: ...
 
@@ -236,6 +237,13 @@ class Speculator:
     def drafter_name(self) -> str:
         """What drafts: `ngram`, or the draft model's id."""
         return self.batch_drafter.name if self.batch_drafter is not None else "ngram"
+
+    @property
+    def timing_is_typical(self) -> bool:
+        """Whether the last verify step's time is what such a step costs: not when a draft model
+        caught rows up by a prompt or a rest's tokens (a prefill the gate must not charge to
+        every step; it is paid once, when a row starts or comes back from a rest)."""
+        return self.batch_drafter is None or self.batch_drafter.steady
 
     def draft_with(self, drafter: BatchDrafter) -> None:
         """Draft every step's rows together with `drafter` (a draft model) instead of per row."""

@@ -173,11 +173,13 @@ def test_a_failed_step_forgets_the_draft_kv_too(model_and_tokenizer):
     assert_same(run(engine, [r])[0], plain)
 
 
-def test_every_proposal_is_the_draft_models_own_greedy_continuation_of_the_row(model_and_tokenizer, draft):
+@pytest.mark.parametrize("budget", [4096, 5], ids=["one-forward", "catch-up-in-chunks"])
+def test_every_proposal_is_the_draft_models_own_greedy_continuation_of_the_row(model_and_tokenizer, draft, budget):
     """Catch-up and rollback are exact: after rejections, joins and leaves, each row's drafts are
-    what the draft model alone (transformers' generate) continues its tokens with."""
+    what the draft model alone (transformers' generate) continues its tokens with; a catch-up
+    longer than the prefill budget goes in chunks (memory stays bounded), still exact."""
     model, tokenizer = model_and_tokenizer
-    engine = make_engine(model_and_tokenizer, draft_model=draft)
+    engine = make_engine(model_and_tokenizer, draft_model=draft, max_batch_prefill_tokens=budget)
     drafter, checked = engine.speculator.batch_drafter, []
     propose = drafter.propose
 
@@ -197,3 +199,40 @@ def test_every_proposal_is_the_draft_models_own_greedy_continuation_of_the_row(m
     staggered(engine, requests, {"r2": 3, "r3": 5})
     stats = engine.stats()
     assert len(checked) > 10 and stats.spec_accepted_tokens < stats.spec_draft_tokens  # rejections happened
+
+
+def test_the_bench_draft_is_the_models_first_layers_with_its_head(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bench.truncated_draft import truncate
+
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cut = AutoModelForCausalLM.from_pretrained(truncate(tiny_model_dir, 1, tmp_path / "cut"))
+    assert cut.config.num_hidden_layers == 1 and cut.config.vocab_size == source.config.vocab_size
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        hidden = source.model.layers[0](source.model.embed_tokens(ids), position_embeddings=source.model.rotary_emb(
+            source.model.embed_tokens(ids), torch.arange(3).view(1, -1)))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        want = source.lm_head(source.model.norm(hidden))
+        assert torch.allclose(cut(ids).logits, want, atol=1e-5)
+    with pytest.raises(ValueError, match="layers must be in 1..2"):
+        truncate(tiny_model_dir, 3, tmp_path / "too-deep")
+
+
+def test_the_gate_times_steady_drafting_steps_not_a_prompts_catch_up(model_and_tokenizer):
+    """A row's first drafting step prefills its prompt into the draft KV: charged to every step,
+    it would make drafting look many times dearer than it is, and the gate would turn it off."""
+    model, tokenizer = model_and_tokenizer
+    observed = []
+
+    class Recording(VerifyWhenDrafted):
+        def observe(self, rows, seconds, draft_tokens=0):
+            observed.append(draft_tokens)
+
+    engine = make_engine(model_and_tokenizer, draft_model=model)
+    engine.speculator.gate = Recording()
+    run(engine, [request(tokenizer, "r", TEXTS[0], max_new_tokens=16)])
+    verify_steps = engine.stats().spec_drafts
+    assert verify_steps >= 3
+    assert len([d for d in observed if d]) == verify_steps - 1  # all but the first, the prompt's catch-up
