@@ -57,6 +57,13 @@ def test_speculative_model_flag_environment_and_models_file(tmp_path):
                       "  - {name: other, model_id: /m/other}\n")
     catalog = Settings(models_file=str(models)).catalog
     assert [(m.settings.speculate, m.settings.speculative_model) for m in catalog.models] == [(4, "/m/small"), (0, None)]
+    for entry, error in (("speculate: '4'", "`speculate` must be a whole number"),
+                         ("speculative_model: 5", "`speculative_model` must be a string"),
+                         ("speculate: 100", "--speculate must be in 0..64"),
+                         ("speculative_model: /m/small", "--speculative-model drafts --speculate N tokens")):
+        models.write_text(f"models:\n  - {{name: a, model_id: /m/a, {entry}}}\n")
+        with pytest.raises(ValueError, match=error):
+            Settings(models_file=str(models)).catalog
 
 
 def test_a_replica_refuses_a_draft_model_of_another_tokenizer_in_one_line(tiny_model_dir, tmp_path):
