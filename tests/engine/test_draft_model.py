@@ -236,3 +236,31 @@ def test_the_gate_times_steady_drafting_steps_not_a_prompts_catch_up(model_and_t
     verify_steps = engine.stats().spec_drafts
     assert verify_steps >= 3
     assert len([d for d in observed if d]) == verify_steps - 1  # all but the first, the prompt's catch-up
+
+
+def test_lora_rows_draft_with_the_base_draft_model_and_verify_under_their_adapter(model_and_tokenizer, tiny_model_dir,
+                                                                                 tmp_path):
+    import copy
+
+    from engine.lora_files import load_adapter
+    from tests.lora_adapters import build_adapter
+
+    model, tokenizer = model_and_tokenizer
+    adapter = load_adapter("head", build_adapter(tiny_model_dir, tmp_path / "head", seed=5,
+                                                 targets=["q_proj", "lm_head"]), model)
+    requests = [request(tokenizer, f"r{n}-{name}", text, max_new_tokens=12, adapter=name)
+                for n, text in enumerate(TEXTS[:2]) for name in (None, "head")]
+    base_draft = copy.deepcopy(model)  # the target's weights without its adapters: a separate model
+    results = []
+    for draft_model in (None, base_draft):
+        engine = Engine(model, tokenizer, SchedulerConfig(), adapters=[adapter], draft_model=draft_model,
+                        speculative=SpeculativeConfig(tokens=4) if draft_model is not None else None)
+        if engine.speculator is not None:
+            engine.speculator.gate = VerifyWhenDrafted()
+        try:
+            results.append(run(engine, requests))
+        finally:
+            engine.runner.lora.remove()
+    (plain, _), (speculated, _) = results
+    assert_same(speculated, plain)
+    assert engine.stats().spec_accepted_tokens > 0  # the base rows' drafts are the target's own
