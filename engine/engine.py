@@ -7,8 +7,9 @@ the host, where each request detokenizes, checks its stop conditions and emits o
 (`engine/token_events.py`), and finished requests end their streams and give their KV slot back
 (`complete`). With overlap on (CUDA), a decode step whose batch is unchanged is launched before
 the previous step completes (`engine/overlap.py`). With `--speculate`, a decode step whose rows
-have n-gram drafts verifies them all in its one forward and each row emits what it accepted
-(`engine/speculative.py`, `_verify` and `_accept`). See docs/engine.md.
+have drafts (n-grams, or a draft model's: `engine/draft_model.py`) verifies them all in its one
+forward and each row emits what it accepted (`engine/speculative.py`, `_verify` and `_accept`).
+See docs/engine.md.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ It pays or it steps aside: a row whose drafts were mostly rejected lately stops 
 while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
 own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
 on this machine (`SpeculationGate`).
+Drafts come per row (n-grams, `engine/ngram.py`) or, with a draft model, for the whole batch at
+once (`BatchDrafter`, `engine/draft_model.py`): then the gate decides before drafting, since
+drafting costs the draft model's forwards.
 See docs/engine.md ("Speculative decoding").
 """
 from __future__ import annotations
