@@ -137,10 +137,12 @@ class DraftModel:
 
     def __init__(self, model, target, name: str, slots: int, slot_length: int, device: torch.device,
                  prefill_budget: int = 4096):
-        refusal = vocabulary_refusal(target, model) or slot_path_refusal(model, slot_length)
+        refusal = vocabulary_refusal(target, model)
         if refusal:
-            raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must share the target's "
-                              "tokenizer and take the slot path")
+            raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must share the target's tokenizer")
+        refusal = slot_path_refusal(model, slot_length)
+        if refusal:
+            raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must take the slot path")
         self.name = name
         self.prefill_budget = prefill_budget  # tokens a catch-up forward takes at most (--max-batch-prefill-tokens)
         self.runner = DraftRunner(model.to(device), device, slots, slot_length)

@@ -264,3 +264,12 @@ def test_lora_rows_draft_with_the_base_draft_model_and_verify_under_their_adapte
     (plain, _), (speculated, _) = results
     assert_same(speculated, plain)
     assert engine.stats().spec_accepted_tokens > 0  # the base rows' drafts are the target's own
+
+
+def test_a_draft_model_off_the_slot_path_is_refused_in_one_clear_line(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    windowed = small_draft(model, model_type="mistral", sliding_window=16)
+    windowed.config.model_type = "mistral"  # a sliding window shorter than a slot: the slot path ignores it
+    with pytest.raises(EngineError, match=r"^--speculative-model draft: its sliding window \(16\) is shorter than a "
+                                          r"slot .*: a draft model must take the slot path$"):
+        make_engine(model_and_tokenizer, draft_model=windowed)
