@@ -7,17 +7,23 @@ On the default model (SmolLM2-135M-Instruct from its GGUF file), greedy, in one 
 - 32 streams at once (the gate decides per batch size whether drafting pays);
 - batch 1 beside llama-cpp-python on the same GGUF file and prompts, when it is installed (the
   `bench` extra; llama.cpp on 2 cores is what a CPU user compares us with).
+With `--speculative-model ID` a third engine drafts with that model (`layers:K`: the default
+model cut to its first K layers, `bench/truncated_draft.py`), on the batch-1 prompts only (a
+draft model's catch-up of 32 prompts is a prefill of them all again): its tokens/s beside plain
+and n-gram drafting, and each drafter's acceptance, in one run.
 Runs alternate (plain, speculated, plain, ...) so that a noisy machine slows both alike; each
 row reports the median of its rounds and the spread (min..max of the per-round ratios).
 Outputs of the plain and speculated runs are compared token for token (they must be equal).
 
-    python -m bench.speculative [--speculate 4] [--rounds 3] [--quick]
+    python -m bench.speculative [--speculate 4] [--rounds 3] [--quick] [--speculative-model layers:6]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,13 +71,33 @@ def chat(tokenizer, text: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False).input_ids
 
 
-def make_engine(model, tokenizer, speculate: int, ngram_min: int, ngram_max: int):
+def make_engine(model, tokenizer, speculate: int, ngram_min: int, ngram_max: int, draft=None, draft_name=""):
     from engine.engine import Engine
     from engine.scheduler import SchedulerConfig
     from engine.speculative import SpeculativeConfig
 
     config = SchedulerConfig(max_batch_size=32, max_batch_total_tokens=32 * 1024, max_total_tokens=1024)
-    return Engine(model, tokenizer, config, speculative=SpeculativeConfig(speculate, ngram_min, ngram_max)).start()
+    return Engine(model, tokenizer, config, speculative=SpeculativeConfig(speculate, ngram_min, ngram_max),
+                  draft_model=draft, draft_name=draft_name).start()
+
+
+def draft_directory(model_id: str, default_dir: Path, scratch: str) -> Path:
+    """`layers:K`: the default model's first K layers, written under `scratch`; else a model id as
+    `--model-id` takes it, prepared on this host."""
+    if model_id.startswith("layers:"):
+        from bench.truncated_draft import truncate
+
+        layers = int(model_id.split(":", 1)[1])
+        return truncate(default_dir, layers, Path(scratch) / f"first-{layers}-layers")
+    from blitzscale.cli import prepare
+    from common.settings import Settings
+
+    return prepare(Settings.from_env(model_id=model_id))
+
+
+def acceptance(engine) -> tuple[int, int]:
+    stats = engine.stats()
+    return stats.spec_accepted_tokens, stats.spec_draft_tokens
 
 
 def generate(engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
@@ -111,6 +137,7 @@ def compare(name: str, prompts: list[list[int]], engines: dict, args, new_tokens
     rates = {mode: [] for mode in engines}
     llama_rates = []
     outputs = {}
+    before = {mode: acceptance(engine) for mode, engine in engines.items()}
     for _ in range(args.rounds):
         for mode, engine in engines.items():
             tokens, seconds = generate(engine, prompts, new_tokens)
@@ -124,6 +151,15 @@ def compare(name: str, prompts: list[list[int]], engines: dict, args, new_tokens
            "plain_tok_s": statistics.median(rates["plain"]), "spec_tok_s": statistics.median(rates["speculate"]),
            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
            "same_tokens": outputs["plain"] == outputs["speculate"]}
+    for mode, key in (("speculate", "ngram_accept"), ("draft", "draft_accept")):
+        if mode in engines:
+            accepted, drafted = (now - then for now, then in zip(acceptance(engines[mode]), before[mode]))
+            row[key] = accepted / drafted if drafted else 0.0
+    if "draft" in engines:
+        row.update(draft_tok_s=statistics.median(rates["draft"]),
+                   draft_ratio=statistics.median(d / p for p, d in zip(rates["plain"], rates["draft"])),
+                   draft_vs_ngram=statistics.median(d / s for s, d in zip(rates["speculate"], rates["draft"])),
+                   same_tokens=row["same_tokens"] and outputs["plain"] == outputs["draft"])
     if llama_rates:
         vs_llama = [s / l for s, l in zip(rates["speculate"], llama_rates)]
         row.update(llama_tok_s=statistics.median(llama_rates), vs_llama=statistics.median(vs_llama),
@@ -144,6 +180,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default="cpu")
+    parser.add_argument("--speculative-model", default=None,
+                        help="also draft with this model (an id as --model-id, or layers:K: the default model's first "
+                             "K layers), at batch 1")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.streams, args.stream_tokens, args.rounds = 48, 8, 16, 1
@@ -156,29 +195,45 @@ def main() -> None:
     model, tokenizer = load_model(directory, torch.device("cpu"), None), AutoTokenizer.from_pretrained(directory)
     engines = {"plain": make_engine(model, tokenizer, 0, args.ngram_min, args.ngram_max),
                "speculate": make_engine(model, tokenizer, args.speculate, args.ngram_min, args.ngram_max)}
+    scratch = tempfile.TemporaryDirectory(prefix="bench-draft-")
+    if args.speculative_model:
+        draft_dir = draft_directory(args.speculative_model, directory, scratch.name)
+        draft = load_model(draft_dir, torch.device("cpu"), None)
+        engines["draft"] = make_engine(model, tokenizer, args.speculate, args.ngram_min, args.ngram_max, draft,
+                                       args.speculative_model)
     llama = llama_cpp_model(default_model_id())
     print(f"SmolLM2-135M-Instruct on cpu ({torch.get_num_threads()} threads), greedy, {args.new_tokens} new tokens, "
-          f"--speculate {args.speculate} (n-grams {args.ngram_min}..{args.ngram_max}), {args.rounds} alternated "
+          f"--speculate {args.speculate} (n-grams {args.ngram_min}..{args.ngram_max}"
+          f"{', draft model ' + args.speculative_model if args.speculative_model else ''}), {args.rounds} alternated "
           f"rounds; llama-cpp-python: {'yes' if llama is not None else 'not installed'}", flush=True)
     try:
-        generate(engines["plain"], [chat(tokenizer, "Hello")], 8)  # warm both up
-        generate(engines["speculate"], [chat(tokenizer, "Hello")], 8)
+        for engine in engines.values():  # warm them up
+            generate(engine, [chat(tokenizer, "Hello")], 8)
         rows = [compare(f"batch 1 {kind}: {name}", [chat(tokenizer, text)], engines, args, args.new_tokens, llama)
                 for kind, prompts in (("grounded", GROUNDED), ("open-ended", OPEN_ENDED))
                 for name, text in prompts.items()]
         texts = list(OPEN_ENDED.values()) + list(GROUNDED.values())
         streams = [chat(tokenizer, f"{texts[n % len(texts)]} (#{n})") for n in range(args.streams)]
-        rows.append(compare(f"{args.streams} streams", streams, engines, args, args.stream_tokens))
+        batch1_only = {mode: engine for mode, engine in engines.items() if mode != "draft"}
+        rows.append(compare(f"{args.streams} streams", streams, batch1_only, args, args.stream_tokens))
     finally:
         for engine in engines.values():
             engine.stop()
-    columns = ["workload", "tokens", "plain_tok_s", "spec_tok_s", "ratio", "ratio_min", "ratio_max", "same_tokens"]
+        scratch.cleanup()
+    columns = ["workload", "tokens", "plain_tok_s", "spec_tok_s", "ratio", "ratio_min", "ratio_max", "same_tokens",
+               "ngram_accept"]
+    if "draft" in engines:
+        columns += ["draft_tok_s", "draft_ratio", "draft_vs_ngram", "draft_accept"]
     if llama is not None:
         columns += ["llama_tok_s", "vs_llama", "plain_vs_llama"]
     print_table(rows, columns)
     gate = engines["speculate"].speculator.gate.ratios()
     print(f"measured cost of a verify step in plain steps (rows bucket x drafts a row): {gate}")
-    path = save(f"speculative-{args.name}", {"args": vars(args), "rows": rows, "gate": gate})
+    results = {"args": vars(args), "rows": rows, "gate": gate}
+    if "draft" in engines:
+        results["draft_gate"] = engines["draft"].speculator.gate.ratios()
+        print(f"with the draft model's forwards: {results['draft_gate']}")
+    path = save(f"speculative-{args.name}{'-draft' if 'draft' in engines else ''}", results)
     print(f"saved {path}")
 
 

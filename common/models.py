@@ -8,7 +8,8 @@ model has its own shared queue: the first model keeps `generation` (and a one-mo
 the default, is exactly the single-model service), the others `generation:<name>`.
 
 The flags are every model's defaults; a models file overrides, per model, `min_replicas`,
-`max_replicas`, `max_batch_size`, `lora_adapters` (and `revision`, `dtype`). No torch here.
+`max_replicas`, `max_batch_size`, `lora_adapters` (and `revision`, `dtype`, `speculate`,
+`speculative_model`: a draft model of that model's tokenizer). No torch here.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from common.keys import GENERATION_QUEUE
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")  # no `/` and no `@`: it is part of queue names
 MAX_NAME = 64  # a name is part of queue names, Redis keys and metric labels: a name, not a payload
-OVERRIDABLE = ("min_replicas", "max_replicas", "max_batch_size", "lora_adapters", "revision", "dtype")
+OVERRIDABLE = ("min_replicas", "max_replicas", "max_batch_size", "lora_adapters", "revision", "dtype", "speculate",
+               "speculative_model")
 # What each override may be: a file is read as written (YAML `3` is an int, `"3"` a string, TOML
 # `1e400` a float): a wrong kind or a number past these is one clear line at start, never a
 # TypeError later or a slot range of a trillion slots that the control plane walks.
 MAX_SLOTS_PER_MODEL = 4096
-_INTEGERS = {"min_replicas": 0, "max_replicas": 0, "max_batch_size": 1}  # name -> least value
+_INTEGERS = {"min_replicas": 0, "max_replicas": 0, "max_batch_size": 1, "speculate": 0}  # name -> least value
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,9 @@ class Settings:
     speculate: int = 0
     speculate_ngram_min: int = 2
     speculate_ngram_max: int = 4
+    # vLLM's draft model: a small model of the same tokenizer drafts the --speculate tokens instead
+    # of n-grams (as --model-id takes it: hub id, directory, .gguf; engine/draft_model.py)
+    speculative_model: str | None = None
     # Prefix affinity (tasks/client/affinity.py): a job whose prompt starts like one a live, not
     # overloaded replica served recently goes to that replica's own queue; after `affinity_wait`
     # seconds there untaken (or when that replica stops serving) it goes to the shared queue.
@@ -186,6 +189,9 @@ class Settings:
         if not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max <= MAX_NGRAM:
             raise ValueError("--speculate-ngram-min and --speculate-ngram-max must satisfy 1 <= min <= max <= "
                              f"{MAX_NGRAM}, got {self.speculate_ngram_min} and {self.speculate_ngram_max}")
+        if self.speculative_model and not self.speculate:
+            raise ValueError("--speculative-model drafts --speculate N tokens per row per step: set --speculate "
+                             "(e.g. 4)")
         self.adapters  # parsed now: a malformed list stops the start
 
     @cached_property

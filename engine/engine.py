@@ -7,8 +7,9 @@ the host, where each request detokenizes, checks its stop conditions and emits o
 (`engine/token_events.py`), and finished requests end their streams and give their KV slot back
 (`complete`). With overlap on (CUDA), a decode step whose batch is unchanged is launched before
 the previous step completes (`engine/overlap.py`). With `--speculate`, a decode step whose rows
-have n-gram drafts verifies them all in its one forward and each row emits what it accepted
-(`engine/speculative.py`, `_verify` and `_accept`). See docs/engine.md.
+have drafts (n-grams, or a draft model's: `engine/draft_model.py`) verifies them all in its one
+forward and each row emits what it accepted (`engine/speculative.py`, `_verify` and `_accept`).
+See docs/engine.md.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.devices import affordable_slots, device_context
+from engine.draft_model import DraftModel
 from engine.generic_runner import GenericRunner
 from engine.host_transfer import Fence, HostCopy
 from engine.lora import LoraLayers
@@ -59,6 +61,7 @@ class EngineStats:
     prefix_cached_slots: int = 0  # free slots holding a cached prefix now
     waiting_tokens: int = 0  # prompt positions yet to prefill, a long prompt's chunks included (the SLO autoscaler's demand)
     speculate: int = 0  # draft tokens per row per step (0: no speculation)
+    spec_drafter: str = ""  # what drafts: "ngram" or the draft model's id ("": no speculation)
     spec_drafts: int = 0  # rows verified with drafts, since start
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
@@ -69,7 +72,7 @@ class Engine:
                  step_listener: Callable[[list[TokenEvent]], None] | None = None, cuda_graphs: bool | None = None,
                  watermark: Watermark | None = None, overlap: bool | None = None,
                  adapters: tuple[LoraAdapter, ...] | list[LoraAdapter] = (),
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, draft_model=None, draft_name: str = ""):
         """`step_listener`, when given, is called on the loop thread with every event of a step
         (keep it quick: hand the events to another thread). It sees a request's last event
         before that request's stream ends. `cuda_graphs`: on CUDA, replay decode steps from graphs unless False (never on CPU).
@@ -79,12 +82,14 @@ class Engine:
         `adapters`: the LoRA adapters requests may name (`GenerationRequest.adapter`), checked
         against the model already (engine/lora_files.py); many of them run in one batch.
         `speculative`: n-gram drafts verified in the batch (engine/speculative.py); its steps are
-        synchronous, so it turns overlap off."""
+        synchronous, so it turns overlap off. `draft_model`: a small model of the same tokenizer
+        drafts instead of n-grams (`--speculative-model`, engine/draft_model.py), shown as
+        `draft_name`; its KV takes slots as the model's does."""
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
         slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
-                                 self.device.type == "cuda" and cuda_graphs is not False)
+                                 self.device.type == "cuda" and cuda_graphs is not False, draft_model)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None
@@ -104,6 +109,10 @@ class Engine:
                 log.warning("speculative decoding needs the slot path: off")
             else:
                 self.speculator = Speculator(speculative, scheduler_config.slot_length)
+                if draft_model is not None:
+                    self.speculator.draft_with(DraftModel(draft_model, model, draft_name or draft_model.name_or_path,
+                                                          slots, scheduler_config.slot_length, self.device,
+                                                          scheduler_config.max_batch_prefill_tokens))
                 overlap = False  # a verify step's successor depends on how many drafts were accepted
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
@@ -181,6 +190,7 @@ class Engine:
             prefix_cached_slots=table.cached_slots,
             waiting_tokens=self.scheduler.prompt_tokens_to_prefill(),  # the inbox's join at the next step
             speculate=self.speculator.config.tokens if self.speculator else 0,
+            spec_drafter=self.speculator.drafter_name if self.speculator else "",
             spec_drafts=self.speculator.drafts if self.speculator else 0,
             spec_draft_tokens=self.speculator.draft_tokens if self.speculator else 0,
             spec_accepted_tokens=self.speculator.accepted if self.speculator else 0,
@@ -242,8 +252,12 @@ class Engine:
             batch = self.scheduler.schedule()
             if batch.is_empty:
                 return None
+            drafter = self.speculator.batch_drafter if self.speculator is not None else None
+            if drafter is not None:
+                drafter.apply_copies(batch.copies)  # its KV follows the slots, drafting or not
+            started = time.perf_counter()  # a verify step's cost includes its drafting
             drafts = self._drafts(batch)
-            return self._verify(batch, drafts) if drafts else self._sample(self._run(batch))
+            return self._verify(batch, drafts, started) if drafts else self._sample(self._run(batch))
         sample_later = previous.sampler.needs_host
         try:
             launched = self._run(successor(previous))  # on the device while `previous` completes
@@ -276,14 +290,14 @@ class Engine:
             return None
         return self.speculator.propose(batch.decode)
 
-    def _verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]]) -> LaunchedStep:
+    def _verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]], started: float) -> LaunchedStep:
         """A decode step whose rows carry drafts: one forward scores every position, each sampled
         as plain decoding would sample it (engine/speculative.py); accepted in `_accept`."""
         self.runner.apply_copies(batch.copies)
         self._unsettled.append("decode")
-        started = time.perf_counter()
+        forward_started = time.perf_counter()
         logits = self.runner.verify(batch, drafts)
-        self.metrics.observe_forward("decode", time.perf_counter() - started)
+        self.metrics.observe_forward("decode", time.perf_counter() - forward_started)
         samplers, histories = self.speculator.verify_rows(batch.decode, drafts)
         sampler = BatchSampler(samplers, self.device, self.watermark)
         self._sampler, self._sampler_rows = None, ()  # the batch's own sampler missed these tokens
@@ -340,7 +354,8 @@ class Engine:
         size = len(batch.decoding) + len(batch.prefill)
         seconds = time.perf_counter() - launched.started
         self.metrics.observe_step(_method(batch), size, seconds)
-        if self.speculator is not None and not batch.prefill:
+        if self.speculator is not None and not batch.prefill and (launched.drafts is None or
+                                                                  self.speculator.timing_is_typical):
             self.speculator.gate.observe(size, seconds, sum(map(len, launched.drafts or ())))
         if events and self.step_listener is not None:
             self.step_listener(events)
@@ -423,6 +438,8 @@ class Engine:
                 sequence.fail(error)
         _end_finished(drained)  # whose final is out: never silence
         self.runner.reset()
+        if self.speculator is not None and self.speculator.batch_drafter is not None:
+            self.speculator.batch_drafter.reset()
         self._pending = None
         self._unsettled.clear()
         self._sampler, self._sampler_rows = None, ()

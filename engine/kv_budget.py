@@ -11,7 +11,11 @@ the free memory, less a 10% margin, less each part, every part logged:
 - sampler buffers: estimated as six float32 [slots, V] tensors (the logits in float32, scaled,
   softmax, penalties' counts and two processed copies);
 - watermark green lists: exact, [rows, V] bool, rows being the lists kept between steps or, when
-  every slot's previous token differs in one step, one per slot (engine/watermark.py grows to it).
+  every slot's previous token differs in one step, one per slot (engine/watermark.py grows to it);
+- a draft model (`--speculative-model`): its weights are loaded before the budget is taken, so
+  they are out of the free memory already; its KV has a row in every slot (engine/draft_model.py),
+  so a slot costs the target's and the draft's keys and values, and its logits buffer (one [slots,
+  V] row per draft forward) is a part.
 """
 from __future__ import annotations
 
@@ -52,10 +56,16 @@ class KVBudget:
 
 
 def kv_budget(model, free: int, slots: int, slot_length: int, adapters: Sequence[LoraAdapter] = (),
-              cuda_graphs: bool = False) -> KVBudget:
-    """The budget for up to `slots` slots of `slot_length` positions, `free` bytes free now."""
-    slot_bytes = KVGeometry.of(model).bytes_per_position * slot_length
-    return KVBudget(free, slot_bytes, engine_parts(model, slots, slot_length, adapters, cuda_graphs))
+              cuda_graphs: bool = False, draft_model=None) -> KVBudget:
+    """The budget for up to `slots` slots of `slot_length` positions, `free` bytes free now
+    (with `draft_model` loaded already: its KV shares each slot)."""
+    per_position = KVGeometry.of(model).bytes_per_position
+    parts = engine_parts(model, slots, slot_length, adapters, cuda_graphs)
+    if draft_model is not None:
+        per_position += KVGeometry.of(draft_model).bytes_per_position
+        element = next(draft_model.parameters()).element_size()
+        parts["draft model logits"] = slots * draft_model.config.get_text_config().vocab_size * element
+    return KVBudget(free, per_position * slot_length, parts)
 
 
 def engine_parts(model, slots: int, slot_length: int, adapters: Sequence[LoraAdapter], cuda_graphs: bool) -> dict[str, int]:

@@ -15,6 +15,9 @@ It pays or it steps aside: a row whose drafts were mostly rejected lately stops 
 while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
 own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
 on this machine (`SpeculationGate`).
+Drafts come per row (n-grams, `engine/ngram.py`) or, with a draft model, for the whole batch at
+once (`BatchDrafter`, `engine/draft_model.py`): then the gate decides before drafting, since
+drafting costs the draft model's forwards.
 See docs/engine.md ("Speculative decoding").
 """
 from __future__ import annotations
@@ -66,6 +69,18 @@ class Drafter(Protocol):
     by `Speculator.new_drafter` (tests use an oracle)."""
 
     def propose(self, tokens: list[int], count: int) -> tuple[int, ...]: ...
+
+
+class BatchDrafter(Protocol):
+    """What drafts for a whole decode batch at once (`engine.draft_model.DraftModel`): up to
+    counts[r] drafts for row r, with the per-row state `new_row` made (kept as the row's drafter)."""
+
+    name: str
+    steady: bool  # its last drafting cost a typical step's forwards (no long catch-up)
+
+    def new_row(self, sequence: Sequence) -> object: ...
+
+    def propose(self, rows: list[Sequence], counts: list[int]) -> list[tuple[int, ...]]: ...
 
 
 @dataclass
@@ -203,6 +218,7 @@ class Speculator:
         self.config = config
         self.new_drafter: Callable[[Sequence], Drafter] = lambda _sequence: NgramDrafter(config.ngram_min,
                                                                                          config.ngram_max)
+        self.batch_drafter: BatchDrafter | None = None  # set by `draft_with`
         self.slot_length = slot_length
         self.gate = SpeculationGate()
         self.drafts = 0  # verify rows with at least one draft, since start
@@ -212,22 +228,65 @@ class Speculator:
     def propose(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
         """Each row's drafts (empty for a row without a match or resting), or None when no row
         drafts or they are not worth a verify step (`SpeculationGate`)."""
+        if self.batch_drafter is not None:
+            return self._propose_batched(rows)
         drafts = [self._draft(sequence) for sequence in rows]
         if not any(drafts):
             return None
         expected = sum(1 + sequence.speculation.rate * len(own) for sequence, own in zip(rows, drafts))
         return drafts if self.gate.drafts(len(rows), expected, sum(map(len, drafts))) else None
 
-    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+    @property
+    def drafter_name(self) -> str:
+        """What drafts: `ngram`, or the draft model's id."""
+        return self.batch_drafter.name if self.batch_drafter is not None else "ngram"
+
+    @property
+    def timing_is_typical(self) -> bool:
+        """Whether the last verify step's time is what such a step costs: not when a draft model
+        caught rows up by a prompt or a rest's tokens (a prefill the gate must not charge to
+        every step; it is paid once, when a row starts or comes back from a rest)."""
+        return self.batch_drafter is None or self.batch_drafter.steady
+
+    def draft_with(self, drafter: BatchDrafter) -> None:
+        """Draft every step's rows together with `drafter` (a draft model) instead of per row."""
+        self.batch_drafter = drafter
+        self.new_drafter = drafter.new_row
+
+    def _propose_batched(self, rows: list[Sequence]) -> list[tuple[int, ...]] | None:
+        """A model's drafts cost its forwards, so the gate decides before drafting, on what the
+        rows expect from the drafts they would ask for; the verify step it measures includes
+        the drafting (engine/engine.py times both)."""
+        counts = [self._count(sequence) for sequence in rows]
+        if not any(counts):
+            return None
+        expected = sum(1 + sequence.speculation.rate * count for sequence, count in zip(rows, counts))
+        if not self.gate.drafts(len(rows), expected, sum(counts)):
+            return None
+        proposed = self.batch_drafter.propose(rows, counts)
+        drafts = [self._checked(sequence, own) for sequence, own in zip(rows, proposed)]
+        return drafts if any(drafts) else None
+
+    def _count(self, sequence: Sequence) -> int:
+        """How many drafts the row may take this step (0: it rests, or has no room)."""
         state = sequence.speculation
         if state is None:
             state = sequence.speculation = RowAcceptance(self.new_drafter(sequence))
         if state.resting:
             state.resting -= 1
-            return ()
+            return 0
         # Never past the last token it may emit, nor past its KV slot (draft j is written at kv_len + j).
-        count = min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len)
-        drafts = state.drafter.propose(sequence.token_ids, count)
+        return max(0, min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len))
+
+    def _draft(self, sequence: Sequence) -> tuple[int, ...]:
+        count = self._count(sequence)
+        if not count:
+            return ()
+        return self._checked(sequence, sequence.speculation.drafter.propose(sequence.token_ids, count))
+
+    @staticmethod
+    def _checked(sequence: Sequence, drafts: tuple[int, ...]) -> tuple[int, ...]:
+        """Drafts cut at an EOS, and at the first token the row's grammar refuses."""
         eos = sequence.stop_checker.eos_token_ids
         for j, token in enumerate(drafts):
             if token in eos:  # nothing follows an EOS; a grammar row never drafts one (its mask decides)

@@ -76,6 +76,7 @@ class PrefixCacheSchema(Schema):
 
 class SpeculationSchema(Schema):
     speculate = fields.Integer(metadata={"description": "--speculate: draft tokens per row per step (0: off)"})
+    drafter = fields.String(metadata={"description": "what drafts: `ngram`, or --speculative-model's id"})
     drafts = fields.Integer(metadata={"description": "rows verified with drafts since the replica started"})
     draft_tokens = fields.Integer(metadata={"description": "draft tokens verified since the replica started"})
     accepted_tokens = fields.Integer(metadata={"description": "draft tokens accepted since the replica started"})

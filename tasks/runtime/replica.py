@@ -182,8 +182,9 @@ def _prefix_cache(stats) -> dict:
 def _speculation(stats) -> dict:
     """Speculative decoding's counts for /cluster_state (since start)."""
     drafted, accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
-    return {"speculate": stats.speculate, "drafts": stats.spec_drafts, "draft_tokens": drafted,
-            "accepted_tokens": accepted, "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
+    return {"speculate": stats.speculate, "drafter": stats.spec_drafter, "drafts": stats.spec_drafts,
+            "draft_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
 
 
 def download_weights(settings: Settings, source: model_files.ModelSource) -> Obtained:
