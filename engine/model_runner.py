@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cpu_linear import prepack_linears
 from engine.host_transfer import device_longs
 from engine.kv_slots import KVGeometry, SlotKVCache
 from engine.lora import LoraLayers
@@ -87,6 +88,8 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False,
                  lora: LoraLayers | None = None):
         self.model = model
+        if device.type == "cpu":
+            prepack_linears(model)  # multi-token forwards (verify steps, batches, prompts) skip MKL's packing
         self.lora = lora  # the replica's LoRA adapters (engine/lora.py), hooked into the model
         self.device = device
         self.cache = SlotKVCache(KVGeometry.of(model), slots, slot_length, device, growable=device.type != "cuda")
