@@ -80,10 +80,10 @@ class RowAcceptance:
     rate: float = 0.5
     resting: int = 0  # steps left before it drafts again
     rests: int = 0  # rests since its drafts last paid: open-ended text drafts less and less often
-    # Drafts it asks for next (0: the configured most, at first). On a CPU a verify step's cost
-    # grows with its positions, so a row drafts about what its recent runs were accepted for:
-    # a fully accepted draft grows it by 2 (transformers' assisted-generation heuristic), a
-    # partly accepted one shrinks it to its accepted run + 1, or to half, whichever is longer.
+    # Drafts it asks for next (0: the configured most, at first): 2 more after a fully accepted
+    # draft, 1 fewer after a rejection (transformers' assisted-generation heuristic). A verify
+    # step's cost grows with its positions where the device is busy (a large batch, a CPU
+    # without packed weights: docs/engine.md), so a row drafts about what its runs earn.
     length: int = 0
 
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
@@ -99,9 +99,7 @@ class RowAcceptance:
 
 def next_draft_length(length: int, drafted: int, accepted: int, most: int) -> int:
     """A row's next draft length after `accepted` of its `drafted` drafts (asked: `length`)."""
-    if accepted == drafted:
-        return min(most, length + 2)
-    return max(1, accepted + 1, length // 2)
+    return min(most, length + 2) if accepted == drafted else max(1, length - 1)
 
 
 def accepted_tokens(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:

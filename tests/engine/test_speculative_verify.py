@@ -20,8 +20,8 @@ from tests.engine.test_speculative import (TEXTS, assert_same, make_engine, mode
 def test_a_row_drafts_more_after_full_acceptance_and_less_after_a_miss():
     assert next_draft_length(4, drafted=4, accepted=4, most=8) == 6  # +2 (transformers' heuristic)
     assert next_draft_length(7, drafted=7, accepted=7, most=8) == 8  # never past --speculate
-    assert next_draft_length(8, drafted=8, accepted=5, most=8) == 6  # the accepted run and the token after it
-    assert next_draft_length(8, drafted=8, accepted=0, most=8) == 4  # halved: one miss is not a verdict
+    assert next_draft_length(8, drafted=8, accepted=5, most=8) == 7  # a rejection: one fewer
+    assert next_draft_length(5, drafted=5, accepted=0, most=8) == 4
     assert next_draft_length(1, drafted=1, accepted=0, most=8) == 1  # never below one
     assert next_draft_length(2, drafted=1, accepted=1, most=8) == 4  # the drafter had fewer: all taken, grows
 
@@ -46,7 +46,7 @@ def test_draft_length_follows_the_accepted_runs_and_tokens_stay_those_of_plain_d
     engine.speculator.new_drafter = lambda sequence: CountRecorder(oracle(sequence), counts)
     speculated, _ = run(engine, [r])
     assert_same(speculated, plain)
-    assert counts[:4] == [8, 4, 6, 8]  # full, then the miss at output 1 halves it, then it earns its way back
+    assert counts[:4] == [8, 7, 8, 8]  # the miss at output 1 costs one draft, the next full acceptance earns it back
 
 
 def test_position_histories_are_each_positions_tokens_built_only_when_read(model_and_tokenizer):
