@@ -17,6 +17,7 @@ Both products give the same values up to float rounding (~1e-6), as any two batc
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 
 import torch
@@ -34,18 +35,21 @@ def prepack_linears(model: torch.nn.Module) -> int:
     several engines is packed by the first); how many layers were packed now."""
     if not can_prepack():
         return 0
-    packed = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not torch.nn.Linear or getattr(module, "packed_weight", None) is not None
-                or weight.device.type != "cpu" or weight.dtype != torch.float32):
-            continue
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and getattr(m, "packed_weight", None) is None
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size > available // 2:  # the copy must leave room for the KV cache and everything else
+        log.warning("linear weights not packed for oneDNN: their %.1f GB copy would take more than half the "
+                    "%.1f GB of free memory (multi-token CPU forwards stay slower)", size / 1e9, available / 1e9)
+        return 0
+    for module in linears:
         _pack(module)
         module.forward = partial(_forward, module)  # an instance attribute: LoRA's forward hooks still run
-        packed += 1
-    if packed:
-        log.info("packed %d linear layers for oneDNN: multi-token CPU forwards skip MKL's per-call packing", packed)
-    return packed
+    if linears:
+        log.info("packed %d linear layers for oneDNN (%.2f GB): multi-token CPU forwards skip MKL's per-call "
+                 "packing", len(linears), size / 1e9)
+    return len(linears)
 
 
 def _pack(module: torch.nn.Linear) -> None:
@@ -57,8 +61,10 @@ def _pack(module: torch.nn.Linear) -> None:
 
 def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     features, weight = x.shape[-1], module.weight
-    if x.numel() == features or x.dtype != weight.dtype or weight.dtype != torch.float32 or torch.is_grad_enabled():
-        return F.linear(x, weight, module.bias)  # one token (MKL's matrix-vector product), or training
+    if (x.numel() == features or torch.is_grad_enabled() or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or weight.device.type != "cpu"):
+        # One token (MKL's matrix-vector product), training, or a model since moved or cast.
+        return F.linear(x, weight, module.bias)
     source, version = module.packed_from
     if source is not weight or version != weight._version:  # weights loaded or changed since: pack them again
         _pack(module)

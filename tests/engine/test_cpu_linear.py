@@ -53,3 +53,11 @@ def test_training_and_other_dtypes_take_nn_linear():
     model(x).sum().backward()  # gradients flow: the packed product is never used with grad on
     assert model[0].weight.grad is not None
     assert prepack_linears(layers().to(torch.bfloat16)) == 0
+
+
+def test_a_packed_model_moved_or_cast_afterwards_computes_with_its_new_weights():
+    plain, packed = layers(), layers()
+    prepack_linears(packed)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.double()(x), plain.double()(x))  # never the float32 packed copy
