@@ -132,6 +132,12 @@ def verify_widths(most_drafts: int) -> list[int]:
 MAX_VERIFY_GRAPH_TOKENS = 256
 
 
+def verify_shapes(slots: int, most_drafts: int) -> list[tuple[int, int]]:
+    """(batch bucket, width) of each verify graph, for every KV-length bucket (largest first)."""
+    return [(b, w) for b in reversed(batch_buckets(slots)) for w in reversed(verify_widths(most_drafts))
+            if b * w <= MAX_VERIFY_GRAPH_TOKENS]
+
+
 class VerifyGraphs:
     """The verify step of a decode-only batch (`engine.model_runner.PaddedVerify`) replayed as
     graphs: one per (batch bucket, width, KV-length bucket), width = 1 + drafts a row (bucketed:
@@ -144,8 +150,9 @@ class VerifyGraphs:
         cache = runner.cache
         self.widths = verify_widths(most_drafts)
         self.lengths = length_buckets(cache.slot_length)
-        self.batches = [b for b in batch_buckets(cache.slots) if b * self.widths[0] <= MAX_VERIFY_GRAPH_TOKENS]
-        tokens = max(self.batches) * max(self.widths)
+        self.shapes = verify_shapes(cache.slots, most_drafts)
+        self.batches = sorted({b for b, _ in self.shapes})
+        tokens = max(b * w for b, w in self.shapes)
         self.ids = torch.zeros(tokens, dtype=torch.long, device=runner.device)
         self.positions = torch.zeros(tokens, dtype=torch.long, device=runner.device)
         self.adapters = torch.zeros(tokens, dtype=torch.long, device=runner.device)
@@ -155,8 +162,7 @@ class VerifyGraphs:
         self.capture_seconds = 0.0
 
     def keys(self) -> list[tuple[int, int, int]]:
-        return [(b, w, n) for b in reversed(self.batches) for w in reversed(self.widths) for n in reversed(self.lengths)
-                if b * w <= MAX_VERIFY_GRAPH_TOKENS]
+        return [(b, w, n) for b, w in self.shapes for n in reversed(self.lengths)]
 
     def capture(self, pool=None) -> None:
         with torch.cuda.device(self.runner.device):

@@ -84,7 +84,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
         slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
-                                 self.device.type == "cuda" and cuda_graphs is not False)
+                                 self.device.type == "cuda" and cuda_graphs is not False,
+                                 speculative.tokens if speculative is not None else 0)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None

@@ -193,3 +193,26 @@ def test_a_verify_graph_scores_the_real_positions_as_the_eager_padded_forward(mo
         graph = runner.verify_graphs.replay(layout)[layout.order]
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(graph, eager, atol=tolerance, rtol=tolerance)
+
+
+def test_verify_graph_shapes_cover_each_draft_bucket_up_to_the_most_and_stay_small():
+    from engine.cuda_graphs import MAX_VERIFY_GRAPH_TOKENS, verify_shapes, verify_widths
+
+    assert verify_widths(8) == [2, 3, 5, 9] and verify_widths(4) == [2, 3, 5] and verify_widths(6) == [2, 3, 5, 7]
+    assert verify_widths(1) == [2]
+    shapes = verify_shapes(64, 8)
+    assert all(b * w <= MAX_VERIFY_GRAPH_TOKENS for b, w in shapes)
+    assert (1, 9) in shapes and (16, 9) in shapes and (32, 9) not in shapes and (64, 3) in shapes
+
+
+def test_verify_graphs_take_their_outputs_out_of_the_kv_budget(model_and_tokenizer):
+    from engine.cuda_graphs import length_buckets, verify_shapes
+    from engine.kv_budget import kv_budget
+
+    model = model_and_tokenizer[0]
+    free, slots, length = 1 << 30, 8, 512
+    plain = kv_budget(model, free, slots, length, cuda_graphs=True)
+    speculated = kv_budget(model, free, slots, length, cuda_graphs=True, verify_drafts=4)
+    outputs = sum(b * w for b, w in verify_shapes(slots, 4)) * len(length_buckets(length)) * model.config.vocab_size * 4
+    assert speculated.parts["CUDA graph pool"] - plain.parts["CUDA graph pool"] >= outputs
+    assert kv_budget(model, free, slots, length, verify_drafts=4).parts.keys() == kv_budget(model, free, slots, length).parts.keys()
