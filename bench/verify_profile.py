@@ -77,8 +77,10 @@ def main() -> None:
         return run
 
     parts = {  # part -> (plain step's, verify step's)
-        "forward, MKL weights": (unpacked(lambda: runner.forward(batch)), unpacked(lambda: runner.verify(batch, drafts))),
-        "output projection, MKL": (unpacked(lambda: model.lm_head(hidden[1])), unpacked(lambda: model.lm_head(hidden[k + 1]))),
+        "forward, MKL weights": (unpacked(lambda: runner.forward(batch)),
+                                 unpacked(lambda: runner.verify(batch, drafts))),
+        "output projection, MKL": (unpacked(lambda: model.lm_head(hidden[1])),
+                                   unpacked(lambda: model.lm_head(hidden[k + 1]))),
         "forward, packed weights": (lambda: runner.forward(batch), lambda: runner.verify(batch, drafts)),
         "output projection, packed": (lambda: model.lm_head(hidden[1]), lambda: model.lm_head(hidden[k + 1])),
         "sampling": (lambda: plain_sampler(plain_logits, [sequence.token_ids], 0), verify_sampling),
