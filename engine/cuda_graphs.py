@@ -98,8 +98,8 @@ class DecodeGraphs:
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
-        if batch is None or bucket is None:
-            return None
+        if batch is None or bucket is None or (batch, bucket) not in self.graphs:
+            return None  # eager: too large, or not captured (an engine stepped by hand before `capture`)
         # A fresh pinned block each step (the caching host allocator frees it once its copy has
         # run), so an overlapped step never overwrites inputs the device has not read yet.
         staging = torch.zeros((3, self.ids.shape[0]), dtype=torch.long)  # ids, positions, adapters
