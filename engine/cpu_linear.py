@@ -4,14 +4,15 @@ once for oneDNN, instead of handing MKL a plain weight to pack again at every ca
 A step of one token is a matrix-vector product, which MKL does at the speed of reading the
 weights. A step of a few tokens (a verify step's k + 1, a small batch, a prompt) is a matrix
 product, and there MKL packs the whole weight first, every call: on the 2-core AMD host of
-docs/engine.md ("Where a verify step's time goes") a 576 x 1536 layer took 2.5 ms for 9 rows
-against 0.07 ms for one, and the 49k-row output projection 106 ms against 11 ms, so a verify
-step cost two plain steps whatever its drafts. oneDNN with a weight packed at load time (the
-layout PyTorch's own CPU compiler uses, `torch.ops.mkldnn._reorder_linear_weight`) multiplies
-the 9 rows in 0.2 ms and 28 ms. One-token forwards keep MKL's matrix-vector product.
+docs/engine.md ("Where a verify step's time goes") the 49k-row output projection took 24 ms for
+9 rows against 11 ms for one, and a 9-token forward 1.8 one-token ones, so a verify step cost
+two plain steps whatever its drafts. oneDNN with a weight packed at load time (the layout
+PyTorch's own CPU compiler uses, `torch.ops.mkldnn._reorder_linear_weight`) takes 9 ms and
+1.14 (`python -m bench.verify_profile`). One-token forwards keep MKL's matrix-vector product.
 
 The packed copy is made once per layer and kept beside the weight (the weight still serves the
-one-token steps and anything else that reads it): a CPU replica holds its linear weights twice.
+one-token steps and anything else that reads it): a CPU replica holds its linear weights twice,
+unless the copy would take more than half the free memory (then nothing is packed, and logged).
 Both products give the same values up to float rounding (~1e-6), as any two batch shapes do.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ the target distribution is kept exactly.) The KV written for rejected drafts lie
 row's new length and is overwritten by its next step: the rollback is a number, not a copy.
 
 It pays or it steps aside: a row whose drafts were mostly rejected lately stops drafting for a
-while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
+while, and drafts about as many as its recent runs earned (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
 own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
 on this machine (`SpeculationGate`).
 See docs/engine.md ("Speculative decoding").
