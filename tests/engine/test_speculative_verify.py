@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from engine.engine import Engine
+from engine.lora_files import load_adapter
 from engine.model_runner import PaddedVerify
 from engine.scheduler import ScheduledBatch, SchedulerConfig
 from engine.speculative import PositionHistories, SpeculativeConfig, next_draft_length
+from tests.lora_adapters import build_adapter
 from tests.engine.test_speculative import (TEXTS, assert_same, make_engine, model_and_tokenizer,  # noqa: F401 (fixture)
                                            request, run, with_oracle)
 
@@ -117,8 +119,9 @@ class EagerVerifyGraphs:
         self.replays += 1
         length = max(layout.positions) + 1
         self.runner.cache.ensure_capacity(length)
+        tokens = None if adapters is None else torch.tensor([a for a in adapters for _ in range(layout.width)])
         return self.runner.verify_forward(torch.tensor(layout.ids), torch.tensor(layout.positions), layout.width,
-                                          length).float()
+                                          length, tokens).float()
 
 
 def test_rows_verified_through_the_padded_graph_layout_give_plain_decodings_tokens(model_and_tokenizer):
@@ -144,6 +147,37 @@ def graphed(model_and_tokenizer, dtype, **options) -> Engine:
         engine.runner.graphs.capture()
         engine.runner.verify_graphs.capture(engine.runner.graphs.pool)
     return engine
+
+
+def test_lora_rows_through_the_padded_graph_layout_verify_under_their_adapter(model_and_tokenizer, tiny_model_dir,
+                                                                            tmp_path):
+    model, tokenizer = model_and_tokenizer
+    directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["q_proj", "lm_head"])
+    adapter = load_adapter("head", directory, model)
+    requests = [request(tokenizer, f"r{n}-{name}", text, adapter=name)
+                for n, text in enumerate(TEXTS[:2]) for name in (None, "head")]
+    plain_engine = make_engine(model_and_tokenizer, adapters=[adapter])
+    try:
+        plain, _ = run(plain_engine, requests)
+    finally:
+        plain_engine.runner.lora.remove()
+    engine = with_oracle(make_engine(model_and_tokenizer, speculate=4, adapters=[adapter]), plain, {"r0-head": (3,)})
+    engine.runner.verify_graphs = EagerVerifyGraphs(engine.runner, [2, 3, 5])
+    try:
+        speculated, _ = run(engine, requests)
+    finally:
+        engine.runner.lora.remove()
+    assert_same(speculated, plain)
+    assert engine.runner.verify_graphs.replays > 0 and engine.stats().spec_accepted_tokens > 0
+
+
+def test_a_decode_step_without_a_captured_graph_runs_eagerly(model_and_tokenizer):
+    """An engine stepped by hand before its graphs are captured (a test, a tool) decodes
+    eagerly instead of failing (the graphs' bookkeeping runs anywhere; capture needs CUDA)."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    engine = make_engine(model_and_tokenizer)
+    assert DecodeGraphs(engine.runner).replay([1, 2], [3, 4], 5) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
