@@ -53,6 +53,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # [b, V] logits each graph writes
         self.capture_seconds = 0.0
+        self.pool = None
 
     def capture(self) -> None:
         with torch.cuda.device(self.runner.device):  # warm-up streams and graphs on our device, whoever calls
@@ -70,6 +71,7 @@ class DecodeGraphs:
                     self.outputs[(batch, length)] = self._step(batch, length)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[(batch, length)] = graph
+        self.pool = pool  # the verify graphs share it
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
         log.info("captured %d decode CUDA graphs (batch %s × KV length %s) in %.1f s",
@@ -96,8 +98,8 @@ class DecodeGraphs:
         rows = len(ids)
         batch = next((b for b in self.batches if b >= rows), None)
         bucket = next((n for n in self.lengths if n >= length), None)
-        if batch is None or bucket is None:
-            return None
+        if batch is None or bucket is None or (batch, bucket) not in self.graphs:
+            return None  # eager: too large, or not captured (an engine stepped by hand before `capture`)
         # A fresh pinned block each step (the caching host allocator frees it once its copy has
         # run), so an overlapped step never overwrites inputs the device has not read yet.
         staging = torch.zeros((3, self.ids.shape[0]), dtype=torch.long)  # ids, positions, adapters
@@ -117,3 +119,99 @@ class DecodeGraphs:
             self.ids.copy_(staged[0])
         self.graphs[(batch, bucket)].replay()
         return self.outputs[(batch, bucket)][:rows].float()
+
+
+def verify_widths(most_drafts: int) -> list[int]:
+    """Tokens a row in the verify graphs: its last token and 1, 2, 4, ... drafts, up to the most."""
+    drafts = [n for n in (1 << i for i in range(most_drafts.bit_length())) if n < most_drafts]
+    return [n + 1 for n in drafts + [most_drafts]]
+
+
+# A verify graph's most tokens (rows × width): a larger step is bound by the device's arithmetic,
+# not by kernel launches, and runs eagerly.
+MAX_VERIFY_GRAPH_TOKENS = 256
+
+
+def verify_shapes(slots: int, most_drafts: int) -> list[tuple[int, int]]:
+    """(batch bucket, width) of each verify graph, for every KV-length bucket (largest first)."""
+    return [(b, w) for b in reversed(batch_buckets(slots)) for w in reversed(verify_widths(most_drafts))
+            if b * w <= MAX_VERIFY_GRAPH_TOKENS]
+
+
+class VerifyGraphs:
+    """The verify step of a decode-only batch (`engine.model_runner.PaddedVerify`) replayed as
+    graphs: one per (batch bucket, width, KV-length bucket), width = 1 + drafts a row (bucketed:
+    a row with fewer is padded), captured after the decode graphs into their memory pool. As in
+    `DecodeGraphs`, every number a kernel sees is part of the key or read from a static buffer;
+    padding rows past the live batch lie over free slots and write only their unused last column."""
+
+    def __init__(self, runner, most_drafts: int):
+        self.runner = runner
+        cache = runner.cache
+        self.widths = verify_widths(most_drafts)
+        self.lengths = length_buckets(cache.slot_length)
+        self.shapes = verify_shapes(cache.slots, most_drafts)
+        self.batches = sorted({b for b, _ in self.shapes})
+        tokens = max(b * w for b, w in self.shapes)
+        self.ids = torch.zeros(tokens, dtype=torch.long, device=runner.device)
+        self.positions = torch.zeros(tokens, dtype=torch.long, device=runner.device)
+        self.adapters = torch.zeros(tokens, dtype=torch.long, device=runner.device)
+        self._unused_column = cache.slot_length - 1
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}  # [b × width, V]
+        self.capture_seconds = 0.0
+
+    def keys(self) -> list[tuple[int, int, int]]:
+        return [(b, w, n) for b, w in self.shapes for n in reversed(self.lengths)]
+
+    def capture(self, pool=None) -> None:
+        with torch.cuda.device(self.runner.device):
+            self._capture(pool)
+
+    @torch.inference_mode()
+    def _capture(self, pool) -> None:
+        started = time.perf_counter()
+        for key in self.keys():
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up, as `DecodeGraphs._warm_up`
+                for _ in range(2):
+                    self._step(*key)
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[key] = self._step(*key)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[key] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - started
+        log.info("captured %d verify CUDA graphs (batch %s × width %s × KV length %s) in %.1f s",
+                 len(self.graphs), self.batches, self.widths, self.lengths, self.capture_seconds)
+
+    def _step(self, batch: int, width: int, length: int) -> torch.Tensor:
+        tokens = batch * width
+        adapters = self.adapters[:tokens] if self.runner.lora is not None else None
+        return self.runner.verify_forward(self.ids[:tokens], self.positions[:tokens], width, length, adapters)
+
+    def replay(self, layout, adapters: list[int] | None = None) -> torch.Tensor | None:
+        """Logits [rows × width, V] float32 of `layout` (a `PaddedVerify`), or None when no graph
+        fits. `adapters`: each row's LoRA adapter index (None: none)."""
+        width = layout.width
+        tokens = len(layout.ids)
+        rows = tokens // width
+        batch = next((b for b in self.batches if b >= rows), None)
+        bucket = next((n for n in self.lengths if n >= max(layout.positions) + 1), None)
+        if batch is None or bucket is None or (batch, width, bucket) not in self.graphs:
+            return None
+        staging = torch.zeros((3, self.ids.shape[0]), dtype=torch.long)  # fresh each step, as `DecodeGraphs.replay`
+        staging[1].fill_(self._unused_column)
+        staging[0, :tokens] = torch.tensor(layout.ids, dtype=torch.long)
+        staging[1, :tokens] = torch.tensor(layout.positions, dtype=torch.long)
+        if adapters is not None:
+            staging[2, :tokens] = torch.tensor([a for a in adapters for _ in range(width)], dtype=torch.long)
+        staged = to_device(staging, self.ids.device)
+        self.ids.copy_(staged[0])
+        self.positions.copy_(staged[1])
+        self.adapters.copy_(staged[2])
+        self.graphs[(batch, width, bucket)].replay()
+        return self.outputs[(batch, width, bucket)][:tokens].float()

@@ -60,13 +60,14 @@ def device_context(device: torch.device):
 
 
 def affordable_slots(model, device: torch.device, config: SchedulerConfig, adapters: Sequence[LoraAdapter] = (),
-                     cuda_graphs: bool = False, draft_model=None) -> int:
+                     cuda_graphs: bool = False, draft_model=None, verify_drafts: int = 0) -> int:
     """On a GPU the slots are allocated at once: as many as the free memory holds once the margin
     and what the engine allocates besides them are set aside (engine/kv_budget.py), logged."""
     if device.type != "cuda":
         return config.slots
     free, _total = torch.cuda.mem_get_info(device)
-    budget = kv_budget(model, free, config.slots, config.slot_length, adapters, cuda_graphs, draft_model)
+    budget = kv_budget(model, free, config.slots, config.slot_length, adapters, cuda_graphs, draft_model,
+                       verify_drafts)
     log.info("%s on %s", budget.describe(), device)
     if budget.slots < 1:
         raise EngineError(f"not enough GPU memory for one KV slot ({budget.describe()})")

@@ -52,7 +52,7 @@ class EngineStats:
     max_batch_size: int
     max_batch_total_tokens: int
     kv_slots: int = 0
-    cuda_graphs: int = 0  # decode graphs captured
+    cuda_graphs: int = 0  # decode (and verify) graphs captured
     graph_capture_seconds: float = 0.0
     prefix_caching: bool = False
     prefix_hit_tokens: int = 0  # prompt positions taken from the prefix cache, since start
@@ -89,7 +89,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.adapter_names = tuple(adapter.name for adapter in adapters)
         slots = affordable_slots(model, self.device, scheduler_config, adapters,  # set aside before the KV cache
-                                 self.device.type == "cuda" and cuda_graphs is not False, draft_model)
+                                 self.device.type == "cuda" and cuda_graphs is not False, draft_model,
+                                 speculative.tokens if speculative is not None else 0)
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None
@@ -113,6 +114,7 @@ class Engine:
                     self.speculator.draft_with(DraftModel(draft_model, model, draft_name or draft_model.name_or_path,
                                                           slots, scheduler_config.slot_length, self.device,
                                                           scheduler_config.max_batch_prefill_tokens))
+                self.runner.capture_verify_graphs(speculative.tokens)  # with CUDA graphs on (engine/cuda_graphs.py)
                 overlap = False  # a verify step's successor depends on how many drafts were accepted
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._pending: LaunchedStep | None = None  # launched, its tokens not yet events
@@ -137,6 +139,8 @@ class Engine:
     def start(self) -> "Engine":
         if self.runner.graphs is not None:
             self.runner.graphs.capture()
+        if self.runner.verify_graphs is not None:
+            self.runner.verify_graphs.capture(self.runner.graphs.pool)
         self._thread.start()
         return self
 
@@ -172,7 +176,7 @@ class Engine:
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        graphs = self.runner.graphs
+        graphs, verify_graphs = self.runner.graphs, self.runner.verify_graphs
         table = self.scheduler.table
         return EngineStats(
             running=len(self.scheduler.running),
@@ -181,8 +185,8 @@ class Engine:
             max_batch_size=self.scheduler.config.max_batch_size,
             max_batch_total_tokens=self.scheduler.slots * self.scheduler.config.slot_length,
             kv_slots=self.scheduler.slots,
-            cuda_graphs=len(graphs.graphs) if graphs is not None else 0,
-            graph_capture_seconds=graphs.capture_seconds if graphs is not None else 0.0,
+            cuda_graphs=sum(len(g.graphs) for g in (graphs, verify_graphs) if g is not None),
+            graph_capture_seconds=sum(g.capture_seconds for g in (graphs, verify_graphs) if g is not None),
             prefix_caching=table.caching,
             prefix_hit_tokens=table.hit_tokens,
             prefix_miss_tokens=table.miss_tokens,

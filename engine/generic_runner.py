@@ -20,6 +20,7 @@ from engine.slot_table import SlotCopy
 
 class GenericRunner:
     graphs = None
+    verify_graphs = None
 
     def __init__(self, model, device: torch.device):
         self.model = model

@@ -6,8 +6,9 @@ projection of an 8B model are ~5.7 GB: an OOM at start or at the first step). So
 the free memory, less a 10% margin, less each part, every part logged:
 
 - LoRA stacks: exact (engine/lora.py's layout: [K+1, in, r] and [K+1, r, out] per projection);
-- CUDA graph outputs: exact (each captured graph keeps its [batch, V] logits in the pool), plus
-  its activations, estimated as 8 hidden-sized rows per batch row for the largest graph;
+- CUDA graph outputs: exact (each captured graph keeps its [batch, V] logits in the pool, a
+  verify graph its [batch × width, V]), plus its activations, estimated as 8 hidden-sized rows
+  per token for the largest graph;
 - sampler buffers: estimated as six float32 [slots, V] tensors (the logits in float32, scaled,
   softmax, penalties' counts and two processed copies);
 - watermark green lists: exact, [rows, V] bool, rows being the lists kept between steps or, when
@@ -56,11 +57,12 @@ class KVBudget:
 
 
 def kv_budget(model, free: int, slots: int, slot_length: int, adapters: Sequence[LoraAdapter] = (),
-              cuda_graphs: bool = False, draft_model=None) -> KVBudget:
+              cuda_graphs: bool = False, draft_model=None, verify_drafts: int = 0) -> KVBudget:
     """The budget for up to `slots` slots of `slot_length` positions, `free` bytes free now
-    (with `draft_model` loaded already: its KV shares each slot)."""
+    (with `draft_model` loaded already: its KV shares each slot; `verify_drafts`: `--speculate`,
+    whose verify steps get graphs too)."""
     per_position = KVGeometry.of(model).bytes_per_position
-    parts = engine_parts(model, slots, slot_length, adapters, cuda_graphs)
+    parts = engine_parts(model, slots, slot_length, adapters, cuda_graphs, verify_drafts)
     if draft_model is not None:
         per_position += KVGeometry.of(draft_model).bytes_per_position
         element = next(draft_model.parameters()).element_size()
@@ -68,18 +70,20 @@ def kv_budget(model, free: int, slots: int, slot_length: int, adapters: Sequence
     return KVBudget(free, per_position * slot_length, parts)
 
 
-def engine_parts(model, slots: int, slot_length: int, adapters: Sequence[LoraAdapter], cuda_graphs: bool) -> dict[str, int]:
+def engine_parts(model, slots: int, slot_length: int, adapters: Sequence[LoraAdapter], cuda_graphs: bool,
+                 verify_drafts: int = 0) -> dict[str, int]:
     """The bytes the engine allocates besides the KV cache, by part, for `slots` slots."""
     config = model.config.get_text_config()
     element = next(model.parameters()).element_size()
     vocab = config.vocab_size
     parts = {"LoRA stacks": stack_bytes(model, adapters) if adapters else 0}
     if cuda_graphs:
-        from engine.cuda_graphs import batch_buckets, length_buckets  # the CUDA module: only with graphs
+        from engine.cuda_graphs import batch_buckets, length_buckets, verify_shapes  # only with graphs
 
-        outputs = sum(batch_buckets(slots)) * len(length_buckets(slot_length)) * vocab * element
+        rows = batch_buckets(slots) + [b * w for b, w in (verify_shapes(slots, verify_drafts) if verify_drafts else ())]
+        outputs = sum(rows) * len(length_buckets(slot_length)) * vocab * element
         width = max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
-        parts["CUDA graph pool"] = outputs + slots * GRAPH_ACTIVATION_ROWS * width * element
+        parts["CUDA graph pool"] = outputs + max(rows) * GRAPH_ACTIVATION_ROWS * width * element
     parts["sampler buffers"] = SAMPLER_BUFFERS * slots * vocab * 4
     parts["watermark green lists"] = max(GREEN_LISTS_KEPT, slots) * vocab  # any request may ask for one
     return {name: size for name, size in parts.items() if size}

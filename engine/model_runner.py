@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cpu_linear import prepack_linears
 from engine.host_transfer import device_longs
 from engine.kv_slots import KVGeometry, SlotKVCache
 from engine.lora import LoraLayers
@@ -27,6 +28,7 @@ from engine.slot_attention import (
     continuation_mask,
     decode_mask,
     slot_attention,
+    verify_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -86,17 +88,29 @@ class ModelRunner:
     def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False,
                  lora: LoraLayers | None = None):
         self.model = model
+        if device.type == "cpu":
+            prepack_linears(model)  # multi-token forwards (verify steps, batches, prompts) skip MKL's packing
         self.lora = lora  # the replica's LoRA adapters (engine/lora.py), hooked into the model
         self.device = device
         self.cache = SlotKVCache(KVGeometry.of(model), slots, slot_length, device, growable=device.type != "cuda")
         self._rows = torch.arange(slots, device=device)
         self._columns = torch.arange(slot_length, device=device)
         self._cache_kwarg = cache_kwarg(model)
+        self._group = model.config.get_text_config().num_attention_heads // self.cache.keys[0].shape[1]  # per KV head
         self.graphs = None
+        self.verify_graphs = None  # `capture_verify_graphs`, when speculation is on
         if cuda_graphs:
             from engine.cuda_graphs import DecodeGraphs  # CUDA only; never imported on CPU
 
             self.graphs = DecodeGraphs(self)
+
+    def capture_verify_graphs(self, most_drafts: int) -> None:
+        """With CUDA graphs on: verify steps of up to `most_drafts` drafts a row replay graphs too
+        (captured with the decode graphs, at `Engine.start`)."""
+        if self.graphs is not None and most_drafts > 0:
+            from engine.cuda_graphs import VerifyGraphs  # CUDA only
+
+            self.verify_graphs = VerifyGraphs(self, most_drafts)
 
     def apply_copies(self, copies: list[SlotCopy]) -> None:
         for copy in copies:
@@ -128,14 +142,32 @@ class ModelRunner:
     def verify(self, batch: ScheduledBatch, drafts: list[tuple[int, ...]]) -> torch.Tensor:
         """A decode batch whose rows carry draft tokens, in one forward: [Σ (k_r + 1), V] float32
         logits, row r's k_r + 1 positions in turn (engine/speculative.py reads them)."""
+        adapters = self._adapters(batch.decode)
+        if self.verify_graphs is not None:
+            layout = PaddedVerify.of(batch, drafts, self.verify_graphs.widths, self.cache.slot_length)
+            logits = None if layout is None else self.verify_graphs.replay(layout, adapters)
+            if logits is not None:
+                return logits.index_select(0, device_longs(layout.order, self.device))
         step = VerifyStep(batch, drafts, self.device)
         self.cache.ensure_capacity(step.columns_needed)
-        adapters = self._adapters(batch.decode)
         if adapters is not None:  # each draft token under its row's adapter, in packed order
             adapters += [adapters[row] for row, own in enumerate(drafts) for _ in own]
         with self._lora_tokens(adapters):
             logits = self._forward(step.ids, step.positions, step.plan(self._columns), 0)
-        return logits.index_select(0, step.order).float()
+        return (logits if step.in_order else logits.index_select(0, step.order)).float()
+
+    def verify_forward(self, ids: torch.Tensor, positions: torch.Tensor, width: int, length: int,
+                       adapters: torch.Tensor | None = None) -> torch.Tensor:
+        """The capturable verify step (`PaddedVerify`): B rows of `width` tokens each, ids and
+        positions [B × width] device tensors, row-major; logits [B × width, V] (model dtype).
+        Python numbers reaching kernels: B, `width` and `length`, all part of a graph's key.
+        `adapters` ([B × width] long): each token's LoRA adapter index."""
+        rows = ids.shape[0] // width
+        mask = verify_mask(positions.view(rows, width), self._columns[:length], self._group)
+        span = DecodeSpan(rows, length, mask, width)
+        slots = self._rows[:rows].view(-1, 1).expand(rows, width).reshape(-1)  # no repeat_interleave: no sync
+        with self.lora.rows(adapters) if adapters is not None else nullcontext():
+            return self._forward(ids, positions, StepPlan(slots, positions, span), 0)
 
     def _decode(self, ids: list[int] | torch.Tensor, positions: list[int],
                 adapters: list[int] | None) -> torch.Tensor:
@@ -287,6 +319,7 @@ class VerifyStep:
                 slots += [row] * len(own)
         self.decode_length = max(starts) + 1
         self.columns_needed = max(positions) + 1
+        self.in_order = order == list(range(len(order)))  # batch 1: the logits need no reordering
         packed = device_longs(ids + positions + slots + order, device)
         self.ids, self.positions, self.slots, self.order = packed.split([len(ids)] * 3 + [len(order)])
 
@@ -296,3 +329,32 @@ class VerifyStep:
         spans = tuple(ContinuedPrompt(offset, slot, start, end, continuation_mask(start, end, self.device))
                       for offset, slot, start, end in self.spans)
         return StepPlan(self.slots, self.positions, decode, spans)
+
+
+@dataclass(frozen=True)
+class PaddedVerify:
+    """A decode-only verify step laid out for a CUDA graph: every row `width` tokens (its last
+    token, its drafts, then padding), row r in slot r. A padding token repeats the row's last
+    token at the columns after its drafts: past the row's length, so its KV is garbage that the
+    rollback-by-length rule already ignores and its next steps overwrite, and its logits are
+    never read (`order` skips them). Fits only when every row's padded columns lie inside its
+    slot; `width` is the narrowest captured one that holds the longest draft."""
+
+    ids: list[int]  # [rows × width], row-major
+    positions: list[int]
+    width: int
+    order: list[int]  # the logits rows in verify order: row r's last token, then its drafts
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch, drafts: list[tuple[int, ...]], widths: list[int],
+           slot_length: int) -> "PaddedVerify | None":
+        width = next((w for w in widths if w > max(map(len, drafts))), None)
+        starts = batch.decode_positions
+        if width is None or max(starts) + width > slot_length:
+            return None  # eager: no graph that wide, or padding would pass the end of a slot
+        ids, positions, order = [], [], []
+        for row, (last, start, own) in enumerate(zip(batch.decode_ids, starts, drafts)):
+            ids += [last, *own] + [last] * (width - 1 - len(own))
+            positions += range(start, start + width)
+            order += range(row * width, row * width + len(own) + 1)
+        return cls(ids, positions, width, order)

@@ -29,11 +29,13 @@ SLOT_ATTENTION = "blitzscale_slots"
 
 @dataclass(frozen=True)
 class DecodeSpan:
-    """The first `rows` packed tokens: slots 0..rows-1, one token each."""
+    """The first `rows` × `width` packed tokens: slots 0..rows-1, `width` tokens each in turn (1
+    in a plain step; a padded verify step's last token and drafts: `verify_mask`)."""
 
     rows: int
     length: int  # columns attended: more than every row's position
-    mask: torch.Tensor  # [rows, 1, 1, length] bool: a row sees its own past and itself
+    mask: torch.Tensor  # [rows, 1, width × G, length] bool (G: query heads per KV head; [rows, 1, 1, L] at width 1)
+    width: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ def decode_mask(positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return (columns.view(1, -1) <= positions.view(-1, 1)).view(positions.shape[0], 1, 1, -1)
 
 
+def verify_mask(positions: torch.Tensor, columns: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, 1, W × G, L] for `positions` [B, W] and `columns` = arange(L): token (b, w) sees
+    columns 0..positions[b, w], for each of the G query heads that share a KV head (`_decode`
+    lays them out that way). Shape ops only: capturable in a CUDA graph."""
+    rows, width = positions.shape
+    seen = columns.view(1, 1, 1, -1) <= positions.view(rows, width, 1, 1)  # [B, W, 1, L]
+    return seen.expand(rows, width, group, columns.shape[0]).reshape(rows, 1, width * group, -1)
+
+
 def continuation_mask(start: int, end: int, device: torch.device) -> torch.Tensor:
     """[1, 1, C, end]: the chunk's query i (position start + i) sees columns 0..start + i."""
     columns = torch.arange(end, device=device)
@@ -85,7 +96,7 @@ def attend(module, query, key, value, attention_mask=None, scaling=None, dropout
     tokens = query[0].transpose(0, 1)  # [N, Hq, D]
     parts = []
     if plan.decode is not None:
-        parts.append(_decode(tokens[: plan.decode.rows], keys, values, plan.decode, scaling))
+        parts.append(_decode(tokens[: plan.decode.rows * plan.decode.width], keys, values, plan.decode, scaling))
     for span in plan.prompts:
         if isinstance(span, PromptGroup):
             parts.append(_fresh_prompts(tokens, key[0], value[0], span, scaling))
@@ -96,14 +107,21 @@ def attend(module, query, key, value, attention_mask=None, scaling=None, dropout
 
 
 def _decode(queries, keys, values, span: DecodeSpan, scaling):
-    """queries [n, Hq, D] against slots 0..n-1; the G query heads of a KV head become its G
-    query 'positions', so one KV head's keys serve them without being repeated."""
-    rows, heads, dim = queries.shape
-    kv_heads = keys.shape[1]
-    grouped = queries.reshape(rows, kv_heads, heads // kv_heads, dim)
+    """queries [rows × W, Hq, D] against slots 0..rows-1; the W tokens × G query heads of a KV
+    head become its W × G query 'positions', so one KV head's keys serve them without being
+    repeated (the mask tells each token its own last column)."""
+    tokens, heads, dim = queries.shape
+    rows, width, kv_heads = span.rows, span.width, keys.shape[1]
+    group = heads // kv_heads
+    grouped = queries.reshape(rows, width, kv_heads, group, dim)
+    if width > 1:
+        grouped = grouped.transpose(1, 2)
+    grouped = grouped.reshape(rows, kv_heads, width * group, dim)
     out = F.scaled_dot_product_attention(grouped, keys[:rows, :, : span.length], values[:rows, :, : span.length],
                                          attn_mask=span.mask, scale=scaling)
-    return out.reshape(rows, heads, dim)
+    if width > 1:
+        out = out.reshape(rows, kv_heads, width, group, dim).transpose(1, 2)
+    return out.reshape(tokens, heads, dim)
 
 
 def _fresh_prompts(tokens, key, value, span: PromptGroup, scaling):

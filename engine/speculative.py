@@ -12,8 +12,8 @@ the target distribution is kept exactly.) The KV written for rejected drafts lie
 row's new length and is overwritten by its next step: the rollback is a number, not a copy.
 
 It pays or it steps aside: a row whose drafts were mostly rejected lately stops drafting for a
-while (`RowAcceptance`), and a batch verifies only when the tokens its rows expect (from their
-own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
+while, and drafts about as many as its recent runs earned (`RowAcceptance`), and a batch
+verifies only when the tokens its rows expect (from their own recent acceptance) beat the cost of a verify step in plain steps, measured per batch size
 on this machine (`SpeculationGate`).
 Drafts come per row (n-grams, `engine/ngram.py`) or, with a draft model, for the whole batch at
 once (`BatchDrafter`, `engine/draft_model.py`): then the gate decides before drafting, since
@@ -27,6 +27,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Sequence as AbcSequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,7 +86,8 @@ class BatchDrafter(Protocol):
 
 @dataclass
 class RowAcceptance:
-    """A row's drafting state: its drafter and how well its drafts did lately."""
+    """A row's drafting state: its drafter, how well its drafts did lately, and how many it
+    drafts next (`length`)."""
 
     drafter: Drafter
     # Moving average of accepted / drafted, per verify; a new row starts at even odds, so that a
@@ -93,15 +95,26 @@ class RowAcceptance:
     rate: float = 0.5
     resting: int = 0  # steps left before it drafts again
     rests: int = 0  # rests since its drafts last paid: open-ended text drafts less and less often
+    # Drafts it asks for next (0: the configured most, at first): 2 more after a fully accepted
+    # draft, 1 fewer after a rejection (transformers' assisted-generation heuristic). A verify
+    # step's cost grows with its positions where the device is busy (a large batch, a CPU
+    # without packed weights: docs/engine.md), so a row drafts about what its runs earn.
+    length: int = 0
 
     def record(self, drafted: int, accepted: int, config: SpeculativeConfig) -> None:
         self.rate = 0.5 * self.rate + 0.5 * (accepted / drafted)
+        self.length = next_draft_length(self.length or config.tokens, drafted, accepted, config.tokens)
         if self.rate < config.min_acceptance:
             self.resting = config.rest_steps << min(self.rests, 4)
             self.rests += 1
             self.rate = config.min_acceptance  # back on probation after the rest, not condemned
         elif accepted:
             self.rests = 0
+
+
+def next_draft_length(length: int, drafted: int, accepted: int, most: int) -> int:
+    """A row's next draft length after `accepted` of its `drafted` drafts (asked: `length`)."""
+    return min(most, length + 2) if accepted == drafted else max(1, length - 1)
 
 
 def accepted_tokens(sampled: list[int], drafts: tuple[int, ...]) -> list[int]:
@@ -276,7 +289,8 @@ class Speculator:
             state.resting -= 1
             return 0
         # Never past the last token it may emit, nor past its KV slot (draft j is written at kv_len + j).
-        return max(0, min(self.config.tokens, sequence.remaining_tokens - 1, self.slot_length - 1 - sequence.kv_len))
+        return max(0, min(state.length or self.config.tokens, sequence.remaining_tokens - 1,
+                          self.slot_length - 1 - sequence.kv_len))
 
     def _draft(self, sequence: Sequence) -> tuple[int, ...]:
         count = self._count(sequence)
@@ -297,10 +311,10 @@ class Speculator:
         return drafts
 
     def verify_rows(self, rows: list[Sequence], drafts: list[tuple[int, ...]]
-                    ) -> tuple[list[RequestSampler], list[list[int]]]:
+                    ) -> tuple[list[RequestSampler], "PositionHistories"]:
         """One sampler row per position to verify (row r's last token, then each draft), each
         in the state plain decoding would reach there: its history, grammar and draw counter."""
-        samplers, histories = [], []
+        samplers = []
         for sequence, own in zip(rows, drafts):
             real = sequence.sampler
             for j in range(len(own) + 1):
@@ -309,8 +323,7 @@ class Speculator:
                                           logprobs=real.logprobs)
                 position.draws = real.draws + j
                 samplers.append(position)
-                histories.append(sequence.token_ids + list(own[:j]) if j else sequence.token_ids)
-        return samplers, histories
+        return samplers, PositionHistories(rows, drafts)
 
     def record(self, sequence: Sequence, drafted: int, accepted: int, emitted: int) -> None:
         """A row's verify outcome: `accepted` of its `drafted` tokens matched, it emitted `emitted`."""
@@ -321,3 +334,21 @@ class Speculator:
             sequence.speculation.record(drafted, accepted, self.config)
         if not sequence.sampler.params.is_greedy:
             sequence.sampler.draws += emitted  # its host counter, for the next sampler built
+
+
+class PositionHistories(AbcSequence):
+    """Each verified position's history (its row's tokens, then the drafts before it), built
+    only when read: a batch sampler reads histories for penalties and watermarks alone, so a
+    plain greedy row never copies its k + 1 histories."""
+
+    def __init__(self, rows: list[Sequence], drafts: list[tuple[int, ...]]):
+        self._at = [(sequence, own[:j]) for sequence, own in zip(rows, drafts) for j in range(len(own) + 1)]
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        sequence, before = self._at[index]
+        return sequence.token_ids + list(before) if before else sequence.token_ids

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a lent GPU machine (random weights: it has no model files); at most
 # 560 s of timeouts in all. First the engine tests (the CUDA ones run there: graph vs eager in fp32
-# and bf16 on a deterministic batch, overlapped replays, the anchor against generate), then the
+# and bf16 on a deterministic batch, overlapped replays, the anchor against generate, --speculate's verify
+# graphs against eager verify steps), then the
 # batching benchmark: the host step (instant and simulated device), ceiling, engine (with its mixed
 # and decode launch times), anchor (replays timed alone), naive, and the service with its mixed
 # load (ITL p99) at 32 x 64 (SmolLM2-135M architecture, bf16); the engine at batch 1; the

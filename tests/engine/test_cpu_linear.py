@@ -1,0 +1,63 @@
+"""Linear layers with weights packed for oneDNN on a CPU (engine/cpu_linear.py): the same
+products as `nn.Linear` for every shape, and never a stale weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cpu_linear import can_prepack, prepack_linears
+
+pytestmark = pytest.mark.skipif(not can_prepack(), reason="this torch has no oneDNN weight packing")
+
+
+def layers():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16, bias=False))
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (9, 32), (1, 7, 32), (2, 3, 32)])
+def test_packed_layers_give_what_nn_linear_gives(shape):
+    plain, packed = layers(), layers()
+    assert prepack_linears(packed) == 2
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_is_packed_once_and_its_hooks_still_run():
+    model = layers()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))  # as LoRA's updates hook in
+    assert prepack_linears(model) == 2 and prepack_linears(model) == 0  # a second engine on the same model
+    with torch.inference_mode():
+        model(torch.randn(5, 32))
+    assert seen == [torch.Size([5, 48])]
+
+
+def test_weights_changed_after_packing_are_used_not_the_stale_copy():
+    plain, packed = layers(), layers()
+    prepack_linears(packed)
+    with torch.no_grad():
+        for model in (plain, packed):
+            model[0].weight.mul_(2)  # in place (a weight load into the same tensor)
+            model[2].weight = torch.nn.Parameter(torch.ones(16, 48))  # replaced
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_training_and_other_dtypes_take_nn_linear():
+    model = layers()
+    prepack_linears(model)
+    x = torch.randn(4, 32, requires_grad=True)
+    model(x).sum().backward()  # gradients flow: the packed product is never used with grad on
+    assert model[0].weight.grad is not None
+    assert prepack_linears(layers().to(torch.bfloat16)) == 0
+
+
+def test_a_packed_model_moved_or_cast_afterwards_computes_with_its_new_weights():
+    plain, packed = layers(), layers()
+    prepack_linears(packed)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed.double()(x), plain.double()(x))  # never the float32 packed copy
