@@ -25,7 +25,7 @@ from bench.speculative import GROUNDED, chat
 @contextmanager
 def mkl_weights(model):
     """Within: the linear layers multiply by their plain weights (MKL), not the packed ones."""
-    linears = [m for m in model.modules() if "forward" in m.__dict__ and hasattr(m, "packed_weight")]
+    linears = [m for m in model.modules() if "forward" in m.__dict__ and getattr(m, "packed_weight", None) is not None]
     forwards = [m.__dict__.pop("forward") for m in linears]
     try:
         yield

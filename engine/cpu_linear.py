@@ -53,11 +53,26 @@ def prepack_linears(model: torch.nn.Module) -> int:
     return len(linears)
 
 
+class PackedWeight:
+    """A layer's packed copy and what it was made of. A deep copy of the model (a draft model made
+    from the target, a test's reference) gets none: oneDNN's opaque tensor cannot be copied, and
+    the copy packs its own weight at its first multi-token forward."""
+
+    def __init__(self, weight: torch.Tensor):
+        with torch.no_grad():
+            self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.source, self.version = weight, weight._version
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def stale(self, weight: torch.Tensor) -> bool:
+        """The weights were loaded or changed since it was packed."""
+        return self.source is not weight or self.version != weight._version
+
+
 def _pack(module: torch.nn.Linear) -> None:
-    weight = module.weight
-    with torch.no_grad():
-        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    module.packed_from = (weight, weight._version)  # what the packed copy was made of
+    module.packed_weight = PackedWeight(module.weight)
 
 
 def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +81,8 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             or x.device.type != "cpu" or weight.device.type != "cpu"):
         # One token (MKL's matrix-vector product), training, or a model since moved or cast.
         return F.linear(x, weight, module.bias)
-    source, version = module.packed_from
-    if source is not weight or version != weight._version:  # weights loaded or changed since: pack them again
+    if module.packed_weight is None or module.packed_weight.stale(weight):  # a copy, or weights changed: pack again
         _pack(module)
     bias = None if module.bias is None else module.bias.detach()
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, features), module.packed_weight, bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, features), module.packed_weight.tensor, bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -61,3 +61,20 @@ def test_a_packed_model_moved_or_cast_afterwards_computes_with_its_new_weights()
     x = torch.randn(6, 32, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(packed.double()(x), plain.double()(x))  # never the float32 packed copy
+
+
+def test_a_packed_model_can_be_deep_copied_and_the_copy_packs_its_own_weights():
+    """A draft model made from the target is a deep copy; oneDNN's opaque tensor cannot be copied."""
+    import copy
+
+    plain, packed = layers(), layers()
+    prepack_linears(packed)
+    twin = copy.deepcopy(packed)
+    with torch.no_grad():
+        twin[0].weight.mul_(2)
+        plain[0].weight.mul_(2)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), plain(x), atol=1e-5, rtol=1e-5)
+        assert twin[0].packed_weight is not None and twin[0].packed_weight.source is twin[0].weight
+        torch.testing.assert_close(packed(x), layers()(x), atol=1e-5, rtol=1e-5)  # the original unchanged
