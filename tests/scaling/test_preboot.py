@@ -314,3 +314,29 @@ def test_a_fresh_start_stops_the_processes_still_booting_and_keeps_the_ready_one
         for fd in unsaid:
             os.close(fd)
     assert ready.poll() is not None
+
+
+@pytest.mark.parametrize("dies", ["os._exit(3)", "os.kill(os.getpid(), signal.SIGKILL)"])
+def test_processes_that_die_while_booting_are_booted_a_bounded_number_of_times(tmp_path, caplog, dies):
+    """An import that fails, or the OOM killer taking every one as it boots: the agent's loop fills
+    the pool every second; it must not boot and lose a process each time forever (starts boot
+    fresh), and it says so once."""
+    (tmp_path / "sitecustomize.py").write_text(f"import os, signal\n{dies}\n")  # dies before any import
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    pool = PrebootPool(1, lambda place: env, detach=False)
+    boots = []
+    boot = pool._boot
+    pool._boot = lambda place: boots.append(place) or boot(place)
+    try:
+        with caplog.at_level("WARNING", logger=preboot_pool.__name__):
+            for _ in range(30):  # the agent's loop, faster
+                pool.fill(["cpu:0"])
+                time.sleep(0.1)
+                pool._sweep()
+        assert 1 <= len(boots) <= preboot_pool.MAX_FAILED_BOOTS, boots
+        assert pool.ready() == 0 and pool._processes == []
+        assert pool.take("cpu:0", [sys.executable, "-m", "tests.scaling.preboot_probe"], {}, None) is None
+        given_up = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(given_up) == 1 and "fresh" in given_up[0].getMessage(), [r.getMessage() for r in caplog.records]
+    finally:
+        pool.stop()
