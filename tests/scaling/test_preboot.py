@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -340,3 +341,73 @@ def test_processes_that_die_while_booting_are_booted_a_bounded_number_of_times(t
         assert len(given_up) == 1 and "fresh" in given_up[0].getMessage(), [r.getMessage() for r in caplog.records]
     finally:
         pool.stop()
+
+
+# -- starts racing the agent's stop, and each other (a stand-in command: the fresh path)
+
+
+@pytest.fixture
+def sleeper_agent(tmp_path, monkeypatch):
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, devices="cpu,cpu", preboot=1, model_id=str(tmp_path / "none"),
+                            weight_cache_dir=str(tmp_path / "cache"))
+        monkeypatch.setattr(agent_module, "worker_argv", lambda slot, standby=False: ["/bin/sleep", "60"])
+        agent = HostAgent(settings, host="hr", env={"PATH": os.environ["PATH"]})
+        try:
+            yield agent
+        finally:
+            agent.stop(grace=2)
+
+
+def test_a_start_still_in_flight_when_the_agent_stops_starts_nothing(sleeper_agent):
+    """`handle` runs each start in a thread of its own, which `stop()` does not wait for: one that
+    gets to its spawn after the stop would leave a replica that nobody stops (its own session)."""
+    sleeper_agent.stop(grace=2)
+    process = sleeper_agent.start_replica(1)
+    try:
+        assert process is None and sleeper_agent.children == {}
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
+class GatedLock:
+    """The agent's lock, where each start thread's second entry (its spawn) waits for the other
+    start to have read the slot's process first: the interleaving of a start command replayed
+    (or sent twice) while its first start is on its way."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._gate = threading.Barrier(2, timeout=10)
+        self._entries: dict[str, int] = {}
+
+    def __enter__(self):
+        name = threading.current_thread().name
+        if name.startswith("start-"):
+            self._entries[name] = self._entries.get(name, 0) + 1
+            if self._entries[name] == 2:
+                self._gate.wait()
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_two_starts_of_one_slot_at_once_leave_one_process_the_agent_tracks(sleeper_agent):
+    sleeper_agent._lock = GatedLock()
+    results = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, sleeper_agent.start_replica(3)),
+                                name=f"start-{n}") for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    started = [p for p in results.values() if p is not None]
+    try:
+        assert len(started) == 1, started  # not two replicas for slot 3, one of them untracked
+        assert sleeper_agent.children == {3: started[0]}
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
