@@ -199,7 +199,7 @@ class PrebootPool:
             prebooted.close()
             if prebooted.process.stdin is not None:
                 try:
-                    prebooted.process.stdin.close()  # EOF: one still importing exits when done
+                    prebooted.process.stdin.close()  # EOF: it exits, even mid-import
                 except OSError:
                     pass
         stop_processes([p.process for p in processes], grace)

@@ -1,11 +1,14 @@
 """Pre-booted replica processes (tasks/control/preboot_pool.py, tasks/runtime/preboot.py): a
 process booted ahead for a place (with its environment) touches no device and no Redis, becomes
 exactly the command handed to it (its environment replaced, its log, its pid kept), and goes away
-with its agent (`serve` stopped, an agent killed). On a real fleet (tests/fleet_service.py: Redis,
-web, Celery workers, a real agent on h1 with two CPU places and `PREBOOT=1`): a start is served by
-the pre-booted process, a replacement boots, two starts at once take one pre-booted and one fresh
-process, and every one serves. Then what the agent refuses or stops (a process claiming CUDA, one
-still importing when a fresh start begins, a stand-in command, a failed boot) and the default."""
+with `serve` (SIGTERM). On one real fleet (tests/fleet_service.py: Redis, web, Celery workers, a
+real agent on h1 with two CPU places and `PREBOOT=1`): a start is served by the pre-booted
+process, a replacement boots, two starts at once take one pre-booted and one fresh process, and
+every one serves; last, the agent killed leaves none. Then what the agent refuses or stops (a
+process claiming CUDA, one still importing when a fresh start begins, a stand-in command, a
+failed boot), the default, and what an adversary tried: processes dying while booting (booted a
+bounded number of times), one still importing when its pipe closes (exits at once), a start
+racing the agent's stop or a second start of its slot (nothing spawned)."""
 from __future__ import annotations
 
 import json
@@ -133,28 +136,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_stopped_or_an_agent_killed_leaves_no_preboot_process(tmp_path, tiny_model_dir):
-    """`blitzscale serve` (its agent in-process; one replica, two places: one pre-booted process
-    once the replica is up) gets SIGTERM; a `blitzscale agent` is killed (-9) with its process
-    perhaps still importing: it exits when its command pipe closes."""
+def test_serve_stopped_leaves_no_preboot_process(tmp_path, tiny_model_dir):
+    """`blitzscale serve` (its agent in-process; a model that scales to zero: no replica to load,
+    its pre-booted process booted at once) gets SIGTERM with its process perhaps still importing.
+    (An agent killed: on the fleet below, the last case.)"""
     with EmbeddedRedis() as server:
-        env = {**os.environ, "PREBOOT": "1", "MODEL_ID": str(tiny_model_dir), "WEIGHT_CACHE_DIR": str(tmp_path / "cache"),
-               "XDG_CACHE_HOME": str(tmp_path / "home"), "MAX_REPLICAS": "2", "MANUALLY_SCALE": "true"}
+        env = {**os.environ, "MODEL_ID": str(tiny_model_dir), "WEIGHT_CACHE_DIR": str(tmp_path / "cache"),
+               "XDG_CACHE_HOME": str(tmp_path / "home"), "MIN_REPLICAS": "0", "MAX_REPLICAS": "2",
+               "MANUALLY_SCALE": "true"}  # PREBOOT's default: 1, where a model scales to zero
         env.pop("REDIS_URL", None)
-        serve = ["serve", "--port", str(free_port())]
-        agent = ["agent", "--host-name", "hp", "--devices", "cpu", "--redis-url", server.url]
-        for args, how in ((serve, signal.SIGTERM), (agent, signal.SIGKILL)):
-            process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", *args], env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                children = wait_for(lambda: preboot_children(process.pid), BOOT_S, f"{args[0]}'s pre-booted process")
-                process.send_signal(how)
-                process.wait(60)
-                wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, f"no pre-booted process after {how!r}")
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+        env.pop("PREBOOT", None)
+        process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "serve", "--port", str(free_port())],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            children = wait_for(lambda: preboot_children(process.pid), BOOT_S, "serve's pre-booted process")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+            wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, "no pre-booted process after SIGTERM")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 # -- on a real fleet
@@ -228,6 +230,18 @@ def test_two_starts_at_once_take_the_preboot_process_and_a_fresh_one_and_both_se
     assert [r.status_code for r in responses] == [200] * 4
     assert starts(fleet) == {"preboot": 2.0, "fresh": 1.0}
     assert fleet.host("h1")["prebooted"] == 0 and preboot_children(fleet.agents["h1"].pid) == []  # no free place
+
+
+def test_an_agent_killed_leaves_no_preboot_process(fleet):
+    """`blitzscale agent` gets SIGKILL with its process perhaps still importing (a place was freed
+    just now): the process exits when its command pipe closes. Last on the fleet: h1 is gone after."""
+    fleet.stop_slots(2)
+    agent = fleet.agents["h1"]
+    children = wait_for(lambda: preboot_children(agent.pid), BOOT_S, "h1's pre-booted process for the freed place")
+    os.kill(agent.pid, signal.SIGKILL)  # the agent alone: its group (replica 1) is the fleet's to stop
+    agent.wait(30)
+    wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, "no pre-booted process after the agent's SIGKILL")
+    fleet.kill_host("h1")  # replica 1, left by its agent
 
 
 # -- what the agent refuses, without booting a real one
@@ -330,7 +344,7 @@ def test_processes_that_die_while_booting_are_booted_a_bounded_number_of_times(t
     pool._boot = lambda place: boots.append(place) or boot(place)
     try:
         with caplog.at_level("WARNING", logger=preboot_pool.__name__):
-            for _ in range(30):  # the agent's loop, faster
+            for _ in range(12):  # the agent's loop, faster
                 pool.fill(["cpu:0"])
                 time.sleep(0.1)
                 pool._sweep()
@@ -411,3 +425,20 @@ def test_two_starts_of_one_slot_at_once_leave_one_process_the_agent_tracks(sleep
         for process in started:
             process.kill()
             process.wait()
+
+
+def test_a_process_still_importing_exits_as_soon_as_its_command_pipe_closes(tmp_path):
+    """Its agent gone (killed, or stopped) while it imports: nobody will hand it a command, so it
+    must not hold a core and memory until its imports end (90 s on a loaded host). Its torch
+    import here never ends (a stand-in that sleeps), so only the closed pipe can end it."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import time\ntime.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    pool = PrebootPool(1, lambda place: env, detach=False)
+    try:
+        pool.fill(["cpu:0"])
+        [prebooted] = pool._processes
+        prebooted.process.stdin.close()  # what the agent's death does to the pipe
+        assert prebooted.process.wait(10) == 0
+    finally:
+        pool.stop(grace=1)
