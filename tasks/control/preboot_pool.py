@@ -143,7 +143,11 @@ class PrebootPool:
         covered = {p.place for p in self._processes}
         wanted = min(self.size, len(free)) - len(self._processes)
         for place in [place for place in free if place not in covered][:max(0, wanted)]:
-            self._processes.append(self._boot(place))
+            try:
+                self._processes.append(self._boot(place))
+            except OSError:  # no process could be made (memory, file limits): a loss too
+                self._lost()
+                raise
 
     def _boot(self, place: str) -> Prebooted:
         read_end, write_end = os.pipe()

@@ -273,12 +273,16 @@ def test_an_agent_keeps_none_for_a_command_it_cannot_hand_over_and_survives_a_fa
             assert agent.preboot._processes == []  # a stand-in command: nothing to pre-boot for
             monkeypatch.undo()
 
+            tries = []
+
             def no_process(*args, **kwargs):
+                tries.append(args)
                 raise OSError(24, "Too many open files")
 
             monkeypatch.setattr(preboot_pool.subprocess, "Popen", no_process)
-            agent._fill_preboot()  # logged, not raised: the agent's loop goes on
-            assert agent.preboot._processes == []
+            for _ in range(6):  # the agent's loop: logged, not raised, and not tried every second forever
+                agent._fill_preboot()
+            assert agent.preboot._processes == [] and len(tries) == preboot_pool.MAX_FAILED_BOOTS
         finally:
             agent.stop(grace=2)
 
