@@ -119,12 +119,15 @@ class HostAgent:
                 return None
         with self._lock:
             exited = self._reap_locked()
-            place = self._claim(device)
+            refused = self._refuse_start_locked(slot)
+            place = None if refused else self._claim(device)
             if place is not None:
                 self._register_loading(slot, standby, place)
                 process, path, booted = self._spawn(slot, standby, place)
                 self.children[slot], self.devices[slot] = process, place
         self._free_slots(exited)
+        if refused:
+            return None
         if place is None:
             self._register_unplaced(slot, device)
             return None
@@ -133,6 +136,20 @@ class HostAgent:
                  f"pre-booted {booted:.1f} s ago" if path == replica_start.PREBOOT else "fresh process",
                  ", standby" if standby else "")
         return process
+
+    def _refuse_start_locked(self, slot: int) -> bool:
+        """A start (in a thread of its own: `handle`) must not spawn when the agent is stopping
+        (`stop()` does not wait for start threads: nobody would stop that replica), nor when another
+        start of the slot spawned since this one looked (a command sent twice): its process would
+        replace a live one in `children`, and run untracked beside it."""
+        if self._stop.is_set():
+            log.info("agent: stopping; not starting replica%d", slot)
+            return True
+        current = self.children.get(slot)  # _reap_locked just dropped the ones that exited
+        if current is not None:
+            log.warning("agent: slot %d: pid %d was started for it meanwhile; not starting another", slot, current.pid)
+            return True
+        return False
 
     def _claim(self, wanted: str | None) -> str | None:
         held = self.held()

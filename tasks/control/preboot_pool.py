@@ -29,6 +29,9 @@ from common.processes import stop_processes
 log = logging.getLogger(__name__)
 
 BOOT_MODULE = "tasks.runtime.preboot"
+# Processes in a row lost before a hand-over (an import failing, the OOM killer, one refused for
+# CUDA): the next would go the same way, so none more are booted and every start boots fresh.
+MAX_FAILED_BOOTS = 3
 
 
 class Prebooted:
@@ -44,7 +47,7 @@ class Prebooted:
     def check(self) -> bool | None:
         """True: ready; None: still booting; False: it died or is unusable (and is stopped)."""
         if self.report is not None:
-            return self.process.poll() is None
+            return self.process.poll() is None or self._discard(f"exited with {self.process.returncode} while waiting")
         if self.ready_fd < 0:
             return False
         readable, _, _ = select.select([self.ready_fd], [], [], 0)
@@ -95,6 +98,7 @@ class PrebootPool:
         self.detach = detach
         self._processes: list[Prebooted] = []
         self._stopped = False
+        self._failures = 0  # processes lost in a row before a hand-over (MAX_FAILED_BOOTS)
 
     def ready(self) -> int:
         return sum(1 for p in self._sweep() if p.report is not None)
@@ -103,8 +107,24 @@ class PrebootPool:
         return {p.place for p in self._sweep() if p.report is not None}
 
     def _sweep(self) -> list[Prebooted]:
-        self._processes = [p for p in self._processes if p.check() is not False]
-        return self._processes
+        kept = []
+        for prebooted in self._processes:
+            if prebooted.check() is False:
+                self._lost()
+            else:
+                kept.append(prebooted)
+        self._processes = kept
+        return kept
+
+    def _lost(self) -> None:
+        self._failures += 1
+        if self._failures == MAX_FAILED_BOOTS:
+            log.error("agent: %d pre-booted processes in a row were lost before their hand-over; booting none "
+                      "more, every start boots a fresh process (see the warnings above for why)", self._failures)
+
+    @property
+    def given_up(self) -> bool:
+        return self._failures >= MAX_FAILED_BOOTS
 
     def fill(self, free: list[str]) -> None:
         """Keep a process ready or booting for each of the first min(N, len(free)) free places (one
@@ -118,10 +138,16 @@ class PrebootPool:
             self._processes.remove(prebooted)
             prebooted.close()
             stop_processes([prebooted.process], 2.0)
+        if self.given_up:
+            return
         covered = {p.place for p in self._processes}
         wanted = min(self.size, len(free)) - len(self._processes)
         for place in [place for place in free if place not in covered][:max(0, wanted)]:
-            self._processes.append(self._boot(place))
+            try:
+                self._processes.append(self._boot(place))
+            except OSError:  # no process could be made (memory, file limits): a loss too
+                self._lost()
+                raise
 
     def _boot(self, place: str) -> Prebooted:
         read_end, write_end = os.pipe()
@@ -165,7 +191,9 @@ class PrebootPool:
                 continue
             self._processes.remove(prebooted)
             if prebooted.hand_over(argv[2], argv[3:], env, log_path):
+                self._failures = 0
                 return prebooted.process, prebooted
+            self._lost()
         return None
 
     def stop(self, grace: float = 5.0) -> None:
@@ -175,7 +203,7 @@ class PrebootPool:
             prebooted.close()
             if prebooted.process.stdin is not None:
                 try:
-                    prebooted.process.stdin.close()  # EOF: one still importing exits when done
+                    prebooted.process.stdin.close()  # EOF: it exits, even mid-import
                 except OSError:
                     pass
         stop_processes([p.process for p in processes], grace)

@@ -4,13 +4,15 @@ agent (tasks/control/preboot_pool.py) before any replica needs it.
 It does the part of a replica's start that does not depend on the replica: importing torch,
 transformers, Celery, kombu's Redis transport, the engine and the replica runtime (most of a
 fresh process's boot; docs/scaling.md, "Pre-booted processes"). Its agent boots it for one
-place, with that place's environment (CUDA_VISIBLE_DEVICES included). It loads no model, touches no
-device (torch initialises CUDA lazily, and nothing here asks it to) and opens no Redis connection. It says it is ready on the fd `--ready-fd` (one JSON line: boot seconds, and
-whether CUDA was initialised, so the agent can refuse a process that would ignore its place), then
-waits for one command on stdin: the replica's module and arguments, its whole environment and its
-log path. It then becomes that replica: the environment replaced (the settings are read only now,
+place, with that place's environment (CUDA_VISIBLE_DEVICES included). It loads no model, touches
+no device (torch initialises CUDA lazily, and nothing here asks it to) and opens no Redis
+connection. It says it is ready on the fd `--ready-fd` (one JSON line: boot seconds, and whether
+CUDA was initialised, so the agent can refuse a process that would ignore its place), then waits
+for one command on stdin: the replica's module and arguments, its whole environment and its log
+path. It then becomes that replica: the environment replaced (the settings are read only now,
 by the command's own `main`), stdout and stderr on the log, and the module run as `python -m`
-would run it. EOF on stdin (its agent stopped or died) before a command: it exits.
+would run it. EOF on stdin (its agent stopped or died) before a command, even mid-import: it
+exits at once.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 import warnings
 
@@ -97,17 +100,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args()
+    commands: list[bytes] = []
+    reader = threading.Thread(target=_read_command, args=(commands,), name="preboot-command", daemon=True)
+    reader.start()  # while importing: the agent may be gone before the imports end
     try:
         report = boot()
         with os.fdopen(args.ready_fd, "w") as ready:
             ready.write(json.dumps(report) + "\n")
-        line = sys.stdin.buffer.readline()
+        reader.join()  # the replica it becomes runs no thread of ours
     except (KeyboardInterrupt, BrokenPipeError):  # the agent's group got Ctrl-C, or the agent is gone
         return 0
-    if not line.strip():
-        return 0  # the agent stopped or died: nothing to become
-    become(json.loads(line))
+    become(json.loads(commands[0]))
     return 0
+
+
+def _read_command(commands: list[bytes]) -> None:
+    """The one command; EOF before it (the agent stopped or died) ends the process at once, even
+    mid-import: nobody will hand it one, and its imports would hold a core for seconds."""
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        os._exit(0)
+    commands.append(line)
 
 
 if __name__ == "__main__":

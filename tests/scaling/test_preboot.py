@@ -1,11 +1,14 @@
 """Pre-booted replica processes (tasks/control/preboot_pool.py, tasks/runtime/preboot.py): a
 process booted ahead for a place (with its environment) touches no device and no Redis, becomes
 exactly the command handed to it (its environment replaced, its log, its pid kept), and goes away
-with its agent (`serve` stopped, an agent killed). On a real fleet (tests/fleet_service.py: Redis,
-web, Celery workers, a real agent on h1 with two CPU places and `PREBOOT=1`): a start is served by
-the pre-booted process, a replacement boots, two starts at once take one pre-booted and one fresh
-process, and every one serves. Then what the agent refuses or stops (a process claiming CUDA, one
-still importing when a fresh start begins, a stand-in command, a failed boot) and the default."""
+with `serve` (SIGTERM). On one real fleet (tests/fleet_service.py: Redis, web, Celery workers, a
+real agent on h1 with two CPU places and `PREBOOT=1`): a start is served by the pre-booted
+process, a replacement boots, two starts at once take one pre-booted and one fresh process, and
+every one serves; last, the agent killed leaves none. Then what the agent refuses or stops (a
+process claiming CUDA, one still importing when a fresh start begins, a stand-in command, a
+failed boot), the default, and what an adversary tried: processes dying while booting (booted a
+bounded number of times), one still importing when its pipe closes (exits at once), a start
+racing the agent's stop or a second start of its slot (nothing spawned)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,28 +136,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_stopped_or_an_agent_killed_leaves_no_preboot_process(tmp_path, tiny_model_dir):
-    """`blitzscale serve` (its agent in-process; one replica, two places: one pre-booted process
-    once the replica is up) gets SIGTERM; a `blitzscale agent` is killed (-9) with its process
-    perhaps still importing: it exits when its command pipe closes."""
+def test_serve_stopped_leaves_no_preboot_process(tmp_path, tiny_model_dir):
+    """`blitzscale serve` (its agent in-process; a model that scales to zero: no replica to load,
+    its pre-booted process booted at once) gets SIGTERM with its process perhaps still importing.
+    (An agent killed: on the fleet below, the last case.)"""
     with EmbeddedRedis() as server:
-        env = {**os.environ, "PREBOOT": "1", "MODEL_ID": str(tiny_model_dir), "WEIGHT_CACHE_DIR": str(tmp_path / "cache"),
-               "XDG_CACHE_HOME": str(tmp_path / "home"), "MAX_REPLICAS": "2", "MANUALLY_SCALE": "true"}
+        env = {**os.environ, "MODEL_ID": str(tiny_model_dir), "WEIGHT_CACHE_DIR": str(tmp_path / "cache"),
+               "XDG_CACHE_HOME": str(tmp_path / "home"), "MIN_REPLICAS": "0", "MAX_REPLICAS": "2",
+               "MANUALLY_SCALE": "true"}  # PREBOOT's default: 1, where a model scales to zero
         env.pop("REDIS_URL", None)
-        serve = ["serve", "--port", str(free_port())]
-        agent = ["agent", "--host-name", "hp", "--devices", "cpu", "--redis-url", server.url]
-        for args, how in ((serve, signal.SIGTERM), (agent, signal.SIGKILL)):
-            process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", *args], env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                children = wait_for(lambda: preboot_children(process.pid), BOOT_S, f"{args[0]}'s pre-booted process")
-                process.send_signal(how)
-                process.wait(60)
-                wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, f"no pre-booted process after {how!r}")
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+        env.pop("PREBOOT", None)
+        process = subprocess.Popen([sys.executable, "-m", "blitzscale.cli", "serve", "--port", str(free_port())],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            children = wait_for(lambda: preboot_children(process.pid), BOOT_S, "serve's pre-booted process")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+            wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, "no pre-booted process after SIGTERM")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 # -- on a real fleet
@@ -229,6 +232,18 @@ def test_two_starts_at_once_take_the_preboot_process_and_a_fresh_one_and_both_se
     assert fleet.host("h1")["prebooted"] == 0 and preboot_children(fleet.agents["h1"].pid) == []  # no free place
 
 
+def test_an_agent_killed_leaves_no_preboot_process(fleet):
+    """`blitzscale agent` gets SIGKILL with its process perhaps still importing (a place was freed
+    just now): the process exits when its command pipe closes. Last on the fleet: h1 is gone after."""
+    fleet.stop_slots(2)
+    agent = fleet.agents["h1"]
+    children = wait_for(lambda: preboot_children(agent.pid), BOOT_S, "h1's pre-booted process for the freed place")
+    os.kill(agent.pid, signal.SIGKILL)  # the agent alone: its group (replica 1) is the fleet's to stop
+    agent.wait(30)
+    wait_for(lambda: not any(alive(pid) for pid in children), BOOT_S, "no pre-booted process after the agent's SIGKILL")
+    fleet.kill_host("h1")  # replica 1, left by its agent
+
+
 # -- what the agent refuses, without booting a real one
 
 
@@ -258,12 +273,16 @@ def test_an_agent_keeps_none_for_a_command_it_cannot_hand_over_and_survives_a_fa
             assert agent.preboot._processes == []  # a stand-in command: nothing to pre-boot for
             monkeypatch.undo()
 
+            tries = []
+
             def no_process(*args, **kwargs):
+                tries.append(args)
                 raise OSError(24, "Too many open files")
 
             monkeypatch.setattr(preboot_pool.subprocess, "Popen", no_process)
-            agent._fill_preboot()  # logged, not raised: the agent's loop goes on
-            assert agent.preboot._processes == []
+            for _ in range(6):  # the agent's loop: logged, not raised, and not tried every second forever
+                agent._fill_preboot()
+            assert agent.preboot._processes == [] and len(tries) == preboot_pool.MAX_FAILED_BOOTS
         finally:
             agent.stop(grace=2)
 
@@ -314,3 +333,116 @@ def test_a_fresh_start_stops_the_processes_still_booting_and_keeps_the_ready_one
         for fd in unsaid:
             os.close(fd)
     assert ready.poll() is not None
+
+
+@pytest.mark.parametrize("dies", ["os._exit(3)", "os.kill(os.getpid(), signal.SIGKILL)"])
+def test_processes_that_die_while_booting_are_booted_a_bounded_number_of_times(tmp_path, caplog, dies):
+    """An import that fails, or the OOM killer taking every one as it boots: the agent's loop fills
+    the pool every second; it must not boot and lose a process each time forever (starts boot
+    fresh), and it says so once."""
+    (tmp_path / "sitecustomize.py").write_text(f"import os, signal\n{dies}\n")  # dies before any import
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    pool = PrebootPool(1, lambda place: env, detach=False)
+    boots = []
+    boot = pool._boot
+    pool._boot = lambda place: boots.append(place) or boot(place)
+    try:
+        with caplog.at_level("WARNING", logger=preboot_pool.__name__):
+            for _ in range(12):  # the agent's loop, faster
+                pool.fill(["cpu:0"])
+                time.sleep(0.1)
+                pool._sweep()
+        assert 1 <= len(boots) <= preboot_pool.MAX_FAILED_BOOTS, boots
+        assert pool.ready() == 0 and pool._processes == []
+        assert pool.take("cpu:0", [sys.executable, "-m", "tests.scaling.preboot_probe"], {}, None) is None
+        given_up = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(given_up) == 1 and "fresh" in given_up[0].getMessage(), [r.getMessage() for r in caplog.records]
+    finally:
+        pool.stop()
+
+
+# -- starts racing the agent's stop, and each other (a stand-in command: the fresh path)
+
+
+@pytest.fixture
+def sleeper_agent(tmp_path, monkeypatch):
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, devices="cpu,cpu", preboot=1, model_id=str(tmp_path / "none"),
+                            weight_cache_dir=str(tmp_path / "cache"))
+        monkeypatch.setattr(agent_module, "worker_argv", lambda slot, standby=False: ["/bin/sleep", "60"])
+        agent = HostAgent(settings, host="hr", env={"PATH": os.environ["PATH"]})
+        try:
+            yield agent
+        finally:
+            agent.stop(grace=2)
+
+
+def test_a_start_still_in_flight_when_the_agent_stops_starts_nothing(sleeper_agent):
+    """`handle` runs each start in a thread of its own, which `stop()` does not wait for: one that
+    gets to its spawn after the stop would leave a replica that nobody stops (its own session)."""
+    sleeper_agent.stop(grace=2)
+    process = sleeper_agent.start_replica(1)
+    try:
+        assert process is None and sleeper_agent.children == {}
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+
+
+class GatedLock:
+    """The agent's lock, where each start thread's second entry (its spawn) waits for the other
+    start to have read the slot's process first: the interleaving of a start command replayed
+    (or sent twice) while its first start is on its way."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._gate = threading.Barrier(2, timeout=10)
+        self._entries: dict[str, int] = {}
+
+    def __enter__(self):
+        name = threading.current_thread().name
+        if name.startswith("start-"):
+            self._entries[name] = self._entries.get(name, 0) + 1
+            if self._entries[name] == 2:
+                self._gate.wait()
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_two_starts_of_one_slot_at_once_leave_one_process_the_agent_tracks(sleeper_agent):
+    sleeper_agent._lock = GatedLock()
+    results = {}
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, sleeper_agent.start_replica(3)),
+                                name=f"start-{n}") for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    started = [p for p in results.values() if p is not None]
+    try:
+        assert len(started) == 1, started  # not two replicas for slot 3, one of them untracked
+        assert sleeper_agent.children == {3: started[0]}
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+
+
+def test_a_process_still_importing_exits_as_soon_as_its_command_pipe_closes(tmp_path):
+    """Its agent gone (killed, or stopped) while it imports: nobody will hand it a command, so it
+    must not hold a core and memory until its imports end (90 s on a loaded host). Its torch
+    import here never ends (a stand-in that sleeps), so only the closed pipe can end it."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("import time\ntime.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    pool = PrebootPool(1, lambda place: env, detach=False)
+    try:
+        pool.fill(["cpu:0"])
+        [prebooted] = pool._processes
+        prebooted.process.stdin.close()  # what the agent's death does to the pipe
+        assert prebooted.process.wait(10) == 0
+    finally:
+        pool.stop(grace=1)
