@@ -61,14 +61,17 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         with torch.no_grad():
             self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.source, self.version = weight, weight._version
+        # Its storage too, held: `weight.data = ...` (a cast and back, some loaders) swaps that
+        # without a version bump, and while held its address cannot be reused by the new one.
+        self.source, self.version, self.storage = weight, weight._version, weight.untyped_storage()
 
     def __deepcopy__(self, memo) -> None:
         return None
 
     def stale(self, weight: torch.Tensor) -> bool:
         """The weights were loaded or changed since it was packed."""
-        return self.source is not weight or self.version != weight._version
+        return (self.source is not weight or self.version != weight._version
+                or self.storage.data_ptr() != weight.untyped_storage().data_ptr())
 
 
 def _pack(module: torch.nn.Linear) -> None:
@@ -80,6 +83,8 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (x.numel() == features or torch.is_grad_enabled() or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.device.type != "cpu" or weight.device.type != "cpu"):
         # One token (MKL's matrix-vector product), training, or a model since moved or cast.
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            module.packed_weight = None  # moved or cast for good: its CPU copy (and the old storage) freed
         return F.linear(x, weight, module.bias)
     if module.packed_weight is None or module.packed_weight.stale(weight):  # a copy, or weights changed: pack again
         _pack(module)

@@ -78,3 +78,27 @@ def test_a_packed_model_can_be_deep_copied_and_the_copy_packs_its_own_weights():
         torch.testing.assert_close(twin(x), plain(x), atol=1e-5, rtol=1e-5)
         assert twin[0].packed_weight is not None and twin[0].packed_weight.source is twin[0].weight
         torch.testing.assert_close(packed(x), layers()(x), atol=1e-5, rtol=1e-5)  # the original unchanged
+
+
+def test_weights_replaced_under_the_same_parameter_are_used():
+    """`model.half().float()` (a cast and back) and `weight.data = ...` give a parameter new
+    storage without bumping its version counter: the packed copy must not outlive it."""
+    plain, packed = layers(), layers()
+    prepack_linears(packed)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        packed(x)  # packed and used once
+    for model in (plain, packed):
+        model.half().float()  # values rounded to float16, same Parameter objects
+        model[2].weight.data = torch.full((16, 48), 0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_cast_after_packing_frees_its_packed_copy():
+    """A model moved or cast for good keeps no CPU copy of its weights beside the new ones."""
+    model = layers()
+    prepack_linears(model)
+    with torch.inference_mode():
+        model.double()(torch.randn(3, 32, dtype=torch.float64))
+    assert model[0].packed_weight is None and model[2].packed_weight is None
