@@ -9,8 +9,9 @@ the free memory, less a 10% margin, less each part, every part logged:
 - CUDA graph outputs: exact (each captured graph keeps its [batch, V] logits in the pool, a
   verify graph its [batch × width, V]), plus its activations, estimated as 8 hidden-sized rows
   per token for the largest graph;
-- sampler buffers: estimated as six float32 [slots, V] tensors (the logits in float32, scaled,
-  softmax, penalties' counts and two processed copies);
+- sampler buffers: estimated as six float32 [rows, V] tensors (the logits in float32, scaled,
+  softmax, penalties' counts and two processed copies), rows being the slots, or with
+  `--speculate k` the positions a verify step samples, (k + 1) per slot;
 - watermark green lists: exact, [rows, V] bool, rows being the lists kept between steps or, when
   every slot's previous token differs in one step, one per slot (engine/watermark.py grows to it);
 - a draft model (`--speculative-model`): its weights are loaded before the budget is taken, so
@@ -84,7 +85,8 @@ def engine_parts(model, slots: int, slot_length: int, adapters: Sequence[LoraAda
         outputs = sum(rows) * len(length_buckets(slot_length)) * vocab * element
         width = max(config.hidden_size, getattr(config, "intermediate_size", 0) or 0)
         parts["CUDA graph pool"] = outputs + max(rows) * GRAPH_ACTIVATION_ROWS * width * element
-    parts["sampler buffers"] = SAMPLER_BUFFERS * slots * vocab * 4
+    # A verify step samples every position it scores: each slot's last token and its drafts.
+    parts["sampler buffers"] = SAMPLER_BUFFERS * slots * (1 + verify_drafts) * vocab * 4
     parts["watermark green lists"] = max(GREEN_LISTS_KEPT, slots) * vocab  # any request may ask for one
     return {name: size for name, size in parts.items() if size}
 

@@ -72,3 +72,13 @@ def test_the_watermark_green_lists_are_counted_as_large_as_they_can_grow(model, 
     budget = kv_budget(model, GIB, slots, 256)
     assert budget.parts["watermark green lists"] == lists.masks.nbytes
     assert "watermark green lists" in budget.describe()
+
+
+def test_a_verify_step_samples_k_plus_one_rows_per_slot_and_the_budget_counts_them(model):
+    """With --speculate k, a verify step's sampler has one row per position (each slot's last
+    token and its k drafts, engine/speculative.py verify_rows): its buffers are k + 1 times a
+    plain step's, graphs or not."""
+    free, slots, length, k = GIB // 4, 8, 256, 4
+    plain, verifying = kv_budget(model, free, slots, length), kv_budget(model, free, slots, length, verify_drafts=k)
+    assert verifying.parts["sampler buffers"] == (k + 1) * plain.parts["sampler buffers"]
+    assert verifying.slots <= plain.slots
