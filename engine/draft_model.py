@@ -9,7 +9,7 @@ row the draft KV holds. A step with k drafts a row costs the draft model k packe
    of one packed forward; the last position's logits give draft 1;
 2. k - 1 decode forwards over the batch's slots, each feeding every drafting row its previous
    draft (rows not drafting write nothing anyone reads, just past their draft KV).
-Drafts are the draft model's greedy argmax. A deterministic drafter keeps the verify rule of
+Drafts are the draft model's greedy argmax (over the ids the target scores too). A deterministic drafter keeps the verify rule of
 engine/speculative.py exact for sampled and seeded rows too: a row accepts a draft when the
 target's own draw at that position equals it, so each emitted token is the target's draw and
 the target distribution is kept exactly (acceptance is lower than with rejection sampling
@@ -39,15 +39,19 @@ log = logging.getLogger(__name__)
 
 
 def vocabulary_refusal(target, draft, target_tokenizer=None, draft_tokenizer=None) -> str | None:
-    """Why `draft` cannot draft for `target` (None: it can): its logits must index the target's
-    token ids, so both the output width and, when given, the tokenizers' vocabularies must agree."""
-    size, own = target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
-    if size != own:
-        return f"its vocabulary has {own} tokens, the target's {size}"
+    """Why `draft` cannot draft for `target` (None: it can): its token ids must be the target's,
+    so the tokenizers' vocabularies, when given, must agree. Output widths may differ (embeddings
+    padded to a multiple: Qwen2.5's 0.5B and 7B): drafts come from the ids both score
+    (`shared_vocabulary`)."""
     if target_tokenizer is not None and draft_tokenizer is not None and \
             target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         return "its tokenizer's vocabulary differs from the target's"
     return None
+
+
+def shared_vocabulary(target, draft) -> int:
+    """The token ids [0, n) both models score: a draft never proposes a padding id of its own."""
+    return min(target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size)
 
 
 @dataclass
@@ -137,13 +141,11 @@ class DraftModel:
 
     def __init__(self, model, target, name: str, slots: int, slot_length: int, device: torch.device,
                  prefill_budget: int = 4096):
-        refusal = vocabulary_refusal(target, model)
-        if refusal:
-            raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must share the target's tokenizer")
         refusal = slot_path_refusal(model, slot_length)
         if refusal:
             raise EngineError(f"--speculative-model {name}: {refusal}: a draft model must take the slot path")
         self.name = name
+        self.vocabulary = shared_vocabulary(target, model)
         self.prefill_budget = prefill_budget  # tokens a catch-up forward takes at most (--max-batch-prefill-tokens)
         self.runner = DraftRunner(model.to(device), device, slots, slot_length)
         # Whether the last drafting caught its rows up by one step's tokens (at most the bonus
@@ -174,7 +176,7 @@ class DraftModel:
             seen = states[r].settle(sequence.token_ids, sequence.kv_len)
             spans.append((r, seen, sequence.token_ids[seen : sequence.kv_len + 1]))
         self.steady = all(len(tokens) <= 2 for _, _, tokens in spans)
-        first = self.runner.catch_up(spans, self.prefill_budget).argmax(-1).tolist()
+        first = self.runner.catch_up(spans, self.prefill_budget)[:, : self.vocabulary].argmax(-1).tolist()
         drafts = {r: [token] for r, token in zip(drafting, first)}
         for j in range(1, max(counts)):
             active = [r for r in drafting if counts[r] > j]
@@ -187,7 +189,7 @@ class DraftModel:
             positions = [rows[r].kv_len + counts[r] if counts[r] > 0 else states[r].written for r in range(width)]
             for r in active:
                 ids[r], positions[r] = drafts[r][-1], rows[r].kv_len + j
-            picked = self.runner.step(ids, positions)[active].argmax(-1).tolist()
+            picked = self.runner.step(ids, positions)[active, : self.vocabulary].argmax(-1).tolist()
             for r, token in zip(active, picked):
                 drafts[r].append(token)
         for r in drafting:

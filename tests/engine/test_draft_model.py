@@ -144,11 +144,33 @@ def test_grammar_rows_stay_valid_with_model_drafts(model_and_tokenizer):
     assert all(c in "0123456789 " for c in speculated["g"][-1].finish.generated_text)
 
 
-def test_a_draft_model_of_another_vocabulary_is_refused_in_one_clear_line(model_and_tokenizer):
-    model, _ = model_and_tokenizer
-    other = small_draft(model, vocab_size=model.config.vocab_size + 8)
-    with pytest.raises(EngineError, match=r"^--speculative-model draft: its vocabulary has \d+ tokens, the target's \d+"):
-        make_engine(model_and_tokenizer, draft_model=other)
+def test_a_draft_with_padded_embeddings_drafts_only_the_targets_token_ids(model_and_tokenizer):
+    """Same tokenizer, more output rows (embeddings padded to a multiple, as Qwen2.5's small and
+    large models are): it drafts, never one of its padding ids, and the output is plain decoding's."""
+    model, tokenizer = model_and_tokenizer
+    padded = small_draft(model, vocab_size=model.config.vocab_size + 8)
+    padding = torch.arange(model.config.vocab_size, model.config.vocab_size + 8)
+    # Its padding ids win every argmax unless they are cut off (a padding id would be out of the target's embedding).
+    padded.get_output_embeddings().register_forward_hook(lambda _m, _a, out: out.index_fill(-1, padding, 1e4))
+    r = request(tokenizer, "r", TEXTS[0], max_new_tokens=12)
+    plain, _ = run(make_engine(model_and_tokenizer), [r])
+    engine = make_engine(model_and_tokenizer, draft_model=padded)
+    assert_same(run(engine, [r])[0], plain)
+    assert engine.stats().spec_draft_tokens > 0
+
+
+def test_a_draft_model_of_another_tokenizer_is_refused_in_one_clear_line(model_and_tokenizer):
+    from engine.draft_model import vocabulary_refusal
+
+    model, tokenizer = model_and_tokenizer
+
+    class Other:
+        def get_vocab(self):
+            return {**tokenizer.get_vocab(), "<extra>": model.config.vocab_size}
+
+    padded = small_draft(model, vocab_size=model.config.vocab_size + 8)
+    assert vocabulary_refusal(model, padded, tokenizer, tokenizer) is None
+    assert vocabulary_refusal(model, padded, tokenizer, Other()) == "its tokenizer's vocabulary differs from the target's"
 
 
 def test_the_draft_models_kv_shares_each_slot_in_the_budget(model_and_tokenizer, draft):
