@@ -72,6 +72,18 @@ def prepare(settings: Settings, tokenizer_only: bool = False):
     return target
 
 
+def prepare_drafts(settings: Settings) -> None:
+    """Each served model's `--speculative-model`, made loadable as the target is (`prepare`):
+    one that is not there stops the start in one line naming the flag, instead of every replica
+    failing to load it later (tasks/runtime/engine_builder.py loads it)."""
+    drafts = {m.settings.speculative_model for m in settings.catalog.models if m.settings.speculative_model}
+    for draft in sorted(drafts):
+        try:
+            prepare(settings.replace(model_id=draft, revision=None))
+        except hub.ModelUnavailable as error:
+            raise hub.ModelUnavailable(f"--speculative-model {draft}: {error}") from error
+
+
 def gunicorn_argv(settings: Settings) -> list[str]:
     threads = settings.web_process_threads
     return [
@@ -101,6 +113,7 @@ def cmd_serve(settings: Settings) -> int:
     scaling = None
     try:
         prepare(settings)
+        prepare_drafts(settings)
         env = {**os.environ, **settings.to_env()}
         env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="blitzscale-metrics-"))
         supervisor.spawn("web", gunicorn_argv(settings), env)
@@ -266,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "download-weights":
         return cmd_download_weights(settings, args.model, args.extension)
     prepare(settings)
+    prepare_drafts(settings)
     return 0
 
 

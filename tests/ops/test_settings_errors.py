@@ -30,3 +30,14 @@ def test_the_limits_are_the_engines():
     from engine import speculative
 
     assert (settings.MAX_SPECULATE, settings.MAX_NGRAM) == (speculative.MAX_SPECULATE, speculative.MAX_NGRAM)
+
+
+def test_a_missing_speculative_model_stops_the_start_in_one_line_naming_it(tiny_model_dir, tmp_path, capfd):
+    """`serve` and `prepare` make the draft model loadable as they do the target (a hub id
+    downloaded, a GGUF converted) before anything starts: a path that is not there is one line at
+    start naming the flag, not every replica failing to load it later."""
+    missing = str(tmp_path / "no-such-draft")
+    code = main(["prepare", "--model-id", str(tiny_model_dir), "--speculate", "2", "--speculative-model", missing])
+    assert code == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if "ERROR" in line or "error" in line.lower()]
+    assert len(errors) == 1 and f"--speculative-model {missing}: " in errors[0]
