@@ -13,6 +13,8 @@ PyTorch's own CPU compiler uses, `torch.ops.mkldnn._reorder_linear_weight`) take
 The packed copy is made once per layer and kept beside the weight (the weight still serves the
 one-token steps and anything else that reads it): a CPU replica holds its linear weights twice,
 unless the copy would take more than half the free memory (then nothing is packed, and logged).
+A copy is made again when its weight changes (in place, replaced, or its storage swapped), and
+dropped when the layer is moved off the CPU or cast.
 Both products give the same values up to float rounding (~1e-6), as any two batch shapes do.
 """
 from __future__ import annotations
