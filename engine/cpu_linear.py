@@ -41,7 +41,7 @@ def prepack_linears(model: torch.nn.Module) -> int:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and getattr(m, "packed_weight", None) is None
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = free_memory()
     if size > available // 2:  # the copy must leave room for the KV cache and everything else
         log.warning("linear weights not packed for oneDNN: their %.1f GB copy would take more than half the "
                     "%.1f GB of free memory (multi-token CPU forwards stay slower)", size / 1e9, available / 1e9)
@@ -53,6 +53,10 @@ def prepack_linears(model: torch.nn.Module) -> int:
         log.info("packed %d linear layers for oneDNN (%.2f GB): multi-token CPU forwards skip MKL's per-call "
                  "packing", len(linears), size / 1e9)
     return len(linears)
+
+
+def free_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class PackedWeight:
@@ -88,7 +92,11 @@ def _forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             module.packed_weight = None  # moved or cast for good: its CPU copy (and the old storage) freed
         return F.linear(x, weight, module.bias)
-    if module.packed_weight is None or module.packed_weight.stale(weight):  # a copy, or weights changed: pack again
+    if module.packed_weight is None:  # a deep copy's layer, or one cast away and back: a new copy, if there is room
+        if weight.numel() * weight.element_size() > free_memory() // 2:
+            return F.linear(x, weight, module.bias)
+        _pack(module)
+    elif module.packed_weight.stale(weight):  # weights changed: the new copy replaces the old one
         _pack(module)
     bias = None if module.bias is None else module.bias.detach()
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, features), module.packed_weight.tensor, bias, "none", [], "")

@@ -102,3 +102,20 @@ def test_a_model_cast_after_packing_frees_its_packed_copy():
     with torch.inference_mode():
         model.double()(torch.randn(3, 32, dtype=torch.float64))
     assert model[0].packed_weight is None and model[2].packed_weight is None
+
+
+def test_a_deep_copy_packs_its_weights_only_where_there_is_room(monkeypatch):
+    """A copy (a draft model made from the target) packs lazily; it keeps the memory rule of
+    `prepack_linears`: no packed copy past half the free memory."""
+    import copy
+
+    from engine import cpu_linear
+
+    packed = layers()
+    prepack_linears(packed)
+    twin = copy.deepcopy(packed)
+    monkeypatch.setattr(cpu_linear, "free_memory", lambda: 0)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), layers()(x), atol=1e-5, rtol=1e-5)
+    assert twin[0].packed_weight is None and twin[2].packed_weight is None
