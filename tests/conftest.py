@@ -10,6 +10,11 @@ from tests.service import Service
 from tests.tiny_model import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process, in this one and every process a test starts (they inherit it): the
+# tests' models are tiny, and a test runs the web, replicas and itself on a few shared cores, where
+# a second OpenMP thread spin-waits for a core instead of helping (the engine tests ran several
+# times slower with two). Set before anything imports torch; an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

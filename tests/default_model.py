@@ -32,7 +32,9 @@ def link_weights(entry: Path, cache_dir: Path) -> Path:
     tokenizer-only preparation) keeps it."""
     target = cache_dir / "models" / entry.name
     target.mkdir(parents=True, exist_ok=True)
-    missing = sorted((p for p in entry.iterdir() if p.is_file() and not (target / p.name).exists()),
+    # Not the dot files (a chunk manifest remembered for the entry's own files): its cache makes its own.
+    missing = sorted((p for p in entry.iterdir()
+                      if p.is_file() and not p.name.startswith(".") and not (target / p.name).exists()),
                      key=lambda p: p.name == WEIGHTS_FILE)
     for path in missing:
         try:
