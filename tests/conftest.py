@@ -5,10 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.default_model import converted_default_model
 from tests.service import Service
 from tests.tiny_model import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process, in this one and every process a test starts (they inherit it): the
+# tests' models are tiny, and a test runs the web, replicas and itself on a few shared cores, where
+# a second OpenMP thread spin-waits for a core instead of helping (the engine tests ran several
+# times slower with two). Set before anything imports torch; an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +32,14 @@ def service(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_service(tmp_path_factory):
+def default_model_entry() -> Path:
+    """The default model converted once into this host's weight cache, read-only for every test
+    that serves it (tests.default_model.link_weights gives a test's own cache the same files)."""
+    return converted_default_model()
+
+
+@pytest.fixture(scope="session")
+def real_service(default_model_entry, tmp_path_factory):
     """The default model (SmolLM2-135M-Instruct from its GGUF file), for the few tests that
     need real text. Converted once into the host weight cache."""
     workdir = tmp_path_factory.mktemp("real-service")

@@ -83,20 +83,26 @@ def test_staggered_batch_on_two_adapters_and_the_base(lora_engine, base, expecte
     names = [None, "alpha", "beta"]
     jobs = [(f"mix{n}", PROMPTS[n % len(PROMPTS)], names[n % 3]) for n in range(9)]
     results, steps_seen = {}, []
+    stepped = threading.Condition()
 
-    def run(rid, text, name, delay):
-        threading.Event().wait(delay)
+    def run(rid, text, name, after_steps):
+        # Row n joins once the engine has run n forwards: staggered by the engine's own steps, not
+        # by the clock (a faster engine would finish a row before the next one came).
+        with stepped:
+            stepped.wait_for(lambda: len(steps_seen) >= after_steps, timeout=60)
         results[rid] = tokens(lora_engine.submit(req(tokenizer, rid, text, name)))
 
     lora = lora_engine.runner.lora
     own_tokens = lora.tokens
 
     def recording(token_adapters):  # which adapters each step's forward mixed
-        steps_seen.append(set(token_adapters))
+        with stepped:
+            steps_seen.append(set(token_adapters))
+            stepped.notify_all()
         return own_tokens(token_adapters)
 
     lora.tokens = recording
-    threads = [threading.Thread(target=run, args=(*job, 0.02 * n)) for n, job in enumerate(jobs)]
+    threads = [threading.Thread(target=run, args=(*job, n)) for n, job in enumerate(jobs)]
     try:
         for thread in threads:
             thread.start()

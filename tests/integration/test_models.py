@@ -9,17 +9,26 @@ import re
 import pytest
 import requests
 
-from common.settings import default_model_id
+from common import model_files
+from common.settings import Settings, default_model_id
+from tests.default_model import link_weights
 from tests.models_service import TARGET, ModelsService
 
 
 @pytest.fixture(scope="module")
-def two_models(tiny_model_dir, tmp_path_factory):
+def two_models(tiny_model_dir, default_model_entry, tmp_path_factory):
     # smol second: a GGUF model that is not the first still has its tokenizer, queue and slots
-    svc = ModelsService({"tiny": str(tiny_model_dir), "smol": default_model_id()},
-                        tmp_path_factory.mktemp("models"), places=2, env={"SCALE_TO_ZERO_AFTER": "4"})
+    workdir = tmp_path_factory.mktemp("models")
+    svc = ModelsService({"tiny": str(tiny_model_dir), "smol": default_model_id()}, workdir, places=2,
+                        env={"SCALE_TO_ZERO_AFTER": "4"})
     try:
-        yield svc.start()
+        svc.start()
+        # The web prepared smol's tokenizer itself (its own host cache starts empty); the weights
+        # come converted, as if this host had converted them before (saves a minute's conversion).
+        entry = model_files.cache_entry(Settings(weight_cache_dir=str(workdir / "cache")), default_model_entry.name)
+        assert (entry / "tokenizer.json").is_file() and not model_files.entry_complete(entry)
+        link_weights(default_model_entry, workdir / "cache")
+        yield svc
     finally:
         svc.stop()
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -170,25 +171,40 @@ def test_request_id_is_echoed_and_logged_by_the_web_and_the_replica(cluster):
 
 
 def test_celery_tools_see_the_replicas(cluster):
-    ping = _celery(cluster, "inspect", "ping", "--timeout", "5")
-    assert ping.returncode == 0, ping.stderr
-    assert "replica0@" in ping.stdout and "replica1@" in ping.stdout
-    queues = _celery(cluster, "inspect", "active_queues", "--timeout", "5")
-    assert queues.stdout.count("* {'name': 'generation'") == 2, queues.stdout  # each replica consumes it
     events = subprocess.Popen(_celery_argv("events", "--dump"), env=_celery_env(cluster), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
+    reader.start()
+
+    def received() -> bool:
+        output = "".join(lines)
+        return "task received" in output.lower() or "task-received" in output
+
     try:
-        time.sleep(2)
-        requests.post(f"{cluster.base_url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
-        time.sleep(2)
+        # Both at once, while the dump starts: an `inspect` waits its whole --timeout for replies.
+        with ThreadPoolExecutor(2) as pool:
+            ping, queues = pool.map(lambda command: _celery(cluster, "inspect", command, "--timeout", "5"),
+                                    ("ping", "active_queues"))
+        assert ping.returncode == 0, ping.stderr
+        assert "replica0@" in ping.stdout and "replica1@" in ping.stdout
+        assert queues.stdout.count("* {'name': 'generation'") == 2, queues.stdout  # each replica consumes it
+        # A request each half second until the dump shows one received: the dump listens only
+        # once it has bound its queue, a moment after it says it is capturing.
+        deadline = time.monotonic() + 30
+        while not received() and time.monotonic() < deadline:
+            requests.post(f"{cluster.base_url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+            time.sleep(0.5)
     finally:
         events.send_signal(signal.SIGINT)
         try:
-            output, _ = events.communicate(timeout=10)
+            events.wait(timeout=10)
         except subprocess.TimeoutExpired:
             events.kill()
-            output, _ = events.communicate()
-    assert "task received" in output.lower() or "task-received" in output, output[-2000:]
+            events.wait()
+        reader.join(10)
+    output = "".join(lines)
+    assert received(), output[-2000:]
     assert "replica" in output
 
 
