@@ -94,7 +94,8 @@ class Engine:
         if supports_slots(model, scheduler_config.slot_length):
             use_graphs = self.device.type == "cuda" and cuda_graphs is not False
             lora = LoraLayers(model, adapters) if adapters else None
-            self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs, lora)
+            self.runner = ModelRunner(model, self.device, slots, scheduler_config.slot_length, use_graphs, lora,
+                                      pack_cpu_linears=speculative is not None and speculative.enabled)
         elif adapters:
             raise EngineError(f"LoRA adapters need the slot path, which {model.config.get_text_config().model_type} "
                               "models do not take")

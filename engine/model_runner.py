@@ -86,10 +86,15 @@ def supports_slots(model, slot_length: int) -> bool:
 
 class ModelRunner:
     def __init__(self, model, device: torch.device, slots: int, slot_length: int, cuda_graphs: bool = False,
-                 lora: LoraLayers | None = None):
+                 lora: LoraLayers | None = None, pack_cpu_linears: bool = False):
+        """`pack_cpu_linears`: on a CPU, multi-token forwards (verify steps, batches, prompts) by
+        weights packed once for oneDNN (engine/cpu_linear.py). Only where speculation needs its
+        verify step cheap: a one-token step keeps MKL's product, so a row's logits then differ in
+        the last bits between a solo step and a batched one, and logprobs are no longer the same
+        alone and in any batch (which plain serving keeps)."""
         self.model = model
-        if device.type == "cpu":
-            prepack_linears(model)  # multi-token forwards (verify steps, batches, prompts) skip MKL's packing
+        if device.type == "cpu" and pack_cpu_linears:
+            prepack_linears(model)
         self.lora = lora  # the replica's LoRA adapters (engine/lora.py), hooked into the model
         self.device = device
         self.cache = SlotKVCache(KVGeometry.of(model), slots, slot_length, device, growable=device.type != "cuda")
