@@ -14,6 +14,9 @@ and n-gram drafting, and each drafter's acceptance, in one run.
 Runs alternate (plain, speculated, plain, ...) so that a noisy machine slows both alike; each
 row reports the median of its rounds and the spread (min..max of the per-round ratios).
 Outputs of the plain and speculated runs are compared token for token (they must be equal).
+The engines share one model, whose CPU linear weights the speculating engine packs for oneDNN
+(engine/cpu_linear.py, on only with `--speculate`): plain runs here use them too, so each ratio is
+speculation's alone (a replica without `--speculate` keeps MKL's weights).
 
     python -m bench.speculative [--speculate 4] [--rounds 3] [--quick] [--speculative-model layers:6]
 """
