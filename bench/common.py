@@ -80,11 +80,10 @@ def _fmt(value) -> str:
 
 def prebooted_ready(hosts: list[dict], preboot: int) -> bool:
     """Every host agent (its /cluster_state record) has its pre-booted processes ready: one per
-    free place up to `preboot` (docs/scaling.md, "Pre-booted processes"). A fleet bench waits for
+    place (free or held) up to `preboot` (docs/scaling.md, "Pre-booted processes"). A fleet bench waits for
     this before it times a start, so no start shares the CPU with an interpreter still importing
     and every policy starts replicas the same way: the comparison stays about the weights."""
-    return all(h.get("prebooted", 0) >= min(preboot, sum(p.get("slot") is None for p in h.get("places", [])))
-               for h in hosts)
+    return all(h.get("prebooted", 0) >= min(preboot, len(h.get("places", []))) for h in hosts)
 
 
 def preboot_setting(env: dict) -> int:

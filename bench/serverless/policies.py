@@ -67,7 +67,9 @@ class Fleet:
                     "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                     "HF_HOME": str(workdir / "hf-web"), "QUEUE_TIMEOUT": str(queue_timeout),
                     "DOWN_TARGET": "stop", "HEARTBEAT_TTL": "3", "MAX_REPLICAS": "2", "LOG_LEVEL": "INFO",
-                    "PREBOOT": "1",  # every policy: cold starts in pre-booted processes (docs/scaling.md)
+                    # every policy: cold starts in pre-booted processes, one per place (an eviction
+                    # frees either of a host's places; docs/scaling.md, "Pre-booted processes")
+                    "PREBOOT": str(PLACES // len(HOSTS)),
                     **policy.env}
         self.processes: dict[str, subprocess.Popen] = {}
         self.ready_replicas = len(served) if policy.pinned else 0  # (a) starts warm; (b), (c) at zero

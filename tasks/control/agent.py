@@ -9,7 +9,7 @@ plane address), runs the data plane over its host cache and keeps that cache wit
 place the control plane chose for it), and owns the processes it starts: each gets exactly its
 one device (tasks/control/devices.py), and the agent stops them when it stops. It keeps up to
 `--preboot` interpreters booted for its next starts (tasks/control/preboot_pool.py), one at
-most per free place: a start hands its replica to one, else boots a fresh process.
+most per place (free ones first): a start hands its replica to one, else boots a fresh process.
 
 A restarted agent announces itself again; replicas of its host that it did not start (left by
 its previous run) keep their places, and it never signals them. `blitzscale serve` runs one
@@ -81,7 +81,7 @@ class HostAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cache = CachePlane(settings, self.redis, self.host)
-        # filled once the agent runs, each process for a free place, with that place's environment
+        # filled once the agent runs, each process for a place (free ones first), with that place's environment
         self.preboot = PrebootPool(settings.preboot_processes, self._place_env, detach)
 
     # -- starting replicas
@@ -201,7 +201,7 @@ class HostAgent:
             log.warning("agent: could not count a replica start: %s", error)
 
     def _fill_preboot(self) -> None:
-        """Boot pre-booted processes for the free places; not while a replica of ours loads (on a
+        """Boot pre-booted processes for the places, free ones first; not while a replica of ours loads (on a
         small host their imports would slow its start, the one being waited for)."""
         if self.preboot.size == 0 or not self.preboot.can_run(worker_argv(0)):
             return
@@ -213,7 +213,8 @@ class HostAgent:
         with self._lock:
             held = self.held()
             try:
-                self.preboot.fill([p.name for p in self.places if p.name not in held])
+                free = [p.name for p in self.places if p.name not in held]
+                self.preboot.fill(free + [p.name for p in self.places if p.name in held])
             except OSError as error:  # no process could be made (memory, file limits): starts boot fresh
                 log.warning("agent: could not boot a pre-booted process: %s", error)
 

@@ -2,7 +2,7 @@
 
 A fresh replica process spends seconds importing torch, transformers and Celery before it reads a
 byte of weights: on a loaded host, most of a cold start. The pool keeps up to N interpreters that
-have done those imports (tasks/runtime/preboot.py), each booted for one free place with exactly
+have done those imports (tasks/runtime/preboot.py), each booted for one place (a free one first) with exactly
 the environment a fresh replica there would get (its device variables included: what
 `/proc/<pid>/environ` shows, and what CUDA would read, are the place's from the start), and hands
 a start on that place to it over its stdin: the replica's module, arguments, environment (the
@@ -126,23 +126,25 @@ class PrebootPool:
     def given_up(self) -> bool:
         return self._failures >= MAX_FAILED_BOOTS
 
-    def fill(self, free: list[str]) -> None:
-        """Keep a process ready or booting for each of the first min(N, len(free)) free places (one
-        beyond the places a replica could take would only hold memory); one booted for a place
-        taken since is stopped: its environment is that place's."""
+    def fill(self, places: list[str]) -> None:
+        """Keep a process ready or booting for each of the first min(N, len(places)) of `places`
+        (the host's, the free ones first). A held place gets one too: it holds no device, and it
+        is what a start there needs the moment that place's replica goes (an LRU eviction, a
+        scale-down), when every place of a busy host is held. One booted for a place that is not
+        among `places` any more is stopped: its environment is that place's."""
         if self._stopped:
             return
-        for prebooted in [p for p in self._sweep() if p.place not in free]:
-            log.info("agent: %s is held now; stopping the process booted for it (pid %d)", prebooted.place,
-                     prebooted.process.pid)
+        for prebooted in [p for p in self._sweep() if p.place not in places]:
+            log.info("agent: %s is not a place here now; stopping the process booted for it (pid %d)",
+                     prebooted.place, prebooted.process.pid)
             self._processes.remove(prebooted)
             prebooted.close()
             stop_processes([prebooted.process], 2.0)
         if self.given_up:
             return
         covered = {p.place for p in self._processes}
-        wanted = min(self.size, len(free)) - len(self._processes)
-        for place in [place for place in free if place not in covered][:max(0, wanted)]:
+        wanted = min(self.size, len(places)) - len(self._processes)
+        for place in [place for place in places if place not in covered][:max(0, wanted)]:
             try:
                 self._processes.append(self._boot(place))
             except OSError:  # no process could be made (memory, file limits): a loss too

@@ -229,7 +229,9 @@ def test_two_starts_at_once_take_the_preboot_process_and_a_fresh_one_and_both_se
         fleet.resume_engine()
     assert [r.status_code for r in responses] == [200] * 4
     assert starts(fleet) == {"preboot": 2.0, "fresh": 1.0}
-    assert fleet.host("h1")["prebooted"] == 0 and preboot_children(fleet.agents["h1"].pid) == []  # no free place
+    # no free place, and still one booted (for a held place: ready when its replica goes)
+    [again] = ready_preboot(fleet)
+    assert again not in {r["pid"] for r in replicas}
 
 
 def test_an_agent_killed_leaves_no_preboot_process(fleet):
@@ -446,3 +448,23 @@ def test_a_process_still_importing_exits_as_soon_as_its_command_pipe_closes(tmp_
         assert prebooted.process.wait(10) == 0
     finally:
         pool.stop(grace=1)
+
+
+def test_an_agent_whose_every_place_is_held_still_keeps_a_process_ready_for_the_next_start(tmp_path, monkeypatch):
+    """Under many models every place of a host is held, and a start comes exactly when one's
+    replica goes (an LRU eviction): booted only for free places, the pool had nothing ready then,
+    and every cold start of bench.serverless booted fresh."""
+    with EmbeddedRedis() as server:
+        settings = Settings(redis_url=server.url, devices="cpu,cpu", preboot=1, model_id=str(tmp_path / "none"),
+                            weight_cache_dir=str(tmp_path / "cache"))
+        agent = HostAgent(settings, host="hh", env={"PATH": os.environ["PATH"],
+                                                    "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+        booted = []
+        monkeypatch.setattr(agent.preboot, "_boot", lambda place: booted.append(place) or Prebooted(
+            subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE), os.open(os.devnull, os.O_RDONLY), place))
+        try:
+            monkeypatch.setattr(agent, "held", lambda: {"cpu:0": 0, "cpu:1": 1})  # two replicas, neither loading
+            agent._fill_preboot()
+            assert booted == ["cpu:0"]  # for a held place: ready when its replica goes; --preboot 1: one
+        finally:
+            agent.stop(grace=2)
