@@ -259,7 +259,8 @@ def test_prefix_cache_holds_only_accepted_positions(model_and_tokenizer):
     assert_same(again, fresh)
 
 
-def test_lora_rows_verify_under_their_adapter(model_and_tokenizer, tiny_model_dir, tmp_path):
+def plain_lora_run(model_and_tokenizer, tiny_model_dir, tmp_path):
+    """A LoRA adapter, rows with and without it, and their plain (unspeculated) outputs."""
     model, tokenizer = model_and_tokenizer
     directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["q_proj", "lm_head"])
     adapter = load_adapter("head", directory, model)
@@ -270,6 +271,11 @@ def test_lora_rows_verify_under_their_adapter(model_and_tokenizer, tiny_model_di
         plain, _ = run(plain_engine, requests)
     finally:
         plain_engine.runner.lora.remove()
+    return adapter, requests, plain
+
+
+def test_lora_rows_verify_under_their_adapter(model_and_tokenizer, tiny_model_dir, tmp_path):
+    adapter, requests, plain = plain_lora_run(model_and_tokenizer, tiny_model_dir, tmp_path)
     engine = with_oracle(make_engine(model_and_tokenizer, speculate=4, adapters=[adapter]), plain,
                          {"r0-head": (3,)})
     try:

@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from engine.lora_files import load_adapter
 from engine.model_runner import PaddedVerify
 from engine.scheduler import ScheduledBatch, SchedulerConfig
 from engine.speculative import PositionHistories, SpeculativeConfig, next_draft_length
-from tests.lora_adapters import build_adapter
 from tests.engine.test_speculative import (TEXTS, assert_same, make_engine, model_and_tokenizer,  # noqa: F401 (fixture)
-                                           request, run, with_oracle)
+                                           plain_lora_run, request, run, with_oracle)
 
 
 def test_a_row_drafts_more_after_full_acceptance_and_less_after_a_miss():
@@ -151,16 +149,7 @@ def graphed(model_and_tokenizer, dtype, **options) -> Engine:
 
 def test_lora_rows_through_the_padded_graph_layout_verify_under_their_adapter(model_and_tokenizer, tiny_model_dir,
                                                                             tmp_path):
-    model, tokenizer = model_and_tokenizer
-    directory = build_adapter(tiny_model_dir, tmp_path / "head", seed=5, targets=["q_proj", "lm_head"])
-    adapter = load_adapter("head", directory, model)
-    requests = [request(tokenizer, f"r{n}-{name}", text, adapter=name)
-                for n, text in enumerate(TEXTS[:2]) for name in (None, "head")]
-    plain_engine = make_engine(model_and_tokenizer, adapters=[adapter])
-    try:
-        plain, _ = run(plain_engine, requests)
-    finally:
-        plain_engine.runner.lora.remove()
+    adapter, requests, plain = plain_lora_run(model_and_tokenizer, tiny_model_dir, tmp_path)
     engine = with_oracle(make_engine(model_and_tokenizer, speculate=4, adapters=[adapter]), plain, {"r0-head": (3,)})
     engine.runner.verify_graphs = EagerVerifyGraphs(engine.runner, [2, 3, 5])
     try:
